@@ -1,0 +1,10 @@
+//! storemesh's sans-IO core: the stock and customer ledger, its Automerge
+//! documents, materialized views, the node state machine and the sync protocol.
+//!
+//! Nothing in this crate touches a socket, a file, a clock or a global RNG: time
+//! and randomness are arguments, effects are returned as values. The `node`
+//! crate runs it over redb and QUIC; the `sim` crate runs it over a simulated
+//! network and disk.
+
+pub mod ids;
+pub mod wire;
