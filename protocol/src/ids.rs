@@ -266,3 +266,21 @@ mod tests {
         assert_eq!(ActorKey::parse(&a.hex()), Some(a));
     }
 }
+
+macro_rules! hex_serde {
+    ($t:ty, $what:literal) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.hex())
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                <$t>::parse(&s).ok_or_else(|| serde::de::Error::custom(concat!("bad ", $what)))
+            }
+        }
+    };
+}
+hex_serde!(NodeTag, "node tag");
+hex_serde!(ActorKey, "actor");

@@ -6,5 +6,16 @@
 //! crate runs it over redb and QUIC; the `sim` crate runs it over a simulated
 //! network and disk.
 
+pub mod engine;
 pub mod ids;
+pub mod layout;
+pub mod ledger;
+pub mod ops;
+pub mod sync;
+pub mod testkit;
+pub mod time;
+pub mod validate;
+pub mod views;
 pub mod wire;
+
+pub use engine::{Batch, DocWrite, Engine, EngineConfig, Policy};

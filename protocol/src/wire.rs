@@ -1,7 +1,7 @@
 //! Wire format between peers: length-prefixed frames on one ordered QUIC stream.
 //!
 //! Every frame is `u32 length (big endian) | u8 version | payload`. The payload is
-//! a serde_json-encoded [`Frame`]. Frames over [`FRAME_BYTES_MAX`] are a protocol
+//! a postcard-encoded (compact binary serde) message. Frames over [`FRAME_BYTES_MAX`] are a protocol
 //! violation: the receiver disconnects the peer instead of allocating.
 
 use serde::{Deserialize, Serialize};
@@ -54,10 +54,12 @@ impl Hello {
 
 /// Encodes one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    let payload = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+    let payload = postcard::to_stdvec(value).map_err(|e| e.to_string())?;
     let len = payload.len() + 1;
     if len > FRAME_BYTES_MAX {
-        return Err(format!("frame of {len} bytes exceeds the {FRAME_BYTES_MAX} limit"));
+        return Err(format!(
+            "frame of {len} bytes exceeds the {FRAME_BYTES_MAX} limit"
+        ));
     }
     let mut out = Vec::with_capacity(4 + len);
     out.extend_from_slice(&(len as u32).to_be_bytes());
@@ -70,7 +72,7 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
 pub fn decode_frame<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, String> {
     match body.split_first() {
         Some((&FRAME_VERSION, payload)) => {
-            serde_json::from_slice(payload).map_err(|e| format!("malformed frame: {e}"))
+            postcard::from_bytes(payload).map_err(|e| format!("malformed frame: {e}"))
         }
         Some((v, _)) => Err(format!("unknown frame version {v}")),
         None => Err("empty frame".into()),
@@ -97,7 +99,7 @@ mod tests {
         assert_eq!(back, h);
         assert!(decode_frame::<Hello>(&[]).is_err());
         assert!(decode_frame::<Hello>(&[9, 1, 2]).is_err());
-        assert!(decode_frame::<Hello>(&[FRAME_VERSION, b'{']).is_err());
+        assert!(decode_frame::<Hello>(&[FRAME_VERSION, 0xff]).is_err());
         let mut other = h.clone();
         other.buckets = 32;
         assert!(other.check(&h, &h.node_id).is_err());

@@ -1,0 +1,1246 @@
+//! The node state machine: executes client operations against the ledger,
+//! applies validated changes from peers, keeps the views, and hands the shell a
+//! [`Batch`] to persist. It owns the Automerge documents; it does no IO.
+//!
+//! The shell's loop is: feed operations ([`Engine::execute`]) and frames
+//! ([`Engine::receive`]); [`Engine::flush`] → persist the batch in one durable
+//! transaction → [`Engine::committed`] → answer the callers and send
+//! [`Engine::take_outgoing`]. Nothing leaves the engine before `committed`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{Automerge, ChangeHash, ReadDoc, ScalarValue, ROOT};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{customer_bucket, product_bucket, ActorKey, NodeId, NodeInfo, NodeTag, CELL_MAX};
+use crate::layout::{
+    self, ledger_key, month_of, record_key, CustomerKey, DocId, LedgerField, RecordKind,
+};
+use crate::ledger::StockEntry;
+use crate::ops::{op_hash, sum_lines, Count, IdemRecord, Op, OpError, OpReply, ShortLine};
+use crate::sync::{Digest, PeerSession};
+use crate::views::{read_customer, read_entry, Alarm, StockRow, Views};
+
+/// Heads remembered per ledger document for counts "as of T".
+pub const HEADS_LOG_MAX: usize = 512;
+/// Chunks are folded into a new snapshot once they outgrow it (and this floor).
+pub const SNAPSHOT_FLOOR_BYTES: u64 = 64 * 1024;
+/// Documents a node accepts in all (a peer cannot make us create more).
+pub const DOCS_MAX: usize = 1_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    #[default]
+    Strict,
+    Relaxed,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Strict => "strict",
+            Policy::Relaxed => "relaxed",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub node_id: NodeId,
+    pub name: String,
+    pub location: String,
+    pub role: String,
+    pub policy: Policy,
+    pub buckets: u32,
+    pub loyalty_points_per_unit: u64,
+}
+
+/// Deliberately broken behaviours, switched on only by the simulator's
+/// self-test to prove that its checkers catch them. Never set in production.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    pub skip_rights_check: bool,
+    pub per_line_check: bool,
+    pub grant_in_other_bucket: bool,
+}
+
+/// One document write of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DocWrite {
+    /// Append an incremental chunk (`save_after` the persisted heads).
+    Chunk {
+        doc: String,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
+    /// Replace every chunk of the document by this snapshot (`save()`).
+    Snapshot { doc: String, bytes: Vec<u8> },
+}
+
+/// Everything one group commit must persist atomically.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub docs: Vec<DocWrite>,
+    /// New heads of every written document (hex), for the summary on restart.
+    pub heads: Vec<(String, Vec<String>)>,
+    pub rows: Vec<((u64, String), StockRow)>,
+    pub idem: Vec<(String, IdemRecord)>,
+    pub heads_log: Vec<(String, u64, Vec<String>)>,
+    pub sync_states: Vec<(NodeId, String, Vec<u8>)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+            && self.rows.is_empty()
+            && self.idem.is_empty()
+            && self.heads_log.is_empty()
+            && self.sync_states.is_empty()
+    }
+}
+
+pub(crate) struct Slot {
+    pub id: DocId,
+    pub doc: Automerge,
+    pub persisted: Vec<ChangeHash>,
+    pub snapshot_bytes: u64,
+    pub chunk_bytes: u64,
+    pub next_chunk: u64,
+    pub heads_log: VecDeque<(u64, Vec<ChangeHash>)>,
+    pub puts: Vec<(String, ScalarValue)>,
+    pub dels: Vec<String>,
+    /// Contribution of this document to the summary digest.
+    pub digest_part: u64,
+}
+
+pub struct Engine {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) tag: NodeTag,
+    pub(crate) actor: ActorKey,
+    pub(crate) docs: BTreeMap<String, Slot>,
+    pub views: Views,
+    pub(crate) digest: Digest,
+    pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
+    pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
+    /// Documents whose heads changed since the last push to peers.
+    pub(crate) changed_docs: BTreeSet<String>,
+    pending_idem: HashMap<String, IdemRecord>,
+    pending_rows: BTreeSet<(u64, String)>,
+    pending_sync_states: Vec<(NodeId, String, Vec<u8>)>,
+    pending_customers: BTreeSet<String>,
+    pub faults: Faults,
+    /// Counters for metrics: (name, value).
+    pub stats: Stats,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub ops_ok: u64,
+    pub ops_refused: u64,
+    pub sync_messages_in: u64,
+    pub sync_messages_out: u64,
+    pub sync_bytes_in: u64,
+    pub sync_bytes_out: u64,
+    pub rejected_messages: u64,
+    pub forks_detected: u64,
+}
+
+fn hex_heads(h: &[ChangeHash]) -> Vec<String> {
+    h.iter().map(|c| hex::encode(c.0)).collect()
+}
+
+pub fn parse_heads(h: &[String]) -> Vec<ChangeHash> {
+    h.iter()
+        .filter_map(|s| {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(s, &mut b).ok()?;
+            Some(ChangeHash(b))
+        })
+        .collect()
+}
+
+impl Engine {
+    /// A new engine; `incarnation` must be fresh randomness at every process start.
+    pub fn new(cfg: EngineConfig, incarnation: [u8; 4]) -> Engine {
+        let tag = cfg.node_id.tag();
+        Engine {
+            actor: ActorKey::new(tag, incarnation),
+            tag,
+            cfg,
+            docs: BTreeMap::new(),
+            views: Views::default(),
+            digest: Digest::default(),
+            sessions: BTreeMap::new(),
+            outbox: Vec::new(),
+            changed_docs: BTreeSet::new(),
+            pending_idem: HashMap::new(),
+            pending_rows: BTreeSet::new(),
+            pending_sync_states: Vec::new(),
+            pending_customers: BTreeSet::new(),
+            faults: Faults::default(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+    pub fn tag(&self) -> NodeTag {
+        self.tag
+    }
+    pub fn actor(&self) -> ActorKey {
+        self.actor
+    }
+
+    /// Loads one stored document (snapshot and chunks in order) at start-up.
+    pub fn load_doc(
+        &mut self,
+        id: &str,
+        parts: &[Vec<u8>],
+        heads_log: Vec<(u64, Vec<String>)>,
+    ) -> Result<(), String> {
+        let doc_id = DocId::parse(id, self.cfg.buckets)?;
+        let mut doc = Automerge::new().with_actor(self.actor.automerge());
+        let mut snapshot_bytes = 0u64;
+        let mut chunk_bytes = 0u64;
+        for (i, p) in parts.iter().enumerate() {
+            doc.load_incremental(p)
+                .map_err(|e| format!("document {id}: {e}"))?;
+            if i == 0 {
+                snapshot_bytes = p.len() as u64;
+            } else {
+                chunk_bytes += p.len() as u64;
+            }
+        }
+        let heads = doc.get_heads();
+        let mut log: VecDeque<(u64, Vec<ChangeHash>)> = heads_log
+            .into_iter()
+            .map(|(t, h)| (t, parse_heads(&h)))
+            .collect();
+        while log.len() > HEADS_LOG_MAX {
+            log.pop_front();
+        }
+        let part = crate::sync::doc_digest(id, &heads);
+        self.digest.toggle(id, part);
+        self.docs.insert(
+            id.to_string(),
+            Slot {
+                id: doc_id,
+                doc,
+                persisted: heads,
+                snapshot_bytes,
+                chunk_bytes,
+                next_chunk: parts.len() as u64,
+                heads_log: log,
+                puts: Vec::new(),
+                dels: Vec::new(),
+                digest_part: part,
+            },
+        );
+        Ok(())
+    }
+
+    /// After all documents are loaded: rebuilds every view from the documents and
+    /// publishes this node's directory entry.
+    pub fn finish_open(&mut self) {
+        let ids: Vec<String> = self.docs.keys().cloned().collect();
+        for id in ids {
+            self.recompute_doc_all(&id);
+        }
+        let info = NodeInfo {
+            name: self.cfg.name.clone(),
+            location: Some(self.cfg.location.clone()),
+            role: self.cfg.role.clone(),
+            policy: self.cfg.policy.as_str().to_string(),
+        };
+        if self.views.nodes.get(&self.tag) != Some(&info) {
+            let json = serde_json::to_string(&info).unwrap_or_default();
+            self.put(
+                DocId::Mesh,
+                layout::mesh_info_key(self.tag),
+                ScalarValue::Str(json.into()),
+            );
+            self.views.nodes.insert(self.tag, info);
+        }
+    }
+
+    pub(crate) fn slot(&mut self, id: &DocId) -> &mut Slot {
+        let key = id.encode();
+        let actor = self.actor.automerge();
+        self.docs.entry(key).or_insert_with(|| Slot {
+            id: id.clone(),
+            doc: Automerge::new().with_actor(actor),
+            persisted: Vec::new(),
+            snapshot_bytes: 0,
+            chunk_bytes: 0,
+            next_chunk: 0,
+            heads_log: VecDeque::new(),
+            puts: Vec::new(),
+            dels: Vec::new(),
+            digest_part: 0,
+        })
+    }
+
+    fn put(&mut self, doc: DocId, key: String, value: ScalarValue) {
+        self.slot(&doc).puts.push((key, value));
+    }
+
+    pub(crate) fn ledger_doc(&self, product: u64, location: &str) -> DocId {
+        DocId::Ledger {
+            location: location.to_string(),
+            bucket: product_bucket(product, self.cfg.buckets),
+        }
+    }
+
+    fn records_doc(&self, now_ms: u64) -> DocId {
+        DocId::Records {
+            tag: self.tag,
+            month: month_of(now_ms),
+        }
+    }
+
+    /// Raises one of this actor's cumulative cells by `add`, in the view (the
+    /// overlay the next checks see) and as a pending document write.
+    fn bump(
+        &mut self,
+        product: u64,
+        location: &str,
+        field: LedgerField,
+        add: u64,
+    ) -> Result<(), OpError> {
+        let actor = self.actor;
+        let entry = self
+            .views
+            .stock
+            .entry(product)
+            .or_default()
+            .entry(location.to_string())
+            .or_default();
+        let cells = entry.cells.entry(actor).or_default();
+        let cell = match field {
+            LedgerField::Received => &mut cells.received,
+            LedgerField::Removed => &mut cells.removed,
+            LedgerField::Granted(to) => cells.granted.entry(to).or_default(),
+        };
+        let new = cell
+            .checked_add(add)
+            .filter(|v| *v <= CELL_MAX)
+            .ok_or_else(|| OpError::BadRequest("quantity would overflow the ledger cell".into()))?;
+        *cell = new;
+        let mut doc = self.ledger_doc(product, location);
+        if self.faults.grant_in_other_bucket && matches!(field, LedgerField::Granted(_)) {
+            if let DocId::Ledger { bucket, .. } = &mut doc {
+                *bucket = (*bucket + 1) % self.cfg.buckets;
+            }
+        }
+        self.put(
+            doc,
+            ledger_key(product, actor, field),
+            ScalarValue::Uint(new),
+        );
+        self.pending_rows.insert((product, location.to_string()));
+        Ok(())
+    }
+
+    /// The rights this node holds on (product, location), including the pending batch.
+    pub fn rights(&self, product: u64, location: &str) -> i64 {
+        self.views
+            .entry(product, location)
+            .map(|e| e.rights(self.tag))
+            .unwrap_or(0)
+    }
+
+    /// `stock_level` (on hand over all locations) and `available` (rights of this
+    /// node over all locations, each clamped at 0) of a product.
+    pub fn totals(&self, product: u64, location: Option<&str>) -> Option<(i64, i64)> {
+        let m = self.views.stock.get(&product)?;
+        let mut on_hand = 0i64;
+        let mut avail = 0i64;
+        for (l, e) in m {
+            if location.is_some_and(|x| x != l) {
+                continue;
+            }
+            on_hand = on_hand.saturating_add(e.on_hand());
+            avail = avail.saturating_add(e.rights(self.tag).max(0));
+        }
+        Some((on_hand, avail))
+    }
+
+    pub fn row(&self, product: u64, location: &str) -> StockRow {
+        self.views
+            .entry(product, location)
+            .map(|e| StockRow {
+                on_hand: e.on_hand(),
+                available: e.rights(self.tag).max(0),
+            })
+            .unwrap_or_default()
+    }
+
+    fn policy_of(&self, location: &str) -> Policy {
+        if location == self.cfg.location {
+            return self.cfg.policy;
+        }
+        Policy::Strict
+    }
+
+    /// Executes one client operation. On `Ok` the reply is final but must only be
+    /// released after the batch that holds it committed.
+    pub fn execute(
+        &mut self,
+        op: Op,
+        now_ms: u64,
+        idem: &dyn Fn(&str) -> Option<IdemRecord>,
+    ) -> Result<OpReply, OpError> {
+        op.validate().map_err(OpError::BadRequest)?;
+        let key = op.client_key();
+        let hash = op_hash(&op);
+        if let Some(k) = &key {
+            let prior = self.pending_idem.get(k).cloned().or_else(|| idem(k));
+            if let Some(rec) = prior {
+                if rec.body_hash == hash {
+                    let mut reply = rec.reply;
+                    if reply.status == 201 {
+                        reply.status = 200;
+                    }
+                    return Ok(reply);
+                }
+                return Err(OpError::IdConflict(format!(
+                    "{} was used before with a different body",
+                    k.replace('/', " ")
+                )));
+            }
+        }
+        let result = match op {
+            Op::Sale(s) => self.sale(s, now_ms),
+            Op::Return(r) => self.ret(r, now_ms),
+            Op::Receipt(r) => self.receipt(r, now_ms),
+            Op::Count(c) => self.count(c, now_ms),
+            Op::Grant(g) => self.grant(g, now_ms),
+            Op::CustomerPut {
+                customer_id,
+                update,
+            } => self.customer_put(&customer_id, update),
+            Op::CustomerErase { customer_id } => self.customer_erase(&customer_id, now_ms),
+            Op::Redeem {
+                customer_id,
+                redeem,
+            } => self.redeem(&customer_id, redeem),
+        };
+        match &result {
+            Ok(reply) => {
+                self.stats.ops_ok += 1;
+                if let Some(k) = key {
+                    self.pending_idem.insert(
+                        k,
+                        IdemRecord {
+                            body_hash: hash,
+                            reply: reply.clone(),
+                        },
+                    );
+                }
+            }
+            Err(_) => self.stats.ops_refused += 1,
+        }
+        result
+    }
+
+    fn reply(status: u16, body: serde_json::Value) -> OpReply {
+        OpReply {
+            status,
+            body: body.to_string(),
+        }
+    }
+
+    fn line_json(&self, product: u64) -> serde_json::Value {
+        let (stock_level, available) = self.totals(product, None).unwrap_or((0, 0));
+        serde_json::json!({"product_id": product, "stock_level": stock_level, "available": available})
+    }
+
+    fn write_record(&mut self, kind: RecordKind, id: &str, record: serde_json::Value, now_ms: u64) {
+        let doc = self.records_doc(now_ms);
+        let key = record_key(kind, id);
+        let json = record.to_string();
+        self.note_record(&doc.encode(), &key, &json);
+        self.put(doc, key, ScalarValue::Str(json.into()));
+    }
+
+    /// Chooses the location of a sale that named none: the node's own location if
+    /// it can sell every line there, else a location where it holds enough rights.
+    fn sale_location(&self, lines: &BTreeMap<u64, u64>) -> String {
+        let own = &self.cfg.location;
+        let fits = |loc: &str| lines.iter().all(|(p, q)| self.rights(*p, loc) >= *q as i64);
+        if fits(own) {
+            return own.clone();
+        }
+        if let Some((p, _)) = lines.iter().next() {
+            if let Some(m) = self.views.stock.get(p) {
+                let mut cands: Vec<(&String, i64)> = m
+                    .iter()
+                    .map(|(l, e)| (l, e.rights(self.tag)))
+                    .filter(|(l, _)| fits(l))
+                    .collect();
+                cands.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+                if let Some((l, _)) = cands.first() {
+                    return (*l).clone();
+                }
+            }
+        }
+        own.clone()
+    }
+
+    fn sale(&mut self, s: crate::ops::Sale, now_ms: u64) -> Result<OpReply, OpError> {
+        let lines = sum_lines(s.lines.iter().map(|l| (l.product_id, l.quantity)))
+            .map_err(OpError::BadRequest)?;
+        let location = match &s.location {
+            Some(l) => l.clone(),
+            None => self.sale_location(&lines),
+        };
+        let own = location == self.cfg.location;
+        if s.override_rights && !own {
+            return Err(OpError::BadRequest(format!(
+                "override is only allowed at this node's own location {:?}",
+                self.cfg.location
+            )));
+        }
+        let relaxed = own && (s.override_rights || self.policy_of(&location) == Policy::Relaxed);
+        // The check runs per product over the summed lines, against the state
+        // including every earlier operation of this batch.
+        let checked: Vec<(u64, u64)> = if self.faults.per_line_check {
+            s.lines.iter().map(|l| (l.product_id, l.quantity)).collect()
+        } else {
+            lines.iter().map(|(p, q)| (*p, *q)).collect()
+        };
+        let mut short = Vec::new();
+        for (p, q) in &checked {
+            let avail = self.rights(*p, &location);
+            if avail < *q as i64 && !relaxed && !self.faults.skip_rights_check {
+                short.push(ShortLine {
+                    product_id: *p,
+                    location: location.clone(),
+                    requested: *q,
+                    available: avail.max(0),
+                });
+            }
+        }
+        if !short.is_empty() {
+            return Err(OpError::InsufficientStock(short));
+        }
+        let mut overdrawn = Vec::new();
+        let mut units = 0u64;
+        let mut total: i64 = 0;
+        for (p, q) in &lines {
+            let avail = self.rights(*p, &location);
+            if avail < *q as i64 {
+                overdrawn.push(
+                    serde_json::json!({"product_id": p, "quantity": (*q as i64 - avail.max(0))}),
+                );
+            }
+            self.bump(*p, &location, LedgerField::Removed, *q)?;
+            units += q;
+        }
+        for l in &s.lines {
+            total =
+                total.saturating_add(l.unit_price.unwrap_or(0).saturating_mul(l.quantity as i64));
+        }
+        let record = serde_json::json!({
+            "sale_id": s.sale_id, "node": self.cfg.name, "location": location,
+            "customer_id": s.customer_id, "currency": s.currency, "lines": s.lines,
+            "total": total, "at_ms": now_ms, "occurred_at": s.occurred_at,
+            "register_id": s.register_id, "staff_id": s.staff_id,
+            "override": s.override_rights,
+        });
+        self.write_record(RecordKind::Sale, &s.sale_id, record, now_ms);
+        if !overdrawn.is_empty() {
+            let rec = serde_json::json!({"sale_id": s.sale_id, "node": self.cfg.name, "location": location, "lines": overdrawn, "at_ms": now_ms});
+            self.write_record(RecordKind::Overdraft, &s.sale_id, rec, now_ms);
+        }
+        if let Some(c) = &s.customer_id {
+            let points = units.saturating_mul(self.cfg.loyalty_points_per_unit);
+            if points > 0 {
+                self.bump_loyalty(c, true, points)?;
+            }
+        }
+        let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"sale_id": s.sale_id, "location": location, "lines": out}),
+        ))
+    }
+
+    fn ret(&mut self, r: crate::ops::Return, now_ms: u64) -> Result<OpReply, OpError> {
+        let restock = sum_lines(
+            r.lines
+                .iter()
+                .filter(|l| l.disposition == crate::ops::Disposition::Restock)
+                .map(|l| (l.product_id, l.quantity)),
+        )
+        .map_err(OpError::BadRequest)?;
+        for (p, q) in &restock {
+            self.bump(*p, &r.location, LedgerField::Received, *q)?;
+        }
+        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "customer_id": r.customer_id, "lines": r.lines, "at_ms": now_ms});
+        self.write_record(RecordKind::Return, &r.return_id, record, now_ms);
+        let out: Vec<serde_json::Value> = r
+            .lines
+            .iter()
+            .map(|l| self.line_json(l.product_id))
+            .collect();
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"return_id": r.return_id, "lines": out}),
+        ))
+    }
+
+    fn receipt(&mut self, r: crate::ops::Receipt, now_ms: u64) -> Result<OpReply, OpError> {
+        let lines = sum_lines(r.lines.iter().map(|l| (l.product_id, l.quantity)))
+            .map_err(OpError::BadRequest)?;
+        for (p, q) in &lines {
+            self.bump(*p, &r.location, LedgerField::Received, *q)?;
+        }
+        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "at_ms": now_ms});
+        self.write_record(RecordKind::Receipt, &r.receipt_id, record, now_ms);
+        let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"receipt_id": r.receipt_id, "lines": out}),
+        ))
+    }
+
+    /// On hand of (product, location) in this node's view as of `at_ms`, from the
+    /// heads log of the ledger document.
+    fn on_hand_at(&self, product: u64, location: &str, at_ms: u64) -> i64 {
+        let doc_id = self.ledger_doc(product, location).encode();
+        let Some(slot) = self.docs.get(&doc_id) else {
+            return 0;
+        };
+        match slot.heads_log.iter().rev().find(|(t, _)| *t <= at_ms) {
+            Some((_, heads)) => read_entry(&slot.doc, product, Some(heads)).on_hand(),
+            // Older than anything logged: the oldest state known is the best basis.
+            None => match slot.heads_log.front() {
+                Some((_, heads)) => read_entry(&slot.doc, product, Some(heads)).on_hand(),
+                None => 0,
+            },
+        }
+    }
+
+    fn count(&mut self, c: Count, now_ms: u64) -> Result<OpReply, OpError> {
+        if c.location != self.cfg.location {
+            return Err(OpError::NotOwner(format!(
+                "counts are recorded only by a location's own node; this node owns {:?}",
+                self.cfg.location
+            )));
+        }
+        let at_ms = match &c.counted_at {
+            Some(t) => crate::time::parse_rfc3339_ms(t).ok_or_else(|| {
+                OpError::BadRequest("counted_at must be RFC 3339 with an offset".into())
+            })?,
+            None => now_ms,
+        };
+        let mut out_lines = Vec::new();
+        for l in &c.lines {
+            // The basis is the view as of the count; counts "now" include the pending batch.
+            let basis = if at_ms >= now_ms {
+                self.views
+                    .entry(l.product_id, &c.location)
+                    .map(|e| e.on_hand())
+                    .unwrap_or(0)
+            } else {
+                self.on_hand_at(l.product_id, &c.location, at_ms)
+            };
+            let delta = i128::from(l.counted) - i128::from(basis);
+            if delta > 0 {
+                self.bump(
+                    l.product_id,
+                    &c.location,
+                    LedgerField::Received,
+                    delta as u64,
+                )?;
+            } else if delta < 0 {
+                self.bump(
+                    l.product_id,
+                    &c.location,
+                    LedgerField::Removed,
+                    (-delta) as u64,
+                )?;
+            }
+            let rights = self.rights(l.product_id, &c.location);
+            if rights < 0 {
+                let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": -rights, "at_ms": now_ms});
+                self.write_record(
+                    RecordKind::Deficit,
+                    &format!("{}.{}", c.count_id, l.product_id),
+                    rec,
+                    now_ms,
+                );
+            }
+            out_lines.push(serde_json::json!({"product_id": l.product_id, "counted": l.counted, "basis": basis, "delta": delta as i64}));
+        }
+        let basis_heads: Vec<String> = c
+            .lines
+            .iter()
+            .map(|l| self.ledger_doc(l.product_id, &c.location).encode())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|d| self.docs.get(&d).map(|s| (d, s)))
+            .map(|(d, s)| format!("{d}@{}", hex_heads(&s.doc.get_heads()).join(",")))
+            .collect();
+        let record = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "counted_at_ms": at_ms, "lines": out_lines, "basis": basis_heads, "at_ms": now_ms});
+        self.write_record(RecordKind::Count, &c.count_id, record, now_ms);
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"count_id": c.count_id, "lines": out_lines}),
+        ))
+    }
+
+    fn grant(&mut self, g: crate::ops::Grant, now_ms: u64) -> Result<OpReply, OpError> {
+        let to = self.views.tag_of(&g.to).ok_or_else(|| {
+            OpError::NotFound(format!(
+                "unknown node {:?}: it has not joined the mesh yet",
+                g.to
+            ))
+        })?;
+        if to == self.tag {
+            return Err(OpError::BadRequest(
+                "a node cannot grant rights to itself".into(),
+            ));
+        }
+        let avail = self.rights(g.product_id, &g.location);
+        if avail < g.quantity as i64 && !self.faults.skip_rights_check {
+            return Err(OpError::InsufficientStock(vec![ShortLine {
+                product_id: g.product_id,
+                location: g.location.clone(),
+                requested: g.quantity,
+                available: avail.max(0),
+            }]));
+        }
+        self.bump(
+            g.product_id,
+            &g.location,
+            LedgerField::Granted(to),
+            g.quantity,
+        )?;
+        let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "quantity": g.quantity, "at_ms": now_ms});
+        self.write_record(RecordKind::Grant, &g.grant_id, record, now_ms);
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"grant_id": g.grant_id, "product_id": g.product_id, "location": g.location, "to": g.to, "rights_left": self.rights(g.product_id, &g.location)}),
+        ))
+    }
+
+    fn customer_doc(&self, customer: &str) -> DocId {
+        DocId::Customers {
+            bucket: customer_bucket(customer, self.cfg.buckets),
+        }
+    }
+
+    fn bump_loyalty(&mut self, customer: &str, earned: bool, add: u64) -> Result<(), OpError> {
+        let actor = self.actor;
+        let view = self
+            .views
+            .customers
+            .entry(customer.to_string())
+            .or_default();
+        let cell = if earned {
+            view.earned.entry(actor).or_default()
+        } else {
+            view.spent.entry(actor).or_default()
+        };
+        *cell = cell
+            .checked_add(add)
+            .filter(|v| *v <= CELL_MAX)
+            .ok_or_else(|| OpError::BadRequest("points overflow".into()))?;
+        let new = *cell;
+        let key = if earned {
+            CustomerKey::Earned {
+                customer: customer.to_string(),
+                actor,
+            }
+        } else {
+            CustomerKey::Spent {
+                customer: customer.to_string(),
+                actor,
+            }
+        };
+        let doc = self.customer_doc(customer);
+        self.put(doc, key.encode(), ScalarValue::Uint(new));
+        self.pending_customers.insert(customer.to_string());
+        Ok(())
+    }
+
+    fn customer_put(
+        &mut self,
+        id: &str,
+        u: crate::ops::CustomerUpdate,
+    ) -> Result<OpReply, OpError> {
+        if self.views.customers.get(id).is_some_and(|c| c.erased) {
+            return Err(OpError::NotFound(format!("customer {id} was erased")));
+        }
+        let doc = self.customer_doc(id);
+        let mut fields: Vec<(&str, ScalarValue)> = Vec::new();
+        if let Some(v) = u.name {
+            fields.push(("name", ScalarValue::Str(v.into())))
+        }
+        if let Some(v) = u.email {
+            fields.push(("email", ScalarValue::Str(v.into())))
+        }
+        if let Some(v) = u.phone {
+            fields.push(("phone", ScalarValue::Str(v.into())))
+        }
+        if let Some(v) = u.marketing_consent {
+            fields.push(("marketing_consent", ScalarValue::Boolean(v)))
+        }
+        if let Some(v) = u.tags {
+            fields.push((
+                "tags",
+                ScalarValue::Str(serde_json::to_string(&v).unwrap_or_default().into()),
+            ))
+        }
+        if fields.is_empty() {
+            return Err(OpError::BadRequest(
+                "no field to update (name, email, phone, marketing_consent, tags)".into(),
+            ));
+        }
+        let mut view = self.views.customers.get(id).cloned().unwrap_or_default();
+        for (f, v) in fields {
+            view.profile
+                .insert(f.to_string(), crate::views::scalar_json(&v));
+            view.conflicts.remove(f);
+            self.put(
+                doc.clone(),
+                CustomerKey::Profile {
+                    customer: id.into(),
+                    field: f.into(),
+                }
+                .encode(),
+                v,
+            );
+        }
+        self.views.set_customer(id, view);
+        self.pending_customers.insert(id.to_string());
+        Ok(Self::reply(200, serde_json::json!({"customer_id": id})))
+    }
+
+    fn customer_erase(&mut self, id: &str, now_ms: u64) -> Result<OpReply, OpError> {
+        let doc_id = self.customer_doc(id);
+        let known = self.views.customers.get(id).is_some_and(|c| !c.erased);
+        if !known {
+            return Err(OpError::NotFound(format!("unknown customer {id}")));
+        }
+        for f in layout::PROFILE_FIELDS {
+            self.slot(&doc_id).dels.push(
+                CustomerKey::Profile {
+                    customer: id.into(),
+                    field: f.into(),
+                }
+                .encode(),
+            );
+        }
+        self.put(
+            doc_id,
+            CustomerKey::Erased {
+                customer: id.into(),
+            }
+            .encode(),
+            ScalarValue::Str(now_ms.to_string().into()),
+        );
+        let mut view = self.views.customers.get(id).cloned().unwrap_or_default();
+        view.erased = true;
+        view.profile.clear();
+        view.conflicts.clear();
+        self.views.set_customer(id, view);
+        self.pending_customers.insert(id.to_string());
+        Ok(Self::reply(
+            200,
+            serde_json::json!({"customer_id": id, "erased": true}),
+        ))
+    }
+
+    fn redeem(&mut self, id: &str, r: crate::ops::Redeem) -> Result<OpReply, OpError> {
+        let Some(view) = self.views.customers.get(id) else {
+            return Err(OpError::NotFound(format!("unknown customer {id}")));
+        };
+        let points = view.points();
+        if points < r.points as i64 {
+            return Err(OpError::BadRequest(format!(
+                "customer has {points} points, {} requested",
+                r.points
+            )));
+        }
+        self.bump_loyalty(id, false, r.points)?;
+        let left = self
+            .views
+            .customers
+            .get(id)
+            .map(|v| v.points())
+            .unwrap_or(0);
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"redeem_id": r.redeem_id, "loyalty_points": left}),
+        ))
+    }
+
+    /// Commits the pending writes of every document as one Automerge change per
+    /// document and returns everything the shell must persist atomically.
+    pub fn flush(&mut self, now_ms: u64) -> Batch {
+        let mut batch = Batch::default();
+        let time = (now_ms / 1000) as i64;
+        // Erased customers whose profile came back from an offline peer are scrubbed again.
+        let customers: Vec<String> = std::mem::take(&mut self.pending_customers)
+            .into_iter()
+            .collect();
+        for c in &customers {
+            let doc_id = self.customer_doc(c);
+            if let Some(slot) = self.docs.get(&doc_id.encode()) {
+                let erased = slot
+                    .doc
+                    .get(
+                        ROOT,
+                        CustomerKey::Erased {
+                            customer: c.clone(),
+                        }
+                        .encode(),
+                    )
+                    .ok()
+                    .flatten()
+                    .is_some();
+                if erased {
+                    let present: Vec<String> = layout::PROFILE_FIELDS
+                        .iter()
+                        .map(|f| {
+                            CustomerKey::Profile {
+                                customer: c.clone(),
+                                field: (*f).into(),
+                            }
+                            .encode()
+                        })
+                        .filter(|k| slot.doc.get(ROOT, k.as_str()).ok().flatten().is_some())
+                        .collect();
+                    let s = self.slot(&doc_id);
+                    for k in present {
+                        if !s.dels.contains(&k) {
+                            s.dels.push(k);
+                        }
+                    }
+                }
+            }
+        }
+        let ids: Vec<String> = self.docs.keys().cloned().collect();
+        for id in ids {
+            let Some(slot) = self.docs.get_mut(&id) else {
+                continue;
+            };
+            if !slot.puts.is_empty() || !slot.dels.is_empty() {
+                let puts = std::mem::take(&mut slot.puts);
+                let dels = std::mem::take(&mut slot.dels);
+                let mut tx = slot.doc.transaction();
+                for (k, v) in puts {
+                    // Keys and values were built by this engine; a failure is a bug.
+                    if let Err(e) = tx.put(ROOT, k, v) {
+                        tracing::error!(doc = %id, error = %e, "document put failed");
+                    }
+                }
+                for k in dels {
+                    if tx.get(ROOT, k.as_str()).ok().flatten().is_some() {
+                        let _ = tx.delete(ROOT, k);
+                    }
+                }
+                tx.commit_with(CommitOptions::default().with_time(time));
+            }
+            let heads = slot.doc.get_heads();
+            if heads == slot.persisted {
+                continue;
+            }
+            let chunk = slot.doc.save_after(&slot.persisted);
+            if slot.chunk_bytes + chunk.len() as u64 > slot.snapshot_bytes.max(SNAPSHOT_FLOOR_BYTES)
+            {
+                let bytes = slot.doc.save();
+                slot.snapshot_bytes = bytes.len() as u64;
+                slot.chunk_bytes = 0;
+                slot.next_chunk = 1;
+                batch.docs.push(DocWrite::Snapshot {
+                    doc: id.clone(),
+                    bytes,
+                });
+            } else {
+                slot.chunk_bytes += chunk.len() as u64;
+                let seq = slot.next_chunk.max(1);
+                slot.next_chunk = seq + 1;
+                batch.docs.push(DocWrite::Chunk {
+                    doc: id.clone(),
+                    seq,
+                    bytes: chunk,
+                });
+            }
+            if matches!(slot.id, DocId::Ledger { .. }) {
+                slot.heads_log.push_back((now_ms, heads.clone()));
+                while slot.heads_log.len() > HEADS_LOG_MAX {
+                    slot.heads_log.pop_front();
+                }
+                batch
+                    .heads_log
+                    .push((id.clone(), now_ms, hex_heads(&heads)));
+            }
+            batch.heads.push((id.clone(), hex_heads(&heads)));
+            slot.persisted = heads.clone();
+            let part = crate::sync::doc_digest(&id, &heads);
+            let old = std::mem::replace(&mut slot.digest_part, part);
+            self.digest.toggle(&id, old);
+            self.digest.toggle(&id, part);
+            self.changed_docs.insert(id);
+        }
+        for (p, l) in std::mem::take(&mut self.pending_rows) {
+            let row = self.row(p, &l);
+            batch.rows.push(((p, l), row));
+        }
+        batch.idem = self.pending_idem.drain().collect();
+        batch.sync_states = std::mem::take(&mut self.pending_sync_states);
+        batch
+    }
+
+    /// The batch returned by the last `flush` is durable: release the pushes to peers.
+    pub fn committed(&mut self, now_ms: u64) {
+        let changed: Vec<String> = std::mem::take(&mut self.changed_docs).into_iter().collect();
+        self.push_docs(&changed, now_ms);
+    }
+
+    pub fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    pub(crate) fn queue_sync_state(&mut self, peer: NodeId, doc: String, state: Vec<u8>) {
+        self.pending_sync_states.push((peer, doc, state));
+    }
+
+    /// Rebuilds the views touched by a set of keys of one document from the document.
+    pub(crate) fn recompute_keys(&mut self, id: &str, keys: &BTreeSet<String>) {
+        let Some(slot) = self.docs.get(id) else {
+            return;
+        };
+        match slot.id.clone() {
+            DocId::Ledger { location, .. } => {
+                let products: BTreeSet<u64> = keys
+                    .iter()
+                    .filter_map(|k| layout::parse_ledger_key(k).ok())
+                    .map(|(p, _, _)| p)
+                    .collect();
+                let entries: Vec<(u64, StockEntry)> = products
+                    .into_iter()
+                    .map(|p| (p, read_entry(&slot.doc, p, None)))
+                    .collect();
+                for (p, entry) in entries {
+                    self.set_entry(p, &location, entry);
+                }
+            }
+            DocId::Mesh => {
+                for k in keys {
+                    if let Ok(tag) = layout::parse_mesh_key(k) {
+                        if let Ok(Some((v, _))) = slot.doc.get(ROOT, k.as_str()) {
+                            if let Some(Ok(info)) = v.as_str().map(layout::parse_node_info) {
+                                self.views.nodes.insert(tag, info);
+                            }
+                        }
+                    }
+                }
+            }
+            DocId::Records { .. } => {
+                let recs: Vec<(String, String)> = keys
+                    .iter()
+                    .filter_map(|k| {
+                        let (v, _) = slot.doc.get(ROOT, k.as_str()).ok().flatten()?;
+                        Some((k.clone(), v.as_str()?.to_string()))
+                    })
+                    .collect();
+                for (k, json) in recs {
+                    self.note_record(id, &k, &json);
+                }
+            }
+            DocId::Customers { .. } => {
+                let custs: BTreeSet<String> = keys
+                    .iter()
+                    .filter_map(|k| CustomerKey::parse(k).ok())
+                    .map(|c| c.customer().to_string())
+                    .collect();
+                for c in custs {
+                    let view = read_customer(&slot.doc, &c);
+                    self.views.set_customer(&c, view);
+                    self.pending_customers.insert(c);
+                }
+            }
+        }
+    }
+
+    fn set_entry(&mut self, product: u64, location: &str, entry: StockEntry) {
+        let m = self.views.stock.entry(product).or_default();
+        if entry.cells.is_empty() {
+            m.remove(location);
+        } else {
+            m.insert(location.to_string(), entry);
+        }
+        self.pending_rows.insert((product, location.to_string()));
+    }
+
+    fn recompute_doc_all(&mut self, id: &str) {
+        let Some(slot) = self.docs.get(id) else {
+            return;
+        };
+        let keys: BTreeSet<String> = slot.doc.keys(ROOT).collect();
+        self.recompute_keys(id, &keys);
+    }
+
+    /// Indexes a record (sale → customer history and sale lookup; alarms).
+    fn note_record(&mut self, doc: &str, key: &str, json: &str) {
+        let Ok((kind, id)) = layout::parse_record_key(key) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+            return;
+        };
+        let node = v
+            .get("node")
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        match kind {
+            RecordKind::Sale => {
+                self.views
+                    .sales
+                    .insert(id.to_string(), (doc.to_string(), key.to_string()));
+                if let Some(c) = v.get("customer_id").and_then(|c| c.as_str()) {
+                    self.views
+                        .purchases
+                        .entry(c.to_string())
+                        .or_default()
+                        .insert((doc.to_string(), key.to_string()));
+                }
+            }
+            RecordKind::Overdraft | RecordKind::Deficit | RecordKind::Fork => {
+                let kind_s = match kind {
+                    RecordKind::Overdraft => "overdraft",
+                    RecordKind::Deficit => "deficit",
+                    _ => "fork",
+                };
+                self.views.alarms.insert(
+                    (format!("{kind_s}/{id}"), node.clone()),
+                    Alarm {
+                        kind: kind_s.into(),
+                        node,
+                        id: id.to_string(),
+                        record: v,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads a stored record by (document, key).
+    pub fn record(&self, doc: &str, key: &str) -> Option<serde_json::Value> {
+        let slot = self.docs.get(doc)?;
+        let (v, _) = slot.doc.get(ROOT, key).ok().flatten()?;
+        serde_json::from_str(v.as_str()?).ok()
+    }
+
+    /// Purchases of a customer, newest first.
+    pub fn purchases(&self, customer: &str) -> Vec<serde_json::Value> {
+        let mut out: Vec<serde_json::Value> = self
+            .views
+            .purchases
+            .get(customer)
+            .map(|s| s.iter().filter_map(|(d, k)| self.record(d, k)).collect())
+            .unwrap_or_default();
+        out.sort_by_key(|v| {
+            std::cmp::Reverse(v.get("at_ms").and_then(|t| t.as_u64()).unwrap_or(0))
+        });
+        out
+    }
+
+    /// Records a detected fork of this node's own history and any deficit it left.
+    pub(crate) fn record_fork(&mut self, doc: &str, changes: usize, now_ms: u64) {
+        self.stats.forks_detected += 1;
+        tracing::error!(doc, changes, "fork of this node's own history detected (restored backup or copied data directory); totals merged exactly");
+        let id = format!("{}.{}", doc.replace('/', "."), now_ms);
+        let rec = serde_json::json!({"node": self.cfg.name, "doc": doc, "changes": changes, "at_ms": now_ms});
+        self.write_record(RecordKind::Fork, &id, rec, now_ms);
+        // The merged branches may have spent the same rights twice.
+        if let Some(slot) = self.docs.get(doc) {
+            if let DocId::Ledger { location, .. } = &slot.id {
+                let location = location.clone();
+                let deficits: Vec<(u64, i64)> = self
+                    .views
+                    .stock
+                    .iter()
+                    .filter_map(|(p, m)| m.get(&location).map(|e| (*p, e.rights(self.tag))))
+                    .filter(|(p, r)| *r < 0 && self.ledger_doc(*p, &location).encode() == doc)
+                    .collect();
+                for (p, r) in deficits {
+                    let rec = serde_json::json!({"node": self.cfg.name, "location": location, "product_id": p, "deficit": -r, "cause": "fork", "at_ms": now_ms});
+                    self.write_record(
+                        RecordKind::Deficit,
+                        &format!("fork.{p}.{now_ms}"),
+                        rec,
+                        now_ms,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every document id with its heads (hex).
+    pub fn documents(&self) -> Vec<(String, Vec<String>)> {
+        self.docs
+            .iter()
+            .map(|(id, s)| (id.clone(), hex_heads(&s.doc.get_heads())))
+            .collect()
+    }
+
+    /// The whole document as standard Automerge bytes.
+    pub fn document_bytes(&self, id: &str) -> Option<Vec<u8>> {
+        self.docs.get(id).map(|s| s.doc.save())
+    }
+
+    /// Read access to a document (tests and the simulator's checkers).
+    pub fn doc(&self, id: &str) -> Option<&Automerge> {
+        self.docs.get(id).map(|s| &s.doc)
+    }
+
+    /// Recomputes every stock entry from the documents (for checkers).
+    pub fn recompute_stock(&self) -> HashMap<u64, BTreeMap<String, StockEntry>> {
+        let mut out: HashMap<u64, BTreeMap<String, StockEntry>> = HashMap::new();
+        for slot in self.docs.values() {
+            if let DocId::Ledger { location, .. } = &slot.id {
+                let products: BTreeSet<u64> = slot
+                    .doc
+                    .keys(ROOT)
+                    .filter_map(|k| layout::parse_ledger_key(&k).ok())
+                    .map(|(p, _, _)| p)
+                    .collect();
+                for p in products {
+                    let e = read_entry(&slot.doc, p, None);
+                    if !e.cells.is_empty() {
+                        out.entry(p).or_default().insert(location.clone(), e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Owned keys that hold more than one value (a fork of one actor, which the
+    /// per-incarnation layout makes impossible unless an actor id was reused).
+    pub fn owned_conflicts(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (id, slot) in &self.docs {
+            if !matches!(slot.id, DocId::Ledger { .. }) {
+                continue;
+            }
+            for item in slot.doc.map_range(ROOT, ..) {
+                if item.conflict {
+                    out.push((id.clone(), item.key.to_string()));
+                }
+            }
+        }
+        out
+    }
+}

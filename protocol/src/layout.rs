@@ -1,0 +1,353 @@
+//! The document layout (DESIGN §3): which document holds what, and the flat keys
+//! inside each document's root map.
+//!
+//! | document | id | keys (root map) | writer |
+//! |---|---|---|---|
+//! | mesh directory | `mesh` | `<tag>/info` = JSON [`NodeInfo`] | the node `<tag>` |
+//! | ledger | `ledger/<location>/<bucket>` | `<product>/<actor>/r`, `/d`, `/g/<to-tag>` = uint | the actor |
+//! | records | `rec/<tag>/<yyyymm>` | `<kind>/<client id>` = JSON record | the node `<tag>` |
+//! | customers | `cust/<bucket>` | `<customer>/p/<field>` (any node), `<customer>/<actor>/e` and `/s` (loyalty earned/spent, the actor), `<customer>/x` (erased, any node) | see left |
+//!
+//! Only flat keys are used, so two nodes may start the same document
+//! independently and still merge, and no key is ever created by two writers
+//! except the free-for-all customer profile fields (whose conflicts are exposed).
+
+use crate::ids::{
+    validate_client_id, validate_name, validate_product_id, ActorKey, NodeInfo, NodeTag,
+};
+
+/// Identifies a document. The string form is used on the wire and on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DocId {
+    Mesh,
+    Ledger { location: String, bucket: u32 },
+    Records { tag: NodeTag, month: u32 },
+    Customers { bucket: u32 },
+}
+
+impl DocId {
+    pub fn encode(&self) -> String {
+        match self {
+            DocId::Mesh => "mesh".into(),
+            DocId::Ledger { location, bucket } => format!("ledger/{location}/{bucket}"),
+            DocId::Records { tag, month } => format!("rec/{tag}/{month}"),
+            DocId::Customers { bucket } => format!("cust/{bucket}"),
+        }
+    }
+
+    /// Parses and validates a document id received from a peer.
+    pub fn parse(text: &str, buckets: u32) -> Result<DocId, String> {
+        let parts: Vec<&str> = text.split('/').collect();
+        let bucket = |s: &str| -> Result<u32, String> {
+            let b: u32 = s.parse().map_err(|_| format!("bad bucket in {text:?}"))?;
+            if b >= buckets {
+                return Err(format!("bucket {b} out of range in {text:?}"));
+            }
+            Ok(b)
+        };
+        match parts.as_slice() {
+            ["mesh"] => Ok(DocId::Mesh),
+            ["ledger", loc, b] => {
+                validate_name("location", loc)?;
+                Ok(DocId::Ledger {
+                    location: (*loc).to_string(),
+                    bucket: bucket(b)?,
+                })
+            }
+            ["rec", tag, month] => {
+                let tag = NodeTag::parse(tag).ok_or_else(|| format!("bad tag in {text:?}"))?;
+                let month: u32 = month
+                    .parse()
+                    .map_err(|_| format!("bad month in {text:?}"))?;
+                if !(190001..=999912).contains(&month) || month % 100 == 0 || month % 100 > 12 {
+                    return Err(format!("bad month in {text:?}"));
+                }
+                Ok(DocId::Records { tag, month })
+            }
+            ["cust", b] => Ok(DocId::Customers { bucket: bucket(b)? }),
+            _ => Err(format!("unknown document id {text:?}")),
+        }
+    }
+}
+
+/// Which cumulative cell of a ledger entry a key holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedgerField {
+    Received,
+    Removed,
+    Granted(NodeTag),
+}
+
+pub fn ledger_key(product: u64, actor: ActorKey, field: LedgerField) -> String {
+    match field {
+        LedgerField::Received => format!("{product}/{}/r", actor.hex()),
+        LedgerField::Removed => format!("{product}/{}/d", actor.hex()),
+        LedgerField::Granted(to) => format!("{product}/{}/g/{to}", actor.hex()),
+    }
+}
+
+/// The key range holding every cell of one product in a ledger document.
+pub fn ledger_product_range(product: u64) -> std::ops::Range<String> {
+    // '0' follows '/' in ASCII, so this covers exactly the keys "<product>/…".
+    format!("{product}/")..format!("{product}0")
+}
+
+pub fn parse_ledger_key(key: &str) -> Result<(u64, ActorKey, LedgerField), String> {
+    let mut it = key.split('/');
+    let product: u64 = it
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("bad product in ledger key {key:?}"))?;
+    validate_product_id("product", product)?;
+    if product.to_string().len() != key.find('/').unwrap_or(0) {
+        return Err(format!("non-canonical product in ledger key {key:?}"));
+    }
+    let actor = it
+        .next()
+        .and_then(ActorKey::parse)
+        .ok_or_else(|| format!("bad actor in ledger key {key:?}"))?;
+    let field = match (it.next(), it.next(), it.next()) {
+        (Some("r"), None, None) => LedgerField::Received,
+        (Some("d"), None, None) => LedgerField::Removed,
+        (Some("g"), Some(to), None) => LedgerField::Granted(
+            NodeTag::parse(to).ok_or_else(|| format!("bad grantee in ledger key {key:?}"))?,
+        ),
+        _ => return Err(format!("bad field in ledger key {key:?}")),
+    };
+    Ok((product, actor, field))
+}
+
+pub fn mesh_info_key(tag: NodeTag) -> String {
+    format!("{tag}/info")
+}
+
+pub fn parse_mesh_key(key: &str) -> Result<NodeTag, String> {
+    match key.split_once('/') {
+        Some((tag, "info")) => NodeTag::parse(tag).ok_or_else(|| format!("bad mesh key {key:?}")),
+        _ => Err(format!("bad mesh key {key:?}")),
+    }
+}
+
+pub fn parse_node_info(json: &str) -> Result<NodeInfo, String> {
+    let info: NodeInfo = serde_json::from_str(json).map_err(|e| format!("bad node info: {e}"))?;
+    validate_name("node name", &info.name)?;
+    if let Some(l) = &info.location {
+        validate_name("location", l)?;
+    }
+    Ok(info)
+}
+
+/// Kinds of records a node keeps in its own records documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordKind {
+    Sale,
+    Return,
+    Receipt,
+    Count,
+    Grant,
+    Overdraft,
+    Deficit,
+    Fork,
+}
+
+impl RecordKind {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            RecordKind::Sale => "sale",
+            RecordKind::Return => "ret",
+            RecordKind::Receipt => "rcv",
+            RecordKind::Count => "cnt",
+            RecordKind::Grant => "grt",
+            RecordKind::Overdraft => "ovd",
+            RecordKind::Deficit => "def",
+            RecordKind::Fork => "fork",
+        }
+    }
+    pub fn parse(prefix: &str) -> Option<RecordKind> {
+        Some(match prefix {
+            "sale" => RecordKind::Sale,
+            "ret" => RecordKind::Return,
+            "rcv" => RecordKind::Receipt,
+            "cnt" => RecordKind::Count,
+            "grt" => RecordKind::Grant,
+            "ovd" => RecordKind::Overdraft,
+            "def" => RecordKind::Deficit,
+            "fork" => RecordKind::Fork,
+            _ => return None,
+        })
+    }
+}
+
+pub fn record_key(kind: RecordKind, id: &str) -> String {
+    format!("{}/{id}", kind.prefix())
+}
+
+pub fn parse_record_key(key: &str) -> Result<(RecordKind, &str), String> {
+    let (k, id) = key
+        .split_once('/')
+        .ok_or_else(|| format!("bad record key {key:?}"))?;
+    let kind = RecordKind::parse(k).ok_or_else(|| format!("bad record kind in {key:?}"))?;
+    validate_client_id("record id", id)?;
+    Ok((kind, id))
+}
+
+/// Profile fields a customer document may hold.
+pub const PROFILE_FIELDS: [&str; 5] = ["name", "email", "phone", "marketing_consent", "tags"];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CustomerKey {
+    Profile { customer: String, field: String },
+    Earned { customer: String, actor: ActorKey },
+    Spent { customer: String, actor: ActorKey },
+    Erased { customer: String },
+}
+
+impl CustomerKey {
+    pub fn encode(&self) -> String {
+        match self {
+            CustomerKey::Profile { customer, field } => format!("{customer}/p/{field}"),
+            CustomerKey::Earned { customer, actor } => format!("{customer}/{}/e", actor.hex()),
+            CustomerKey::Spent { customer, actor } => format!("{customer}/{}/s", actor.hex()),
+            CustomerKey::Erased { customer } => format!("{customer}/x"),
+        }
+    }
+    pub fn customer(&self) -> &str {
+        match self {
+            CustomerKey::Profile { customer, .. }
+            | CustomerKey::Earned { customer, .. }
+            | CustomerKey::Spent { customer, .. }
+            | CustomerKey::Erased { customer } => customer,
+        }
+    }
+    pub fn parse(key: &str) -> Result<CustomerKey, String> {
+        let parts: Vec<&str> = key.split('/').collect();
+        let customer = parts.first().copied().unwrap_or("");
+        validate_client_id("customer_id", customer)?;
+        let customer = customer.to_string();
+        match parts.as_slice() {
+            [_, "p", field] if PROFILE_FIELDS.contains(field) => Ok(CustomerKey::Profile {
+                customer,
+                field: (*field).to_string(),
+            }),
+            [_, actor, "e"] => Ok(CustomerKey::Earned {
+                customer,
+                actor: ActorKey::parse(actor).ok_or("bad actor in customer key")?,
+            }),
+            [_, actor, "s"] => Ok(CustomerKey::Spent {
+                customer,
+                actor: ActorKey::parse(actor).ok_or("bad actor in customer key")?,
+            }),
+            [_, "x"] => Ok(CustomerKey::Erased { customer }),
+            _ => Err(format!("bad customer key {key:?}")),
+        }
+    }
+}
+
+/// Range of every key of one customer in its bucket document.
+pub fn customer_range(customer: &str) -> std::ops::Range<String> {
+    // '0' follows '/' in ASCII.
+    format!("{customer}/")..format!("{customer}0")
+}
+
+/// Month bucket `yyyymm` of a unix time in milliseconds (UTC, proleptic Gregorian).
+pub fn month_of(unix_ms: u64) -> u32 {
+    let days = (unix_ms / 86_400_000) as i64;
+    let (y, m, _) = civil_from_days(days);
+    (y as u32) * 100 + m
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = (z - era * 146_097) as u64;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe as i64 + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doc_ids_round_trip() {
+        let t = NodeTag([1, 2, 3, 4, 5, 6]);
+        for d in [
+            DocId::Mesh,
+            DocId::Ledger {
+                location: "store-1".into(),
+                bucket: 7,
+            },
+            DocId::Records {
+                tag: t,
+                month: 202611,
+            },
+            DocId::Customers { bucket: 63 },
+        ] {
+            assert_eq!(DocId::parse(&d.encode(), 64).unwrap(), d);
+        }
+        assert!(DocId::parse("ledger/store-1/64", 64).is_err());
+        assert!(DocId::parse("ledger/Store/1", 64).is_err());
+        assert!(DocId::parse("rec/010203040506/202613", 64).is_err());
+        assert!(DocId::parse("x", 64).is_err());
+    }
+
+    #[test]
+    fn ledger_keys_round_trip_and_sort_by_product() {
+        let a = ActorKey::new(NodeTag([9; 6]), [1; 4]);
+        for f in [
+            LedgerField::Received,
+            LedgerField::Removed,
+            LedgerField::Granted(NodeTag([3; 6])),
+        ] {
+            let k = ledger_key(123, a, f);
+            assert_eq!(parse_ledger_key(&k).unwrap(), (123, a, f));
+            assert!(ledger_product_range(123).contains(&k));
+            assert!(!ledger_product_range(12).contains(&k));
+            assert!(!ledger_product_range(1234).contains(&k));
+        }
+        assert!(parse_ledger_key("0123/x/r").is_err());
+        assert!(parse_ledger_key(&format!("0123/{}/r", a.hex())).is_err());
+        assert!(parse_ledger_key(&format!("123/{}/q", a.hex())).is_err());
+    }
+
+    #[test]
+    fn customer_keys() {
+        let a = ActorKey::new(NodeTag([9; 6]), [1; 4]);
+        for k in [
+            CustomerKey::Profile {
+                customer: "c1".into(),
+                field: "email".into(),
+            },
+            CustomerKey::Earned {
+                customer: "c1".into(),
+                actor: a,
+            },
+            CustomerKey::Spent {
+                customer: "c1".into(),
+                actor: a,
+            },
+            CustomerKey::Erased {
+                customer: "c1".into(),
+            },
+        ] {
+            assert_eq!(CustomerKey::parse(&k.encode()).unwrap(), k);
+            assert!(customer_range("c1").contains(&k.encode()));
+            assert!(!customer_range("c").contains(&k.encode()));
+        }
+        assert!(CustomerKey::parse("c1/p/password").is_err());
+    }
+
+    #[test]
+    fn months() {
+        assert_eq!(month_of(0), 197001);
+        // 2026-11-27T10:00:00Z
+        assert_eq!(month_of(1_795_773_600_000), 202611);
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+    }
+}

@@ -1,0 +1,594 @@
+//! The per-peer sync state machine (sans-IO).
+//!
+//! After the hello (checked by the transport), both sides send a [`Msg::Root`]
+//! digest over every document's heads. Equal digests: in sync, one message each
+//! way. Otherwise they compare [`GROUPS`] group digests, then the document lists
+//! of differing groups, and run an Automerge sync session for each differing
+//! document only. Local and received changes are pushed to every connected peer
+//! after they are durable; a periodic [`Engine::tick`] re-sends the root digest
+//! (anti-entropy).
+//!
+//! Limits: every frame is under `wire::FRAME_BYTES_MAX`; larger sync messages
+//! are split into [`Msg::Part`]s with a bounded reassembly buffer; a document
+//! session that makes no progress for [`ROUNDS_IDLE_MAX`] rounds is reset once,
+//! then finished with a `save_after` fallback.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::sync::{self as amsync, SyncDoc};
+use automerge::ChangeHash;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::engine::Engine;
+use crate::ids::{fnv1a64, NodeId};
+use crate::layout::DocId;
+use crate::validate::{changes_in_chunk, validate_changes};
+use crate::wire::{encode_frame, CHUNK_BYTES_MAX};
+
+/// Digest groups (a one-level Merkle tree over documents).
+pub const GROUPS: usize = 256;
+/// Sync rounds without progress on one document before a reset (then a fallback).
+pub const ROUNDS_IDLE_MAX: u32 = 12;
+/// Largest reassembled sync message from one peer.
+pub const REASSEMBLY_BYTES_MAX: usize = 256 << 20;
+/// Document entries listed in one `Docs` frame.
+pub const DOCS_PER_FRAME_MAX: usize = 4096;
+
+/// Messages of the sync protocol (after the hello).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Msg {
+    Root {
+        digest: [u8; 32],
+    },
+    Groups {
+        digests: Vec<u64>,
+    },
+    Docs {
+        group: u16,
+        entries: Vec<(String, u64)>,
+        last: bool,
+    },
+    Sync {
+        doc: String,
+        data: Vec<u8>,
+    },
+    Part {
+        doc: String,
+        data: Vec<u8>,
+        last: bool,
+    },
+    Fallback {
+        doc: String,
+        data: Vec<u8>,
+    },
+}
+
+/// Hash of one document's heads, as folded into its group digest.
+pub fn doc_digest(id: &str, heads: &[ChangeHash]) -> u64 {
+    if heads.is_empty() {
+        return 0;
+    }
+    let mut h = Sha256::new();
+    h.update(id.as_bytes());
+    let mut sorted: Vec<&ChangeHash> = heads.iter().collect();
+    sorted.sort();
+    for c in sorted {
+        h.update(c.0);
+    }
+    let d = h.finalize();
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+pub fn group_of(id: &str) -> usize {
+    (fnv1a64(id.as_bytes()) % GROUPS as u64) as usize
+}
+
+/// XOR-folded digests per group, maintained incrementally.
+#[derive(Clone, Debug)]
+pub struct Digest {
+    pub groups: Vec<u64>,
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest {
+            groups: vec![0; GROUPS],
+        }
+    }
+}
+
+impl Digest {
+    pub fn toggle(&mut self, id: &str, part: u64) {
+        self.groups[group_of(id)] ^= part;
+    }
+    pub fn root(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for g in &self.groups {
+            h.update(g.to_le_bytes());
+        }
+        h.finalize().into()
+    }
+}
+
+pub(crate) struct DocSession {
+    state: amsync::State,
+    idle_rounds: u32,
+    resets: u8,
+    finished: bool,
+    last_heads: Vec<ChangeHash>,
+}
+
+impl DocSession {
+    fn new(state: amsync::State) -> DocSession {
+        DocSession {
+            state,
+            idle_rounds: 0,
+            resets: 0,
+            finished: false,
+            last_heads: Vec::new(),
+        }
+    }
+}
+
+/// Sync state of one connected peer.
+pub struct PeerSession {
+    pub(crate) docs: BTreeMap<String, DocSession>,
+    /// Persisted shared-heads states, decoded lazily when a session starts.
+    stored: BTreeMap<String, Vec<u8>>,
+    reassembly: Option<(String, Vec<u8>)>,
+    /// True once a root digest from the peer matched ours.
+    pub synced: bool,
+    last_root_sent_ms: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub last_heard_ms: u64,
+}
+
+impl Engine {
+    fn send(&mut self, peer: NodeId, msg: &Msg) {
+        match encode_frame(msg) {
+            Ok(f) => {
+                self.stats.sync_messages_out += 1;
+                self.stats.sync_bytes_out += f.len() as u64;
+                if let Some(s) = self.sessions.get_mut(&peer) {
+                    s.bytes_out += f.len() as u64;
+                }
+                self.outbox.push((peer, f));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode sync frame"),
+        }
+    }
+
+    fn send_root(&mut self, peer: NodeId, now_ms: u64) {
+        let digest = self.digest.root();
+        if let Some(s) = self.sessions.get_mut(&peer) {
+            s.last_root_sent_ms = now_ms;
+        }
+        self.send(peer, &Msg::Root { digest });
+    }
+
+    /// A peer completed the hello. `stored` holds persisted sync states by document.
+    pub fn peer_up(&mut self, peer: NodeId, stored: Vec<(String, Vec<u8>)>, now_ms: u64) {
+        self.sessions.insert(
+            peer,
+            PeerSession {
+                docs: BTreeMap::new(),
+                stored: stored.into_iter().collect(),
+                reassembly: None,
+                synced: false,
+                last_root_sent_ms: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                last_heard_ms: now_ms,
+            },
+        );
+        self.send_root(peer, now_ms);
+    }
+
+    /// A peer's connection ended: its shared heads are persisted with the next batch.
+    pub fn peer_down(&mut self, peer: NodeId) {
+        if let Some(s) = self.sessions.remove(&peer) {
+            for (doc, d) in s.docs {
+                self.queue_sync_state(peer, doc, d.state.encode());
+            }
+        }
+    }
+
+    pub fn connected_peers(&self) -> Vec<NodeId> {
+        self.sessions.keys().copied().collect()
+    }
+
+    pub fn session(&self, peer: &NodeId) -> Option<&PeerSession> {
+        self.sessions.get(peer)
+    }
+
+    /// True once any peer's root digest matched ours (first sync finished).
+    pub fn synced_with_any(&self) -> bool {
+        self.sessions.values().any(|s| s.synced)
+    }
+
+    /// Periodic anti-entropy: re-announce the root digest to every peer.
+    pub fn tick(&mut self, now_ms: u64) {
+        let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
+        for p in peers {
+            self.send_root(p, now_ms);
+        }
+    }
+
+    fn session_for(&mut self, peer: NodeId, doc: &str) -> Option<&mut DocSession> {
+        let s = self.sessions.get_mut(&peer)?;
+        if !s.docs.contains_key(doc) {
+            let state = s
+                .stored
+                .remove(doc)
+                .and_then(|b| amsync::State::decode(&b).ok())
+                .unwrap_or_default();
+            s.docs.insert(doc.to_string(), DocSession::new(state));
+        }
+        s.docs.get_mut(doc)
+    }
+
+    /// Generates (and queues) the next sync message for one document and peer.
+    fn sync_doc(&mut self, peer: NodeId, doc: &str) {
+        let Some(slot) = self.docs.get(doc) else {
+            return;
+        };
+        let heads = slot.doc.get_heads();
+        // Borrow dance: the session lives in `sessions`, the document in `docs`.
+        let Some(mut sess) = self
+            .sessions
+            .get_mut(&peer)
+            .and_then(|s| s.docs.remove(doc))
+            .or_else(|| {
+                self.session_for(peer, doc)?;
+                self.sessions.get_mut(&peer)?.docs.remove(doc)
+            })
+        else {
+            return;
+        };
+        if sess.finished {
+            self.put_session(peer, doc, sess);
+            return;
+        }
+        let Some(slot) = self.docs.get(doc) else {
+            return;
+        };
+        if sess.last_heads != heads {
+            sess.last_heads = heads;
+            sess.idle_rounds = 0;
+        }
+        let msg = slot.doc.generate_sync_message(&mut sess.state);
+        let Some(msg) = msg else {
+            self.put_session(peer, doc, sess);
+            return;
+        };
+        sess.idle_rounds += 1;
+        if sess.idle_rounds > ROUNDS_IDLE_MAX {
+            if sess.resets == 0 {
+                tracing::warn!(doc, "sync session made no progress; resetting it once");
+                sess.resets = 1;
+                sess.idle_rounds = 0;
+                sess.state = amsync::State::new();
+            } else {
+                tracing::warn!(
+                    doc,
+                    "sync session still makes no progress; sending save_after fallback"
+                );
+                let their = sess.state.shared_heads.clone();
+                let data = slot.doc.save_after(&their);
+                sess.finished = true;
+                self.put_session(peer, doc, sess);
+                self.send_big(peer, doc, data, true);
+                return;
+            }
+        }
+        let data = msg.encode();
+        self.put_session(peer, doc, sess);
+        self.send_big(peer, doc, data, false);
+    }
+
+    fn put_session(&mut self, peer: NodeId, doc: &str, sess: DocSession) {
+        if let Some(s) = self.sessions.get_mut(&peer) {
+            s.docs.insert(doc.to_string(), sess);
+        }
+    }
+
+    /// Sends a sync message, split into parts under the frame limit.
+    fn send_big(&mut self, peer: NodeId, doc: &str, data: Vec<u8>, fallback: bool) {
+        if data.len() <= CHUNK_BYTES_MAX {
+            let msg = if fallback {
+                Msg::Fallback {
+                    doc: doc.to_string(),
+                    data,
+                }
+            } else {
+                Msg::Sync {
+                    doc: doc.to_string(),
+                    data,
+                }
+            };
+            self.send(peer, &msg);
+            return;
+        }
+        if fallback {
+            // A fallback is a plain save_after; send it as parts of a "sync" with a marker byte.
+            tracing::warn!(doc, bytes = data.len(), "large fallback split into parts");
+        }
+        let mut framed = Vec::with_capacity(data.len() + 1);
+        framed.push(u8::from(fallback));
+        framed.extend_from_slice(&data);
+        let n = framed.len().div_ceil(CHUNK_BYTES_MAX);
+        for (i, c) in framed.chunks(CHUNK_BYTES_MAX).enumerate() {
+            self.send(
+                peer,
+                &Msg::Part {
+                    doc: doc.to_string(),
+                    data: c.to_vec(),
+                    last: i + 1 == n,
+                },
+            );
+        }
+    }
+
+    /// After a commit: push changed documents to every connected peer.
+    pub(crate) fn push_docs(&mut self, docs: &[String], _now_ms: u64) {
+        let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
+        for doc in docs {
+            for p in &peers {
+                self.sync_doc(*p, doc);
+            }
+        }
+    }
+
+    /// Handles one frame from a peer. `Err` means a protocol violation: the shell
+    /// disconnects the peer. Invalid changes are rejected whole and logged, but
+    /// do not break the connection.
+    pub fn receive(&mut self, peer: NodeId, body: &[u8], now_ms: u64) -> Result<(), String> {
+        let msg: Msg = crate::wire::decode_frame(body)?;
+        self.stats.sync_messages_in += 1;
+        self.stats.sync_bytes_in += body.len() as u64 + 4;
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return Err("frame from a peer without a session".into());
+        };
+        s.bytes_in += body.len() as u64 + 4;
+        s.last_heard_ms = now_ms;
+        match msg {
+            Msg::Root { digest } => {
+                if digest == self.digest.root() {
+                    if let Some(s) = self.sessions.get_mut(&peer) {
+                        s.synced = true;
+                    }
+                } else {
+                    let digests = self.digest.groups.clone();
+                    self.send(peer, &Msg::Groups { digests });
+                }
+            }
+            Msg::Groups { digests } => {
+                if digests.len() != GROUPS {
+                    return Err(format!("groups message with {} entries", digests.len()));
+                }
+                for g in 0..GROUPS {
+                    if digests[g] != self.digest.groups[g] {
+                        let entries: Vec<(String, u64)> = self
+                            .docs
+                            .iter()
+                            .filter(|(id, _)| group_of(id) == g)
+                            .map(|(id, s)| (id.clone(), s.digest_part))
+                            .collect();
+                        let n = entries.len().div_ceil(DOCS_PER_FRAME_MAX).max(1);
+                        let mut chunks: Vec<Vec<(String, u64)>> = entries
+                            .chunks(DOCS_PER_FRAME_MAX)
+                            .map(|c| c.to_vec())
+                            .collect();
+                        if chunks.is_empty() {
+                            chunks.push(Vec::new());
+                        }
+                        for (i, c) in chunks.into_iter().enumerate() {
+                            self.send(
+                                peer,
+                                &Msg::Docs {
+                                    group: g as u16,
+                                    entries: c,
+                                    last: i + 1 == n,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Msg::Docs { group, entries, .. } => {
+                if usize::from(group) >= GROUPS || entries.len() > DOCS_PER_FRAME_MAX {
+                    return Err("malformed docs message".into());
+                }
+                let theirs: BTreeMap<String, u64> = entries.into_iter().collect();
+                let mut differing: BTreeSet<String> = BTreeSet::new();
+                for (id, part) in &theirs {
+                    if group_of(id) != usize::from(group) {
+                        return Err(format!("document {id:?} listed in the wrong group"));
+                    }
+                    if self.docs.get(id).map(|s| s.digest_part) != Some(*part) {
+                        DocId::parse(id, self.cfg.buckets)?;
+                        differing.insert(id.clone());
+                    }
+                }
+                for (id, s) in &self.docs {
+                    if group_of(id) == usize::from(group)
+                        && !theirs.contains_key(id)
+                        && s.digest_part != 0
+                    {
+                        differing.insert(id.clone());
+                    }
+                }
+                for id in differing {
+                    self.ensure_doc(&id)?;
+                    if let Some(s) = self
+                        .sessions
+                        .get_mut(&peer)
+                        .and_then(|s| s.docs.get_mut(&id))
+                    {
+                        s.finished = false;
+                    }
+                    self.sync_doc(peer, &id);
+                }
+            }
+            Msg::Sync { doc, data } => self.apply_sync(peer, &doc, &data, false, now_ms)?,
+            Msg::Fallback { doc, data } => self.apply_sync(peer, &doc, &data, true, now_ms)?,
+            Msg::Part { doc, data, last } => {
+                let s = self.sessions.get_mut(&peer).ok_or("no session")?;
+                let buf = match &mut s.reassembly {
+                    Some((d, b)) if *d == doc => b,
+                    Some(_) => return Err("interleaved message parts".into()),
+                    None => &mut s.reassembly.insert((doc.clone(), Vec::new())).1,
+                };
+                if buf.len() + data.len() > REASSEMBLY_BYTES_MAX {
+                    return Err("reassembled sync message exceeds the limit".into());
+                }
+                buf.extend_from_slice(&data);
+                if last {
+                    let (doc, buf) = s.reassembly.take().unwrap_or_default();
+                    let Some((&flag, body)) = buf.split_first() else {
+                        return Err("empty reassembled message".into());
+                    };
+                    self.apply_sync(peer, &doc, body, flag == 1, now_ms)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_doc(&mut self, id: &str) -> Result<(), String> {
+        if !self.docs.contains_key(id) {
+            if self.docs.len() >= crate::engine::DOCS_MAX {
+                return Err("document limit reached".into());
+            }
+            let doc_id = DocId::parse(id, self.cfg.buckets)?;
+            let _ = self.slot(&doc_id);
+        }
+        Ok(())
+    }
+
+    fn apply_sync(
+        &mut self,
+        peer: NodeId,
+        doc: &str,
+        data: &[u8],
+        fallback: bool,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let doc_id = DocId::parse(doc, self.cfg.buckets)?;
+        self.ensure_doc(doc)?;
+        let (message, chunks): (Option<amsync::Message>, Vec<Vec<u8>>) = if fallback {
+            (None, vec![data.to_vec()])
+        } else {
+            let m = amsync::Message::decode(data).map_err(|e| format!("bad sync message: {e}"))?;
+            let chunks = m.changes.iter().map(|c| c.to_vec()).collect();
+            (Some(m), chunks)
+        };
+        let mut changes = Vec::new();
+        for c in &chunks {
+            match changes_in_chunk(c) {
+                Ok(cs) => changes.extend(cs),
+                Err(e) => {
+                    self.reject(peer, doc, &e);
+                    return Ok(());
+                }
+            }
+        }
+        let tag = self.tag;
+        let buckets = self.cfg.buckets;
+        let Some(slot) = self.docs.get(doc) else {
+            return Ok(());
+        };
+        let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject(peer, doc, &e);
+                return Ok(());
+            }
+        };
+        let before = slot.doc.get_heads();
+        // Apply: a sync message through its session, a fallback as raw changes.
+        let mut sess = match self
+            .sessions
+            .get_mut(&peer)
+            .and_then(|s| s.docs.remove(doc))
+        {
+            Some(s) => s,
+            None => {
+                self.session_for(peer, doc);
+                match self
+                    .sessions
+                    .get_mut(&peer)
+                    .and_then(|s| s.docs.remove(doc))
+                {
+                    Some(s) => s,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let Some(slot) = self.docs.get_mut(doc) else {
+            return Ok(());
+        };
+        let result = match message {
+            Some(m) => slot.doc.receive_sync_message(&mut sess.state, m),
+            None => slot.doc.load_incremental(data).map(|_| ()),
+        };
+        self.put_session(peer, doc, sess);
+        if let Err(e) = result {
+            self.reject(peer, doc, &format!("automerge refused the message: {e}"));
+            return Ok(());
+        }
+        let Some(slot) = self.docs.get(doc) else {
+            return Ok(());
+        };
+        let after = slot.doc.get_heads();
+        if after != before {
+            let applied = slot.doc.get_changes(&before);
+            let mut keys = BTreeSet::new();
+            let mut own = 0usize;
+            for c in &applied {
+                if crate::ids::ActorKey::from_bytes(c.actor_id().to_bytes())
+                    .is_some_and(|a| a.tag() == tag)
+                {
+                    own += 1;
+                }
+                for op in c.decode().operations {
+                    if let automerge::legacy::Key::Map(k) = op.key {
+                        keys.insert(k.to_string());
+                    }
+                }
+            }
+            self.recompute_keys(doc, &keys);
+            if own > 0 || verdict.own_changes_from_elsewhere > 0 {
+                self.record_fork(doc, own.max(verdict.own_changes_from_elsewhere), now_ms);
+            }
+        }
+        // Reply (queued; released only after the next commit).
+        if !fallback {
+            self.sync_doc(peer, doc);
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, peer: NodeId, doc: &str, why: &str) {
+        self.stats.rejected_messages += 1;
+        tracing::warn!(peer = %peer.hex(), doc, reason = why, "rejected a sync message from a peer; nothing of it was applied");
+        if let Some(s) = self
+            .sessions
+            .get_mut(&peer)
+            .and_then(|s| s.docs.get_mut(doc))
+        {
+            s.finished = true;
+        }
+    }
+
+    /// Has this document got changes by the given peer's node that we lack? (tests)
+    pub fn heads_of(&self, doc: &str) -> Option<Vec<ChangeHash>> {
+        self.docs.get(doc).map(|s| s.doc.get_heads())
+    }
+
+    pub fn digest_root(&self) -> [u8; 32] {
+        self.digest.root()
+    }
+}

@@ -1,0 +1,176 @@
+//! An in-memory mesh of engines for tests: links are ordered frame queues that
+//! can be delivered partially, cut and reconnected. Persistence is skipped (the
+//! node crate tests the store); everything else is the production code path.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::engine::{Engine, EngineConfig, Policy};
+use crate::ids::NodeId;
+use crate::ops::{IdemRecord, Op, OpError, OpReply};
+
+pub struct TestNode {
+    pub engine: Engine,
+    /// Idempotency records that reached "disk".
+    pub idem: HashMap<String, IdemRecord>,
+}
+
+pub struct TestMesh {
+    pub nodes: Vec<TestNode>,
+    /// (from, to) → frames in flight, in order.
+    pub links: BTreeMap<(usize, usize), VecDeque<Vec<u8>>>,
+    pub now_ms: u64,
+}
+
+pub fn node_id(i: usize) -> NodeId {
+    let mut b = [0u8; 32];
+    b[0] = 0xa0 + i as u8;
+    b[31] = i as u8;
+    NodeId(b)
+}
+
+pub fn config(i: usize, buckets: u32) -> EngineConfig {
+    EngineConfig {
+        node_id: node_id(i),
+        name: format!("n{i}"),
+        location: format!("loc{i}"),
+        role: "store".into(),
+        policy: Policy::Strict,
+        buckets,
+        loyalty_points_per_unit: 1,
+    }
+}
+
+impl TestMesh {
+    pub fn new(n: usize, buckets: u32) -> TestMesh {
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut e = Engine::new(config(i, buckets), [i as u8, 1, 2, 3]);
+            e.finish_open();
+            nodes.push(TestNode {
+                engine: e,
+                idem: HashMap::new(),
+            });
+        }
+        let mut m = TestMesh {
+            nodes,
+            links: BTreeMap::new(),
+            now_ms: 1_795_773_600_000,
+        };
+        for i in 0..n {
+            m.commit(i);
+        }
+        m
+    }
+
+    pub fn id(&self, i: usize) -> NodeId {
+        self.nodes[i].engine.config().node_id
+    }
+
+    fn index_of(&self, id: NodeId) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.engine.config().node_id == id)
+    }
+
+    /// Flushes node `i`, "persists" and releases its frames onto the links.
+    pub fn commit(&mut self, i: usize) {
+        let now = self.now_ms;
+        let node = &mut self.nodes[i];
+        let batch = node.engine.flush(now);
+        for (k, r) in batch.idem {
+            node.idem.insert(k, r);
+        }
+        node.engine.committed(now);
+        let out = node.engine.take_outgoing();
+        for (peer, frame) in out {
+            if let Some(j) = self.index_of(peer) {
+                if let Some(q) = self.links.get_mut(&(i, j)) {
+                    q.push_back(frame);
+                }
+            }
+        }
+    }
+
+    pub fn execute(&mut self, i: usize, op: Op) -> Result<OpReply, OpError> {
+        self.now_ms += 7;
+        let now = self.now_ms;
+        let node = &mut self.nodes[i];
+        let idem = node.idem.clone();
+        node.engine.execute(op, now, &|k| idem.get(k).cloned())
+    }
+
+    pub fn connected(&self, a: usize, b: usize) -> bool {
+        self.links.contains_key(&(a, b))
+    }
+
+    pub fn connect(&mut self, a: usize, b: usize) {
+        if a == b || self.connected(a, b) {
+            return;
+        }
+        self.links.insert((a, b), VecDeque::new());
+        self.links.insert((b, a), VecDeque::new());
+        let (ia, ib) = (self.id(a), self.id(b));
+        let now = self.now_ms;
+        self.nodes[a].engine.peer_up(ib, Vec::new(), now);
+        self.nodes[b].engine.peer_up(ia, Vec::new(), now);
+        self.commit(a);
+        self.commit(b);
+    }
+
+    pub fn disconnect(&mut self, a: usize, b: usize) {
+        if self.links.remove(&(a, b)).is_none() {
+            return;
+        }
+        self.links.remove(&(b, a));
+        let (ia, ib) = (self.id(a), self.id(b));
+        self.nodes[a].engine.peer_down(ib);
+        self.nodes[b].engine.peer_down(ia);
+        self.commit(a);
+        self.commit(b);
+    }
+
+    /// Delivers up to `k` frames on the link a → b; returns how many.
+    pub fn deliver(&mut self, a: usize, b: usize, k: usize) -> usize {
+        let mut n = 0;
+        while n < k {
+            let Some(frame) = self.links.get_mut(&(a, b)).and_then(|q| q.pop_front()) else {
+                break;
+            };
+            n += 1;
+            self.now_ms += 1;
+            let now = self.now_ms;
+            let from = self.id(a);
+            let body = &frame[4..];
+            if let Err(e) = self.nodes[b].engine.receive(from, body, now) {
+                panic!("protocol violation between honest engines: {e}");
+            }
+            self.commit(b);
+        }
+        n
+    }
+
+    /// Delivers everything until no frame is in flight (bounded).
+    pub fn settle(&mut self) -> usize {
+        let mut total = 0;
+        for _ in 0..10_000 {
+            let keys: Vec<(usize, usize)> = self.links.keys().copied().collect();
+            let mut moved = 0;
+            for (a, b) in keys {
+                moved += self.deliver(a, b, usize::MAX);
+            }
+            total += moved;
+            if moved == 0 {
+                return total;
+            }
+        }
+        panic!("mesh did not settle after 10,000 rounds");
+    }
+
+    pub fn full_mesh(&mut self) {
+        for a in 0..self.nodes.len() {
+            for b in a + 1..self.nodes.len() {
+                self.connect(a, b);
+            }
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Validation of changes received from peers (DESIGN §3, "Incoming changes are
+//! validated"): every op of every new change must write only keys its author
+//! owns, cumulative cells never decrease, and values are in range. A message with
+//! one invalid change is rejected whole, before anything of it is applied.
+
+use std::collections::HashMap;
+
+use automerge::{Automerge, Change, ReadDoc, ScalarValue, ROOT};
+
+use crate::ids::{ActorKey, NodeTag, CELL_MAX};
+use crate::layout::{
+    parse_ledger_key, parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId,
+};
+
+/// Splits an Automerge sync-message chunk (a document, one change, or several
+/// concatenated change chunks) into changes, without applying anything.
+pub fn changes_in_chunk(chunk: &[u8]) -> Result<Vec<Change>, String> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    let mut out = Vec::new();
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        if rest.len() < 9 || rest[..4] != MAGIC {
+            return Err("chunk does not start with the Automerge magic bytes".into());
+        }
+        let kind = rest[8];
+        let (len, len_bytes) = read_uleb(&rest[9..]).ok_or("bad chunk length")?;
+        let total = 9usize
+            .checked_add(len_bytes)
+            .and_then(|v| v.checked_add(usize::try_from(len).ok()?))
+            .ok_or("chunk length overflows")?;
+        if total > rest.len() {
+            return Err("truncated chunk".into());
+        }
+        let (this, tail) = rest.split_at(total);
+        match kind {
+            0 => {
+                let doc = Automerge::load(this).map_err(|e| format!("bad document chunk: {e}"))?;
+                out.extend(doc.get_changes(&[]));
+            }
+            1 | 2 => {
+                out.push(Change::from_bytes(this.to_vec()).map_err(|e| format!("bad change: {e}"))?)
+            }
+            k => return Err(format!("unknown chunk type {k}")),
+        }
+        rest = tail;
+    }
+    Ok(out)
+}
+
+fn read_uleb(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// What validation learned about a set of new changes.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Changes written by this node's tag that this replica did not have: a fork.
+    pub own_changes_from_elsewhere: usize,
+}
+
+/// Validates `changes` (those not yet in `doc`) for document `doc_id`.
+pub fn validate_changes(
+    doc_id: &DocId,
+    doc: &Automerge,
+    changes: &mut [Change],
+    own_tag: NodeTag,
+    buckets: u32,
+) -> Result<Verdict, String> {
+    let mut verdict = Verdict::default();
+    // Apply a change's checks in each actor's own order, so that the running
+    // maximum of a cumulative cell is compared with its predecessor.
+    changes.sort_by(|a, b| {
+        (a.actor_id().to_bytes(), a.seq()).cmp(&(b.actor_id().to_bytes(), b.seq()))
+    });
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for change in changes.iter() {
+        if doc.get_change_by_hash(&change.hash()).is_some() {
+            continue;
+        }
+        let author = ActorKey::from_bytes(change.actor_id().to_bytes())
+            .ok_or("change by an actor id that is not a storemesh actor")?;
+        if author.tag() == own_tag {
+            verdict.own_changes_from_elsewhere += 1;
+        }
+        let expanded = change.decode();
+        for op in &expanded.operations {
+            if !matches!(op.obj, automerge::legacy::ObjectId::Root) {
+                return Err("change writes a nested object; storemesh documents are flat".into());
+            }
+            let key = match &op.key {
+                automerge::legacy::Key::Map(k) => k.to_string(),
+                automerge::legacy::Key::Seq(_) => return Err("change writes a list element".into()),
+            };
+            let value = match &op.action {
+                automerge::legacy::OpType::Put(v) => Some(v.clone()),
+                automerge::legacy::OpType::Delete => None,
+                _ => return Err(format!("change uses an unsupported operation on {key:?}")),
+            };
+            check_op(
+                doc_id,
+                doc,
+                author,
+                &key,
+                value.as_ref(),
+                buckets,
+                &mut last,
+            )?;
+        }
+    }
+    Ok(verdict)
+}
+
+fn uint(v: Option<&ScalarValue>, key: &str) -> Result<u64, String> {
+    let n = match v {
+        Some(ScalarValue::Uint(n)) => *n,
+        Some(ScalarValue::Int(n)) if *n >= 0 => *n as u64,
+        _ => return Err(format!("cell {key:?} must hold a non-negative integer")),
+    };
+    if n > CELL_MAX {
+        return Err(format!("cell {key:?} exceeds 2^53"));
+    }
+    Ok(n)
+}
+
+/// The largest current value of a key in the document (all conflicting values).
+pub fn current_uint(doc: &Automerge, key: &str) -> u64 {
+    doc.get_all(ROOT, key)
+        .ok()
+        .map(|vals| {
+            vals.iter()
+                .filter_map(|(v, _)| v.as_scalar().and_then(scalar_u64))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+pub fn scalar_u64(s: &ScalarValue) -> Option<u64> {
+    match s {
+        ScalarValue::Uint(n) => Some(*n),
+        ScalarValue::Int(n) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    }
+}
+
+fn cumulative(
+    doc: &Automerge,
+    key: &str,
+    value: Option<&ScalarValue>,
+    last: &mut HashMap<String, u64>,
+) -> Result<(), String> {
+    let n = uint(value, key)?;
+    let before = last
+        .get(key)
+        .copied()
+        .unwrap_or_else(|| current_uint(doc, key));
+    if n < before {
+        return Err(format!(
+            "change lowers cumulative cell {key:?} from {before} to {n}"
+        ));
+    }
+    last.insert(key.to_string(), n);
+    Ok(())
+}
+
+fn check_op(
+    doc_id: &DocId,
+    doc: &Automerge,
+    author: ActorKey,
+    key: &str,
+    value: Option<&ScalarValue>,
+    buckets: u32,
+    last: &mut HashMap<String, u64>,
+) -> Result<(), String> {
+    match doc_id {
+        DocId::Ledger { bucket, .. } => {
+            let (product, actor, _) = parse_ledger_key(key)?;
+            if actor != author {
+                return Err(format!(
+                    "change by {} writes another writer's cell {key:?}",
+                    author.hex()
+                ));
+            }
+            if crate::ids::product_bucket(product, buckets) != *bucket {
+                return Err(format!(
+                    "product {product} does not belong in bucket {bucket}"
+                ));
+            }
+            cumulative(doc, key, value, last)
+        }
+        DocId::Mesh => {
+            let tag = parse_mesh_key(key)?;
+            if tag != author.tag() {
+                return Err(format!(
+                    "change writes another node's directory entry {key:?}"
+                ));
+            }
+            match value {
+                Some(ScalarValue::Str(s)) => parse_node_info(s).map(|_| ()),
+                _ => Err("directory entries are JSON strings".into()),
+            }
+        }
+        DocId::Records { tag, .. } => {
+            if *tag != author.tag() {
+                return Err("change writes into another node's records".into());
+            }
+            parse_record_key(key)?;
+            match value {
+                Some(ScalarValue::Str(s)) if s.len() <= 64 * 1024 => Ok(()),
+                _ => Err(format!("record {key:?} must be a JSON string up to 64 KiB")),
+            }
+        }
+        DocId::Customers { .. } => match CustomerKey::parse(key)? {
+            CustomerKey::Profile { .. } => match value {
+                None | Some(ScalarValue::Null) | Some(ScalarValue::Boolean(_)) => Ok(()),
+                Some(ScalarValue::Str(s)) if s.len() <= 4096 => Ok(()),
+                _ => Err(format!("profile field {key:?} has an unsupported value")),
+            },
+            CustomerKey::Earned { actor, .. } | CustomerKey::Spent { actor, .. } => {
+                if actor != author {
+                    return Err(format!(
+                        "change writes another writer's loyalty cell {key:?}"
+                    ));
+                }
+                cumulative(doc, key, value, last)
+            }
+            CustomerKey::Erased { .. } => match value {
+                Some(ScalarValue::Str(_)) => Ok(()),
+                _ => Err("an erasure can not be undone".into()),
+            },
+        },
+    }
+}

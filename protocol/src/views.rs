@@ -1,0 +1,241 @@
+//! Materialized views: what reads are served from. Every view is a function of
+//! the documents; `Engine::recompute_*` rebuilds the affected entries from the
+//! documents after every applied change, so views never drift (DESIGN §5.5).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use automerge::{Automerge, ReadDoc, ScalarValue, Value, ROOT};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ActorKey, NodeInfo, NodeTag};
+use crate::layout::{
+    customer_range, ledger_product_range, parse_ledger_key, CustomerKey, LedgerField,
+};
+use crate::ledger::StockEntry;
+use crate::validate::scalar_u64;
+
+/// The compact per-(product, location) row that is persisted and served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockRow {
+    pub on_hand: i64,
+    /// Rights this node holds there (what it can sell), never below 0 here.
+    pub available: i64,
+}
+
+/// Reads every cell of `product` from a ledger document.
+pub fn read_entry<D: ReadDoc>(
+    doc: &D,
+    product: u64,
+    heads: Option<&[automerge::ChangeHash]>,
+) -> StockEntry {
+    let mut e = StockEntry::default();
+    let range = ledger_product_range(product);
+    let items: Vec<(String, Value<'static>)> = match heads {
+        None => doc
+            .map_range(ROOT, range)
+            .map(|i| (i.key.to_string(), Value::from(i.value).to_owned()))
+            .collect(),
+        Some(h) => doc
+            .map_range_at(ROOT, range, h)
+            .map(|i| (i.key.to_string(), Value::from(i.value).to_owned()))
+            .collect(),
+    };
+    for (key, value) in items {
+        let Ok((p, actor, field)) = parse_ledger_key(&key) else {
+            continue;
+        };
+        if p != product {
+            continue;
+        }
+        let n = value.as_scalar().and_then(scalar_u64).unwrap_or(0);
+        let c = e.cells.entry(actor).or_default();
+        match field {
+            LedgerField::Received => c.received = n,
+            LedgerField::Removed => c.removed = n,
+            LedgerField::Granted(to) => {
+                c.granted.insert(to, n);
+            }
+        }
+    }
+    e
+}
+
+/// A customer as every node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerView {
+    pub profile: BTreeMap<String, serde_json::Value>,
+    /// Field → losing values of concurrent edits, until the field is written again.
+    pub conflicts: BTreeMap<String, Vec<serde_json::Value>>,
+    pub earned: BTreeMap<ActorKey, u64>,
+    pub spent: BTreeMap<ActorKey, u64>,
+    pub erased: bool,
+}
+
+impl CustomerView {
+    pub fn points(&self) -> i64 {
+        let e: i128 = self.earned.values().map(|v| i128::from(*v)).sum();
+        let s: i128 = self.spent.values().map(|v| i128::from(*v)).sum();
+        (e - s).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+    }
+    pub fn is_empty(&self) -> bool {
+        self.profile.is_empty() && self.earned.is_empty() && self.spent.is_empty() && !self.erased
+    }
+}
+
+pub fn scalar_json(v: &ScalarValue) -> serde_json::Value {
+    match v {
+        ScalarValue::Str(s) => {
+            // Tags are stored as a JSON array string; other fields as plain strings.
+            if s.starts_with('[') {
+                serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_string()))
+            } else {
+                serde_json::Value::String(s.to_string())
+            }
+        }
+        ScalarValue::Boolean(b) => serde_json::Value::Bool(*b),
+        ScalarValue::Uint(n) => serde_json::json!(n),
+        ScalarValue::Int(n) => serde_json::json!(n),
+        _ => serde_json::Value::Null,
+    }
+}
+
+pub fn read_customer(doc: &Automerge, customer: &str) -> CustomerView {
+    let mut v = CustomerView::default();
+    let keys: Vec<String> = doc
+        .map_range(ROOT, customer_range(customer))
+        .map(|i| i.key.to_string())
+        .collect();
+    for key in keys {
+        let Ok(ck) = CustomerKey::parse(&key) else {
+            continue;
+        };
+        if ck.customer() != customer {
+            continue;
+        }
+        let Ok(all) = doc.get_all(ROOT, key.as_str()) else {
+            continue;
+        };
+        match ck {
+            CustomerKey::Profile { field, .. } => {
+                // Automerge orders conflicting values deterministically; the last is the winner.
+                let mut vals: Vec<serde_json::Value> = all
+                    .iter()
+                    .filter_map(|(val, _)| val.as_scalar().map(scalar_json))
+                    .collect();
+                if let Some(win) = vals.pop() {
+                    if !win.is_null() {
+                        v.profile.insert(field.clone(), win);
+                    }
+                    if !vals.is_empty() {
+                        v.conflicts.insert(field, vals);
+                    }
+                }
+            }
+            CustomerKey::Earned { actor, .. } => {
+                let n = all
+                    .iter()
+                    .filter_map(|(val, _)| val.as_scalar().and_then(scalar_u64))
+                    .max()
+                    .unwrap_or(0);
+                v.earned.insert(actor, n);
+            }
+            CustomerKey::Spent { actor, .. } => {
+                let n = all
+                    .iter()
+                    .filter_map(|(val, _)| val.as_scalar().and_then(scalar_u64))
+                    .max()
+                    .unwrap_or(0);
+                v.spent.insert(actor, n);
+            }
+            CustomerKey::Erased { .. } => v.erased = true,
+        }
+    }
+    if v.erased {
+        v.profile.clear();
+        v.conflicts.clear();
+    }
+    v
+}
+
+/// An overdraft, deficit or fork repair, as listed by `/api/overdrafts`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarm {
+    pub kind: String,
+    pub node: String,
+    pub id: String,
+    pub record: serde_json::Value,
+}
+
+/// All materialized views of one node.
+#[derive(Default)]
+pub struct Views {
+    /// product → location → cells.
+    pub stock: HashMap<u64, BTreeMap<String, StockEntry>>,
+    /// Node directory from the mesh document.
+    pub nodes: BTreeMap<NodeTag, NodeInfo>,
+    pub customers: HashMap<String, CustomerView>,
+    pub by_email: HashMap<String, BTreeSet<String>>,
+    pub by_phone: HashMap<String, BTreeSet<String>>,
+    /// customer → (records document, record key) of its purchases.
+    pub purchases: HashMap<String, BTreeSet<(String, String)>>,
+    /// sale id → (records document, key): for lookups by the return desk.
+    pub sales: HashMap<String, (String, String)>,
+    /// (kind/id, node) → alarm.
+    pub alarms: BTreeMap<(String, String), Alarm>,
+}
+
+impl Views {
+    pub fn entry(&self, product: u64, location: &str) -> Option<&StockEntry> {
+        self.stock.get(&product).and_then(|m| m.get(location))
+    }
+
+    pub fn tag_of(&self, name: &str) -> Option<NodeTag> {
+        self.nodes
+            .iter()
+            .find(|(_, i)| i.name == name)
+            .map(|(t, _)| *t)
+    }
+
+    pub fn name_of(&self, tag: NodeTag) -> String {
+        self.nodes
+            .get(&tag)
+            .map(|i| i.name.clone())
+            .unwrap_or_else(|| tag.hex())
+    }
+
+    /// The node that owns a location (the one whose own location it is).
+    pub fn owner_of(&self, location: &str) -> Option<(NodeTag, &NodeInfo)> {
+        self.nodes
+            .iter()
+            .find(|(_, i)| i.location.as_deref() == Some(location))
+            .map(|(t, i)| (*t, i))
+    }
+
+    pub fn set_customer(&mut self, id: &str, view: CustomerView) {
+        if let Some(old) = self.customers.get(id) {
+            for (field, index) in [("email", &mut self.by_email), ("phone", &mut self.by_phone)] {
+                if let Some(serde_json::Value::String(s)) = old.profile.get(field) {
+                    if let Some(set) = index.get_mut(&s.to_lowercase()) {
+                        set.remove(id);
+                        if set.is_empty() {
+                            index.remove(&s.to_lowercase());
+                        }
+                    }
+                }
+            }
+        }
+        for (field, index) in [("email", &mut self.by_email), ("phone", &mut self.by_phone)] {
+            if let Some(serde_json::Value::String(s)) = view.profile.get(field) {
+                index
+                    .entry(s.to_lowercase())
+                    .or_default()
+                    .insert(id.to_string());
+            }
+        }
+        if view.is_empty() {
+            self.customers.remove(id);
+        } else {
+            self.customers.insert(id.to_string(), view);
+        }
+    }
+}

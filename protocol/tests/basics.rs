@@ -1,0 +1,175 @@
+//! Engine-to-engine behaviour over the in-memory mesh: real Automerge
+//! documents and the real sync protocol, no persistence.
+
+use storemesh_protocol::ops::*;
+use storemesh_protocol::testkit::TestMesh;
+
+fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
+    Op::Receipt(Receipt {
+        receipt_id: id.into(),
+        location: loc.into(),
+        lines: vec![QtyLine {
+            product_id: p,
+            quantity: q,
+        }],
+        supplier: None,
+        purchase_order_id: None,
+        occurred_at: None,
+        staff_id: None,
+    })
+}
+
+fn sale(id: &str, loc: Option<&str>, lines: &[(u64, u64)]) -> Op {
+    Op::Sale(Sale {
+        sale_id: id.into(),
+        location: loc.map(|s| s.to_string()),
+        customer_id: None,
+        currency: None,
+        lines: lines
+            .iter()
+            .map(|(p, q)| SaleLine {
+                product_id: *p,
+                quantity: *q,
+                unit_price: None,
+            })
+            .collect(),
+        override_rights: false,
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    })
+}
+
+fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
+    Op::Grant(Grant {
+        grant_id: id.into(),
+        product_id: p,
+        location: loc.into(),
+        to: to.into(),
+        quantity: q,
+    })
+}
+
+#[test]
+fn receipt_sale_grant_and_convergence() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, receipt("r1", "loc0", 42, 10)).unwrap();
+    m.commit(0);
+    m.settle();
+    for i in 0..3 {
+        assert_eq!(
+            m.nodes[i].engine.totals(42, None).map(|t| t.0),
+            Some(10),
+            "node {i}"
+        );
+    }
+    // Node 1 has no rights at loc0.
+    let err = m
+        .execute(1, sale("s1", Some("loc0"), &[(42, 1)]))
+        .unwrap_err();
+    assert!(matches!(err, OpError::InsufficientStock(_)));
+    m.execute(0, grant("g1", 42, "loc0", "n1", 4)).unwrap();
+    m.commit(0);
+    m.settle();
+    let ok = m.execute(1, sale("s1", Some("loc0"), &[(42, 3)])).unwrap();
+    assert_eq!(ok.status, 201);
+    m.commit(1);
+    // Lines of one product are added up before the check: 1 + 1 > 1 left.
+    let err = m
+        .execute(1, sale("s2", Some("loc0"), &[(42, 1), (42, 1)]))
+        .unwrap_err();
+    assert!(
+        matches!(err, OpError::InsufficientStock(ref l) if l[0].requested == 2 && l[0].available == 1)
+    );
+    // Replay returns the first result with 200; a different body is a conflict.
+    let again = m.execute(1, sale("s1", Some("loc0"), &[(42, 3)])).unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, ok.body);
+    assert!(matches!(
+        m.execute(1, sale("s1", Some("loc0"), &[(42, 2)])),
+        Err(OpError::IdConflict(_))
+    ));
+    m.settle();
+    for i in 0..3 {
+        assert_eq!(
+            m.nodes[i].engine.totals(42, Some("loc0")).map(|t| t.0),
+            Some(7),
+            "node {i}"
+        );
+    }
+    assert_eq!(m.nodes[0].engine.rights(42, "loc0"), 6);
+    assert_eq!(m.nodes[1].engine.rights(42, "loc0"), 1);
+    let roots: Vec<_> = m.nodes.iter().map(|n| n.engine.digest_root()).collect();
+    assert!(roots.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[test]
+fn reconnect_in_sync_costs_one_message_each_way() {
+    let mut m = TestMesh::new(2, 64);
+    for p in 1..=300u64 {
+        m.execute(0, receipt(&format!("r{p}"), "loc0", p, 5))
+            .unwrap();
+    }
+    m.commit(0);
+    m.connect(0, 1);
+    m.settle();
+    assert_eq!(m.nodes[1].engine.totals(300, None).map(|t| t.0), Some(5));
+    m.disconnect(0, 1);
+    m.connect(0, 1);
+    let frames = m.settle();
+    assert_eq!(
+        frames, 2,
+        "an in-sync reconnect is one root digest each way"
+    );
+}
+
+#[test]
+fn count_is_applied_against_view_at_count_time() {
+    let mut m = TestMesh::new(1, 8);
+    m.execute(0, receipt("r1", "loc0", 7, 10)).unwrap();
+    m.commit(0);
+    m.now_ms += 1000;
+    let counted_at = storemesh_protocol::time::format_rfc3339_ms(m.now_ms);
+    m.now_ms += 1000;
+    m.execute(0, sale("s1", None, &[(7, 2)])).unwrap();
+    m.commit(0);
+    m.now_ms += 1000;
+    // The shelf had 9 at count time (one lost); the later sale is not erased.
+    let r = m
+        .execute(
+            0,
+            Op::Count(Count {
+                count_id: "c1".into(),
+                location: "loc0".into(),
+                counted_at: Some(counted_at),
+                lines: vec![CountLine {
+                    product_id: 7,
+                    counted: 9,
+                }],
+                staff_id: None,
+            }),
+        )
+        .unwrap();
+    assert!(r.body.contains("\"delta\":-1"), "{}", r.body);
+    m.commit(0);
+    assert_eq!(m.nodes[0].engine.totals(7, None).map(|t| t.0), Some(7));
+    // Counting another node's location is refused.
+    let e = m
+        .execute(
+            0,
+            Op::Count(Count {
+                count_id: "c2".into(),
+                location: "elsewhere".into(),
+                counted_at: None,
+                lines: vec![CountLine {
+                    product_id: 7,
+                    counted: 0,
+                }],
+                staff_id: None,
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(e, OpError::NotOwner(_)));
+}
