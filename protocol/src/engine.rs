@@ -194,6 +194,12 @@ impl Engine {
         self.actor
     }
 
+    /// Registers a configured peer so grants can name it before its directory
+    /// entry has synced.
+    pub fn add_configured_peer(&mut self, name: &str, id: NodeId) {
+        self.views.configured.insert(name.to_string(), id.tag());
+    }
+
     /// Loads one stored document (snapshot and chunks in order) at start-up.
     pub fn load_doc(
         &mut self,

@@ -45,6 +45,11 @@ impl TestMesh {
         let mut nodes = Vec::new();
         for i in 0..n {
             let mut e = Engine::new(config(i, buckets), [i as u8, 1, 2, 3]);
+            for j in 0..n {
+                if j != i {
+                    e.add_configured_peer(&format!("n{j}"), node_id(j));
+                }
+            }
             e.finish_open();
             nodes.push(TestNode {
                 engine: e,
@@ -66,10 +71,36 @@ impl TestMesh {
         self.nodes[i].engine.config().node_id
     }
 
-    fn index_of(&self, id: NodeId) -> Option<usize> {
-        self.nodes
-            .iter()
-            .position(|n| n.engine.config().node_id == id)
+    /// The node at the far end of one of `from`'s links that has identity `id`
+    /// (a cloned identity may exist twice in a mesh, but not on one node's links).
+    fn index_of(&self, from: usize, id: NodeId) -> Option<usize> {
+        self.links
+            .keys()
+            .find(|(a, b)| *a == from && self.id(*b) == id)
+            .map(|(_, b)| *b)
+    }
+
+    /// Adds a copy of node `i`'s data directory running as a new process (same
+    /// identity, fresh incarnation), unconnected. Returns its index.
+    pub fn clone_node(&mut self, i: usize, incarnation: [u8; 4]) -> usize {
+        let src = &self.nodes[i].engine;
+        let mut e = Engine::new(src.config().clone(), incarnation);
+        for (id, _) in src.documents() {
+            if let Some(bytes) = src.document_bytes(&id) {
+                e.load_doc(&id, &[bytes], Vec::new())
+                    .expect("a saved document loads");
+            }
+        }
+        for j in 0..self.nodes.len() {
+            if self.id(j) != self.id(i) {
+                let name = self.nodes[j].engine.config().name.clone();
+                e.add_configured_peer(&name, self.id(j));
+            }
+        }
+        e.finish_open();
+        let idem = self.nodes[i].idem.clone();
+        self.nodes.push(TestNode { engine: e, idem });
+        self.nodes.len() - 1
     }
 
     /// Flushes node `i`, "persists" and releases its frames onto the links.
@@ -83,7 +114,7 @@ impl TestMesh {
         node.engine.committed(now);
         let out = node.engine.take_outgoing();
         for (peer, frame) in out {
-            if let Some(j) = self.index_of(peer) {
+            if let Some(j) = self.index_of(i, peer) {
                 if let Some(q) = self.links.get_mut(&(i, j)) {
                     q.push_back(frame);
                 }

@@ -182,6 +182,8 @@ pub struct Views {
     pub sales: HashMap<String, (String, String)>,
     /// (kind/id, node) → alarm.
     pub alarms: BTreeMap<(String, String), Alarm>,
+    /// Names of configured peers, known before their directory entry arrives.
+    pub configured: BTreeMap<String, NodeTag>,
 }
 
 impl Views {
@@ -194,6 +196,7 @@ impl Views {
             .iter()
             .find(|(_, i)| i.name == name)
             .map(|(t, _)| *t)
+            .or_else(|| self.configured.get(name).copied())
     }
 
     pub fn name_of(&self, tag: NodeTag) -> String {

@@ -1,0 +1,204 @@
+//! A forked node history is detected and merged to exact totals; invalid
+//! changes from a peer are rejected whole.
+
+use automerge::transaction::Transactable;
+use automerge::ROOT;
+use storemesh_protocol::ids::{product_bucket, ActorKey};
+use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
+use storemesh_protocol::ops::*;
+use storemesh_protocol::sync::Msg;
+use storemesh_protocol::testkit::TestMesh;
+use storemesh_protocol::wire::encode_frame;
+
+fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
+    Op::Receipt(Receipt {
+        receipt_id: id.into(),
+        location: loc.into(),
+        lines: vec![QtyLine {
+            product_id: p,
+            quantity: q,
+        }],
+        supplier: None,
+        purchase_order_id: None,
+        occurred_at: None,
+        staff_id: None,
+    })
+}
+
+fn sale(id: &str, p: u64, q: u64) -> Op {
+    Op::Sale(Sale {
+        sale_id: id.into(),
+        location: None,
+        customer_id: None,
+        currency: None,
+        lines: vec![SaleLine {
+            product_id: p,
+            quantity: q,
+            unit_price: None,
+        }],
+        override_rights: false,
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    })
+}
+
+#[test]
+fn copied_storage_fork_is_detected_and_merged_exactly() {
+    let mut m = TestMesh::new(2, 8);
+    m.connect(0, 1);
+    m.execute(0, receipt("r1", "loc0", 5, 10)).unwrap();
+    m.commit(0);
+    m.settle();
+    // The data directory of node 0 is copied and started as a second process.
+    m.disconnect(0, 1);
+    let copy = m.clone_node(0, [9, 9, 9, 9]);
+    // Both copies believe they hold 10 units and sell 7 each.
+    m.execute(0, sale("a1", 5, 7)).unwrap();
+    m.commit(0);
+    m.execute(copy, sale("b1", 5, 7)).unwrap();
+    m.commit(copy);
+    // The copy syncs with node 1 and stops; the original reconnects.
+    m.connect(copy, 1);
+    m.settle();
+    m.disconnect(copy, 1);
+    m.connect(0, 1);
+    m.settle();
+    for i in [0, 1] {
+        let e = &m.nodes[i].engine;
+        // Exact totals: 10 received, 14 removed — neither branch's sale is lost.
+        assert_eq!(e.totals(5, Some("loc0")).unwrap().0, -4, "node {i}");
+        assert!(e.owned_conflicts().is_empty());
+    }
+    let alarms = &m.nodes[0].engine.views.alarms;
+    assert!(
+        alarms.values().any(|a| a.kind == "fork"),
+        "fork reported: {alarms:?}"
+    );
+    let deficit = alarms
+        .values()
+        .find(|a| a.kind == "deficit")
+        .expect("deficit reported");
+    assert_eq!(deficit.record["deficit"], 4);
+    // One report per document the fork touched (ledger and records).
+    assert!(m.nodes[0].engine.stats.forks_detected >= 1);
+    // The reports replicate to node 1 too.
+    m.settle();
+    assert!(m.nodes[1]
+        .engine
+        .views
+        .alarms
+        .values()
+        .any(|a| a.kind == "deficit"));
+}
+
+/// Builds a sync message for `doc` carrying one change written by `actor`.
+fn forged(base: &automerge::Automerge, actor: ActorKey, key: &str, value: u64) -> Vec<u8> {
+    use automerge::sync::SyncDoc;
+    let mut doc = base.fork().with_actor(actor.automerge());
+    let mut tx = doc.transaction();
+    tx.put(ROOT, key, automerge::ScalarValue::Uint(value))
+        .unwrap();
+    tx.commit();
+    // Run the real protocol against a replica of `base` until a message carries the change.
+    let mut replica = base.fork();
+    let (mut ours, mut theirs) = (automerge::sync::State::new(), automerge::sync::State::new());
+    for _ in 0..4 {
+        let msg = doc.generate_sync_message(&mut ours).expect("a message");
+        if !msg.changes.is_empty() {
+            return msg.encode();
+        }
+        replica.receive_sync_message(&mut theirs, msg).unwrap();
+        if let Some(reply) = replica.generate_sync_message(&mut theirs) {
+            doc.receive_sync_message(&mut ours, reply).unwrap();
+        }
+    }
+    panic!("no message carried the forged change")
+}
+
+#[test]
+fn invalid_changes_are_rejected_whole() {
+    let mut m = TestMesh::new(2, 8);
+    m.connect(0, 1);
+    m.execute(0, receipt("r1", "loc0", 5, 10)).unwrap();
+    m.commit(0);
+    m.execute(1, receipt("r2", "loc0", 5, 3)).unwrap();
+    m.commit(1);
+    m.settle();
+    let doc_id = DocId::Ledger {
+        location: "loc0".into(),
+        bucket: product_bucket(5, 8),
+    }
+    .encode();
+    let base = m.nodes[0].engine.doc(&doc_id).unwrap().clone();
+    let heads_before = m.nodes[0].engine.heads_of(&doc_id).unwrap();
+    let actor0 = m.nodes[0].engine.actor();
+    let actor1 = m.nodes[1].engine.actor();
+    let peer1 = m.id(1);
+    // 1. Node 1 writes node 0's cell (claims node 0 removed 10 units).
+    let bad = forged(
+        &base,
+        actor1,
+        &ledger_key(5, actor0, LedgerField::Removed),
+        10,
+    );
+    let frame = encode_frame(&Msg::Sync {
+        doc: doc_id.clone(),
+        data: bad,
+    })
+    .unwrap();
+    let now = m.now_ms;
+    m.nodes[0].engine.receive(peer1, &frame[4..], now).unwrap();
+    // 2. Node 1 lowers its own cumulative cell (3 → 1).
+    let bad = forged(
+        &base,
+        actor1,
+        &ledger_key(5, actor1, LedgerField::Received),
+        1,
+    );
+    let frame = encode_frame(&Msg::Sync {
+        doc: doc_id.clone(),
+        data: bad,
+    })
+    .unwrap();
+    m.nodes[0].engine.receive(peer1, &frame[4..], now).unwrap();
+    assert_eq!(m.nodes[0].engine.stats.rejected_messages, 2);
+    assert_eq!(
+        m.nodes[0].engine.heads_of(&doc_id).unwrap(),
+        heads_before,
+        "nothing applied"
+    );
+    assert_eq!(m.nodes[0].engine.totals(5, None).unwrap().0, 13);
+    // 3. A valid change by node 1 of its own cell is accepted.
+    let good = forged(
+        &base,
+        actor1,
+        &ledger_key(5, actor1, LedgerField::Received),
+        4,
+    );
+    let frame = encode_frame(&Msg::Sync {
+        doc: doc_id.clone(),
+        data: good,
+    })
+    .unwrap();
+    m.nodes[0].engine.receive(peer1, &frame[4..], now).unwrap();
+    assert_eq!(m.nodes[0].engine.stats.rejected_messages, 2);
+    assert_eq!(m.nodes[0].engine.totals(5, None).unwrap().0, 14);
+    // 4. Garbage is a protocol error, never a panic.
+    assert!(m.nodes[0]
+        .engine
+        .receive(peer1, &[1, 0xff, 0xff, 0xff], now)
+        .is_err());
+    let junk = encode_frame(&Msg::Sync {
+        doc: doc_id.clone(),
+        data: vec![0x42; 100],
+    })
+    .unwrap();
+    assert!(m.nodes[0].engine.receive(peer1, &junk[4..], now).is_err());
+    let junk = encode_frame(&Msg::Sync {
+        doc: "ledger/../1".into(),
+        data: vec![],
+    })
+    .unwrap();
+    assert!(m.nodes[0].engine.receive(peer1, &junk[4..], now).is_err());
+}
