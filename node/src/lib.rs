@@ -1,5 +1,13 @@
 //! storemesh node: the IO shell around the sans-IO core — redb storage, QUIC
 //! transport, HTTP API, configuration, identity, CLI and the demo.
 
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod demo;
+pub mod identity;
+pub mod node;
 pub mod server;
+pub mod simdisk;
+pub mod store;
+pub mod transport;

@@ -1,8 +1,41 @@
-//! Runs a node: storage, engine task, transport and HTTP API.
+//! `storemesh run`: runs one node until SIGINT/SIGTERM, then shuts down cleanly.
 
 use std::path::Path;
 
+use crate::node::NodeHandle;
+
 /// Runs the node in `data_dir` until SIGINT/SIGTERM.
 pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("run is not wired yet ({})", data_dir.display())
+    let node = NodeHandle::start(data_dir).await?;
+    eprintln!(
+        "storemesh node {} running: HTTP http://{} QUIC {} (Ctrl-C to stop)",
+        node.shared.cfg.name, node.http_addr, node.quic_addr
+    );
+    wait_for_signal().await;
+    tracing::info!("signal received; shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut i), Ok(mut t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

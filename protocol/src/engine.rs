@@ -131,6 +131,8 @@ pub struct Engine {
     pending_sync_states: Vec<(NodeId, String, Vec<u8>)>,
     pending_customers: BTreeSet<String>,
     pub faults: Faults,
+    /// Unix ms at which this node last heard from (a change by) each node.
+    pub(crate) last_heard: HashMap<NodeTag, u64>,
     /// Counters for metrics: (name, value).
     pub stats: Stats,
 }
@@ -180,6 +182,7 @@ impl Engine {
             pending_sync_states: Vec::new(),
             pending_customers: BTreeSet::new(),
             faults: Faults::default(),
+            last_heard: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -192,6 +195,19 @@ impl Engine {
     }
     pub fn actor(&self) -> ActorKey {
         self.actor
+    }
+
+    /// Location → unix ms this node last heard from that location's own node.
+    pub fn last_heard_by_location(&self) -> BTreeMap<String, u64> {
+        self.views
+            .nodes
+            .iter()
+            .filter_map(|(tag, info)| {
+                let loc = info.location.clone()?;
+                let t = if *tag == self.tag { u64::MAX } else { *self.last_heard.get(tag)? };
+                Some((loc, t))
+            })
+            .collect()
     }
 
     /// Registers a configured peer so grants can name it before its directory

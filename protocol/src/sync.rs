@@ -353,6 +353,7 @@ impl Engine {
         };
         s.bytes_in += body.len() as u64 + 4;
         s.last_heard_ms = now_ms;
+        self.last_heard.insert(peer.tag(), now_ms);
         match msg {
             Msg::Root { digest } => {
                 if digest == self.digest.root() {
@@ -548,6 +549,10 @@ impl Engine {
             let mut keys = BTreeSet::new();
             let mut own = 0usize;
             for c in &applied {
+                if let Some(a) = crate::ids::ActorKey::from_bytes(c.actor_id().to_bytes()) {
+                    let t = self.last_heard.entry(a.tag()).or_default();
+                    *t = (*t).max(now_ms);
+                }
                 if crate::ids::ActorKey::from_bytes(c.actor_id().to_bytes())
                     .is_some_and(|a| a.tag() == tag)
                 {

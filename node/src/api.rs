@@ -1,0 +1,502 @@
+//! The HTTP API of CONTRACT.md (axum). Handlers are thin: they authenticate,
+//! parse and validate, then either read the committed read state or send the
+//! operation to the engine thread and answer after its group commit.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use storemesh_protocol::ids::{validate_client_id, validate_name, validate_product_id};
+use storemesh_protocol::ops::{self, Op, OpError};
+
+use crate::config::Scope;
+use crate::node::{now_ms, Shared};
+
+/// Products in one `product_ids` read, at most.
+pub const PRODUCT_IDS_MAX: usize = 250;
+/// Page size of listings, at most.
+pub const PAGE_MAX: usize = 1000;
+
+type S = State<Arc<Shared>>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.cfg.api.body_bytes_max;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/inventory", get(inventory))
+        .route("/api/sales", post(sales))
+        .route("/api/sales/{sale_id}", get(sale_get))
+        .route("/api/returns", post(returns))
+        .route("/api/receipts", post(receipts))
+        .route("/api/counts", post(counts))
+        .route("/api/grants", post(grants))
+        .route("/api/customers", get(customer_search))
+        .route("/api/customers/{id}", get(customer_get).put(customer_put).delete(customer_delete))
+        .route("/api/customers/{id}/redeem", post(customer_redeem))
+        .route("/api/peers", get(peers))
+        .route("/api/overdrafts", get(overdrafts))
+        .route("/api/documents", get(documents))
+        .route("/api/documents/{*id}", get(document_get))
+        .route("/openapi.yaml", get(openapi))
+        .fallback(not_found_route)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": code, "message": message.into()}))).into_response()
+}
+
+fn op_error(e: OpError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, axum::Json(e.body())).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+async fn not_found_route() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Who is calling: the scopes of the presented token, if any.
+enum Caller {
+    Anonymous,
+    Token(Vec<Scope>),
+}
+
+fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Caller, Response> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(Caller::Anonymous) };
+    let text = value.to_str().unwrap_or("");
+    let token = text.strip_prefix("Bearer ").or_else(|| text.strip_prefix("bearer ")).unwrap_or("");
+    match shared.cfg.token_scopes(token.trim()) {
+        Some((_, scopes)) => Ok(Caller::Token(scopes.to_vec())),
+        None => Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API token")),
+    }
+}
+
+fn require(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Vec<Scope>, Response> {
+    match caller(shared, headers)? {
+        Caller::Anonymous => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API token (Authorization: Bearer <token>)",
+        )),
+        Caller::Token(scopes) if Scope::allows(&scopes, scope) => Ok(scopes),
+        Caller::Token(_) => Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token lacks the '{}' scope", scope.as_str()),
+        )),
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is over the size limit")
+        } else {
+            bad(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed request: {e}")))
+}
+
+fn reply(r: Result<ops::OpReply, OpError>) -> Response {
+    match r {
+        Ok(rep) => {
+            let status = StatusCode::from_u16(rep.status).unwrap_or(StatusCode::OK);
+            (status, [(header::CONTENT_TYPE, "application/json")], rep.body).into_response()
+        }
+        Err(e) => op_error(e),
+    }
+}
+
+async fn write_op(shared: &Shared, op: Op) -> Response {
+    reply(shared.execute(op).await)
+}
+
+async fn healthz(State(sh): S) -> Response {
+    let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
+    let connected = sh.peers.read().map(|p| p.values().filter(|s| s.connected).count()).unwrap_or(0);
+    let status = if sh.shutting_down.load(Ordering::Relaxed) { "shutting_down" } else { "ok" };
+    axum::Json(json!({
+        "status": status, "synced": r.synced, "ready": r.ready, "name": sh.cfg.name,
+        "node_id": sh.node_id.hex(), "location": sh.cfg.location, "peers_connected": connected,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(sh): S) -> Response {
+    let m = &sh.metrics;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP storemesh_{name} {help}\n# TYPE storemesh_{name} {kind}\nstoremesh_{name} {v}\n"));
+    };
+    line("operations_total", "counter", "Client operations accepted.", m.ops_ok.load(Ordering::Relaxed));
+    line("operations_refused_total", "counter", "Client operations refused.", m.ops_refused.load(Ordering::Relaxed));
+    line("sync_messages_in_total", "counter", "Sync frames received.", m.sync_messages_in.load(Ordering::Relaxed));
+    line("sync_messages_out_total", "counter", "Sync frames sent.", m.sync_messages_out.load(Ordering::Relaxed));
+    line("sync_bytes_in_total", "counter", "Sync bytes received.", m.sync_bytes_in.load(Ordering::Relaxed));
+    line("sync_bytes_out_total", "counter", "Sync bytes sent.", m.sync_bytes_out.load(Ordering::Relaxed));
+    line("sync_rejected_messages_total", "counter", "Sync messages rejected by validation.", m.rejected_messages.load(Ordering::Relaxed));
+    line("forks_detected_total", "counter", "Forks of this node's own history detected.", m.forks_detected.load(Ordering::Relaxed));
+    line("redb_commits_total", "counter", "Group commits.", m.commits.load(Ordering::Relaxed));
+    line("redb_commit_seconds_total_us", "counter", "Total group commit time in microseconds.", m.commit_us_total.load(Ordering::Relaxed));
+    line("redb_commit_last_us", "gauge", "Latency of the last group commit in microseconds.", m.commit_us_last.load(Ordering::Relaxed));
+    line("redb_commit_failures_total", "counter", "Failed group commits.", m.commit_failures.load(Ordering::Relaxed));
+    line("refused_connections_total", "counter", "Peer connections refused.", m.refused_connections.load(Ordering::Relaxed));
+    line("batch_operations_last", "gauge", "Operations in the last group commit.", m.batch_ops_last.load(Ordering::Relaxed));
+    let peers = sh.peers.read().map(|p| p.clone()).unwrap_or_default();
+    line("peers_connected", "gauge", "Peers connected.", peers.values().filter(|p| p.connected).count() as u64);
+    out.push_str("# HELP storemesh_peer_lag_seconds Seconds since the last frame from each peer.\n# TYPE storemesh_peer_lag_seconds gauge\n");
+    let now = now_ms();
+    for (id, p) in &peers {
+        let name = sh.cfg.peer_by_id(id).map(|c| c.name.clone()).unwrap_or_default();
+        let lag = if p.last_sync_ms == 0 { -1.0 } else { now.saturating_sub(p.last_sync_ms) as f64 / 1000.0 };
+        out.push_str(&format!("storemesh_peer_lag_seconds{{peer=\"{name}\"}} {lag}\n"));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn parse_u64(field: &str, v: &str) -> Result<u64, Response> {
+    v.trim().parse::<u64>().map_err(|_| bad(format!("{field} must be an integer")))
+}
+
+fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> Option<Value> {
+    let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
+    let rows = r.rows.get(&p)?;
+    if rows.is_empty() {
+        return None;
+    }
+    let mut stock = 0i64;
+    let mut avail = 0i64;
+    for (l, row) in rows {
+        if location.is_some_and(|x| x != l) {
+            continue;
+        }
+        stock = stock.saturating_add(row.on_hand);
+        avail = avail.saturating_add(row.available);
+    }
+    let mut v = json!({"product_id": p, "stock_level": stock, "available": avail});
+    if details {
+        let now = now_ms();
+        let locs: Vec<Value> = rows
+            .iter()
+            .filter(|(l, _)| location.is_none_or(|x| x == l.as_str()))
+            .map(|(l, row)| {
+                let policy = r.locations.get(l).map(|(_, p)| p.clone()).unwrap_or_else(|| "strict".into());
+                let heard = r.last_heard.get(l).map(|t| if *t == u64::MAX { 0 } else { now.saturating_sub(*t) / 1000 });
+                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": 0, "incoming": 0, "policy": policy, "last_heard_s": heard})
+            })
+            .collect();
+        v["locations"] = Value::Array(locs);
+        v["as_of"] = Value::String(storemesh_protocol::time::format_rfc3339_ms(r.as_of_ms));
+        v["synced"] = Value::Bool(r.synced);
+    }
+    Some(v)
+}
+
+async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let who = match caller(&sh, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let can_read = match &who {
+        Caller::Token(s) => Scope::allows(s, Scope::Read),
+        Caller::Anonymous => false,
+    };
+    if !can_read && !sh.cfg.api.public_reads {
+        return match who {
+            Caller::Anonymous => error(StatusCode::UNAUTHORIZED, "unauthorized", "missing API token"),
+            Caller::Token(_) => error(StatusCode::FORBIDDEN, "forbidden", "this token lacks the 'read' scope"),
+        };
+    }
+    let location = q.get("location").map(|s| s.as_str());
+    if let Some(l) = location {
+        if let Err(e) = validate_name("location", l) {
+            return bad(e);
+        }
+    }
+    if let Some(p) = q.get("product_id") {
+        let p = match parse_u64("product_id", p) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Err(e) = validate_product_id("product_id", p) {
+            return bad(e);
+        }
+        return match product_json(&sh, p, location, can_read) {
+            Some(v) => axum::Json(v).into_response(),
+            None => error(StatusCode::NOT_FOUND, "not_found", format!("unknown product {p}")),
+        };
+    }
+    if let Some(list) = q.get("product_ids") {
+        let ids: Vec<&str> = list.split(',').filter(|s| !s.is_empty()).collect();
+        if ids.is_empty() || ids.len() > PRODUCT_IDS_MAX {
+            return bad(format!("product_ids must list 1-{PRODUCT_IDS_MAX} ids"));
+        }
+        let mut items = Vec::new();
+        for s in ids {
+            let p = match parse_u64("product_ids", s) {
+                Ok(p) => p,
+                Err(r) => return r,
+            };
+            if let Err(e) = validate_product_id("product_ids", p) {
+                return bad(e);
+            }
+            if let Some(v) = product_json(&sh, p, location, can_read) {
+                items.push(v);
+            }
+        }
+        return axum::Json(json!({"items": items})).into_response();
+    }
+    if let Some(l) = location {
+        if !can_read {
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", "listings need a token with the 'read' scope");
+        }
+        let after = match q.get("after").map(|a| parse_u64("after", a)).transpose() {
+            Ok(a) => a.unwrap_or(0),
+            Err(r) => return r,
+        };
+        let limit = match q.get("limit").map(|a| parse_u64("limit", a)).transpose() {
+            Ok(a) => (a.unwrap_or(100) as usize).clamp(1, PAGE_MAX),
+            Err(r) => return r,
+        };
+        let mut ids: Vec<u64> = {
+            let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
+            r.rows.iter().filter(|(p, m)| **p > after && m.contains_key(l)).map(|(p, _)| *p).collect()
+        };
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let items: Vec<Value> = ids.iter().filter_map(|p| product_json(&sh, *p, Some(l), true)).collect();
+        let next = if more { ids.last().map(|p| json!(p)).unwrap_or(Value::Null) } else { Value::Null };
+        return axum::Json(json!({"items": items, "next_after": next})).into_response();
+    }
+    bad("give product_id, product_ids, or location")
+}
+
+macro_rules! write_handler {
+    ($name:ident, $scope:expr, $ty:ty, $wrap:expr) => {
+        async fn $name(State(sh): S, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+            if let Err(r) = require(&sh, &headers, $scope) {
+                return r;
+            }
+            let bytes = match body_bytes(body) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let req: $ty = match parse_json(&bytes) {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            write_op(&sh, $wrap(req)).await
+        }
+    };
+}
+
+write_handler!(sales, Scope::Sell, ops::Sale, Op::Sale);
+write_handler!(returns, Scope::Sell, ops::Return, Op::Return);
+write_handler!(receipts, Scope::Stock, ops::Receipt, Op::Receipt);
+write_handler!(counts, Scope::Stock, ops::Count, Op::Count);
+write_handler!(grants, Scope::Stock, ops::Grant, Op::Grant);
+
+async fn sale_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Sell) {
+        return r;
+    }
+    if let Err(e) = validate_client_id("sale_id", &id) {
+        return bad(e);
+    }
+    let found = sh
+        .query(move |e| e.views.sales.get(&id).and_then(|(d, k)| e.record(d, k)))
+        .await
+        .flatten();
+    match found {
+        Some(v) => axum::Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "unknown sale (not synced to this node yet?)"),
+    }
+}
+
+async fn customer_put(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Customers) {
+        return r;
+    }
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let update: ops::CustomerUpdate = match parse_json(&bytes) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    write_op(&sh, Op::CustomerPut { customer_id: id, update }).await
+}
+
+async fn customer_redeem(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Customers) {
+        return r;
+    }
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let redeem: ops::Redeem = match parse_json(&bytes) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    write_op(&sh, Op::Redeem { customer_id: id, redeem }).await
+}
+
+async fn customer_delete(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Admin) {
+        return r;
+    }
+    write_op(&sh, Op::CustomerErase { customer_id: id }).await
+}
+
+fn customer_json(e: &storemesh_protocol::Engine, id: &str) -> Option<Value> {
+    let v = e.views.customers.get(id)?;
+    if v.erased {
+        return None;
+    }
+    let mut out = json!({"customer_id": id, "loyalty_points": v.points(), "purchases": e.purchases(id), "conflicts": v.conflicts});
+    for (k, val) in &v.profile {
+        out[k] = val.clone();
+    }
+    Some(out)
+}
+
+async fn customer_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Customers) {
+        return r;
+    }
+    if let Err(e) = validate_client_id("customer_id", &id) {
+        return bad(e);
+    }
+    match sh.query(move |e| customer_json(e, &id)).await.flatten() {
+        Some(v) => axum::Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "unknown customer"),
+    }
+}
+
+async fn customer_search(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Customers) {
+        return r;
+    }
+    let (field, value) = match (q.get("email"), q.get("phone")) {
+        (Some(e), _) => ("email", e.to_lowercase()),
+        (None, Some(p)) => ("phone", p.to_lowercase()),
+        _ => return bad("give email or phone"),
+    };
+    let items = sh
+        .query(move |e| {
+            let index = if field == "email" { &e.views.by_email } else { &e.views.by_phone };
+            index
+                .get(&value)
+                .map(|ids| ids.iter().take(PAGE_MAX).filter_map(|id| customer_json(e, id)).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn peers(State(sh): S, headers: HeaderMap) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let status = sh.peers.read().map(|p| p.clone()).unwrap_or_default();
+    let now = now_ms();
+    let items: Vec<Value> = sh
+        .cfg
+        .peers
+        .iter()
+        .map(|p| {
+            let s = status.get(&p.id).cloned().unwrap_or_default();
+            json!({
+                "name": p.name, "id": p.id.hex(), "addr": p.addr, "connected": s.connected, "synced": s.synced,
+                "last_sync": if s.last_sync_ms == 0 { Value::Null } else { Value::String(storemesh_protocol::time::format_rfc3339_ms(s.last_sync_ms)) },
+                "lag_s": if s.last_sync_ms == 0 { Value::Null } else { json!(now.saturating_sub(s.last_sync_ms) / 1000) },
+                "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+            })
+        })
+        .collect();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn overdrafts(State(sh): S, headers: HeaderMap) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let items = sh
+        .query(|e| {
+            let mut v: Vec<Value> = e
+                .views
+                .alarms
+                .values()
+                .map(|a| json!({"kind": a.kind, "node": a.node, "id": a.id, "record": a.record}))
+                .collect();
+            // Loyalty overdrafts: balances below zero after concurrent redemptions.
+            for (c, view) in &e.views.customers {
+                if view.points() < 0 {
+                    v.push(json!({"kind": "loyalty", "customer_id": c, "points": view.points()}));
+                }
+            }
+            v
+        })
+        .await
+        .unwrap_or_default();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn documents(State(sh): S, headers: HeaderMap) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Admin) {
+        return r;
+    }
+    let docs = sh.query(|e| e.documents()).await.unwrap_or_default();
+    let items: Vec<Value> = docs.into_iter().map(|(id, heads)| json!({"id": id, "heads": heads})).collect();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn document_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Admin) {
+        return r;
+    }
+    match sh.query(move |e| e.document_bytes(&id)).await.flatten() {
+        Some(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "unknown document"),
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], include_str!("../../openapi.yaml")).into_response()
+}

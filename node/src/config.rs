@@ -1,0 +1,1018 @@
+//! The node's configuration file, `DIR/storemesh.toml` (CONTRACT.md, "Config").
+//!
+//! Every struct rejects unknown keys, so a typo (`pubic_reads = false`) is an error
+//! that names the key instead of a setting that silently does nothing. Errors are
+//! one line: the CLI prints them as `error: <message>`.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+use storemesh_protocol::ids::{validate_name, NodeId};
+
+/// File name of the config inside the data directory.
+pub const CONFIG_FILE_NAME: &str = "storemesh.toml";
+
+/// Defaults (CONTRACT.md).
+pub const QUIC_ADDR_DEFAULT: &str = "127.0.0.1:7400";
+pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:8400";
+pub const BUCKETS_DEFAULT: u32 = 64;
+/// Upper bound on buckets: each bucket is an Automerge document per location, and a
+/// document costs ~18 KiB of memory even when tiny (DESIGN §3).
+pub const BUCKETS_MAX: u32 = 4096;
+pub const BODY_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Request bodies below 1 KiB could not hold a multi-line sale; above 64 MiB one
+/// request could take a small back-office PC's memory.
+pub const BODY_BYTES_MAX_MIN: usize = 1024;
+pub const BODY_BYTES_MAX_LIMIT: usize = 64 * 1024 * 1024;
+/// API tokens: long enough not to be guessed, short enough to fit a header.
+pub const TOKEN_LEN_MIN: usize = 16;
+pub const TOKEN_LEN_MAX: usize = 256;
+/// Every duration in `[sync]` is bounded: below 10 ms is a busy loop, above an
+/// hour nobody would notice the node is stuck.
+pub const SYNC_MS_MIN: u64 = 10;
+pub const SYNC_MS_MAX: u64 = 3_600_000;
+/// A points rule above this is surely a typo (points per unit sold).
+pub const LOYALTY_POINTS_PER_UNIT_MAX: u64 = 1_000_000;
+
+/// What kind of node this is.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Store,
+    Webshop,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Store => "store",
+            Role::Webshop => "webshop",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The own location's sale policy (DESIGN §2, "Selling without overselling").
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Sell only out of rights held; refuse beyond them unless `override` is given.
+    #[default]
+    Strict,
+    /// The own node's sales beyond rights are accepted and recorded as overdrafts.
+    Relaxed,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Strict => "strict",
+            Policy::Relaxed => "relaxed",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an API token may do (CONTRACT.md, "Token scopes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Stock details, listings, peers.
+    Read,
+    /// Sales, returns, reservations.
+    Sell,
+    /// Receipts, counts, grants, adjustments, transfers.
+    Stock,
+    /// Read and write customer data.
+    Customers,
+    /// Everything, including erasure.
+    Admin,
+}
+
+impl Scope {
+    /// Whether a token granted `granted` may do something that needs `needed`.
+    /// `admin` allows everything.
+    pub fn allows(granted: &[Scope], needed: Scope) -> bool {
+        granted.contains(&Scope::Admin) || granted.contains(&needed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Sell => "sell",
+            Scope::Stock => "stock",
+            Scope::Customers => "customers",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The whole `storemesh.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Node name, unique within the mesh.
+    pub name: String,
+    #[serde(default)]
+    pub role: Role,
+    /// The location this node owns; absent or empty means the node's name.
+    #[serde(default)]
+    pub location: String,
+    /// QUIC listen address, `IP:PORT`.
+    #[serde(default = "default_quic_addr")]
+    pub quic_addr: String,
+    /// HTTP listen address, `IP:PORT`.
+    #[serde(default = "default_http_addr")]
+    pub http_addr: String,
+    /// The own location's policy; replicated with the ledger.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Buckets per location; must be equal mesh-wide (peers with another value
+    /// refuse each other).
+    #[serde(default = "default_buckets")]
+    pub buckets: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub loyalty: LoyaltyConfig,
+}
+
+/// A trusted peer (`[[peers]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    /// The peer's node id; its certificate must hash to it.
+    #[serde(with = "node_id_hex")]
+    pub id: NodeId,
+    /// `IP:PORT` or `HOST:PORT` (host names are resolved when dialing).
+    pub addr: String,
+}
+
+impl PeerConfig {
+    /// The address when it is a literal `IP:PORT`; `None` for `HOST:PORT`, which
+    /// needs [`PeerConfig::resolve`].
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.addr.parse().ok()
+    }
+
+    /// Resolves `addr` (a literal or a host name), preferring IPv4 because the
+    /// defaults listen on 127.0.0.1.
+    pub async fn resolve(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(addr) = self.socket_addr() {
+            return Ok(addr);
+        }
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.addr.as_str())
+            .await
+            .with_context(|| format!("cannot resolve peer {} address {}", self.name, self.addr))?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| addrs.first())
+            .copied()
+            .with_context(|| {
+                format!(
+                    "peer {} address {} resolves to nothing",
+                    self.name, self.addr
+                )
+            })
+    }
+}
+
+/// `[api]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Whether `GET /api/inventory` answers without a token (storefronts).
+    pub public_reads: bool,
+    /// Largest accepted request body; larger gets 413.
+    pub body_bytes_max: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            public_reads: true,
+            body_bytes_max: BODY_BYTES_MAX_DEFAULT,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// `[[api.tokens]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds the token (shows in logs, never the token itself).
+    pub name: String,
+    pub token: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// `[sync]`: timings of the mesh connections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// How often a connected pair compares summaries even without news.
+    pub anti_entropy_ms: u64,
+    /// First reconnect delay after a lost connection; doubles up to the max.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// QUIC keep-alive interval; must be below the idle timeout.
+    pub keep_alive_ms: u64,
+    /// A connection silent this long is considered lost.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> SyncConfig {
+        SyncConfig {
+            anti_entropy_ms: 5_000,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 10_000,
+            keep_alive_ms: 4_000,
+            idle_timeout_ms: 15_000,
+        }
+    }
+}
+
+/// `[loyalty]`: the points rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoyaltyConfig {
+    /// Points a customer earns per unit sold; 0 turns earning off.
+    pub points_per_unit: u64,
+}
+
+impl Default for LoyaltyConfig {
+    fn default() -> LoyaltyConfig {
+        LoyaltyConfig { points_per_unit: 1 }
+    }
+}
+
+fn default_quic_addr() -> String {
+    QUIC_ADDR_DEFAULT.to_string()
+}
+fn default_http_addr() -> String {
+    HTTP_ADDR_DEFAULT.to_string()
+}
+fn default_buckets() -> u32 {
+    BUCKETS_DEFAULT
+}
+
+/// Node ids are stored as 64 lowercase hex characters.
+mod node_id_hex {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(id: &NodeId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<NodeId, D::Error> {
+        let text = String::deserialize(d)?;
+        NodeId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// A config with every default, for `storemesh init` and the demo.
+    pub fn new(name: &str) -> Config {
+        Config {
+            name: name.to_string(),
+            role: Role::default(),
+            location: name.to_string(),
+            quic_addr: default_quic_addr(),
+            http_addr: default_http_addr(),
+            policy: Policy::default(),
+            buckets: BUCKETS_DEFAULT,
+            peers: Vec::new(),
+            api: ApiConfig::default(),
+            sync: SyncConfig::default(),
+            loyalty: LoyaltyConfig::default(),
+        }
+    }
+
+    /// Where the config of data directory `dir` lives.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(CONFIG_FILE_NAME)
+    }
+
+    /// Reads, parses and validates `DIR/storemesh.toml`.
+    pub fn load(dir: &Path) -> anyhow::Result<Config> {
+        let path = Config::path(dir);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "cannot read {}: {} (is --data-dir right? run `storemesh init` first)",
+                path.display(),
+                io_message(&e)
+            ),
+            Err(e) => anyhow::bail!("cannot read {}: {}", path.display(), io_message(&e)),
+        };
+        Config::from_toml_str(&text)
+            .map_err(|msg| anyhow::anyhow!("invalid config {}: {msg}", path.display()))
+    }
+
+    /// Parses and validates config text; the error is one line and names the
+    /// offending key (with its line number when the parser knows it).
+    pub fn from_toml_str(text: &str) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
+        if config.location.is_empty() {
+            config.location = config.name.clone();
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The file text: a header and the TOML.
+    pub fn to_toml_string(&self) -> anyhow::Result<String> {
+        let body = toml::to_string(self).context("cannot encode config as TOML")?;
+        Ok(format!(
+            "# storemesh node configuration (see README). It holds API tokens: keep it private.\n\n{body}"
+        ))
+    }
+
+    /// Validates, then writes `DIR/storemesh.toml` atomically (temporary file,
+    /// fsync, rename) with mode 0600, because it holds tokens.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        self.validate()?;
+        let text = self.to_toml_string()?;
+        let path = Config::path(dir);
+        let tmp = dir.join(format!(".{CONFIG_FILE_NAME}.tmp"));
+        write_private(&tmp, text.as_bytes())
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                anyhow::anyhow!("cannot write {}: {}", path.display(), io_message(&e))
+            })?;
+        // Make the rename itself durable; failing to sync a directory is not fatal.
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Checks names, addresses, ranges, peers and tokens. Whether a peer's id is
+    /// this node's own id is checked by callers that know the identity.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.check().map_err(anyhow::Error::msg)
+    }
+
+    pub fn quic_socket(&self) -> anyhow::Result<SocketAddr> {
+        parse_socket("quic_addr", &self.quic_addr).map_err(anyhow::Error::msg)
+    }
+
+    pub fn http_socket(&self) -> anyhow::Result<SocketAddr> {
+        parse_socket("http_addr", &self.http_addr).map_err(anyhow::Error::msg)
+    }
+
+    pub fn peer_by_name(&self, name: &str) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+
+    pub fn peer_by_id(&self, id: &NodeId) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.id == *id)
+    }
+
+    /// The name and scopes of the token `presented`, if it is one of ours.
+    ///
+    /// Compares SHA-256 digests in constant time and looks at every token, so the
+    /// response time tells an attacker neither a token's prefix nor its length.
+    pub fn token_scopes(&self, presented: &str) -> Option<(&str, &[Scope])> {
+        let presented_digest = Sha256::digest(presented.as_bytes());
+        let mut found = None;
+        for t in &self.api.tokens {
+            let digest = Sha256::digest(t.token.as_bytes());
+            let equal = digest
+                .iter()
+                .zip(presented_digest.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+            if equal && found.is_none() {
+                found = Some((t.name.as_str(), t.scopes.as_slice()));
+            }
+        }
+        found
+    }
+
+    fn check(&self) -> Result<(), String> {
+        validate_name("name", &self.name)?;
+        validate_name("location", &self.location)?;
+        parse_socket("quic_addr", &self.quic_addr)?;
+        parse_socket("http_addr", &self.http_addr)?;
+        if !(1..=BUCKETS_MAX).contains(&self.buckets) {
+            return Err(format!(
+                "buckets must be in 1..={BUCKETS_MAX} (got {}); it must be equal on every node of the mesh",
+                self.buckets
+            ));
+        }
+        self.check_peers()?;
+        self.check_api()?;
+        self.check_sync()?;
+        if self.loyalty.points_per_unit > LOYALTY_POINTS_PER_UNIT_MAX {
+            return Err(format!(
+                "loyalty.points_per_unit must be in 0..={LOYALTY_POINTS_PER_UNIT_MAX} (got {})",
+                self.loyalty.points_per_unit
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_peers(&self) -> Result<(), String> {
+        for (i, peer) in self.peers.iter().enumerate() {
+            let at = format!("peers[{i}]");
+            validate_name(&format!("{at}.name"), &peer.name)?;
+            validate_peer_addr(&format!("{at}.addr"), &peer.addr)?;
+            if peer.name == self.name {
+                return Err(format!(
+                    "{at}.name {:?} is this node's own name; node names are unique in a mesh",
+                    peer.name
+                ));
+            }
+            if let Some(j) = self.peers[..i].iter().position(|p| p.name == peer.name) {
+                return Err(format!(
+                    "{at}.name {:?} is also the name of peers[{j}]; peer names must be unique",
+                    peer.name
+                ));
+            }
+            if let Some(j) = self.peers[..i].iter().position(|p| p.id == peer.id) {
+                return Err(format!(
+                    "{at}.id {} is also the id of peers[{j}] ({}); peer ids must be unique",
+                    peer.id, self.peers[j].name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_api(&self) -> Result<(), String> {
+        let api = &self.api;
+        if !(BODY_BYTES_MAX_MIN..=BODY_BYTES_MAX_LIMIT).contains(&api.body_bytes_max) {
+            return Err(format!(
+                "api.body_bytes_max must be in {BODY_BYTES_MAX_MIN}..={BODY_BYTES_MAX_LIMIT} (got {})",
+                api.body_bytes_max
+            ));
+        }
+        for (i, t) in api.tokens.iter().enumerate() {
+            let at = format!("api.tokens[{i}]");
+            validate_name(&format!("{at}.name"), &t.name)?;
+            validate_token(&t.token).map_err(|e| format!("{at}.token: {e}"))?;
+            if t.scopes.is_empty() {
+                return Err(format!(
+                    "{at}.scopes is empty; give at least one of read, sell, stock, customers, admin"
+                ));
+            }
+            if let Some(j) = api.tokens[..i].iter().position(|o| o.name == t.name) {
+                return Err(format!(
+                    "{at}.name {:?} is also the name of api.tokens[{j}]; token names must be unique",
+                    t.name
+                ));
+            }
+            if let Some(j) = api.tokens[..i].iter().position(|o| o.token == t.token) {
+                return Err(format!(
+                    "{at}.token is the same as api.tokens[{j}].token; tokens must be unique"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_sync(&self) -> Result<(), String> {
+        let s = &self.sync;
+        for (field, value) in [
+            ("anti_entropy_ms", s.anti_entropy_ms),
+            ("reconnect_min_ms", s.reconnect_min_ms),
+            ("reconnect_max_ms", s.reconnect_max_ms),
+            ("keep_alive_ms", s.keep_alive_ms),
+            ("idle_timeout_ms", s.idle_timeout_ms),
+        ] {
+            if !(SYNC_MS_MIN..=SYNC_MS_MAX).contains(&value) {
+                return Err(format!(
+                    "sync.{field} must be in {SYNC_MS_MIN}..={SYNC_MS_MAX} (got {value})"
+                ));
+            }
+        }
+        if s.reconnect_min_ms > s.reconnect_max_ms {
+            return Err(format!(
+                "sync.reconnect_min_ms ({}) must not exceed sync.reconnect_max_ms ({})",
+                s.reconnect_min_ms, s.reconnect_max_ms
+            ));
+        }
+        if s.keep_alive_ms >= s.idle_timeout_ms {
+            return Err(format!(
+                "sync.keep_alive_ms ({}) must be below sync.idle_timeout_ms ({}), or idle connections drop",
+                s.keep_alive_ms, s.idle_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// API tokens: 16–256 printable ASCII characters, no spaces.
+pub fn validate_token(token: &str) -> Result<(), String> {
+    if !(TOKEN_LEN_MIN..=TOKEN_LEN_MAX).contains(&token.len()) {
+        return Err(format!(
+            "an API token must be {TOKEN_LEN_MIN}-{TOKEN_LEN_MAX} characters (got {})",
+            token.chars().count()
+        ));
+    }
+    if !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err("an API token may only contain printable ASCII characters, no spaces".into());
+    }
+    Ok(())
+}
+
+/// A listen address: a literal `IP:PORT` (host names are not resolved for listening).
+pub fn parse_socket(field: &str, text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("{field} {text:?} is not an IP:PORT address (e.g. 127.0.0.1:7400 or [::1]:7400)")
+    })
+}
+
+/// A peer address: a literal `IP:PORT`, or `HOST:PORT` with a DNS host name.
+pub fn validate_peer_addr(field: &str, text: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{field} {text:?} is not HOST:PORT (e.g. 10.0.0.5:7400 or store-2.example.net:7400)"
+        )
+    };
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!(
+                "{field} {text:?} has port 0; give the peer's QUIC port"
+            ));
+        }
+        return Ok(());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok || port == 0 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// `toml`'s own message spans several lines with a source excerpt; ours is one
+/// line with the line number and, for keys inside a table, the table's header
+/// (`line 12 (in [api]): unknown field `bar`, expected one of ...`).
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = one_line(e.message());
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = text.get(..span.start.min(text.len())).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    // The error's own line may be the header itself (`[extra]`): only look above it.
+    let above = before.rsplit_once('\n').map_or("", |(above, _)| above);
+    match above.lines().rev().find_map(table_header) {
+        Some(header) => format!("line {line} (in {header}): {message}"),
+        None => format!("line {line}: {message}"),
+    }
+}
+
+/// `[name]` or `[[name]]` when `line` is a table header.
+fn table_header(line: &str) -> Option<&str> {
+    let line = line.split('#').next().unwrap_or("").trim();
+    let inner = line.strip_prefix('[')?.strip_suffix(']')?;
+    let inner = inner
+        .strip_prefix('[')
+        .and_then(|i| i.strip_suffix(']'))
+        .unwrap_or(inner);
+    let is_key = !inner.is_empty()
+        && inner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-. \"".contains(&b));
+    is_key.then_some(line)
+}
+
+/// Joins the lines of a message with spaces, so every error prints on one line.
+pub fn one_line(text: &str) -> String {
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `std::io::Error`'s text without the trailing "(os error N)".
+pub fn io_message(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_string(),
+        _ => text,
+    }
+}
+
+/// Writes a new file readable only by its owner, synced to disk.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    // A leftover temporary file keeps its old mode through `open`: set it again.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID_A: &str = "aa00000000000000000000000000000000000000000000000000000000000001";
+    const ID_B: &str = "bb00000000000000000000000000000000000000000000000000000000000002";
+
+    fn err(text: &str) -> String {
+        Config::from_toml_str(text).expect_err("config should be rejected")
+    }
+
+    fn with_token(mut c: Config, name: &str, token: &str, scopes: &[Scope]) -> Config {
+        c.api.tokens.push(TokenConfig {
+            name: name.into(),
+            token: token.into(),
+            scopes: scopes.to_vec(),
+        });
+        c
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let c = Config::from_toml_str("name = \"store-1\"\n").unwrap();
+        assert_eq!(c, Config::new("store-1"));
+        assert_eq!(c.role, Role::Store);
+        assert_eq!(c.location, "store-1");
+        assert_eq!(c.quic_addr, "127.0.0.1:7400");
+        assert_eq!(c.http_addr, "127.0.0.1:8400");
+        assert_eq!(c.policy, Policy::Strict);
+        assert_eq!(c.buckets, 64);
+        assert!(c.peers.is_empty());
+        assert!(c.api.public_reads);
+        assert_eq!(c.api.body_bytes_max, 1024 * 1024);
+        assert!(c.api.tokens.is_empty());
+        assert_eq!(c.sync.anti_entropy_ms, 5000);
+        assert_eq!(c.sync.reconnect_min_ms, 200);
+        assert_eq!(c.sync.reconnect_max_ms, 10_000);
+        assert_eq!(c.sync.keep_alive_ms, 4000);
+        assert_eq!(c.sync.idle_timeout_ms, 15_000);
+        assert_eq!(c.loyalty.points_per_unit, 1);
+        assert_eq!(c.quic_socket().unwrap(), "127.0.0.1:7400".parse().unwrap());
+        assert_eq!(c.http_socket().unwrap(), "127.0.0.1:8400".parse().unwrap());
+    }
+
+    #[test]
+    fn partial_tables_keep_other_defaults() {
+        let c = Config::from_toml_str(
+            "name = \"web\"\nrole = \"webshop\"\nlocation = \"wh-1\"\npolicy = \"relaxed\"\n\
+             [api]\npublic_reads = false\n[sync]\nanti_entropy_ms = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(c.role, Role::Webshop);
+        assert_eq!(c.location, "wh-1");
+        assert_eq!(c.policy, Policy::Relaxed);
+        assert!(!c.api.public_reads);
+        assert_eq!(c.api.body_bytes_max, BODY_BYTES_MAX_DEFAULT);
+        assert_eq!(c.sync.anti_entropy_ms, 1000);
+        assert_eq!(c.sync.idle_timeout_ms, 15_000);
+    }
+
+    #[test]
+    fn round_trip_through_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::new("store-1");
+        c.role = Role::Webshop;
+        c.policy = Policy::Relaxed;
+        c.buckets = 16;
+        c.peers.push(PeerConfig {
+            name: "store-2".into(),
+            id: NodeId::parse(ID_A).unwrap(),
+            addr: "10.0.0.2:7400".into(),
+        });
+        c.peers.push(PeerConfig {
+            name: "web".into(),
+            id: NodeId::parse(ID_B).unwrap(),
+            addr: "web.example.net:7400".into(),
+        });
+        let c = with_token(c, "admin", "0123456789abcdef0123", &[Scope::Admin]);
+        let c = with_token(
+            c,
+            "till-1",
+            "till-token-till-token",
+            &[Scope::Read, Scope::Sell],
+        );
+        c.save(dir.path()).unwrap();
+        assert_eq!(Config::load(dir.path()).unwrap(), c);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(Config::path(dir.path()))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Saving again replaces the file and leaves no temporary behind.
+        c.save(dir.path()).unwrap();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(CONFIG_FILE_NAME)]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let e = err("name = \"a\"\nfoo = 1\n");
+        assert!(e.contains("`foo`"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+
+        let e = err("name = \"a\"\n[api]\nfoo = 1\n");
+        assert!(e.contains("`foo`") && e.contains("public_reads"), "{e}");
+        assert!(e.starts_with("line 3 (in [api]): "), "{e}");
+
+        let e = err(&format!(
+            "name = \"a\"\n[[peers]]\nname = \"b\"\nid = \"{ID_A}\"\naddr = \"1.2.3.4:7400\"\nextra = true\n"
+        ));
+        assert!(e.contains("`extra`") && e.contains("(in [[peers]])"), "{e}");
+
+        let e = err("name = \"a\"\n[[api.tokens]]\nname = \"t\"\ntoken = \"0123456789abcdef\"\nscopes = [\"read\"]\ncolour = 1\n");
+        assert!(e.contains("`colour`"), "{e}");
+
+        let e = err("name = \"a\"\n[sync]\nanti_entropy = 5\n");
+        assert!(e.contains("`anti_entropy`"), "{e}");
+
+        let e = err("name = \"a\"\n[loyalty]\npoints = 5\n");
+        assert!(e.contains("`points`"), "{e}");
+
+        let e = err("name = \"a\"\n[extra]\nx = 1\n");
+        assert!(e.contains("`extra`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let e =
+            err("name = \"a\"\n[[peers]]\nname = \"b\"\nid = \"abc\"\naddr = \"1.2.3.4:7400\"\n");
+        assert!(e.contains("node id") && e.contains("line"), "{e}");
+        assert!(err("name = \"Store 1\"\n").contains("name"));
+        assert!(err("name = \"\"\n").contains("name"));
+        assert!(err("name = \"a\"\nlocation = \"L!\"\n").contains("location"));
+        assert!(err("name = \"a\"\nrole = \"warehouse\"\n").contains("warehouse"));
+        assert!(err("name = \"a\"\npolicy = \"lax\"\n").contains("lax"));
+        assert!(err("name = \"a\"\nquic_addr = \"localhost:7400\"\n").contains("quic_addr"));
+        assert!(err("name = \"a\"\nhttp_addr = \"8400\"\n").contains("http_addr"));
+        assert!(err("name = \"a\"\nbuckets = 0\n").contains("buckets"));
+        assert!(err("name = \"a\"\nbuckets = 5000\n").contains("buckets"));
+        assert!(err("role = \"store\"\n").contains("`name`"));
+        assert!(err("name = \"a\"\n[sync]\nkeep_alive_ms = 20000\n").contains("keep_alive_ms"));
+        assert!(
+            err("name = \"a\"\n[sync]\nreconnect_min_ms = 20000\n").contains("reconnect_min_ms")
+        );
+        assert!(err("name = \"a\"\n[api]\nbody_bytes_max = 10\n").contains("body_bytes_max"));
+        assert!(
+            err("name = \"a\"\n[loyalty]\npoints_per_unit = 9999999\n").contains("points_per_unit")
+        );
+        assert!(err("name = \"a\n").starts_with("line 1"));
+    }
+
+    #[test]
+    fn peers_must_be_unique_and_not_self() {
+        let peer = |name: &str, id: &str, addr: &str| {
+            format!("[[peers]]\nname = \"{name}\"\nid = \"{id}\"\naddr = \"{addr}\"\n")
+        };
+        let ok = format!(
+            "name = \"a\"\n{}{}",
+            peer("b", ID_A, "1.2.3.4:1"),
+            peer("c", ID_B, "h.example:2")
+        );
+        assert_eq!(Config::from_toml_str(&ok).unwrap().peers.len(), 2);
+
+        let e = err(&format!(
+            "name = \"a\"\n{}{}",
+            peer("b", ID_A, "1.2.3.4:1"),
+            peer("b", ID_B, "1.2.3.4:2")
+        ));
+        assert!(e.contains("peers[1].name") && e.contains("unique"), "{e}");
+        let e = err(&format!(
+            "name = \"a\"\n{}{}",
+            peer("b", ID_A, "1.2.3.4:1"),
+            peer("c", ID_A, "1.2.3.4:2")
+        ));
+        assert!(e.contains("peers[1].id") && e.contains("unique"), "{e}");
+        let e = err(&format!("name = \"a\"\n{}", peer("a", ID_A, "1.2.3.4:1")));
+        assert!(e.contains("own name"), "{e}");
+        let e = err(&format!("name = \"a\"\n{}", peer("b", ID_A, "nope")));
+        assert!(e.contains("peers[0].addr"), "{e}");
+        let e = err(&format!("name = \"a\"\n{}", peer("b", ID_A, "1.2.3.4:0")));
+        assert!(e.contains("port 0"), "{e}");
+        // Upper-case hex is accepted and stored in lower case.
+        let c = Config::from_toml_str(&format!(
+            "name = \"a\"\n{}",
+            peer("b", &ID_A.to_uppercase(), "1.2.3.4:1")
+        ))
+        .unwrap();
+        assert_eq!(c.peers[0].id.hex(), ID_A);
+        assert_eq!(
+            c.peer_by_name("b").unwrap().id,
+            NodeId::parse(ID_A).unwrap()
+        );
+        assert_eq!(
+            c.peer_by_id(&NodeId::parse(ID_A).unwrap()).unwrap().name,
+            "b"
+        );
+        assert!(c.peer_by_name("z").is_none());
+    }
+
+    #[test]
+    fn peer_addr_forms() {
+        assert!(validate_peer_addr("addr", "10.0.0.1:7400").is_ok());
+        assert!(validate_peer_addr("addr", "[::1]:7400").is_ok());
+        assert!(validate_peer_addr("addr", "localhost:7400").is_ok());
+        assert!(validate_peer_addr("addr", "store-2.example.net:7400").is_ok());
+        for bad in [
+            "",
+            "host",
+            "host:",
+            ":7400",
+            "host:99999",
+            "ho st:1",
+            "-a:1",
+            "a..b:1",
+            "::1:7400",
+        ] {
+            assert!(validate_peer_addr("addr", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_validated() {
+        let base = || Config::new("a");
+        assert!(with_token(base(), "t", "0123456789abcdef", &[Scope::Read])
+            .validate()
+            .is_ok());
+        let e = with_token(base(), "t", "short", &[Scope::Read])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("api.tokens[0].token"), "{e}");
+        let e = with_token(base(), "t", "0123456789 abcdef", &[Scope::Read])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("printable"), "{e}");
+        let e = with_token(base(), "t", "0123456789abcdef", &[])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("scopes"), "{e}");
+        let dup_name = with_token(
+            with_token(base(), "t", "0123456789abcdef", &[Scope::Read]),
+            "t",
+            "fedcba9876543210",
+            &[Scope::Read],
+        );
+        assert!(dup_name
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("names must be unique"));
+        let dup_token = with_token(
+            with_token(base(), "t", "0123456789abcdef", &[Scope::Read]),
+            "u",
+            "0123456789abcdef",
+            &[Scope::Read],
+        );
+        assert!(dup_token
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tokens must be unique"));
+        let e = err("name = \"a\"\n[[api.tokens]]\nname = \"t\"\ntoken = \"0123456789abcdef\"\nscopes = [\"write\"]\n");
+        assert!(e.contains("`write`"), "{e}");
+    }
+
+    #[test]
+    fn token_lookup_and_scopes() {
+        let c = with_token(
+            Config::new("a"),
+            "admin",
+            "admin-token-0123456789",
+            &[Scope::Admin],
+        );
+        let c = with_token(
+            c,
+            "till",
+            "till-token-0123456789",
+            &[Scope::Read, Scope::Sell],
+        );
+        let (name, scopes) = c.token_scopes("till-token-0123456789").unwrap();
+        assert_eq!(name, "till");
+        assert!(Scope::allows(scopes, Scope::Sell));
+        assert!(Scope::allows(scopes, Scope::Read));
+        assert!(!Scope::allows(scopes, Scope::Stock));
+        assert!(!Scope::allows(scopes, Scope::Customers));
+        assert!(!Scope::allows(scopes, Scope::Admin));
+        let (name, scopes) = c.token_scopes("admin-token-0123456789").unwrap();
+        assert_eq!(name, "admin");
+        for s in [
+            Scope::Read,
+            Scope::Sell,
+            Scope::Stock,
+            Scope::Customers,
+            Scope::Admin,
+        ] {
+            assert!(Scope::allows(scopes, s));
+        }
+        assert!(c.token_scopes("till-token-012345678").is_none());
+        assert!(c.token_scopes("till-token-01234567890").is_none());
+        assert!(c.token_scopes("").is_none());
+        assert!(!Scope::allows(&[], Scope::Read));
+    }
+
+    #[test]
+    fn load_errors_are_one_line_and_helpful() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", Config::load(dir.path()).unwrap_err());
+        assert!(
+            e.starts_with("cannot read ") && e.contains("storemesh init"),
+            "{e}"
+        );
+        assert!(!e.contains("os error"), "{e}");
+        fs::write(
+            Config::path(dir.path()),
+            "name = \"a\"\n\n[api]\npubic_reads = false\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", Config::load(dir.path()).unwrap_err());
+        assert!(
+            e.starts_with("invalid config ") && e.contains("`pubic_reads`") && e.contains("line 4"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn save_refuses_an_invalid_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::new("a");
+        c.buckets = 0;
+        assert!(c.save(dir.path()).is_err());
+        assert!(!Config::path(dir.path()).exists());
+    }
+
+    #[test]
+    fn io_message_drops_os_error_suffix() {
+        let e = std::io::Error::from_raw_os_error(2);
+        assert_eq!(io_message(&e), "No such file or directory");
+        assert_eq!(one_line("a\n  b\n\nc"), "a b c");
+    }
+}

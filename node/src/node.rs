@@ -1,0 +1,551 @@
+//! A running node: the engine thread (group commit), transport and shared read state.
+//!
+//! The engine runs on one dedicated OS thread. Everything that changes state —
+//! client operations, frames from peers, peer up/down, anti-entropy ticks —
+//! arrives as a [`Cmd`] on one bounded channel. The thread drains up to
+//! [`BATCH_OPS_MAX`] commands, executes them, commits ONE redb transaction
+//! (`Durability::Immediate`), and only then answers the callers, publishes the
+//! changed rows to readers and hands frames to the transport.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use storemesh_protocol::engine::{Engine, EngineConfig, Policy};
+use storemesh_protocol::ids::NodeId;
+use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_protocol::views::StockRow;
+use storemesh_protocol::wire::{Hello, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Config, PeerConfig};
+use crate::identity::Identity;
+use crate::store::Store;
+use crate::transport::{PeerEntry, Transport, TransportConfig, TransportEvent};
+
+/// Commands drained into one group commit, at most.
+pub const BATCH_OPS_MAX: usize = 2048;
+/// Commands waiting for the engine thread, at most (backpressure on HTTP).
+pub const CMD_QUEUE_MAX: usize = 8192;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub type Query = Box<dyn FnOnce(&Engine) + Send>;
+
+pub enum Cmd {
+    Op(Op, oneshot::Sender<Result<OpReply, OpError>>),
+    Query(Query),
+    Net(TransportEvent),
+    Tick,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What HTTP readers see: committed state only.
+#[derive(Default)]
+pub struct ReadState {
+    pub rows: HashMap<u64, BTreeMap<String, StockRow>>,
+    /// location → (owner node name, policy).
+    pub locations: BTreeMap<String, (String, String)>,
+    /// location → unix ms this node last heard from that location's node.
+    pub last_heard: BTreeMap<String, u64>,
+    pub synced: bool,
+    pub ready: bool,
+    pub as_of_ms: u64,
+}
+
+/// Per-peer figures for `/api/peers` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStatus {
+    pub connected: bool,
+    pub synced: bool,
+    pub last_sync_ms: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub ops_ok: AtomicU64,
+    pub ops_refused: AtomicU64,
+    pub sync_messages_in: AtomicU64,
+    pub sync_messages_out: AtomicU64,
+    pub sync_bytes_in: AtomicU64,
+    pub sync_bytes_out: AtomicU64,
+    pub rejected_messages: AtomicU64,
+    pub forks_detected: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_us_total: AtomicU64,
+    pub commit_us_last: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub batch_ops_last: AtomicU64,
+}
+
+pub struct Shared {
+    pub cfg: Config,
+    pub node_id: NodeId,
+    pub read: RwLock<ReadState>,
+    pub peers: RwLock<BTreeMap<NodeId, PeerStatus>>,
+    pub cmd: mpsc::Sender<Cmd>,
+    pub metrics: Metrics,
+    pub shutting_down: AtomicBool,
+}
+
+impl Shared {
+    /// Runs an operation through the engine thread; answered after its commit.
+    pub async fn execute(&self, op: Op) -> Result<OpReply, OpError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(OpError::Unavailable("the node is shutting down".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Op(op, tx))
+            .await
+            .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?;
+        rx.await.map_err(|_| OpError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// Runs a read-only closure on the engine thread between batches.
+    pub async fn query<T: Send + 'static>(&self, f: impl FnOnce(&Engine) -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let q: Query = Box::new(move |e| {
+            let _ = tx.send(f(e));
+        });
+        self.cmd.send(Cmd::Query(q)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// A started node (used by `run`, the demo and the end-to-end tests).
+pub struct NodeHandle {
+    pub shared: Arc<Shared>,
+    pub transport: Transport,
+    pub http_addr: std::net::SocketAddr,
+    pub quic_addr: std::net::SocketAddr,
+    http_shutdown: Option<oneshot::Sender<()>>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
+    engine_thread: Option<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn engine_config(cfg: &Config, node_id: NodeId) -> EngineConfig {
+    EngineConfig {
+        node_id,
+        name: cfg.name.clone(),
+        location: cfg.location.clone(),
+        role: cfg.role.as_str().to_string(),
+        policy: match cfg.policy {
+            crate::config::Policy::Relaxed => Policy::Relaxed,
+            crate::config::Policy::Strict => Policy::Strict,
+        },
+        buckets: cfg.buckets,
+        loyalty_points_per_unit: cfg.loyalty.points_per_unit,
+    }
+}
+
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("storemesh.redb")
+}
+
+/// Opens an engine from the store: loads every document, rebuilds the views.
+fn open_engine(cfg: &Config, node_id: NodeId, store: &Store) -> anyhow::Result<Engine> {
+    let mut engine = Engine::new(engine_config(cfg, node_id), rand::random());
+    for p in &cfg.peers {
+        engine.add_configured_peer(&p.name, p.id);
+    }
+    for d in store.load_docs().context("cannot load documents")? {
+        engine
+            .load_doc(&d.id, &d.parts, d.heads_log)
+            .map_err(|e| anyhow::anyhow!("stored document {} is damaged: {e}", d.id))?;
+    }
+    engine.finish_open();
+    Ok(engine)
+}
+
+impl NodeHandle {
+    /// Starts a node from its data directory. Returns once HTTP and QUIC listen.
+    pub async fn start(dir: &Path) -> anyhow::Result<NodeHandle> {
+        let cfg = Config::load(dir)?;
+        let identity = Identity::load(dir)?;
+        let node_id = identity.node_id;
+        let store = Store::open(&db_path(dir))?;
+        match store.get_meta("node_id")? {
+            Some(v) if v != node_id.hex().as_bytes() => anyhow::bail!(
+                "the database in {} belongs to another node identity; refusing to start",
+                dir.display()
+            ),
+            Some(_) => {}
+            None => store.set_meta("node_id", node_id.hex().as_bytes())?,
+        }
+        // Reads are served from the persisted view before documents load.
+        let mut read = ReadState::default();
+        for ((p, l), row) in store.load_rows()? {
+            read.rows.entry(p).or_default().insert(l, row);
+        }
+        let http_addr = cfg.http_socket()?;
+        let quic_addr = cfg.quic_socket()?;
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {http_addr}: {}", crate::config::io_message(&e)))?;
+        let http_addr = listener.local_addr()?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE_MAX);
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            node_id,
+            read: RwLock::new(read),
+            peers: RwLock::new(cfg.peers.iter().map(|p| (p.id, PeerStatus::default())).collect()),
+            cmd: cmd_tx.clone(),
+            metrics: Metrics::default(),
+            shutting_down: AtomicBool::new(false),
+        });
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: node_id.hex(),
+            name: cfg.name.clone(),
+            buckets: cfg.buckets,
+            nonce: rand::random(),
+        };
+        let peers: Vec<PeerEntry> = cfg.peers.iter().filter_map(peer_entry).collect();
+        let mut tcfg = TransportConfig::new(identity, quic_addr, peers, hello);
+        tcfg.keep_alive = Duration::from_millis(cfg.sync.keep_alive_ms);
+        tcfg.idle_timeout = Duration::from_millis(cfg.sync.idle_timeout_ms);
+        tcfg.reconnect_min = Duration::from_millis(cfg.sync.reconnect_min_ms);
+        tcfg.reconnect_max = Duration::from_millis(cfg.sync.reconnect_max_ms);
+        let (ev_tx, mut ev_rx) = mpsc::channel(CMD_QUEUE_MAX);
+        let transport = Transport::start(tcfg, ev_tx).await?;
+        let quic_addr = transport.local_addr();
+        let mut tasks = Vec::new();
+        // Transport events → engine commands.
+        let fwd = cmd_tx.clone();
+        let sh = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(ev) = ev_rx.recv().await {
+                if let TransportEvent::Refused { .. } = &ev {
+                    sh.metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
+                }
+                if fwd.send(Cmd::Net(ev)).await.is_err() {
+                    break;
+                }
+            }
+        }));
+        // Anti-entropy ticks.
+        let tick_tx = cmd_tx.clone();
+        let every = Duration::from_millis(cfg.sync.anti_entropy_ms.max(100));
+        tasks.push(tokio::spawn(async move {
+            let mut iv = tokio::time::interval(every);
+            iv.tick().await;
+            loop {
+                iv.tick().await;
+                if tick_tx.send(Cmd::Tick).await.is_err() {
+                    break;
+                }
+            }
+        }));
+        let sh = shared.clone();
+        let tr = transport.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let engine_thread = std::thread::Builder::new()
+            .name(format!("engine-{}", cfg.name))
+            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx))
+            .context("cannot start the engine thread")?;
+        // Wait until documents are loaded (or loading failed).
+        let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
+            .await
+            .context("engine start")?
+            .map_err(|_| anyhow::anyhow!("the engine thread stopped while loading"))?;
+        if let Err(e) = ready {
+            transport.shutdown().await;
+            return Err(e);
+        }
+        let app = crate::api::router(shared.clone());
+        let (http_stop, http_stop_rx) = oneshot::channel::<()>();
+        let http_task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = http_stop_rx.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(name = %cfg.name, node_id = %node_id.hex(), http = %http_addr, quic = %quic_addr, "node started");
+        Ok(NodeHandle {
+            shared,
+            transport,
+            http_addr,
+            quic_addr,
+            http_shutdown: Some(http_stop),
+            http_task: Some(http_task),
+            engine_thread: Some(engine_thread),
+            tasks,
+        })
+    }
+
+    /// Cuts (or restores) this node's links to every configured peer.
+    pub fn set_partitioned(&self, cut: bool) {
+        for p in &self.shared.cfg.peers {
+            self.transport.set_blocked(p.id, cut);
+        }
+    }
+
+    /// Graceful shutdown: stop accepting HTTP, finish in-flight commits, close
+    /// QUIC connections cleanly.
+    pub async fn shutdown(mut self) {
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        if let Some(tx) = self.http_shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.http_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.shared.cmd.send(Cmd::Shutdown(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+        if let Some(t) = self.engine_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.transport.shutdown().await;
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        tracing::info!(name = %self.shared.cfg.name, "node stopped");
+    }
+}
+
+pub fn peer_entry(p: &PeerConfig) -> Option<PeerEntry> {
+    match p.socket_addr() {
+        Some(addr) => Some(PeerEntry { name: p.name.clone(), id: p.id, addr }),
+        None => {
+            tracing::warn!(peer = %p.name, addr = %p.addr, "peer address does not resolve; skipping it");
+            None
+        }
+    }
+}
+
+type Pending = (oneshot::Sender<Result<OpReply, OpError>>, Result<OpReply, OpError>);
+
+fn engine_loop(
+    shared: Arc<Shared>,
+    store: Store,
+    transport: Transport,
+    mut rx: mpsc::Receiver<Cmd>,
+    ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
+) {
+    let cfg = shared.cfg.clone();
+    let mut engine = match open_engine(&cfg, shared.node_id, &store) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    // Persist what opening produced (the directory entry) before serving.
+    let first = engine.flush(now_ms());
+    if let Err(e) = store.commit(&first) {
+        let _ = ready.send(Err(e.context("cannot write to the database")));
+        return;
+    }
+    engine.committed(now_ms());
+    publish(&shared, &engine, &first.rows);
+    {
+        let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
+        r.ready = true;
+    }
+    let _ = ready.send(Ok(()));
+    // Current connection per peer (PeerDown of an older connection is ignored).
+    let mut conns: HashMap<NodeId, u64> = HashMap::new();
+    let mut shutdown_ack: Option<oneshot::Sender<()>> = None;
+    let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
+    loop {
+        cmds.clear();
+        let Some(first) = rx.blocking_recv() else { break };
+        cmds.push(first);
+        while cmds.len() < BATCH_OPS_MAX {
+            match rx.try_recv() {
+                Ok(c) => cmds.push(c),
+                Err(_) => break,
+            }
+        }
+        let now = now_ms();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut queries: Vec<Query> = Vec::new();
+        let mut n_ops = 0u64;
+        for c in cmds.drain(..) {
+            match c {
+                Cmd::Op(op, reply) => {
+                    n_ops += 1;
+                    let r = engine.execute(op, now, &|k| store.idem(k).ok().flatten());
+                    pending.push((reply, r));
+                }
+                Cmd::Query(q) => queries.push(q),
+                Cmd::Net(ev) => on_net(&mut engine, &store, &transport, &shared, &mut conns, ev, now),
+                Cmd::Tick => engine.tick(now),
+                Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
+            }
+        }
+        let batch = engine.flush(now);
+        let ok = if batch.is_empty() {
+            true
+        } else {
+            let t = Instant::now();
+            let r = store.commit(&batch);
+            let us = t.elapsed().as_micros() as u64;
+            shared.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.commit_us_total.fetch_add(us, Ordering::Relaxed);
+            shared.metrics.commit_us_last.store(us, Ordering::Relaxed);
+            match r {
+                Ok(()) => true,
+                Err(e) => {
+                    shared.metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %format!("{e:#}"), "commit failed; reloading documents from disk");
+                    false
+                }
+            }
+        };
+        shared.metrics.batch_ops_last.store(n_ops, Ordering::Relaxed);
+        if ok {
+            engine.committed(now);
+            publish(&shared, &engine, &batch.rows);
+            for (tx, r) in pending {
+                let _ = tx.send(r);
+            }
+            for (peer, frame) in engine.take_outgoing() {
+                if let Err(e) = transport.send(peer, frame) {
+                    tracing::debug!(peer = %peer.hex(), error = %e, "frame not queued; anti-entropy will repair");
+                }
+            }
+        } else {
+            for (tx, r) in pending {
+                let _ = tx.send(match r {
+                    Ok(_) => Err(OpError::Unavailable("the write could not be made durable (storage error); retry".into())),
+                    Err(e) => Err(e),
+                });
+            }
+            // The in-memory documents may hold changes that never reached disk.
+            match open_engine(&cfg, shared.node_id, &store) {
+                Ok(e) => {
+                    engine = e;
+                    for peer in conns.keys() {
+                        let states = store.sync_states(peer).unwrap_or_default();
+                        engine.peer_up(*peer, states, now);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot reload documents; stopping the engine");
+                    break;
+                }
+            }
+        }
+        sync_stats(&shared, &engine);
+        for q in queries {
+            q(&engine);
+        }
+        if let Some(ack) = shutdown_ack.take() {
+            let _ = ack.send(());
+            break;
+        }
+    }
+    // Persist sync states of connections still open.
+    for peer in engine.connected_peers() {
+        engine.peer_down(peer);
+    }
+    let batch = engine.flush(now_ms());
+    if !batch.is_empty() {
+        if let Err(e) = store.commit(&batch) {
+            tracing::warn!(error = %format!("{e:#}"), "final commit failed");
+        }
+    }
+}
+
+fn on_net(
+    engine: &mut Engine,
+    store: &Store,
+    transport: &Transport,
+    shared: &Shared,
+    conns: &mut HashMap<NodeId, u64>,
+    ev: TransportEvent,
+    now: u64,
+) {
+    match ev {
+        TransportEvent::PeerUp { peer, conn_id, name, .. } => {
+            if conns.insert(peer, conn_id).is_some() {
+                engine.peer_down(peer);
+            }
+            tracing::info!(peer = %name, "peer connected");
+            let states = store.sync_states(&peer).unwrap_or_default();
+            engine.peer_up(peer, states, now);
+        }
+        TransportEvent::PeerDown { peer, conn_id, reason } => {
+            if conns.get(&peer) == Some(&conn_id) {
+                conns.remove(&peer);
+                engine.peer_down(peer);
+                tracing::info!(peer = %peer.hex(), reason, "peer disconnected");
+            }
+        }
+        TransportEvent::Frame { peer, conn_id, body } => {
+            if conns.get(&peer) != Some(&conn_id) {
+                return;
+            }
+            if let Err(e) = engine.receive(peer, &body, now) {
+                tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
+                // Drop the connection; the supervisor dials again with backoff.
+                transport.set_blocked(peer, true);
+                transport.set_blocked(peer, false);
+                conns.remove(&peer);
+                engine.peer_down(peer);
+            }
+        }
+        TransportEvent::Refused { addr, node_id, reason } => {
+            tracing::warn!(%addr, node_id = node_id.as_deref().unwrap_or("?"), reason, "connection refused");
+        }
+    }
+    let _ = shared;
+}
+
+/// Publishes committed rows and derived state to HTTP readers.
+fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), StockRow)]) {
+    let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
+    for ((p, l), row) in rows {
+        r.rows.entry(*p).or_default().insert(l.clone(), *row);
+    }
+    r.locations = engine
+        .views
+        .nodes
+        .values()
+        .filter_map(|i| i.location.clone().map(|l| (l, (i.name.clone(), i.policy.clone()))))
+        .collect();
+    r.last_heard = engine.last_heard_by_location();
+    r.synced = r.synced || engine.synced_with_any() || shared.cfg.peers.is_empty();
+    r.as_of_ms = now_ms();
+}
+
+fn sync_stats(shared: &Shared, engine: &Engine) {
+    let s = &engine.stats;
+    let m = &shared.metrics;
+    m.ops_ok.store(s.ops_ok, Ordering::Relaxed);
+    m.ops_refused.store(s.ops_refused, Ordering::Relaxed);
+    m.sync_messages_in.store(s.sync_messages_in, Ordering::Relaxed);
+    m.sync_messages_out.store(s.sync_messages_out, Ordering::Relaxed);
+    m.sync_bytes_in.store(s.sync_bytes_in, Ordering::Relaxed);
+    m.sync_bytes_out.store(s.sync_bytes_out, Ordering::Relaxed);
+    m.rejected_messages.store(s.rejected_messages, Ordering::Relaxed);
+    m.forks_detected.store(s.forks_detected, Ordering::Relaxed);
+    let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
+    for (id, st) in peers.iter_mut() {
+        match engine.session(id) {
+            Some(sess) => {
+                st.connected = true;
+                st.synced = sess.synced;
+                st.last_sync_ms = sess.last_heard_ms;
+                st.bytes_in = sess.bytes_in;
+                st.bytes_out = sess.bytes_out;
+            }
+            None => st.connected = false,
+        }
+    }
+}
