@@ -40,7 +40,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/counts", post(counts))
         .route("/api/grants", post(grants))
         .route("/api/customers", get(customer_search))
-        .route("/api/customers/{id}", get(customer_get).put(customer_put).delete(customer_delete))
+        .route(
+            "/api/customers/{id}",
+            get(customer_get).put(customer_put).delete(customer_delete),
+        )
         .route("/api/customers/{id}/redeem", post(customer_redeem))
         .route("/api/peers", get(peers))
         .route("/api/overdrafts", get(overdrafts))
@@ -53,14 +56,19 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"error": code, "message": message.into()}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
 }
 
 fn op_error(e: OpError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, axum::Json(e.body())).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }
     resp
 }
@@ -80,12 +88,21 @@ enum Caller {
 }
 
 fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Caller, Response> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(Caller::Anonymous) };
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(Caller::Anonymous);
+    };
     let text = value.to_str().unwrap_or("");
-    let token = text.strip_prefix("Bearer ").or_else(|| text.strip_prefix("bearer ")).unwrap_or("");
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .unwrap_or("");
     match shared.cfg.token_scopes(token.trim()) {
         Some((_, scopes)) => Ok(Caller::Token(scopes.to_vec())),
-        None => Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API token")),
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown API token",
+        )),
     }
 }
 
@@ -108,7 +125,11 @@ fn require(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Vec<Sco
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is over the size limit")
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is over the size limit",
+            )
         } else {
             bad(format!("cannot read the request body: {e}"))
         }
@@ -123,7 +144,12 @@ fn reply(r: Result<ops::OpReply, OpError>) -> Response {
     match r {
         Ok(rep) => {
             let status = StatusCode::from_u16(rep.status).unwrap_or(StatusCode::OK);
-            (status, [(header::CONTENT_TYPE, "application/json")], rep.body).into_response()
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                rep.body,
+            )
+                .into_response()
         }
         Err(e) => op_error(e),
     }
@@ -135,8 +161,16 @@ async fn write_op(shared: &Shared, op: Op) -> Response {
 
 async fn healthz(State(sh): S) -> Response {
     let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
-    let connected = sh.peers.read().map(|p| p.values().filter(|s| s.connected).count()).unwrap_or(0);
-    let status = if sh.shutting_down.load(Ordering::Relaxed) { "shutting_down" } else { "ok" };
+    let connected = sh
+        .peers
+        .read()
+        .map(|p| p.values().filter(|s| s.connected).count())
+        .unwrap_or(0);
+    let status = if sh.shutting_down.load(Ordering::Relaxed) {
+        "shutting_down"
+    } else {
+        "ok"
+    };
     axum::Json(json!({
         "status": status, "synced": r.synced, "ready": r.ready, "name": sh.cfg.name,
         "node_id": sh.node_id.hex(), "location": sh.cfg.location, "peers_connected": connected,
@@ -150,34 +184,121 @@ async fn metrics(State(sh): S) -> Response {
     let mut line = |name: &str, kind: &str, help: &str, v: u64| {
         out.push_str(&format!("# HELP storemesh_{name} {help}\n# TYPE storemesh_{name} {kind}\nstoremesh_{name} {v}\n"));
     };
-    line("operations_total", "counter", "Client operations accepted.", m.ops_ok.load(Ordering::Relaxed));
-    line("operations_refused_total", "counter", "Client operations refused.", m.ops_refused.load(Ordering::Relaxed));
-    line("sync_messages_in_total", "counter", "Sync frames received.", m.sync_messages_in.load(Ordering::Relaxed));
-    line("sync_messages_out_total", "counter", "Sync frames sent.", m.sync_messages_out.load(Ordering::Relaxed));
-    line("sync_bytes_in_total", "counter", "Sync bytes received.", m.sync_bytes_in.load(Ordering::Relaxed));
-    line("sync_bytes_out_total", "counter", "Sync bytes sent.", m.sync_bytes_out.load(Ordering::Relaxed));
-    line("sync_rejected_messages_total", "counter", "Sync messages rejected by validation.", m.rejected_messages.load(Ordering::Relaxed));
-    line("forks_detected_total", "counter", "Forks of this node's own history detected.", m.forks_detected.load(Ordering::Relaxed));
-    line("redb_commits_total", "counter", "Group commits.", m.commits.load(Ordering::Relaxed));
-    line("redb_commit_seconds_total_us", "counter", "Total group commit time in microseconds.", m.commit_us_total.load(Ordering::Relaxed));
-    line("redb_commit_last_us", "gauge", "Latency of the last group commit in microseconds.", m.commit_us_last.load(Ordering::Relaxed));
-    line("redb_commit_failures_total", "counter", "Failed group commits.", m.commit_failures.load(Ordering::Relaxed));
-    line("refused_connections_total", "counter", "Peer connections refused.", m.refused_connections.load(Ordering::Relaxed));
-    line("batch_operations_last", "gauge", "Operations in the last group commit.", m.batch_ops_last.load(Ordering::Relaxed));
+    line(
+        "operations_total",
+        "counter",
+        "Client operations accepted.",
+        m.ops_ok.load(Ordering::Relaxed),
+    );
+    line(
+        "operations_refused_total",
+        "counter",
+        "Client operations refused.",
+        m.ops_refused.load(Ordering::Relaxed),
+    );
+    line(
+        "sync_messages_in_total",
+        "counter",
+        "Sync frames received.",
+        m.sync_messages_in.load(Ordering::Relaxed),
+    );
+    line(
+        "sync_messages_out_total",
+        "counter",
+        "Sync frames sent.",
+        m.sync_messages_out.load(Ordering::Relaxed),
+    );
+    line(
+        "sync_bytes_in_total",
+        "counter",
+        "Sync bytes received.",
+        m.sync_bytes_in.load(Ordering::Relaxed),
+    );
+    line(
+        "sync_bytes_out_total",
+        "counter",
+        "Sync bytes sent.",
+        m.sync_bytes_out.load(Ordering::Relaxed),
+    );
+    line(
+        "sync_rejected_messages_total",
+        "counter",
+        "Sync messages rejected by validation.",
+        m.rejected_messages.load(Ordering::Relaxed),
+    );
+    line(
+        "forks_detected_total",
+        "counter",
+        "Forks of this node's own history detected.",
+        m.forks_detected.load(Ordering::Relaxed),
+    );
+    line(
+        "redb_commits_total",
+        "counter",
+        "Group commits.",
+        m.commits.load(Ordering::Relaxed),
+    );
+    line(
+        "redb_commit_seconds_total_us",
+        "counter",
+        "Total group commit time in microseconds.",
+        m.commit_us_total.load(Ordering::Relaxed),
+    );
+    line(
+        "redb_commit_last_us",
+        "gauge",
+        "Latency of the last group commit in microseconds.",
+        m.commit_us_last.load(Ordering::Relaxed),
+    );
+    line(
+        "redb_commit_failures_total",
+        "counter",
+        "Failed group commits.",
+        m.commit_failures.load(Ordering::Relaxed),
+    );
+    line(
+        "refused_connections_total",
+        "counter",
+        "Peer connections refused.",
+        m.refused_connections.load(Ordering::Relaxed),
+    );
+    line(
+        "batch_operations_last",
+        "gauge",
+        "Operations in the last group commit.",
+        m.batch_ops_last.load(Ordering::Relaxed),
+    );
     let peers = sh.peers.read().map(|p| p.clone()).unwrap_or_default();
-    line("peers_connected", "gauge", "Peers connected.", peers.values().filter(|p| p.connected).count() as u64);
+    line(
+        "peers_connected",
+        "gauge",
+        "Peers connected.",
+        peers.values().filter(|p| p.connected).count() as u64,
+    );
     out.push_str("# HELP storemesh_peer_lag_seconds Seconds since the last frame from each peer.\n# TYPE storemesh_peer_lag_seconds gauge\n");
     let now = now_ms();
     for (id, p) in &peers {
-        let name = sh.cfg.peer_by_id(id).map(|c| c.name.clone()).unwrap_or_default();
-        let lag = if p.last_sync_ms == 0 { -1.0 } else { now.saturating_sub(p.last_sync_ms) as f64 / 1000.0 };
-        out.push_str(&format!("storemesh_peer_lag_seconds{{peer=\"{name}\"}} {lag}\n"));
+        let name = sh
+            .cfg
+            .peer_by_id(id)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let lag = if p.last_sync_ms == 0 {
+            -1.0
+        } else {
+            now.saturating_sub(p.last_sync_ms) as f64 / 1000.0
+        };
+        out.push_str(&format!(
+            "storemesh_peer_lag_seconds{{peer=\"{name}\"}} {lag}\n"
+        ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 fn parse_u64(field: &str, v: &str) -> Result<u64, Response> {
-    v.trim().parse::<u64>().map_err(|_| bad(format!("{field} must be an integer")))
+    v.trim()
+        .parse::<u64>()
+        .map_err(|_| bad(format!("{field} must be an integer")))
 }
 
 fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> Option<Value> {
@@ -214,7 +335,11 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
     Some(v)
 }
 
-async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn inventory(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     let who = match caller(&sh, &headers) {
         Ok(c) => c,
         Err(r) => return r,
@@ -225,8 +350,16 @@ async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<St
     };
     if !can_read && !sh.cfg.api.public_reads {
         return match who {
-            Caller::Anonymous => error(StatusCode::UNAUTHORIZED, "unauthorized", "missing API token"),
-            Caller::Token(_) => error(StatusCode::FORBIDDEN, "forbidden", "this token lacks the 'read' scope"),
+            Caller::Anonymous => error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing API token",
+            ),
+            Caller::Token(_) => error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token lacks the 'read' scope",
+            ),
         };
     }
     let location = q.get("location").map(|s| s.as_str());
@@ -245,7 +378,11 @@ async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<St
         }
         return match product_json(&sh, p, location, can_read) {
             Some(v) => axum::Json(v).into_response(),
-            None => error(StatusCode::NOT_FOUND, "not_found", format!("unknown product {p}")),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown product {p}"),
+            ),
         };
     }
     if let Some(list) = q.get("product_ids") {
@@ -270,7 +407,11 @@ async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<St
     }
     if let Some(l) = location {
         if !can_read {
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", "listings need a token with the 'read' scope");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "listings need a token with the 'read' scope",
+            );
         }
         let after = match q.get("after").map(|a| parse_u64("after", a)).transpose() {
             Ok(a) => a.unwrap_or(0),
@@ -282,13 +423,24 @@ async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<St
         };
         let mut ids: Vec<u64> = {
             let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
-            r.rows.iter().filter(|(p, m)| **p > after && m.contains_key(l)).map(|(p, _)| *p).collect()
+            r.rows
+                .iter()
+                .filter(|(p, m)| **p > after && m.contains_key(l))
+                .map(|(p, _)| *p)
+                .collect()
         };
         ids.sort_unstable();
         let more = ids.len() > limit;
         ids.truncate(limit);
-        let items: Vec<Value> = ids.iter().filter_map(|p| product_json(&sh, *p, Some(l), true)).collect();
-        let next = if more { ids.last().map(|p| json!(p)).unwrap_or(Value::Null) } else { Value::Null };
+        let items: Vec<Value> = ids
+            .iter()
+            .filter_map(|p| product_json(&sh, *p, Some(l), true))
+            .collect();
+        let next = if more {
+            ids.last().map(|p| json!(p)).unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        };
         return axum::Json(json!({"items": items, "next_after": next})).into_response();
     }
     bad("give product_id, product_ids, or location")
@@ -296,7 +448,11 @@ async fn inventory(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<St
 
 macro_rules! write_handler {
     ($name:ident, $scope:expr, $ty:ty, $wrap:expr) => {
-        async fn $name(State(sh): S, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+        async fn $name(
+            State(sh): S,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> Response {
             if let Err(r) = require(&sh, &headers, $scope) {
                 return r;
             }
@@ -332,7 +488,11 @@ async fn sale_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> R
         .flatten();
     match found {
         Some(v) => axum::Json(v).into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_found", "unknown sale (not synced to this node yet?)"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "unknown sale (not synced to this node yet?)",
+        ),
     }
 }
 
@@ -353,7 +513,14 @@ async fn customer_put(
         Ok(v) => v,
         Err(r) => return r,
     };
-    write_op(&sh, Op::CustomerPut { customer_id: id, update }).await
+    write_op(
+        &sh,
+        Op::CustomerPut {
+            customer_id: id,
+            update,
+        },
+    )
+    .await
 }
 
 async fn customer_redeem(
@@ -373,7 +540,14 @@ async fn customer_redeem(
         Ok(v) => v,
         Err(r) => return r,
     };
-    write_op(&sh, Op::Redeem { customer_id: id, redeem }).await
+    write_op(
+        &sh,
+        Op::Redeem {
+            customer_id: id,
+            redeem,
+        },
+    )
+    .await
 }
 
 async fn customer_delete(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
@@ -408,7 +582,11 @@ async fn customer_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) 
     }
 }
 
-async fn customer_search(State(sh): S, headers: HeaderMap, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn customer_search(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Customers) {
         return r;
     }
@@ -419,10 +597,19 @@ async fn customer_search(State(sh): S, headers: HeaderMap, Query(q): Query<BTree
     };
     let items = sh
         .query(move |e| {
-            let index = if field == "email" { &e.views.by_email } else { &e.views.by_phone };
+            let index = if field == "email" {
+                &e.views.by_email
+            } else {
+                &e.views.by_phone
+            };
             index
                 .get(&value)
-                .map(|ids| ids.iter().take(PAGE_MAX).filter_map(|id| customer_json(e, id)).collect::<Vec<_>>())
+                .map(|ids| {
+                    ids.iter()
+                        .take(PAGE_MAX)
+                        .filter_map(|id| customer_json(e, id))
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default()
         })
         .await
@@ -483,7 +670,10 @@ async fn documents(State(sh): S, headers: HeaderMap) -> Response {
         return r;
     }
     let docs = sh.query(|e| e.documents()).await.unwrap_or_default();
-    let items: Vec<Value> = docs.into_iter().map(|(id, heads)| json!({"id": id, "heads": heads})).collect();
+    let items: Vec<Value> = docs
+        .into_iter()
+        .map(|(id, heads)| json!({"id": id, "heads": heads}))
+        .collect();
     axum::Json(json!({"items": items})).into_response()
 }
 
@@ -492,11 +682,17 @@ async fn document_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) 
         return r;
     }
     match sh.query(move |e| e.document_bytes(&id)).await.flatten() {
-        Some(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Some(bytes) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
         None => error(StatusCode::NOT_FOUND, "not_found", "unknown document"),
     }
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/yaml")], include_str!("../../openapi.yaml")).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/yaml")],
+        include_str!("../../openapi.yaml"),
+    )
+        .into_response()
 }

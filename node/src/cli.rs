@@ -211,7 +211,8 @@ fn clap_one_line(e: &clap::Error) -> String {
 /// `warn` for the one-shot ones, whose stdout is data.
 pub fn init_logging(cli: &Cli) {
     let default_level = match cli.command {
-        Command::Run(_) | Command::Demo { .. } => LevelFilter::INFO,
+        Command::Run(_) => LevelFilter::INFO,
+        // The demo prints its own story; logs would drown it.
         _ => LevelFilter::WARN,
     };
     let filter = EnvFilter::builder()

@@ -32,7 +32,10 @@ pub const BATCH_OPS_MAX: usize = 2048;
 pub const CMD_QUEUE_MAX: usize = 8192;
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub type Query = Box<dyn FnOnce(&Engine) + Send>;
@@ -107,11 +110,15 @@ impl Shared {
             .send(Cmd::Op(op, tx))
             .await
             .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?;
-        rx.await.map_err(|_| OpError::Unavailable("the node is shutting down".into()))?
+        rx.await
+            .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?
     }
 
     /// Runs a read-only closure on the engine thread between batches.
-    pub async fn query<T: Send + 'static>(&self, f: impl FnOnce(&Engine) -> T + Send + 'static) -> Option<T> {
+    pub async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> T + Send + 'static,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         let q: Query = Box::new(move |e| {
             let _ = tx.send(f(e));
@@ -191,14 +198,24 @@ impl NodeHandle {
         let quic_addr = cfg.quic_socket()?;
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {http_addr}: {}", crate::config::io_message(&e)))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen for HTTP on {http_addr}: {}",
+                    crate::config::io_message(&e)
+                )
+            })?;
         let http_addr = listener.local_addr()?;
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE_MAX);
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             node_id,
             read: RwLock::new(read),
-            peers: RwLock::new(cfg.peers.iter().map(|p| (p.id, PeerStatus::default())).collect()),
+            peers: RwLock::new(
+                cfg.peers
+                    .iter()
+                    .map(|p| (p.id, PeerStatus::default()))
+                    .collect(),
+            ),
             cmd: cmd_tx.clone(),
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
@@ -226,7 +243,9 @@ impl NodeHandle {
         tasks.push(tokio::spawn(async move {
             while let Some(ev) = ev_rx.recv().await {
                 if let TransportEvent::Refused { .. } = &ev {
-                    sh.metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    sh.metrics
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 if fwd.send(Cmd::Net(ev)).await.is_err() {
                     break;
@@ -319,7 +338,11 @@ impl NodeHandle {
 
 pub fn peer_entry(p: &PeerConfig) -> Option<PeerEntry> {
     match p.socket_addr() {
-        Some(addr) => Some(PeerEntry { name: p.name.clone(), id: p.id, addr }),
+        Some(addr) => Some(PeerEntry {
+            name: p.name.clone(),
+            id: p.id,
+            addr,
+        }),
         None => {
             tracing::warn!(peer = %p.name, addr = %p.addr, "peer address does not resolve; skipping it");
             None
@@ -327,7 +350,10 @@ pub fn peer_entry(p: &PeerConfig) -> Option<PeerEntry> {
     }
 }
 
-type Pending = (oneshot::Sender<Result<OpReply, OpError>>, Result<OpReply, OpError>);
+type Pending = (
+    oneshot::Sender<Result<OpReply, OpError>>,
+    Result<OpReply, OpError>,
+);
 
 fn engine_loop(
     shared: Arc<Shared>,
@@ -363,7 +389,9 @@ fn engine_loop(
     let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
     loop {
         cmds.clear();
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         cmds.push(first);
         while cmds.len() < BATCH_OPS_MAX {
             match rx.try_recv() {
@@ -383,7 +411,15 @@ fn engine_loop(
                     pending.push((reply, r));
                 }
                 Cmd::Query(q) => queries.push(q),
-                Cmd::Net(ev) => on_net(&mut engine, &store, &transport, &shared, &mut conns, ev, now),
+                Cmd::Net(ev) => on_net(
+                    &mut engine,
+                    &store,
+                    &transport,
+                    &shared,
+                    &mut conns,
+                    ev,
+                    now,
+                ),
                 Cmd::Tick => engine.tick(now),
                 Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
             }
@@ -396,18 +432,27 @@ fn engine_loop(
             let r = store.commit(&batch);
             let us = t.elapsed().as_micros() as u64;
             shared.metrics.commits.fetch_add(1, Ordering::Relaxed);
-            shared.metrics.commit_us_total.fetch_add(us, Ordering::Relaxed);
+            shared
+                .metrics
+                .commit_us_total
+                .fetch_add(us, Ordering::Relaxed);
             shared.metrics.commit_us_last.store(us, Ordering::Relaxed);
             match r {
                 Ok(()) => true,
                 Err(e) => {
-                    shared.metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .metrics
+                        .commit_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %format!("{e:#}"), "commit failed; reloading documents from disk");
                     false
                 }
             }
         };
-        shared.metrics.batch_ops_last.store(n_ops, Ordering::Relaxed);
+        shared
+            .metrics
+            .batch_ops_last
+            .store(n_ops, Ordering::Relaxed);
         if ok {
             engine.committed(now);
             publish(&shared, &engine, &batch.rows);
@@ -422,7 +467,9 @@ fn engine_loop(
         } else {
             for (tx, r) in pending {
                 let _ = tx.send(match r {
-                    Ok(_) => Err(OpError::Unavailable("the write could not be made durable (storage error); retry".into())),
+                    Ok(_) => Err(OpError::Unavailable(
+                        "the write could not be made durable (storage error); retry".into(),
+                    )),
                     Err(e) => Err(e),
                 });
             }
@@ -472,7 +519,12 @@ fn on_net(
     now: u64,
 ) {
     match ev {
-        TransportEvent::PeerUp { peer, conn_id, name, .. } => {
+        TransportEvent::PeerUp {
+            peer,
+            conn_id,
+            name,
+            ..
+        } => {
             if conns.insert(peer, conn_id).is_some() {
                 engine.peer_down(peer);
             }
@@ -480,14 +532,22 @@ fn on_net(
             let states = store.sync_states(&peer).unwrap_or_default();
             engine.peer_up(peer, states, now);
         }
-        TransportEvent::PeerDown { peer, conn_id, reason } => {
+        TransportEvent::PeerDown {
+            peer,
+            conn_id,
+            reason,
+        } => {
             if conns.get(&peer) == Some(&conn_id) {
                 conns.remove(&peer);
                 engine.peer_down(peer);
                 tracing::info!(peer = %peer.hex(), reason, "peer disconnected");
             }
         }
-        TransportEvent::Frame { peer, conn_id, body } => {
+        TransportEvent::Frame {
+            peer,
+            conn_id,
+            body,
+        } => {
             if conns.get(&peer) != Some(&conn_id) {
                 return;
             }
@@ -500,7 +560,11 @@ fn on_net(
                 engine.peer_down(peer);
             }
         }
-        TransportEvent::Refused { addr, node_id, reason } => {
+        TransportEvent::Refused {
+            addr,
+            node_id,
+            reason,
+        } => {
             tracing::warn!(%addr, node_id = node_id.as_deref().unwrap_or("?"), reason, "connection refused");
         }
     }
@@ -517,7 +581,11 @@ fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), StockRow)])
         .views
         .nodes
         .values()
-        .filter_map(|i| i.location.clone().map(|l| (l, (i.name.clone(), i.policy.clone()))))
+        .filter_map(|i| {
+            i.location
+                .clone()
+                .map(|l| (l, (i.name.clone(), i.policy.clone())))
+        })
         .collect();
     r.last_heard = engine.last_heard_by_location();
     r.synced = r.synced || engine.synced_with_any() || shared.cfg.peers.is_empty();
@@ -529,11 +597,14 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
     let m = &shared.metrics;
     m.ops_ok.store(s.ops_ok, Ordering::Relaxed);
     m.ops_refused.store(s.ops_refused, Ordering::Relaxed);
-    m.sync_messages_in.store(s.sync_messages_in, Ordering::Relaxed);
-    m.sync_messages_out.store(s.sync_messages_out, Ordering::Relaxed);
+    m.sync_messages_in
+        .store(s.sync_messages_in, Ordering::Relaxed);
+    m.sync_messages_out
+        .store(s.sync_messages_out, Ordering::Relaxed);
     m.sync_bytes_in.store(s.sync_bytes_in, Ordering::Relaxed);
     m.sync_bytes_out.store(s.sync_bytes_out, Ordering::Relaxed);
-    m.rejected_messages.store(s.rejected_messages, Ordering::Relaxed);
+    m.rejected_messages
+        .store(s.rejected_messages, Ordering::Relaxed);
     m.forks_detected.store(s.forks_detected, Ordering::Relaxed);
     let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
     for (id, st) in peers.iter_mut() {

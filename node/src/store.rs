@@ -1076,7 +1076,7 @@ mod tests {
     #[test]
     fn crash_at_any_point_keeps_every_acknowledged_operation_and_no_failed_one() {
         let (mut acked, mut failed, mut unsynced) = (0, 0, 0);
-        for seed in 0..12 {
+        for seed in 0..32 {
             let (a, f, u) = crash_run(seed);
             acked += a;
             failed += f;

@@ -41,7 +41,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, ConnectionError, Endpoint, ReadExactError, RecvStream, SendStream, VarInt};
+use quinn::{
+    Connection, ConnectionError, Endpoint, ReadExactError, RecvStream, SendStream, VarInt,
+};
 use rand::Rng;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -299,7 +301,11 @@ impl Transport {
     ) -> anyhow::Result<Transport> {
         let our_id = cfg.identity.node_id;
         if cfg.hello.node_id != our_id.hex() {
-            bail!("transport hello carries node id {} but the identity is {}", cfg.hello.node_id, our_id);
+            bail!(
+                "transport hello carries node id {} but the identity is {}",
+                cfg.hello.node_id,
+                our_id
+            );
         }
         if cfg.keep_alive.is_zero() || cfg.keep_alive >= cfg.idle_timeout {
             bail!(
@@ -468,8 +474,7 @@ impl Transport {
         info!(peer = %peer, blocked, "peer block changed");
         if let Some(live) = closing {
             set_note(&live.note, "blocked");
-            live.conn
-                .close(VarInt::from_u32(CLOSE_BLOCKED), b"blocked");
+            live.conn.close(VarInt::from_u32(CLOSE_BLOCKED), b"blocked");
         }
     }
 
@@ -801,7 +806,8 @@ impl Inner {
 
     fn status(&self, peer: NodeId) -> PeerStatus {
         let st = self.lock();
-        if st.shutting_down {
+        // Without an event receiver nobody can use a connection: stop dialing.
+        if st.shutting_down || self.events.is_closed() {
             return PeerStatus::Shutdown;
         }
         match st.peers.get(&peer) {
@@ -867,7 +873,11 @@ impl Inner {
                     if self.may_log_refusal() {
                         error!(node_id = %id, %addr, "a peer presented this node's own key (cloned identity?)");
                     }
-                    self.emit_refused(addr, Some(id), "peer presented this node's own key (cloned identity?)".into());
+                    self.emit_refused(
+                        addr,
+                        Some(id),
+                        "peer presented this node's own key (cloned identity?)".into(),
+                    );
                 } else {
                     debug!(%addr, error = %te, "TLS handshake failed");
                 }
@@ -893,7 +903,10 @@ impl Inner {
     /// Refuses a connection whose hello failed the check.
     fn bad_hello(&self, conn: &Connection, addr: SocketAddr, peer: NodeId, reason: &str) {
         warn!(peer = %peer, %addr, reason, "refused a peer's hello");
-        conn.close(VarInt::from_u32(CLOSE_BAD_HELLO), truncate(reason).as_bytes());
+        conn.close(
+            VarInt::from_u32(CLOSE_BAD_HELLO),
+            truncate(reason).as_bytes(),
+        );
         self.emit_refused(addr, Some(peer), format!("bad hello: {reason}"));
     }
 
@@ -982,7 +995,9 @@ impl fmt::Display for FrameError {
 fn read_error(e: quinn::ReadError) -> FrameError {
     match e {
         quinn::ReadError::ConnectionLost(c) => FrameError::Conn(c),
-        quinn::ReadError::Reset(code) => FrameError::Other(format!("peer reset the stream (code {code})")),
+        quinn::ReadError::Reset(code) => {
+            FrameError::Other(format!("peer reset the stream (code {code})"))
+        }
         other => FrameError::Other(other.to_string()),
     }
 }
@@ -1032,7 +1047,9 @@ fn describe_close(e: &ConnectionError) -> String {
             let text = sanitize(&c.reason);
             match u32::try_from(c.error_code.into_inner()).unwrap_or(u32::MAX) {
                 CLOSE_SHUTDOWN => "peer shut down".into(),
-                CLOSE_DUPLICATE | CLOSE_REPLACED => "peer replaced this connection with another one".into(),
+                CLOSE_DUPLICATE | CLOSE_REPLACED => {
+                    "peer replaced this connection with another one".into()
+                }
                 CLOSE_BLOCKED => "peer blocks this node".into(),
                 CLOSE_PROTOCOL => format!("peer saw a protocol violation: {text}"),
                 code => format!("closed by peer (code {code}): {text}"),
@@ -1167,8 +1184,10 @@ async fn register(inner: &Arc<Inner>, c: &Candidate) -> Result<Registration, Str
                 if let Some(old) = replaced {
                     debug!(peer = %c.peer, old = old.conn_id, new = c.conn_id, "replacing connection");
                     set_note(&old.note, "replaced by a newer connection");
-                    old.conn
-                        .close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a newer connection");
+                    old.conn.close(
+                        VarInt::from_u32(CLOSE_REPLACED),
+                        b"replaced by a newer connection",
+                    );
                 }
                 return Ok(reg);
             }
@@ -1207,15 +1226,20 @@ async fn register(inner: &Arc<Inner>, c: &Candidate) -> Result<Registration, Str
                 // The old connection no longer answers: the peer restarted.
                 if let Some(gone) = inner.unregister(c.peer, old_id) {
                     info!(peer = %c.peer, old = old_id, "previous connection stopped answering; peer restarted");
-                    set_note(&gone.note, "peer restarted (previous connection stopped answering)");
+                    set_note(
+                        &gone.note,
+                        "peer restarted (previous connection stopped answering)",
+                    );
                     gone.conn
                         .close(VarInt::from_u32(CLOSE_GONE), b"superseded by a new process");
                 }
             }
         }
     }
-    c.conn
-        .close(VarInt::from_u32(CLOSE_DUPLICATE), b"connection state kept changing");
+    c.conn.close(
+        VarInt::from_u32(CLOSE_DUPLICATE),
+        b"connection state kept changing",
+    );
     Err("connection state kept changing".into())
 }
 
@@ -1361,13 +1385,18 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), 
     if tls_id != peer {
         let reason = format!("expected node {peer} at {addr} but node {tls_id} answered");
         warn!(peer = %peer, %addr, found = %tls_id, "a different node answered at the peer's address");
-        conn.close(VarInt::from_u32(CLOSE_UNEXPECTED_PEER), b"unexpected node id");
+        conn.close(
+            VarInt::from_u32(CLOSE_UNEXPECTED_PEER),
+            b"unexpected node id",
+        );
         inner.emit_refused(addr, Some(tls_id), reason.clone());
         return Err(reason);
     }
     let hello = timeout(HELLO_TIMEOUT, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(FrameError::Conn)?;
-        send.write_all(&inner.hello_frame).await.map_err(write_error)?;
+        send.write_all(&inner.hello_frame)
+            .await
+            .map_err(write_error)?;
         let body = read_frame(&mut recv, HELLO_BYTES_MAX).await?;
         Ok::<_, FrameError>((send, recv, body))
     })
@@ -1410,7 +1439,14 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), 
         hello: their,
     };
     let reg = register(inner, &candidate).await?;
-    tokio::spawn(run_connection(inner.clone(), candidate, send, recv, false, reg));
+    tokio::spawn(run_connection(
+        inner.clone(),
+        candidate,
+        send,
+        recv,
+        false,
+        reg,
+    ));
     Ok(())
 }
 
@@ -1471,7 +1507,10 @@ async fn run_connection(
     let (code, reason) = match failure {
         Some(f) => (CLOSE_PROTOCOL, f),
         None if announced => read_loop(&inner, peer, conn_id, &conn, &mut recv).await,
-        None => (CLOSE_REPLACED, "superseded before it was announced".to_string()),
+        None => (
+            CLOSE_REPLACED,
+            "superseded before it was announced".to_string(),
+        ),
     };
     inner.unregister(peer, conn_id);
     conn.close(VarInt::from_u32(code), truncate(&reason).as_bytes());
@@ -1740,22 +1779,26 @@ mod tests {
             let mut open: Option<u64> = None;
             for ev in &self.log {
                 match ev {
-                    PeerUp { peer: p, conn_id, .. } if *p == peer => {
+                    PeerUp {
+                        peer: p, conn_id, ..
+                    } if *p == peer => {
                         if let Some(o) = open {
                             return Err(format!("PeerUp {conn_id} while {o} is up"));
                         }
                         open = Some(*conn_id);
                     }
-                    PeerDown { peer: p, conn_id, .. } if *p == peer => {
+                    PeerDown {
+                        peer: p, conn_id, ..
+                    } if *p == peer => {
                         if open != Some(*conn_id) {
                             return Err(format!("PeerDown {conn_id} but up is {open:?}"));
                         }
                         open = None;
                     }
-                    Frame { peer: p, conn_id, .. } if *p == peer => {
-                        if open != Some(*conn_id) {
-                            return Err(format!("Frame on {conn_id} but up is {open:?}"));
-                        }
+                    Frame {
+                        peer: p, conn_id, ..
+                    } if *p == peer && open != Some(*conn_id) => {
+                        return Err(format!("Frame on {conn_id} but up is {open:?}"));
                     }
                     _ => {}
                 }
@@ -1774,7 +1817,9 @@ mod tests {
             self.log
                 .iter()
                 .filter_map(|e| match e {
-                    Refused { node_id, reason, .. } => Some((node_id.clone(), reason.clone())),
+                    Refused {
+                        node_id, reason, ..
+                    } => Some((node_id.clone(), reason.clone())),
                     _ => None,
                 })
                 .collect()
@@ -1797,17 +1842,31 @@ mod tests {
     /// One side's view of a settled pair: exactly one QUIC connection, announced
     /// once, and the same connection on both ends.
     fn settled(x: &Node, y: &Node) -> Result<(), String> {
-        let (cx, dx) = x.live(y.id).ok_or(format!("{} has no live connection", x.name))?;
-        let (cy, dy) = y.live(x.id).ok_or(format!("{} has no live connection", y.name))?;
+        let (cx, dx) = x
+            .live(y.id)
+            .ok_or(format!("{} has no live connection", x.name))?;
+        let (cy, dy) = y
+            .live(x.id)
+            .ok_or(format!("{} has no live connection", y.name))?;
         if dx == dy {
-            return Err(format!("{} and {} hold different connections", x.name, y.name));
+            return Err(format!(
+                "{} and {} hold different connections",
+                x.name, y.name
+            ));
         }
         for (n, c, other) in [(x, cx, y), (y, cy, x)] {
             if n.open_connections() != 1 {
-                return Err(format!("{} has {} QUIC connections", n.name, n.open_connections()));
+                return Err(format!(
+                    "{} has {} QUIC connections",
+                    n.name,
+                    n.open_connections()
+                ));
             }
             if n.lifecycle(other.id)? != Some(c) {
-                return Err(format!("{}: last PeerUp is not live connection {c}", n.name));
+                return Err(format!(
+                    "{}: last PeerUp is not live connection {c}",
+                    n.name
+                ));
             }
             if n.t.connected() != vec![other.id] {
                 return Err(format!("{}: connected() = {:?}", n.name, n.t.connected()));
@@ -1858,23 +1917,34 @@ mod tests {
 
     async fn expect_text(n: &mut Node, from: NodeId, text: &str) {
         let ev = n
-            .wait_for(&format!("frame {text:?}"), |e| matches!(e, Frame { peer, .. } if *peer == from))
+            .wait_for(
+                &format!("frame {text:?}"),
+                |e| matches!(e, Frame { peer, .. } if *peer == from),
+            )
             .await;
-        let Frame { body, .. } = ev else { unreachable!() };
+        let Frame { body, .. } = ev else {
+            unreachable!()
+        };
         assert_eq!(wire::decode_frame::<String>(&body).unwrap(), text);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_nodes_exchange_frames_both_ways() {
         logs();
-        let (mut a, mut b, ia, ib) = pair().await;
-        let (a_up, b_up) = (a.lifecycle(b.id).unwrap().unwrap(), b.lifecycle(a.id).unwrap().unwrap());
+        let (mut a, mut b, _ia, ib) = pair().await;
+        let (a_up, b_up) = (
+            a.lifecycle(b.id).unwrap().unwrap(),
+            b.lifecycle(a.id).unwrap().unwrap(),
+        );
         let hello_seen_by_a = a.log.iter().rev().find_map(|e| match e {
             PeerUp { hello, name, .. } => Some((hello.clone(), name.clone())),
             _ => None,
         });
         let (h, name) = hello_seen_by_a.unwrap();
-        assert_eq!((h.nonce, h.node_id.as_str(), name.as_str()), (2, ib.node_id.hex().as_str(), "b"));
+        assert_eq!(
+            (h.nonce, h.node_id.as_str(), name.as_str()),
+            (2, ib.node_id.hex().as_str(), "b")
+        );
 
         for i in 0..200 {
             a.t.send(b.id, text_frame(&format!("a{i}"))).unwrap();
@@ -1885,8 +1955,14 @@ mod tests {
             expect_text(&mut a, b.id, &format!("b{i}")).await;
         }
         // Frames carry the live connection id.
-        assert!(a.log.iter().all(|e| !matches!(e, Frame { conn_id, .. } if *conn_id != a_up)));
-        assert!(b.log.iter().all(|e| !matches!(e, Frame { conn_id, .. } if *conn_id != b_up)));
+        assert!(a
+            .log
+            .iter()
+            .all(|e| !matches!(e, Frame { conn_id, .. } if *conn_id != a_up)));
+        assert!(b
+            .log
+            .iter()
+            .all(|e| !matches!(e, Frame { conn_id, .. } if *conn_id != b_up)));
 
         // The largest legal frame passes; anything malformed is refused locally.
         let mut big = vec![7u8; FRAME_BYTES_MAX];
@@ -1895,10 +1971,19 @@ mod tests {
         let ev = b.wait_for("big frame", |e| matches!(e, Frame { .. })).await;
         assert!(matches!(ev, Frame { body, .. } if body == big));
         big.push(0);
-        assert!(matches!(a.t.send(b.id, raw_frame(&big)), Err(SendError::InvalidFrame(_))));
-        assert!(matches!(a.t.send(b.id, vec![0, 0, 0, 9, 1]), Err(SendError::InvalidFrame(_))));
+        assert!(matches!(
+            a.t.send(b.id, raw_frame(&big)),
+            Err(SendError::InvalidFrame(_))
+        ));
+        assert!(matches!(
+            a.t.send(b.id, vec![0, 0, 0, 9, 1]),
+            Err(SendError::InvalidFrame(_))
+        ));
         let stranger = Identity::generate("x").unwrap().node_id;
-        assert_eq!(a.t.send(stranger, text_frame("x")), Err(SendError::NotConnected));
+        assert_eq!(
+            a.t.send(stranger, text_frame("x")),
+            Err(SendError::NotConnected)
+        );
 
         // Graceful shutdown delivers what was queued, then closes with a reason.
         for i in 0..50 {
@@ -1908,13 +1993,22 @@ mod tests {
         for i in 0..50 {
             expect_text(&mut b, a.id, &format!("last{i}")).await;
         }
-        let down = b.wait_for("PeerDown", |e| matches!(e, PeerDown { .. })).await;
-        assert!(matches!(&down, PeerDown { conn_id, reason, .. } if *conn_id == b_up && reason.contains("shut down")), "{down:?}");
-        let down = a.wait_for("own PeerDown", |e| matches!(e, PeerDown { .. })).await;
-        assert!(matches!(&down, PeerDown { reason, .. } if reason == "shutdown"), "{down:?}");
+        let down = b
+            .wait_for("PeerDown", |e| matches!(e, PeerDown { .. }))
+            .await;
+        assert!(
+            matches!(&down, PeerDown { conn_id, reason, .. } if *conn_id == b_up && reason.contains("shut down")),
+            "{down:?}"
+        );
+        let down = a
+            .wait_for("own PeerDown", |e| matches!(e, PeerDown { .. }))
+            .await;
+        assert!(
+            matches!(&down, PeerDown { reason, .. } if reason == "shutdown"),
+            "{down:?}"
+        );
         assert_eq!(a.t.send(b.id, text_frame("late")), Err(SendError::Shutdown));
         assert!(b.lifecycle(a.id).unwrap().is_none());
-        drop(ia);
         b.t.shutdown().await;
     }
 
@@ -1933,7 +2027,12 @@ mod tests {
         );
         let mut a = start(
             "a",
-            config(&ia, "a", 1, vec![entry("b", &ib, ab), entry("ghost", &ghost, ac)]),
+            config(
+                &ia,
+                "a",
+                1,
+                vec![entry("b", &ib, ab), entry("ghost", &ghost, ac)],
+            ),
             sa,
         )
         .await;
@@ -1944,14 +2043,26 @@ mod tests {
         let c_hex = ic.node_id.hex();
         // A dials C: A's server-certificate verifier rejects C's key.
         let ev = a
-            .wait_for("Refused C", |e| matches!(e, Refused { node_id: Some(n), .. } if *n == c_hex))
+            .wait_for(
+                "Refused C",
+                |e| matches!(e, Refused { node_id: Some(n), .. } if *n == c_hex),
+            )
             .await;
-        assert!(matches!(&ev, Refused { addr, reason, .. } if *addr == ac && reason.contains("unknown key")), "{ev:?}");
+        assert!(
+            matches!(&ev, Refused { addr, reason, .. } if *addr == ac && reason.contains("unknown key")),
+            "{ev:?}"
+        );
         // C dials B: B's client-certificate verifier rejects C's key.
         let ev = b
-            .wait_for("Refused C", |e| matches!(e, Refused { node_id: Some(n), .. } if *n == c_hex))
+            .wait_for(
+                "Refused C",
+                |e| matches!(e, Refused { node_id: Some(n), .. } if *n == c_hex),
+            )
             .await;
-        assert!(matches!(&ev, Refused { addr, reason, .. } if *addr == ac && reason.contains("unknown key")), "{ev:?}");
+        assert!(
+            matches!(&ev, Refused { addr, reason, .. } if *addr == ac && reason.contains("unknown key")),
+            "{ev:?}"
+        );
         // C learns that its certificate was rejected.
         c.wait_for("Refused at C", |e| matches!(e, Refused { reason, .. } if reason.contains("rejected this node's certificate")))
             .await;
@@ -1959,31 +2070,42 @@ mod tests {
         settle(&mut a, &mut b).await;
         a.t.send(b.id, text_frame("hi")).unwrap();
         expect_text(&mut b, a.id, "hi").await;
-        assert_eq!(c.t.send(b.id, text_frame("x")), Err(SendError::NotConnected));
-        assert_eq!(a.t.send(ghost.node_id, text_frame("x")), Err(SendError::NotConnected));
+        assert_eq!(
+            c.t.send(b.id, text_frame("x")),
+            Err(SendError::NotConnected)
+        );
+        assert_eq!(
+            a.t.send(ghost.node_id, text_frame("x")),
+            Err(SendError::NotConnected)
+        );
 
         // Let both of C's attempts repeat a few times, then check nothing leaked.
-        c.wait_for("another refusal", |e| matches!(e, Refused { .. })).await;
+        c.wait_for("another refusal", |e| matches!(e, Refused { .. }))
+            .await;
         a.drain();
         b.drain();
         c.drain();
-        assert!(c.log.iter().all(|e| matches!(e, Refused { .. })), "{:#?}", c.log);
+        assert!(
+            c.log.iter().all(|e| matches!(e, Refused { .. })),
+            "{:#?}",
+            c.log
+        );
         for n in [&a, &b] {
             assert!(n.log.iter().all(|e| match e {
-                PeerUp { peer, .. } | Frame { peer, .. } | PeerDown { peer, .. } => *peer != ic.node_id && *peer != ghost.node_id,
+                PeerUp { peer, .. } | Frame { peer, .. } | PeerDown { peer, .. } =>
+                    *peer != ic.node_id && *peer != ghost.node_id,
                 Refused { .. } => true,
             }));
         }
         assert!(c.t.connected().is_empty());
-        for n in [&a, &b, &c] {
-            n.t.shutdown().await;
-        }
+        tokio::join!(a.t.shutdown(), b.t.shutdown(), c.t.shutdown());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn simultaneous_dials_leave_exactly_one_connection() {
         logs();
         let mut raced = 0;
+        let mut stops = Vec::new();
         for round in 0..50 {
             let ia = Identity::generate("a").unwrap();
             let ib = Identity::generate("b").unwrap();
@@ -2015,7 +2137,13 @@ mod tests {
             {
                 raced += 1;
             }
-            tokio::join!(a.t.shutdown(), b.t.shutdown());
+            // Stopping this pair may overlap the next round: pairs share nothing.
+            stops.push(tokio::spawn(async move {
+                tokio::join!(a.t.shutdown(), b.t.shutdown());
+            }));
+        }
+        for s in stops {
+            s.await.unwrap();
         }
         eprintln!("rounds in which both dials reached registration on a node: {raced}/50");
     }
@@ -2025,7 +2153,10 @@ mod tests {
         logs();
         let (mut a, mut b, _ia, _ib) = pair().await;
         for (raw, expect) in [
-            (((FRAME_BYTES_MAX + 1) as u32).to_be_bytes().to_vec(), "exceeds"),
+            (
+                ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes().to_vec(),
+                "exceeds",
+            ),
             (vec![0, 0, 0, 0], "empty frame"),
         ] {
             let (b_conn, _) = b.live(a.id).unwrap();
@@ -2038,10 +2169,20 @@ mod tests {
                 let live = st.peers[&b.id].live.as_ref().unwrap();
                 live.tx.as_ref().unwrap().try_send(bytes).unwrap();
             }
-            let ev = b.wait_for("PeerDown", |e| matches!(e, PeerDown { .. })).await;
-            assert!(matches!(&ev, PeerDown { conn_id, reason, .. } if *conn_id == b_conn && reason.contains(expect)), "{ev:?}");
-            let ev = a.wait_for("PeerDown", |e| matches!(e, PeerDown { .. })).await;
-            assert!(matches!(&ev, PeerDown { conn_id, reason, .. } if *conn_id == a_conn && reason.contains("protocol violation")), "{ev:?}");
+            let ev = b
+                .wait_for("PeerDown", |e| matches!(e, PeerDown { .. }))
+                .await;
+            assert!(
+                matches!(&ev, PeerDown { conn_id, reason, .. } if *conn_id == b_conn && reason.contains(expect)),
+                "{ev:?}"
+            );
+            let ev = a
+                .wait_for("PeerDown", |e| matches!(e, PeerDown { .. }))
+                .await;
+            assert!(
+                matches!(&ev, PeerDown { conn_id, reason, .. } if *conn_id == a_conn && reason.contains("protocol violation")),
+                "{ev:?}"
+            );
             assert!(!b.log.iter().any(|e| matches!(e, Frame { .. })));
             // The supervisors reconnect.
             settle(&mut a, &mut b).await;
@@ -2062,16 +2203,31 @@ mod tests {
         // Same identity as B, another process (nonce).
         let mut clone = start(
             "clone",
-            config(&ib, "b", 99, vec![PeerEntry { name: "a".into(), id: a.id, addr: a_addr }]),
+            config(
+                &ib,
+                "b",
+                99,
+                vec![PeerEntry {
+                    name: "a".into(),
+                    id: a.id,
+                    addr: a_addr,
+                }],
+            ),
             bind(),
         )
         .await;
         let ev = a
             .wait_for("Refused clone", |e| matches!(e, Refused { reason, .. } if reason.contains("different process nonces")))
             .await;
-        assert!(matches!(&ev, Refused { node_id: Some(n), .. } if *n == ib.node_id.hex()), "{ev:?}");
+        assert!(
+            matches!(&ev, Refused { node_id: Some(n), .. } if *n == ib.node_id.hex()),
+            "{ev:?}"
+        );
         clone
-            .wait_for("clone told", |e| matches!(e, Refused { reason, .. } if reason.contains("cloned identity")))
+            .wait_for(
+                "clone told",
+                |e| matches!(e, Refused { reason, .. } if reason.contains("cloned identity")),
+            )
             .await;
 
         // The original connection is untouched and still carries frames.
@@ -2083,15 +2239,26 @@ mod tests {
         assert_eq!(a.ups(b.id), ups_before);
         assert!(!a.log[mark..].iter().any(|e| matches!(e, PeerDown { .. })));
         clone.drain();
-        assert!(!clone.log.iter().any(|e| matches!(e, PeerUp { .. } | Frame { .. })));
+        assert!(!clone
+            .log
+            .iter()
+            .any(|e| matches!(e, PeerUp { .. } | Frame { .. })));
 
         // Once the original is gone, the other process may connect.
         b.t.shutdown().await;
-        a.wait_for("original down", |e| matches!(e, PeerDown { conn_id, .. } if *conn_id == a_conn))
-            .await;
+        a.wait_for(
+            "original down",
+            |e| matches!(e, PeerDown { conn_id, .. } if *conn_id == a_conn),
+        )
+        .await;
         let ev = a.wait_for("clone up", |e| matches!(e, PeerUp { .. })).await;
-        assert!(matches!(&ev, PeerUp { hello, peer, .. } if hello.nonce == 99 && *peer == ib.node_id), "{ev:?}");
-        clone.wait_for("clone up", |e| matches!(e, PeerUp { .. })).await;
+        assert!(
+            matches!(&ev, PeerUp { hello, peer, .. } if hello.nonce == 99 && *peer == ib.node_id),
+            "{ev:?}"
+        );
+        clone
+            .wait_for("clone up", |e| matches!(e, PeerUp { .. }))
+            .await;
         tokio::join!(a.t.shutdown(), clone.t.shutdown());
     }
 
@@ -2133,12 +2300,19 @@ mod tests {
         let mut a = start("a", config(&ia, "a", 1, vec![entry("b", &ib, proxy)]), sa).await;
         let mut b = start(
             "b",
-            config(&ib, "b", 2, vec![entry("a", &ia, black_hole.local_addr().unwrap())]),
+            config(
+                &ib,
+                "b",
+                2,
+                vec![entry("a", &ia, black_hole.local_addr().unwrap())],
+            ),
             sb,
         )
         .await;
         let old = a.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
-        let PeerUp { conn_id: old, .. } = old else { unreachable!() };
+        let PeerUp { conn_id: old, .. } = old else {
+            unreachable!()
+        };
         b.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
 
         // B's process "dies": its packets stop, nothing says goodbye.
@@ -2146,10 +2320,18 @@ mod tests {
         b.kill();
         // B restarts (same identity, new nonce) and dials A directly.
         let mut b2 = start("b2", config(&ib, "b", 3, vec![entry("a", &ia, aa)]), bind()).await;
-        let ev = a.wait_for("old down", |e| matches!(e, PeerDown { .. })).await;
-        assert!(matches!(&ev, PeerDown { conn_id, reason, .. } if *conn_id == old && reason.contains("restarted")), "{ev:?}");
+        let ev = a
+            .wait_for("old down", |e| matches!(e, PeerDown { .. }))
+            .await;
+        assert!(
+            matches!(&ev, PeerDown { conn_id, reason, .. } if *conn_id == old && reason.contains("restarted")),
+            "{ev:?}"
+        );
         let ev = a.wait_for("new up", |e| matches!(e, PeerUp { .. })).await;
-        assert!(matches!(&ev, PeerUp { hello, .. } if hello.nonce == 3), "{ev:?}");
+        assert!(
+            matches!(&ev, PeerUp { hello, .. } if hello.nonce == 3),
+            "{ev:?}"
+        );
         b2.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
         assert!(a.refused().is_empty(), "{:?}", a.refused());
         a.t.send(ib.node_id, text_frame("welcome back")).unwrap();
@@ -2164,11 +2346,20 @@ mod tests {
         let (mut a, mut b, _ia, _ib) = pair().await;
         a.t.set_blocked(b.id, true);
         assert!(a.t.connected().is_empty());
-        assert_eq!(a.t.send(b.id, text_frame("x")), Err(SendError::NotConnected));
+        assert_eq!(
+            a.t.send(b.id, text_frame("x")),
+            Err(SendError::NotConnected)
+        );
         let ev = a.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
-        assert!(matches!(&ev, PeerDown { reason, .. } if reason == "blocked"), "{ev:?}");
+        assert!(
+            matches!(&ev, PeerDown { reason, .. } if reason == "blocked"),
+            "{ev:?}"
+        );
         let ev = b.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
-        assert!(matches!(&ev, PeerDown { reason, .. } if reason.contains("blocks")), "{ev:?}");
+        assert!(
+            matches!(&ev, PeerDown { reason, .. } if reason.contains("blocks")),
+            "{ev:?}"
+        );
 
         // B keeps dialing (every 20-200 ms) and is turned away each time.
         let window = Instant::now() + Duration::from_millis(400);
@@ -2184,7 +2375,11 @@ mod tests {
         let unblocked = Instant::now();
         a.t.set_blocked(b.id, false);
         settle(&mut a, &mut b).await;
-        assert!(unblocked.elapsed() < Duration::from_secs(2), "{:?}", unblocked.elapsed());
+        assert!(
+            unblocked.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            unblocked.elapsed()
+        );
         b.t.send(a.id, text_frame("back")).unwrap();
         expect_text(&mut a, b.id, "back").await;
         tokio::join!(a.t.shutdown(), b.t.shutdown());
@@ -2202,8 +2397,11 @@ mod tests {
         let mut a = start("a", config(&ia, "a", 1, vec![entry("b", &ib, ab)]), sa).await;
         let mut b = start("b", cb, sb).await;
         for n in [&mut a, &mut b] {
-            n.wait_for("bucket refusal", |e| matches!(e, Refused { reason, .. } if reason.contains("buckets")))
-                .await;
+            n.wait_for(
+                "bucket refusal",
+                |e| matches!(e, Refused { reason, .. } if reason.contains("buckets")),
+            )
+            .await;
         }
         a.drain();
         b.drain();
@@ -2218,7 +2416,10 @@ mod tests {
         let mut cfg = config(&ia, "a", 1, vec![]);
         cfg.listen = taken.local_addr().unwrap();
         let (tx, _rx) = mpsc::channel(8);
-        let err = Transport::start(cfg.clone(), tx.clone()).await.unwrap_err().to_string();
+        let err = Transport::start(cfg.clone(), tx.clone())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("address in use"), "{err}");
         cfg.keep_alive = cfg.idle_timeout;
         cfg.listen = "127.0.0.1:0".parse().unwrap();
@@ -2235,6 +2436,9 @@ mod tests {
         let text = err.to_string();
         assert_eq!(rejected_key(&text, UNKNOWN_KEY_MARKER), Some(id));
         assert_eq!(rejected_key(&text, OWN_KEY_MARKER), None);
-        assert_eq!(rejected_key("unknown peer key zz", UNKNOWN_KEY_MARKER), None);
+        assert_eq!(
+            rejected_key("unknown peer key zz", UNKNOWN_KEY_MARKER),
+            None
+        );
     }
 }

@@ -204,7 +204,11 @@ impl Engine {
             .iter()
             .filter_map(|(tag, info)| {
                 let loc = info.location.clone()?;
-                let t = if *tag == self.tag { u64::MAX } else { *self.last_heard.get(tag)? };
+                let t = if *tag == self.tag {
+                    u64::MAX
+                } else {
+                    *self.last_heard.get(tag)?
+                };
                 Some((loc, t))
             })
             .collect()
