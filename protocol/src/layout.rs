@@ -59,7 +59,10 @@ impl DocId {
                 let month: u32 = month
                     .parse()
                     .map_err(|_| format!("bad month in {text:?}"))?;
-                if !(190001..=999912).contains(&month) || month % 100 == 0 || month % 100 > 12 {
+                if !(190001..=999912).contains(&month)
+                    || month.is_multiple_of(100)
+                    || month % 100 > 12
+                {
                     return Err(format!("bad month in {text:?}"));
                 }
                 Ok(DocId::Records { tag, month })

@@ -369,8 +369,11 @@ impl Engine {
                 if digests.len() != GROUPS {
                     return Err(format!("groups message with {} entries", digests.len()));
                 }
-                for g in 0..GROUPS {
-                    if digests[g] != self.digest.groups[g] {
+                let differing: Vec<usize> = (0..GROUPS)
+                    .filter(|g| digests[*g] != self.digest.groups[*g])
+                    .collect();
+                for g in differing {
+                    {
                         let entries: Vec<(String, u64)> = self
                             .docs
                             .iter()

@@ -80,9 +80,12 @@ fn loc(i: usize) -> String {
     format!("loc{i}")
 }
 
+/// (node, product, location, actor).
+type CellKey = (usize, u64, String, ActorKey);
+
 struct Checker {
-    /// (node, product, location, actor) → (received, removed, Σ granted) last seen.
-    cells: HashMap<(usize, u64, String, ActorKey), (u64, u64, u64)>,
+    /// Cell key → (received, removed, Σ granted) last seen.
+    cells: HashMap<CellKey, (u64, u64, u64)>,
 }
 
 impl Checker {
