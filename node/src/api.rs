@@ -411,11 +411,18 @@ async fn inventory(
     }
     if let Some(l) = location {
         if !can_read {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "listings need a token with the 'read' scope",
-            );
+            return match who {
+                Caller::Anonymous => error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "listings need a token with the 'read' scope",
+                ),
+                Caller::Token(_) => error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this token lacks the 'read' scope",
+                ),
+            };
         }
         let after = match q.get("after").map(|a| parse_u64("after", a)).transpose() {
             Ok(a) => a.unwrap_or(0),
