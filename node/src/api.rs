@@ -49,6 +49,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(customer_get).put(customer_put).delete(customer_delete),
         )
         .route("/api/customers/{id}/redeem", post(customer_redeem))
+        .route(
+            "/api/products/{product_id}",
+            get(product_get).put(product_put),
+        )
+        .route("/api/adjustments", post(adjustments).get(adjustments_list))
+        .route("/api/transfers", post(transfers))
+        .route("/api/transfers/{id}", get(transfer_get))
+        .route("/api/transfers/{id}/receive", post(transfer_receive))
+        .route("/api/changes", get(changes))
+        .route("/api/inventory/stream", get(stream))
+        .route("/api/customers/segment", get(segment))
         .route("/api/peers", get(peers))
         .route("/api/overdrafts", get(overdrafts))
         .route("/api/documents", get(documents))
@@ -329,7 +340,7 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
             .map(|(l, row)| {
                 let policy = r.locations.get(l).map(|(_, p)| p.clone()).unwrap_or_else(|| "strict".into());
                 let heard = r.last_heard.get(l).map(|t| if *t == u64::MAX { 0 } else { now.saturating_sub(*t) / 1000 });
-                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": 0, "incoming": 0, "policy": policy, "last_heard_s": heard})
+                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": 0, "incoming": row.incoming, "policy": policy, "last_heard_s": heard})
             })
             .collect();
         v["locations"] = Value::Array(locs);
@@ -387,6 +398,41 @@ async fn inventory(
                 "not_found",
                 format!("unknown product {p}"),
             ),
+        };
+    }
+    for (field, by_barcode) in [("sku", false), ("barcode", true)] {
+        let Some(code) = q.get(field).cloned() else {
+            continue;
+        };
+        if code.is_empty() || code.len() > 128 {
+            return bad(format!("{field} must be 1-128 characters"));
+        }
+        let ids = sh
+            .query(move |e| {
+                let index = if by_barcode {
+                    &e.views.by_barcode
+                } else {
+                    &e.views.by_sku
+                };
+                index
+                    .get(&code)
+                    .map(|s| s.iter().copied().collect::<Vec<u64>>())
+                    .unwrap_or_default()
+            })
+            .await
+            .unwrap_or_default();
+        let items: Vec<Value> = ids
+            .iter()
+            .filter_map(|p| product_json(&sh, *p, location, can_read))
+            .collect();
+        return match items.len() {
+            0 => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown {field}"),
+            ),
+            1 => axum::Json(items.into_iter().next().unwrap_or(Value::Null)).into_response(),
+            _ => axum::Json(json!({"items": items})).into_response(),
         };
     }
     if let Some(list) = q.get("product_ids") {
@@ -485,6 +531,8 @@ write_handler!(returns, Scope::Sell, ops::Return, Op::Return);
 write_handler!(receipts, Scope::Stock, ops::Receipt, Op::Receipt);
 write_handler!(counts, Scope::Stock, ops::Count, Op::Count);
 write_handler!(grants, Scope::Stock, ops::Grant, Op::Grant);
+write_handler!(adjustments, Scope::Stock, ops::Adjustment, Op::Adjustment);
+write_handler!(transfers, Scope::Stock, ops::Transfer, Op::Transfer);
 
 async fn sale_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Sell) {
@@ -706,4 +754,299 @@ async fn openapi() -> Response {
         include_str!("../../openapi.yaml"),
     )
         .into_response()
+}
+
+async fn product_put(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Stock) {
+        return r;
+    }
+    let product_id = match parse_u64("product_id", &id) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let update: ops::ProductUpdate = match parse_json(&bytes) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    write_op(&sh, Op::ProductPut { product_id, update }).await
+}
+
+async fn product_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let product_id = match parse_u64("product_id", &id) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match sh.query(move |e| e.views.products.get(&product_id).cloned()).await.flatten() {
+        Some(v) => axum::Json(json!({"product_id": product_id, "sku": v.sku, "barcodes": v.barcodes, "external_ids": v.external_ids, "name": v.name, "conflicts": v.conflicts})).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", format!("product {product_id} is not in the catalogue")),
+    }
+}
+
+async fn adjustments_list(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let Some(loc) = q.get("location").cloned() else {
+        return bad("location is required");
+    };
+    if let Err(e) = validate_name("location", &loc) {
+        return bad(e);
+    }
+    let items = sh
+        .query(move |e| {
+            let mut v: Vec<Value> = e
+                .views
+                .adjustments
+                .get(&loc)
+                .map(|s| s.iter().filter_map(|(d, k)| e.record(d, k)).collect())
+                .unwrap_or_default();
+            v.sort_by_key(|r| std::cmp::Reverse(r["at_ms"].as_u64().unwrap_or(0)));
+            v.truncate(PAGE_MAX);
+            v
+        })
+        .await
+        .unwrap_or_default();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn transfer_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    match sh
+        .query(move |e| e.views.transfers.get(&id).cloned().map(|t| (id, t)))
+        .await
+        .flatten()
+    {
+        Some((id, t)) => {
+            let lines: Vec<Value> = t
+                .sent
+                .iter()
+                .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+                .collect();
+            axum::Json(json!({"transfer_id": id, "from": t.from, "to": t.to, "lines": lines, "status": if t.received { "received" } else { "in_transit" }})).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, "not_found", "unknown transfer"),
+    }
+}
+
+async fn transfer_receive(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Stock) {
+        return r;
+    }
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut req: ops::TransferReceive = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        ops::TransferReceive {
+            transfer_id: String::new(),
+            lines: Vec::new(),
+            occurred_at: None,
+        }
+    } else {
+        match parse_json(&bytes) {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+    if !req.transfer_id.is_empty() && req.transfer_id != id {
+        return bad("transfer_id in the body differs from the path");
+    }
+    req.transfer_id = id;
+    write_op(&sh, Op::TransferReceive(req)).await
+}
+
+fn change_json(p: u64, l: &str, row: &storemesh_protocol::views::StockRow) -> Value {
+    json!({"product_id": p, "location": l, "on_hand": row.on_hand, "available": row.available, "incoming": row.incoming, "seq": row.seq})
+}
+
+/// Items changed since `cursor` (exclusive), oldest first, at most `limit`.
+fn changes_since(sh: &Shared, cursor: u64, limit: usize) -> (Vec<Value>, u64) {
+    let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
+    let mut items = Vec::new();
+    let mut last = cursor;
+    for (seq, (p, l)) in r.by_seq.range(cursor + 1..).take(limit) {
+        if let Some(row) = r.rows.get(p).and_then(|m| m.get(l)) {
+            items.push(change_json(*p, l, row));
+        }
+        last = *seq;
+    }
+    (items, last)
+}
+
+async fn changes(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let cursor = match q.get("cursor").map(|c| parse_u64("cursor", c)).transpose() {
+        Ok(c) => c.unwrap_or(0),
+        Err(r) => return r,
+    };
+    let limit = match q.get("limit").map(|c| parse_u64("limit", c)).transpose() {
+        Ok(c) => (c.unwrap_or(100) as usize).clamp(1, PAGE_MAX),
+        Err(r) => return r,
+    };
+    let (items, next) = changes_since(&sh, cursor, limit);
+    axum::Json(json!({"items": items, "cursor": next.to_string()})).into_response()
+}
+
+async fn stream(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let cursor = match q.get("cursor").map(|c| parse_u64("cursor", c)).transpose() {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    // Subscribe first, then replay the backlog: nothing falls in between.
+    let rx = sh.changes.subscribe();
+    let backlog: Vec<Value> = match cursor {
+        Some(c) => changes_since(&sh, c, usize::MAX).0,
+        None => Vec::new(),
+    };
+    let first = futures_util::stream::iter(backlog.into_iter().map(|v| {
+        Ok::<Event, std::convert::Infallible>(Event::default().event("change").data(v.to_string()))
+    }));
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(rows) => {
+                    let events: Vec<Result<Event, std::convert::Infallible>> = rows
+                        .iter()
+                        .map(|(p, l, row)| {
+                            Ok(Event::default()
+                                .event("change")
+                                .data(change_json(*p, l, row).to_string()))
+                        })
+                        .collect();
+                    return Some((futures_util::stream::iter(events), rx));
+                }
+                // A slow consumer missed events: tell it to resync with /api/changes.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let ev = vec![Ok(Event::default().event("lagged").data(n.to_string()))];
+                    return Some((futures_util::stream::iter(ev), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    Sse::new(first.chain(live.flatten()))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn segment(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let scopes = match require(&sh, &headers, Scope::Customers) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let admin = scopes.contains(&Scope::Admin);
+    let since_ms = match q.get("since") {
+        Some(t) => match storemesh_protocol::time::parse_rfc3339_ms(t) {
+            Some(ms) => ms,
+            None => return bad("since must be RFC 3339 with an offset"),
+        },
+        None => 0,
+    };
+    let location = q.get("location").cloned();
+    if let Some(l) = &location {
+        if let Err(e) = validate_name("location", l) {
+            return bad(e);
+        }
+    }
+    // Only consenting customers unless an admin asks for everyone.
+    let include_all = admin
+        && q.get("marketing_consent")
+            .map(|v| v == "false" || v == "any")
+            .unwrap_or(false);
+    let after = q.get("after").cloned().unwrap_or_default();
+    let limit = match q.get("limit").map(|c| parse_u64("limit", c)).transpose() {
+        Ok(c) => (c.unwrap_or(100) as usize).clamp(1, PAGE_MAX),
+        Err(r) => return r,
+    };
+    let bought = match (q.get("bought"), q.get("sku")) {
+        (Some(b), _) => match parse_u64("bought", b) {
+            Ok(p) => Ok(p),
+            Err(r) => return r,
+        },
+        (None, Some(sku)) => Err(sku.clone()),
+        (None, None) => return bad("give bought=PRODUCT_ID or sku=SKU"),
+    };
+    let res = sh
+        .query(move |e| {
+            let product = match bought {
+                Ok(p) => Some(p),
+                Err(sku) => e.views.by_sku.get(&sku).and_then(|s| s.first().copied()),
+            };
+            let product = product?;
+            let rows = e.segment(product, since_ms, location.as_deref(), include_all);
+            let items: Vec<Value> = rows
+                .into_iter()
+                .filter(|(c, _)| c.as_str() > after.as_str())
+                .take(limit + 1)
+                .map(|(c, purchases)| {
+                    let v = e.views.customers.get(&c).cloned().unwrap_or_default();
+                    let mut out = json!({"customer_id": c, "purchases": purchases});
+                    for f in ["name", "email", "phone", "marketing_consent"] {
+                        if let Some(x) = v.profile.get(f) {
+                            out[f] = x.clone();
+                        }
+                    }
+                    out
+                })
+                .collect();
+            Some(items)
+        })
+        .await
+        .flatten();
+    let Some(mut items) = res else {
+        return error(StatusCode::NOT_FOUND, "not_found", "unknown sku");
+    };
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = if more {
+        items
+            .last()
+            .map(|v| v["customer_id"].clone())
+            .unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    axum::Json(json!({"items": items, "next_after": next})).into_response()
 }

@@ -59,6 +59,9 @@ pub struct ReadState {
     pub synced: bool,
     pub ready: bool,
     pub as_of_ms: u64,
+    /// Change feed: node-local sequence → (product, location) whose latest change it is.
+    pub by_seq: BTreeMap<u64, (u64, String)>,
+    pub seq_max: u64,
 }
 
 /// Per-peer figures for `/api/peers` and metrics.
@@ -97,6 +100,8 @@ pub struct Shared {
     pub cmd: mpsc::Sender<Cmd>,
     pub metrics: Metrics,
     pub shutting_down: AtomicBool,
+    /// Live change events for `GET /api/inventory/stream` (committed rows).
+    pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
 }
 
 impl Shared {
@@ -192,6 +197,8 @@ impl NodeHandle {
         // Reads are served from the persisted view before documents load.
         let mut read = ReadState::default();
         for ((p, l), row) in store.load_rows()? {
+            read.seq_max = read.seq_max.max(row.seq);
+            read.by_seq.insert(row.seq, (p, l.clone()));
             read.rows.entry(p).or_default().insert(l, row);
         }
         let http_addr = cfg.http_socket()?;
@@ -219,6 +226,7 @@ impl NodeHandle {
             cmd: cmd_tx.clone(),
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
+            changes: tokio::sync::broadcast::channel(1024).0,
         });
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -371,7 +379,8 @@ fn engine_loop(
         }
     };
     // Persist what opening produced (the directory entry) before serving.
-    let first = engine.flush(now_ms());
+    let mut first = engine.flush(now_ms());
+    number_rows(&shared, &mut first);
     if let Err(e) = store.commit(&first) {
         let _ = ready.send(Err(e.context("cannot write to the database")));
         return;
@@ -424,7 +433,8 @@ fn engine_loop(
                 Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
             }
         }
-        let batch = engine.flush(now);
+        let mut batch = engine.flush(now);
+        number_rows(&shared, &mut batch);
         let ok = if batch.is_empty() {
             true
         } else {
@@ -571,11 +581,31 @@ fn on_net(
     let _ = shared;
 }
 
+/// Gives every changed row of a batch the next change-feed sequence number
+/// (persisted with the row, so cursors survive restarts).
+fn number_rows(shared: &Shared, batch: &mut storemesh_protocol::Batch) {
+    let mut next = shared.read.read().map(|r| r.seq_max).unwrap_or(0);
+    for (_, row) in batch.rows.iter_mut() {
+        next += 1;
+        row.seq = next;
+    }
+}
+
 /// Publishes committed rows and derived state to HTTP readers.
 fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), StockRow)]) {
     let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
+    let mut events = Vec::with_capacity(rows.len());
     for ((p, l), row) in rows {
-        r.rows.entry(*p).or_default().insert(l.clone(), *row);
+        let old = r.rows.entry(*p).or_default().insert(l.clone(), *row);
+        if let Some(old) = old {
+            r.by_seq.remove(&old.seq);
+        }
+        r.by_seq.insert(row.seq, (*p, l.clone()));
+        r.seq_max = r.seq_max.max(row.seq);
+        events.push((*p, l.clone(), *row));
+    }
+    if !events.is_empty() {
+        let _ = shared.changes.send(events);
     }
     r.locations = engine
         .views

@@ -638,6 +638,7 @@ mod tests {
                             StockRow {
                                 on_hand: 5,
                                 available: 3,
+                                ..Default::default()
                             },
                         ),
                         (
@@ -645,6 +646,7 @@ mod tests {
                             StockRow {
                                 on_hand: -1,
                                 available: 0,
+                                ..Default::default()
                             },
                         ),
                     ],
@@ -664,6 +666,7 @@ mod tests {
                         StockRow {
                             on_hand: 4,
                             available: 2,
+                            ..Default::default()
                         },
                     )],
                     ..Batch::default()
@@ -683,14 +686,16 @@ mod tests {
                     (7, "loc-a".to_string()),
                     StockRow {
                         on_hand: 4,
-                        available: 2
+                        available: 2,
+                        ..Default::default()
                     }
                 ),
                 (
                     (7, "loc-b".to_string()),
                     StockRow {
                         on_hand: -1,
-                        available: 0
+                        available: 0,
+                        ..Default::default()
                     }
                 ),
             ]
@@ -731,6 +736,7 @@ mod tests {
                 StockRow {
                     on_hand: 1,
                     available: 1,
+                    ..Default::default()
                 },
             )],
             idem: vec![("sale/s9".into(), rec(9))],
@@ -863,6 +869,7 @@ mod tests {
             receipt_id: id.into(),
             location: LOC.into(),
             lines: vec![QtyLine {
+                sku: None,
                 product_id: p,
                 quantity: q,
             }],
@@ -880,6 +887,7 @@ mod tests {
             customer_id: None,
             currency: None,
             lines: vec![SaleLine {
+                sku: None,
                 product_id: p,
                 quantity: q,
                 unit_price: None,

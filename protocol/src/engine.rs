@@ -309,7 +309,7 @@ impl Engine {
         })
     }
 
-    fn put(&mut self, doc: DocId, key: String, value: ScalarValue) {
+    pub(crate) fn put(&mut self, doc: DocId, key: String, value: ScalarValue) {
         self.slot(&doc).puts.push((key, value));
     }
 
@@ -320,7 +320,7 @@ impl Engine {
         }
     }
 
-    fn records_doc(&self, now_ms: u64) -> DocId {
+    pub(crate) fn records_doc(&self, now_ms: u64) -> DocId {
         DocId::Records {
             tag: self.tag,
             month: month_of(now_ms),
@@ -329,7 +329,7 @@ impl Engine {
 
     /// Raises one of this actor's cumulative cells by `add`, in the view (the
     /// overlay the next checks see) and as a pending document write.
-    fn bump(
+    pub(crate) fn bump(
         &mut self,
         product: u64,
         location: &str,
@@ -370,6 +370,10 @@ impl Engine {
         Ok(())
     }
 
+    pub(crate) fn touch_row(&mut self, product: u64, location: &str) {
+        self.pending_rows.insert((product, location.to_string()));
+    }
+
     /// The rights this node holds on (product, location), including the pending batch.
     pub fn rights(&self, product: u64, location: &str) -> i64 {
         self.views
@@ -395,16 +399,20 @@ impl Engine {
     }
 
     pub fn row(&self, product: u64, location: &str) -> StockRow {
-        self.views
+        let (on_hand, available) = self
+            .views
             .entry(product, location)
-            .map(|e| StockRow {
-                on_hand: e.on_hand(),
-                available: e.rights(self.tag).max(0),
-            })
-            .unwrap_or_default()
+            .map(|e| (e.on_hand(), e.rights(self.tag).max(0)))
+            .unwrap_or((0, 0));
+        StockRow {
+            on_hand,
+            available,
+            incoming: self.incoming(product, location),
+            seq: 0,
+        }
     }
 
-    fn policy_of(&self, location: &str) -> Policy {
+    pub(crate) fn policy_of(&self, location: &str) -> Policy {
         if location == self.cfg.location {
             return self.cfg.policy;
         }
@@ -419,9 +427,12 @@ impl Engine {
         now_ms: u64,
         idem: &dyn Fn(&str) -> Option<IdemRecord>,
     ) -> Result<OpReply, OpError> {
+        // The hash is of the request as the client sent it (SKUs unresolved).
+        let hash = op_hash(&op);
+        let mut op = op;
+        self.resolve_skus(&mut op)?;
         op.validate().map_err(OpError::BadRequest)?;
         let key = op.client_key();
-        let hash = op_hash(&op);
         if let Some(k) = &key {
             let prior = self.pending_idem.get(k).cloned().or_else(|| idem(k));
             if let Some(rec) = prior {
@@ -453,6 +464,10 @@ impl Engine {
                 customer_id,
                 redeem,
             } => self.redeem(&customer_id, redeem),
+            Op::Adjustment(a) => self.adjustment(a, now_ms),
+            Op::Transfer(t) => self.transfer(t, now_ms),
+            Op::TransferReceive(t) => self.transfer_receive(t, now_ms),
+            Op::ProductPut { product_id, update } => self.product_put(product_id, update),
         };
         match &result {
             Ok(reply) => {
@@ -472,19 +487,25 @@ impl Engine {
         result
     }
 
-    fn reply(status: u16, body: serde_json::Value) -> OpReply {
+    pub(crate) fn reply(status: u16, body: serde_json::Value) -> OpReply {
         OpReply {
             status,
             body: body.to_string(),
         }
     }
 
-    fn line_json(&self, product: u64) -> serde_json::Value {
+    pub(crate) fn line_json(&self, product: u64) -> serde_json::Value {
         let (stock_level, available) = self.totals(product, None).unwrap_or((0, 0));
         serde_json::json!({"product_id": product, "stock_level": stock_level, "available": available})
     }
 
-    fn write_record(&mut self, kind: RecordKind, id: &str, record: serde_json::Value, now_ms: u64) {
+    pub(crate) fn write_record(
+        &mut self,
+        kind: RecordKind,
+        id: &str,
+        record: serde_json::Value,
+        now_ms: u64,
+    ) {
         let doc = self.records_doc(now_ms);
         let key = record_key(kind, id);
         let json = record.to_string();
@@ -596,6 +617,10 @@ impl Engine {
     }
 
     fn ret(&mut self, r: crate::ops::Return, now_ms: u64) -> Result<OpReply, OpError> {
+        let verified = match &r.original_sale_id {
+            Some(orig) => self.check_over_return(orig, &r)?,
+            None => false,
+        };
         let restock = sum_lines(
             r.lines
                 .iter()
@@ -606,7 +631,7 @@ impl Engine {
         for (p, q) in &restock {
             self.bump(*p, &r.location, LedgerField::Received, *q)?;
         }
-        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "customer_id": r.customer_id, "lines": r.lines, "at_ms": now_ms});
+        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "sale_verified": verified, "customer_id": r.customer_id, "lines": r.lines, "at_ms": now_ms});
         self.write_record(RecordKind::Return, &r.return_id, record, now_ms);
         let out: Vec<serde_json::Value> = r
             .lines
@@ -636,7 +661,7 @@ impl Engine {
 
     /// On hand of (product, location) in this node's view as of `at_ms`, from the
     /// heads log of the ledger document.
-    fn on_hand_at(&self, product: u64, location: &str, at_ms: u64) -> i64 {
+    pub(crate) fn on_hand_at(&self, product: u64, location: &str, at_ms: u64) -> i64 {
         let doc_id = self.ledger_doc(product, location).encode();
         let Some(slot) = self.docs.get(&doc_id) else {
             return 0;
@@ -664,8 +689,25 @@ impl Engine {
             })?,
             None => now_ms,
         };
+        let mut lines = c.lines.clone();
+        if c.scope == Some(crate::ops::CountScope::Full) {
+            // A full count also says "zero" for every product of the location it did not list.
+            let listed: BTreeSet<u64> = lines.iter().map(|l| l.product_id).collect();
+            let mut others: Vec<u64> = self
+                .views
+                .stock
+                .iter()
+                .filter(|(p, m)| !listed.contains(p) && m.contains_key(&c.location))
+                .map(|(p, _)| *p)
+                .collect();
+            others.sort_unstable();
+            lines.extend(others.into_iter().map(|p| crate::ops::CountLine {
+                product_id: p,
+                counted: 0,
+            }));
+        }
         let mut out_lines = Vec::new();
-        for l in &c.lines {
+        for l in &lines {
             // The basis is the view as of the count; counts "now" include the pending batch.
             let basis = if at_ms >= now_ms {
                 self.views
@@ -1082,6 +1124,7 @@ impl Engine {
                     self.note_record(id, &k, &json);
                 }
             }
+            DocId::Products { .. } => self.recompute_products(id, keys),
             DocId::Customers { .. } => {
                 let custs: BTreeSet<String> = keys
                     .iter()
@@ -1116,7 +1159,7 @@ impl Engine {
     }
 
     /// Indexes a record (sale → customer history and sale lookup; alarms).
-    fn note_record(&mut self, doc: &str, key: &str, json: &str) {
+    pub(crate) fn note_record(&mut self, doc: &str, key: &str, json: &str) {
         let Ok((kind, id)) = layout::parse_record_key(key) else {
             return;
         };
@@ -1128,6 +1171,7 @@ impl Engine {
             .and_then(|n| n.as_str())
             .unwrap_or("")
             .to_string();
+        self.note_retail_record(kind, id, doc, key, &v);
         match kind {
             RecordKind::Sale => {
                 self.views

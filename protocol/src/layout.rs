@@ -23,6 +23,7 @@ pub enum DocId {
     Ledger { location: String, bucket: u32 },
     Records { tag: NodeTag, month: u32 },
     Customers { bucket: u32 },
+    Products { bucket: u32 },
 }
 
 impl DocId {
@@ -32,6 +33,7 @@ impl DocId {
             DocId::Ledger { location, bucket } => format!("ledger/{location}/{bucket}"),
             DocId::Records { tag, month } => format!("rec/{tag}/{month}"),
             DocId::Customers { bucket } => format!("cust/{bucket}"),
+            DocId::Products { bucket } => format!("prod/{bucket}"),
         }
     }
 
@@ -68,6 +70,7 @@ impl DocId {
                 Ok(DocId::Records { tag, month })
             }
             ["cust", b] => Ok(DocId::Customers { bucket: bucket(b)? }),
+            ["prod", b] => Ok(DocId::Products { bucket: bucket(b)? }),
             _ => Err(format!("unknown document id {text:?}")),
         }
     }
@@ -151,6 +154,10 @@ pub enum RecordKind {
     Overdraft,
     Deficit,
     Fork,
+    Adjustment,
+    Transfer,
+    TransferReceipt,
+    Redeem,
 }
 
 impl RecordKind {
@@ -164,6 +171,10 @@ impl RecordKind {
             RecordKind::Overdraft => "ovd",
             RecordKind::Deficit => "def",
             RecordKind::Fork => "fork",
+            RecordKind::Adjustment => "adj",
+            RecordKind::Transfer => "trf",
+            RecordKind::TransferReceipt => "trr",
+            RecordKind::Redeem => "rdm",
         }
     }
     pub fn parse(prefix: &str) -> Option<RecordKind> {
@@ -176,6 +187,10 @@ impl RecordKind {
             "ovd" => RecordKind::Overdraft,
             "def" => RecordKind::Deficit,
             "fork" => RecordKind::Fork,
+            "adj" => RecordKind::Adjustment,
+            "trf" => RecordKind::Transfer,
+            "trr" => RecordKind::TransferReceipt,
+            "rdm" => RecordKind::Redeem,
             _ => return None,
         })
     }
@@ -246,6 +261,25 @@ impl CustomerKey {
     }
 }
 
+/// Catalogue fields a product document may hold (`<product>/<field>`).
+pub const PRODUCT_FIELDS: [&str; 4] = ["sku", "barcodes", "external_ids", "name"];
+
+pub fn product_key(product: u64, field: &str) -> String {
+    format!("{product}/{field}")
+}
+
+pub fn parse_product_key(key: &str) -> Result<(u64, &str), String> {
+    let (p, field) = key
+        .split_once('/')
+        .ok_or_else(|| format!("bad product key {key:?}"))?;
+    let product: u64 = p.parse().map_err(|_| format!("bad product key {key:?}"))?;
+    validate_product_id("product", product)?;
+    if product.to_string() != p || !PRODUCT_FIELDS.contains(&field) {
+        return Err(format!("bad product key {key:?}"));
+    }
+    Ok((product, field))
+}
+
 /// Range of every key of one customer in its bucket document.
 pub fn customer_range(customer: &str) -> std::ops::Range<String> {
     // '0' follows '/' in ASCII.
@@ -291,6 +325,7 @@ mod tests {
                 month: 202611,
             },
             DocId::Customers { bucket: 63 },
+            DocId::Products { bucket: 1 },
         ] {
             assert_eq!(DocId::parse(&d.encode(), 64).unwrap(), d);
         }

@@ -22,7 +22,11 @@ pub const TAGS_MAX: usize = 32;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaleLine {
+    #[serde(default)]
     pub product_id: u64,
+    /// Alternative to `product_id`: resolved through the product catalogue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
     pub quantity: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_price: Option<i64>,
@@ -89,7 +93,10 @@ pub struct Return {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QtyLine {
+    #[serde(default)]
     pub product_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
     pub quantity: u64,
 }
 
@@ -120,6 +127,9 @@ pub struct CountLine {
 #[serde(deny_unknown_fields)]
 pub struct Count {
     pub count_id: String,
+    /// `full`: every product of the location that is not counted is set to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<CountScope>,
     pub location: String,
     /// Milliseconds since the Unix epoch; the node parses RFC 3339 before this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +137,84 @@ pub struct Count {
     pub lines: Vec<CountLine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staff_id: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountScope {
+    Partial,
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdjustmentReason {
+    Damaged,
+    Shrinkage,
+    Correction,
+    Promotion,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentLine {
+    #[serde(default)]
+    pub product_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    /// Units removed (damaged, shrinkage, promotion); for `correction` a signed
+    /// change (negative removes).
+    pub quantity: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adjustment {
+    pub adjustment_id: String,
+    pub location: String,
+    pub reason: AdjustmentReason,
+    pub lines: Vec<AdjustmentLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    pub transfer_id: String,
+    pub from: String,
+    pub to: String,
+    pub lines: Vec<QtyLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferReceive {
+    #[serde(default)]
+    pub transfer_id: String,
+    pub lines: Vec<QtyLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+}
+
+/// The catalogue entry of a product (partial update; `None` leaves a field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub barcodes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_ids: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +269,13 @@ pub enum Op {
         customer_id: String,
         redeem: Redeem,
     },
+    Adjustment(Adjustment),
+    Transfer(Transfer),
+    TransferReceive(TransferReceive),
+    ProductPut {
+        product_id: u64,
+        update: ProductUpdate,
+    },
 }
 
 impl Op {
@@ -194,7 +289,10 @@ impl Op {
             Op::Count(c) => Some(format!("cnt/{}", c.count_id)),
             Op::Grant(g) => Some(format!("grt/{}", g.grant_id)),
             Op::Redeem { redeem, .. } => Some(format!("rdm/{}", redeem.redeem_id)),
-            Op::CustomerPut { .. } | Op::CustomerErase { .. } => None,
+            Op::Adjustment(a) => Some(format!("adj/{}", a.adjustment_id)),
+            Op::Transfer(t) => Some(format!("trf/{}", t.transfer_id)),
+            Op::TransferReceive(t) => Some(format!("trr/{}", t.transfer_id)),
+            Op::CustomerPut { .. } | Op::CustomerErase { .. } | Op::ProductPut { .. } => None,
         }
     }
 
@@ -303,8 +401,93 @@ impl Op {
                 validate_client_id("redeem_id", &redeem.redeem_id)?;
                 validate_quantity("points", redeem.points)
             }
+            Op::Adjustment(a) => {
+                validate_client_id("adjustment_id", &a.adjustment_id)?;
+                validate_name("location", &a.location)?;
+                lines_len(a.lines.len())?;
+                for (i, l) in a.lines.iter().enumerate() {
+                    validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
+                    let q = l.quantity;
+                    if q == 0 || q.unsigned_abs() > crate::ids::QUANTITY_MAX {
+                        return Err(format!(
+                            "lines[{i}].quantity must be a non-zero integer within ±1000000000"
+                        ));
+                    }
+                    if q < 0 && a.reason != AdjustmentReason::Correction {
+                        return Err(format!(
+                            "lines[{i}].quantity: only a correction may be negative; give the units removed"
+                        ));
+                    }
+                }
+                opt_text("note", &a.note)?;
+                opt_text("staff_id", &a.staff_id)
+            }
+            Op::Transfer(t) => {
+                validate_client_id("transfer_id", &t.transfer_id)?;
+                validate_name("from", &t.from)?;
+                validate_name("to", &t.to)?;
+                if t.from == t.to {
+                    return Err("from and to must be different locations".into());
+                }
+                qty_lines(&t.lines)
+            }
+            Op::TransferReceive(t) => {
+                validate_client_id("transfer_id", &t.transfer_id)?;
+                if t.lines.len() > LINES_MAX {
+                    return Err(format!("lines must hold at most {LINES_MAX} entries"));
+                }
+                for (i, l) in t.lines.iter().enumerate() {
+                    validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
+                    validate_counted(&format!("lines[{i}].quantity"), l.quantity)?;
+                }
+                Ok(())
+            }
+            Op::ProductPut { product_id, update } => {
+                validate_product_id("product_id", *product_id)?;
+                if let Some(s) = &update.sku {
+                    validate_client_id("sku", s)?;
+                }
+                if let Some(b) = &update.barcodes {
+                    if b.len() > 32 {
+                        return Err("barcodes: at most 32".into());
+                    }
+                    for code in b {
+                        let ok = !code.is_empty()
+                            && code.len() <= 64
+                            && code.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+                        if !ok {
+                            return Err(format!(
+                                "barcode {code:?} must be 1-64 letters or digits (kept as a string: leading zeros matter)"
+                            ));
+                        }
+                    }
+                }
+                if let Some(x) = &update.external_ids {
+                    let bad = x.len() > 32
+                        || x.iter().any(|(k, v)| {
+                            k.is_empty() || k.len() > 64 || v.is_empty() || v.len() > 128
+                        });
+                    if bad {
+                        return Err("external_ids: at most 32 entries of 1-64 character keys and 1-128 character values".into());
+                    }
+                }
+                opt_text("name", &update.name)?;
+                if *update == ProductUpdate::default() {
+                    return Err("no field to update (sku, barcodes, external_ids, name)".into());
+                }
+                Ok(())
+            }
         }
     }
+}
+
+fn qty_lines(lines: &[QtyLine]) -> Result<(), String> {
+    lines_len(lines.len())?;
+    for (i, l) in lines.iter().enumerate() {
+        validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
+        validate_quantity(&format!("lines[{i}].quantity"), l.quantity)?;
+    }
+    Ok(())
 }
 
 fn lines_len(n: usize) -> Result<(), String> {
@@ -350,6 +533,11 @@ pub enum OpError {
     IdConflict(String),
     NotOwner(String),
     Unavailable(String),
+    /// Another 409 with its own code (`over_return`, `sku_conflict`, …).
+    Conflict {
+        code: String,
+        message: String,
+    },
 }
 
 impl OpError {
@@ -357,7 +545,10 @@ impl OpError {
         match self {
             OpError::BadRequest(_) => 400,
             OpError::NotFound(_) => 404,
-            OpError::InsufficientStock(_) | OpError::IdConflict(_) | OpError::NotOwner(_) => 409,
+            OpError::InsufficientStock(_)
+            | OpError::IdConflict(_)
+            | OpError::NotOwner(_)
+            | OpError::Conflict { .. } => 409,
             OpError::Unavailable(_) => 503,
         }
     }
@@ -369,10 +560,14 @@ impl OpError {
             OpError::IdConflict(_) => "id_conflict",
             OpError::NotOwner(_) => "not_owner",
             OpError::Unavailable(_) => "unavailable",
+            OpError::Conflict { .. } => "conflict",
         }
     }
     /// The JSON error body of CONTRACT.md.
     pub fn body(&self) -> serde_json::Value {
+        if let OpError::Conflict { code, message } = self {
+            return serde_json::json!({ "error": code, "message": message });
+        }
         let mut v = serde_json::json!({ "error": self.code() });
         let message = match self {
             OpError::BadRequest(m)
@@ -380,6 +575,7 @@ impl OpError {
             | OpError::IdConflict(m)
             | OpError::NotOwner(m)
             | OpError::Unavailable(m) => m.clone(),
+            OpError::Conflict { message, .. } => message.clone(),
             OpError::InsufficientStock(lines) => {
                 v["lines"] = serde_json::to_value(lines).unwrap_or_default();
                 format!(

@@ -217,6 +217,19 @@ fn check_op(
                 _ => Err(format!("record {key:?} must be a JSON string up to 64 KiB")),
             }
         }
+        DocId::Products { bucket } => {
+            let (product, _) = crate::layout::parse_product_key(key)?;
+            if crate::ids::product_bucket(product, buckets) != *bucket {
+                return Err(format!(
+                    "product {product} does not belong in bucket {bucket}"
+                ));
+            }
+            match value {
+                None | Some(ScalarValue::Null) => Ok(()),
+                Some(ScalarValue::Str(s)) if s.len() <= 4096 => Ok(()),
+                _ => Err(format!("catalogue field {key:?} has an unsupported value")),
+            }
+        }
         DocId::Customers { .. } => match CustomerKey::parse(key)? {
             CustomerKey::Profile { .. } => match value {
                 None | Some(ScalarValue::Null) | Some(ScalarValue::Boolean(_)) => Ok(()),

@@ -20,6 +20,12 @@ pub struct StockRow {
     pub on_hand: i64,
     /// Rights this node holds there (what it can sell), never below 0 here.
     pub available: i64,
+    /// Units in transfers to this location that have not been received yet.
+    #[serde(default)]
+    pub incoming: i64,
+    /// Node-local change sequence (set by the node when it persists the row).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// Reads every cell of `product` from a ledger document.
@@ -184,6 +190,64 @@ pub struct Views {
     pub alarms: BTreeMap<(String, String), Alarm>,
     /// Names of configured peers, known before their directory entry arrives.
     pub configured: BTreeMap<String, NodeTag>,
+    /// The product catalogue.
+    pub products: HashMap<u64, ProductView>,
+    pub by_sku: HashMap<String, BTreeSet<u64>>,
+    pub by_barcode: HashMap<String, BTreeSet<u64>>,
+    /// transfer id → what was sent and whether it was received.
+    pub transfers: HashMap<String, TransferView>,
+    /// destination location → transfer ids (for `incoming`).
+    pub transfers_to: HashMap<String, BTreeSet<String>>,
+    /// original sale id → product → units returned against it.
+    pub returned: HashMap<String, BTreeMap<u64, u64>>,
+    /// location → (records document, key) of its adjustments.
+    pub adjustments: HashMap<String, BTreeSet<(String, String)>>,
+    /// product → purchases naming a customer: (at_ms, customer, location, sale id).
+    pub buyers: HashMap<u64, BTreeSet<(u64, String, String, String)>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductView {
+    pub sku: Option<String>,
+    pub barcodes: Vec<String>,
+    pub external_ids: BTreeMap<String, String>,
+    pub name: Option<String>,
+    /// Field → losing values of concurrent edits (e.g. two SKUs given at once).
+    pub conflicts: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferView {
+    pub from: String,
+    pub to: String,
+    /// Units sent per product (empty until the sender's record has arrived).
+    pub sent: BTreeMap<u64, u64>,
+    pub received: bool,
+}
+
+pub fn read_product(doc: &Automerge, product: u64) -> ProductView {
+    let mut v = ProductView::default();
+    for field in crate::layout::PRODUCT_FIELDS {
+        let key = crate::layout::product_key(product, field);
+        let Ok(all) = doc.get_all(ROOT, key.as_str()) else {
+            continue;
+        };
+        let mut vals: Vec<String> = all
+            .iter()
+            .filter_map(|(val, _)| val.as_str().map(|s| s.to_string()))
+            .collect();
+        let Some(win) = vals.pop() else { continue };
+        if !vals.is_empty() {
+            v.conflicts.insert(field.to_string(), vals);
+        }
+        match field {
+            "sku" => v.sku = Some(win),
+            "name" => v.name = Some(win),
+            "barcodes" => v.barcodes = serde_json::from_str(&win).unwrap_or_default(),
+            _ => v.external_ids = serde_json::from_str(&win).unwrap_or_default(),
+        }
+    }
+    v
 }
 
 impl Views {
@@ -212,6 +276,42 @@ impl Views {
             .iter()
             .find(|(_, i)| i.location.as_deref() == Some(location))
             .map(|(t, i)| (*t, i))
+    }
+
+    pub fn set_product(&mut self, product: u64, view: ProductView) {
+        if let Some(old) = self.products.get(&product) {
+            let old = old.clone();
+            for s in old
+                .sku
+                .iter()
+                .chain(old.conflicts.get("sku").into_iter().flatten())
+            {
+                if let Some(set) = self.by_sku.get_mut(s) {
+                    set.remove(&product);
+                    if set.is_empty() {
+                        self.by_sku.remove(s);
+                    }
+                }
+            }
+            for b in &old.barcodes {
+                if let Some(set) = self.by_barcode.get_mut(b) {
+                    set.remove(&product);
+                    if set.is_empty() {
+                        self.by_barcode.remove(b);
+                    }
+                }
+            }
+        }
+        for s in view.sku.iter() {
+            self.by_sku.entry(s.clone()).or_default().insert(product);
+        }
+        for b in &view.barcodes {
+            self.by_barcode
+                .entry(b.clone())
+                .or_default()
+                .insert(product);
+        }
+        self.products.insert(product, view);
     }
 
     pub fn set_customer(&mut self, id: &str, view: CustomerView) {

@@ -9,6 +9,7 @@ fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
         receipt_id: id.into(),
         location: loc.into(),
         lines: vec![QtyLine {
+            sku: None,
             product_id: p,
             quantity: q,
         }],
@@ -28,6 +29,7 @@ fn sale(id: &str, loc: Option<&str>, lines: &[(u64, u64)]) -> Op {
         lines: lines
             .iter()
             .map(|(p, q)| SaleLine {
+                sku: None,
                 product_id: *p,
                 quantity: *q,
                 unit_price: None,
@@ -141,6 +143,7 @@ fn count_is_applied_against_view_at_count_time() {
         .execute(
             0,
             Op::Count(Count {
+                scope: None,
                 count_id: "c1".into(),
                 location: "loc0".into(),
                 counted_at: Some(counted_at),
@@ -160,6 +163,7 @@ fn count_is_applied_against_view_at_count_time() {
         .execute(
             0,
             Op::Count(Count {
+                scope: None,
                 count_id: "c2".into(),
                 location: "elsewhere".into(),
                 counted_at: None,

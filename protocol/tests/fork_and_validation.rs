@@ -15,6 +15,7 @@ fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
         receipt_id: id.into(),
         location: loc.into(),
         lines: vec![QtyLine {
+            sku: None,
             product_id: p,
             quantity: q,
         }],
@@ -32,6 +33,7 @@ fn sale(id: &str, p: u64, q: u64) -> Op {
         customer_id: None,
         currency: None,
         lines: vec![SaleLine {
+            sku: None,
             product_id: p,
             quantity: q,
             unit_price: None,

@@ -173,6 +173,7 @@ fn run(actions: Vec<Action>) {
                     receipt_id: format!("r{seq}"),
                     location: loc(node),
                     lines: vec![QtyLine {
+                        sku: None,
                         product_id: product,
                         quantity: qty,
                     }],
@@ -197,6 +198,7 @@ fn run(actions: Vec<Action>) {
                     lines: lines
                         .iter()
                         .map(|(p, q)| SaleLine {
+                            sku: None,
                             product_id: *p,
                             quantity: *q,
                             unit_price: Some(100),
@@ -233,6 +235,7 @@ fn run(actions: Vec<Action>) {
                 &mut m,
                 node,
                 Op::Count(Count {
+                    scope: None,
                     count_id: format!("c{seq}"),
                     location: loc(node),
                     counted_at: None,

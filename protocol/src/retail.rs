@@ -1,0 +1,469 @@
+//! Retail operations on top of the ledger: the product catalogue (SKUs,
+//! barcodes), adjustments with reasons, transfers between locations, returns
+//! linked to sales, and the indexes behind marketing segments.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::ScalarValue;
+
+use crate::engine::Engine;
+use crate::ids::product_bucket;
+use crate::layout::{product_key, DocId, LedgerField, RecordKind};
+use crate::ops::{
+    sum_lines, Adjustment, AdjustmentReason, Op, OpError, OpReply, ProductUpdate, Return,
+    ShortLine, Transfer, TransferReceive,
+};
+use crate::views::{read_product, TransferView};
+
+impl Engine {
+    /// Replaces `sku` references in lines by product ids from the catalogue.
+    pub(crate) fn resolve_skus(&self, op: &mut Op) -> Result<(), OpError> {
+        let resolve = |pid: &mut u64, sku: &Option<String>, i: usize| -> Result<(), OpError> {
+            let Some(sku) = sku else { return Ok(()) };
+            let found = self
+                .views
+                .by_sku
+                .get(sku)
+                .filter(|s| s.len() == 1)
+                .and_then(|s| s.first().copied());
+            match found {
+                None => Err(OpError::BadRequest(format!(
+                    "lines[{i}].sku: unknown sku {sku:?}"
+                ))),
+                Some(p) if *pid != 0 && *pid != p => Err(OpError::BadRequest(format!(
+                    "lines[{i}]: sku {sku:?} is product {p}, not {pid}"
+                ))),
+                Some(p) => {
+                    *pid = p;
+                    Ok(())
+                }
+            }
+        };
+        match op {
+            Op::Sale(s) => {
+                for (i, l) in s.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
+            Op::Receipt(r) => {
+                for (i, l) in r.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
+            Op::Transfer(t) => {
+                for (i, l) in t.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
+            Op::TransferReceive(t) => {
+                for (i, l) in t.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
+            Op::Adjustment(a) => {
+                for (i, l) in a.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Refuses a return of more units than the original sale sold (minus earlier
+    /// returns). Returns whether the sale was known here.
+    pub(crate) fn check_over_return(&self, sale_id: &str, r: &Return) -> Result<bool, OpError> {
+        let Some((doc, key)) = self.views.sales.get(sale_id) else {
+            // Not synced here (yet): accepted, and recorded as unverified.
+            return Ok(false);
+        };
+        let record = self.record(doc, key).unwrap_or_default();
+        let mut sold: BTreeMap<u64, u64> = BTreeMap::new();
+        for l in record["lines"].as_array().into_iter().flatten() {
+            let p = l["product_id"].as_u64().unwrap_or(0);
+            *sold.entry(p).or_default() += l["quantity"].as_u64().unwrap_or(0);
+        }
+        let before = self
+            .views
+            .returned
+            .get(sale_id)
+            .cloned()
+            .unwrap_or_default();
+        let now = sum_lines(r.lines.iter().map(|l| (l.product_id, l.quantity)))
+            .map_err(OpError::BadRequest)?;
+        for (p, q) in now {
+            let s = sold.get(&p).copied().unwrap_or(0);
+            let b = before.get(&p).copied().unwrap_or(0);
+            if b + q > s {
+                return Err(OpError::Conflict {
+                    code: "over_return".into(),
+                    message: format!(
+                        "sale {sale_id} sold {s} of product {p}, {b} already returned; {q} more is too many"
+                    ),
+                });
+            }
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn adjustment(&mut self, a: Adjustment, now_ms: u64) -> Result<OpReply, OpError> {
+        let own = a.location == self.cfg.location;
+        let mut removals: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut additions: BTreeMap<u64, u64> = BTreeMap::new();
+        for l in &a.lines {
+            let target = if l.quantity < 0 {
+                &mut removals
+            } else if a.reason == AdjustmentReason::Correction {
+                &mut additions
+            } else {
+                &mut removals
+            };
+            let e = target.entry(l.product_id).or_default();
+            *e = e
+                .checked_add(l.quantity.unsigned_abs())
+                .ok_or_else(|| OpError::BadRequest("quantities overflow".into()))?;
+        }
+        // At its own location a node records physical loss even beyond its
+        // rights (a deficit, like a count); elsewhere it is strict.
+        if !own {
+            let short: Vec<ShortLine> = removals
+                .iter()
+                .filter_map(|(p, q)| {
+                    let avail = self.rights(*p, &a.location);
+                    (avail < *q as i64).then(|| ShortLine {
+                        product_id: *p,
+                        location: a.location.clone(),
+                        requested: *q,
+                        available: avail.max(0),
+                    })
+                })
+                .collect();
+            if !short.is_empty() {
+                return Err(OpError::InsufficientStock(short));
+            }
+        }
+        for (p, q) in &removals {
+            self.bump(*p, &a.location, LedgerField::Removed, *q)?;
+            let rights = self.rights(*p, &a.location);
+            if rights < 0 {
+                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": -rights, "at_ms": now_ms});
+                self.write_record(
+                    RecordKind::Deficit,
+                    &format!("{}.{p}", a.adjustment_id),
+                    rec,
+                    now_ms,
+                );
+            }
+        }
+        for (p, q) in &additions {
+            self.bump(*p, &a.location, LedgerField::Received, *q)?;
+        }
+        let record = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "reason": a.reason, "lines": a.lines, "note": a.note, "staff_id": a.staff_id, "occurred_at": a.occurred_at, "at_ms": now_ms});
+        self.write_record(RecordKind::Adjustment, &a.adjustment_id, record, now_ms);
+        let products: BTreeSet<u64> = a.lines.iter().map(|l| l.product_id).collect();
+        let out: Vec<serde_json::Value> = products.iter().map(|p| self.line_json(*p)).collect();
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "lines": out}),
+        ))
+    }
+
+    pub(crate) fn transfer(&mut self, t: Transfer, now_ms: u64) -> Result<OpReply, OpError> {
+        let lines = sum_lines(t.lines.iter().map(|l| (l.product_id, l.quantity)))
+            .map_err(OpError::BadRequest)?;
+        // Stock leaves `from` out of the sender's rights: strict everywhere.
+        let short: Vec<ShortLine> = lines
+            .iter()
+            .filter_map(|(p, q)| {
+                let avail = self.rights(*p, &t.from);
+                (avail < *q as i64).then(|| ShortLine {
+                    product_id: *p,
+                    location: t.from.clone(),
+                    requested: *q,
+                    available: avail.max(0),
+                })
+            })
+            .collect();
+        if !short.is_empty() {
+            return Err(OpError::InsufficientStock(short));
+        }
+        for (p, q) in &lines {
+            self.bump(*p, &t.from, LedgerField::Removed, *q)?;
+        }
+        let sent: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+            .collect();
+        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": t.from, "to": t.to, "lines": sent, "occurred_at": t.occurred_at, "at_ms": now_ms});
+        self.write_record(RecordKind::Transfer, &t.transfer_id, record, now_ms);
+        let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"transfer_id": t.transfer_id, "from": t.from, "to": t.to, "status": "in_transit", "lines": out}),
+        ))
+    }
+
+    pub(crate) fn transfer_receive(
+        &mut self,
+        t: TransferReceive,
+        now_ms: u64,
+    ) -> Result<OpReply, OpError> {
+        let Some(tv) = self
+            .views
+            .transfers
+            .get(&t.transfer_id)
+            .cloned()
+            .filter(|v| !v.sent.is_empty())
+        else {
+            return Err(OpError::NotFound(format!(
+                "unknown transfer {} (not synced to this node yet?)",
+                t.transfer_id
+            )));
+        };
+        if tv.received {
+            return Err(OpError::Conflict {
+                code: "already_received".into(),
+                message: format!("transfer {} was already received", t.transfer_id),
+            });
+        }
+        // No lines: everything arrived as sent.
+        let got: BTreeMap<u64, u64> = if t.lines.is_empty() {
+            tv.sent.clone()
+        } else {
+            sum_lines(t.lines.iter().map(|l| (l.product_id, l.quantity)))
+                .map_err(OpError::BadRequest)?
+        };
+        let products: BTreeSet<u64> = tv.sent.keys().chain(got.keys()).copied().collect();
+        let mut out = Vec::new();
+        for p in products {
+            let sent = tv.sent.get(&p).copied().unwrap_or(0);
+            let received = got.get(&p).copied().unwrap_or(0);
+            if received > 0 {
+                self.bump(p, &tv.to, LedgerField::Received, received)?;
+            }
+            // Units that never arrived already left `from`: they are shrinkage.
+            out.push(serde_json::json!({"product_id": p, "sent": sent, "received": received, "shrinkage": sent.saturating_sub(received), "over": received.saturating_sub(sent)}));
+        }
+        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": tv.from, "to": tv.to, "lines": out, "occurred_at": t.occurred_at, "at_ms": now_ms});
+        self.write_record(RecordKind::TransferReceipt, &t.transfer_id, record, now_ms);
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"transfer_id": t.transfer_id, "status": "received", "lines": out}),
+        ))
+    }
+
+    pub(crate) fn product_put(
+        &mut self,
+        product: u64,
+        u: ProductUpdate,
+    ) -> Result<OpReply, OpError> {
+        if let Some(sku) = &u.sku {
+            if let Some(other) = self
+                .views
+                .by_sku
+                .get(sku)
+                .and_then(|s| s.iter().find(|p| **p != product))
+            {
+                return Err(OpError::Conflict {
+                    code: "sku_conflict".into(),
+                    message: format!("sku {sku:?} already belongs to product {other}; SKUs are unique across the chain"),
+                });
+            }
+        }
+        let doc = DocId::Products {
+            bucket: product_bucket(product, self.cfg.buckets),
+        };
+        let mut view = self
+            .views
+            .products
+            .get(&product)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(s) = u.sku {
+            view.sku = Some(s.clone());
+            view.conflicts.remove("sku");
+            self.put(
+                doc.clone(),
+                product_key(product, "sku"),
+                ScalarValue::Str(s.into()),
+            );
+        }
+        if let Some(b) = u.barcodes {
+            let json = serde_json::to_string(&b).unwrap_or_default();
+            view.barcodes = b;
+            view.conflicts.remove("barcodes");
+            self.put(
+                doc.clone(),
+                product_key(product, "barcodes"),
+                ScalarValue::Str(json.into()),
+            );
+        }
+        if let Some(x) = u.external_ids {
+            let json = serde_json::to_string(&x).unwrap_or_default();
+            view.external_ids = x;
+            view.conflicts.remove("external_ids");
+            self.put(
+                doc.clone(),
+                product_key(product, "external_ids"),
+                ScalarValue::Str(json.into()),
+            );
+        }
+        if let Some(n) = u.name {
+            view.name = Some(n.clone());
+            view.conflicts.remove("name");
+            self.put(
+                doc,
+                product_key(product, "name"),
+                ScalarValue::Str(n.into()),
+            );
+        }
+        self.views.set_product(product, view.clone());
+        Ok(Engine::reply(
+            200,
+            serde_json::json!({"product_id": product, "sku": view.sku, "barcodes": view.barcodes, "external_ids": view.external_ids, "name": view.name}),
+        ))
+    }
+
+    pub(crate) fn recompute_products(&mut self, id: &str, keys: &BTreeSet<String>) {
+        let products: BTreeSet<u64> = keys
+            .iter()
+            .filter_map(|k| crate::layout::parse_product_key(k).ok())
+            .map(|(p, _)| p)
+            .collect();
+        for p in products {
+            let Some(doc) = self.doc(id) else { return };
+            let view = read_product(doc, p);
+            self.views.set_product(p, view);
+        }
+    }
+
+    /// Units in unreceived transfers to `location`.
+    pub fn incoming(&self, product: u64, location: &str) -> i64 {
+        self.views
+            .transfers_to
+            .get(location)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| self.views.transfers.get(id))
+                    .filter(|t| !t.received)
+                    .map(|t| t.sent.get(&product).copied().unwrap_or(0) as i64)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Indexes the retail records (transfers, returns, adjustments, buyers).
+    pub(crate) fn note_retail_record(
+        &mut self,
+        kind: RecordKind,
+        id: &str,
+        doc: &str,
+        key: &str,
+        v: &serde_json::Value,
+    ) {
+        match kind {
+            RecordKind::Transfer | RecordKind::TransferReceipt => {
+                let from = v["from"].as_str().unwrap_or("").to_string();
+                let to = v["to"].as_str().unwrap_or("").to_string();
+                let t = self
+                    .views
+                    .transfers
+                    .entry(id.to_string())
+                    .or_insert_with(TransferView::default);
+                t.from = from;
+                t.to = to.clone();
+                if kind == RecordKind::Transfer {
+                    for l in v["lines"].as_array().into_iter().flatten() {
+                        t.sent.insert(
+                            l["product_id"].as_u64().unwrap_or(0),
+                            l["quantity"].as_u64().unwrap_or(0),
+                        );
+                    }
+                } else {
+                    t.received = true;
+                }
+                let products: Vec<u64> = t.sent.keys().copied().collect();
+                self.views
+                    .transfers_to
+                    .entry(to.clone())
+                    .or_default()
+                    .insert(id.to_string());
+                for p in products {
+                    self.touch_row(p, &to);
+                }
+            }
+            RecordKind::Return => {
+                if let Some(orig) = v["original_sale_id"].as_str() {
+                    let m = self.views.returned.entry(orig.to_string()).or_default();
+                    for l in v["lines"].as_array().into_iter().flatten() {
+                        *m.entry(l["product_id"].as_u64().unwrap_or(0)).or_default() +=
+                            l["quantity"].as_u64().unwrap_or(0);
+                    }
+                }
+            }
+            RecordKind::Adjustment => {
+                let loc = v["location"].as_str().unwrap_or("").to_string();
+                self.views
+                    .adjustments
+                    .entry(loc)
+                    .or_default()
+                    .insert((doc.to_string(), key.to_string()));
+            }
+            RecordKind::Sale => {
+                if let Some(c) = v["customer_id"].as_str() {
+                    let at = v["at_ms"].as_u64().unwrap_or(0);
+                    let loc = v["location"].as_str().unwrap_or("").to_string();
+                    for l in v["lines"].as_array().into_iter().flatten() {
+                        let p = l["product_id"].as_u64().unwrap_or(0);
+                        self.views.buyers.entry(p).or_default().insert((
+                            at,
+                            c.to_string(),
+                            loc.clone(),
+                            id.to_string(),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Customers who bought `product` since `since_ms` (optionally at a
+    /// location), with their matching purchases; consenting ones only unless
+    /// `include_all`. Erased customers never appear.
+    pub fn segment(
+        &self,
+        product: u64,
+        since_ms: u64,
+        location: Option<&str>,
+        include_all: bool,
+    ) -> Vec<(String, Vec<serde_json::Value>)> {
+        let mut out: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        let Some(buys) = self.views.buyers.get(&product) else {
+            return Vec::new();
+        };
+        for (at, customer, loc, sale_id) in
+            buys.range((since_ms, String::new(), String::new(), String::new())..)
+        {
+            if location.is_some_and(|l| l != loc) {
+                continue;
+            }
+            let Some(c) = self.views.customers.get(customer) else {
+                continue;
+            };
+            if c.erased {
+                continue;
+            }
+            let consent = c
+                .profile
+                .get("marketing_consent")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            if !consent && !include_all {
+                continue;
+            }
+            out.entry(customer.clone()).or_default().push(serde_json::json!({"sale_id": sale_id, "location": loc, "at": crate::time::format_rfc3339_ms(*at)}));
+        }
+        out.into_iter().collect()
+    }
+}
