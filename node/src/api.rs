@@ -26,6 +26,8 @@ use crate::node::{now_ms, Shared};
 
 /// Products in one `product_ids` read, at most.
 pub const PRODUCT_IDS_MAX: usize = 250;
+/// Largest stock file accepted by `POST /api/imports/counts`.
+pub const IMPORT_BYTES_MAX: usize = 128 << 20;
 /// Page size of listings, at most.
 pub const PAGE_MAX: usize = 1000;
 
@@ -57,6 +59,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/transfers", post(transfers))
         .route("/api/transfers/{id}", get(transfer_get))
         .route("/api/transfers/{id}/receive", post(transfer_receive))
+        .route(
+            "/api/imports/counts",
+            post(import_counts).layer(DefaultBodyLimit::max(IMPORT_BYTES_MAX)),
+        )
+        .route("/api/exports/inventory", get(export_inventory))
         .route("/api/changes", get(changes))
         .route("/api/inventory/stream", get(stream))
         .route("/api/customers/segment", get(segment))
@@ -939,27 +946,22 @@ async fn stream(
         Ok::<Event, std::convert::Infallible>(Event::default().event("change").data(v.to_string()))
     }));
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(rows) => {
-                    let events: Vec<Result<Event, std::convert::Infallible>> = rows
-                        .iter()
-                        .map(|(p, l, row)| {
-                            Ok(Event::default()
-                                .event("change")
-                                .data(change_json(*p, l, row).to_string()))
-                        })
-                        .collect();
-                    return Some((futures_util::stream::iter(events), rx));
-                }
-                // A slow consumer missed events: tell it to resync with /api/changes.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let ev = vec![Ok(Event::default().event("lagged").data(n.to_string()))];
-                    return Some((futures_util::stream::iter(ev), rx));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        let events: Vec<Result<Event, std::convert::Infallible>> = match rx.recv().await {
+            Ok(rows) => rows
+                .iter()
+                .map(|(p, l, row)| {
+                    Ok(Event::default()
+                        .event("change")
+                        .data(change_json(*p, l, row).to_string()))
+                })
+                .collect(),
+            // A slow consumer missed events: tell it to resync with /api/changes.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                vec![Ok(Event::default().event("lagged").data(n.to_string()))]
             }
-        }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((futures_util::stream::iter(events), rx))
     });
     use futures_util::StreamExt;
     Sse::new(first.chain(live.flatten()))
@@ -1049,4 +1051,83 @@ async fn segment(
         Value::Null
     };
     axum::Json(json!({"items": items, "next_after": next})).into_response()
+}
+
+async fn import_counts(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Stock) {
+        return r;
+    }
+    let format = match q.get("format").map(|f| crate::csvio::Format::parse(f)) {
+        None => crate::csvio::Format::Shopify,
+        Some(Some(f)) => f,
+        Some(None) => return bad("format must be shopify or storemesh"),
+    };
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let import_id = match q.get("import_id") {
+        Some(id) => id.clone(),
+        None => {
+            use sha2::Digest;
+            format!("imp-{}", &hex::encode(sha2::Sha256::digest(&bytes))[..24])
+        }
+    };
+    let rows = match crate::csvio::parse(&bytes, format) {
+        Ok(r) => r,
+        Err(errors) => {
+            return bad(storemesh_protocol::ops::import_errors(errors)
+                .err()
+                .unwrap_or_default())
+        }
+    };
+    write_op(&sh, Op::ImportCounts(ops::ImportCounts { import_id, rows })).await
+}
+
+async fn export_inventory(
+    State(sh): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let format = match q.get("format").map(|f| crate::csvio::Format::parse(f)) {
+        None => crate::csvio::Format::Shopify,
+        Some(Some(f)) => f,
+        Some(None) => return bad("format must be shopify or storemesh"),
+    };
+    let rows = sh
+        .query(|e| {
+            let mut rows = Vec::new();
+            for (p, locs) in &e.views.stock {
+                let cat = e.views.products.get(p);
+                let sku = cat
+                    .and_then(|c| c.sku.clone())
+                    .unwrap_or_else(|| p.to_string());
+                let title = cat.and_then(|c| c.name.clone()).unwrap_or_default();
+                for (l, entry) in locs {
+                    rows.push(crate::csvio::ExportRow {
+                        sku: sku.clone(),
+                        title: title.clone(),
+                        location: l.clone(),
+                        on_hand: entry.on_hand(),
+                        incoming: e.incoming(*p, l),
+                    });
+                }
+            }
+            rows.sort_by(|a, b| (&a.sku, &a.location).cmp(&(&b.sku, &b.location)));
+            rows
+        })
+        .await
+        .unwrap_or_default();
+    match crate::csvio::write(&rows, format) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], bytes).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+    }
 }

@@ -68,6 +68,42 @@ pub enum Command {
         #[arg(long)]
         serve: bool,
     },
+    /// Import a stock file into the running node (applied as counts, all or nothing)
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
+    /// Export data from the running node
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImportCommand {
+    /// Opening balances / spreadsheets: Shopify's inventory CSV or `sku,location,on_hand`
+    Counts {
+        /// The CSV file
+        file: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = crate::csvio::Format::Shopify)]
+        format: crate::csvio::Format,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportCommand {
+    /// Stock per SKU and location as CSV (stdout unless --output)
+    Inventory {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = crate::csvio::Format::Shopify)]
+        format: crate::csvio::Format,
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -276,6 +312,30 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Run(args) => crate::server::run(&args.data_dir).await,
         Command::Demo { serve } => crate::demo::run(serve).await,
+        Command::Import {
+            command:
+                ImportCommand::Counts {
+                    file,
+                    data_dir,
+                    format,
+                },
+        } => crate::csvio::import_file(&data_dir, &file, format).await,
+        Command::Export {
+            command:
+                ExportCommand::Inventory {
+                    data_dir,
+                    format,
+                    output,
+                },
+        } => {
+            let bytes = crate::csvio::export(&data_dir, format).await?;
+            match output {
+                Some(path) => std::fs::write(&path, &bytes).map_err(|e| {
+                    anyhow::anyhow!("cannot write {}: {}", path.display(), io_message(&e))
+                }),
+                None => print_stdout(&String::from_utf8_lossy(&bytes)),
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod csvio;
 pub mod demo;
 pub mod identity;
 pub mod node;

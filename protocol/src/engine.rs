@@ -467,6 +467,7 @@ impl Engine {
             Op::Adjustment(a) => self.adjustment(a, now_ms),
             Op::Transfer(t) => self.transfer(t, now_ms),
             Op::TransferReceive(t) => self.transfer_receive(t, now_ms),
+            Op::ImportCounts(i) => self.import_counts(i, now_ms),
             Op::ProductPut { product_id, update } => self.product_put(product_id, update),
         };
         match &result {
@@ -683,6 +684,11 @@ impl Engine {
                 self.cfg.location
             )));
         }
+        self.apply_count(c, now_ms)
+    }
+
+    /// Applies a count (ownership already checked by the caller).
+    pub(crate) fn apply_count(&mut self, c: Count, now_ms: u64) -> Result<OpReply, OpError> {
         let at_ms = match &c.counted_at {
             Some(t) => crate::time::parse_rfc3339_ms(t).ok_or_else(|| {
                 OpError::BadRequest("counted_at must be RFC 3339 with an offset".into())
@@ -718,6 +724,14 @@ impl Engine {
                 self.on_hand_at(l.product_id, &c.location, at_ms)
             };
             let delta = i128::from(l.counted) - i128::from(basis);
+            let known = self
+                .views
+                .entry(l.product_id, &c.location)
+                .is_some_and(|e| !e.cells.is_empty());
+            if delta == 0 && !known {
+                // A count of 0 for a product never seen here still makes it known (200 with 0).
+                self.bump(l.product_id, &c.location, LedgerField::Received, 0)?;
+            }
             if delta > 0 {
                 self.bump(
                     l.product_id,

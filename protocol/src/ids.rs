@@ -214,6 +214,12 @@ pub fn customer_bucket(customer_id: &str, buckets: u32) -> u32 {
     (fnv1a64(customer_id.as_bytes()) % u64::from(buckets.max(1))) as u32
 }
 
+/// The product id given to a SKU first seen in an import: stable on every
+/// node, in 1..=2^53-1. (A SKU already in the catalogue keeps its product id.)
+pub fn product_id_for_sku(sku: &str) -> u64 {
+    fnv1a64(format!("sku:{sku}").as_bytes()) % PRODUCT_ID_MAX + 1
+}
+
 /// A name → tag directory entry, as published by each node in the mesh document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {

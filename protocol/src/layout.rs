@@ -158,6 +158,7 @@ pub enum RecordKind {
     Transfer,
     TransferReceipt,
     Redeem,
+    Import,
 }
 
 impl RecordKind {
@@ -175,6 +176,7 @@ impl RecordKind {
             RecordKind::Transfer => "trf",
             RecordKind::TransferReceipt => "trr",
             RecordKind::Redeem => "rdm",
+            RecordKind::Import => "imp",
         }
     }
     pub fn parse(prefix: &str) -> Option<RecordKind> {
@@ -191,6 +193,7 @@ impl RecordKind {
             "trf" => RecordKind::Transfer,
             "trr" => RecordKind::TransferReceipt,
             "rdm" => RecordKind::Redeem,
+            "imp" => RecordKind::Import,
             _ => return None,
         })
     }

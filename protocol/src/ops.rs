@@ -250,6 +250,27 @@ pub struct Redeem {
     pub points: u64,
 }
 
+/// One row of an imported stock file (a count at `location`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRow {
+    /// Line number in the file (for error messages).
+    pub line: u64,
+    pub sku: String,
+    pub title: Option<String>,
+    pub location: String,
+    pub on_hand: u64,
+}
+
+/// Rows imported at most in one file.
+pub const IMPORT_ROWS_MAX: usize = 1_000_000;
+
+/// An opening-balance or spreadsheet import: counts, all or nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportCounts {
+    pub import_id: String,
+    pub rows: Vec<ImportRow>,
+}
+
 /// One client operation, as the engine executes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -272,6 +293,7 @@ pub enum Op {
     Adjustment(Adjustment),
     Transfer(Transfer),
     TransferReceive(TransferReceive),
+    ImportCounts(ImportCounts),
     ProductPut {
         product_id: u64,
         update: ProductUpdate,
@@ -292,6 +314,7 @@ impl Op {
             Op::Adjustment(a) => Some(format!("adj/{}", a.adjustment_id)),
             Op::Transfer(t) => Some(format!("trf/{}", t.transfer_id)),
             Op::TransferReceive(t) => Some(format!("trr/{}", t.transfer_id)),
+            Op::ImportCounts(i) => Some(format!("imp/{}", i.import_id)),
             Op::CustomerPut { .. } | Op::CustomerErase { .. } | Op::ProductPut { .. } => None,
         }
     }
@@ -442,6 +465,25 @@ impl Op {
                 }
                 Ok(())
             }
+            Op::ImportCounts(i) => {
+                validate_client_id("import_id", &i.import_id)?;
+                if i.rows.is_empty() || i.rows.len() > IMPORT_ROWS_MAX {
+                    return Err(format!("an import holds 1-{IMPORT_ROWS_MAX} rows"));
+                }
+                let mut errors = Vec::new();
+                for r in &i.rows {
+                    let checks = [
+                        validate_client_id("SKU", &r.sku),
+                        validate_name("location", &r.location),
+                        validate_counted("on hand", r.on_hand),
+                        opt_text("title", &r.title),
+                    ];
+                    if let Some(Err(e)) = checks.into_iter().find(|c| c.is_err()) {
+                        errors.push(format!("line {}: {e}", r.line));
+                    }
+                }
+                import_errors(errors)
+            }
             Op::ProductPut { product_id, update } => {
                 validate_product_id("product_id", *product_id)?;
                 if let Some(s) = &update.sku {
@@ -479,6 +521,19 @@ impl Op {
             }
         }
     }
+}
+
+/// Joins row errors into one message (the first 20, and how many more).
+pub fn import_errors(errors: Vec<String>) -> Result<(), String> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let n = errors.len();
+    let mut msg = errors.into_iter().take(20).collect::<Vec<_>>().join("; ");
+    if n > 20 {
+        msg.push_str(&format!("; and {} more bad rows", n - 20));
+    }
+    Err(format!("the file was rejected, nothing was applied: {msg}"))
 }
 
 fn qty_lines(lines: &[QtyLine]) -> Result<(), String> {

@@ -10,10 +10,10 @@ use crate::engine::Engine;
 use crate::ids::product_bucket;
 use crate::layout::{product_key, DocId, LedgerField, RecordKind};
 use crate::ops::{
-    sum_lines, Adjustment, AdjustmentReason, Op, OpError, OpReply, ProductUpdate, Return,
-    ShortLine, Transfer, TransferReceive,
+    import_errors, sum_lines, Adjustment, AdjustmentReason, Count, CountLine, ImportCounts, Op,
+    OpError, OpReply, ProductUpdate, Return, ShortLine, Transfer, TransferReceive,
 };
-use crate::views::{read_product, TransferView};
+use crate::views::read_product;
 
 impl Engine {
     /// Replaces `sku` references in lines by product ids from the catalogue.
@@ -337,6 +337,100 @@ impl Engine {
         }
     }
 
+    /// Imports counts from a stock file, all or nothing. Rows may name this
+    /// node's own location or a location no node owns (opening balances of a
+    /// place without its own node); a location owned by another node is refused.
+    pub(crate) fn import_counts(
+        &mut self,
+        imp: ImportCounts,
+        now_ms: u64,
+    ) -> Result<OpReply, OpError> {
+        let mut errors = Vec::new();
+        let mut seen: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let mut products: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &imp.rows {
+            if r.location != self.cfg.location {
+                if let Some((_, owner)) = self.views.owner_of(&r.location) {
+                    errors.push(format!(
+                        "line {}: location {} belongs to node {}; import its rows at that node",
+                        r.line, r.location, owner.name
+                    ));
+                    continue;
+                }
+            }
+            if let Some(first) = seen.insert((r.sku.clone(), r.location.clone()), r.line) {
+                errors.push(format!(
+                    "line {}: SKU {} at {} repeats line {first}",
+                    r.line, r.sku, r.location
+                ));
+            }
+            let known = self
+                .views
+                .by_sku
+                .get(&r.sku)
+                .and_then(|s| s.first().copied());
+            let pid = known.unwrap_or_else(|| crate::ids::product_id_for_sku(&r.sku));
+            if known.is_none() {
+                if let Some(other) = self
+                    .views
+                    .products
+                    .get(&pid)
+                    .and_then(|v| v.sku.clone())
+                    .filter(|o| *o != r.sku)
+                {
+                    errors.push(format!("line {}: SKU {} maps to product {pid}, which is SKU {other}; add it to the catalogue first", r.line, r.sku));
+                }
+            }
+            products.insert(r.sku.clone(), pid);
+        }
+        import_errors(errors).map_err(OpError::BadRequest)?;
+        // New SKUs join the catalogue, with the file's title as the name.
+        for r in &imp.rows {
+            let pid = products[&r.sku];
+            if self.views.products.get(&pid).and_then(|v| v.sku.as_ref()) != Some(&r.sku) {
+                let update = ProductUpdate {
+                    sku: Some(r.sku.clone()),
+                    name: r.title.clone(),
+                    ..Default::default()
+                };
+                self.product_put(pid, update)?;
+            }
+        }
+        let mut by_location: BTreeMap<String, Vec<CountLine>> = BTreeMap::new();
+        for r in &imp.rows {
+            by_location
+                .entry(r.location.clone())
+                .or_default()
+                .push(CountLine {
+                    product_id: products[&r.sku],
+                    counted: r.on_hand,
+                });
+        }
+        let mut summary = Vec::new();
+        for (location, lines) in by_location {
+            let n = lines.len();
+            // One count record per 500 rows keeps every record small.
+            for (k, chunk) in lines.chunks(crate::ops::LINES_MAX).enumerate() {
+                let count = Count {
+                    scope: None,
+                    count_id: format!("{}.{location}.{k}", imp.import_id),
+                    location: location.clone(),
+                    counted_at: None,
+                    lines: chunk.to_vec(),
+                    staff_id: None,
+                };
+                self.apply_count(count, now_ms)?;
+            }
+            summary.push(serde_json::json!({"location": location, "rows": n}));
+        }
+        let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "at_ms": now_ms});
+        self.write_record(RecordKind::Import, &imp.import_id, record, now_ms);
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"import_id": imp.import_id, "rows": imp.rows.len(), "locations": summary}),
+        ))
+    }
+
     /// Units in unreceived transfers to `location`.
     pub fn incoming(&self, product: u64, location: &str) -> i64 {
         self.views
@@ -365,11 +459,7 @@ impl Engine {
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();
-                let t = self
-                    .views
-                    .transfers
-                    .entry(id.to_string())
-                    .or_insert_with(TransferView::default);
+                let t = self.views.transfers.entry(id.to_string()).or_default();
                 t.from = from;
                 t.to = to.clone();
                 if kind == RecordKind::Transfer {
