@@ -345,9 +345,13 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
             .iter()
             .filter(|(l, _)| location.is_none_or(|x| x == l.as_str()))
             .map(|(l, row)| {
-                let policy = r.locations.get(l).map(|(_, p)| p.clone()).unwrap_or_else(|| "strict".into());
+                let (policy, tz) = r
+                    .locations
+                    .get(l)
+                    .map(|(_, p, tz)| (p.clone(), tz.clone()))
+                    .unwrap_or_else(|| ("strict".into(), "UTC".into()));
                 let heard = r.last_heard.get(l).map(|t| if *t == u64::MAX { 0 } else { now.saturating_sub(*t) / 1000 });
-                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": 0, "incoming": row.incoming, "policy": policy, "last_heard_s": heard})
+                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": 0, "incoming": row.incoming, "policy": policy, "timezone": tz, "last_heard_s": heard})
             })
             .collect();
         v["locations"] = Value::Array(locs);

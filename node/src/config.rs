@@ -158,6 +158,9 @@ pub struct Config {
     /// refuse each other).
     #[serde(default = "default_buckets")]
     pub buckets: u32,
+    /// IANA time zone of the own location (e.g. "Europe/Berlin"); shown with stock.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
@@ -294,6 +297,10 @@ fn default_buckets() -> u32 {
     BUCKETS_DEFAULT
 }
 
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
 /// Node ids are stored as 64 lowercase hex characters.
 mod node_id_hex {
     use super::*;
@@ -319,6 +326,7 @@ impl Config {
             http_addr: default_http_addr(),
             policy: Policy::default(),
             buckets: BUCKETS_DEFAULT,
+            timezone: default_timezone(),
             peers: Vec::new(),
             api: ApiConfig::default(),
             sync: SyncConfig::default(),
@@ -438,6 +446,18 @@ impl Config {
             return Err(format!(
                 "buckets must be in 1..={BUCKETS_MAX} (got {}); it must be equal on every node of the mesh",
                 self.buckets
+            ));
+        }
+        let tz_ok = !self.timezone.is_empty()
+            && self.timezone.len() <= 64
+            && self
+                .timezone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b));
+        if !tz_ok {
+            return Err(format!(
+                "timezone {:?} is not an IANA time zone name such as Europe/Berlin",
+                self.timezone
             ));
         }
         self.check_peers()?;

@@ -52,8 +52,8 @@ pub enum Cmd {
 #[derive(Default)]
 pub struct ReadState {
     pub rows: HashMap<u64, BTreeMap<String, StockRow>>,
-    /// location → (owner node name, policy).
-    pub locations: BTreeMap<String, (String, String)>,
+    /// location → (owner node name, policy, IANA time zone).
+    pub locations: BTreeMap<String, (String, String, String)>,
     /// location → unix ms this node last heard from that location's node.
     pub last_heard: BTreeMap<String, u64>,
     pub synced: bool,
@@ -157,6 +157,7 @@ fn engine_config(cfg: &Config, node_id: NodeId) -> EngineConfig {
         },
         buckets: cfg.buckets,
         loyalty_points_per_unit: cfg.loyalty.points_per_unit,
+        timezone: Some(cfg.timezone.clone()),
     }
 }
 
@@ -612,9 +613,10 @@ fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), StockRow)])
         .nodes
         .values()
         .filter_map(|i| {
+            let tz = i.timezone.clone().unwrap_or_else(|| "UTC".into());
             i.location
                 .clone()
-                .map(|l| (l, (i.name.clone(), i.policy.clone())))
+                .map(|l| (l, (i.name.clone(), i.policy.clone(), tz)))
         })
         .collect();
     r.last_heard = engine.last_heard_by_location();

@@ -55,6 +55,7 @@ pub struct EngineConfig {
     pub policy: Policy,
     pub buckets: u32,
     pub loyalty_points_per_unit: u64,
+    pub timezone: Option<String>,
 }
 
 /// Deliberately broken behaviours, switched on only by the simulator's
@@ -280,6 +281,7 @@ impl Engine {
             location: Some(self.cfg.location.clone()),
             role: self.cfg.role.clone(),
             policy: self.cfg.policy.as_str().to_string(),
+            timezone: self.cfg.timezone.clone(),
         };
         if self.views.nodes.get(&self.tag) != Some(&info) {
             let json = serde_json::to_string(&info).unwrap_or_default();

@@ -227,6 +227,8 @@ pub struct NodeInfo {
     pub location: Option<String>,
     pub role: String,
     pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ pub fn config(i: usize, buckets: u32) -> EngineConfig {
         policy: Policy::Strict,
         buckets,
         loyalty_points_per_unit: 1,
+        timezone: None,
     }
 }
 
