@@ -169,6 +169,22 @@ pub struct Config {
     pub sync: SyncConfig,
     #[serde(default)]
     pub loyalty: LoyaltyConfig,
+    #[serde(default)]
+    pub rebalance: RebalanceConfig,
+}
+
+/// `[rebalance]`: asking peers for sell-rights when a sale lacks them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebalanceConfig {
+    /// How long a sale may wait for a grant before it is refused; 0 = never wait.
+    pub deadline_ms: u64,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> RebalanceConfig {
+        RebalanceConfig { deadline_ms: 200 }
+    }
 }
 
 /// A trusted peer (`[[peers]]`).
@@ -331,6 +347,7 @@ impl Config {
             api: ApiConfig::default(),
             sync: SyncConfig::default(),
             loyalty: LoyaltyConfig::default(),
+            rebalance: RebalanceConfig::default(),
         }
     }
 
@@ -459,6 +476,9 @@ impl Config {
                 "timezone {:?} is not an IANA time zone name such as Europe/Berlin",
                 self.timezone
             ));
+        }
+        if self.rebalance.deadline_ms > 60_000 {
+            return Err("rebalance.deadline_ms must be at most 60000".into());
         }
         self.check_peers()?;
         self.check_api()?;

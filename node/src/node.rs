@@ -17,6 +17,7 @@ use anyhow::Context;
 use storemesh_protocol::engine::{Engine, EngineConfig, Policy};
 use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_protocol::rebalance::Submit;
 use storemesh_protocol::views::StockRow;
 use storemesh_protocol::wire::{Hello, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +29,8 @@ use crate::transport::{PeerEntry, Transport, TransportConfig, TransportEvent};
 
 /// Commands drained into one group commit, at most.
 pub const BATCH_OPS_MAX: usize = 2048;
+/// Period of the wake-up that decides parked sales (deadline resolution).
+pub const WAKE_MS: u64 = 20;
 /// Commands waiting for the engine thread, at most (backpressure on HTTP).
 pub const CMD_QUEUE_MAX: usize = 8192;
 
@@ -45,6 +48,8 @@ pub enum Cmd {
     Query(Query),
     Net(TransportEvent),
     Tick,
+    /// Wakes the engine to decide parked sales whose deadline passed.
+    Wake,
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -261,6 +266,20 @@ impl NodeHandle {
                 }
             }
         }));
+        // Deadlines of sales waiting for a grant are checked this often.
+        let wake_tx = cmd_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(WAKE_MS));
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                iv.tick().await;
+                // A full queue means the engine is busy and will look anyway.
+                match wake_tx.try_send(Cmd::Wake) {
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    _ => continue,
+                }
+            }
+        }));
         // Anti-entropy ticks.
         let tick_tx = cmd_tx.clone();
         let every = Duration::from_millis(cfg.sync.anti_entropy_ms.max(100));
@@ -396,6 +415,9 @@ fn engine_loop(
     // Current connection per peer (PeerDown of an older connection is ignored).
     let mut conns: HashMap<NodeId, u64> = HashMap::new();
     let mut shutdown_ack: Option<oneshot::Sender<()>> = None;
+    // Callers of sales parked while rights are requested from peers.
+    let mut parked: HashMap<u64, oneshot::Sender<Result<OpReply, OpError>>> = HashMap::new();
+    let deadline_ms = cfg.rebalance.deadline_ms;
     let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
     loop {
         cmds.clear();
@@ -417,9 +439,15 @@ fn engine_loop(
             match c {
                 Cmd::Op(op, reply) => {
                     n_ops += 1;
-                    let r = engine.execute(op, now, &|k| store.idem(k).ok().flatten());
-                    pending.push((reply, r));
+                    let idem = |k: &str| store.idem(k).ok().flatten();
+                    match engine.submit(op, now, deadline_ms, &idem) {
+                        Submit::Done(r) => pending.push((reply, r)),
+                        Submit::Parked(ticket) => {
+                            parked.insert(ticket, reply);
+                        }
+                    }
                 }
+                Cmd::Wake => {}
                 Cmd::Query(q) => queries.push(q),
                 Cmd::Net(ev) => on_net(
                     &mut engine,
@@ -432,6 +460,12 @@ fn engine_loop(
                 ),
                 Cmd::Tick => engine.tick(now),
                 Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
+            }
+        }
+        // Grants that arrived in this batch may let parked sales through.
+        for (ticket, r) in engine.poll_parked(now, &|k| store.idem(k).ok().flatten()) {
+            if let Some(reply) = parked.remove(&ticket) {
+                pending.push((reply, r));
             }
         }
         let mut batch = engine.flush(now);

@@ -861,6 +861,7 @@ mod tests {
             policy: Policy::Strict,
             buckets: 64,
             loyalty_points_per_unit: 0,
+            timezone: None,
         }
     }
 

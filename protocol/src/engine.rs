@@ -134,6 +134,7 @@ pub struct Engine {
     pub faults: Faults,
     /// Unix ms at which this node last heard from (a change by) each node.
     pub(crate) last_heard: HashMap<NodeTag, u64>,
+    pub(crate) rebalancer: crate::rebalance::Rebalancer,
     /// Counters for metrics: (name, value).
     pub stats: Stats,
 }
@@ -184,6 +185,7 @@ impl Engine {
             pending_customers: BTreeSet::new(),
             faults: Faults::default(),
             last_heard: HashMap::new(),
+            rebalancer: Default::default(),
             stats: Stats::default(),
         }
     }
@@ -372,6 +374,25 @@ impl Engine {
         Ok(())
     }
 
+    pub(crate) fn pending_idem_contains(&self, key: &str) -> bool {
+        self.pending_idem.contains_key(key)
+    }
+
+    /// Marks an engine-internal write as done for this batch (its record is
+    /// the durable proof; replays across batches are caught by the record key).
+    pub(crate) fn note_idem(&mut self, key: String) {
+        self.pending_idem.insert(
+            key,
+            IdemRecord {
+                body_hash: [0; 32],
+                reply: OpReply {
+                    status: 201,
+                    body: String::new(),
+                },
+            },
+        );
+    }
+
     pub(crate) fn touch_row(&mut self, product: u64, location: &str) {
         self.pending_rows.insert((product, location.to_string()));
     }
@@ -534,6 +555,29 @@ impl Engine {
                 cands.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
                 if let Some((l, _)) = cands.first() {
                     return (*l).clone();
+                }
+            }
+        }
+        // Nobody's rights fit: sell where the goods physically are (rights can
+        // be requested there), the own location first.
+        let stocked = |loc: &str| {
+            lines.iter().all(|(p, q)| {
+                self.views
+                    .entry(*p, loc)
+                    .is_some_and(|e| e.on_hand() >= *q as i64)
+            })
+        };
+        if stocked(own) {
+            return own.clone();
+        }
+        if let Some((p, _)) = lines.iter().next() {
+            if let Some(m) = self.views.stock.get(p) {
+                let best = m
+                    .iter()
+                    .filter(|(l, _)| stocked(l))
+                    .max_by(|a, b| a.1.on_hand().cmp(&b.1.on_hand()).then(b.0.cmp(a.0)));
+                if let Some((l, _)) = best {
+                    return l.clone();
                 }
             }
         }

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod layout;
 pub mod ledger;
 pub mod ops;
+pub mod rebalance;
 pub mod retail;
 pub mod sync;
 pub mod testkit;

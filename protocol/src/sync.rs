@@ -38,6 +38,8 @@ pub const DOCS_PER_FRAME_MAX: usize = 4096;
 /// Messages of the sync protocol (after the hello).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Msg {
+    /// A request for sell-rights (rebalancing); small, sent ahead of document sync.
+    Rights(crate::rebalance::RightsRequest),
     Root {
         digest: [u8; 32],
     },
@@ -146,6 +148,10 @@ pub struct PeerSession {
 }
 
 impl Engine {
+    pub(crate) fn send_msg(&mut self, peer: NodeId, msg: &Msg) {
+        self.send(peer, msg);
+    }
+
     fn send(&mut self, peer: NodeId, msg: &Msg) {
         match encode_frame(msg) {
             Ok(f) => {
@@ -355,6 +361,7 @@ impl Engine {
         s.last_heard_ms = now_ms;
         self.last_heard.insert(peer.tag(), now_ms);
         match msg {
+            Msg::Rights(req) => self.on_rights_request(peer, req, now_ms)?,
             Msg::Root { digest } => {
                 if digest == self.digest.root() {
                     if let Some(s) = self.sessions.get_mut(&peer) {

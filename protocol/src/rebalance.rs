@@ -1,0 +1,255 @@
+//! Rebalancing: a node that lacks sell-rights asks its peers for a grant and
+//! parks the sale until the grant arrives or its deadline passes.
+//!
+//! A request travels ahead of bulk sync (it is a small frame queued before any
+//! document message of the same batch), is forwarded by nodes that cannot help
+//! (bounded by a hop count, de-duplicated by request id), and is answered with
+//! an ordinary grant — a durable, idempotent ledger write by the giver out of
+//! its own rights, strict like every grant, so two requesters can never receive
+//! the same rights. The grant reaches the requester as a change of the ledger
+//! document that holds both the grant and the sale that will spend it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Engine;
+use crate::ids::{NodeId, NodeTag};
+use crate::layout::{LedgerField, RecordKind};
+use crate::ops::{IdemRecord, Op, OpError, OpReply, ShortLine};
+
+/// Operations parked waiting for rights, at most (beyond this they are refused at once).
+pub const PARKED_MAX: usize = 256;
+/// Hops a request may travel (requester → hub → holder is 2).
+pub const REQUEST_HOPS_MAX: u8 = 3;
+/// Request ids remembered for de-duplication.
+pub const SEEN_REQUESTS_MAX: usize = 4096;
+/// A new request for the same (product, location) is sent at most this often.
+pub const REQUEST_INTERVAL_MS: u64 = 50;
+
+/// A request for sell-rights, flooded to peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RightsRequest {
+    pub req_id: u64,
+    /// Node id (hex) of the node that needs the rights.
+    pub origin: String,
+    pub product_id: u64,
+    pub location: String,
+    pub quantity: u64,
+    pub hops_left: u8,
+}
+
+pub(crate) struct Parked {
+    ticket: u64,
+    op: Op,
+    deadline_ms: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Rebalancer {
+    parked: Vec<Parked>,
+    next_ticket: u64,
+    next_req_id: u64,
+    seen: HashSet<(String, u64)>,
+    seen_order: VecDeque<(String, u64)>,
+    last_request: HashMap<(u64, String), u64>,
+    pub grants_given: u64,
+    pub requests_sent: u64,
+}
+
+/// The outcome of submitting an operation.
+#[derive(Debug)]
+pub enum Submit {
+    Done(Result<OpReply, OpError>),
+    /// Waiting for rights; the answer comes from `poll_parked` with this ticket.
+    Parked(u64),
+}
+
+impl Engine {
+    /// Executes an operation; a strict sale that lacks rights while peers are
+    /// connected is parked (up to `deadline_ms`) and rights are requested.
+    pub fn submit(
+        &mut self,
+        op: Op,
+        now_ms: u64,
+        deadline_ms: u64,
+        idem: &dyn Fn(&str) -> Option<IdemRecord>,
+    ) -> Submit {
+        let result = self.execute(op.clone(), now_ms, idem);
+        let short = match &result {
+            Err(OpError::InsufficientStock(short)) if !short.is_empty() => short.clone(),
+            _ => return Submit::Done(result),
+        };
+        let parkable = matches!(&op, Op::Sale(s) if !s.override_rights);
+        if !parkable
+            || deadline_ms == 0
+            || self.sessions.is_empty()
+            || self.rebalancer.parked.len() >= PARKED_MAX
+        {
+            return Submit::Done(result);
+        }
+        self.request_rights(&short, now_ms);
+        let r = &mut self.rebalancer;
+        r.next_ticket += 1;
+        let ticket = r.next_ticket;
+        r.parked.push(Parked {
+            ticket,
+            op,
+            deadline_ms: now_ms.saturating_add(deadline_ms),
+        });
+        Submit::Parked(ticket)
+    }
+
+    /// Retries parked operations; returns the ones that are decided (sold, or
+    /// refused because the deadline passed or the refusal is not about rights).
+    pub fn poll_parked(
+        &mut self,
+        now_ms: u64,
+        idem: &dyn Fn(&str) -> Option<IdemRecord>,
+    ) -> Vec<(u64, Result<OpReply, OpError>)> {
+        if self.rebalancer.parked.is_empty() {
+            return Vec::new();
+        }
+        let parked = std::mem::take(&mut self.rebalancer.parked);
+        let mut done = Vec::new();
+        for p in parked {
+            let r = self.execute(p.op.clone(), now_ms, idem);
+            match r {
+                Err(OpError::InsufficientStock(_))
+                    if now_ms < p.deadline_ms && !self.sessions.is_empty() =>
+                {
+                    self.rebalancer.parked.push(p);
+                }
+                other => done.push((p.ticket, other)),
+            }
+        }
+        done
+    }
+
+    /// The earliest deadline of a parked operation (the shell wakes up then).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.rebalancer.parked.iter().map(|p| p.deadline_ms).min()
+    }
+
+    pub fn rebalance_stats(&self) -> (u64, u64) {
+        (self.rebalancer.requests_sent, self.rebalancer.grants_given)
+    }
+
+    fn request_rights(&mut self, short: &[ShortLine], now_ms: u64) {
+        let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
+        for s in short {
+            let need = s.requested.saturating_sub(s.available.max(0) as u64);
+            if need == 0 {
+                continue;
+            }
+            let key = (s.product_id, s.location.clone());
+            if self
+                .rebalancer
+                .last_request
+                .get(&key)
+                .is_some_and(|t| now_ms < t + REQUEST_INTERVAL_MS)
+            {
+                continue;
+            }
+            if self.rebalancer.last_request.len() > SEEN_REQUESTS_MAX {
+                self.rebalancer.last_request.clear();
+            }
+            self.rebalancer.last_request.insert(key, now_ms);
+            self.rebalancer.next_req_id += 1;
+            let req = RightsRequest {
+                req_id: self.rebalancer.next_req_id,
+                origin: self.cfg.node_id.hex(),
+                product_id: s.product_id,
+                location: s.location.clone(),
+                quantity: need,
+                hops_left: REQUEST_HOPS_MAX,
+            };
+            self.remember(&req);
+            for p in &peers {
+                self.send_rights_request(*p, &req);
+            }
+            self.rebalancer.requests_sent += 1;
+        }
+    }
+
+    fn remember(&mut self, req: &RightsRequest) -> bool {
+        let key = (req.origin.clone(), req.req_id);
+        if !self.rebalancer.seen.insert(key.clone()) {
+            return false;
+        }
+        self.rebalancer.seen_order.push_back(key);
+        while self.rebalancer.seen_order.len() > SEEN_REQUESTS_MAX {
+            if let Some(old) = self.rebalancer.seen_order.pop_front() {
+                self.rebalancer.seen.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// A peer asks for rights: grant from our own rights, or pass it on.
+    pub(crate) fn on_rights_request(
+        &mut self,
+        from: NodeId,
+        req: RightsRequest,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        crate::ids::validate_name("location", &req.location)?;
+        crate::ids::validate_product_id("product_id", req.product_id)?;
+        crate::ids::validate_quantity("quantity", req.quantity)?;
+        let origin = NodeId::parse(&req.origin)?;
+        if origin == self.cfg.node_id || !self.remember(&req) {
+            return Ok(());
+        }
+        let have = self.rights(req.product_id, &req.location);
+        if have > 0 {
+            let q = req.quantity.min(have as u64);
+            if let Err(e) = self.grant_for_request(&req, origin.tag(), q, now_ms) {
+                tracing::warn!(error = ?e, "could not answer a rights request");
+            }
+            return Ok(());
+        }
+        if req.hops_left > 1 {
+            let fwd = RightsRequest {
+                hops_left: req.hops_left - 1,
+                ..req
+            };
+            let peers: Vec<NodeId> = self
+                .sessions
+                .keys()
+                .copied()
+                .filter(|p| *p != from && *p != origin)
+                .collect();
+            for p in peers {
+                self.send_rights_request(p, &fwd);
+            }
+        }
+        Ok(())
+    }
+
+    fn grant_for_request(
+        &mut self,
+        req: &RightsRequest,
+        to: NodeTag,
+        q: u64,
+        now_ms: u64,
+    ) -> Result<(), OpError> {
+        let grant_id = format!("rb.{}.{}.{}", &req.origin[..12], req.req_id, self.tag.hex());
+        let key = format!("grt/{grant_id}");
+        // The same request may arrive over two paths; the grant id makes it idempotent.
+        if self.pending_idem_contains(&key) {
+            return Ok(());
+        }
+        self.bump(req.product_id, &req.location, LedgerField::Granted(to), q)?;
+        let to_name = self.views.name_of(to);
+        let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": req.location, "product_id": req.product_id, "to": to_name, "quantity": q, "rebalance": true, "at_ms": now_ms});
+        self.write_record(RecordKind::Grant, &grant_id, record, now_ms);
+        self.note_idem(key);
+        self.rebalancer.grants_given += 1;
+        tracing::debug!(product = req.product_id, location = %req.location, quantity = q, "granted rights on request");
+        Ok(())
+    }
+
+    fn send_rights_request(&mut self, peer: NodeId, req: &RightsRequest) {
+        self.send_msg(peer, &crate::sync::Msg::Rights(req.clone()));
+    }
+}
