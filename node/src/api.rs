@@ -290,6 +290,24 @@ async fn metrics(State(sh): S) -> Response {
         "Operations in the last group commit.",
         m.batch_ops_last.load(Ordering::Relaxed),
     );
+    line(
+        "rebalance_requests_total",
+        "counter",
+        "Rights requests this node sent for sales that lacked rights.",
+        m.rebalance_requests.load(Ordering::Relaxed),
+    );
+    line(
+        "rebalance_grants_total",
+        "counter",
+        "Grants this node made answering peers' rights requests.",
+        m.rebalance_grants.load(Ordering::Relaxed),
+    );
+    line(
+        "allocation_grants_total",
+        "counter",
+        "Grants made by the allocation controller (grants per sale = this / operations).",
+        m.allocation_grants.load(Ordering::Relaxed),
+    );
     let peers = sh.peers.read().map(|p| p.clone()).unwrap_or_default();
     line(
         "peers_connected",

@@ -171,6 +171,20 @@ pub struct Config {
     pub loyalty: LoyaltyConfig,
     #[serde(default)]
     pub rebalance: RebalanceConfig,
+    /// `[[allocation]]`: keep a share of the own location's stock allocated to a node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocation: Vec<AllocationConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllocationConfig {
+    /// The node that receives the allocation (e.g. the web shop).
+    pub to: String,
+    /// Share of each product's stock at the own location, in percent.
+    pub share_percent: u32,
+    /// At most this many units per product.
+    pub max_units: u64,
 }
 
 /// `[rebalance]`: asking peers for sell-rights when a sale lacks them.
@@ -348,6 +362,7 @@ impl Config {
             sync: SyncConfig::default(),
             loyalty: LoyaltyConfig::default(),
             rebalance: RebalanceConfig::default(),
+            allocation: Vec::new(),
         }
     }
 
@@ -476,6 +491,21 @@ impl Config {
                 "timezone {:?} is not an IANA time zone name such as Europe/Berlin",
                 self.timezone
             ));
+        }
+        for (i, a) in self.allocation.iter().enumerate() {
+            validate_name(&format!("allocation[{i}].to"), &a.to)?;
+            if a.to == self.name {
+                return Err(format!("allocation[{i}].to names this node itself"));
+            }
+            if a.share_percent == 0
+                || a.share_percent > 100
+                || a.max_units == 0
+                || a.max_units > 1_000_000_000
+            {
+                return Err(format!(
+                    "allocation[{i}]: share_percent must be 1-100 and max_units 1-1000000000"
+                ));
+            }
         }
         if self.rebalance.deadline_ms > 60_000 {
             return Err("rebalance.deadline_ms must be at most 60000".into());

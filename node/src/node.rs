@@ -95,6 +95,9 @@ pub struct Metrics {
     pub commit_failures: AtomicU64,
     pub refused_connections: AtomicU64,
     pub batch_ops_last: AtomicU64,
+    pub rebalance_requests: AtomicU64,
+    pub rebalance_grants: AtomicU64,
+    pub allocation_grants: AtomicU64,
 }
 
 pub struct Shared {
@@ -418,6 +421,15 @@ fn engine_loop(
     // Callers of sales parked while rights are requested from peers.
     let mut parked: HashMap<u64, oneshot::Sender<Result<OpReply, OpError>>> = HashMap::new();
     let deadline_ms = cfg.rebalance.deadline_ms;
+    let allocation: Vec<storemesh_protocol::rebalance::AllocationRule> = cfg
+        .allocation
+        .iter()
+        .map(|a| storemesh_protocol::rebalance::AllocationRule {
+            to: a.to.clone(),
+            share_percent: a.share_percent,
+            max_units: a.max_units,
+        })
+        .collect();
     let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
     loop {
         cmds.clear();
@@ -468,6 +480,7 @@ fn engine_loop(
                 pending.push((reply, r));
             }
         }
+        engine.allocate(&allocation, now);
         let mut batch = engine.flush(now);
         number_rows(&shared, &mut batch);
         let ok = if batch.is_empty() {
@@ -672,6 +685,11 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
     m.rejected_messages
         .store(s.rejected_messages, Ordering::Relaxed);
     m.forks_detected.store(s.forks_detected, Ordering::Relaxed);
+    let (requests, grants) = engine.rebalance_stats();
+    m.rebalance_requests.store(requests, Ordering::Relaxed);
+    m.rebalance_grants.store(grants, Ordering::Relaxed);
+    m.allocation_grants
+        .store(engine.allocation_grants(), Ordering::Relaxed);
     let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
     for (id, st) in peers.iter_mut() {
         match engine.session(id) {

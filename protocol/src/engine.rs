@@ -135,6 +135,8 @@ pub struct Engine {
     /// Unix ms at which this node last heard from (a change by) each node.
     pub(crate) last_heard: HashMap<NodeTag, u64>,
     pub(crate) rebalancer: crate::rebalance::Rebalancer,
+    /// Products of the own location changed since the allocation controller last ran.
+    pub(crate) alloc_dirty: BTreeSet<u64>,
     /// Counters for metrics: (name, value).
     pub stats: Stats,
 }
@@ -186,6 +188,7 @@ impl Engine {
             faults: Faults::default(),
             last_heard: HashMap::new(),
             rebalancer: Default::default(),
+            alloc_dirty: BTreeSet::new(),
             stats: Stats::default(),
         }
     }
@@ -370,7 +373,7 @@ impl Engine {
             ledger_key(product, actor, field),
             ScalarValue::Uint(new),
         );
-        self.pending_rows.insert((product, location.to_string()));
+        self.touch_row(product, location);
         Ok(())
     }
 
@@ -394,6 +397,9 @@ impl Engine {
     }
 
     pub(crate) fn touch_row(&mut self, product: u64, location: &str) {
+        if location == self.cfg.location {
+            self.alloc_dirty.insert(product);
+        }
         self.pending_rows.insert((product, location.to_string()));
     }
 
@@ -1201,6 +1207,9 @@ impl Engine {
     }
 
     fn set_entry(&mut self, product: u64, location: &str, entry: StockEntry) {
+        if location == self.cfg.location {
+            self.alloc_dirty.insert(product);
+        }
         let m = self.views.stock.entry(product).or_default();
         if entry.cells.is_empty() {
             m.remove(location);

@@ -55,6 +55,7 @@ pub(crate) struct Rebalancer {
     last_request: HashMap<(u64, String), u64>,
     pub grants_given: u64,
     pub requests_sent: u64,
+    pub allocation_grants: u64,
 }
 
 /// The outcome of submitting an operation.
@@ -251,5 +252,75 @@ impl Engine {
 
     fn send_rights_request(&mut self, peer: NodeId, req: &RightsRequest) {
         self.send_msg(peer, &crate::sync::Msg::Rights(req.clone()));
+    }
+}
+
+/// Keep a share of the own location's stock of every product allocated to a
+/// named node (e.g. 20 % of each product, at most 5 units, to the web shop).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationRule {
+    pub to: String,
+    pub share_percent: u32,
+    pub max_units: u64,
+}
+
+impl Engine {
+    /// One pass of the allocation controller over the products of the own
+    /// location that changed since the last pass. Hysteresis: a node's
+    /// allocation is topped up to its target only once it has fallen to half
+    /// of it, so a trickle of sales does not cause a grant per sale; and
+    /// allocations are never taken back, so nothing ping-pongs.
+    pub fn allocate(&mut self, rules: &[AllocationRule], now_ms: u64) -> u64 {
+        if rules.is_empty() {
+            self.alloc_dirty.clear();
+            return 0;
+        }
+        let own = self.cfg.location.clone();
+        let products: Vec<u64> = std::mem::take(&mut self.alloc_dirty).into_iter().collect();
+        let mut granted = 0;
+        for p in products {
+            for rule in rules {
+                let Some(to) = self.views.tag_of(&rule.to) else {
+                    continue;
+                };
+                if to == self.tag {
+                    continue;
+                }
+                let Some(entry) = self.views.entry(p, &own) else {
+                    continue;
+                };
+                let on_hand = entry.on_hand().max(0) as u64;
+                let target =
+                    (on_hand * u64::from(rule.share_percent.min(100)) / 100).min(rule.max_units);
+                let theirs = entry.rights(to).max(0) as u64;
+                let mine = entry.rights(self.tag).max(0) as u64;
+                if target == 0 || theirs * 2 > target {
+                    continue;
+                }
+                let q = (target - theirs).min(mine);
+                if q == 0 {
+                    continue;
+                }
+                self.rebalancer.next_req_id += 1;
+                let grant_id = format!(
+                    "al.{}.{now_ms}.{}",
+                    self.tag.hex(),
+                    self.rebalancer.next_req_id
+                );
+                if self.bump(p, &own, LedgerField::Granted(to), q).is_err() {
+                    continue;
+                }
+                let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": own, "product_id": p, "to": rule.to, "quantity": q, "allocation": true, "at_ms": now_ms});
+                self.write_record(RecordKind::Grant, &grant_id, record, now_ms);
+                self.rebalancer.allocation_grants += 1;
+                granted += 1;
+            }
+        }
+        granted
+    }
+
+    /// Allocation grants made so far.
+    pub fn allocation_grants(&self) -> u64 {
+        self.rebalancer.allocation_grants
     }
 }

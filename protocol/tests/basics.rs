@@ -177,3 +177,44 @@ fn count_is_applied_against_view_at_count_time() {
         .unwrap_err();
     assert!(matches!(e, OpError::NotOwner(_)));
 }
+
+#[test]
+fn allocation_controller_tops_up_with_hysteresis() {
+    use storemesh_protocol::rebalance::AllocationRule;
+    let rules = vec![AllocationRule {
+        to: "n1".into(),
+        share_percent: 20,
+        max_units: 5,
+    }];
+    let mut m = TestMesh::new(2, 8);
+    m.connect(0, 1);
+    m.settle();
+    m.execute(0, receipt("r1", "loc0", 42, 30)).unwrap();
+    let now = m.now_ms;
+    assert_eq!(m.nodes[0].engine.allocate(&rules, now), 1);
+    m.commit(0);
+    m.settle();
+    assert_eq!(
+        m.nodes[1].engine.rights(42, "loc0"),
+        5,
+        "20 % of 30, capped at 5"
+    );
+    // More stock: the allocation is already at target, no grant.
+    m.execute(0, receipt("r2", "loc0", 42, 10)).unwrap();
+    assert_eq!(m.nodes[0].engine.allocate(&rules, now), 0);
+    m.commit(0);
+    // The web shop sells 2 (3 left > half of 5): no top-up yet.
+    m.execute(1, sale("w1", Some("loc0"), &[(42, 2)])).unwrap();
+    m.commit(1);
+    m.settle();
+    assert_eq!(m.nodes[0].engine.allocate(&rules, now), 0);
+    // One more (2 left ≤ 2.5): topped up to 5 again.
+    m.execute(1, sale("w2", Some("loc0"), &[(42, 1)])).unwrap();
+    m.commit(1);
+    m.settle();
+    assert_eq!(m.nodes[0].engine.allocate(&rules, now), 1);
+    m.commit(0);
+    m.settle();
+    assert_eq!(m.nodes[1].engine.rights(42, "loc0"), 5);
+    assert_eq!(m.nodes[0].engine.totals(42, None).unwrap().0, 37);
+}
