@@ -64,6 +64,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             post(import_counts).layer(DefaultBodyLimit::max(IMPORT_BYTES_MAX)),
         )
         .route("/api/exports/inventory", get(export_inventory))
+        .route("/api/reservations", post(reservations))
+        .route("/api/reservations/{id}", get(reservation_get))
+        .route("/api/reservations/{id}/fulfil", post(reservation_fulfil))
+        .route("/api/reservations/{id}/cancel", post(reservation_cancel))
         .route("/api/changes", get(changes))
         .route("/api/inventory/stream", get(stream))
         .route("/api/customers/segment", get(segment))
@@ -369,7 +373,7 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
                     .map(|(_, p, tz)| (p.clone(), tz.clone()))
                     .unwrap_or_else(|| ("strict".into(), "UTC".into()));
                 let heard = r.last_heard.get(l).map(|t| if *t == u64::MAX { 0 } else { now.saturating_sub(*t) / 1000 });
-                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": 0, "incoming": row.incoming, "policy": policy, "timezone": tz, "last_heard_s": heard})
+                json!({"location": l, "on_hand": row.on_hand, "available": row.available, "reserved": row.reserved, "incoming": row.incoming, "policy": policy, "timezone": tz, "last_heard_s": heard})
             })
             .collect();
         v["locations"] = Value::Array(locs);
@@ -562,6 +566,7 @@ write_handler!(counts, Scope::Stock, ops::Count, Op::Count);
 write_handler!(grants, Scope::Stock, ops::Grant, Op::Grant);
 write_handler!(adjustments, Scope::Stock, ops::Adjustment, Op::Adjustment);
 write_handler!(transfers, Scope::Stock, ops::Transfer, Op::Transfer);
+write_handler!(reservations, Scope::Sell, ops::Reserve, Op::Reserve);
 
 async fn sale_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Sell) {
@@ -1151,5 +1156,77 @@ async fn export_inventory(
     match crate::csvio::write(&rows, format) {
         Ok(bytes) => ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], bytes).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FulfilBody {
+    #[serde(default)]
+    sale_id: Option<String>,
+}
+
+async fn reservation_fulfil(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Sell) {
+        return r;
+    }
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: FulfilBody = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        FulfilBody::default()
+    } else {
+        match parse_json(&bytes) {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+    write_op(
+        &sh,
+        Op::ReservationFulfil {
+            reservation_id: id,
+            sale_id: req.sale_id,
+        },
+    )
+    .await
+}
+
+async fn reservation_cancel(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Sell) {
+        return r;
+    }
+    write_op(&sh, Op::ReservationCancel { reservation_id: id }).await
+}
+
+async fn reservation_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let found = sh
+        .query(move |e| {
+            let v = e.views.reservations.get(&id).filter(|v| v.known)?.clone();
+            let lines: Vec<Value> = v
+                .lines
+                .iter()
+                .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+                .collect();
+            Some(json!({
+                "reservation_id": id, "location": v.location, "lines": lines,
+                "fulfil_by": v.fulfil_by.map(|t| e.views.name_of(t)),
+                "expires_at": storemesh_protocol::time::format_rfc3339_ms(v.expires_at_ms),
+                "status": v.closed.clone().unwrap_or_else(|| "open".into()),
+            }))
+        })
+        .await
+        .flatten();
+    match found {
+        Some(v) => axum::Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "unknown reservation"),
     }
 }

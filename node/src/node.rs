@@ -481,6 +481,7 @@ fn engine_loop(
             }
         }
         engine.allocate(&allocation, now);
+        engine.expire_reservations(now);
         let mut batch = engine.flush(now);
         number_rows(&shared, &mut batch);
         let ok = if batch.is_empty() {

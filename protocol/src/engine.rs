@@ -405,6 +405,11 @@ impl Engine {
 
     /// The rights this node holds on (product, location), including the pending batch.
     pub fn rights(&self, product: u64, location: &str) -> i64 {
+        self.rights_raw(product, location) - self.reserved_by_me(product, location)
+    }
+
+    /// The ledger's rights of this node, including units held for reservations.
+    pub fn rights_raw(&self, product: u64, location: &str) -> i64 {
         self.views
             .entry(product, location)
             .map(|e| e.rights(self.tag))
@@ -422,21 +427,23 @@ impl Engine {
                 continue;
             }
             on_hand = on_hand.saturating_add(e.on_hand());
-            avail = avail.saturating_add(e.rights(self.tag).max(0));
+            avail =
+                avail.saturating_add((e.rights(self.tag) - self.reserved_by_me(product, l)).max(0));
         }
         Some((on_hand, avail))
     }
 
     pub fn row(&self, product: u64, location: &str) -> StockRow {
-        let (on_hand, available) = self
+        let on_hand = self
             .views
             .entry(product, location)
-            .map(|e| (e.on_hand(), e.rights(self.tag).max(0)))
-            .unwrap_or((0, 0));
+            .map(|e| e.on_hand())
+            .unwrap_or(0);
         StockRow {
             on_hand,
-            available,
+            available: self.rights(product, location).max(0),
             incoming: self.incoming(product, location),
+            reserved: self.reserved_at(product, location),
             seq: 0,
         }
     }
@@ -497,6 +504,14 @@ impl Engine {
             Op::Transfer(t) => self.transfer(t, now_ms),
             Op::TransferReceive(t) => self.transfer_receive(t, now_ms),
             Op::ImportCounts(i) => self.import_counts(i, now_ms),
+            Op::Reserve(r) => self.reserve(r, now_ms),
+            Op::ReservationFulfil {
+                reservation_id,
+                sale_id,
+            } => self.reservation_fulfil(&reservation_id, sale_id, now_ms),
+            Op::ReservationCancel { reservation_id } => {
+                self.reservation_close(&reservation_id, "cancelled", now_ms)
+            }
             Op::ProductPut { product_id, update } => self.product_put(product_id, update),
         };
         match &result {
@@ -799,7 +814,7 @@ impl Engine {
                     (-delta) as u64,
                 )?;
             }
-            let rights = self.rights(l.product_id, &c.location);
+            let rights = self.rights_raw(l.product_id, &c.location);
             if rights < 0 {
                 let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": -rights, "at_ms": now_ms});
                 self.write_record(

@@ -159,6 +159,8 @@ pub enum RecordKind {
     TransferReceipt,
     Redeem,
     Import,
+    Reservation,
+    ReservationClose,
 }
 
 impl RecordKind {
@@ -177,6 +179,8 @@ impl RecordKind {
             RecordKind::TransferReceipt => "trr",
             RecordKind::Redeem => "rdm",
             RecordKind::Import => "imp",
+            RecordKind::Reservation => "rsv",
+            RecordKind::ReservationClose => "rsc",
         }
     }
     pub fn parse(prefix: &str) -> Option<RecordKind> {
@@ -194,6 +198,8 @@ impl RecordKind {
             "trr" => RecordKind::TransferReceipt,
             "rdm" => RecordKind::Redeem,
             "imp" => RecordKind::Import,
+            "rsv" => RecordKind::Reservation,
+            "rsc" => RecordKind::ReservationClose,
             _ => return None,
         })
     }

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod ledger;
 pub mod ops;
 pub mod rebalance;
+pub mod reservations;
 pub mod retail;
 pub mod sync;
 pub mod testkit;

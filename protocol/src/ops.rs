@@ -250,6 +250,21 @@ pub struct Redeem {
     pub points: u64,
 }
 
+/// Buy online, pick up in store: units held for an order at `location`,
+/// fulfilled (or expired, by its own clock) only by `fulfil_by`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reserve {
+    pub reservation_id: String,
+    pub location: String,
+    pub lines: Vec<QtyLine>,
+    pub fulfil_by: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+}
+
 /// One row of an imported stock file (a count at `location`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportRow {
@@ -294,6 +309,14 @@ pub enum Op {
     Transfer(Transfer),
     TransferReceive(TransferReceive),
     ImportCounts(ImportCounts),
+    Reserve(Reserve),
+    ReservationFulfil {
+        reservation_id: String,
+        sale_id: Option<String>,
+    },
+    ReservationCancel {
+        reservation_id: String,
+    },
     ProductPut {
         product_id: u64,
         update: ProductUpdate,
@@ -315,6 +338,9 @@ impl Op {
             Op::Transfer(t) => Some(format!("trf/{}", t.transfer_id)),
             Op::TransferReceive(t) => Some(format!("trr/{}", t.transfer_id)),
             Op::ImportCounts(i) => Some(format!("imp/{}", i.import_id)),
+            Op::Reserve(r) => Some(format!("rsv/{}", r.reservation_id)),
+            Op::ReservationFulfil { reservation_id, .. } => Some(format!("rsf/{reservation_id}")),
+            Op::ReservationCancel { reservation_id } => Some(format!("rsx/{reservation_id}")),
             Op::CustomerPut { .. } | Op::CustomerErase { .. } | Op::ProductPut { .. } => None,
         }
     }
@@ -464,6 +490,31 @@ impl Op {
                     validate_counted(&format!("lines[{i}].quantity"), l.quantity)?;
                 }
                 Ok(())
+            }
+            Op::Reserve(r) => {
+                validate_client_id("reservation_id", &r.reservation_id)?;
+                validate_name("location", &r.location)?;
+                validate_name("fulfil_by", &r.fulfil_by)?;
+                if crate::time::parse_rfc3339_ms(&r.expires_at).is_none() {
+                    return Err("expires_at must be RFC 3339 with an offset".into());
+                }
+                if let Some(c) = &r.customer_id {
+                    validate_client_id("customer_id", c)?;
+                }
+                qty_lines(&r.lines)
+            }
+            Op::ReservationFulfil {
+                reservation_id,
+                sale_id,
+            } => {
+                validate_client_id("reservation_id", reservation_id)?;
+                if let Some(s) = sale_id {
+                    validate_client_id("sale_id", s)?;
+                }
+                Ok(())
+            }
+            Op::ReservationCancel { reservation_id } => {
+                validate_client_id("reservation_id", reservation_id)
             }
             Op::ImportCounts(i) => {
                 validate_client_id("import_id", &i.import_id)?;

@@ -60,6 +60,11 @@ impl Engine {
                     resolve(&mut l.product_id, &l.sku, i)?;
                 }
             }
+            Op::Reserve(r) => {
+                for (i, l) in r.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
             Op::Adjustment(a) => {
                 for (i, l) in a.lines.iter_mut().enumerate() {
                     resolve(&mut l.product_id, &l.sku, i)?;
@@ -456,6 +461,9 @@ impl Engine {
         v: &serde_json::Value,
     ) {
         match kind {
+            RecordKind::Reservation | RecordKind::ReservationClose => {
+                self.note_reservation(kind, id, v)
+            }
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();

@@ -23,6 +23,9 @@ pub struct StockRow {
     /// Units in transfers to this location that have not been received yet.
     #[serde(default)]
     pub incoming: i64,
+    /// Units held for open reservations at this location (all nodes).
+    #[serde(default)]
+    pub reserved: i64,
     /// Node-local change sequence (set by the node when it persists the row).
     #[serde(default)]
     pub seq: u64,
@@ -202,6 +205,10 @@ pub struct Views {
     pub returned: HashMap<String, BTreeMap<u64, u64>>,
     /// location → (records document, key) of its adjustments.
     pub adjustments: HashMap<String, BTreeSet<(String, String)>>,
+    /// reservation id → reservation.
+    pub reservations: HashMap<String, ReservationView>,
+    /// (product, location, fulfilling node) → units held by open reservations.
+    pub reserved: HashMap<(u64, String, NodeTag), i64>,
     /// product → purchases naming a customer: (at_ms, customer, location, sale id).
     pub buyers: HashMap<u64, BTreeSet<(u64, String, String, String)>>,
 }
@@ -214,6 +221,18 @@ pub struct ProductView {
     pub name: Option<String>,
     /// Field → losing values of concurrent edits (e.g. two SKUs given at once).
     pub conflicts: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationView {
+    pub location: String,
+    pub lines: BTreeMap<u64, u64>,
+    pub fulfil_by: Option<NodeTag>,
+    pub expires_at_ms: u64,
+    /// `None` while open; `fulfilled`, `cancelled` or `expired` once closed.
+    pub closed: Option<String>,
+    /// True once the creating node's record has arrived.
+    pub known: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

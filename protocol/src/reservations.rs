@@ -1,0 +1,237 @@
+//! Reservations (buy online, pick up in store).
+//!
+//! A reservation is a grant of sell-rights to the fulfilling node, tagged as
+//! reserved: the units stay in that node's rights but are excluded from what it
+//! sells normally (`Engine::rights` subtracts them). Only the fulfilling node
+//! closes a reservation — by fulfilling it (a sale out of the reserved units),
+//! cancelling it, or expiring it by its own clock — so two clocks can never both
+//! act on one reservation. Closing releases the units to that node's rights.
+
+use std::collections::BTreeMap;
+
+use crate::engine::Engine;
+use crate::ids::NodeTag;
+use crate::layout::{LedgerField, RecordKind};
+use crate::ops::{sum_lines, OpError, OpReply, Reserve, ShortLine};
+
+impl Engine {
+    /// Units this node holds for open reservations at (product, location).
+    pub fn reserved_by_me(&self, product: u64, location: &str) -> i64 {
+        self.views
+            .reserved
+            .get(&(product, location.to_string(), self.tag))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Units held for open reservations at (product, location), by any node.
+    pub fn reserved_at(&self, product: u64, location: &str) -> i64 {
+        self.views
+            .reserved
+            .iter()
+            .filter(|((p, l, _), _)| *p == product && l == location)
+            .map(|(_, q)| *q)
+            .sum()
+    }
+
+    pub(crate) fn reserve(&mut self, r: Reserve, now_ms: u64) -> Result<OpReply, OpError> {
+        let expires_at_ms = crate::time::parse_rfc3339_ms(&r.expires_at)
+            .ok_or_else(|| OpError::BadRequest("expires_at must be RFC 3339".into()))?;
+        let to = self
+            .views
+            .tag_of(&r.fulfil_by)
+            .ok_or_else(|| OpError::NotFound(format!("unknown node {:?}", r.fulfil_by)))?;
+        let lines = sum_lines(r.lines.iter().map(|l| (l.product_id, l.quantity)))
+            .map_err(OpError::BadRequest)?;
+        let short: Vec<ShortLine> = lines
+            .iter()
+            .filter_map(|(p, q)| {
+                let avail = self.rights(*p, &r.location);
+                (avail < *q as i64).then(|| ShortLine {
+                    product_id: *p,
+                    location: r.location.clone(),
+                    requested: *q,
+                    available: avail.max(0),
+                })
+            })
+            .collect();
+        if !short.is_empty() {
+            return Err(OpError::InsufficientStock(short));
+        }
+        if to != self.tag {
+            // The units move to the fulfilling node as rights; the record marks them reserved.
+            for (p, q) in &lines {
+                self.bump(*p, &r.location, LedgerField::Granted(to), *q)?;
+            }
+        }
+        let lines_json: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+            .collect();
+        let record = serde_json::json!({"reservation_id": r.reservation_id, "node": self.cfg.name, "location": r.location, "lines": lines_json, "fulfil_by": r.fulfil_by, "fulfil_by_tag": to.hex(), "expires_at_ms": expires_at_ms, "customer_id": r.customer_id, "at_ms": now_ms});
+        self.write_record(RecordKind::Reservation, &r.reservation_id, record, now_ms);
+        for p in lines.keys() {
+            self.touch_row(*p, &r.location);
+        }
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"reservation_id": r.reservation_id, "location": r.location, "fulfil_by": r.fulfil_by, "expires_at": r.expires_at, "status": "open", "lines": lines_json}),
+        ))
+    }
+
+    fn open_reservation_of_mine(&self, id: &str) -> Result<crate::views::ReservationView, OpError> {
+        let v = self
+            .views
+            .reservations
+            .get(id)
+            .filter(|v| v.known)
+            .cloned()
+            .ok_or_else(|| {
+                OpError::NotFound(format!("unknown reservation {id} (not synced here yet?)"))
+            })?;
+        if v.fulfil_by != Some(self.tag) {
+            let name = v
+                .fulfil_by
+                .map(|t| self.views.name_of(t))
+                .unwrap_or_default();
+            return Err(OpError::NotOwner(format!(
+                "reservation {id} is fulfilled by node {name}, only it may act on it"
+            )));
+        }
+        if let Some(status) = &v.closed {
+            return Err(OpError::Conflict {
+                code: "reservation_closed".into(),
+                message: format!("reservation {id} is already {status}"),
+            });
+        }
+        Ok(v)
+    }
+
+    pub(crate) fn reservation_fulfil(
+        &mut self,
+        id: &str,
+        sale_id: Option<String>,
+        now_ms: u64,
+    ) -> Result<OpReply, OpError> {
+        let v = self.open_reservation_of_mine(id)?;
+        // The reserved units are this node's rights: the sale spends them.
+        for (p, q) in &v.lines {
+            if self.rights_raw(*p, &v.location) < *q as i64 {
+                return Err(OpError::InsufficientStock(vec![ShortLine {
+                    product_id: *p,
+                    location: v.location.clone(),
+                    requested: *q,
+                    available: self.rights_raw(*p, &v.location).max(0),
+                }]));
+            }
+        }
+        for (p, q) in &v.lines {
+            self.bump(*p, &v.location, LedgerField::Removed, *q)?;
+        }
+        let sale_id = sale_id.unwrap_or_else(|| format!("rsv-{id}"));
+        let lines: Vec<serde_json::Value> = v
+            .lines
+            .iter()
+            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+            .collect();
+        let sale = serde_json::json!({"sale_id": sale_id, "node": self.cfg.name, "location": v.location, "lines": lines, "reservation_id": id, "total": 0, "at_ms": now_ms});
+        self.write_record(RecordKind::Sale, &sale_id, sale, now_ms);
+        self.close_reservation(id, "fulfilled", now_ms);
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"reservation_id": id, "status": "fulfilled", "sale_id": sale_id}),
+        ))
+    }
+
+    pub(crate) fn reservation_close(
+        &mut self,
+        id: &str,
+        status: &str,
+        now_ms: u64,
+    ) -> Result<OpReply, OpError> {
+        self.open_reservation_of_mine(id)?;
+        self.close_reservation(id, status, now_ms);
+        Ok(Engine::reply(
+            201,
+            serde_json::json!({"reservation_id": id, "status": status}),
+        ))
+    }
+
+    fn close_reservation(&mut self, id: &str, status: &str, now_ms: u64) {
+        let record = serde_json::json!({"reservation_id": id, "node": self.cfg.name, "status": status, "at_ms": now_ms});
+        self.write_record(RecordKind::ReservationClose, id, record, now_ms);
+    }
+
+    /// Expires this node's open reservations whose time has come, by its own clock.
+    pub fn expire_reservations(&mut self, now_ms: u64) -> usize {
+        let due: Vec<String> = self
+            .views
+            .reservations
+            .iter()
+            .filter(|(_, v)| {
+                v.known
+                    && v.closed.is_none()
+                    && v.fulfil_by == Some(self.tag)
+                    && v.expires_at_ms <= now_ms
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &due {
+            self.close_reservation(id, "expired", now_ms);
+        }
+        due.len()
+    }
+
+    /// Indexes reservation records, whichever arrives first.
+    pub(crate) fn note_reservation(&mut self, kind: RecordKind, id: &str, v: &serde_json::Value) {
+        let before = self.views.reservations.get(id).cloned().unwrap_or_default();
+        let mut after = before.clone();
+        match kind {
+            RecordKind::Reservation => {
+                after.known = true;
+                after.location = v["location"].as_str().unwrap_or("").to_string();
+                after.fulfil_by = v["fulfil_by_tag"].as_str().and_then(NodeTag::parse);
+                after.expires_at_ms = v["expires_at_ms"].as_u64().unwrap_or(0);
+                after.lines = v["lines"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|l| {
+                        (
+                            l["product_id"].as_u64().unwrap_or(0),
+                            l["quantity"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect::<BTreeMap<u64, u64>>();
+            }
+            RecordKind::ReservationClose => {
+                if after.closed.is_none() {
+                    after.closed = Some(v["status"].as_str().unwrap_or("closed").to_string());
+                }
+            }
+            _ => return,
+        }
+        let held = |r: &crate::views::ReservationView| r.known && r.closed.is_none();
+        if held(&before) {
+            self.adjust_reserved(&before, -1);
+        }
+        if held(&after) {
+            self.adjust_reserved(&after, 1);
+        }
+        self.views.reservations.insert(id.to_string(), after);
+    }
+
+    fn adjust_reserved(&mut self, r: &crate::views::ReservationView, sign: i64) {
+        let Some(tag) = r.fulfil_by else { return };
+        for (p, q) in &r.lines {
+            let key = (*p, r.location.clone(), tag);
+            let e = self.views.reserved.entry(key.clone()).or_default();
+            *e += sign * *q as i64;
+            if *e == 0 {
+                self.views.reserved.remove(&key);
+            }
+            let loc = r.location.clone();
+            self.touch_row(*p, &loc);
+        }
+    }
+}
