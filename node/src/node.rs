@@ -176,9 +176,15 @@ pub fn db_path(dir: &Path) -> PathBuf {
 /// Opens an engine from the store: loads every document, rebuilds the views.
 fn open_engine(cfg: &Config, node_id: NodeId, store: &Store) -> anyhow::Result<Engine> {
     let mut engine = Engine::new(engine_config(cfg, node_id), rand::random());
+    engine.set_entropy(rand::random());
     for p in &cfg.peers {
         engine.add_configured_peer(&p.name, p.id);
     }
+    engine.load_keys(
+        store
+            .load_keys()
+            .context("cannot load the customer key store")?,
+    );
     for d in store.load_docs().context("cannot load documents")? {
         engine
             .load_doc(&d.id, &d.parts, d.heads_log)

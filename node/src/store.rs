@@ -44,6 +44,9 @@ const HEADS_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("hea
 const HEADS_LOG_LEN: TableDefinition<&str, u64> = TableDefinition::new("heads_log_len");
 const SYNC_STATES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_states");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The customer key store: customer → keys or erased (overwritten in place, so
+/// an erased customer's key is gone from the live data).
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_keys");
 
 /// Meta key holding the schema tag; a file with another tag is refused.
 const SCHEMA_KEY: &str = "storemesh.schema";
@@ -155,6 +158,7 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(HEADS_LOG)?;
         tx.open_table(HEADS_LOG_LEN)?;
         tx.open_table(SYNC_STATES)?;
+        tx.open_table(KEYS)?;
         let mut meta = tx.open_table(META)?;
         let existing = meta.get(SCHEMA_KEY)?.map(|v| v.value().to_vec());
         match existing {
@@ -267,6 +271,12 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
         let mut sync = tx.open_table(SYNC_STATES)?;
         for (peer, doc, state) in &batch.sync_states {
             sync.insert((peer.hex().as_str(), doc.as_str()), state.as_slice())?;
+        }
+
+        let mut keys = tx.open_table(KEYS)?;
+        for (customer, entry) in &batch.keys {
+            let bytes = postcard::to_stdvec(entry).context("encoding a key-store entry")?;
+            keys.insert(customer.as_str(), bytes.as_slice())?;
         }
     }
     tx.commit()?;
@@ -425,6 +435,24 @@ impl Store {
                 let (p, loc) = k.value();
                 let row: StockRow = decode(v.value(), || format!("row {p}/{loc}"))?;
                 out.push(((p, loc.to_string()), row));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The customer key store.
+    pub fn load_keys(&self) -> Result<Vec<(String, storemesh_protocol::crypto::KeyEntry)>> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(KEYS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let c = k.value();
+                out.push((
+                    c.to_string(),
+                    decode(v.value(), || format!("key-store entry {c}"))?,
+                ));
             }
             Ok(out)
         })
@@ -743,6 +771,7 @@ mod tests {
             heads_log: vec![("ledger/loc-a/3".into(), 5, vec![])],
             sync_states: vec![(NodeId([1; 32]), "mesh".into(), vec![1])],
             heads: vec![("mesh".into(), vec!["x".into()])],
+            keys: vec![],
         };
         let err = store.commit(&bad).unwrap_err();
         assert!(

@@ -90,6 +90,8 @@ pub struct Batch {
     pub idem: Vec<(String, IdemRecord)>,
     pub heads_log: Vec<(String, u64, Vec<String>)>,
     pub sync_states: Vec<(NodeId, String, Vec<u8>)>,
+    /// Changed entries of the customer key store.
+    pub keys: Vec<(String, crate::crypto::KeyEntry)>,
 }
 
 impl Batch {
@@ -99,6 +101,7 @@ impl Batch {
             && self.idem.is_empty()
             && self.heads_log.is_empty()
             && self.sync_states.is_empty()
+            && self.keys.is_empty()
     }
 }
 
@@ -135,6 +138,14 @@ pub struct Engine {
     /// Unix ms at which this node last heard from (a change by) each node.
     pub(crate) last_heard: HashMap<NodeTag, u64>,
     pub(crate) rebalancer: crate::rebalance::Rebalancer,
+    /// The customer key store (outside the documents; erasure wins on merge).
+    pub(crate) keys: HashMap<String, crate::crypto::KeyEntry>,
+    pub(crate) keys_digest: [u8; 32],
+    pending_keys: BTreeMap<String, crate::crypto::KeyEntry>,
+    pub(crate) keys_to_push: Vec<(String, crate::crypto::KeyEntry)>,
+    /// Secret per-process randomness for customer keys (the shell supplies it).
+    entropy: [u8; 32],
+    nonce_counter: u64,
     /// Products of the own location changed since the allocation controller last ran.
     pub(crate) alloc_dirty: BTreeSet<u64>,
     /// Counters for metrics: (name, value).
@@ -151,6 +162,12 @@ pub struct Stats {
     pub sync_bytes_out: u64,
     pub rejected_messages: u64,
     pub forks_detected: u64,
+}
+
+fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {
+    for (a, b) in acc.iter_mut().zip(h) {
+        *a ^= b;
+    }
 }
 
 fn hex_heads(h: &[ChangeHash]) -> Vec<String> {
@@ -188,6 +205,12 @@ impl Engine {
             faults: Faults::default(),
             last_heard: HashMap::new(),
             rebalancer: Default::default(),
+            keys: HashMap::new(),
+            keys_digest: [0; 32],
+            pending_keys: BTreeMap::new(),
+            keys_to_push: Vec::new(),
+            entropy: [0; 32],
+            nonce_counter: 0,
             alloc_dirty: BTreeSet::new(),
             stats: Stats::default(),
         }
@@ -218,6 +241,77 @@ impl Engine {
                 Some((loc, t))
             })
             .collect()
+    }
+
+    /// Secret randomness for customer keys; call once at start with fresh
+    /// random bytes (the simulator passes seeded bytes).
+    pub fn set_entropy(&mut self, seed: [u8; 32]) {
+        self.entropy = seed;
+    }
+
+    /// Loads the persisted key store (before `finish_open`).
+    pub fn load_keys(&mut self, entries: Vec<(String, crate::crypto::KeyEntry)>) {
+        for (c, e) in entries {
+            self.set_key_entry(&c, e);
+        }
+    }
+
+    /// Merges a key-store entry; returns true if it changed anything.
+    pub(crate) fn set_key_entry(
+        &mut self,
+        customer: &str,
+        incoming: crate::crypto::KeyEntry,
+    ) -> bool {
+        let merged = match self.keys.get(customer) {
+            Some(old) => old.merge(&incoming),
+            None => incoming,
+        };
+        if self.keys.get(customer) == Some(&merged) {
+            return false;
+        }
+        if let Some(old) = self.keys.get(customer) {
+            let h = crate::sync::key_digest(customer, old);
+            xor32(&mut self.keys_digest, &h);
+        }
+        let h = crate::sync::key_digest(customer, &merged);
+        xor32(&mut self.keys_digest, &h);
+        self.keys.insert(customer.to_string(), merged);
+        true
+    }
+
+    /// Records a key-store change for persistence and for the peers.
+    pub(crate) fn key_changed(&mut self, customer: &str) {
+        if let Some(e) = self.keys.get(customer) {
+            self.pending_keys.insert(customer.to_string(), e.clone());
+        }
+    }
+
+    /// The key new values of this customer are encrypted with (created on first use).
+    fn customer_key(&mut self, customer: &str) -> Option<[u8; 32]> {
+        match self.keys.get(customer) {
+            Some(e) => e.current().copied(),
+            None => {
+                use sha2::{Digest, Sha256};
+                self.nonce_counter += 1;
+                let mut h = Sha256::new();
+                h.update(self.entropy);
+                h.update(b"customer-key");
+                h.update(self.actor.0);
+                h.update(self.nonce_counter.to_le_bytes());
+                let key: [u8; 32] = h.finalize().into();
+                self.set_key_entry(customer, crate::crypto::KeyEntry::Keys([key].into()));
+                self.key_changed(customer);
+                Some(key)
+            }
+        }
+    }
+
+    fn seal(&mut self, key: &[u8; 32], plain: &str) -> String {
+        self.nonce_counter += 1;
+        let mut material = self.actor.0.to_vec();
+        material.extend_from_slice(&self.nonce_counter.to_le_bytes());
+        material.extend_from_slice(&self.entropy);
+        crate::crypto::encrypt(key, &material, plain)
     }
 
     /// Registers a configured peer so grants can name it before its directory
@@ -394,6 +488,17 @@ impl Engine {
                 },
             },
         );
+    }
+
+    /// Rebuilds one customer's view (after its keys changed).
+    pub(crate) fn refresh_customer(&mut self, customer: &str) {
+        let doc_id = self.customer_doc(customer).encode();
+        let view = match self.docs.get(&doc_id) {
+            Some(slot) => read_customer(&slot.doc, customer, self.keys.get(customer)),
+            None => return,
+        };
+        self.views.set_customer(customer, view);
+        self.pending_customers.insert(customer.to_string());
     }
 
     pub(crate) fn touch_row(&mut self, product: u64, location: &str) {
@@ -951,10 +1056,24 @@ impl Engine {
                 "no field to update (name, email, phone, marketing_consent, tags)".into(),
             ));
         }
+        let Some(key) = self.customer_key(id) else {
+            return Err(OpError::NotFound(format!("customer {id} was erased")));
+        };
+        let fields: Vec<(&str, ScalarValue, ScalarValue)> = fields
+            .into_iter()
+            .map(|(f, v)| match &v {
+                // Personal data is stored only encrypted under the customer's key.
+                ScalarValue::Str(plain) => {
+                    let sealed = self.seal(&key, plain);
+                    (f, v.clone(), ScalarValue::Str(sealed.into()))
+                }
+                _ => (f, v.clone(), v),
+            })
+            .collect();
         let mut view = self.views.customers.get(id).cloned().unwrap_or_default();
-        for (f, v) in fields {
+        for (f, plain, v) in fields {
             view.profile
-                .insert(f.to_string(), crate::views::scalar_json(&v));
+                .insert(f.to_string(), crate::views::scalar_json(&plain));
             view.conflicts.remove(f);
             self.put(
                 doc.clone(),
@@ -994,6 +1113,9 @@ impl Engine {
             .encode(),
             ScalarValue::Str(now_ms.to_string().into()),
         );
+        // Crypto-shredding: the keys go, so no copy of the history can be read.
+        self.set_key_entry(id, crate::crypto::KeyEntry::Erased);
+        self.key_changed(id);
         let mut view = self.views.customers.get(id).cloned().unwrap_or_default();
         view.erased = true;
         view.profile.clear();
@@ -1145,6 +1267,8 @@ impl Engine {
         }
         batch.idem = self.pending_idem.drain().collect();
         batch.sync_states = std::mem::take(&mut self.pending_sync_states);
+        batch.keys = std::mem::take(&mut self.pending_keys).into_iter().collect();
+        self.keys_to_push.extend(batch.keys.iter().cloned());
         batch
     }
 
@@ -1213,7 +1337,7 @@ impl Engine {
                     .map(|c| c.customer().to_string())
                     .collect();
                 for c in custs {
-                    let view = read_customer(&slot.doc, &c);
+                    let view = read_customer(&slot.doc, &c, self.keys.get(&c));
                     self.views.set_customer(&c, view);
                     self.pending_customers.insert(c);
                 }

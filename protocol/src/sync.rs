@@ -38,10 +38,16 @@ pub const DOCS_PER_FRAME_MAX: usize = 4096;
 /// Messages of the sync protocol (after the hello).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Msg {
+    /// Key-store entries (customer id → keys or erased); merged, erasure wins.
+    Keys {
+        entries: Vec<(String, crate::crypto::KeyEntry)>,
+    },
     /// A request for sell-rights (rebalancing); small, sent ahead of document sync.
     Rights(crate::rebalance::RightsRequest),
+    /// Digest over every document's heads, and over the customer key store.
     Root {
         digest: [u8; 32],
+        keys: [u8; 32],
     },
     Groups {
         digests: Vec<u64>,
@@ -64,6 +70,18 @@ pub enum Msg {
         doc: String,
         data: Vec<u8>,
     },
+}
+
+/// Key-store entries per frame, at most.
+pub const KEYS_PER_FRAME_MAX: usize = 2048;
+
+/// Hash of one key-store entry, XOR-folded into the key-store digest.
+pub fn key_digest(customer: &str, entry: &crate::crypto::KeyEntry) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(customer.as_bytes());
+    h.update([0]);
+    h.update(postcard::to_stdvec(entry).unwrap_or_default());
+    h.finalize().into()
 }
 
 /// Hash of one document's heads, as folded into its group digest.
@@ -171,7 +189,8 @@ impl Engine {
         if let Some(s) = self.sessions.get_mut(&peer) {
             s.last_root_sent_ms = now_ms;
         }
-        self.send(peer, &Msg::Root { digest });
+        let keys = self.keys_digest;
+        self.send(peer, &Msg::Root { digest, keys });
     }
 
     /// A peer completed the hello. `stored` holds persisted sync states by document.
@@ -190,6 +209,17 @@ impl Engine {
             },
         );
         self.send_root(peer, now_ms);
+    }
+
+    fn send_keys(&mut self, peer: NodeId, entries: &[(String, crate::crypto::KeyEntry)]) {
+        for chunk in entries.chunks(KEYS_PER_FRAME_MAX) {
+            self.send(
+                peer,
+                &Msg::Keys {
+                    entries: chunk.to_vec(),
+                },
+            );
+        }
     }
 
     /// A peer's connection ended: its shared heads are persisted with the next batch.
@@ -340,6 +370,12 @@ impl Engine {
     /// After a commit: push changed documents to every connected peer.
     pub(crate) fn push_docs(&mut self, docs: &[String], _now_ms: u64) {
         let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
+        let keys = std::mem::take(&mut self.keys_to_push);
+        if !keys.is_empty() {
+            for p in &peers {
+                self.send_keys(*p, &keys);
+            }
+        }
         for doc in docs {
             for p in &peers {
                 self.sync_doc(*p, doc);
@@ -362,7 +398,16 @@ impl Engine {
         self.last_heard.insert(peer.tag(), now_ms);
         match msg {
             Msg::Rights(req) => self.on_rights_request(peer, req, now_ms)?,
-            Msg::Root { digest } => {
+            Msg::Root { digest, keys } => {
+                if keys != self.keys_digest {
+                    let mut all: Vec<(String, crate::crypto::KeyEntry)> = self
+                        .keys
+                        .iter()
+                        .map(|(c, e)| (c.clone(), e.clone()))
+                        .collect();
+                    all.sort_by(|a, b| a.0.cmp(&b.0));
+                    self.send_keys(peer, &all);
+                }
                 if digest == self.digest.root() {
                     if let Some(s) = self.sessions.get_mut(&peer) {
                         s.synced = true;
@@ -370,6 +415,23 @@ impl Engine {
                 } else {
                     let digests = self.digest.groups.clone();
                     self.send(peer, &Msg::Groups { digests });
+                }
+            }
+            Msg::Keys { entries } => {
+                if entries.len() > KEYS_PER_FRAME_MAX {
+                    return Err("key-store frame over the limit".into());
+                }
+                for (c, e) in entries {
+                    crate::ids::validate_client_id("customer_id", &c)?;
+                    if let crate::crypto::KeyEntry::Keys(k) = &e {
+                        if k.is_empty() || k.len() > crate::crypto::KEYS_PER_CUSTOMER_MAX {
+                            return Err("malformed key-store entry".into());
+                        }
+                    }
+                    if self.set_key_entry(&c, e) {
+                        self.key_changed(&c);
+                        self.refresh_customer(&c);
+                    }
                 }
             }
             Msg::Groups { digests } => {

@@ -108,7 +108,26 @@ pub fn scalar_json(v: &ScalarValue) -> serde_json::Value {
     }
 }
 
-pub fn read_customer(doc: &Automerge, customer: &str) -> CustomerView {
+/// A stored profile value as JSON: encrypted strings are decrypted with the
+/// customer's keys (unreadable after erasure → `None`).
+fn profile_json(
+    v: &ScalarValue,
+    keys: Option<&crate::crypto::KeyEntry>,
+) -> Option<serde_json::Value> {
+    match v {
+        ScalarValue::Str(s) if s.starts_with(crate::crypto::ENC_PREFIX) => {
+            let plain = crate::crypto::decrypt(keys, s)?;
+            Some(scalar_json(&ScalarValue::Str(plain.into())))
+        }
+        other => Some(scalar_json(other)),
+    }
+}
+
+pub fn read_customer(
+    doc: &Automerge,
+    customer: &str,
+    key_entry: Option<&crate::crypto::KeyEntry>,
+) -> CustomerView {
     let mut v = CustomerView::default();
     let keys: Vec<String> = doc
         .map_range(ROOT, customer_range(customer))
@@ -129,7 +148,7 @@ pub fn read_customer(doc: &Automerge, customer: &str) -> CustomerView {
                 // Automerge orders conflicting values deterministically; the last is the winner.
                 let mut vals: Vec<serde_json::Value> = all
                     .iter()
-                    .filter_map(|(val, _)| val.as_scalar().map(scalar_json))
+                    .filter_map(|(val, _)| val.as_scalar().and_then(|s| profile_json(s, key_entry)))
                     .collect();
                 if let Some(win) = vals.pop() {
                     if !win.is_null() {
@@ -159,7 +178,8 @@ pub fn read_customer(doc: &Automerge, customer: &str) -> CustomerView {
             CustomerKey::Erased { .. } => v.erased = true,
         }
     }
-    if v.erased {
+    if v.erased || matches!(key_entry, Some(crate::crypto::KeyEntry::Erased)) {
+        v.erased = true;
         v.profile.clear();
         v.conflicts.clear();
     }
