@@ -68,6 +68,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/reservations/{id}", get(reservation_get))
         .route("/api/reservations/{id}/fulfil", post(reservation_fulfil))
         .route("/api/reservations/{id}/cancel", post(reservation_cancel))
+        .route("/api/nodes/{name}/retire", post(retire_node))
         .route("/api/changes", get(changes))
         .route("/api/inventory/stream", get(stream))
         .route("/api/customers/segment", get(segment))
@@ -1229,4 +1230,37 @@ async fn reservation_get(State(sh): S, headers: HeaderMap, Path(id): Path<String
         Some(v) => axum::Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "unknown reservation"),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireBody {
+    successor: String,
+}
+
+async fn retire_node(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Admin) {
+        return r;
+    }
+    let bytes = match body_bytes(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: RetireBody = match parse_json(&bytes) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    write_op(
+        &sh,
+        Op::Retire {
+            node: name,
+            successor: req.successor,
+        },
+    )
+    .await
 }

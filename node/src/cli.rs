@@ -78,6 +78,26 @@ pub enum Command {
         #[command(subcommand)]
         command: ExportCommand,
     },
+    /// Mesh-wide node operations (sent to the running node of DIR)
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Retire a node: its key is refused mesh-wide and its rights pass to the successor
+    Retire {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The node to retire
+        #[arg(long, value_parser = parse_name)]
+        name: String,
+        /// The node that takes over its rights (e.g. the redeployed web shop)
+        #[arg(long, value_parser = parse_name)]
+        successor: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -320,6 +340,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                     format,
                 },
         } => crate::csvio::import_file(&data_dir, &file, format).await,
+        Command::Node {
+            command:
+                NodeCommand::Retire {
+                    data_dir,
+                    name,
+                    successor,
+                },
+        } => crate::csvio::retire(&data_dir, &name, &successor).await,
         Command::Export {
             command:
                 ExportCommand::Inventory {

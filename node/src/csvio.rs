@@ -329,6 +329,28 @@ pub async fn import_file(
     Ok(())
 }
 
+/// `storemesh node retire`: asks the running node of `dir` to retire `name`.
+pub async fn retire(dir: &std::path::Path, name: &str, successor: &str) -> anyhow::Result<()> {
+    let (base, token) = node_endpoint(dir, crate::config::Scope::Admin)?;
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/nodes/{name}/retire"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "successor": successor }))
+        .send()
+        .await
+        .map_err(|e| not_running(e, dir))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "the node refused the retirement ({status}): {}",
+            body["message"].as_str().unwrap_or("")
+        );
+    }
+    println!("retired {name}; its rights pass to {successor} and its key is refused as the mesh learns of it");
+    Ok(())
+}
+
 /// `storemesh export inventory`: the running node's stock as CSV.
 pub async fn export(dir: &std::path::Path, format: Format) -> anyhow::Result<Vec<u8>> {
     let (base, token) = node_endpoint(dir, crate::config::Scope::Read)?;

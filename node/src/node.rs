@@ -426,6 +426,7 @@ fn engine_loop(
     let mut shutdown_ack: Option<oneshot::Sender<()>> = None;
     // Callers of sales parked while rights are requested from peers.
     let mut parked: HashMap<u64, oneshot::Sender<Result<OpReply, OpError>>> = HashMap::new();
+    let mut revoked: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
     let deadline_ms = cfg.rebalance.deadline_ms;
     let allocation: Vec<storemesh_protocol::rebalance::AllocationRule> = cfg
         .allocation
@@ -550,6 +551,15 @@ fn engine_loop(
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "cannot reload documents; stopping the engine");
                     break;
+                }
+            }
+        }
+        // A retired node's key is refused from now on.
+        for tag in engine.retired_tags() {
+            for p in shared.cfg.peers.iter().filter(|p| p.id.tag() == tag) {
+                if revoked.insert(p.id) {
+                    tracing::warn!(peer = %p.name, "peer was retired; refusing its key");
+                    transport.set_blocked(p.id, true);
                 }
             }
         }

@@ -501,6 +501,88 @@ impl Engine {
         self.pending_customers.insert(customer.to_string());
     }
 
+    /// Retires `node`: its key is refused mesh-wide and its rights pass to `successor`.
+    fn retire(&mut self, node: &str, successor: &str, now_ms: u64) -> Result<OpReply, OpError> {
+        let from = self
+            .views
+            .tag_of(node)
+            .ok_or_else(|| OpError::NotFound(format!("unknown node {node:?}")))?;
+        let to = self
+            .views
+            .tag_of(successor)
+            .ok_or_else(|| OpError::NotFound(format!("unknown node {successor:?}")))?;
+        if from == to {
+            return Err(OpError::BadRequest("a node cannot succeed itself".into()));
+        }
+        if from == self.tag {
+            return Err(OpError::BadRequest(
+                "run the retirement at another node than the one retired".into(),
+            ));
+        }
+        if self.views.resolve(to) != to {
+            return Err(OpError::BadRequest(format!(
+                "{successor} is itself retired"
+            )));
+        }
+        if let Some(existing) = self.views.retired.get(&from) {
+            if *existing == to {
+                return Ok(Self::reply(
+                    200,
+                    serde_json::json!({"node": node, "successor": successor, "retired": true}),
+                ));
+            }
+            return Err(OpError::Conflict {
+                code: "already_retired".into(),
+                message: format!("{node} was already retired to another successor"),
+            });
+        }
+        let value = serde_json::json!({"successor": to.hex(), "successor_name": successor, "by": self.cfg.name, "at_ms": now_ms}).to_string();
+        self.put(
+            DocId::Mesh,
+            layout::retired_key(from),
+            ScalarValue::Str(value.into()),
+        );
+        self.note_retirement(from, to);
+        Ok(Self::reply(
+            201,
+            serde_json::json!({"node": node, "successor": successor, "retired": true}),
+        ))
+    }
+
+    fn note_retirement(&mut self, retired: NodeTag, successor: NodeTag) {
+        if self.views.retired.get(&retired) == Some(&successor) {
+            return;
+        }
+        if retired == self.tag {
+            tracing::error!(
+                "this node was retired; its rights passed to its successor and peers refuse it"
+            );
+        }
+        self.views.retired.insert(retired, successor);
+        // Rights moved: every row that holds cells or grants of the retired node changes.
+        let touched: Vec<(u64, String)> = self
+            .views
+            .stock
+            .iter()
+            .flat_map(|(p, m)| {
+                m.iter()
+                    .filter(|(_, e)| {
+                        e.cells.keys().any(|a| a.tag() == retired)
+                            || e.cells.values().any(|c| c.granted.contains_key(&retired))
+                    })
+                    .map(move |(l, _)| (*p, l.clone()))
+            })
+            .collect();
+        for (p, l) in touched {
+            self.touch_row(p, &l);
+        }
+    }
+
+    /// Node ids' tags that are retired (the shell refuses their connections).
+    pub fn retired_tags(&self) -> Vec<NodeTag> {
+        self.views.retired.keys().copied().collect()
+    }
+
     pub(crate) fn touch_row(&mut self, product: u64, location: &str) {
         if location == self.cfg.location {
             self.alloc_dirty.insert(product);
@@ -517,8 +599,16 @@ impl Engine {
     pub fn rights_raw(&self, product: u64, location: &str) -> i64 {
         self.views
             .entry(product, location)
-            .map(|e| e.rights(self.tag))
+            .map(|e| self.node_rights(e, self.tag))
             .unwrap_or(0)
+    }
+
+    /// Rights of `node` in an entry, with retired nodes' rights passed to their successors.
+    pub fn node_rights(&self, e: &StockEntry, node: NodeTag) -> i64 {
+        if self.views.retired.is_empty() {
+            return e.rights(node);
+        }
+        e.rights_in(node, &|t| self.views.resolve(t))
     }
 
     /// `stock_level` (on hand over all locations) and `available` (rights of this
@@ -532,8 +622,9 @@ impl Engine {
                 continue;
             }
             on_hand = on_hand.saturating_add(e.on_hand());
-            avail =
-                avail.saturating_add((e.rights(self.tag) - self.reserved_by_me(product, l)).max(0));
+            avail = avail.saturating_add(
+                (self.node_rights(e, self.tag) - self.reserved_by_me(product, l)).max(0),
+            );
         }
         Some((on_hand, avail))
     }
@@ -610,6 +701,7 @@ impl Engine {
             Op::TransferReceive(t) => self.transfer_receive(t, now_ms),
             Op::ImportCounts(i) => self.import_counts(i, now_ms),
             Op::Reserve(r) => self.reserve(r, now_ms),
+            Op::Retire { node, successor } => self.retire(&node, &successor, now_ms),
             Op::ReservationFulfil {
                 reservation_id,
                 sale_id,
@@ -675,7 +767,7 @@ impl Engine {
             if let Some(m) = self.views.stock.get(p) {
                 let mut cands: Vec<(&String, i64)> = m
                     .iter()
-                    .map(|(l, e)| (l, e.rights(self.tag)))
+                    .map(|(l, e)| (l, self.node_rights(e, self.tag)))
                     .filter(|(l, _)| fits(l))
                     .collect();
                 cands.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -1307,7 +1399,24 @@ impl Engine {
                 }
             }
             DocId::Mesh => {
+                let mut retirements = Vec::new();
                 for k in keys {
+                    if let Some(tag) = layout::parse_retired_key(k) {
+                        // Conflicting successors: the smallest tag wins on every node.
+                        let successor = slot
+                            .doc
+                            .get_all(ROOT, k.as_str())
+                            .ok()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|(v, _)| {
+                                v.as_str().and_then(|s| layout::parse_retirement(s).ok())
+                            })
+                            .min();
+                        if let Some(s) = successor {
+                            retirements.push((tag, s));
+                        }
+                    }
                     if let Ok(tag) = layout::parse_mesh_key(k) {
                         if let Ok(Some((v, _))) = slot.doc.get(ROOT, k.as_str()) {
                             if let Some(Ok(info)) = v.as_str().map(layout::parse_node_info) {
@@ -1315,6 +1424,9 @@ impl Engine {
                             }
                         }
                     }
+                }
+                for (tag, successor) in retirements {
+                    self.note_retirement(tag, successor);
                 }
             }
             DocId::Records { .. } => {
@@ -1449,7 +1561,10 @@ impl Engine {
                     .views
                     .stock
                     .iter()
-                    .filter_map(|(p, m)| m.get(&location).map(|e| (*p, e.rights(self.tag))))
+                    .filter_map(|(p, m)| {
+                        m.get(&location)
+                            .map(|e| (*p, self.node_rights(e, self.tag)))
+                    })
                     .filter(|(p, r)| *r < 0 && self.ledger_doc(*p, &location).encode() == doc)
                     .collect();
                 for (p, r) in deficits {

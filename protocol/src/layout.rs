@@ -127,6 +127,27 @@ pub fn mesh_info_key(tag: NodeTag) -> String {
     format!("{tag}/info")
 }
 
+/// `retired/<tag>` → JSON {"successor": tag, …}: written by any node (the
+/// operator runs `storemesh node retire` wherever they are); once retired a
+/// node stays retired.
+pub fn retired_key(tag: NodeTag) -> String {
+    format!("retired/{tag}")
+}
+
+pub fn parse_retired_key(key: &str) -> Option<NodeTag> {
+    key.strip_prefix("retired/").and_then(NodeTag::parse)
+}
+
+/// The successor named in a retirement value.
+pub fn parse_retirement(json: &str) -> Result<NodeTag, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("bad retirement: {e}"))?;
+    v["successor"]
+        .as_str()
+        .and_then(NodeTag::parse)
+        .ok_or_else(|| "retirement without a successor".into())
+}
+
 pub fn parse_mesh_key(key: &str) -> Result<NodeTag, String> {
     match key.split_once('/') {
         Some((tag, "info")) => NodeTag::parse(tag).ok_or_else(|| format!("bad mesh key {key:?}")),

@@ -68,6 +68,23 @@ impl StockEntry {
         clamp_i64(v)
     }
 
+    /// Rights of `node` when retired nodes' rights pass to their successors:
+    /// `resolve` maps a node to the node that holds its rights now.
+    pub fn rights_in(&self, node: NodeTag, resolve: &dyn Fn(NodeTag) -> NodeTag) -> i64 {
+        let mut v: i128 = 0;
+        for (actor, c) in &self.cells {
+            if resolve(actor.tag()) == node {
+                v += i128::from(c.received) - i128::from(c.removed) - c.granted_total();
+            }
+            for (to, q) in &c.granted {
+                if resolve(*to) == node {
+                    v += i128::from(*q);
+                }
+            }
+        }
+        clamp_i64(v)
+    }
+
     /// Rights of every node that appears in the entry.
     pub fn rights_by_node(&self) -> BTreeMap<NodeTag, i64> {
         let mut nodes: Vec<NodeTag> = self.cells.keys().map(|a| a.tag()).collect();

@@ -317,6 +317,10 @@ pub enum Op {
     ReservationCancel {
         reservation_id: String,
     },
+    Retire {
+        node: String,
+        successor: String,
+    },
     ProductPut {
         product_id: u64,
         update: ProductUpdate,
@@ -341,7 +345,10 @@ impl Op {
             Op::Reserve(r) => Some(format!("rsv/{}", r.reservation_id)),
             Op::ReservationFulfil { reservation_id, .. } => Some(format!("rsf/{reservation_id}")),
             Op::ReservationCancel { reservation_id } => Some(format!("rsx/{reservation_id}")),
-            Op::CustomerPut { .. } | Op::CustomerErase { .. } | Op::ProductPut { .. } => None,
+            Op::CustomerPut { .. }
+            | Op::CustomerErase { .. }
+            | Op::ProductPut { .. }
+            | Op::Retire { .. } => None,
         }
     }
 
@@ -515,6 +522,10 @@ impl Op {
             }
             Op::ReservationCancel { reservation_id } => {
                 validate_client_id("reservation_id", reservation_id)
+            }
+            Op::Retire { node, successor } => {
+                validate_name("node", node)?;
+                validate_name("successor", successor)
             }
             Op::ImportCounts(i) => {
                 validate_client_id("import_id", &i.import_id)?;

@@ -292,8 +292,8 @@ impl Engine {
                 let on_hand = entry.on_hand().max(0) as u64;
                 let target =
                     (on_hand * u64::from(rule.share_percent.min(100)) / 100).min(rule.max_units);
-                let theirs = entry.rights(to).max(0) as u64;
-                let mine = entry.rights(self.tag).max(0) as u64;
+                let theirs = self.node_rights(entry, to).max(0) as u64;
+                let mine = self.node_rights(entry, self.tag).max(0) as u64;
                 if target == 0 || theirs * 2 > target {
                     continue;
                 }

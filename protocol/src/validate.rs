@@ -195,6 +195,13 @@ fn check_op(
             }
             cumulative(doc, key, value, last)
         }
+        DocId::Mesh if key.starts_with("retired/") => {
+            crate::layout::parse_retired_key(key).ok_or_else(|| format!("bad mesh key {key:?}"))?;
+            match value {
+                Some(ScalarValue::Str(s)) => crate::layout::parse_retirement(s).map(|_| ()),
+                _ => Err("a retirement can not be undone".into()),
+            }
+        }
         DocId::Mesh => {
             let tag = parse_mesh_key(key)?;
             if tag != author.tag() {

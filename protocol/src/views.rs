@@ -225,6 +225,8 @@ pub struct Views {
     pub returned: HashMap<String, BTreeMap<u64, u64>>,
     /// location → (records document, key) of its adjustments.
     pub adjustments: HashMap<String, BTreeSet<(String, String)>>,
+    /// Retired node → its successor (from the mesh document).
+    pub retired: BTreeMap<NodeTag, NodeTag>,
     /// reservation id → reservation.
     pub reservations: HashMap<String, ReservationView>,
     /// (product, location, fulfilling node) → units held by open reservations.
@@ -292,6 +294,18 @@ pub fn read_product(doc: &Automerge, product: u64) -> ProductView {
 impl Views {
     pub fn entry(&self, product: u64, location: &str) -> Option<&StockEntry> {
         self.stock.get(&product).and_then(|m| m.get(location))
+    }
+
+    /// The node that holds `tag`'s rights now (follows retirements, bounded).
+    pub fn resolve(&self, tag: NodeTag) -> NodeTag {
+        let mut t = tag;
+        for _ in 0..16 {
+            match self.retired.get(&t) {
+                Some(next) if *next != t => t = *next,
+                _ => break,
+            }
+        }
+        t
     }
 
     pub fn tag_of(&self, name: &str) -> Option<NodeTag> {
