@@ -867,6 +867,10 @@ impl Engine {
         if !overdrawn.is_empty() {
             let rec = serde_json::json!({"sale_id": s.sale_id, "node": self.cfg.name, "location": location, "lines": overdrawn, "at_ms": now_ms});
             self.write_record(RecordKind::Overdraft, &s.sale_id, rec, now_ms);
+            for (p, q) in &lines {
+                let short = (-self.rights_raw(*p, &location)).max(0) as u64;
+                self.reclaim(*p, &location, short.min(*q), now_ms);
+            }
         }
         if let Some(c) = &s.customer_id {
             let points = units.saturating_mul(self.cfg.loyalty_points_per_unit);
@@ -1013,6 +1017,7 @@ impl Engine {
             }
             let rights = self.rights_raw(l.product_id, &c.location);
             if rights < 0 {
+                self.reclaim(l.product_id, &c.location, (-rights) as u64, now_ms);
                 let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": -rights, "at_ms": now_ms});
                 self.write_record(
                     RecordKind::Deficit,

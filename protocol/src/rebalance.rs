@@ -136,7 +136,7 @@ impl Engine {
         (self.rebalancer.requests_sent, self.rebalancer.grants_given)
     }
 
-    fn request_rights(&mut self, short: &[ShortLine], now_ms: u64) {
+    pub(crate) fn request_rights(&mut self, short: &[ShortLine], now_ms: u64) {
         let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
         for s in short {
             let need = s.requested.saturating_sub(s.available.max(0) as u64);
@@ -265,6 +265,21 @@ pub struct AllocationRule {
 }
 
 impl Engine {
+    /// An overdraft or deficit at (product, location): ask peers that hold
+    /// rights there to hand them back, so the books balance again.
+    pub(crate) fn reclaim(&mut self, product: u64, location: &str, quantity: u64, now_ms: u64) {
+        if quantity == 0 || self.sessions.is_empty() {
+            return;
+        }
+        let short = ShortLine {
+            product_id: product,
+            location: location.to_string(),
+            requested: quantity,
+            available: 0,
+        };
+        self.request_rights(&[short], now_ms);
+    }
+
     /// One pass of the allocation controller over the products of the own
     /// location that changed since the last pass. Hysteresis: a node's
     /// allocation is topped up to its target only once it has fallen to half

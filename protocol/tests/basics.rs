@@ -218,3 +218,32 @@ fn allocation_controller_tops_up_with_hysteresis() {
     assert_eq!(m.nodes[1].engine.rights(42, "loc0"), 5);
     assert_eq!(m.nodes[0].engine.totals(42, None).unwrap().0, 37);
 }
+
+#[test]
+fn an_overdraft_reclaims_rights_from_peers() {
+    let mut m = TestMesh::new(2, 8);
+    m.connect(0, 1);
+    m.execute(0, receipt("r1", "loc0", 42, 5)).unwrap();
+    m.execute(0, grant("g1", 42, "loc0", "n1", 3)).unwrap();
+    m.commit(0);
+    m.settle();
+    // The till overrides: 4 sold out of 2 rights, 2 overdrawn.
+    let mut s = sale("s1", None, &[(42, 4)]);
+    if let Op::Sale(x) = &mut s {
+        x.override_rights = true;
+    }
+    m.execute(0, s).unwrap();
+    assert_eq!(m.nodes[0].engine.rights(42, "loc0"), -2);
+    m.commit(0);
+    m.settle();
+    assert!(m.nodes[0]
+        .engine
+        .views
+        .alarms
+        .values()
+        .any(|a| a.kind == "overdraft"));
+    // The web shop handed 2 of its 3 back.
+    assert_eq!(m.nodes[0].engine.rights(42, "loc0"), 0);
+    assert_eq!(m.nodes[1].engine.rights(42, "loc0"), 1);
+    assert_eq!(m.nodes[1].engine.totals(42, None).unwrap().0, 1);
+}
