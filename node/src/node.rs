@@ -309,15 +309,8 @@ impl NodeHandle {
             .name(format!("engine-{}", cfg.name))
             .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx))
             .context("cannot start the engine thread")?;
-        // Wait until documents are loaded (or loading failed).
-        let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
-            .await
-            .context("engine start")?
-            .map_err(|_| anyhow::anyhow!("the engine thread stopped while loading"))?;
-        if let Err(e) = ready {
-            transport.shutdown().await;
-            return Err(e);
-        }
+        // Serve HTTP at once: reads come from the persisted view while the
+        // documents load; writes wait in the queue until the engine is ready.
         let app = crate::api::router(shared.clone());
         let (http_stop, http_stop_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
@@ -328,6 +321,17 @@ impl NodeHandle {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
+        // Wait until documents are loaded (or loading failed).
+        let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
+            .await
+            .context("engine start")?
+            .map_err(|_| anyhow::anyhow!("the engine thread stopped while loading"));
+        if let Err(e) = ready.and_then(|r| r) {
+            let _ = http_stop.send(());
+            let _ = http_task.await;
+            transport.shutdown().await;
+            return Err(e);
+        }
         tracing::info!(name = %cfg.name, node_id = %node_id.hex(), http = %http_addr, quic = %quic_addr, "node started");
         Ok(NodeHandle {
             shared,
