@@ -727,6 +727,7 @@ async fn peers(State(sh): S, headers: HeaderMap) -> Response {
                 "name": p.name, "id": p.id.hex(), "addr": p.addr, "connected": s.connected, "synced": s.synced,
                 "last_sync": if s.last_sync_ms == 0 { Value::Null } else { Value::String(storemesh_protocol::time::format_rfc3339_ms(s.last_sync_ms)) },
                 "lag_s": if s.last_sync_ms == 0 { Value::Null } else { json!(now.saturating_sub(s.last_sync_ms) / 1000) },
+                "lag": if s.last_sync_ms == 0 { Value::Null } else { json!(now.saturating_sub(s.last_sync_ms) as f64 / 1000.0) },
                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
             })
         })
