@@ -68,16 +68,28 @@ fn peer_add(dir: &Path, name: &str, id: &str, quic: u16) {
     );
 }
 
-fn run(dir: &Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("node starts")
+/// A node process that is killed if the test fails half-way.
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(dir: &Path) -> Node {
+    Node(
+        Command::new(BIN)
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node starts"),
+    )
 }
 
 async fn wait_healthy(http: &reqwest::Client, port: u16) {
@@ -168,8 +180,8 @@ async fn sigkill_mid_stream_loses_no_acknowledged_sale() {
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    pa.kill().expect("SIGKILL");
-    pa.wait().unwrap();
+    pa.0.kill().expect("SIGKILL");
+    pa.0.wait().unwrap();
     let mut acked = Vec::new();
     for t in tills {
         acked.extend(t.await.unwrap());
@@ -217,8 +229,8 @@ async fn sigkill_mid_stream_loses_no_acknowledged_sale() {
     // Graceful shutdown: SIGTERM → exit 0.
     for p in [&mut pa, &mut pb] {
         let t = Instant::now();
-        unsafe { libc::kill(p.id() as i32, libc::SIGTERM) };
-        let status = p.wait().unwrap();
+        unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+        let status = p.0.wait().unwrap();
         assert!(status.success(), "exit status {status:?}");
         assert!(t.elapsed() < Duration::from_secs(15));
     }
