@@ -132,3 +132,10 @@ pub async fn start_retrying(dir: &std::path::Path) -> NodeHandle {
         }
     }
 }
+
+/// Tests that assert latencies (e.g. "visible within 1 s") take this lock, so
+/// the other meshes of the same test binary do not compete for the 2 cores.
+pub async fn timing_sensitive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}

@@ -10,6 +10,7 @@ const S: Policy = Policy::Strict;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sale_at_store_is_visible_at_webshop_within_a_second() {
+    let _serial = timing_sensitive().await;
     let m = Mesh::start(
         &[("store-a", Role::Store, S), ("web", Role::Webshop, S)],
         &[(0, 1)],
@@ -54,6 +55,7 @@ async fn sale_at_store_is_visible_at_webshop_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_both_sides_sell_then_heal_converges() {
+    let _serial = timing_sensitive().await;
     let mut m = Mesh::start(
         &[
             ("store-a", Role::Store, S),
@@ -161,6 +163,7 @@ async fn partition_both_sides_sell_then_heal_converges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_behind_a_hub_converges_with_another_store() {
+    let _serial = timing_sensitive().await;
     // store-a — web — store-b: the stores do not peer with each other.
     let m = Mesh::start(
         &[
@@ -204,6 +207,7 @@ async fn store_behind_a_hub_converges_with_another_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_certificate_is_refused_and_learns_nothing() {
+    let _serial = timing_sensitive().await;
     // Node 2 lists node 0 as a peer, but node 0 does not trust node 2.
     let tmp = tempfile::tempdir().unwrap();
     let dirs = make_mesh(
@@ -254,6 +258,7 @@ async fn unknown_certificate_is_refused_and_learns_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloned_data_directory_is_refused_and_its_sales_merge_as_a_fork() {
+    let _serial = timing_sensitive().await;
     let tmp = tempfile::tempdir().unwrap();
     let dirs = make_mesh(
         tmp.path(),

@@ -10,6 +10,7 @@ const S: Policy = Policy::Strict;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocation_holds_through_a_partition_and_nothing_goes_negative() {
+    let _serial = timing_sensitive().await;
     let m = Mesh::start(
         &[("store", Role::Store, S), ("web", Role::Webshop, S)],
         &[(0, 1)],
@@ -89,6 +90,7 @@ async fn allocation_holds_through_a_partition_and_nothing_goes_negative() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_without_rights_obtains_a_grant_also_two_hops_away() {
+    let _serial = timing_sensitive().await;
     // store-a — web — store-b: store-b does not peer with store-a.
     let tmp = tempfile::tempdir().unwrap();
     let dirs = make_mesh(
