@@ -359,7 +359,8 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
             continue;
         }
         stock = stock.saturating_add(row.on_hand);
-        avail = avail.saturating_add(row.available);
+        // One sale is taken from one location: the most it can take anywhere.
+        avail = avail.max(row.available);
     }
     let mut v = json!({"product_id": p, "stock_level": stock, "available": avail});
     if details {

@@ -462,7 +462,20 @@ fn engine_loop(
             match c {
                 Cmd::Op(op, reply) => {
                     n_ops += 1;
-                    let idem = |k: &str| store.idem(k).ok().flatten();
+                    // The idempotency record is read first: a storage error must
+                    // not look like "never seen" and let a retry apply twice.
+                    let prior = match op.client_key().map(|k| store.idem(&k)) {
+                        Some(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot read an idempotency record");
+                            let msg = "storage error reading the request's earlier result; retry"
+                                .to_string();
+                            pending.push((reply, Err(OpError::Unavailable(msg))));
+                            continue;
+                        }
+                        Some(Ok(r)) => r,
+                        None => None,
+                    };
+                    let idem = |_: &str| prior.clone();
                     match engine.submit(op, now, deadline_ms, &idem) {
                         Submit::Done(r) => pending.push((reply, r)),
                         Submit::Parked(ticket) => {
@@ -529,9 +542,24 @@ fn engine_loop(
             for (tx, r) in pending {
                 let _ = tx.send(r);
             }
+            let mut overflowed: Vec<NodeId> = Vec::new();
             for (peer, frame) in engine.take_outgoing() {
-                if let Err(e) = transport.send(peer, frame) {
-                    tracing::debug!(peer = %peer.hex(), error = %e, "frame not queued; anti-entropy will repair");
+                if overflowed.contains(&peer) {
+                    continue;
+                }
+                match transport.send(peer, frame) {
+                    Ok(()) => {}
+                    // A lost sync frame would leave the peer's session waiting (or a
+                    // split message corrupt): drop the connection, start clean.
+                    Err(crate::transport::SendError::QueueFull) => {
+                        tracing::warn!(peer = %peer.hex(), "outbound queue full; reconnecting the peer");
+                        overflowed.push(peer);
+                        transport.set_blocked(peer, true);
+                        transport.set_blocked(peer, false);
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer.hex(), error = %e, "frame not sent; the peer is gone")
+                    }
                 }
             }
         } else {
@@ -547,6 +575,11 @@ fn engine_loop(
             match open_engine(&cfg, shared.node_id, &store) {
                 Ok(e) => {
                     engine = e;
+                    // Sales that waited for rights belonged to the old engine.
+                    for (_, reply) in parked.drain() {
+                        let _ =
+                            reply.send(Err(OpError::Unavailable("storage error; retry".into())));
+                    }
                     for peer in conns.keys() {
                         let states = store.sync_states(peer).unwrap_or_default();
                         engine.peer_up(*peer, states, now);

@@ -61,7 +61,7 @@ use crate::identity::{node_id_of_cert, Identity};
 /// ALPN protocol id of the mesh.
 pub const ALPN: &[u8] = b"storemesh/1";
 /// Bound of each peer's outbound frame queue.
-pub const OUTBOUND_QUEUE_FRAMES: usize = 1024;
+pub const OUTBOUND_QUEUE_FRAMES: usize = 16384;
 /// Default keep-alive interval (must be shorter than the idle timeout).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// Default idle timeout: a silent peer is declared gone after this long.

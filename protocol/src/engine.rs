@@ -130,6 +130,8 @@ pub struct Engine {
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
     /// Documents whose heads changed since the last push to peers.
     pub(crate) changed_docs: BTreeSet<String>,
+    /// Documents with pending writes or received changes (what `flush` looks at).
+    pub(crate) dirty_docs: BTreeSet<String>,
     pending_idem: HashMap<String, IdemRecord>,
     pending_rows: BTreeSet<(u64, String)>,
     pending_sync_states: Vec<(NodeId, String, Vec<u8>)>,
@@ -198,13 +200,18 @@ impl Engine {
             sessions: BTreeMap::new(),
             outbox: Vec::new(),
             changed_docs: BTreeSet::new(),
+            dirty_docs: BTreeSet::new(),
             pending_idem: HashMap::new(),
             pending_rows: BTreeSet::new(),
             pending_sync_states: Vec::new(),
             pending_customers: BTreeSet::new(),
             faults: Faults::default(),
             last_heard: HashMap::new(),
-            rebalancer: Default::default(),
+            // Request and grant ids start from the incarnation, so a restarted
+            // node never repeats ids its peers still remember.
+            rebalancer: crate::rebalance::Rebalancer::starting_at(
+                u64::from(u32::from_le_bytes(incarnation)) << 32,
+            ),
             keys: HashMap::new(),
             keys_digest: [0; 32],
             pending_keys: BTreeMap::new(),
@@ -410,7 +417,39 @@ impl Engine {
         })
     }
 
+    /// Writes this batch's pending puts and deletes of one document into it as
+    /// a local change. Called before a peer's changes are merged into the
+    /// document: views are then recomputed from the document, and without this
+    /// they would lose the batch's own unflushed writes (and the next `bump`
+    /// would compute a cumulative cell from that stale base — a lost update).
+    /// Nothing is persisted or sent here: `flush` saves everything after the
+    /// persisted heads, and frames leave only after the batch committed.
+    pub(crate) fn commit_pending_writes(&mut self, id: &str, now_ms: u64) {
+        let Some(slot) = self.docs.get_mut(id) else {
+            return;
+        };
+        if slot.puts.is_empty() && slot.dels.is_empty() {
+            return;
+        }
+        let puts = std::mem::take(&mut slot.puts);
+        let dels = std::mem::take(&mut slot.dels);
+        let mut tx = slot.doc.transaction();
+        for (k, v) in puts {
+            if let Err(e) = tx.put(ROOT, k, v) {
+                tracing::error!(doc = %id, error = %e, "document put failed");
+            }
+        }
+        for k in dels {
+            if tx.get(ROOT, k.as_str()).ok().flatten().is_some() {
+                let _ = tx.delete(ROOT, k);
+            }
+        }
+        tx.commit_with(CommitOptions::default().with_time((now_ms / 1000) as i64));
+        self.dirty_docs.insert(id.to_string());
+    }
+
     pub(crate) fn put(&mut self, doc: DocId, key: String, value: ScalarValue) {
+        self.dirty_docs.insert(doc.encode());
         self.slot(&doc).puts.push((key, value));
     }
 
@@ -611,8 +650,9 @@ impl Engine {
         e.rights_in(node, &|t| self.views.resolve(t))
     }
 
-    /// `stock_level` (on hand over all locations) and `available` (rights of this
-    /// node over all locations, each clamped at 0) of a product.
+    /// `stock_level` (on hand over all locations) and `available` — what one
+    /// sale at this node would accept right now: a sale is taken from one
+    /// location, so the most this node can sell at any single location.
     pub fn totals(&self, product: u64, location: Option<&str>) -> Option<(i64, i64)> {
         let m = self.views.stock.get(&product)?;
         let mut on_hand = 0i64;
@@ -622,9 +662,7 @@ impl Engine {
                 continue;
             }
             on_hand = on_hand.saturating_add(e.on_hand());
-            avail = avail.saturating_add(
-                (self.node_rights(e, self.tag) - self.reserved_by_me(product, l)).max(0),
-            );
+            avail = avail.max(self.node_rights(e, self.tag) - self.reserved_by_me(product, l));
         }
         Some((on_hand, avail))
     }
@@ -930,18 +968,24 @@ impl Engine {
 
     /// On hand of (product, location) in this node's view as of `at_ms`, from the
     /// heads log of the ledger document.
-    pub(crate) fn on_hand_at(&self, product: u64, location: &str, at_ms: u64) -> i64 {
+    pub(crate) fn on_hand_at(
+        &self,
+        product: u64,
+        location: &str,
+        at_ms: u64,
+    ) -> Result<i64, OpError> {
         let doc_id = self.ledger_doc(product, location).encode();
         let Some(slot) = self.docs.get(&doc_id) else {
-            return 0;
+            return Ok(0);
         };
         match slot.heads_log.iter().rev().find(|(t, _)| *t <= at_ms) {
-            Some((_, heads)) => read_entry(&slot.doc, product, Some(heads)).on_hand(),
-            // Older than anything logged: the oldest state known is the best basis.
-            None => match slot.heads_log.front() {
-                Some((_, heads)) => read_entry(&slot.doc, product, Some(heads)).on_hand(),
-                None => 0,
-            },
+            Some((_, heads)) => Ok(read_entry(&slot.doc, product, Some(heads)).on_hand()),
+            // Before the first logged state: the document was empty then, unless
+            // the log was trimmed — then this node no longer knows its view as of T.
+            None if slot.heads_log.len() < HEADS_LOG_MAX => Ok(0),
+            None => Err(OpError::BadRequest(format!(
+                "counted_at is older than the history this node keeps for product {product} at {location}; count again and upload it sooner"
+            ))),
         }
     }
 
@@ -980,17 +1024,21 @@ impl Engine {
                 counted: 0,
             }));
         }
-        let mut out_lines = Vec::new();
+        // The basis is the view as of the count; counts "now" include the pending
+        // batch. All bases first, so a refused line leaves nothing half-applied.
+        let mut bases = Vec::with_capacity(lines.len());
         for l in &lines {
-            // The basis is the view as of the count; counts "now" include the pending batch.
-            let basis = if at_ms >= now_ms {
+            bases.push(if at_ms >= now_ms {
                 self.views
                     .entry(l.product_id, &c.location)
                     .map(|e| e.on_hand())
                     .unwrap_or(0)
             } else {
-                self.on_hand_at(l.product_id, &c.location, at_ms)
-            };
+                self.on_hand_at(l.product_id, &c.location, at_ms)?
+            });
+        }
+        let mut out_lines = Vec::new();
+        for (l, basis) in lines.iter().zip(bases) {
             let delta = i128::from(l.counted) - i128::from(basis);
             let known = self
                 .views
@@ -1285,6 +1333,7 @@ impl Engine {
                         })
                         .filter(|k| slot.doc.get(ROOT, k.as_str()).ok().flatten().is_some())
                         .collect();
+                    self.dirty_docs.insert(doc_id.encode());
                     let s = self.slot(&doc_id);
                     for k in present {
                         if !s.dels.contains(&k) {
@@ -1294,7 +1343,7 @@ impl Engine {
                 }
             }
         }
-        let ids: Vec<String> = self.docs.keys().cloned().collect();
+        let ids: Vec<String> = std::mem::take(&mut self.dirty_docs).into_iter().collect();
         for id in ids {
             let Some(slot) = self.docs.get_mut(&id) else {
                 continue;
@@ -1454,7 +1503,19 @@ impl Engine {
                     .map(|c| c.customer().to_string())
                     .collect();
                 for c in custs {
-                    let view = read_customer(&slot.doc, &c, self.keys.get(&c));
+                    let mut view = read_customer(&slot.doc, &c, self.keys.get(&c));
+                    // Keep this actor's loyalty cells of the open batch.
+                    if let Some(old) = self.views.customers.get(&c) {
+                        for (cells, mine) in [
+                            (&mut view.earned, old.earned.get(&self.actor)),
+                            (&mut view.spent, old.spent.get(&self.actor)),
+                        ] {
+                            if let Some(v) = mine {
+                                let e = cells.entry(self.actor).or_default();
+                                *e = (*e).max(*v);
+                            }
+                        }
+                    }
                     self.views.set_customer(&c, view);
                     self.pending_customers.insert(c);
                 }
@@ -1462,11 +1523,16 @@ impl Engine {
         }
     }
 
-    fn set_entry(&mut self, product: u64, location: &str, entry: StockEntry) {
+    fn set_entry(&mut self, product: u64, location: &str, mut entry: StockEntry) {
         if location == self.cfg.location {
             self.alloc_dirty.insert(product);
         }
         let m = self.views.stock.entry(product).or_default();
+        // This actor's cells may hold writes of the open batch that are not in
+        // the document yet: the view keeps the larger value of each cell.
+        if let Some(own) = m.get(location).and_then(|e| e.cells.get(&self.actor)) {
+            entry.cells.entry(self.actor).or_default().merge(own);
+        }
         if entry.cells.is_empty() {
             m.remove(location);
         } else {

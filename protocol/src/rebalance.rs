@@ -58,6 +58,15 @@ pub(crate) struct Rebalancer {
     pub allocation_grants: u64,
 }
 
+impl Rebalancer {
+    pub(crate) fn starting_at(first_id: u64) -> Rebalancer {
+        Rebalancer {
+            next_req_id: first_id,
+            ..Default::default()
+        }
+    }
+}
+
 /// The outcome of submitting an operation.
 #[derive(Debug)]
 pub enum Submit {
@@ -308,7 +317,7 @@ impl Engine {
                 let target =
                     (on_hand * u64::from(rule.share_percent.min(100)) / 100).min(rule.max_units);
                 let theirs = self.node_rights(entry, to).max(0) as u64;
-                let mine = self.node_rights(entry, self.tag).max(0) as u64;
+                let mine = self.rights(p, &own).max(0) as u64;
                 if target == 0 || theirs * 2 > target {
                     continue;
                 }

@@ -192,14 +192,19 @@ impl Engine {
                 after.location = v["location"].as_str().unwrap_or("").to_string();
                 after.fulfil_by = v["fulfil_by_tag"].as_str().and_then(NodeTag::parse);
                 after.expires_at_ms = v["expires_at_ms"].as_u64().unwrap_or(0);
+                // Records come from peers: bounded before they count.
                 after.lines = v["lines"]
                     .as_array()
                     .into_iter()
                     .flatten()
+                    .take(crate::ops::LINES_MAX)
                     .map(|l| {
                         (
                             l["product_id"].as_u64().unwrap_or(0),
-                            l["quantity"].as_u64().unwrap_or(0),
+                            l["quantity"]
+                                .as_u64()
+                                .unwrap_or(0)
+                                .min(crate::ids::QUANTITY_MAX),
                         )
                     })
                     .collect::<BTreeMap<u64, u64>>();
@@ -226,7 +231,7 @@ impl Engine {
         for (p, q) in &r.lines {
             let key = (*p, r.location.clone(), tag);
             let e = self.views.reserved.entry(key.clone()).or_default();
-            *e += sign * *q as i64;
+            *e = e.saturating_add(sign.saturating_mul(*q as i64));
             if *e == 0 {
                 self.views.reserved.remove(&key);
             }

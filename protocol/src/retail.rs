@@ -86,7 +86,8 @@ impl Engine {
         let mut sold: BTreeMap<u64, u64> = BTreeMap::new();
         for l in record["lines"].as_array().into_iter().flatten() {
             let p = l["product_id"].as_u64().unwrap_or(0);
-            *sold.entry(p).or_default() += l["quantity"].as_u64().unwrap_or(0);
+            let e = sold.entry(p).or_default();
+            *e = e.saturating_add(l["quantity"].as_u64().unwrap_or(0));
         }
         let before = self
             .views
@@ -99,7 +100,7 @@ impl Engine {
         for (p, q) in now {
             let s = sold.get(&p).copied().unwrap_or(0);
             let b = before.get(&p).copied().unwrap_or(0);
-            if b + q > s {
+            if b.saturating_add(q) > s {
                 return Err(OpError::Conflict {
                     code: "over_return".into(),
                     message: format!(
@@ -225,6 +226,12 @@ impl Engine {
                 t.transfer_id
             )));
         };
+        if tv.to != self.cfg.location && self.views.owner_of(&tv.to).is_some() {
+            return Err(OpError::NotOwner(format!(
+                "transfer {} is received by the node of {}, not by this node",
+                t.transfer_id, tv.to
+            )));
+        }
         if tv.received {
             return Err(OpError::Conflict {
                 code: "already_received".into(),
@@ -494,8 +501,8 @@ impl Engine {
                 if let Some(orig) = v["original_sale_id"].as_str() {
                     let m = self.views.returned.entry(orig.to_string()).or_default();
                     for l in v["lines"].as_array().into_iter().flatten() {
-                        *m.entry(l["product_id"].as_u64().unwrap_or(0)).or_default() +=
-                            l["quantity"].as_u64().unwrap_or(0);
+                        let e = m.entry(l["product_id"].as_u64().unwrap_or(0)).or_default();
+                        *e = e.saturating_add(l["quantity"].as_u64().unwrap_or(0));
                     }
                 }
             }

@@ -284,8 +284,12 @@ impl Engine {
             return;
         };
         if sess.finished {
-            self.put_session(peer, doc, sess);
-            return;
+            if sess.last_heads == heads {
+                self.put_session(peer, doc, sess);
+                return;
+            }
+            // The document moved on since the session gave up: start afresh.
+            sess = DocSession::new(amsync::State::new());
         }
         let Some(slot) = self.docs.get(doc) else {
             return;
@@ -551,6 +555,9 @@ impl Engine {
     ) -> Result<(), String> {
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
         self.ensure_doc(doc)?;
+        // This batch's own writes go into the document first, so that the views
+        // recomputed below from the merged document keep them.
+        self.commit_pending_writes(doc, now_ms);
         let (message, chunks): (Option<amsync::Message>, Vec<Vec<u8>>) = if fallback {
             (None, vec![data.to_vec()])
         } else {
@@ -617,6 +624,7 @@ impl Engine {
         };
         let after = slot.doc.get_heads();
         if after != before {
+            self.dirty_docs.insert(doc.to_string());
             let applied = slot.doc.get_changes(&before);
             let mut keys = BTreeSet::new();
             let mut own = 0usize;

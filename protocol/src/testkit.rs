@@ -181,6 +181,25 @@ impl TestMesh {
         n
     }
 
+    /// Delivers the frames in flight on a → b to b's engine without committing
+    /// b's batch in between (frames and operations interleave in one batch).
+    pub fn deliver_into_open_batch(&mut self, a: usize, b: usize) -> usize {
+        let frames: Vec<Vec<u8>> = self
+            .links
+            .get_mut(&(a, b))
+            .map(|q| q.drain(..).collect())
+            .unwrap_or_default();
+        let from = self.id(a);
+        for f in &frames {
+            self.now_ms += 1;
+            let now = self.now_ms;
+            if let Err(e) = self.nodes[b].engine.receive(from, &f[4..], now) {
+                panic!("protocol violation between honest engines: {e}");
+            }
+        }
+        frames.len()
+    }
+
     /// Delivers everything until no frame is in flight (bounded).
     pub fn settle(&mut self) -> usize {
         let mut total = 0;

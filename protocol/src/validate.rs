@@ -80,9 +80,19 @@ pub fn validate_changes(
         (a.actor_id().to_bytes(), a.seq()).cmp(&(b.actor_id().to_bytes(), b.seq()))
     });
     let mut last: HashMap<String, u64> = HashMap::new();
+    let in_message: std::collections::HashSet<automerge::ChangeHash> =
+        changes.iter().map(|c| c.hash()).collect();
     for change in changes.iter() {
         if doc.get_change_by_hash(&change.hash()).is_some() {
             continue;
+        }
+        // A change is checked against its predecessors, so they must be known:
+        // a change held back for missing dependencies would be applied later
+        // without this check (a peer could lower a cell by reordering).
+        for dep in change.deps() {
+            if !in_message.contains(dep) && doc.get_change_by_hash(dep).is_none() {
+                return Err("change depends on changes this node does not have".into());
+            }
         }
         let author = ActorKey::from_bytes(change.actor_id().to_bytes())
             .ok_or("change by an actor id that is not a storemesh actor")?;

@@ -247,3 +247,56 @@ fn an_overdraft_reclaims_rights_from_peers() {
     assert_eq!(m.nodes[1].engine.rights(42, "loc0"), 1);
     assert_eq!(m.nodes[1].engine.totals(42, None).unwrap().0, 1);
 }
+
+#[test]
+fn a_frame_inside_an_open_batch_keeps_the_batch_s_own_writes() {
+    let mut m = TestMesh::new(2, 8);
+    m.connect(0, 1);
+    m.execute(0, receipt("r1", "loc0", 42, 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    // node 1 books goods into the same ledger document.
+    m.execute(1, receipt("r2", "loc0", 42, 1)).unwrap();
+    m.commit(1);
+    // node 0's batch: a sale, the peer's frame, another sale — one commit.
+    m.execute(0, sale("s1", None, &[(42, 3)])).unwrap();
+    // The frames carry node 1's change (a round trip may be needed first).
+    for _ in 0..4 {
+        m.deliver_into_open_batch(1, 0);
+        // node 0's replies go out without its batch committing (sans-IO test only).
+        for (peer, f) in m.nodes[0].engine.take_outgoing() {
+            assert_eq!(peer, m.id(1));
+            let (now, id0) = (m.now_ms, m.id(0));
+            m.nodes[1].engine.receive(id0, &f[4..], now).unwrap();
+            m.commit(1);
+        }
+    }
+    assert_eq!(
+        m.nodes[0].engine.totals(42, Some("loc0")).unwrap().0,
+        3,
+        "node 1's receipt arrived"
+    );
+    assert_eq!(
+        m.nodes[0].engine.rights(42, "loc0"),
+        2,
+        "the open batch's sale still counts"
+    );
+    assert!(matches!(
+        m.execute(0, sale("s2", None, &[(42, 4)])),
+        Err(OpError::InsufficientStock(_))
+    ));
+    m.execute(0, sale("s3", None, &[(42, 2)])).unwrap();
+    m.commit(0);
+    m.settle();
+    for i in 0..2 {
+        assert_eq!(
+            m.nodes[i].engine.totals(42, Some("loc0")).unwrap().0,
+            1,
+            "node {i}: 5 + 1 − 3 − 2"
+        );
+        assert_eq!(
+            m.nodes[i].engine.recompute_stock(),
+            m.nodes[0].engine.recompute_stock()
+        );
+    }
+}
