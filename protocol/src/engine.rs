@@ -530,8 +530,10 @@ impl Engine {
     }
 
     /// Rebuilds one customer's view (after its keys changed).
-    pub(crate) fn refresh_customer(&mut self, customer: &str) {
+    pub(crate) fn refresh_customer(&mut self, customer: &str, now_ms: u64) {
         let doc_id = self.customer_doc(customer).encode();
+        // The view is rebuilt from the document: this batch's writes go in first.
+        self.commit_pending_writes(&doc_id, now_ms);
         let view = match self.docs.get(&doc_id) {
             Some(slot) => read_customer(&slot.doc, customer, self.keys.get(customer)),
             None => return,
@@ -1640,9 +1642,11 @@ impl Engine {
                     .collect();
                 for (p, r) in deficits {
                     let rec = serde_json::json!({"node": self.cfg.name, "location": location, "product_id": p, "deficit": -r, "cause": "fork", "at_ms": now_ms});
+                    // One record per location and product: a fork detected in
+                    // several documents at once must not overwrite its deficits.
                     self.write_record(
                         RecordKind::Deficit,
-                        &format!("fork.{p}.{now_ms}"),
+                        &format!("fork.{location}.{p}.{now_ms}"),
                         rec,
                         now_ms,
                     );

@@ -42,6 +42,9 @@ pub struct RightsRequest {
 pub(crate) struct Parked {
     ticket: u64,
     op: Op,
+    /// When it was parked: a clock that reads earlier than this stepped back,
+    /// and the deadline can no longer be trusted.
+    parked_at_ms: u64,
     deadline_ms: u64,
 }
 
@@ -105,6 +108,7 @@ impl Engine {
         r.parked.push(Parked {
             ticket,
             op,
+            parked_at_ms: now_ms,
             deadline_ms: now_ms.saturating_add(deadline_ms),
         });
         Submit::Parked(ticket)
@@ -125,8 +129,11 @@ impl Engine {
         for p in parked {
             let r = self.execute(p.op.clone(), now_ms, idem);
             match r {
+                // Waits only while the clock moves forward within the deadline:
+                // after a backward step of the wall clock it would wait that long.
                 Err(OpError::InsufficientStock(_))
-                    if now_ms < p.deadline_ms && !self.sessions.is_empty() =>
+                    if (p.parked_at_ms..p.deadline_ms).contains(&now_ms)
+                        && !self.sessions.is_empty() =>
                 {
                     self.rebalancer.parked.push(p);
                 }
@@ -245,8 +252,10 @@ impl Engine {
     ) -> Result<(), OpError> {
         let grant_id = format!("rb.{}.{}.{}", &req.origin[..12], req.req_id, self.tag.hex());
         let key = format!("grt/{grant_id}");
-        // The same request may arrive over two paths; the grant id makes it idempotent.
-        if self.pending_idem_contains(&key) {
+        // The same request may arrive over two paths; the grant id makes it
+        // idempotent — in this batch, and in the records this node already wrote
+        // (the in-memory `seen` set does not survive a restart).
+        if self.pending_idem_contains(&key) || self.own_record_exists(&key) {
             return Ok(());
         }
         self.bump(req.product_id, &req.location, LedgerField::Granted(to), q)?;
@@ -257,6 +266,16 @@ impl Engine {
         self.rebalancer.grants_given += 1;
         tracing::debug!(product = req.product_id, location = %req.location, quantity = q, "granted rights on request");
         Ok(())
+    }
+
+    /// Whether one of this node's records documents holds `key`.
+    fn own_record_exists(&self, key: &str) -> bool {
+        use automerge::ReadDoc;
+        let prefix = format!("rec/{}/", self.tag);
+        self.docs
+            .range(prefix.clone()..)
+            .take_while(|(id, _)| id.starts_with(&prefix))
+            .any(|(_, slot)| slot.doc.get(automerge::ROOT, key).ok().flatten().is_some())
     }
 
     fn send_rights_request(&mut self, peer: NodeId, req: &RightsRequest) {

@@ -28,6 +28,9 @@ use crate::wire::{encode_frame, CHUNK_BYTES_MAX};
 
 /// Digest groups (a one-level Merkle tree over documents).
 pub const GROUPS: usize = 256;
+/// Session restarts per document and connection after changes arrived
+/// without their dependencies (each asks for the missing ones explicitly).
+pub const SESSION_RESTARTS_MAX: u8 = 8;
 /// Sync rounds without progress on one document before a reset (then a fallback).
 pub const ROUNDS_IDLE_MAX: u32 = 12;
 /// Largest reassembled sync message from one peer.
@@ -137,6 +140,12 @@ pub(crate) struct DocSession {
     resets: u8,
     finished: bool,
     last_heads: Vec<ChangeHash>,
+    /// Restarts after changes arrived without their dependencies.
+    restarts: u8,
+    /// The next message asks the peer to clear what it believes it sent.
+    peer_reset: bool,
+    /// Changes the next message requests explicitly.
+    want: Vec<ChangeHash>,
 }
 
 impl DocSession {
@@ -147,6 +156,9 @@ impl DocSession {
             resets: 0,
             finished: false,
             last_heads: Vec::new(),
+            restarts: 0,
+            peer_reset: false,
+            want: Vec::new(),
         }
     }
 }
@@ -299,10 +311,20 @@ impl Engine {
             sess.idle_rounds = 0;
         }
         let msg = slot.doc.generate_sync_message(&mut sess.state);
-        let Some(msg) = msg else {
+        let Some(mut msg) = msg else {
             self.put_session(peer, doc, sess);
             return;
         };
+        if std::mem::take(&mut sess.peer_reset) {
+            let mut flags = msg.flags.unwrap_or_default();
+            flags.set(amsync::MessageFlags::SYNC_RESET);
+            msg.flags = Some(flags);
+        }
+        for h in std::mem::take(&mut sess.want) {
+            if !msg.need.contains(&h) {
+                msg.need.push(h);
+            }
+        }
         sess.idle_rounds += 1;
         if sess.idle_rounds > ROUNDS_IDLE_MAX {
             if sess.resets == 0 {
@@ -434,7 +456,7 @@ impl Engine {
                     }
                     if self.set_key_entry(&c, e) {
                         self.key_changed(&c);
-                        self.refresh_customer(&c);
+                        self.refresh_customer(&c, now_ms);
                     }
                 }
             }
@@ -583,7 +605,27 @@ impl Engine {
         let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
             Ok(v) => v,
             Err(e) => {
+                let missing_deps = e == crate::validate::MISSING_DEPS;
+                let missing: Vec<ChangeHash> = if missing_deps {
+                    let in_message: BTreeSet<ChangeHash> =
+                        changes.iter().map(|c| c.hash()).collect();
+                    changes
+                        .iter()
+                        .flat_map(|c| c.deps().to_vec())
+                        .filter(|d| {
+                            !in_message.contains(d)
+                                && automerge::ReadDoc::get_change_by_hash(&slot.doc, d).is_none()
+                        })
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 self.reject(peer, doc, &e);
+                if missing_deps {
+                    self.restart_doc_session(peer, doc, missing);
+                }
                 return Ok(());
             }
         };
@@ -654,6 +696,33 @@ impl Engine {
             self.sync_doc(peer, doc);
         }
         Ok(())
+    }
+
+    /// The peer sent changes whose dependencies we lack. Automerge's sender
+    /// never resends a change it already sent in a session (`sent_hashes`), so
+    /// a refused message — or a Bloom filter false positive, or a shared-heads
+    /// state persisted from another process with this identity — leaves the
+    /// peer believing we hold what we do not, and every later change arrives
+    /// without its dependencies. Start this document's session over: our next
+    /// message asks the peer to forget what it sent (`SYNC_RESET`) and names
+    /// the missing changes in `need`. Bounded per session.
+    fn restart_doc_session(&mut self, peer: NodeId, doc: &str, missing: Vec<ChangeHash>) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        s.stored.remove(doc);
+        match s.docs.get_mut(doc) {
+            Some(d) if d.restarts < SESSION_RESTARTS_MAX => {
+                d.state = amsync::State::new();
+                d.restarts += 1;
+                d.idle_rounds = 0;
+                d.finished = false;
+                d.peer_reset = true;
+                d.want = missing;
+            }
+            _ => return,
+        }
+        self.sync_doc(peer, doc);
     }
 
     fn reject(&mut self, peer: NodeId, doc: &str, why: &str) {

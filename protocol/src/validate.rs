@@ -58,6 +58,10 @@ fn read_uleb(b: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// Why a message was refused when one of its changes depends on changes the
+/// receiver lacks (and the message does not carry).
+pub const MISSING_DEPS: &str = "change depends on changes this node does not have";
+
 /// What validation learned about a set of new changes.
 #[derive(Debug, Default)]
 pub struct Verdict {
@@ -91,7 +95,7 @@ pub fn validate_changes(
         // without this check (a peer could lower a cell by reordering).
         for dep in change.deps() {
             if !in_message.contains(dep) && doc.get_change_by_hash(dep).is_none() {
-                return Err("change depends on changes this node does not have".into());
+                return Err(MISSING_DEPS.into());
             }
         }
         let author = ActorKey::from_bytes(change.actor_id().to_bytes())

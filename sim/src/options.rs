@@ -1,0 +1,366 @@
+//! What a run is asked to do ([`Options`]), what a seed derives from its RNG
+//! ([`Derived`]), the fault menu ([`FaultKind`]) and the planted bugs ([`Bug`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// Deliberately broken variants for the self-test. Three live in the engine
+/// (`Faults` switches), three in the simulator's copy of the request path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bug {
+    /// The engine sells and grants without checking rights.
+    SkipRightsCheck,
+    /// The engine checks each sale line on its own instead of per product.
+    PerLineCheck,
+    /// The engine writes a grant into the next bucket's document.
+    GrantInOtherBucket,
+    /// The request path answers clients before the batch committed.
+    AckBeforeCommit,
+    /// The request path sends frames to peers before the batch committed.
+    PushBeforeCommit,
+    /// The request path writes idempotency records in a second transaction.
+    IdemOutsideTxn,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 6] = [
+        Bug::SkipRightsCheck,
+        Bug::PerLineCheck,
+        Bug::GrantInOtherBucket,
+        Bug::AckBeforeCommit,
+        Bug::PushBeforeCommit,
+        Bug::IdemOutsideTxn,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::SkipRightsCheck => "skip-rights-check",
+            Bug::PerLineCheck => "per-line-check",
+            Bug::GrantInOtherBucket => "grant-in-other-bucket",
+            Bug::AckBeforeCommit => "ack-before-commit",
+            Bug::PushBeforeCommit => "push-before-commit",
+            Bug::IdemOutsideTxn => "idem-outside-txn",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Bug> {
+        Bug::ALL.into_iter().find(|b| b.name() == s)
+    }
+}
+
+impl fmt::Display for Bug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Every fault of the menu. A `--seeds` sweep in which one of them never fired fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultKind {
+    PartitionHalves,
+    PartitionIsolate,
+    PartitionOneWay,
+    PartitionFlapping,
+    LinkReset,
+    LatencySpike,
+    ReorderAcrossLinks,
+    CrashBeforeCommit,
+    CrashMidCommit,
+    CrashAfterCommit,
+    CrashIdle,
+    Restart,
+    Pause,
+    ClockOffset,
+    ClockDrift,
+    ClockJumpBack,
+    FailingCommit,
+    RestoreOldImage,
+    ClonedIdentity,
+    DuplicateRequest,
+    ClientRetry,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 21] = [
+        FaultKind::PartitionHalves,
+        FaultKind::PartitionIsolate,
+        FaultKind::PartitionOneWay,
+        FaultKind::PartitionFlapping,
+        FaultKind::LinkReset,
+        FaultKind::LatencySpike,
+        FaultKind::ReorderAcrossLinks,
+        FaultKind::CrashBeforeCommit,
+        FaultKind::CrashMidCommit,
+        FaultKind::CrashAfterCommit,
+        FaultKind::CrashIdle,
+        FaultKind::Restart,
+        FaultKind::Pause,
+        FaultKind::ClockOffset,
+        FaultKind::ClockDrift,
+        FaultKind::ClockJumpBack,
+        FaultKind::FailingCommit,
+        FaultKind::RestoreOldImage,
+        FaultKind::ClonedIdentity,
+        FaultKind::DuplicateRequest,
+        FaultKind::ClientRetry,
+    ];
+
+    /// Faults the driver injects on purpose (the others are consequences or
+    /// static per-seed settings that are counted when they take effect).
+    pub const INJECTED: [FaultKind; 17] = [
+        FaultKind::PartitionHalves,
+        FaultKind::PartitionIsolate,
+        FaultKind::PartitionOneWay,
+        FaultKind::PartitionFlapping,
+        FaultKind::LinkReset,
+        FaultKind::LatencySpike,
+        FaultKind::CrashBeforeCommit,
+        FaultKind::CrashMidCommit,
+        FaultKind::CrashAfterCommit,
+        FaultKind::CrashIdle,
+        FaultKind::Pause,
+        FaultKind::ClockOffset,
+        FaultKind::ClockJumpBack,
+        FaultKind::FailingCommit,
+        FaultKind::RestoreOldImage,
+        FaultKind::ClonedIdentity,
+        FaultKind::DuplicateRequest,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::PartitionHalves => "partition-halves",
+            FaultKind::PartitionIsolate => "partition-isolate",
+            FaultKind::PartitionOneWay => "partition-one-way",
+            FaultKind::PartitionFlapping => "partition-flapping",
+            FaultKind::LinkReset => "link-reset",
+            FaultKind::LatencySpike => "latency-spike",
+            FaultKind::ReorderAcrossLinks => "reorder-across-links",
+            FaultKind::CrashBeforeCommit => "crash-before-commit",
+            FaultKind::CrashMidCommit => "crash-mid-commit",
+            FaultKind::CrashAfterCommit => "crash-after-commit-before-reply",
+            FaultKind::CrashIdle => "crash-idle",
+            FaultKind::Restart => "restart",
+            FaultKind::Pause => "pause",
+            FaultKind::ClockOffset => "clock-offset",
+            FaultKind::ClockDrift => "clock-drift",
+            FaultKind::ClockJumpBack => "clock-jump-back",
+            FaultKind::FailingCommit => "failing-commit",
+            FaultKind::RestoreOldImage => "restore-old-image",
+            FaultKind::ClonedIdentity => "cloned-identity",
+            FaultKind::DuplicateRequest => "duplicate-request",
+            FaultKind::ClientRetry => "client-retry",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            FaultKind::PartitionHalves => "halves",
+            FaultKind::PartitionIsolate => "isolate",
+            FaultKind::PartitionOneWay => "oneway",
+            FaultKind::PartitionFlapping => "flap",
+            FaultKind::LinkReset => "reset",
+            FaultKind::LatencySpike => "spike",
+            FaultKind::ReorderAcrossLinks => "reorder",
+            FaultKind::CrashBeforeCommit => "crash-pre",
+            FaultKind::CrashMidCommit => "crash-mid",
+            FaultKind::CrashAfterCommit => "crash-post",
+            FaultKind::CrashIdle => "crash-idle",
+            FaultKind::Restart => "restart",
+            FaultKind::Pause => "pause",
+            FaultKind::ClockOffset => "offset",
+            FaultKind::ClockDrift => "drift",
+            FaultKind::ClockJumpBack => "jump-back",
+            FaultKind::FailingCommit => "fail-commit",
+            FaultKind::RestoreOldImage => "restore",
+            FaultKind::ClonedIdentity => "clone",
+            FaultKind::DuplicateRequest => "dup",
+            FaultKind::ClientRetry => "retry",
+        }
+    }
+}
+
+/// How the mesh is wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    FullMesh,
+    /// Every node peers with node `hub` only.
+    Hub(usize),
+    /// Node k peers with node k+1.
+    Chain,
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topology::FullMesh => f.write_str("mesh"),
+            Topology::Hub(h) => write!(f, "hub(n{h})"),
+            Topology::Chain => f.write_str("chain"),
+        }
+    }
+}
+
+/// What the caller asks for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: usize,
+    pub events: usize,
+    /// A planted bug (self-test only).
+    pub bug: Option<Bug>,
+    /// `false` runs the workload without any injected fault (latency only).
+    pub faults: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 5,
+            events: 500,
+            bug: None,
+            faults: true,
+        }
+    }
+}
+
+/// Everything a seed decides before the first event, printed with every verdict.
+#[derive(Clone, Debug)]
+pub struct Derived {
+    pub topology: Topology,
+    pub buckets: u32,
+    pub products: Vec<u64>,
+    pub customers: usize,
+    /// Index of the web shop node.
+    pub webshop: usize,
+    pub relaxed: Vec<bool>,
+    pub tick_ms: u64,
+    pub gap_ms_max: u64,
+    pub latency_ms: (u64, u64),
+    pub anti_entropy_ms: u64,
+    /// Probability that an event is a fault rather than a client request.
+    pub fault_rate: f64,
+    pub weights: BTreeMap<FaultKind, u32>,
+    pub drift_ppm: Vec<i64>,
+    /// `[rebalance] deadline_ms` (0: sales short of rights are refused at once).
+    pub rebalance_deadline_ms: u64,
+    /// An `[[allocation]]` rule to the web shop: (share_percent, max_units).
+    pub allocation_to_web: Option<(u32, u64)>,
+}
+
+impl Derived {
+    pub fn draw(rng: &mut StdRng, opts: &Options) -> Derived {
+        let n = opts.nodes;
+        let topology = match rng.gen_range(0..10) {
+            0..=6 => Topology::FullMesh,
+            7 | 8 => Topology::Hub(rng.gen_range(0..n)),
+            _ => Topology::Chain,
+        };
+        let buckets = [4u32, 8, 16][rng.gen_range(0..3)];
+        let n_products = rng.gen_range(3..=8);
+        let mut products: Vec<u64> = Vec::new();
+        while products.len() < n_products {
+            let p = if rng.gen_bool(0.1) {
+                (1u64 << 53) - 1 - rng.gen_range(0..3)
+            } else {
+                rng.gen_range(1..2_000_000)
+            };
+            if !products.contains(&p) {
+                products.push(p);
+            }
+        }
+        let webshop = rng.gen_range(0..n);
+        let relaxed = (0..n).map(|i| i != webshop && rng.gen_bool(0.25)).collect();
+        let quiet = !opts.faults || rng.gen_bool(0.05);
+        let fault_rate = if quiet {
+            0.0
+        } else {
+            rng.gen_range(0.04..0.16)
+        };
+        let mut weights = BTreeMap::new();
+        for k in FaultKind::INJECTED {
+            let w = match rng.gen_range(0..10) {
+                0 | 1 => 0,
+                2..=5 => 1,
+                6..=8 => 2,
+                _ => 4,
+            };
+            weights.insert(k, if quiet { 0 } else { w });
+        }
+        let drift = !quiet && rng.gen_bool(0.5);
+        let drift_ppm = (0..n)
+            .map(|_| {
+                if drift {
+                    rng.gen_range(-20_000..20_000)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Derived {
+            topology,
+            buckets,
+            products,
+            customers: rng.gen_range(3..12),
+            webshop,
+            relaxed,
+            tick_ms: rng.gen_range(20..=100),
+            gap_ms_max: rng.gen_range(5..=30),
+            latency_ms: {
+                let lo = rng.gen_range(1..5);
+                (lo, lo + rng.gen_range(1..40))
+            },
+            anti_entropy_ms: rng.gen_range(1_000..=5_000),
+            fault_rate,
+            weights,
+            drift_ppm,
+            rebalance_deadline_ms: [0u64, 200, 200, 1_000][rng.gen_range(0..4)],
+            allocation_to_web: if rng.gen_bool(0.3) {
+                Some((rng.gen_range(5..=40), rng.gen_range(1..=10)))
+            } else {
+                None
+            },
+        }
+    }
+
+    /// One line: everything needed to understand (and reproduce) the run.
+    pub fn describe(&self) -> String {
+        let relaxed: Vec<String> = self
+            .relaxed
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r)
+            .map(|(i, _)| format!("n{i}"))
+            .collect();
+        let weights: Vec<String> = self
+            .weights
+            .iter()
+            .filter(|(_, w)| **w > 0)
+            .map(|(k, w)| format!("{}:{w}", k.short()))
+            .collect();
+        let drift = self.drift_ppm.iter().any(|d| *d != 0);
+        format!(
+            "topo={} buckets={} products={} customers={} webshop=n{} relaxed=[{}] tick={}ms gap<={}ms latency={}-{}ms ae={}ms rebalance={}ms allocation={} fault_rate={:.2} drift={} faults=[{}]",
+            self.topology,
+            self.buckets,
+            self.products.len(),
+            self.customers,
+            self.webshop,
+            relaxed.join(","),
+            self.tick_ms,
+            self.gap_ms_max,
+            self.latency_ms.0,
+            self.latency_ms.1,
+            self.anti_entropy_ms,
+            self.rebalance_deadline_ms,
+            match self.allocation_to_web {
+                Some((s, m)) => format!("{s}%<={m}"),
+                None => "none".into(),
+            },
+            self.fault_rate,
+            if drift { "on" } else { "off" },
+            weights.join(" ")
+        )
+    }
+}

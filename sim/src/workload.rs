@@ -1,0 +1,340 @@
+//! Client operations built the way the HTTP API builds them: from JSON bodies,
+//! deserialized into the protocol's request types (so the simulator keeps
+//! working when optional fields are added to them).
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde_json::{json, Value};
+use storemesh_protocol::ops::{CustomerUpdate, Op};
+use storemesh_protocol::time::format_rfc3339_ms;
+
+use crate::client::{Kind, Request};
+use crate::world::World;
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> T {
+    match serde_json::from_value(v) {
+        Ok(t) => t,
+        // The simulator built this body itself: failing here is a simulator bug.
+        Err(e) => panic!("the simulator built an invalid {what} body: {e}"),
+    }
+}
+
+pub fn sale(body: Value) -> Op {
+    Op::Sale(parse("sale", body))
+}
+pub fn receipt(body: Value) -> Op {
+    Op::Receipt(parse("receipt", body))
+}
+pub fn ret(body: Value) -> Op {
+    Op::Return(parse("return", body))
+}
+pub fn count(body: Value) -> Op {
+    Op::Count(parse("count", body))
+}
+pub fn grant(body: Value) -> Op {
+    Op::Grant(parse("grant", body))
+}
+
+/// The catalogue and people a workload draws from.
+pub struct Catalogue {
+    pub products: Vec<u64>,
+    pub customers: Vec<String>,
+    pub next_id: u64,
+}
+
+impl Catalogue {
+    pub fn fresh_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-{}", self.next_id)
+    }
+}
+
+/// Builds a request for node `node` (the caller submits it).
+pub fn new_request(w: &World, node: usize, kind: Kind, op: Op, id: String) -> Request {
+    let key = op.client_key();
+    Request {
+        rid: 0,
+        node,
+        kind,
+        op,
+        key,
+        id,
+        epoch: w.nodes[node].epoch,
+        conflict_probe_of: None,
+        first_ok: None,
+        acked_at_ms: None,
+        final_err: None,
+        in_flight: 0,
+        retry_at_ms: None,
+        abandoned: false,
+        attempts: 0,
+        refused: 0,
+        rec_docs: Vec::new(),
+        idem_lost: false,
+        lost_with_history: false,
+    }
+}
+
+impl World {
+    /// Rights node `i` holds on (product, location) in its current view.
+    pub fn peek_rights(&self, i: usize, p: u64, loc: &str) -> i64 {
+        self.nodes[i]
+            .life
+            .as_ref()
+            .map(|l| l.engine.rights(p, loc))
+            .unwrap_or(0)
+    }
+
+    pub fn peek_on_hand(&self, i: usize, p: u64, loc: &str) -> i64 {
+        self.nodes[i]
+            .life
+            .as_ref()
+            .and_then(|l| l.engine.views.entry(p, loc).map(|e| e.on_hand()))
+            .unwrap_or(0)
+    }
+
+    pub fn submit_new(&mut self, r: Request) -> usize {
+        if let Op::Sale(s) = &r.op {
+            if s.override_rights {
+                self.check.overrides.insert(s.sale_id.clone());
+            }
+        }
+        let rid = self.clients.add(r);
+        self.submit(rid);
+        rid
+    }
+
+    /// A random client operation at node `i`.
+    pub fn random_op(&mut self, cat: &mut Catalogue, i: usize) -> (Kind, Op, String) {
+        let own = self.nodes[i].cfg.location.clone();
+        let others: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.is_clone && n.cfg.name != self.nodes[i].cfg.name)
+            .map(|n| n.name.clone())
+            .collect();
+        let roll = self.rng.gen_range(0..100);
+        match roll {
+            0..=47 => {
+                let id = cat.fresh_id("s");
+                (Kind::Sale, self.random_sale(cat, i, &own, &others, &id), id)
+            }
+            48..=59 => {
+                let id = cat.fresh_id("r");
+                let loc = if self.rng.gen_bool(0.9) || others.is_empty() {
+                    own.clone()
+                } else {
+                    others[self.rng.gen_range(0..others.len())].clone()
+                };
+                let n = self.rng.gen_range(1..=2);
+                let lines: Vec<Value> = (0..n)
+                    .map(|_| {
+                        let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+                        json!({"product_id": p, "quantity": self.rng.gen_range(1..=15)})
+                    })
+                    .collect();
+                (
+                    Kind::Receipt,
+                    receipt(json!({"receipt_id": id, "location": loc, "lines": lines})),
+                    id,
+                )
+            }
+            60..=64 => {
+                let id = cat.fresh_id("t");
+                let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+                let disposition = if self.rng.gen_bool(0.7) {
+                    "restock"
+                } else {
+                    "damaged"
+                };
+                let mut body = json!({"return_id": id, "location": own,
+                    "lines": [{"product_id": p, "quantity": self.rng.gen_range(1..=2), "disposition": disposition}]});
+                // Sometimes against a sale this node made (the over-return check).
+                let sold: Vec<(String, u64)> = self
+                    .clients
+                    .reqs
+                    .iter()
+                    .filter(|r| r.node == i && r.kind == Kind::Sale && r.first_ok.is_some())
+                    .filter_map(|r| match &r.op {
+                        Op::Sale(s) => s.lines.first().map(|l| (s.sale_id.clone(), l.product_id)),
+                        _ => None,
+                    })
+                    .collect();
+                if !sold.is_empty() && self.rng.gen_bool(0.3) {
+                    let (sid, sp) = sold[self.rng.gen_range(0..sold.len())].clone();
+                    body["original_sale_id"] = json!(sid);
+                    body["lines"][0]["product_id"] = json!(sp);
+                    body["lines"][0]["quantity"] = json!(1);
+                }
+                (Kind::Return, ret(body), id)
+            }
+            65..=69 => {
+                let id = cat.fresh_id("c");
+                let loc = if self.rng.gen_bool(0.92) || others.is_empty() {
+                    own.clone()
+                } else {
+                    others[0].clone()
+                };
+                let mut ps = cat.products.clone();
+                ps.shuffle(&mut self.rng);
+                let n = self.rng.gen_range(1..=2).min(ps.len());
+                let lines: Vec<Value> = ps[..n]
+                    .iter()
+                    .map(|p| {
+                        let seen = self.peek_on_hand(i, *p, &loc);
+                        let counted = (seen + self.rng.gen_range(-3..=1)).max(0);
+                        json!({"product_id": p, "counted": counted})
+                    })
+                    .collect();
+                let mut body = json!({"count_id": id, "location": loc, "lines": lines});
+                if self.rng.gen_bool(0.5) {
+                    let back = self.rng.gen_range(0..20_000);
+                    let at = self.clock(i).saturating_sub(back);
+                    body["counted_at"] = json!(format_rfc3339_ms(at));
+                }
+                (Kind::Count, count(body), id)
+            }
+            70..=79 => {
+                let id = cat.fresh_id("g");
+                let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+                let to = if others.is_empty() {
+                    own.clone()
+                } else {
+                    others[self.rng.gen_range(0..others.len())].clone()
+                };
+                let r = self.peek_rights(i, p, &own).max(0) as u64;
+                let q = if self.rng.gen_bool(0.15) {
+                    r + 1
+                } else {
+                    self.rng.gen_range(1..=(r / 2).max(1))
+                };
+                (
+                    Kind::Grant,
+                    grant(
+                        json!({"grant_id": id, "product_id": p, "location": own, "to": to, "quantity": q}),
+                    ),
+                    id,
+                )
+            }
+            80..=89 => {
+                let c = cat.customers[self.rng.gen_range(0..cat.customers.len())].clone();
+                let mut u = CustomerUpdate::default();
+                if self.rng.gen_bool(0.6) {
+                    u.name = Some(format!("Customer {} v{}", c, self.rng.gen_range(0..5)));
+                }
+                if self.rng.gen_bool(0.5) {
+                    u.email = Some(format!("{c}-{}@example.com", self.rng.gen_range(0..3)));
+                }
+                if self.rng.gen_bool(0.3) {
+                    u.phone = Some(format!("+4420{:07}", self.rng.gen_range(0..10_000_000)));
+                }
+                if self.rng.gen_bool(0.3) {
+                    u.marketing_consent = Some(self.rng.gen_bool(0.5));
+                }
+                if u == CustomerUpdate::default() {
+                    u.tags = Some(vec!["vip".into()]);
+                }
+                (
+                    Kind::CustomerPut,
+                    Op::CustomerPut {
+                        customer_id: c.clone(),
+                        update: u,
+                    },
+                    c,
+                )
+            }
+            90..=91 => {
+                let c = cat.customers[self.rng.gen_range(0..cat.customers.len())].clone();
+                (
+                    Kind::CustomerErase,
+                    Op::CustomerErase {
+                        customer_id: c.clone(),
+                    },
+                    c,
+                )
+            }
+            _ => {
+                let id = cat.fresh_id("p");
+                let c = cat.customers[self.rng.gen_range(0..cat.customers.len())].clone();
+                let redeem = parse(
+                    "redeem",
+                    json!({"redeem_id": id, "points": self.rng.gen_range(1..=5)}),
+                );
+                (
+                    Kind::Redeem,
+                    Op::Redeem {
+                        customer_id: c,
+                        redeem,
+                    },
+                    id,
+                )
+            }
+        }
+    }
+
+    fn random_sale(
+        &mut self,
+        cat: &Catalogue,
+        i: usize,
+        own: &str,
+        others: &[String],
+        id: &str,
+    ) -> Op {
+        let roll = self.rng.gen_range(0..100);
+        let loc: Option<String> = if roll < 80 || others.is_empty() {
+            Some(own.to_string())
+        } else if roll < 90 {
+            None
+        } else {
+            Some(others[self.rng.gen_range(0..others.len())].clone())
+        };
+        let at = loc.clone().unwrap_or_else(|| own.to_string());
+        let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+        let mut lines: Vec<Value> = Vec::new();
+        if self.rng.gen_bool(0.25) {
+            // At the edge of what this node may sell: exactly its rights, one
+            // more, or one more split over two lines of the same product.
+            let r = self.peek_rights(i, p, &at).max(0) as u64;
+            match self.rng.gen_range(0..3) {
+                0 if r > 0 => lines.push(json!({"product_id": p, "quantity": r})),
+                1 if r > 0 => {
+                    let a = self.rng.gen_range(1..=r);
+                    lines.push(json!({"product_id": p, "quantity": a}));
+                    lines.push(json!({"product_id": p, "quantity": r + 1 - a}));
+                }
+                _ => lines.push(json!({"product_id": p, "quantity": r + 1})),
+            }
+        } else {
+            for _ in 0..self.rng.gen_range(1..=3) {
+                let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+                lines.push(json!({"product_id": p, "quantity": self.rng.gen_range(1..=4), "unit_price": 1999}));
+            }
+        }
+        let mut body = json!({"sale_id": id, "currency": "EUR", "lines": lines});
+        if let Some(l) = &loc {
+            body["location"] = json!(l);
+        }
+        if loc.as_deref() == Some(own) && self.rng.gen_bool(0.05) {
+            body["override"] = json!(true);
+        }
+        if self.rng.gen_bool(0.3) {
+            body["customer_id"] = json!(cat.customers[self.rng.gen_range(0..cat.customers.len())]);
+        }
+        sale(body)
+    }
+
+    /// The same id with another body (must be refused with `id_conflict`).
+    pub fn altered(op: &Op) -> Option<Op> {
+        let mut op = op.clone();
+        match &mut op {
+            Op::Sale(s) => s.lines.first_mut()?.quantity += 1,
+            Op::Receipt(r) => r.lines.first_mut()?.quantity += 1,
+            Op::Return(r) => r.lines.first_mut()?.quantity += 1,
+            Op::Count(c) => c.lines.first_mut()?.counted += 1,
+            Op::Grant(g) => g.quantity += 1,
+            Op::Redeem { redeem, .. } => redeem.points += 1,
+            _ => return None,
+        }
+        Some(op)
+    }
+}

@@ -1,0 +1,1279 @@
+//! The simulated mesh: nodes (production `Engine` + production `Store` over a
+//! `SimDisk`), the network, the clients, simulated time and the schedule.
+//!
+//! Every node runs a copy of the production request path (`node::engine_loop`):
+//! drain the command channel in arrival order (frames, peer events, requests:
+//! `Engine::submit`, which parks a sale short of rights while rights are
+//! requested) → `poll_parked` → `allocate` → `expire_reservations` → ONE flush
+//! and commit per node per tick → answer the callers and release frames only
+//! after the commit succeeded; after a failed commit answer 503 (parked sales
+//! too) and reopen the engine from the store, keeping the connections.
+//!
+//! Simulated time advances in ticks; a node runs one pass per tick when it has
+//! commands, an anti-entropy tick is due, or sales are parked (production wakes
+//! every 20 ms). Frames sent in a tick arrive in a later one.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest as _, Sha256};
+use storemesh_node::simdisk::SimDisk;
+use storemesh_node::store::Store;
+use storemesh_protocol::engine::{Batch, Engine, EngineConfig, Policy};
+use storemesh_protocol::ids::{ActorKey, NodeId, NodeTag};
+use storemesh_protocol::layout::{month_of, DocId};
+use storemesh_protocol::ops::{OpError, OpReply};
+use storemesh_protocol::rebalance::{AllocationRule, Submit};
+
+use crate::check::{Checker, Violation};
+use crate::client::{Clients, ReplyCheck};
+use crate::net::{pair, Net, NetEv};
+use crate::options::{Bug, FaultKind, Topology};
+
+/// Unix ms of simulated time 0: 2026-11-30T23:59:00Z, one minute before a
+/// month boundary, so clock offsets split records between two month documents.
+pub const BASE_UNIX_MS: u64 = 1_796_083_140_000;
+/// Commands drained into one group commit, at most (as `node::BATCH_OPS_MAX`).
+pub const BATCH_OPS_MAX: usize = 2048;
+/// A crashed node is back after this long (simulated ms).
+pub const RESTART_MS: (u64, u64) = (200, 5_000);
+/// A dropped connection is redialled after this long.
+pub const RECONNECT_MS: (u64, u64) = (200, 2_000);
+/// A stalled connection is noticed (idle timeout) after this long.
+pub const DETECT_MS: (u64, u64) = (500, 4_000);
+/// A client retries an unanswered or 503-answered request after this long.
+pub const RETRY_MS: (u64, u64) = (100, 2_000);
+/// Older disk images kept per node for the restore fault.
+pub const IMAGES_MAX: usize = 3;
+
+/// One process lifetime of a node.
+pub struct Life {
+    pub engine: Engine,
+    pub store: Store,
+    /// Current connection per peer identity: (simulator index, connection id).
+    pub conns: BTreeMap<NodeId, (usize, u64)>,
+    /// Cell values seen after commits in this life (owned cells never decrease).
+    pub seen: BTreeMap<(u64, String, ActorKey, u8, NodeTag), u64>,
+    pub alarms_seen: usize,
+}
+
+/// One entry of a node's command channel.
+#[derive(Debug)]
+pub enum Cmd {
+    Net(NetEv),
+    Op(usize),
+}
+
+/// How a planned crash strikes the next batch that holds client operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPlan {
+    BeforeCommit,
+    MidCommit(u64),
+    AfterCommit,
+    FailSync,
+}
+
+pub struct SimNode {
+    pub name: String,
+    /// Index of the node whose identity this is (itself, unless a clone).
+    pub identity: usize,
+    pub cfg: EngineConfig,
+    pub peers_cfg: Vec<(String, NodeId)>,
+    pub disk: SimDisk,
+    pub life: Option<Life>,
+    /// The engine thread's command channel: frames, peer events, requests.
+    pub cmds: VecDeque<Cmd>,
+    /// Parked sales waiting for rights: engine ticket → request.
+    pub parked: BTreeMap<u64, usize>,
+    pub paused_until_ms: u64,
+    pub next_ae_ms: u64,
+    pub kick: bool,
+    pub crash_plan: Option<CrashPlan>,
+    pub offset_ms: i64,
+    pub drift_ppm: i64,
+    /// Bumped when the disk is replaced by an older image.
+    pub epoch: u32,
+    pub is_clone: bool,
+    pub retired: bool,
+    /// (actor, sim ms it started).
+    pub incarnations: Vec<(ActorKey, u64)>,
+    pub images: Vec<(u64, Vec<u8>)>,
+    pub restart_image: Option<(u64, Vec<u8>)>,
+    /// Set by the checkers after a commit; cleared by the per-event checks.
+    pub dirty: bool,
+    pub stats: NodeStats,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NodeStats {
+    pub sales_ok: u64,
+    pub sales_refused: u64,
+    pub units_sold: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Lift blocked directions.
+    Heal(Vec<(usize, usize)>),
+    /// Reset a connection if it is still the same one (the idle timeout).
+    ResetIfConn(usize, usize, u64),
+    Restart(usize),
+    StopClone(usize),
+    /// Block directions (both ways of each pair) until a later `Heal`.
+    Block(Vec<(usize, usize)>),
+}
+
+/// Knobs shared by random runs and scenarios.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// How long a strict sale short of rights waits for a grant (0: never parks).
+    pub deadline_ms: u64,
+    /// Allocation rules every node applies to its own location.
+    pub allocation: Vec<AllocationRule>,
+    pub tick_ms: u64,
+    pub latency_ms: (u64, u64),
+    pub anti_entropy_ms: u64,
+    pub buckets: u32,
+}
+
+pub struct NodeSpec {
+    pub name: String,
+    pub role: String,
+    pub policy: Policy,
+    pub drift_ppm: i64,
+}
+
+pub struct World {
+    pub seed: u64,
+    pub rng: StdRng,
+    pub now_ms: u64,
+    next_tick_ms: u64,
+    pub setup: Setup,
+    pub event: usize,
+    pub nodes: Vec<SimNode>,
+    pub net: Net,
+    pub clients: Clients,
+    pub check: Checker,
+    pub bug: Option<Bug>,
+    pub fired: BTreeMap<FaultKind, u64>,
+    schedule: BTreeMap<(u64, u64), Action>,
+    schedule_seq: u64,
+    trace: Sha256,
+    pub trace_items: u64,
+    /// `false` once the run heals: armed crashes and failures are dropped.
+    pub faults_active: bool,
+    pub commits: u64,
+}
+
+fn node_id_from(rng: &mut StdRng) -> NodeId {
+    NodeId(rng.gen())
+}
+
+impl World {
+    pub fn new(
+        seed: u64,
+        rng: StdRng,
+        setup: Setup,
+        specs: Vec<NodeSpec>,
+        topology: Topology,
+        bug: Option<Bug>,
+    ) -> Result<World, Violation> {
+        let mut rng = rng;
+        let mut ids: Vec<NodeId> = Vec::new();
+        while ids.len() < specs.len() {
+            let id = node_id_from(&mut rng);
+            if !ids.iter().any(|o| o.tag() == id.tag()) {
+                ids.push(id);
+            }
+        }
+        let mut nodes = Vec::new();
+        for (i, s) in specs.iter().enumerate() {
+            let cfg = EngineConfig {
+                node_id: ids[i],
+                name: s.name.clone(),
+                location: s.name.clone(),
+                role: s.role.clone(),
+                policy: s.policy,
+                buckets: setup.buckets,
+                loyalty_points_per_unit: 1,
+                timezone: None,
+            };
+            let peers_cfg = specs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, o)| (o.name.clone(), ids[j]))
+                .collect();
+            nodes.push(SimNode {
+                name: s.name.clone(),
+                identity: i,
+                cfg,
+                peers_cfg,
+                disk: SimDisk::new(),
+                life: None,
+                cmds: VecDeque::new(),
+                parked: BTreeMap::new(),
+                paused_until_ms: 0,
+                next_ae_ms: 0,
+                kick: false,
+                crash_plan: None,
+                offset_ms: 0,
+                drift_ppm: s.drift_ppm,
+                epoch: 0,
+                is_clone: false,
+                retired: false,
+                incarnations: Vec::new(),
+                images: Vec::new(),
+                restart_image: None,
+                dirty: false,
+                stats: NodeStats::default(),
+            });
+        }
+        let n = nodes.len();
+        let mut net = Net {
+            latency_ms: setup.latency_ms,
+            ..Net::default()
+        };
+        net.ensure_node(n);
+        for a in 0..n {
+            for b in a + 1..n {
+                let peer = match topology {
+                    Topology::FullMesh => true,
+                    Topology::Hub(h) => a == h || b == h,
+                    Topology::Chain => b == a + 1,
+                };
+                if peer {
+                    net.peers.insert((a, b));
+                }
+            }
+        }
+        let mut w = World {
+            seed,
+            rng,
+            now_ms: 0,
+            next_tick_ms: 0,
+            setup,
+            event: 0,
+            nodes,
+            net,
+            clients: Clients::default(),
+            check: Checker::default(),
+            bug,
+            fired: BTreeMap::new(),
+            schedule: BTreeMap::new(),
+            schedule_seq: 0,
+            trace: Sha256::new(),
+            trace_items: 0,
+            faults_active: true,
+            commits: 0,
+        };
+        for i in 0..n {
+            w.check
+                .names
+                .insert(w.nodes[i].cfg.node_id.tag(), w.nodes[i].name.clone());
+            if w.nodes[i].cfg.policy == Policy::Relaxed {
+                w.check.relaxed.insert(w.nodes[i].cfg.location.clone());
+            }
+        }
+        for i in 0..n {
+            w.nodes[i].next_ae_ms = w.rng.gen_range(0..w.setup.anti_entropy_ms.max(1));
+            w.start_node(i)?;
+        }
+        Ok(w)
+    }
+
+    // ---- basics ----
+
+    pub fn fire(&mut self, k: FaultKind) {
+        *self.fired.entry(k).or_default() += 1;
+    }
+
+    pub fn trace(&mut self, item: &[u8]) {
+        self.trace.update((item.len() as u64).to_le_bytes());
+        self.trace.update(item);
+        self.trace_items += 1;
+    }
+
+    pub fn trace_hash(&self) -> String {
+        hex::encode(&self.trace.clone().finalize()[..8])
+    }
+
+    pub fn violation(&self, invariant: &'static str, message: String) -> Violation {
+        Violation {
+            seed: self.seed,
+            event: self.event,
+            time_ms: self.now_ms,
+            invariant,
+            message,
+        }
+    }
+
+    /// The node's wall clock: simulated time plus its offset and drift (may jump back).
+    pub fn clock(&self, i: usize) -> u64 {
+        let n = &self.nodes[i];
+        let t = i128::from(BASE_UNIX_MS)
+            + i128::from(self.now_ms)
+            + i128::from(n.offset_ms)
+            + i128::from(self.now_ms) * i128::from(n.drift_ppm) / 1_000_000;
+        t.max(0) as u64
+    }
+
+    pub fn rand_in(&mut self, r: (u64, u64)) -> u64 {
+        self.rng.gen_range(r.0..=r.1)
+    }
+
+    pub fn at(&mut self, at_ms: u64, a: Action) {
+        self.schedule_seq += 1;
+        self.schedule.insert((at_ms, self.schedule_seq), a);
+    }
+
+    pub fn alive(&self, i: usize) -> bool {
+        self.nodes[i].life.is_some() && !self.nodes[i].retired
+    }
+
+    /// Nodes that take part in the final convergence (not retired clones).
+    pub fn members(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].retired)
+            .collect()
+    }
+
+    pub fn tag_name(&self, tag: NodeTag) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.cfg.node_id.tag() == tag)
+            .map(|n| n.name.clone())
+    }
+
+    // ---- process lifetimes ----
+
+    fn open_life(&mut self, i: usize) -> Result<Life, String> {
+        let store = Store::open_backend(self.nodes[i].disk.clone())
+            .map_err(|e| format!("store does not open: {e:#}"))?;
+        let incarnation: [u8; 4] = self.rng.gen();
+        let node = &self.nodes[i];
+        let mut engine = Engine::new(node.cfg.clone(), incarnation);
+        engine.set_entropy(self.rng.gen());
+        match self.bug {
+            Some(Bug::SkipRightsCheck) => engine.faults.skip_rights_check = true,
+            Some(Bug::PerLineCheck) => engine.faults.per_line_check = true,
+            Some(Bug::GrantInOtherBucket) => engine.faults.grant_in_other_bucket = true,
+            _ => {}
+        }
+        for (name, id) in &node.peers_cfg {
+            engine.add_configured_peer(name, *id);
+        }
+        let keys = store
+            .load_keys()
+            .map_err(|e| format!("the customer key store does not load: {e:#}"))?;
+        engine.load_keys(keys);
+        let docs = store
+            .load_docs()
+            .map_err(|e| format!("documents do not load: {e:#}"))?;
+        for d in docs {
+            engine
+                .load_doc(&d.id, &d.parts, d.heads_log)
+                .map_err(|e| format!("stored document {} is damaged: {e}", d.id))?;
+        }
+        engine.finish_open();
+        let actor = engine.actor();
+        self.nodes[i].incarnations.push((actor, self.now_ms));
+        Ok(Life {
+            engine,
+            store,
+            conns: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            alarms_seen: 0,
+        })
+    }
+
+    /// Starts (or restarts) node `i` from its disk, as `engine_loop` does:
+    /// open, then persist what opening produced before serving.
+    pub fn start_node(&mut self, i: usize) -> Result<(), Violation> {
+        let mut life = self.open_life(i).map_err(|e| {
+            self.violation(
+                "recovery",
+                format!(
+                    "node {} cannot start from its disk: {e}",
+                    self.nodes[i].name
+                ),
+            )
+        })?;
+        let now = self.clock(i);
+        let mut batch = life.engine.flush(now);
+        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Err(e) = life.store.commit(&batch) {
+            return Err(self.violation(
+                "recovery",
+                format!(
+                    "node {} cannot write its first batch after start: {e:#}",
+                    self.nodes[i].name
+                ),
+            ));
+        }
+        life.engine.committed(now);
+        let _ = life.engine.take_outgoing();
+        self.nodes[i].life = Some(life);
+        self.nodes[i].kick = true;
+        self.observe_commit(i, &batch)?;
+        Ok(())
+    }
+
+    /// Cuts the power of node `i`: unsynced writes are lost, so are the
+    /// requests it holds (their clients retry) and its connections.
+    pub fn crash_node(&mut self, i: usize, lost: Vec<usize>) {
+        self.power_cut(i, lost);
+        if self.nodes[i].is_clone {
+            self.retire_clone(i);
+        } else {
+            let at = self.now_ms + self.rand_in(RESTART_MS);
+            self.at(at, Action::Restart(i));
+        }
+    }
+
+    /// Powers node `i` off until someone calls [`World::restart_node`].
+    pub fn power_off(&mut self, i: usize) {
+        if self.nodes[i].life.is_some() {
+            self.power_cut(i, Vec::new());
+        }
+    }
+
+    fn power_cut(&mut self, i: usize, lost: Vec<usize>) {
+        self.nodes[i].disk.crash();
+        self.nodes[i].life = None;
+
+        self.nodes[i].crash_plan = None;
+        self.nodes[i].stats.crashes += 1;
+        let mut rids: Vec<usize> = self.nodes[i]
+            .cmds
+            .drain(..)
+            .filter_map(|c| match c {
+                Cmd::Op(rid) => Some(rid),
+                Cmd::Net(_) => None,
+            })
+            .collect();
+        rids.extend(std::mem::take(&mut self.nodes[i].parked).into_values());
+        rids.extend(lost);
+        for rid in rids {
+            self.lose_delivery(rid);
+        }
+        // Frames the node already put on the wire still arrive; nothing reaches
+        // it any more; its peers notice the dead connection at their idle timeout.
+        let conns: Vec<((usize, usize), u64)> = self
+            .net
+            .conns
+            .iter()
+            .filter(|((a, b), _)| *a == i || *b == i)
+            .map(|(k, c)| (*k, *c))
+            .collect();
+        for ((a, b), conn) in conns {
+            let j = if a == i { b } else { a };
+            if let Some(l) = self.net.links.get_mut(&(j, i)) {
+                l.stalled = true;
+                l.queue.clear();
+            }
+            let at = self.now_ms + self.rand_in(DETECT_MS);
+            self.at(at, Action::ResetIfConn(a, b, conn));
+        }
+        let item = format!("crash {i} t={}", self.now_ms);
+        self.trace(item.as_bytes());
+    }
+
+    /// A delivery the node will never answer: the client retries later.
+    fn lose_delivery(&mut self, rid: usize) {
+        let r = &mut self.clients.reqs[rid];
+        r.in_flight = r.in_flight.saturating_sub(1);
+        if r.first_ok.is_none() && r.final_err.is_none() && !r.abandoned && r.in_flight == 0 {
+            let at = self.now_ms + self.rand_in(RETRY_MS) + self.rand_in(RESTART_MS);
+            self.clients.schedule_retry(rid, at);
+        }
+    }
+
+    pub fn restart_node(&mut self, i: usize) -> Result<(), Violation> {
+        if self.nodes[i].life.is_some() || self.nodes[i].retired {
+            return Ok(());
+        }
+        let image = self.nodes[i].restart_image.take();
+        let restored = image.is_some();
+        self.nodes[i].disk = match &image {
+            Some((_, bytes)) => SimDisk::from_image(bytes.clone()),
+            None => self.nodes[i].disk.restart(),
+        };
+        if let Some((t_img, _)) = image {
+            self.discard_history(i, t_img);
+        }
+        self.fire(FaultKind::Restart);
+        self.nodes[i].stats.restarts += 1;
+        self.start_node(i)?;
+        let item = format!("restart {i} t={} restored={restored}", self.now_ms);
+        self.trace(item.as_bytes());
+        self.check_restart(i)
+    }
+
+    /// After failed commit (storage error, the disk still alive): answer, then
+    /// reload the engine from what the store holds, keeping the connections.
+    fn reopen_node(
+        &mut self,
+        i: usize,
+        conns: BTreeMap<NodeId, (usize, u64)>,
+    ) -> Result<(), Violation> {
+        match self.open_life(i) {
+            Ok(mut life) => {
+                let now = self.clock(i);
+                for (peer, c) in conns {
+                    let states = life.store.sync_states(&peer).unwrap_or_default();
+                    life.engine.peer_up(peer, states, now);
+                    life.conns.insert(peer, c);
+                }
+                self.nodes[i].life = Some(life);
+                self.nodes[i].kick = true;
+                self.nodes[i].dirty = true;
+                self.check_restart(i)
+            }
+            Err(_) if self.nodes[i].disk.is_crashed() => {
+                // The power went while reopening: an ordinary crash.
+                self.crash_node(i, Vec::new());
+                Ok(())
+            }
+            Err(e) => Err(self.violation(
+                "recovery",
+                format!(
+                    "node {} cannot reopen its store after a failed commit: {e}",
+                    self.nodes[i].name
+                ),
+            )),
+        }
+    }
+
+    // ---- time ----
+
+    /// Runs every tick up to `t_ms`.
+    pub fn advance_to(&mut self, t_ms: u64) -> Result<(), Violation> {
+        while self.next_tick_ms <= t_ms {
+            self.now_ms = self.next_tick_ms;
+            self.tick()?;
+            self.next_tick_ms += self.setup.tick_ms;
+        }
+        self.now_ms = self.now_ms.max(t_ms);
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<(), Violation> {
+        self.run_schedule()?;
+        self.connect_pairs();
+        self.deliver_frames();
+        for rid in self.clients.due(self.now_ms) {
+            self.submit(rid);
+        }
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if n.life.is_none() || n.retired || self.now_ms < n.paused_until_ms {
+                continue;
+            }
+            // Production wakes the engine every `WAKE_MS` (20 ms) while sales
+            // are parked; a tick is at least that long.
+            let parked_due = !n.parked.is_empty();
+            if n.kick || !n.cmds.is_empty() || self.now_ms >= n.next_ae_ms || parked_due {
+                self.process(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_schedule(&mut self) -> Result<(), Violation> {
+        loop {
+            let Some((&key, _)) = self.schedule.iter().next() else {
+                return Ok(());
+            };
+            if key.0 > self.now_ms {
+                return Ok(());
+            }
+            let Some(action) = self.schedule.remove(&key) else {
+                return Ok(());
+            };
+            self.run_action(action)?;
+        }
+    }
+
+    fn run_action(&mut self, a: Action) -> Result<(), Violation> {
+        match a {
+            Action::Heal(dirs) => {
+                for (x, y) in dirs {
+                    self.net.unblock(x, y);
+                }
+            }
+            Action::ResetIfConn(a, b, conn) => {
+                if self.net.connected(a, b) == Some(conn) {
+                    self.reset_pair(a, b);
+                }
+            }
+            Action::Restart(i) => self.restart_node(i)?,
+            Action::StopClone(c) => self.stop_clone(c),
+            Action::Block(dirs) => {
+                for &(x, y) in &dirs {
+                    self.net.block(x, y);
+                }
+                self.partition_started(&dirs);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- network ----
+
+    /// Whether `a` and `b` may hold a connection now: both run, nothing blocks
+    /// the handshake, and neither already talks to the other's identity
+    /// through another process (a cloned identity is served once per peer).
+    fn eligible(&self, a: usize, b: usize) -> bool {
+        if !self.alive(a)
+            || !self.alive(b)
+            || self.net.is_blocked(a, b)
+            || self.net.is_blocked(b, a)
+        {
+            return false;
+        }
+        let (ia, ib) = (self.nodes[a].identity, self.nodes[b].identity);
+        for &(x, y) in self.net.conns.keys() {
+            for (me, other_id, other) in [(a, ib, b), (b, ia, a)] {
+                let far = if x == me {
+                    y
+                } else if y == me {
+                    x
+                } else {
+                    continue;
+                };
+                if far != other && self.nodes[far].identity == other_id {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn connect_pairs(&mut self) {
+        let pairs: Vec<(usize, usize)> = self.net.peers.iter().copied().collect();
+        for (a, b) in pairs {
+            if self.net.connected(a, b).is_some() {
+                continue;
+            }
+            let due = self.net.reconnect_at_ms.get(&(a, b)).copied().unwrap_or(0);
+            if due > self.now_ms {
+                continue;
+            }
+            if !self.eligible(a, b) {
+                let at = self.now_ms + self.rand_in(RECONNECT_MS);
+                self.net.reconnect_at_ms.insert((a, b), at);
+                continue;
+            }
+            let conn = self.net.open(a, b);
+            let (ida, idb) = (self.nodes[a].cfg.node_id, self.nodes[b].cfg.node_id);
+            self.nodes[a].cmds.push_back(Cmd::Net(NetEv::Up {
+                peer: idb,
+                from: b,
+                conn,
+            }));
+            self.nodes[b].cmds.push_back(Cmd::Net(NetEv::Up {
+                peer: ida,
+                from: a,
+                conn,
+            }));
+        }
+    }
+
+    /// Drops a connection: frames in flight are lost, both ends see it go down.
+    pub fn reset_pair(&mut self, a: usize, b: usize) {
+        let Some(conn) = self.net.close(a, b) else {
+            return;
+        };
+        let (ida, idb) = (self.nodes[a].cfg.node_id, self.nodes[b].cfg.node_id);
+        if self.nodes[a].life.is_some() {
+            self.nodes[a]
+                .cmds
+                .push_back(Cmd::Net(NetEv::Down { peer: idb, conn }));
+        }
+        if self.nodes[b].life.is_some() {
+            self.nodes[b]
+                .cmds
+                .push_back(Cmd::Net(NetEv::Down { peer: ida, conn }));
+        }
+        let at = self.now_ms + self.rand_in(RECONNECT_MS);
+        self.net.reconnect_at_ms.insert(pair(a, b), at);
+    }
+
+    /// A partition cut these pairs: their connections die after an idle timeout.
+    pub fn partition_started(&mut self, pairs: &[(usize, usize)]) {
+        for &(a, b) in pairs {
+            if let Some(conn) = self.net.connected(a, b) {
+                let at = self.now_ms + self.rand_in(DETECT_MS);
+                let (x, y) = pair(a, b);
+                self.at(at, Action::ResetIfConn(x, y, conn));
+            }
+        }
+    }
+
+    fn deliver_frames(&mut self) {
+        for (from, to, conn, f) in self.net.due(self.now_ms) {
+            if self.nodes[to].life.is_none() {
+                continue;
+            }
+            if f.sent_at_ms < self.net.last_sent_delivered[to] {
+                self.fire(FaultKind::ReorderAcrossLinks);
+            }
+            self.net.last_sent_delivered[to] = f.sent_at_ms;
+            self.net.bytes_in[to] += f.bytes.len() as u64;
+            let peer = self.nodes[from].cfg.node_id;
+            self.nodes[to].cmds.push_back(Cmd::Net(NetEv::Frame {
+                peer,
+                conn,
+                bytes: f.bytes,
+            }));
+        }
+    }
+
+    fn send_frames(
+        &mut self,
+        i: usize,
+        frames: Vec<(NodeId, Vec<u8>)>,
+        conns: &BTreeMap<NodeId, (usize, u64)>,
+    ) {
+        for (peer, bytes) in frames {
+            let Some(&(to, conn)) = conns.get(&peer) else {
+                continue; // not connected: anti-entropy repairs it later
+            };
+            if self.net.connected(i, to) != Some(conn) {
+                continue;
+            }
+            let jitter: u64 = self.rng.gen();
+            if self.net.send(i, to, bytes, self.now_ms, jitter) {
+                let at = self.now_ms + self.rand_in(DETECT_MS);
+                let (x, y) = pair(i, to);
+                self.at(at, Action::ResetIfConn(x, y, conn));
+            }
+        }
+    }
+
+    // ---- clients ----
+
+    /// Hands one delivery of a request to its node (or schedules a retry when
+    /// the node is down: the connection is refused).
+    pub fn submit(&mut self, rid: usize) {
+        let node = self.clients.reqs[rid].node;
+        if self.clients.reqs[rid].abandoned {
+            return;
+        }
+        if self.nodes[node].retired {
+            self.clients.abandon(rid);
+            return;
+        }
+        if self.nodes[node].life.is_none() {
+            // Connection refused: back off (exponentially, up to ~2 minutes).
+            let r = &mut self.clients.reqs[rid];
+            r.refused += 1;
+            let shift = r.refused.min(6);
+            let at = self.now_ms + (self.rand_in(RETRY_MS) << shift);
+            self.clients.schedule_retry(rid, at);
+            return;
+        }
+        let r = &mut self.clients.reqs[rid];
+        if r.attempts > 0 && r.first_ok.is_none() && r.final_err.is_none() {
+            self.fired
+                .entry(FaultKind::ClientRetry)
+                .and_modify(|n| *n += 1)
+                .or_insert(1);
+        }
+        let r = &mut self.clients.reqs[rid];
+        r.in_flight += 1;
+        r.attempts += 1;
+        self.nodes[node].cmds.push_back(Cmd::Op(rid));
+    }
+
+    fn answer(&mut self, rid: usize, result: Result<OpReply, OpError>) -> Result<(), Violation> {
+        let item = match &result {
+            Ok(r) => format!("reply {rid} {} {}", r.status, r.body),
+            Err(e) => format!("reply {rid} {}", e.body()),
+        };
+        self.trace(item.as_bytes());
+        let node = self.clients.reqs[rid].node;
+        if let Some(orig) = self.clients.reqs[rid].conflict_probe_of {
+            let r = &mut self.clients.reqs[rid];
+            r.in_flight = r.in_flight.saturating_sub(1);
+            let o = &self.clients.reqs[orig];
+            let must_conflict = o.first_ok.is_some() && !o.idem_lost;
+            match &result {
+                Err(e) if e.status() == 503 => {
+                    let at = self.now_ms + self.rand_in(RETRY_MS);
+                    self.clients.schedule_retry(rid, at);
+                }
+                Err(e) if e.code() == "id_conflict" => {
+                    self.clients.reqs[rid].final_err = Some(e.code().into());
+                }
+                other if must_conflict => {
+                    let shown = match other {
+                        Ok(r) => format!("{} {}", r.status, r.body),
+                        Err(e) => e.body().to_string(),
+                    };
+                    return Err(self.violation(
+                        "exactly-once",
+                        format!(
+                            "request reusing id {} with another body at node {} was answered {shown}, not 409 id_conflict",
+                            o.key.as_deref().unwrap_or("?"),
+                            self.nodes[node].name
+                        ),
+                    ));
+                }
+                _ => self.clients.reqs[rid].final_err = Some("probe".into()),
+            }
+            return Ok(());
+        }
+        let kind = self.clients.reqs[rid].kind;
+        let was_new = self.clients.reqs[rid].first_ok.is_none();
+        let retry_at = self.now_ms + self.rand_in(RETRY_MS);
+        if let ReplyCheck::Mismatch(m) = self.clients.on_reply(rid, &result, self.now_ms, retry_at)
+        {
+            return Err(self.violation("exactly-once", m));
+        }
+        if kind == crate::client::Kind::Sale && was_new {
+            match &result {
+                Ok(_) => {
+                    self.nodes[node].stats.sales_ok += 1;
+                    let units: u64 = match &self.clients.reqs[rid].op {
+                        storemesh_protocol::ops::Op::Sale(s) => {
+                            s.lines.iter().map(|l| l.quantity).sum()
+                        }
+                        _ => 0,
+                    };
+                    self.nodes[node].stats.units_sold += units;
+                }
+                Err(e) if e.code() == "insufficient_stock" => {
+                    self.nodes[node].stats.sales_refused += 1
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the request path ----
+
+    /// One pass of the node's engine loop: drain, execute, one commit, release.
+    fn process(&mut self, i: usize) -> Result<(), Violation> {
+        let now = self.clock(i);
+        let Some(mut life) = self.nodes[i].life.take() else {
+            return Ok(());
+        };
+        self.nodes[i].kick = false;
+        // Commands in arrival order, as the production engine thread drains its channel.
+        let n_cmds = self.nodes[i].cmds.len().min(BATCH_OPS_MAX);
+        let cmds: Vec<Cmd> = self.nodes[i].cmds.drain(..n_cmds).collect();
+        let tag = self.nodes[i].cfg.node_id.tag();
+        let deadline_ms = self.setup.deadline_ms;
+        let mut pending: Vec<(usize, Result<OpReply, OpError>)> = Vec::new();
+        for cmd in cmds {
+            match cmd {
+                Cmd::Net(ev) => {
+                    if let Err(v) = self.on_net(i, &mut life, ev, now) {
+                        self.nodes[i].life = Some(life);
+                        return Err(v);
+                    }
+                }
+                Cmd::Op(rid) => {
+                    let op = self.clients.reqs[rid].op.clone();
+                    // As production: the idempotency record is read first, and a
+                    // storage error answers 503 instead of looking like "never seen".
+                    let prior = match op.client_key().map(|k| life.store.idem(&k)) {
+                        Some(Err(_)) => {
+                            pending.push((
+                                rid,
+                                Err(OpError::Unavailable(
+                                    "storage error reading the request's earlier result; retry"
+                                        .into(),
+                                )),
+                            ));
+                            continue;
+                        }
+                        Some(Ok(r)) => r,
+                        None => None,
+                    };
+                    let idem = |_: &str| prior.clone();
+                    match life.engine.submit(op, now, deadline_ms, &idem) {
+                        Submit::Done(r) => pending.push((rid, r)),
+                        Submit::Parked(ticket) => {
+                            // A new ticket replaces an orphan with the same number,
+                            // whose caller then sees its channel closed (a 503).
+                            if let Some(old) = self.nodes[i].parked.insert(ticket, rid) {
+                                pending.push((
+                                    old,
+                                    Err(OpError::Unavailable("the node is shutting down".into())),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Grants that arrived in this batch may let parked sales through.
+        let store = &life.store;
+        for (ticket, r) in life
+            .engine
+            .poll_parked(now, &|k| store.idem(k).ok().flatten())
+        {
+            if let Some(rid) = self.nodes[i].parked.remove(&ticket) {
+                pending.push((rid, r));
+            }
+        }
+        life.engine.allocate(&self.setup.allocation, now);
+        life.engine.expire_reservations(now);
+        for (rid, r) in &pending {
+            if r.is_ok() {
+                let doc = DocId::Records {
+                    tag,
+                    month: month_of(now),
+                }
+                .encode();
+                let docs = &mut self.clients.reqs[*rid].rec_docs;
+                if !docs.contains(&doc) {
+                    docs.push(doc);
+                }
+            }
+        }
+        if self.now_ms >= self.nodes[i].next_ae_ms {
+            life.engine.tick(now);
+            self.nodes[i].next_ae_ms = self.now_ms + self.setup.anti_entropy_ms;
+        }
+        let mut batch = life.engine.flush(now);
+        // The engine drains its idempotency records from a HashMap; the order
+        // changes the redb I/O sequence, so the simulator sorts it to stay
+        // deterministic (the content is the same).
+        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
+        let has_ops = !pending.is_empty();
+
+        // Planted bugs that release effects before the commit.
+        if self.bug == Some(Bug::AckBeforeCommit) {
+            for (rid, r) in std::mem::take(&mut pending) {
+                self.answer(rid, r)?;
+            }
+        }
+        let mut pushed = false;
+        if self.bug == Some(Bug::PushBeforeCommit) && !batch.is_empty() {
+            life.engine.committed(now);
+            let frames = life.engine.take_outgoing();
+            self.send_frames(i, frames, &life.conns.clone());
+            pushed = true;
+        }
+
+        let plan = if has_ops && !batch.is_empty() && self.faults_active {
+            self.nodes[i].crash_plan.take()
+        } else {
+            None
+        };
+        let disk = self.nodes[i].disk.clone();
+        match plan {
+            Some(CrashPlan::BeforeCommit) => disk.crash(),
+            Some(CrashPlan::MidCommit(n)) => disk.crash_after_ios(n),
+            Some(CrashPlan::FailSync) => disk.fail_next_syncs(1),
+            _ => {}
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.commit(&life.store, &batch)
+        };
+        if !disk.is_crashed() {
+            // A planned fault that did not strike this commit is disarmed: it
+            // must not hit the reopen path or a later, unrelated batch.
+            match plan {
+                Some(CrashPlan::MidCommit(_)) => disk.crash_after_ios(u64::MAX),
+                Some(CrashPlan::FailSync) => disk.fail_next_syncs(0),
+                _ => {}
+            }
+        }
+        match result {
+            Ok(()) => {
+                if !batch.is_empty() {
+                    self.commits += 1;
+                    self.nodes[i].stats.commits += 1;
+                }
+                if plan == Some(CrashPlan::AfterCommit) {
+                    // Durable, but the power goes before any answer or frame leaves.
+                    self.fire(FaultKind::CrashAfterCommit);
+                    drop(life);
+                    let lost = pending.into_iter().map(|(rid, _)| rid).collect();
+                    self.crash_node(i, lost);
+                    return Ok(());
+                }
+                if !pushed {
+                    life.engine.committed(now);
+                }
+                let frames = life.engine.take_outgoing();
+                let conns = life.conns.clone();
+                let item = format!(
+                    "commit {i} t={} {}",
+                    self.now_ms,
+                    hex::encode(life.engine.digest_root())
+                );
+                self.trace(item.as_bytes());
+                self.nodes[i].life = Some(life);
+                for (rid, r) in pending {
+                    self.answer(rid, r)?;
+                }
+                self.send_frames(i, frames, &conns);
+                if !batch.is_empty() {
+                    self.observe_commit(i, &batch)?;
+                }
+                Ok(())
+            }
+            Err(_) if disk.is_crashed() => {
+                self.fire(match plan {
+                    Some(CrashPlan::BeforeCommit) => FaultKind::CrashBeforeCommit,
+                    _ => FaultKind::CrashMidCommit,
+                });
+                drop(life);
+                let lost = pending.into_iter().map(|(rid, _)| rid).collect();
+                self.crash_node(i, lost);
+                Ok(())
+            }
+            Err(_) => {
+                self.fire(FaultKind::FailingCommit);
+                self.nodes[i].stats.commit_failures += 1;
+                let item = format!("commit-failed {i} t={}", self.now_ms);
+                self.trace(item.as_bytes());
+                let conns = std::mem::take(&mut life.conns);
+                // redb refuses everything after an I/O error: drop it, answer, reopen.
+                drop(life);
+                // Sales that waited for rights belonged to the old engine.
+                let parked: Vec<usize> = std::mem::take(&mut self.nodes[i].parked)
+                    .into_values()
+                    .collect();
+                for rid in parked {
+                    pending.push((
+                        rid,
+                        Err(OpError::Unavailable("storage error; retry".into())),
+                    ));
+                }
+                for (rid, r) in pending {
+                    let r = match r {
+                        Ok(_) => Err(OpError::Unavailable(
+                            "the write could not be made durable (storage error); retry".into(),
+                        )),
+                        Err(e) => Err(e),
+                    };
+                    self.answer(rid, r)?;
+                }
+                self.reopen_node(i, conns)
+            }
+        }
+    }
+
+    /// `Store::commit` of the batch — or, with the planted bug, the batch and
+    /// its idempotency records in two transactions.
+    fn commit(&self, store: &Store, batch: &Batch) -> anyhow::Result<()> {
+        if self.bug == Some(Bug::IdemOutsideTxn) && !batch.idem.is_empty() {
+            let mut main = batch.clone();
+            let idem = std::mem::take(&mut main.idem);
+            store.commit(&main)?;
+            return store.commit(&Batch {
+                idem,
+                ..Batch::default()
+            });
+        }
+        store.commit(batch)
+    }
+
+    fn on_net(&mut self, i: usize, life: &mut Life, ev: NetEv, now: u64) -> Result<(), Violation> {
+        match ev {
+            NetEv::Up { peer, from, conn } => {
+                if life.conns.insert(peer, (from, conn)).is_some() {
+                    life.engine.peer_down(peer);
+                }
+                let states = life.store.sync_states(&peer).unwrap_or_default();
+                life.engine.peer_up(peer, states, now);
+            }
+            NetEv::Down { peer, conn } => {
+                if life.conns.get(&peer).map(|c| c.1) == Some(conn) {
+                    life.conns.remove(&peer);
+                    life.engine.peer_down(peer);
+                }
+            }
+            NetEv::Frame { peer, conn, bytes } => {
+                if life.conns.get(&peer).map(|c| c.1) != Some(conn) {
+                    return Ok(());
+                }
+                if bytes.len() < 4 {
+                    return Err(
+                        self.violation("protocol", "a frame shorter than its length prefix".into())
+                    );
+                }
+                if let Err(e) = life.engine.receive(peer, &bytes[4..], now) {
+                    let from = self.tag_name(peer.tag()).unwrap_or_default();
+                    return Err(self.violation(
+                        "protocol",
+                        format!(
+                            "node {} refused a frame from honest peer {from}: {e}",
+                            self.nodes[i].name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- destructive faults that need the whole world ----
+
+    /// The disk of node `i` is replaced by an image taken at `t_img`: what the
+    /// node acknowledged after it is gone from that node.
+    fn discard_history(&mut self, i: usize, t_img: u64) {
+        self.nodes[i].epoch += 1;
+        let name = self.nodes[i].name.clone();
+        self.check.forked.insert(name);
+        let incs = self.nodes[i].incarnations.clone();
+        let live_at_img = incs.iter().rposition(|(_, t)| *t <= t_img).unwrap_or(0);
+        for (a, _) in &incs[live_at_img..] {
+            self.check.discarded_actors.insert(*a);
+        }
+        for rid in 0..self.clients.reqs.len() {
+            let r = &self.clients.reqs[rid];
+            if r.node != i {
+                continue;
+            }
+            if r.outstanding() {
+                self.clients.abandon(rid);
+                continue;
+            }
+            if r.acked_at_ms.is_some_and(|t| t > t_img) && r.key.is_some() {
+                let elsewhere = self.record_elsewhere(rid, i);
+                let r = &mut self.clients.reqs[rid];
+                r.idem_lost = true;
+                r.lost_with_history = !elsewhere;
+            }
+        }
+    }
+
+    /// Whether some other running node holds the record of request `rid`.
+    fn record_elsewhere(&self, rid: usize, except: usize) -> bool {
+        let r = &self.clients.reqs[rid];
+        let Some(key) = r.record_key() else {
+            return true;
+        };
+        self.nodes.iter().enumerate().any(|(j, n)| {
+            j != except
+                && n.life.as_ref().is_some_and(|l| {
+                    r.rec_docs
+                        .iter()
+                        .any(|d| l.engine.record(d, &key).is_some())
+                })
+        })
+    }
+
+    /// A second process with node `x`'s identity, started from a copy of its disk.
+    pub fn start_clone(&mut self, x: usize, lifetime_ms: u64) -> Result<bool, Violation> {
+        if !self.alive(x)
+            || self.nodes[x].is_clone
+            || self.nodes.iter().any(|n| n.is_clone && !n.retired)
+        {
+            return Ok(false);
+        }
+        let image = self.nodes[x].disk.snapshot_synced();
+        let c = self.nodes.len();
+        let src = &self.nodes[x];
+        let node = SimNode {
+            name: format!("{}-clone", src.name),
+            identity: src.identity,
+            cfg: src.cfg.clone(),
+            peers_cfg: src.peers_cfg.clone(),
+            disk: SimDisk::from_image(image),
+            life: None,
+            cmds: VecDeque::new(),
+            parked: BTreeMap::new(),
+            paused_until_ms: 0,
+            next_ae_ms: self.now_ms,
+            kick: false,
+            crash_plan: None,
+            offset_ms: src.offset_ms,
+            drift_ppm: src.drift_ppm,
+            epoch: 0,
+            is_clone: true,
+            retired: false,
+            incarnations: Vec::new(),
+            images: Vec::new(),
+            restart_image: None,
+            dirty: false,
+            stats: NodeStats::default(),
+        };
+        self.nodes.push(node);
+        self.net.ensure_node(c);
+        let peers: Vec<(usize, usize)> = self.net.peers.iter().copied().collect();
+        for (a, b) in peers {
+            if a == x {
+                self.net.peers.insert(pair(c, b));
+            } else if b == x {
+                self.net.peers.insert(pair(c, a));
+            }
+        }
+        self.check.forked.insert(self.nodes[x].name.clone());
+        self.start_node(c)?;
+        self.fire(FaultKind::ClonedIdentity);
+        let at = self.now_ms + lifetime_ms;
+        self.at(at, Action::StopClone(c));
+        let item = format!("clone {x} as {c} t={}", self.now_ms);
+        self.trace(item.as_bytes());
+        Ok(true)
+    }
+
+    /// The clone's process is stopped and its data directory thrown away.
+    fn stop_clone(&mut self, c: usize) {
+        if self.nodes[c].retired {
+            return;
+        }
+        if self.nodes[c].life.is_some() {
+            self.power_cut(c, Vec::new());
+        }
+        self.retire_clone(c);
+    }
+
+    fn retire_clone(&mut self, c: usize) {
+        for (a, _) in self.nodes[c].incarnations.clone() {
+            self.check.discarded_actors.insert(a);
+        }
+        for rid in 0..self.clients.reqs.len() {
+            if self.clients.reqs[rid].node != c {
+                continue;
+            }
+            if self.clients.reqs[rid].outstanding() {
+                self.clients.abandon(rid);
+            } else if self.clients.reqs[rid].first_ok.is_some() && !self.record_elsewhere(rid, c) {
+                self.clients.reqs[rid].lost_with_history = true;
+            }
+        }
+        self.nodes[c].retired = true;
+        self.net.peers.retain(|(a, b)| *a != c && *b != c);
+        let item = format!("clone-stop {c} t={}", self.now_ms);
+        self.trace(item.as_bytes());
+    }
+
+    /// Keeps a copy of a node's durable image (a backup) for a later restore.
+    pub fn take_image(&mut self, i: usize) {
+        if self.nodes[i].life.is_none() || self.nodes[i].is_clone {
+            return;
+        }
+        let img = self.nodes[i].disk.snapshot_synced();
+        let n = &mut self.nodes[i];
+        n.images.push((self.now_ms, img));
+        if n.images.len() > IMAGES_MAX {
+            n.images.remove(0);
+        }
+    }
+
+    pub fn retain_schedule(&mut self, keep: impl Fn(&Action) -> bool) {
+        self.schedule.retain(|_, a| keep(a));
+    }
+
+    pub fn seed_rng(seed: u64) -> StdRng {
+        StdRng::seed_from_u64(seed)
+    }
+}

@@ -1,0 +1,237 @@
+//! The simulator's own test suite: a seed sweep, determinism, the planted-bug
+//! self-test, every scenario file, and the saved regression seeds.
+//!
+//! Tests run in the debug profile (dependencies at opt-level 2, the workspace
+//! crates unoptimized), so the sweeps here are short; `.ci/run` and
+//! `storemesh-sim --seeds 1..500` run the long ones in release.
+
+use std::path::{Path, PathBuf};
+
+use storemesh_sim::{run_seed, scenario, selftest, Bug, Options};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn small(events: usize) -> Options {
+    Options {
+        events,
+        ..Options::default()
+    }
+}
+
+#[test]
+fn a_sweep_of_seeds_passes_every_invariant() {
+    let opts = small(300);
+    for seed in 1..=6 {
+        let r = run_seed(seed, &opts);
+        assert!(
+            r.ok(),
+            "{}\nreplay: storemesh-sim --seed {seed} --events 300",
+            r.verdict(None)
+        );
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    let opts = small(200);
+    for seed in [3u64, 17, 4242] {
+        let a = run_seed(seed, &opts);
+        let b = run_seed(seed, &opts);
+        assert!(!a.trace_hash.is_empty());
+        assert_eq!(
+            a.trace_hash, b.trace_hash,
+            "seed {seed} is not deterministic"
+        );
+        assert_eq!(a.verdict(None), b.verdict(None));
+    }
+    // Different seeds explore different runs.
+    assert_ne!(run_seed(1, &opts).trace_hash, run_seed(2, &opts).trace_hash);
+}
+
+/// Seeds tried per planted bug in the test (the CLI tries `selftest::SEEDS_MAX`).
+const SELFTEST_SEEDS: u64 = 8;
+
+fn assert_found(bug: Bug) {
+    let r = selftest::find(bug, &Options::default(), SELFTEST_SEEDS);
+    assert!(r.found.is_some(), "{}", r.line());
+    eprintln!("{}", r.line());
+}
+
+#[test]
+fn self_test_finds_skip_rights_check() {
+    assert_found(Bug::SkipRightsCheck);
+}
+
+#[test]
+fn self_test_finds_per_line_check() {
+    assert_found(Bug::PerLineCheck);
+}
+
+#[test]
+fn self_test_finds_grant_in_other_bucket() {
+    assert_found(Bug::GrantInOtherBucket);
+}
+
+#[test]
+fn self_test_finds_ack_before_commit() {
+    assert_found(Bug::AckBeforeCommit);
+}
+
+#[test]
+fn self_test_finds_push_before_commit() {
+    assert_found(Bug::PushBeforeCommit);
+}
+
+#[test]
+fn self_test_finds_idem_outside_txn() {
+    assert_found(Bug::IdemOutsideTxn);
+}
+
+fn scenario_files() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(crate_dir().join("scenarios"))
+        .expect("sim/scenarios exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_scenario_file_runs_and_keeps_the_invariants() {
+    let files = scenario_files();
+    for required in [
+        "store-offline-day.toml",
+        "webshop-cutoff-peak.toml",
+        "hub-down.toml",
+        "strict-vs-relaxed.toml",
+    ] {
+        assert!(
+            files
+                .iter()
+                .any(|f| f.file_name().is_some_and(|n| n == required)),
+            "missing scenario {required}"
+        );
+    }
+    for f in &files {
+        let sc = scenario::Scenario::load(f).unwrap_or_else(|e| panic!("{e}"));
+        let r = scenario::run(&sc, sc.seed);
+        let text = r.render();
+        eprintln!("{text}");
+        assert!(r.violation.is_none(), "{}: {text}", f.display());
+        assert!(
+            r.nodes.iter().any(|n| n.sales_ok > 0),
+            "{}: nothing was sold",
+            f.display()
+        );
+        assert!(
+            r.nodes
+                .iter()
+                .all(|n| n.converge_s.iter().all(|c| c.is_some())),
+            "{}: some node never caught up after a heal: {text}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn strict_refuses_and_relaxed_overdraws() {
+    let path = crate_dir().join("scenarios/strict-vs-relaxed.toml");
+    let sc = scenario::Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let r = scenario::run(&sc, sc.seed);
+    assert!(r.violation.is_none(), "{}", r.render());
+    assert_eq!(r.oversold_strict_units, 0, "{}", r.render());
+    let strict = r
+        .nodes
+        .iter()
+        .find(|n| n.policy == "strict" && n.name.contains("strict"))
+        .expect("a strict store");
+    let relaxed = r
+        .nodes
+        .iter()
+        .find(|n| n.policy == "relaxed")
+        .expect("a relaxed store");
+    assert!(
+        strict.refused > 0 && strict.overdrafts == 0,
+        "{}",
+        r.render()
+    );
+    assert!(
+        relaxed.overdrafts > 0 && relaxed.units_overdrawn > 0,
+        "{}",
+        r.render()
+    );
+    assert!(
+        strict.on_hand_end >= 0 && relaxed.on_hand_end < 0,
+        "{}",
+        r.render()
+    );
+}
+
+#[test]
+fn scenario_files_are_validated() {
+    let dir = std::env::temp_dir().join(format!("storemesh-sim-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nduration_h = 1\nbogus = 3\nnodes = []\nproducts = []\n",
+    )
+    .unwrap();
+    let e = scenario::Scenario::load(&bad).expect_err("unknown key refused");
+    assert!(e.contains("bogus"), "{e}");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nduration_h = 1\nproducts = []\n[[nodes]]\nname = \"a\"\n[[nodes]]\nname = \"b\"\n[[partitions]]\nkind = \"isolate\"\nnodes = [\"zz\"]\nat_h = 0\nfor_h = 1\n",
+    )
+    .unwrap();
+    let e = scenario::Scenario::load(&bad).expect_err("unknown node refused");
+    assert!(e.contains("zz"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `sim/regressions.txt`: one saved case per line, `SEED [--nodes N] [--events E]`.
+fn regressions(path: &Path) -> Vec<(u64, Options)> {
+    let text = std::fs::read_to_string(path).expect("sim/regressions.txt exists");
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let seed: u64 = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("regressions.txt line {}: no seed", n + 1));
+        let mut opts = Options::default();
+        while let Some(flag) = words.next() {
+            let value = words.next().and_then(|v| v.parse::<usize>().ok());
+            match (flag, value) {
+                ("--nodes", Some(v)) => opts.nodes = v,
+                ("--events", Some(v)) => opts.events = v,
+                _ => panic!("regressions.txt line {}: unknown {flag:?}", n + 1),
+            }
+        }
+        out.push((seed, opts));
+    }
+    out
+}
+
+#[test]
+fn saved_regression_seeds_pass() {
+    let cases = regressions(&crate_dir().join("regressions.txt"));
+    assert!(!cases.is_empty());
+    for (seed, opts) in cases {
+        let r = run_seed(seed, &opts);
+        assert!(
+            r.ok(),
+            "{}\nreplay: storemesh-sim --seed {seed} --nodes {} --events {}",
+            r.verdict(None),
+            opts.nodes,
+            opts.events
+        );
+    }
+}
