@@ -237,3 +237,19 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn seed_ranges() {
+        assert_eq!(parse_range("1..500"), Ok((1, 500)));
+        assert_eq!(parse_range("1..=500"), Ok((1, 501)));
+        assert_eq!(parse_range(" 7 .. 9 "), Ok((7, 9)));
+        assert!(parse_range("5..5").is_err());
+        assert!(parse_range("9..2").is_err());
+        assert!(parse_range("x..2").is_err());
+        assert!(parse_range("12").is_err());
+    }
+}

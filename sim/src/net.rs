@@ -202,3 +202,48 @@ impl Net {
         self.links.values().map(|l| l.queue.len()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_never_reorders_and_a_blocked_link_stalls_until_reset() {
+        let mut net = Net {
+            latency_ms: (1, 50),
+            ..Net::default()
+        };
+        net.ensure_node(2);
+        net.open(0, 1);
+        // Random latencies, yet delivery keeps the sending order.
+        for (i, jitter) in [40u64, 0, 25, 3, 49, 1].into_iter().enumerate() {
+            assert!(!net.send(0, 1, vec![i as u8], 100 + i as u64, jitter));
+        }
+        let got: Vec<u8> = net
+            .due(10_000)
+            .into_iter()
+            .map(|(_, _, _, f)| f.bytes[0])
+            .collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+        // One dropped frame stalls the direction for good; the other still works.
+        net.block(0, 1);
+        assert!(
+            net.send(0, 1, vec![9], 200, 0),
+            "the first drop asks for a reset"
+        );
+        net.unblock(0, 1);
+        assert!(!net.send(0, 1, vec![10], 201, 0));
+        assert!(!net.send(1, 0, vec![11], 201, 0));
+        let got: Vec<(usize, u8)> = net
+            .due(10_000)
+            .into_iter()
+            .map(|(from, _, _, f)| (from, f.bytes[0]))
+            .collect();
+        assert_eq!(got, vec![(1, 11)]);
+        // A reset drops the connection and everything in flight.
+        assert!(!net.send(1, 0, vec![12], 300, 0));
+        assert!(net.close(0, 1).is_some());
+        assert_eq!(net.in_flight(), 0);
+        assert!(net.connected(0, 1).is_none());
+    }
+}

@@ -323,7 +323,7 @@ impl ScenarioReport {
         }
         let _ = writeln!(
             s,
-            "{:<10} {:<8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}  converged after heal",
+            "{:<14} {:<8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}  converged after heal",
             "node",
             "policy",
             "sales",
@@ -346,7 +346,7 @@ impl ScenarioReport {
                 .collect();
             let _ = writeln!(
                 s,
-                "{:<10} {:<8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}  {}",
+                "{:<14} {:<8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}  {}",
                 n.name,
                 n.policy,
                 n.sales_ok,

@@ -167,6 +167,10 @@ pub fn fmt_int(v: f64) -> String {
     }
 }
 
+/// Profiles and causes of the missed targets (evidence gathered while the
+/// report was built; see the text).
+pub const DIAGNOSES: &str = include_str!("diagnoses.md");
+
 /// Renders BENCHMARKS.md.
 pub fn render(machine: &Machine, mode: Mode, sections: &[Section], total: Duration) -> String {
     let mut md = String::new();
@@ -233,5 +237,6 @@ pub fn render(machine: &Machine, mode: Mode, sections: &[Section], total: Durati
         md.push_str(&s.details);
         let _ = writeln!(md, "\n_(took {:.0} s)_\n", s.took.as_secs_f64());
     }
+    md.push_str(DIAGNOSES);
     md
 }
