@@ -1303,7 +1303,6 @@ impl Engine {
     /// document and returns everything the shell must persist atomically.
     pub fn flush(&mut self, now_ms: u64) -> Batch {
         let mut batch = Batch::default();
-        let time = (now_ms / 1000) as i64;
         // Erased customers whose profile came back from an offline peer are scrubbed again.
         let customers: Vec<String> = std::mem::take(&mut self.pending_customers)
             .into_iter()
@@ -1347,26 +1346,12 @@ impl Engine {
         }
         let ids: Vec<String> = std::mem::take(&mut self.dirty_docs).into_iter().collect();
         for id in ids {
+            // One Automerge change per document for the whole batch.
+            self.commit_pending_writes(&id, now_ms);
+            self.dirty_docs.remove(&id);
             let Some(slot) = self.docs.get_mut(&id) else {
                 continue;
             };
-            if !slot.puts.is_empty() || !slot.dels.is_empty() {
-                let puts = std::mem::take(&mut slot.puts);
-                let dels = std::mem::take(&mut slot.dels);
-                let mut tx = slot.doc.transaction();
-                for (k, v) in puts {
-                    // Keys and values were built by this engine; a failure is a bug.
-                    if let Err(e) = tx.put(ROOT, k, v) {
-                        tracing::error!(doc = %id, error = %e, "document put failed");
-                    }
-                }
-                for k in dels {
-                    if tx.get(ROOT, k.as_str()).ok().flatten().is_some() {
-                        let _ = tx.delete(ROOT, k);
-                    }
-                }
-                tx.commit_with(CommitOptions::default().with_time(time));
-            }
             let heads = slot.doc.get_heads();
             if heads == slot.persisted {
                 continue;
