@@ -249,6 +249,8 @@ impl NodeHandle {
             name: cfg.name.clone(),
             buckets: cfg.buckets,
             nonce: rand::random(),
+            // Set by the engine thread once the documents are loaded.
+            digest: None,
         };
         let peers: Vec<PeerEntry> = cfg.peers.iter().filter_map(peer_entry).collect();
         let mut tcfg = TransportConfig::new(identity, quic_addr, peers, hello);
@@ -420,6 +422,10 @@ fn engine_loop(
     }
     engine.committed(now_ms());
     publish(&shared, &engine, &first.rows);
+    // Our hellos carry the digest of what is durable, so that an in-sync
+    // reconnect is the two hellos and nothing else.
+    let mut hello_digest = engine.hello_digest();
+    transport.set_hello_digest(Some(hello_digest));
     {
         let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
         r.ready = true;
@@ -539,6 +545,13 @@ fn engine_loop(
         if ok {
             engine.committed(now);
             publish(&shared, &engine, &batch.rows);
+            if !batch.is_empty() {
+                let d = engine.hello_digest();
+                if d != hello_digest {
+                    hello_digest = d;
+                    transport.set_hello_digest(Some(d));
+                }
+            }
             for (tx, r) in pending {
                 let _ = tx.send(r);
             }
@@ -575,6 +588,8 @@ fn engine_loop(
             match open_engine(&cfg, shared.node_id, &store) {
                 Ok(e) => {
                     engine = e;
+                    hello_digest = engine.hello_digest();
+                    transport.set_hello_digest(Some(hello_digest));
                     // Sales that waited for rights belonged to the old engine.
                     for (_, reply) in parked.drain() {
                         let _ =
@@ -635,14 +650,14 @@ fn on_net(
             peer,
             conn_id,
             name,
-            ..
+            hello,
         } => {
             if conns.insert(peer, conn_id).is_some() {
                 engine.peer_down(peer);
             }
             tracing::info!(peer = %name, "peer connected");
             let states = store.sync_states(&peer).unwrap_or_default();
-            engine.peer_up(peer, states, now);
+            engine.peer_up_with_digest(peer, states, hello.digest, now);
         }
         TransportEvent::PeerDown {
             peer,

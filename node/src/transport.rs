@@ -51,7 +51,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use storemesh_protocol::ids::NodeId;
-use storemesh_protocol::wire::{self, Hello, FRAME_BYTES_MAX};
+use storemesh_protocol::wire::{Hello, HelloDigest, FRAME_BYTES_MAX};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, error, info, warn};
@@ -221,7 +221,8 @@ struct Inner {
     local_addr: SocketAddr,
     our_id: NodeId,
     our_hello: Hello,
-    hello_frame: Vec<u8>,
+    /// Our hello as sent; re-encoded when the owner reports a new digest.
+    hello_frame: Mutex<Vec<u8>>,
     events: mpsc::Sender<TransportEvent>,
     state: Mutex<State>,
     next_conn_id: AtomicU64,
@@ -321,8 +322,10 @@ impl Transport {
                 cfg.reconnect_max
             );
         }
-        let hello_frame =
-            wire::encode_frame(&cfg.hello).map_err(|e| anyhow!("cannot encode our hello: {e}"))?;
+        let hello_frame = cfg
+            .hello
+            .encode_frame()
+            .map_err(|e| anyhow!("cannot encode our hello: {e}"))?;
 
         let mut peers: HashMap<NodeId, PeerSlot> = HashMap::new();
         let mut dial_list = Vec::new();
@@ -395,7 +398,7 @@ impl Transport {
             local_addr,
             our_id,
             our_hello: cfg.hello.clone(),
-            hello_frame,
+            hello_frame: Mutex::new(hello_frame),
             events,
             state: Mutex::new(State {
                 shutting_down: false,
@@ -419,6 +422,25 @@ impl Transport {
     /// The address the endpoint is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// Sets the state digest that our hellos carry from now on (`None`: none,
+    /// the peer then asks with a `Msg::Root`). The owner calls this after every
+    /// commit that changed it; a hello already sent keeps the old one (the sync
+    /// protocol copes: each side compares with its current state).
+    pub fn set_hello_digest(&self, digest: Option<HelloDigest>) {
+        let mut h = self.inner.our_hello.clone();
+        h.digest = digest;
+        match h.encode_frame() {
+            Ok(f) => {
+                *self
+                    .inner
+                    .hello_frame
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = f
+            }
+            Err(e) => error!(error = %e, "cannot encode our hello; keeping the previous one"),
+        }
     }
 
     /// Queues one encoded frame (length prefix included) for `peer`. Never blocks.
@@ -900,6 +922,14 @@ impl Inner {
         );
     }
 
+    /// Our current hello frame.
+    fn hello_frame(&self) -> Vec<u8> {
+        self.hello_frame
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Refuses a connection whose hello failed the check.
     fn bad_hello(&self, conn: &Connection, addr: SocketAddr, peer: NodeId, reason: &str) {
         warn!(peer = %peer, %addr, reason, "refused a peer's hello");
@@ -1338,7 +1368,7 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
         }
         Ok(Ok(x)) => x,
     };
-    let their = match wire::decode_frame::<Hello>(&body)
+    let their = match Hello::decode_frame(&body)
         .and_then(|h| h.check(&inner.our_hello, &peer.hex()).map(|()| h))
     {
         Ok(h) => h,
@@ -1394,9 +1424,8 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), 
     }
     let hello = timeout(HELLO_TIMEOUT, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(FrameError::Conn)?;
-        send.write_all(&inner.hello_frame)
-            .await
-            .map_err(write_error)?;
+        let ours = inner.hello_frame();
+        send.write_all(&ours).await.map_err(write_error)?;
         let body = read_frame(&mut recv, HELLO_BYTES_MAX).await?;
         Ok::<_, FrameError>((send, recv, body))
     })
@@ -1421,7 +1450,7 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), 
         }
         Ok(Ok(x)) => x,
     };
-    let their = match wire::decode_frame::<Hello>(&body)
+    let their = match Hello::decode_frame(&body)
         .and_then(|h| h.check(&inner.our_hello, &peer.hex()).map(|()| h))
     {
         Ok(h) => h,
@@ -1478,7 +1507,8 @@ async fn run_connection(
 
     let mut failure = None;
     if reply {
-        match timeout(HELLO_TIMEOUT, send.write_all(&inner.hello_frame)).await {
+        let ours = inner.hello_frame();
+        match timeout(HELLO_TIMEOUT, send.write_all(&ours)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => failure = Some(format!("cannot send hello: {e}")),
             Err(_) => failure = Some("timed out sending hello".to_string()),
@@ -1642,7 +1672,7 @@ async fn supervise(inner: Arc<Inner>, peer: NodeId, addr: SocketAddr, wake: Arc<
 mod tests {
     use super::*;
     use std::net::UdpSocket as StdUdpSocket;
-    use storemesh_protocol::wire::{FRAME_VERSION, PROTOCOL_VERSION};
+    use storemesh_protocol::wire::{self, FRAME_VERSION, PROTOCOL_VERSION};
     use TransportEvent::{Frame, PeerDown, PeerUp, Refused};
 
     const DEADLINE: Duration = Duration::from_secs(10);
@@ -1661,6 +1691,7 @@ mod tests {
             name: name.to_string(),
             buckets: 64,
             nonce,
+            digest: None,
         }
     }
 
@@ -2382,6 +2413,49 @@ mod tests {
         );
         b.t.send(a.id, text_frame("back")).unwrap();
         expect_text(&mut a, b.id, "back").await;
+        tokio::join!(a.t.shutdown(), b.t.shutdown());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hellos_carry_the_digest_set_last() {
+        logs();
+        let (mut a, mut b, _ia, _ib) = pair().await;
+        // Before any digest is set, hellos carry none.
+        let first_hello = |n: &Node| {
+            n.log.iter().rev().find_map(|e| match e {
+                PeerUp { hello, .. } => Some(hello.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(first_hello(&a).unwrap().digest, None);
+        let da = HelloDigest {
+            root: [1; 32],
+            keys: [2; 32],
+        };
+        let db = HelloDigest {
+            root: [3; 32],
+            keys: [4; 32],
+        };
+        a.t.set_hello_digest(Some(HelloDigest {
+            root: [9; 32],
+            keys: [9; 32],
+        }));
+        a.t.set_hello_digest(Some(da));
+        b.t.set_hello_digest(Some(db));
+        a.t.set_blocked(b.id, true);
+        a.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
+        b.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
+        a.t.set_blocked(b.id, false);
+        let ev = a.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
+        assert!(
+            matches!(&ev, PeerUp { hello, .. } if hello.digest == Some(db)),
+            "{ev:?}"
+        );
+        let ev = b.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
+        assert!(
+            matches!(&ev, PeerUp { hello, .. } if hello.digest == Some(da)),
+            "{ev:?}"
+        );
         tokio::join!(a.t.shutdown(), b.t.shutdown());
     }
 

@@ -128,8 +128,13 @@ pub struct Engine {
     pub(crate) digest: Digest,
     pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
-    /// Documents whose heads changed since the last push to peers.
-    pub(crate) changed_docs: BTreeSet<String>,
+    /// Documents whose heads changed in the last flush, with the raw changes
+    /// since their previous persisted heads (empty: too large to push; such a
+    /// document is offered through sync sessions instead).
+    pub(crate) changed_docs: BTreeMap<String, Vec<u8>>,
+    /// Where this batch's new changes per document came from: decides which
+    /// peers the push after the commit goes to.
+    pub(crate) push_sources: BTreeMap<String, crate::sync::PushSource>,
     /// Documents with pending writes or received changes (what `flush` looks at).
     pub(crate) dirty_docs: BTreeSet<String>,
     pending_idem: HashMap<String, IdemRecord>,
@@ -164,6 +169,8 @@ pub struct Stats {
     pub sync_bytes_out: u64,
     pub rejected_messages: u64,
     pub forks_detected: u64,
+    /// Pushes whose changes depended on changes we lacked (fetched by a sync session).
+    pub pushes_behind: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {
@@ -199,7 +206,8 @@ impl Engine {
             digest: Digest::default(),
             sessions: BTreeMap::new(),
             outbox: Vec::new(),
-            changed_docs: BTreeSet::new(),
+            changed_docs: BTreeMap::new(),
+            push_sources: BTreeMap::new(),
             dirty_docs: BTreeSet::new(),
             pending_idem: HashMap::new(),
             pending_rows: BTreeSet::new(),
@@ -279,6 +287,21 @@ impl Engine {
         if let Some(old) = self.keys.get(customer) {
             let h = crate::sync::key_digest(customer, old);
             xor32(&mut self.keys_digest, &h);
+            if let crate::crypto::KeyEntry::Keys(ks) = old {
+                for k in ks {
+                    self.views
+                        .pseudonyms
+                        .remove(&crate::crypto::customer_pseudonym(k, customer));
+                }
+            }
+        }
+        if let crate::crypto::KeyEntry::Keys(ks) = &merged {
+            for k in ks {
+                self.views.pseudonyms.insert(
+                    crate::crypto::customer_pseudonym(k, customer),
+                    customer.to_string(),
+                );
+            }
         }
         let h = crate::sync::key_digest(customer, &merged);
         xor32(&mut self.keys_digest, &h);
@@ -310,6 +333,26 @@ impl Engine {
                 self.key_changed(customer);
                 Some(key)
             }
+        }
+    }
+
+    /// What a record holds instead of the customer id: its pseudonym under
+    /// the customer's current key (created on first use). `None` for an
+    /// erased customer: the record then names nobody.
+    pub(crate) fn pseudonym_of(&mut self, customer: Option<&str>) -> Option<String> {
+        let c = customer?;
+        let key = self.customer_key(c)?;
+        Some(crate::crypto::customer_pseudonym(&key, c))
+    }
+
+    /// Every pseudonym a customer's records may carry (one per key it has).
+    pub fn pseudonyms_of(&self, customer: &str) -> Vec<String> {
+        match self.keys.get(customer) {
+            Some(crate::crypto::KeyEntry::Keys(ks)) => ks
+                .iter()
+                .map(|k| crate::crypto::customer_pseudonym(k, customer))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -446,6 +489,7 @@ impl Engine {
         }
         tx.commit_with(CommitOptions::default().with_time((now_ms / 1000) as i64));
         self.dirty_docs.insert(id.to_string());
+        self.push_sources.entry(id.to_string()).or_default().local = true;
     }
 
     pub(crate) fn put(&mut self, doc: DocId, key: String, value: ScalarValue) {
@@ -816,6 +860,10 @@ impl Engine {
                 }
             }
         }
+        // Rights can be gathered from connected peers somewhere: sell there.
+        if let Some(l) = self.gatherable_location(lines) {
+            return l;
+        }
         // Nobody's rights fit: sell where the goods physically are (rights can
         // be requested there), the own location first.
         let stocked = |loc: &str| {
@@ -896,9 +944,11 @@ impl Engine {
             total =
                 total.saturating_add(l.unit_price.unwrap_or(0).saturating_mul(l.quantity as i64));
         }
+        // The record names the customer only by a keyed hash (see crypto.rs).
+        let customer = self.pseudonym_of(s.customer_id.as_deref());
         let record = serde_json::json!({
             "sale_id": s.sale_id, "node": self.cfg.name, "location": location,
-            "customer_id": s.customer_id, "currency": s.currency, "lines": s.lines,
+            "customer": customer, "currency": s.currency, "lines": s.lines,
             "total": total, "at_ms": now_ms, "occurred_at": s.occurred_at,
             "register_id": s.register_id, "staff_id": s.staff_id,
             "override": s.override_rights,
@@ -940,7 +990,8 @@ impl Engine {
         for (p, q) in &restock {
             self.bump(*p, &r.location, LedgerField::Received, *q)?;
         }
-        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "sale_verified": verified, "customer_id": r.customer_id, "lines": r.lines, "at_ms": now_ms});
+        let customer = self.pseudonym_of(r.customer_id.as_deref());
+        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "sale_verified": verified, "customer": customer, "lines": r.lines, "at_ms": now_ms});
         self.write_record(RecordKind::Return, &r.return_id, record, now_ms);
         let out: Vec<serde_json::Value> = r
             .lines
@@ -1357,6 +1408,11 @@ impl Engine {
                 continue;
             }
             let chunk = slot.doc.save_after(&slot.persisted);
+            let push = if chunk.len() <= crate::wire::CHUNK_BYTES_MAX {
+                chunk.clone()
+            } else {
+                Vec::new()
+            };
             if slot.chunk_bytes + chunk.len() as u64 > slot.snapshot_bytes.max(SNAPSHOT_FLOOR_BYTES)
             {
                 let bytes = slot.doc.save();
@@ -1392,7 +1448,7 @@ impl Engine {
             let old = std::mem::replace(&mut slot.digest_part, part);
             self.digest.toggle(&id, old);
             self.digest.toggle(&id, part);
-            self.changed_docs.insert(id);
+            self.changed_docs.insert(id, push);
         }
         for (p, l) in std::mem::take(&mut self.pending_rows) {
             let row = self.row(p, &l);
@@ -1407,8 +1463,9 @@ impl Engine {
 
     /// The batch returned by the last `flush` is durable: release the pushes to peers.
     pub fn committed(&mut self, now_ms: u64) {
-        let changed: Vec<String> = std::mem::take(&mut self.changed_docs).into_iter().collect();
-        self.push_docs(&changed, now_ms);
+        let changed = std::mem::take(&mut self.changed_docs);
+        self.push_docs(changed, now_ms);
+        self.push_sources.clear();
     }
 
     pub fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
@@ -1555,7 +1612,12 @@ impl Engine {
                 self.views
                     .sales
                     .insert(id.to_string(), (doc.to_string(), key.to_string()));
-                if let Some(c) = v.get("customer_id").and_then(|c| c.as_str()) {
+                // A pseudonym; records written before pseudonyms hold the id.
+                let named = v
+                    .get("customer")
+                    .or_else(|| v.get("customer_id"))
+                    .and_then(|c| c.as_str());
+                if let Some(c) = named {
                     self.views
                         .purchases
                         .entry(c.to_string())
@@ -1592,12 +1654,16 @@ impl Engine {
 
     /// Purchases of a customer, newest first.
     pub fn purchases(&self, customer: &str) -> Vec<serde_json::Value> {
-        let mut out: Vec<serde_json::Value> = self
-            .views
-            .purchases
-            .get(customer)
-            .map(|s| s.iter().filter_map(|(d, k)| self.record(d, k)).collect())
-            .unwrap_or_default();
+        let mut names = self.pseudonyms_of(customer);
+        names.push(customer.to_string());
+        let mut out: Vec<serde_json::Value> = names
+            .iter()
+            .filter_map(|n| self.views.purchases.get(n))
+            .flatten()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|(d, k)| self.record(d, k))
+            .collect();
         out.sort_by_key(|v| {
             std::cmp::Reverse(v.get("at_ms").and_then(|t| t.as_u64()).unwrap_or(0))
         });

@@ -9,7 +9,7 @@
 //! the same rights. The grant reaches the requester as a change of the ledger
 //! document that holds both the grant and the sale that will spend it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -94,9 +94,17 @@ impl Engine {
             _ => return Submit::Done(result),
         };
         let parkable = matches!(&op, Op::Sale(s) if !s.override_rights);
+        // A line that no other node holds rights for (in this node's view)
+        // cannot be helped by a grant: refuse at once instead of waiting.
+        let helpable = || {
+            short
+                .iter()
+                .all(|l| !self.rights_holders(l.product_id, &l.location).is_empty())
+        };
         if !parkable
             || deadline_ms == 0
             || self.sessions.is_empty()
+            || !helpable()
             || self.rebalancer.parked.len() >= PARKED_MAX
         {
             return Submit::Done(result);
@@ -143,6 +151,56 @@ impl Engine {
         done
     }
 
+    /// Rights on (product, location) that this node holds plus those its
+    /// connected peers hold in its view: what a rights request can gather from
+    /// direct peers within the deadline. Holders behind a partition (a store
+    /// that is cut off keeps the rights to its own shelf) do not count.
+    pub fn reachable_rights(&self, product: u64, location: &str) -> i64 {
+        let Some(e) = self.views.entry(product, location) else {
+            return 0;
+        };
+        let mut v = self.rights(product, location).max(0);
+        for peer in self.sessions.keys() {
+            let t = peer.tag();
+            if self.views.resolve(t) == t {
+                v = v.saturating_add(self.node_rights(e, t).max(0));
+            }
+        }
+        v
+    }
+
+    /// For a sale that named no location and that no location's own rights
+    /// cover: the location where rights can be gathered from connected peers
+    /// (the own location first, then the one with the most reachable rights).
+    /// A web order then asks a reachable store for a grant, instead of
+    /// waiting for one from a store that is cut off and still shows stock.
+    pub(crate) fn gatherable_location(
+        &self,
+        lines: &std::collections::BTreeMap<u64, u64>,
+    ) -> Option<String> {
+        if self.sessions.is_empty() {
+            return None;
+        }
+        let fits = |loc: &str| {
+            lines
+                .iter()
+                .all(|(p, q)| self.reachable_rights(*p, loc) >= *q as i64)
+        };
+        let own = &self.cfg.location;
+        if fits(own) {
+            return Some(own.clone());
+        }
+        let (first, _) = lines.iter().next()?;
+        let m = self.views.stock.get(first)?;
+        let mut cands: Vec<(&String, i64)> = m
+            .keys()
+            .filter(|l| fits(l))
+            .map(|l| (l, self.reachable_rights(*first, l)))
+            .collect();
+        cands.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        cands.first().map(|(l, _)| (*l).clone())
+    }
+
     /// The earliest deadline of a parked operation (the shell wakes up then).
     pub fn next_deadline(&self) -> Option<u64> {
         self.rebalancer.parked.iter().map(|p| p.deadline_ms).min()
@@ -152,8 +210,50 @@ impl Engine {
         (self.rebalancer.requests_sent, self.rebalancer.grants_given)
     }
 
+    /// Nodes other than this one that hold rights on (product, location) in
+    /// this node's view (retired nodes resolved to their successors).
+    pub(crate) fn rights_holders(&self, product: u64, location: &str) -> BTreeSet<NodeTag> {
+        let Some(e) = self.views.entry(product, location) else {
+            return BTreeSet::new();
+        };
+        let mut tags = BTreeSet::new();
+        for (actor, cells) in &e.cells {
+            tags.insert(self.views.resolve(actor.tag()));
+            tags.extend(cells.granted.keys().map(|t| self.views.resolve(*t)));
+        }
+        tags.remove(&self.tag);
+        tags.retain(|t| self.node_rights(e, *t) > 0);
+        tags
+    }
+
+    /// Where a rights request goes: straight to the connected peers that hold
+    /// rights, if every holder is one; otherwise (a holder further away, or
+    /// none known here) to every connected peer but `except`, to be forwarded.
+    fn request_targets(&self, req: &RightsRequest, except: &[NodeId]) -> Vec<NodeId> {
+        let holders = self.rights_holders(req.product_id, &req.location);
+        let peers: Vec<NodeId> = self
+            .sessions
+            .keys()
+            .filter(|p| !except.contains(p))
+            .copied()
+            .collect();
+        let direct: Vec<NodeId> = peers
+            .iter()
+            .filter(|p| holders.contains(&p.tag()))
+            .copied()
+            .collect();
+        let reachable_directly = !holders.is_empty()
+            && holders
+                .iter()
+                .all(|h| self.sessions.keys().any(|p| p.tag() == *h));
+        if reachable_directly {
+            direct
+        } else {
+            peers
+        }
+    }
+
     pub(crate) fn request_rights(&mut self, short: &[ShortLine], now_ms: u64) {
-        let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
         for s in short {
             let need = s.requested.saturating_sub(s.available.max(0) as u64);
             if need == 0 {
@@ -182,8 +282,14 @@ impl Engine {
                 hops_left: REQUEST_HOPS_MAX,
             };
             self.remember(&req);
-            for p in &peers {
-                self.send_rights_request(*p, &req);
+            if self
+                .rights_holders(req.product_id, &req.location)
+                .is_empty()
+            {
+                continue;
+            }
+            for p in self.request_targets(&req, &[]) {
+                self.send_rights_request(p, &req);
             }
             self.rebalancer.requests_sent += 1;
         }
@@ -230,13 +336,7 @@ impl Engine {
                 hops_left: req.hops_left - 1,
                 ..req
             };
-            let peers: Vec<NodeId> = self
-                .sessions
-                .keys()
-                .copied()
-                .filter(|p| *p != from && *p != origin)
-                .collect();
-            for p in peers {
+            for p in self.request_targets(&fwd, &[from, origin]) {
                 self.send_rights_request(p, &fwd);
             }
         }

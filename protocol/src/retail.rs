@@ -515,7 +515,8 @@ impl Engine {
                     .insert((doc.to_string(), key.to_string()));
             }
             RecordKind::Sale => {
-                if let Some(c) = v["customer_id"].as_str() {
+                // A pseudonym (resolved at query time); older records: the id.
+                if let Some(c) = v["customer"].as_str().or_else(|| v["customer_id"].as_str()) {
                     let at = v["at_ms"].as_u64().unwrap_or(0);
                     let loc = v["location"].as_str().unwrap_or("").to_string();
                     for l in v["lines"].as_array().into_iter().flatten() {
@@ -553,6 +554,7 @@ impl Engine {
             if location.is_some_and(|l| l != loc) {
                 continue;
             }
+            let customer = self.views.pseudonyms.get(customer).unwrap_or(customer);
             let Some(c) = self.views.customers.get(customer) else {
                 continue;
             };

@@ -1,8 +1,8 @@
 //! The per-peer sync state machine (sans-IO).
 //!
-//! After the hello (checked by the transport), both sides send a [`Msg::Root`]
-//! digest over every document's heads. Equal digests: in sync, one message each
-//! way. Otherwise they compare [`GROUPS`] group digests, then the document lists
+//! The transport's hello carries each side's root digest over every document's
+//! heads (`wire::HelloDigest`; a peer without it gets a [`Msg::Root`] instead).
+//! Equal digests: in sync, nothing more is sent. Otherwise they compare [`GROUPS`] group digests, then the document lists
 //! of differing groups, and run an Automerge sync session for each differing
 //! document only. Local and received changes are pushed to every connected peer
 //! after they are durable; a periodic [`Engine::tick`] re-sends the root digest
@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::engine::Engine;
-use crate::ids::{fnv1a64, NodeId};
+use crate::ids::{fnv1a64, NodeId, NodeTag, NODE_TAG_BYTES};
 use crate::layout::DocId;
-use crate::validate::{changes_in_chunk, validate_changes};
+use crate::validate::{changes_in_chunk, validate_changes, Verdict};
 use crate::wire::{encode_frame, CHUNK_BYTES_MAX};
 
 /// Digest groups (a one-level Merkle tree over documents).
@@ -73,6 +73,38 @@ pub enum Msg {
         doc: String,
         data: Vec<u8>,
     },
+    /// New changes of one document, pushed after they became durable: raw
+    /// Automerge changes (`save_after` form) and the nodes the sender knows
+    /// to have them (itself, the peers it pushed them to, and those its own
+    /// source had covered), so that receivers forward them only to the rest.
+    Push {
+        doc: String,
+        data: Vec<u8>,
+        seen: Vec<[u8; NODE_TAG_BYTES]>,
+    },
+}
+
+/// Node tags listed in one push's `seen`, at most (a longer list is cut: the
+/// receivers then forward to a few nodes that already have the changes).
+pub const SEEN_MAX: usize = 256;
+
+/// Where a batch's new changes of one document came from (see [`Msg::Push`]).
+#[derive(Clone, Debug, Default)]
+pub struct PushSource {
+    /// Written here: every peer gets them.
+    pub local: bool,
+    /// Nodes known to have every received change of this document in this
+    /// batch (the intersection over the messages they came in); `None`: none received.
+    pub covered: Option<BTreeSet<NodeTag>>,
+}
+
+impl PushSource {
+    fn received(&mut self, covered: BTreeSet<NodeTag>) {
+        self.covered = Some(match self.covered.take() {
+            None => covered,
+            Some(c) => c.intersection(&covered).copied().collect(),
+        });
+    }
 }
 
 /// Key-store entries per frame, at most.
@@ -207,6 +239,31 @@ impl Engine {
 
     /// A peer completed the hello. `stored` holds persisted sync states by document.
     pub fn peer_up(&mut self, peer: NodeId, stored: Vec<(String, Vec<u8>)>, now_ms: u64) {
+        self.peer_up_with_digest(peer, stored, None, now_ms);
+    }
+
+    /// What this node's hello says about its state (see `wire::HelloDigest`).
+    pub fn hello_digest(&self) -> crate::wire::HelloDigest {
+        crate::wire::HelloDigest {
+            root: self.digest.root(),
+            keys: self.keys_digest,
+        }
+    }
+
+    /// A peer completed the hello, which carried `their` digest (`None`: a peer
+    /// without the extension; we send `Msg::Root` as before). With it, the
+    /// digest is compared at once, as if a `Msg::Root` had arrived: equal →
+    /// nothing is sent (an in-sync reconnect is the two hellos); different →
+    /// group digests and/or key-store entries. Each side compares the other's
+    /// hello with its *current* state, so a change made after our own hello went
+    /// out is still noticed by one side (states only grow).
+    pub fn peer_up_with_digest(
+        &mut self,
+        peer: NodeId,
+        stored: Vec<(String, Vec<u8>)>,
+        their: Option<crate::wire::HelloDigest>,
+        now_ms: u64,
+    ) {
         self.sessions.insert(
             peer,
             PeerSession {
@@ -220,7 +277,31 @@ impl Engine {
                 last_heard_ms: now_ms,
             },
         );
-        self.send_root(peer, now_ms);
+        match their {
+            Some(d) => self.on_root(peer, d.root, d.keys),
+            None => self.send_root(peer, now_ms),
+        }
+    }
+
+    /// A peer's root digest (from `Msg::Root` or its hello).
+    fn on_root(&mut self, peer: NodeId, digest: [u8; 32], keys: [u8; 32]) {
+        if keys != self.keys_digest {
+            let mut all: Vec<(String, crate::crypto::KeyEntry)> = self
+                .keys
+                .iter()
+                .map(|(c, e)| (c.clone(), e.clone()))
+                .collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            self.send_keys(peer, &all);
+        }
+        if digest == self.digest.root() {
+            if let Some(s) = self.sessions.get_mut(&peer) {
+                s.synced = true;
+            }
+        } else {
+            let digests = self.digest.groups.clone();
+            self.send(peer, &Msg::Groups { digests });
+        }
     }
 
     fn send_keys(&mut self, peer: NodeId, entries: &[(String, crate::crypto::KeyEntry)]) {
@@ -393,8 +474,10 @@ impl Engine {
         }
     }
 
-    /// After a commit: push changed documents to every connected peer.
-    pub(crate) fn push_docs(&mut self, docs: &[String], _now_ms: u64) {
+    /// After a commit: push each changed document's new changes to the
+    /// connected peers that are not known to have them already. A push too
+    /// large for one frame is offered through a sync session instead.
+    pub(crate) fn push_docs(&mut self, docs: BTreeMap<String, Vec<u8>>, _now_ms: u64) {
         let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
         let keys = std::mem::take(&mut self.keys_to_push);
         if !keys.is_empty() {
@@ -402,11 +485,57 @@ impl Engine {
                 self.send_keys(*p, &keys);
             }
         }
-        for doc in docs {
-            for p in &peers {
-                self.sync_doc(*p, doc);
+        if peers.is_empty() {
+            return;
+        }
+        for (doc, data) in docs {
+            let source = self.push_sources.remove(&doc).unwrap_or_default();
+            let mut known: BTreeSet<NodeTag> = match source.covered {
+                Some(c) if !source.local => c,
+                // Written here, or arrived without a push (e.g. a sync session):
+                // nobody but us is known to have all of it.
+                _ => BTreeSet::new(),
+            };
+            known.insert(self.tag);
+            let targets: Vec<NodeId> = peers
+                .iter()
+                .filter(|p| !known.contains(&p.tag()))
+                .copied()
+                .collect();
+            if targets.is_empty() {
+                continue;
+            }
+            if data.is_empty() {
+                for p in targets {
+                    self.offer_doc(p, &doc);
+                }
+                continue;
+            }
+            known.extend(peers.iter().map(|p| p.tag()));
+            let seen: Vec<[u8; NODE_TAG_BYTES]> =
+                known.iter().take(SEEN_MAX).map(|t| t.0).collect();
+            match encode_frame(&Msg::Push { doc, data, seen }) {
+                Ok(f) => {
+                    for p in targets {
+                        self.stats.sync_messages_out += 1;
+                        self.stats.sync_bytes_out += f.len() as u64;
+                        if let Some(s) = self.sessions.get_mut(&p) {
+                            s.bytes_out += f.len() as u64;
+                        }
+                        self.outbox.push((p, f.clone()));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a push frame"),
             }
         }
+    }
+
+    /// Starts (or resumes) the sync session of one document with one peer.
+    fn offer_doc(&mut self, peer: NodeId, doc: &str) {
+        if let Some(s) = self.session_for(peer, doc) {
+            s.finished = false;
+        }
+        self.sync_doc(peer, doc);
     }
 
     /// Handles one frame from a peer. `Err` means a protocol violation: the shell
@@ -424,25 +553,7 @@ impl Engine {
         self.last_heard.insert(peer.tag(), now_ms);
         match msg {
             Msg::Rights(req) => self.on_rights_request(peer, req, now_ms)?,
-            Msg::Root { digest, keys } => {
-                if keys != self.keys_digest {
-                    let mut all: Vec<(String, crate::crypto::KeyEntry)> = self
-                        .keys
-                        .iter()
-                        .map(|(c, e)| (c.clone(), e.clone()))
-                        .collect();
-                    all.sort_by(|a, b| a.0.cmp(&b.0));
-                    self.send_keys(peer, &all);
-                }
-                if digest == self.digest.root() {
-                    if let Some(s) = self.sessions.get_mut(&peer) {
-                        s.synced = true;
-                    }
-                } else {
-                    let digests = self.digest.groups.clone();
-                    self.send(peer, &Msg::Groups { digests });
-                }
-            }
+            Msg::Root { digest, keys } => self.on_root(peer, digest, keys),
             Msg::Keys { entries } => {
                 if entries.len() > KEYS_PER_FRAME_MAX {
                     return Err("key-store frame over the limit".into());
@@ -532,6 +643,7 @@ impl Engine {
                 }
             }
             Msg::Sync { doc, data } => self.apply_sync(peer, &doc, &data, false, now_ms)?,
+            Msg::Push { doc, data, seen } => self.apply_push(peer, &doc, &data, &seen, now_ms)?,
             Msg::Fallback { doc, data } => self.apply_sync(peer, &doc, &data, true, now_ms)?,
             Msg::Part { doc, data, last } => {
                 let s = self.sessions.get_mut(&peer).ok_or("no session")?;
@@ -661,41 +773,107 @@ impl Engine {
             self.reject(peer, doc, &format!("automerge refused the message: {e}"));
             return Ok(());
         }
-        let Some(slot) = self.docs.get(doc) else {
-            return Ok(());
-        };
-        let after = slot.doc.get_heads();
-        if after != before {
-            self.dirty_docs.insert(doc.to_string());
-            let applied = slot.doc.get_changes(&before);
-            let mut keys = BTreeSet::new();
-            let mut own = 0usize;
-            for c in &applied {
-                if let Some(a) = crate::ids::ActorKey::from_bytes(c.actor_id().to_bytes()) {
-                    let t = self.last_heard.entry(a.tag()).or_default();
-                    *t = (*t).max(now_ms);
-                }
-                if crate::ids::ActorKey::from_bytes(c.actor_id().to_bytes())
-                    .is_some_and(|a| a.tag() == tag)
-                {
-                    own += 1;
-                }
-                for op in c.decode().operations {
-                    if let automerge::legacy::Key::Map(k) = op.key {
-                        keys.insert(k.to_string());
-                    }
-                }
-            }
-            self.recompute_keys(doc, &keys);
-            if own > 0 || verdict.own_changes_from_elsewhere > 0 {
-                self.record_fork(doc, own.max(verdict.own_changes_from_elsewhere), now_ms);
-            }
-        }
+        self.after_apply(doc, &before, &verdict, [peer.tag()].into(), now_ms);
         // Reply (queued; released only after the next commit).
         if !fallback {
             self.sync_doc(peer, doc);
         }
         Ok(())
+    }
+
+    /// Applies a [`Msg::Push`]: changes we already have are skipped (the
+    /// common case of a change reaching us over several paths); the rest are
+    /// validated like any sync message and applied whole, or not at all. If
+    /// their dependencies are missing (an earlier push was lost, or pushes
+    /// overtook each other on different paths), the document's sync session
+    /// with this peer fetches what is missing.
+    fn apply_push(
+        &mut self,
+        peer: NodeId,
+        doc: &str,
+        data: &[u8],
+        seen: &[[u8; NODE_TAG_BYTES]],
+        now_ms: u64,
+    ) -> Result<(), String> {
+        if seen.len() > SEEN_MAX {
+            return Err("push lists too many nodes".into());
+        }
+        let doc_id = DocId::parse(doc, self.cfg.buckets)?;
+        let mut changes = match changes_in_chunk(data) {
+            Ok(cs) => cs,
+            Err(e) => {
+                self.reject(peer, doc, &e);
+                return Ok(());
+            }
+        };
+        if let Some(slot) = self.docs.get(doc) {
+            changes
+                .retain(|c| automerge::ReadDoc::get_change_by_hash(&slot.doc, &c.hash()).is_none());
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.ensure_doc(doc)?;
+        self.commit_pending_writes(doc, now_ms);
+        let tag = self.tag;
+        let buckets = self.cfg.buckets;
+        let Some(slot) = self.docs.get_mut(doc) else {
+            return Ok(());
+        };
+        let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
+            Ok(v) => v,
+            Err(e) if e == crate::validate::MISSING_DEPS => {
+                self.stats.pushes_behind += 1;
+                self.offer_doc(peer, doc);
+                return Ok(());
+            }
+            Err(e) => {
+                self.reject(peer, doc, &e);
+                return Ok(());
+            }
+        };
+        let before = slot.doc.get_heads();
+        if let Err(e) = slot.doc.apply_changes(changes) {
+            self.reject(peer, doc, &format!("automerge refused the changes: {e}"));
+            return Ok(());
+        }
+        let mut covered: BTreeSet<NodeTag> = seen.iter().map(|t| NodeTag(*t)).collect();
+        covered.insert(peer.tag());
+        self.after_apply(doc, &before, &verdict, covered, now_ms);
+        Ok(())
+    }
+
+    /// After changes were merged into a document: views, last-heard times,
+    /// fork detection, and where the changes came from (for the next push).
+    fn after_apply(
+        &mut self,
+        doc: &str,
+        before: &[ChangeHash],
+        verdict: &Verdict,
+        covered: BTreeSet<NodeTag>,
+        now_ms: u64,
+    ) {
+        let Some(slot) = self.docs.get(doc) else {
+            return;
+        };
+        let after = slot.doc.get_heads();
+        if after == before {
+            return;
+        }
+        self.dirty_docs.insert(doc.to_string());
+        self.push_sources
+            .entry(doc.to_string())
+            .or_default()
+            .received(covered);
+        for t in &verdict.authors {
+            let h = self.last_heard.entry(*t).or_default();
+            *h = (*h).max(now_ms);
+        }
+        let own = verdict.own_changes_from_elsewhere;
+        self.recompute_keys(doc, &verdict.keys);
+        if own > 0 {
+            self.record_fork(doc, own, now_ms);
+        }
     }
 
     /// The peer sent changes whose dependencies we lack. Automerge's sender

@@ -135,7 +135,25 @@ impl TestMesh {
         self.links.contains_key(&(a, b))
     }
 
+    /// Connects `a` and `b`; as over the real transport, each hello carries
+    /// the sender's current digest.
     pub fn connect(&mut self, a: usize, b: usize) {
+        let (ha, hb) = (
+            self.nodes[a].engine.hello_digest(),
+            self.nodes[b].engine.hello_digest(),
+        );
+        self.connect_with(a, b, Some(ha), Some(hb));
+    }
+
+    /// Connects `a` and `b` with the given hello digests (`None`: a peer whose
+    /// hello carries none; a stale digest: a hello sent before a commit).
+    pub fn connect_with(
+        &mut self,
+        a: usize,
+        b: usize,
+        hello_a: Option<crate::wire::HelloDigest>,
+        hello_b: Option<crate::wire::HelloDigest>,
+    ) {
         if a == b || self.connected(a, b) {
             return;
         }
@@ -143,8 +161,12 @@ impl TestMesh {
         self.links.insert((b, a), VecDeque::new());
         let (ia, ib) = (self.id(a), self.id(b));
         let now = self.now_ms;
-        self.nodes[a].engine.peer_up(ib, Vec::new(), now);
-        self.nodes[b].engine.peer_up(ia, Vec::new(), now);
+        self.nodes[a]
+            .engine
+            .peer_up_with_digest(ib, Vec::new(), hello_b, now);
+        self.nodes[b]
+            .engine
+            .peer_up_with_digest(ia, Vec::new(), hello_a, now);
         self.commit(a);
         self.commit(b);
     }

@@ -67,6 +67,10 @@ pub const MISSING_DEPS: &str = "change depends on changes this node does not hav
 pub struct Verdict {
     /// Changes written by this node's tag that this replica did not have: a fork.
     pub own_changes_from_elsewhere: usize,
+    /// Keys the new changes write (the views to recompute once they are applied).
+    pub keys: std::collections::BTreeSet<String>,
+    /// Nodes that wrote the new changes (for "last heard from").
+    pub authors: std::collections::BTreeSet<NodeTag>,
 }
 
 /// Validates `changes` (those not yet in `doc`) for document `doc_id`.
@@ -103,6 +107,7 @@ pub fn validate_changes(
         if author.tag() == own_tag {
             verdict.own_changes_from_elsewhere += 1;
         }
+        verdict.authors.insert(author.tag());
         let expanded = change.decode();
         for op in &expanded.operations {
             if !matches!(op.obj, automerge::legacy::ObjectId::Root) {
@@ -126,6 +131,7 @@ pub fn validate_changes(
                 buckets,
                 &mut last,
             )?;
+            verdict.keys.insert(key);
         }
     }
     Ok(verdict)

@@ -205,8 +205,12 @@ pub struct Views {
     pub customers: HashMap<String, CustomerView>,
     pub by_email: HashMap<String, BTreeSet<String>>,
     pub by_phone: HashMap<String, BTreeSet<String>>,
-    /// customer → (records document, record key) of its purchases.
+    /// customer pseudonym (records written before pseudonyms: the id) →
+    /// (records document, record key) of its purchases.
     pub purchases: HashMap<String, BTreeSet<(String, String)>>,
+    /// Customer pseudonym (keyed hash of the id under one of its keys, as
+    /// sale records hold it) → customer id, for every key in the key store.
+    pub pseudonyms: HashMap<String, String>,
     /// sale id → (records document, key): for lookups by the return desk.
     pub sales: HashMap<String, (String, String)>,
     /// (kind/id, node) → alarm.

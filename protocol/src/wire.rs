@@ -28,9 +28,72 @@ pub struct Hello {
     pub buckets: u32,
     /// Random per process start: two live processes with one identity differ here.
     pub nonce: u64,
+    /// The sender's replicated state when it sent the hello (optional extension,
+    /// see [`Hello::encode_frame`]). Two in-sync peers need nothing more.
+    #[serde(skip)]
+    pub digest: Option<HelloDigest>,
 }
 
+/// What a hello says about the sender's state: the sync root digest over every
+/// document's heads and the customer key-store digest (`sync::Msg::Root`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloDigest {
+    pub root: [u8; 32],
+    pub keys: [u8; 32],
+}
+
+/// Tag of the digest extension after the version-1 hello fields.
+pub const HELLO_EXT_DIGEST: u8 = 1;
+/// Largest hello frame body accepted (version byte + payload).
+pub const HELLO_BYTES_MAX: usize = 4096;
+
 impl Hello {
+    /// Encodes the hello as one frame (length prefix included).
+    ///
+    /// Layout of the payload: the protocol-1 hello fields (postcard), then
+    /// optional extensions, each a tag byte and its postcard body. Peers that do
+    /// not know an extension ignore the trailing bytes (postcard's `from_bytes`
+    /// reads only the fields it knows), so the extension needs no new protocol
+    /// version; a peer that sends none gets the old exchange (`Msg::Root`).
+    pub fn encode_frame(&self) -> Result<Vec<u8>, String> {
+        let mut payload = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
+        if let Some(d) = &self.digest {
+            payload.push(HELLO_EXT_DIGEST);
+            payload.extend(postcard::to_stdvec(d).map_err(|e| e.to_string())?);
+        }
+        let len = payload.len() + 1;
+        if len > HELLO_BYTES_MAX {
+            return Err(format!("hello of {len} bytes exceeds {HELLO_BYTES_MAX}"));
+        }
+        let mut out = Vec::with_capacity(4 + len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.push(FRAME_VERSION);
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Decodes a hello frame body (after the length prefix). Unknown extension
+    /// tags are ignored (a newer peer); a malformed digest extension is an error.
+    pub fn decode_frame(body: &[u8]) -> Result<Hello, String> {
+        if body.len() > HELLO_BYTES_MAX {
+            return Err(format!("hello of {} bytes is over the limit", body.len()));
+        }
+        let payload = match body.split_first() {
+            Some((&FRAME_VERSION, payload)) => payload,
+            Some((v, _)) => return Err(format!("unknown frame version {v}")),
+            None => return Err("empty frame".into()),
+        };
+        let (mut hello, rest): (Hello, &[u8]) =
+            postcard::take_from_bytes(payload).map_err(|e| format!("malformed hello: {e}"))?;
+        if let Some((&HELLO_EXT_DIGEST, ext)) = rest.split_first() {
+            // Bytes after the digest belong to later extensions.
+            let (d, _later): (HelloDigest, &[u8]) = postcard::take_from_bytes(ext)
+                .map_err(|e| format!("malformed hello digest: {e}"))?;
+            hello.digest = Some(d);
+        }
+        Ok(hello)
+    }
+
     /// Checks a peer's hello against ours and against the TLS-verified node id.
     pub fn check(&self, ours: &Hello, tls_node_id: &str) -> Result<(), String> {
         if self.protocol_version != ours.protocol_version {
@@ -91,6 +154,7 @@ mod tests {
             name: "a".into(),
             buckets: 64,
             nonce: 7,
+            digest: None,
         };
         let f = encode_frame(&h).unwrap();
         let len = u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize;
@@ -105,5 +169,54 @@ mod tests {
         assert!(other.check(&h, &h.node_id).is_err());
         assert!(h.check(&h, &"cd".repeat(32)).is_err());
         assert!(h.check(&h, &h.node_id).is_ok());
+    }
+
+    #[test]
+    fn hello_digest_extension_round_trips_and_stays_compatible() {
+        let mut h = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: "ab".repeat(32),
+            name: "store-1".into(),
+            buckets: 64,
+            nonce: 7,
+            digest: None,
+        };
+        // Without the extension the frame is the protocol-1 hello, byte for byte.
+        let plain = h.encode_frame().unwrap();
+        assert_eq!(plain, encode_frame(&h).unwrap());
+        assert_eq!(Hello::decode_frame(&plain[4..]).unwrap(), h);
+        h.digest = Some(HelloDigest {
+            root: [3; 32],
+            keys: [4; 32],
+        });
+        let f = h.encode_frame().unwrap();
+        assert_eq!(f.len(), plain.len() + 1 + 64);
+        assert_eq!(Hello::decode_frame(&f[4..]).unwrap(), h);
+        // A peer that does not know the extension reads the same hello without it.
+        let old: Hello = decode_frame(&f[4..]).unwrap();
+        assert_eq!(old.digest, None);
+        assert_eq!(old.nonce, 7);
+        // Unknown extensions are ignored; a truncated digest is refused; no
+        // prefix of the frame and no garbage panics.
+        let mut unknown = plain[4..].to_vec();
+        unknown.extend_from_slice(&[9, 1, 2, 3]);
+        assert_eq!(Hello::decode_frame(&unknown).unwrap().digest, None);
+        assert!(Hello::decode_frame(&f[4..f.len() - 1]).is_err());
+        for n in 0..f.len() - 4 {
+            let _ = Hello::decode_frame(&f[4..4 + n]);
+        }
+        assert!(Hello::decode_frame(&vec![FRAME_VERSION; HELLO_BYTES_MAX + 1]).is_err());
+        let mut seed = 1u64;
+        for _ in 0..2000 {
+            let mut b = f[4..].to_vec();
+            for _ in 0..3 {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let i = (seed >> 33) as usize % b.len();
+                b[i] = (seed >> 17) as u8;
+            }
+            let _ = Hello::decode_frame(&b);
+        }
     }
 }

@@ -122,9 +122,65 @@ fn reconnect_in_sync_costs_one_message_each_way() {
     m.connect(0, 1);
     let frames = m.settle();
     assert_eq!(
-        frames, 2,
-        "an in-sync reconnect is one root digest each way"
+        frames, 0,
+        "the hellos carry the root digests: an in-sync reconnect sends nothing more"
     );
+    // A peer whose hello carries no digest gets one root digest each way.
+    m.disconnect(0, 1);
+    m.connect_with(0, 1, None, None);
+    assert_eq!(
+        m.settle(),
+        2,
+        "one root digest each way without the extension"
+    );
+    // One side without the extension: it asks, the other answers the digest.
+    m.disconnect(0, 1);
+    let h0 = m.nodes[0].engine.hello_digest();
+    m.connect_with(0, 1, Some(h0), None);
+    assert_eq!(
+        m.settle(),
+        1,
+        "only the side that received no digest sends one"
+    );
+}
+
+#[test]
+fn reconnect_after_a_hello_went_stale_still_converges() {
+    // Each side compares the other's hello with its current state: a change
+    // made after our hello went out (or customer keys) is still noticed.
+    let mut m = TestMesh::new(2, 64);
+    m.execute(0, receipt("r1", "loc0", 1, 5)).unwrap();
+    m.commit(0);
+    m.connect(0, 1);
+    m.settle();
+    m.disconnect(0, 1);
+    for (side, p) in [(0usize, 2u64), (1, 3)] {
+        let (h0, h1) = (
+            m.nodes[0].engine.hello_digest(),
+            m.nodes[1].engine.hello_digest(),
+        );
+        assert_eq!(h0, h1);
+        // The hellos are sent, then one side commits a change.
+        let loc = format!("loc{side}");
+        m.execute(side, receipt(&format!("r{p}"), &loc, p, 4))
+            .unwrap();
+        m.commit(side);
+        m.connect_with(0, 1, Some(h0), Some(h1));
+        let frames = m.settle();
+        assert!(frames > 0);
+        for i in 0..2 {
+            assert_eq!(
+                m.nodes[i].engine.totals(p, None).map(|t| t.0),
+                Some(4),
+                "node {i} after a change on node {side}"
+            );
+        }
+        assert_eq!(
+            m.nodes[0].engine.digest_root(),
+            m.nodes[1].engine.digest_root()
+        );
+        m.disconnect(0, 1);
+    }
 }
 
 #[test]

@@ -501,6 +501,7 @@ impl World {
             }
         }
         self.check_exactly_once(e0)?;
+        self.check_reservations(e0)?;
         for r in &self.clients.reqs {
             if r.outstanding() {
                 return Err(self.violation(
@@ -613,6 +614,96 @@ impl World {
         Ok(())
     }
 
+    /// Reservations: only the fulfilling node (or, once it is retired, its
+    /// successor) closes one, at most once, and it expires one only when its
+    /// own clock has reached the expiry time.
+    fn check_reservations(&self, e: &Engine) -> Result<(), Violation> {
+        let mut opened: BTreeMap<String, (Option<NodeTag>, u64)> = BTreeMap::new();
+        let mut closes: BTreeMap<String, Vec<(NodeTag, String, u64)>> = BTreeMap::new();
+        for (id, _) in e.documents() {
+            if !id.starts_with("rec/") {
+                continue;
+            }
+            let Some(doc) = e.doc(&id) else { continue };
+            for key in doc.keys(ROOT) {
+                let Ok((kind, rid)) = parse_record_key(&key) else {
+                    continue;
+                };
+                if !matches!(kind, RecordKind::Reservation | RecordKind::ReservationClose) {
+                    continue;
+                }
+                for (value, exid) in doc.get_all(ROOT, key.as_str()).unwrap_or_default() {
+                    let writer = match exid {
+                        automerge::ObjId::Id(_, a, _) => ActorKey::from_bytes(a.to_bytes()),
+                        automerge::ObjId::Root => None,
+                    };
+                    let (Some(writer), Some(json)) = (
+                        writer,
+                        value
+                            .as_str()
+                            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+                    ) else {
+                        continue;
+                    };
+                    if kind == RecordKind::Reservation {
+                        opened.insert(
+                            rid.to_string(),
+                            (
+                                json["fulfil_by_tag"].as_str().and_then(NodeTag::parse),
+                                json["expires_at_ms"].as_u64().unwrap_or(0),
+                            ),
+                        );
+                    } else {
+                        closes.entry(rid.to_string()).or_default().push((
+                            writer.tag(),
+                            json["status"].as_str().unwrap_or("").to_string(),
+                            json["at_ms"].as_u64().unwrap_or(0),
+                        ));
+                    }
+                }
+            }
+        }
+        let forked = |t: &NodeTag| {
+            self.check
+                .names
+                .get(t)
+                .is_some_and(|n| self.check.forked.contains(n))
+        };
+        for (rid, cs) in &closes {
+            let Some((Some(by), expires)) = opened.get(rid) else {
+                return Err(self.violation(
+                    "reservations",
+                    format!("reservation {rid} was closed but its reservation record is missing"),
+                ));
+            };
+            for (w, status, at) in cs {
+                if e.views.resolve(*w) != e.views.resolve(*by) {
+                    return Err(self.violation(
+                        "reservations",
+                        format!(
+                            "reservation {rid} was closed ({status}) by {}, not by its fulfilling node {}",
+                            self.check.names.get(w).cloned().unwrap_or_else(|| w.hex()),
+                            self.check.names.get(by).cloned().unwrap_or_else(|| by.hex())
+                        ),
+                    ));
+                }
+                if status == "expired" && at < expires {
+                    return Err(self.violation(
+                        "reservations",
+                        format!("reservation {rid} expired at {at} by its node's clock, before its expiry time {expires}"),
+                    ));
+                }
+            }
+            if cs.len() > 1 && !cs.iter().all(|(w, _, _)| forked(w)) {
+                return Err(self.violation(
+                    "reservations",
+                    format!("reservation {rid} was closed {} times: {cs:?}", cs.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Exactly once, per writer: every actor's cumulative cells equal the sum
     /// of the records it wrote (a double execution or a lost effect shows as a
     /// difference); no record was written twice concurrently.
@@ -641,6 +732,7 @@ impl World {
                         | RecordKind::Return
                         | RecordKind::Count
                         | RecordKind::Grant
+                        | RecordKind::Reservation
                 ) {
                     continue;
                 }
@@ -708,6 +800,18 @@ impl World {
                                         c.1 += d.unsigned_abs()
                                     }
                                 });
+                            }
+                        }
+                        // Units reserved for another node are a grant to it.
+                        RecordKind::Reservation => {
+                            let to = json["fulfil_by_tag"].as_str().and_then(NodeTag::parse);
+                            if let Some(to) = to.filter(|t| *t != actor.tag()) {
+                                for l in &lines {
+                                    let q = l["quantity"].as_u64().unwrap_or(0);
+                                    add(l["product_id"].as_u64().unwrap_or(0), &mut |c| {
+                                        *c.2.entry(to).or_default() += q
+                                    });
+                                }
                             }
                         }
                         RecordKind::Grant => {

@@ -17,6 +17,12 @@ pub enum Kind {
     CustomerPut,
     CustomerErase,
     Redeem,
+    /// `POST /api/reservations` (the id is the reservation id).
+    Reserve,
+    /// `POST /api/reservations/{id}/fulfil` (the id is the sale id it writes).
+    ReservationFulfil,
+    /// `POST /api/reservations/{id}/cancel` (the id is the reservation id).
+    ReservationCancel,
 }
 
 impl Kind {
@@ -28,6 +34,9 @@ impl Kind {
             Kind::Receipt => Some("rcv"),
             Kind::Count => Some("cnt"),
             Kind::Grant => Some("grt"),
+            Kind::Reserve => Some("rsv"),
+            Kind::ReservationFulfil => Some("sale"),
+            Kind::ReservationCancel => Some("rsc"),
             Kind::CustomerPut | Kind::CustomerErase | Kind::Redeem => None,
         }
     }

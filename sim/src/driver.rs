@@ -523,6 +523,22 @@ pub fn heal_and_quiesce(w: &mut World) -> Result<u64, Violation> {
     for l in w.net.links.values_mut() {
         l.spike_until_ms = 0;
     }
+    // Clients back off exponentially while their node is down (up to ~2
+    // minutes). Once everything is healed they are told so, as a till is when
+    // the store's line comes back: each retries within one ordinary retry
+    // interval instead of sleeping out its backoff.
+    let waiting: Vec<(usize, u64)> = w
+        .clients
+        .reqs
+        .iter()
+        .filter_map(|r| r.retry_at_ms.map(|at| (r.rid, at)))
+        .collect();
+    for (rid, at) in waiting {
+        let soon = w.now_ms + w.rand_in(crate::world::RETRY_MS);
+        if at > soon {
+            w.clients.schedule_retry(rid, soon);
+        }
+    }
     let step = w.setup.tick_ms;
     loop {
         let t = w.now_ms + step;

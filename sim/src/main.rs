@@ -9,10 +9,15 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use clap::Parser;
-use storemesh_sim::{run_seed, scenario, selftest, Bug, FaultKind, Options};
+use storemesh_sim::{run_seed, scenario, selftest, Bug, FaultKind, Options, RunReport};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +57,10 @@ struct Cli {
     /// In a sweep, print every seed's verdict line, not only failures.
     #[arg(long, short)]
     verbose: bool,
+    /// Seeds run in parallel in a sweep (default: one per CPU). Every seed is
+    /// still one deterministic single-threaded run; results print in seed order.
+    #[arg(long, short)]
+    jobs: Option<usize>,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -173,24 +182,53 @@ fn run() -> Result<bool, String> {
     let mut failed: Vec<u64> = Vec::new();
     let mut events = 0usize;
     let mut first_failure = None;
-    for seed in a..b {
-        let t = Instant::now();
-        let r = run_seed(seed, &opts);
-        events += r.events;
-        for (k, n) in &r.fired {
-            *fired.entry(*k).or_default() += n;
+    let jobs = cli
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, 256);
+    let next = AtomicU64::new(a);
+    let (tx, rx) = mpsc::channel::<(u64, RunReport, f64)>();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min((b - a) as usize) {
+            let tx = tx.clone();
+            let (next, opts) = (&next, &opts);
+            scope.spawn(move || loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= b {
+                    return;
+                }
+                let t = Instant::now();
+                let r = run_seed(seed, opts);
+                let us = t.elapsed().as_micros() as f64 / r.events.max(1) as f64;
+                if tx.send((seed, r, us)).is_err() {
+                    return;
+                }
+            });
         }
-        if cli.verbose || !r.ok() {
-            let us = t.elapsed().as_micros() as f64 / r.events.max(1) as f64;
-            out!("{}", r.verdict(Some(us)));
-        }
-        if !r.ok() {
-            failed.push(seed);
-            if first_failure.is_none() {
-                first_failure = Some(seed);
+        drop(tx);
+        // Results arrive out of order; they are reported in seed order.
+        let mut waiting: BTreeMap<u64, (RunReport, f64)> = BTreeMap::new();
+        let mut due = a;
+        for (seed, r, us) in rx {
+            waiting.insert(seed, (r, us));
+            while let Some((r, us)) = waiting.remove(&due) {
+                due += 1;
+                events += r.events;
+                for (k, n) in &r.fired {
+                    *fired.entry(*k).or_default() += n;
+                }
+                if cli.verbose || !r.ok() {
+                    out!("{}", r.verdict(Some(us)));
+                }
+                if !r.ok() {
+                    failed.push(r.seed);
+                    if first_failure.is_none() {
+                        first_failure = Some(r.seed);
+                    }
+                }
             }
         }
-    }
+    });
     let secs = started.elapsed().as_secs_f64();
     let n = b - a;
     let never: Vec<&str> = FaultKind::ALL
@@ -203,11 +241,11 @@ fn run() -> Result<bool, String> {
         .map(|(k, n)| format!("{}={n}", k.name()))
         .collect();
     out!(
-        "seeds {a}..{b}: {} passed, {} failed | {n} seeds in {secs:.1}s = {:.2} seeds/s, {:.0}us/event",
+        "seeds {a}..{b}: {} passed, {} failed | {n} seeds in {secs:.1}s on {jobs} thread(s) = {:.2} seeds/s, {:.0}us/event",
         n as usize - failed.len(),
         failed.len(),
         n as f64 / secs,
-        secs * 1e6 / events.max(1) as f64
+        secs * 1e6 * jobs.min(n as usize) as f64 / events.max(1) as f64
     );
     out!("faults fired: {}", counts.join(" "));
     let mut ok = failed.is_empty();

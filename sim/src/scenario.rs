@@ -16,6 +16,7 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::json;
 use storemesh_protocol::engine::Policy;
+use storemesh_protocol::ops::{Op, OpError};
 
 use crate::check::Violation;
 use crate::client::Kind;
@@ -52,7 +53,13 @@ pub struct Scenario {
     #[serde(default = "anti_entropy")]
     pub anti_entropy_s: u64,
     pub nodes: Vec<ScNode>,
-    pub products: Vec<ScProduct>,
+    /// `[[products]]` one by one, or a generator:
+    /// `products = { count = 1000, stock_per_store = 50 }`.
+    pub products: ScProducts,
+    /// Popularity of the products: Zipf with this exponent over the product
+    /// order (the first product is the most popular); uniform when absent.
+    #[serde(default)]
+    pub zipf: Option<f64>,
     #[serde(default)]
     pub allocations: Vec<ScAllocation>,
     #[serde(default)]
@@ -68,6 +75,40 @@ pub struct Scenario {
     /// `[[allocation]]` rules of the node config, applied by every node.
     #[serde(default)]
     pub allocation_rules: Vec<ScAllocationRule>,
+    /// Run the scenario a second time with the same seed and rebalancing off
+    /// (`deadline_ms = 0`) and report both refused-sale rates.
+    #[serde(default)]
+    pub compare_without_rebalancing: bool,
+    /// Events between two full recomputations of every view (the rows each
+    /// commit touched are checked at every commit regardless).
+    #[serde(default = "full_check_every")]
+    pub full_check_every: usize,
+    /// A long scenario: `cargo test` runs it shortened (`--scenario` in full).
+    #[serde(default)]
+    pub long: bool,
+}
+
+fn full_check_every() -> usize {
+    crate::check::FULL_CHECK_EVERY
+}
+
+/// The products of a scenario: listed, or generated.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ScProducts {
+    List(Vec<ScProduct>),
+    Generate(ScProductGen),
+}
+
+/// `count` products with ids `first_id..`, `stock_per_store` units of each at
+/// every node whose role is `store`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScProductGen {
+    pub count: u64,
+    #[serde(default = "one")]
+    pub first_id: u64,
+    pub stock_per_store: u64,
 }
 
 fn rebalance_deadline() -> u64 {
@@ -79,7 +120,13 @@ fn rebalance_deadline() -> u64 {
 pub struct ScAllocationRule {
     pub to: String,
     pub share_percent: u32,
+    /// At most this many units per product (no limit when absent).
+    #[serde(default = "max_units")]
     pub max_units: u64,
+}
+
+fn max_units() -> u64 {
+    1_000_000_000
 }
 
 fn one() -> u64 {
@@ -230,11 +277,42 @@ impl Scenario {
         if self.tick_ms == 0 || self.latency_ms[0] > self.latency_ms[1] {
             return Err("tick_ms must be positive and latency_ms [low, high]".into());
         }
-        for p in &self.products {
+        if let ScProducts::Generate(g) = &self.products {
+            if g.count == 0 || g.count > 100_000 {
+                return Err("products count must be 1-100000".into());
+            }
+            storemesh_protocol::ids::validate_product_id("first_id", g.first_id)?;
+            storemesh_protocol::ids::validate_product_id(
+                "last product id",
+                g.first_id + g.count - 1,
+            )?;
+            storemesh_protocol::ids::validate_quantity("stock_per_store", g.stock_per_store)?;
+        }
+        let mut ids = BTreeSet::new();
+        for p in &self.product_list() {
             storemesh_protocol::ids::validate_product_id("product id", p.id)?;
+            if !ids.insert(p.id) {
+                return Err(format!("product {} is listed twice", p.id));
+            }
             for l in p.stock.keys() {
                 self.index(l)?;
             }
+        }
+        if let Some(z) = self.zipf {
+            if !(z > 0.0 && z <= 10.0) {
+                return Err("zipf must be in (0, 10]".into());
+            }
+        }
+        for a in &self.allocation_rules {
+            self.index(&a.to)?;
+            if a.share_percent == 0 || a.share_percent > 100 || a.max_units == 0 {
+                return Err(
+                    "allocation_rules: share_percent must be 1-100 and max_units at least 1".into(),
+                );
+            }
+        }
+        if self.full_check_every == 0 {
+            return Err("full_check_every must be at least 1".into());
         }
         for a in &self.allocations {
             self.index(&a.from)?;
@@ -264,7 +342,55 @@ impl Scenario {
                 }
             }
         }
+        if ids.is_empty() {
+            return Err("a scenario needs at least one product".into());
+        }
         Ok(())
+    }
+
+    /// The products with their opening stock, generated ones included.
+    pub fn product_list(&self) -> Vec<ScProduct> {
+        match &self.products {
+            ScProducts::List(l) => l.clone(),
+            ScProducts::Generate(g) => {
+                let stock: BTreeMap<String, u64> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.role == "store")
+                    .map(|n| (n.name.clone(), g.stock_per_store))
+                    .collect();
+                (0..g.count)
+                    .map(|k| ScProduct {
+                        id: g.first_id + k,
+                        stock: stock.clone(),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The same scenario, shortened to at most `hours` (partitions, peaks and
+    /// allocations scaled into it): what `cargo test` runs of a long one.
+    pub fn shortened(&self, hours: f64) -> Scenario {
+        let mut sc = self.clone();
+        if sc.duration_h <= hours {
+            return sc;
+        }
+        let f = hours / sc.duration_h;
+        sc.duration_h = hours;
+        for p in &mut sc.partitions {
+            p.at_h *= f;
+            p.for_h *= f;
+        }
+        for p in &mut sc.peaks {
+            p.at_h *= f;
+            p.for_h *= f;
+        }
+        for a in &mut sc.allocations {
+            a.at_h *= f;
+        }
+        sc.restock.retain(|r| r.every_h < hours);
+        sc
     }
 
     fn rate(&self, node: usize, t_ms: u64) -> f64 {
@@ -295,6 +421,8 @@ pub struct NodeLine {
     pub sales_ok: u64,
     pub units_sold: u64,
     pub refused: u64,
+    /// Refused although reachable stock was on hand (`World::refused_with_stock`).
+    pub refused_with_stock: u64,
     pub overdrafts: u64,
     pub units_overdrawn: i64,
     pub bytes: u64,
@@ -312,10 +440,78 @@ pub struct ScenarioReport {
     pub final_converge_s: f64,
     pub oversold_strict_units: i64,
     pub trace_hash: String,
+    /// Rebalancing deadline of this run (0: off).
+    pub deadline_ms: u64,
+    /// The same scenario and seed with rebalancing off (`compare_without_rebalancing`).
+    pub baseline: Option<Box<ScenarioReport>>,
 }
 
 impl ScenarioReport {
+    /// Sales attempted at a running node: accepted and refused for lack of rights.
+    pub fn sales_attempted(&self) -> u64 {
+        self.nodes.iter().map(|n| n.sales_ok + n.refused).sum()
+    }
+
+    pub fn sales_refused(&self) -> u64 {
+        self.nodes.iter().map(|n| n.refused).sum()
+    }
+
+    /// Refused sales / attempted sales, over every node.
+    pub fn refused_rate(&self) -> f64 {
+        self.sales_refused() as f64 / self.sales_attempted().max(1) as f64
+    }
+
+    pub fn refused_with_stock(&self) -> u64 {
+        self.nodes.iter().map(|n| n.refused_with_stock).sum()
+    }
+
+    /// Sales refused for lack of rights although reachable units were on
+    /// hand / attempted sales: the price of never overselling.
+    pub fn refused_with_stock_rate(&self) -> f64 {
+        self.refused_with_stock() as f64 / self.sales_attempted().max(1) as f64
+    }
+
     pub fn render(&self) -> String {
+        let mut s = self.render_one();
+        if let Some(b) = &self.baseline {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "--- the same scenario and seed with rebalancing off (deadline 0) ---"
+            );
+            s.push_str(&b.render_one());
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "refused-sale rate with rebalancing ({} ms): {:.2}% ({} of {}) | without: {:.2}% ({} of {}) | ratio {:.2}",
+                self.deadline_ms,
+                100.0 * self.refused_rate(),
+                self.sales_refused(),
+                self.sales_attempted(),
+                100.0 * b.refused_rate(),
+                b.sales_refused(),
+                b.sales_attempted(),
+                self.refused_rate() / b.refused_rate().max(f64::MIN_POSITIVE)
+            );
+            let _ = writeln!(
+                s,
+                "refused although reachable stock was on hand, with rebalancing: {:.2}% ({}) | without: {:.2}% ({}) | ratio {:.2}",
+                100.0 * self.refused_with_stock_rate(),
+                self.refused_with_stock(),
+                100.0 * b.refused_with_stock_rate(),
+                b.refused_with_stock(),
+                self.refused_with_stock_rate() / b.refused_with_stock_rate().max(f64::MIN_POSITIVE)
+            );
+            let _ = writeln!(
+                s,
+                "oversold units at strict locations: {} with, {} without",
+                self.oversold_strict_units, b.oversold_strict_units
+            );
+        }
+        s
+    }
+
+    fn render_one(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "scenario: {} (seed {})", self.name, self.seed);
         if !self.description.is_empty() {
@@ -323,12 +519,13 @@ impl ScenarioReport {
         }
         let _ = writeln!(
             s,
-            "{:<14} {:<8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}  converged after heal",
+            "{:<14} {:<8} {:>8} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>10}  converged after heal",
             "node",
             "policy",
             "sales",
             "units",
             "refused",
+            "(w/ stock)",
             "overdrafts",
             "overdrawn",
             "on hand",
@@ -346,12 +543,13 @@ impl ScenarioReport {
                 .collect();
             let _ = writeln!(
                 s,
-                "{:<14} {:<8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}  {}",
+                "{:<14} {:<8} {:>8} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>10}  {}",
                 n.name,
                 n.policy,
                 n.sales_ok,
                 n.units_sold,
                 n.refused,
+                n.refused_with_stock,
                 n.overdrafts,
                 n.units_overdrawn,
                 n.on_hand_end,
@@ -359,6 +557,16 @@ impl ScenarioReport {
                 conv.join(", ")
             );
         }
+        let _ = writeln!(
+            s,
+            "refused-sale rate: {:.2}% ({} of {} sales; {:.2}% = {} although reachable stock was on hand) | rebalancing deadline {} ms",
+            100.0 * self.refused_rate(),
+            self.sales_refused(),
+            self.sales_attempted(),
+            100.0 * self.refused_with_stock_rate(),
+            self.refused_with_stock(),
+            self.deadline_ms
+        );
         let _ = writeln!(
             s,
             "oversold units at strict locations: {} | final convergence after the run: {:.1}s | trace {}",
@@ -410,6 +618,20 @@ fn has_all(w: &World, i: usize, target: &BTreeMap<String, BTreeSet<ChangeHash>>)
 }
 
 pub fn run(sc: &Scenario, seed: u64) -> ScenarioReport {
+    let mut report = run_once(sc, seed);
+    if sc.compare_without_rebalancing {
+        let mut off = sc.clone();
+        off.rebalance_deadline_ms = 0;
+        let b = run_once(&off, seed);
+        if report.violation.is_none() {
+            report.violation = b.violation.clone();
+        }
+        report.baseline = Some(Box::new(b));
+    }
+    report
+}
+
+fn run_once(sc: &Scenario, seed: u64) -> ScenarioReport {
     let mut report = ScenarioReport {
         name: sc.name.clone(),
         description: sc.description.clone(),
@@ -420,6 +642,8 @@ pub fn run(sc: &Scenario, seed: u64) -> ScenarioReport {
         final_converge_s: 0.0,
         oversold_strict_units: 0,
         trace_hash: String::new(),
+        deadline_ms: sc.rebalance_deadline_ms,
+        baseline: None,
     };
     match run_inner(sc, seed, &mut report) {
         Ok(()) => {}
@@ -472,10 +696,10 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
         next_id += 1;
         format!("{p}-{next_id}")
     };
-    // Opening stock.
+    let product_list = sc.product_list();
+    // Opening stock (receipts of at most `LINES_MAX` lines).
     for (i, n) in sc.nodes.iter().enumerate() {
-        let lines: Vec<serde_json::Value> = sc
-            .products
+        let lines: Vec<serde_json::Value> = product_list
             .iter()
             .filter_map(|p| {
                 p.stock
@@ -484,13 +708,13 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                     .map(|q| json!({"product_id": p.id, "quantity": q}))
             })
             .collect();
-        if lines.is_empty() {
-            continue;
+        for chunk in lines.chunks(storemesh_protocol::ops::LINES_MAX) {
+            let id = fresh("open");
+            let op =
+                workload::receipt(json!({"receipt_id": id, "location": n.name, "lines": chunk}));
+            let r = new_request(&w, i, Kind::Receipt, op, id);
+            w.submit_new(r);
         }
-        let id = fresh("open");
-        let op = workload::receipt(json!({"receipt_id": id, "location": n.name, "lines": lines}));
-        let r = new_request(&w, i, Kind::Receipt, op, id);
-        w.submit_new(r);
     }
     w.advance_to(5_000)?;
 
@@ -560,7 +784,8 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
         ));
     }
 
-    let products: Vec<u64> = sc.products.iter().map(|p| p.id).collect();
+    let products: Vec<u64> = product_list.iter().map(|p| p.id).collect();
+    let popularity = Popularity::new(products.len(), sc.zipf);
     let mut watches: Vec<(usize, ConvergeWatch)> = Vec::new();
     let mut results: Vec<BTreeMap<usize, u64>> = vec![BTreeMap::new(); sc.partitions.len()];
     let mut events = 0usize;
@@ -586,7 +811,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                 let nlines = w.rng.gen_range(1..=n.lines_max);
                 let lines: Vec<serde_json::Value> = (0..nlines)
                     .map(|_| {
-                        let p = products[w.rng.gen_range(0..products.len())];
+                        let p = products[popularity.pick(&mut w.rng)];
                         json!({"product_id": p, "quantity": w.rng.gen_range(1..=n.quantity_max), "unit_price": 1000})
                     })
                     .collect();
@@ -605,12 +830,14 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                     .iter()
                     .map(|p| json!({"product_id": p, "quantity": r.quantity}))
                     .collect();
-                let id = fresh("r");
-                let op = workload::receipt(
-                    json!({"receipt_id": id, "location": r.node, "lines": lines}),
-                );
-                let req = new_request(&w, i, Kind::Receipt, op, id);
-                w.submit_new(req);
+                for chunk in lines.chunks(storemesh_protocol::ops::LINES_MAX) {
+                    let id = fresh("r");
+                    let op = workload::receipt(
+                        json!({"receipt_id": id, "location": r.node, "lines": chunk}),
+                    );
+                    let req = new_request(&w, i, Kind::Receipt, op, id);
+                    w.submit_new(req);
+                }
             }
             Ev::Allocate(k) => {
                 let a = &sc.allocations[k];
@@ -677,7 +904,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                 ));
             }
         }
-        if events % crate::check::FULL_CHECK_EVERY == 0 {
+        if events % sc.full_check_every == 0 {
             w.check_dirty()?;
         }
     }
@@ -700,6 +927,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
             sales_ok: w.nodes[i].stats.sales_ok,
             units_sold: w.nodes[i].stats.units_sold,
             refused: w.nodes[i].stats.sales_refused,
+            refused_with_stock: w.nodes[i].stats.refused_with_stock,
             bytes: w.net.bytes_out.get(i).copied().unwrap_or(0)
                 + w.net.bytes_in.get(i).copied().unwrap_or(0),
             ..NodeLine::default()
@@ -727,6 +955,41 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
         report.nodes.push(line);
     }
     Ok(())
+}
+
+/// Draws product indexes: uniform, or Zipf(s) by rank (index 0 most popular).
+struct Popularity {
+    cdf: Option<Vec<f64>>,
+    n: usize,
+}
+
+impl Popularity {
+    fn new(n: usize, zipf: Option<f64>) -> Popularity {
+        let cdf = zipf.map(|s| {
+            let mut acc = 0.0;
+            let mut v: Vec<f64> = (1..=n)
+                .map(|k| {
+                    acc += (k as f64).powf(-s);
+                    acc
+                })
+                .collect();
+            for x in &mut v {
+                *x /= acc;
+            }
+            v
+        });
+        Popularity { cdf, n }
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> usize {
+        match &self.cdf {
+            None => rng.gen_range(0..self.n),
+            Some(cdf) => {
+                let u: f64 = rng.gen_range(0.0..1.0);
+                cdf.partition_point(|c| *c <= u).min(self.n - 1)
+            }
+        }
+    }
 }
 
 /// Both directions between `set` and every other node.
@@ -758,4 +1021,56 @@ fn watch(
         }
     }
     watches.retain(|(_, cw)| members.iter().any(|i| !cw.done.contains_key(i)));
+}
+
+impl World {
+    /// Whether a sale refused for lack of rights could have been sold: for
+    /// every short line, a location whose own node this node can reach (its
+    /// own location included) had the units on hand — on hand as the union of
+    /// every running node's view, i.e. every sale made anywhere so far. The
+    /// sale's own location when it named one; any location when it did not (a
+    /// web order ships from wherever the goods are). A refusal that is not
+    /// counted here is a real stock-out (or stock cut off by a partition),
+    /// which no movement of rights could have avoided.
+    pub fn refused_with_stock(&self, rid: usize, e: &OpError) -> bool {
+        let OpError::InsufficientStock(short) = e else {
+            return false;
+        };
+        let r = &self.clients.reqs[rid];
+        let named = match &r.op {
+            Op::Sale(s) => s.location.is_some(),
+            _ => true,
+        };
+        let i = r.node;
+        let reachable = |loc: &str| {
+            self.nodes
+                .iter()
+                .position(|n| n.cfg.location == loc && !n.is_clone)
+                .is_some_and(|o| {
+                    o == i || (!self.net.is_blocked(i, o) && !self.net.is_blocked(o, i))
+                })
+        };
+        let on_hand = |p: u64, loc: &str| {
+            let mut all = storemesh_protocol::ledger::StockEntry::default();
+            for n in &self.nodes {
+                if let Some(e) = n.life.as_ref().and_then(|l| l.engine.views.entry(p, loc)) {
+                    all.merge(e);
+                }
+            }
+            all.on_hand()
+        };
+        !short.is_empty()
+            && short.iter().all(|l| {
+                let q = l.requested as i64;
+                if named {
+                    reachable(&l.location) && on_hand(l.product_id, &l.location) >= q
+                } else {
+                    self.nodes.iter().any(|n| {
+                        !n.is_clone
+                            && reachable(&n.cfg.location)
+                            && on_hand(l.product_id, &n.cfg.location) >= q
+                    })
+                }
+            })
+    }
 }

@@ -115,6 +115,7 @@ impl World {
             .collect();
         let roll = self.rng.gen_range(0..100);
         match roll {
+            0..=47 if self.rng.gen_bool(0.12) => self.random_reservation_op(cat, i, &own, &others),
             0..=47 => {
                 let id = cat.fresh_id("s");
                 (Kind::Sale, self.random_sale(cat, i, &own, &others, &id), id)
@@ -270,6 +271,86 @@ impl World {
                 )
             }
         }
+    }
+
+    /// Buy online, pick up in store: a new reservation for some node to
+    /// fulfil, or — at the fulfilling node — fulfilment or cancellation of
+    /// one (expiry happens by that node's own clock, in the request path).
+    fn random_reservation_op(
+        &mut self,
+        cat: &mut Catalogue,
+        i: usize,
+        own: &str,
+        others: &[String],
+    ) -> (Kind, Op, String) {
+        let me = self.nodes[i].name.clone();
+        // One closing request per reservation (a second one would be a new
+        // client request reusing the first one's idempotency key).
+        let closing: std::collections::BTreeSet<&str> = self
+            .clients
+            .reqs
+            .iter()
+            .filter_map(|r| match &r.op {
+                Op::ReservationFulfil { reservation_id, .. }
+                | Op::ReservationCancel { reservation_id } => Some(reservation_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mine: Vec<String> = self
+            .clients
+            .reqs
+            .iter()
+            .filter(|r| r.kind == Kind::Reserve && r.first_ok.is_some())
+            .filter_map(|r| match &r.op {
+                Op::Reserve(x)
+                    if x.fulfil_by == me && !closing.contains(x.reservation_id.as_str()) =>
+                {
+                    Some(x.reservation_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if !mine.is_empty() && self.rng.gen_bool(0.5) {
+            let id = mine[self.rng.gen_range(0..mine.len())].clone();
+            if self.rng.gen_bool(0.7) {
+                let sale_id = cat.fresh_id("rs");
+                let op = Op::ReservationFulfil {
+                    reservation_id: id,
+                    sale_id: Some(sale_id.clone()),
+                };
+                return (Kind::ReservationFulfil, op, sale_id);
+            }
+            return (
+                Kind::ReservationCancel,
+                Op::ReservationCancel {
+                    reservation_id: id.clone(),
+                },
+                id,
+            );
+        }
+        let id = cat.fresh_id("rv");
+        let loc = if self.rng.gen_bool(0.8) || others.is_empty() {
+            own.to_string()
+        } else {
+            others[self.rng.gen_range(0..others.len())].clone()
+        };
+        let fulfil_by = if self.rng.gen_bool(0.3) || others.is_empty() {
+            me
+        } else {
+            others[self.rng.gen_range(0..others.len())].clone()
+        };
+        let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+        // Expiry is judged by the fulfilling node's clock, which may be hours
+        // off this node's (clock faults): some expire at once, some never.
+        let expires = self.clock(i) + self.rng.gen_range(500..60_000);
+        let body = json!({"reservation_id": id, "location": loc, "fulfil_by": fulfil_by,
+            "expires_at": format_rfc3339_ms(expires),
+            "lines": [{"product_id": p, "quantity": self.rng.gen_range(1..=3)}]});
+        let mut body = body;
+        if self.rng.gen_bool(0.3) {
+            body["customer_id"] = json!(cat.customers[self.rng.gen_range(0..cat.customers.len())]);
+        }
+        (Kind::Reserve, Op::Reserve(parse("reservation", body)), id)
     }
 
     fn random_sale(

@@ -109,6 +109,9 @@ pub struct SimNode {
 pub struct NodeStats {
     pub sales_ok: u64,
     pub sales_refused: u64,
+    /// Refused although the units were on hand where this node could get
+    /// rights for them (`World::refused_with_stock`).
+    pub refused_with_stock: u64,
     pub units_sold: u64,
     pub commits: u64,
     pub commit_failures: u64,
@@ -850,7 +853,10 @@ impl World {
                     self.nodes[node].stats.units_sold += units;
                 }
                 Err(e) if e.code() == "insufficient_stock" => {
-                    self.nodes[node].stats.sales_refused += 1
+                    self.nodes[node].stats.sales_refused += 1;
+                    if self.refused_with_stock(rid, e) {
+                        self.nodes[node].stats.refused_with_stock += 1;
+                    }
                 }
                 Err(_) => {}
             }

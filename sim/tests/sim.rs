@@ -117,6 +117,9 @@ fn every_scenario_file_runs_and_keeps_the_invariants() {
     }
     for f in &files {
         let sc = scenario::Scenario::load(f).unwrap_or_else(|e| panic!("{e}"));
+        // A long scenario (`partitioned-day`) runs in full with
+        // `storemesh-sim --scenario` in release; here a few minutes of it.
+        let sc = if sc.long { sc.shortened(0.05) } else { sc };
         let r = scenario::run(&sc, sc.seed);
         let text = r.render();
         eprintln!("{text}");
@@ -189,6 +192,22 @@ fn scenario_files_are_validated() {
     .unwrap();
     let e = scenario::Scenario::load(&bad).expect_err("unknown node refused");
     assert!(e.contains("zz"), "{e}");
+    // The product generator and Zipf popularity.
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nduration_h = 1\nzipf = 1.1\nproducts = { count = 3, stock_per_store = 5 }\n[[nodes]]\nname = \"a\"\n[[nodes]]\nname = \"w\"\nrole = \"webshop\"\n",
+    )
+    .unwrap();
+    let sc = scenario::Scenario::load(&bad).unwrap_or_else(|e| panic!("{e}"));
+    let ps = sc.product_list();
+    assert_eq!(ps.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(ps.iter().all(|p| p.stock.len() == 1 && p.stock["a"] == 5));
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nduration_h = 1\nproducts = { count = 3, stock = 5 }\n[[nodes]]\nname = \"a\"\n[[nodes]]\nname = \"b\"\n",
+    )
+    .unwrap();
+    assert!(scenario::Scenario::load(&bad).is_err(), "unknown generator key refused");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -20,6 +20,15 @@ async fn put(c: &Client, path: &str, body: serde_json::Value) -> u16 {
         .as_u16()
 }
 
+/// A sale record names its customer only by a pseudonym (`cp1:` + keyed hash).
+fn assert_no_customer_id(rec: &serde_json::Value) {
+    assert_eq!(rec["sale_id"], "s-77", "{rec}");
+    assert!(rec.get("customer_id").is_none(), "raw customer id in {rec}");
+    let p = rec["customer"].as_str().unwrap_or_default();
+    assert!(p.starts_with("cp1:") && p.len() == 36, "{rec}");
+    assert!(!rec.to_string().contains("c-77"), "{rec}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erased_customer_stays_erased_and_leaves_no_plaintext() {
     let mut m = Mesh::start(
@@ -57,6 +66,23 @@ async fn erased_customer_stays_erased_and_leaves_no_plaintext() {
         })
         .await
         .expect("profile replicated");
+        // While the customer exists, every node links the sale to it…
+        wait_for(Duration::from_secs(5), || async {
+            c.get("/api/customers/c-77")
+                .await
+                .map(|(_, v)| {
+                    v["purchases"]
+                        .as_array()
+                        .is_some_and(|p| p.len() == 1 && p[0]["sale_id"] == "s-77")
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .expect("purchase history replicated");
+        // …although the sale record holds only a keyed hash of the id.
+        let (s, rec) = c.get("/api/sales/s-77").await.unwrap();
+        assert_eq!(s, 200, "{rec}");
+        assert_no_customer_id(&rec);
     }
     // store-b goes offline and, unaware, edits the customer.
     m.node(1).set_partitioned(true);
@@ -98,8 +124,14 @@ async fn erased_customer_stays_erased_and_leaves_no_plaintext() {
             .unwrap();
         assert_eq!(v["items"].as_array().map(|a| a.len()), Some(0));
     }
-    // The sale itself (stock) is untouched.
+    // The sale itself (stock) is untouched; its record names nobody any more:
+    // the keyed hash in it cannot be recomputed without the erased keys.
     assert_eq!(stock_level(&m.clients[1], 1).await, Some(4));
+    for c in &m.clients {
+        let (s, rec) = c.get("/api/sales/s-77").await.unwrap();
+        assert_eq!(s, 200, "{rec}");
+        assert_no_customer_id(&rec);
+    }
     // Writes to an erased customer are refused, on every node.
     assert_eq!(
         put(

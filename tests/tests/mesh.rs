@@ -378,3 +378,119 @@ async fn cloned_data_directory_is_refused_and_its_sales_merge_as_a_fork() {
         n.shutdown().await;
     }
 }
+
+/// Row 7 of the benchmarks issue: two in-sync nodes that reconnect exchange
+/// the two transport hellos (which carry their root digests) and nothing else;
+/// after a partition with writes, the same reconnect proceeds to sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_sync_reconnect_is_the_two_hellos_only() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use storemesh_node::config::Config;
+    let _serial = timing_sensitive().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = make_mesh(
+        tmp.path(),
+        &[("store-a", Role::Store, S), ("store-b", Role::Store, S)],
+        &[(0, 1)],
+    )
+    .unwrap();
+    // No anti-entropy tick may fall into the counted windows.
+    for (dir, _) in &dirs {
+        let mut cfg = Config::load(dir).unwrap();
+        cfg.sync.anti_entropy_ms = 600_000;
+        cfg.save(dir).unwrap();
+    }
+    let mut nodes = Vec::new();
+    let mut clients = Vec::new();
+    for (dir, token) in &dirs {
+        let h = NodeHandle::start(dir).await.unwrap();
+        clients.push(Client::new(h.http_addr, token));
+        nodes.push(h);
+    }
+    let connected = |n: usize| {
+        let nodes = &nodes;
+        async move {
+            wait_for(Duration::from_secs(10), || async {
+                nodes.iter().all(|h| h.transport.connected().len() == n)
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the nodes did not reach {n} connection(s)"));
+        }
+    };
+    let counts = || {
+        nodes
+            .iter()
+            .map(|h| {
+                let m = &h.shared.metrics;
+                (
+                    m.sync_messages_out.load(Relaxed),
+                    m.sync_messages_in.load(Relaxed),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // Quiet = no sync frame in or out for 300 ms.
+    let quiet = || async {
+        let mut last = counts();
+        let mut since = std::time::Instant::now();
+        let t = std::time::Instant::now();
+        while since.elapsed() < Duration::from_millis(300) {
+            assert!(t.elapsed() < Duration::from_secs(20), "never quiet");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = counts();
+            if now != last {
+                last = now;
+                since = std::time::Instant::now();
+            }
+        }
+        last
+    };
+    connected(1).await;
+    let products: Vec<u64> = (1..=200).collect();
+    let lines: Vec<(u64, u64)> = products.iter().map(|p| (*p, 10)).collect();
+    for (i, loc) in ["store-a", "store-b"].iter().enumerate() {
+        let (s, _) = clients[i]
+            .post("/api/receipts", receipt(&format!("r{i}"), loc, &lines))
+            .await
+            .unwrap();
+        assert_eq!(s, 201);
+    }
+    converge(&clients, &products, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for round in 0..2 {
+        quiet().await;
+        nodes[0].set_partitioned(true);
+        connected(0).await;
+        let before = quiet().await;
+        nodes[0].set_partitioned(false);
+        connected(1).await;
+        let after = quiet().await;
+        assert_eq!(
+            after, before,
+            "round {round}: an in-sync reconnect sends no sync frame beyond the hellos"
+        );
+    }
+    // Out of sync: a sale during the partition; the reconnect syncs it.
+    nodes[0].set_partitioned(true);
+    connected(0).await;
+    let (s, _) = clients[1]
+        .post("/api/sales", sale("s1", None, &[(7, 3)]))
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    let before = quiet().await;
+    nodes[0].set_partitioned(false);
+    converge(&clients, &products, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(stock_level(&clients[0], 7).await, Some(17));
+    let after = quiet().await;
+    assert!(
+        after[1].0 > before[1].0,
+        "the changed side sent sync frames"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

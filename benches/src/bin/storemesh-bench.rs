@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use storemesh_benches::machine::Machine;
-use storemesh_benches::report::{self, Figure, Mode, Section, Verdict};
+use storemesh_benches::report::{self, Mode, Section};
 
 const ROWS: [&str; 8] = ["L", "1", "2", "3", "4", "5", "6", "7"];
 
@@ -26,23 +26,6 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-fn scale_section(mode: Mode) -> Section {
-    let mut s = Section::new("5 · Scale: 100,000 products × 20 locations, 1,000,000 sales");
-    s.figures.push(
-        Figure::new("5", "restart to first read / RSS / new node synced")
-            .value("not measured")
-            .target("≤ 3 s / ≤ 1 GiB / ≤ 30 s", Verdict::Skipped),
-    );
-    s.note(format!(
-        "Skipped in this `--{}` run: loading 1,000,000 sales through the engine at the \
-         measured rate of row L (one change per sale) takes far longer than the report's time \
-         budget on this machine, and rows L, 1 and 3 already show the per-sale costs that \
-         decide it. Not measured means not met.",
-        mode.name()
-    ));
-    s
-}
-
 async fn run_row(row: &str, mode: Mode) -> Section {
     let t = Instant::now();
     let title = format!("row {row}");
@@ -52,7 +35,7 @@ async fn run_row(row: &str, mode: Mode) -> Section {
         "2" => report::reads::run(mode).await,
         "3" => report::converge::run(mode).await,
         "4" => report::reconnect::run(mode).await,
-        "5" => Ok(scale_section(mode)),
+        "5" => report::scale::run(mode).await,
         "6" => report::sim::run(mode).await,
         "7" => report::anchor::run(mode).await,
         _ => unreachable!(),

@@ -9,6 +9,7 @@ pub mod procs;
 pub mod reads;
 pub mod reconnect;
 pub mod sales;
+pub mod scale;
 pub mod sim;
 
 use std::fmt::Write as _;

@@ -115,10 +115,11 @@ async fn subject(run: usize, warmup: Duration, window: Duration) -> Result<Run> 
 pub async fn run(mode: Mode) -> Result<Section> {
     let mut s =
         Section::new("1 · Durable sales via HTTP (64 clients, Zipf(1.1) over 10,000 products)");
-    let pairs = mode.pick(3, 5);
-    let window = mode.pick(Duration::from_secs(5), Duration::from_secs(15));
-    let warmup = Duration::from_secs(1);
-    let base_window = mode.pick(Duration::from_secs(3), Duration::from_secs(8));
+    // Quick mode (CI): 2 pairs of short windows, about 12 s in all.
+    let pairs = mode.pick(2, 5);
+    let window = mode.pick(Duration::from_secs(2), Duration::from_secs(15));
+    let warmup = mode.pick(Duration::from_millis(500), Duration::from_secs(1));
+    let base_window = mode.pick(Duration::from_millis(1500), Duration::from_secs(8));
     let mut rates = Vec::new();
     let mut bases = Vec::new();
     let mut ratios = Vec::new();

@@ -1,0 +1,420 @@
+//! Row 5: scale. A node holding P products × 20 locations with S sales of
+//! history: restart to the first served read, RSS, and a new empty node
+//! fully synced from it.
+//!
+//! The history is built directly through the production engine (no HTTP, no
+//! network): one engine per location (its own node id and actor) receives every
+//! product at its location and sells its share of the sales, one year of
+//! history, in group commits of [`SALES_PER_COMMIT`] sales. Their documents are
+//! then merged into the data directory of node `hq` (the documents loaded into
+//! one engine, the views rebuilt from them, everything written in one redb
+//! transaction). `hq` and the new node run as `storemesh run` OS processes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use storemesh_node::config::{Config, Policy, Role};
+use storemesh_node::demo::make_mesh;
+use storemesh_node::identity::Identity;
+use storemesh_node::store::Store;
+use storemesh_protocol::engine::{Batch, DocWrite, Engine, EngineConfig};
+use storemesh_protocol::ids::NodeId;
+
+use super::nodes::mix;
+use super::procs::{storemesh_binary, Proc};
+use super::{fmt_int, Figure, Mode, Section, Verdict};
+use crate::fixtures::{receipt, sale, NOW_MS};
+
+const LOCATIONS: usize = 20;
+/// Sales per group commit while the history is built (one Automerge change
+/// per touched document per commit).
+pub const SALES_PER_COMMIT: u64 = 50;
+const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+/// Units received per product and location.
+const STOCK: u64 = 1_000;
+
+fn flush(e: &mut Engine, now: u64) {
+    let _ = e.flush(now);
+    e.committed(now);
+    let _ = e.take_outgoing();
+}
+
+/// One location's history: returns its documents (`save()` bytes).
+fn build_location(
+    cfg: EngineConfig,
+    products: u64,
+    sales: u64,
+    seed: u64,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut e = Engine::new(cfg, rand::random());
+    e.finish_open();
+    let loc = e.config().location.clone();
+    let t0 = NOW_MS - YEAR_MS;
+    let all: Vec<u64> = (1..=products).collect();
+    for (i, chunk) in all.chunks(500).enumerate() {
+        e.execute(
+            receipt(&format!("rcv-{i}"), &loc, chunk, STOCK),
+            t0,
+            &|_| None,
+        )
+        .map_err(|err| format!("receipt refused: {err:?}"))?;
+        if i % 10 == 9 {
+            flush(&mut e, t0);
+        }
+    }
+    flush(&mut e, t0);
+    for k in 0..sales {
+        let now = t0 + 1 + k * (YEAR_MS - 1) / sales.max(1);
+        let p = 1 + mix(seed ^ (k << 20)) % products;
+        e.execute(sale(&format!("s-{k}"), p), now, &|_| None)
+            .map_err(|err| format!("sale refused: {err:?}"))?;
+        if (k + 1) % SALES_PER_COMMIT == 0 {
+            flush(&mut e, now);
+        }
+    }
+    flush(&mut e, NOW_MS);
+    Ok(e.documents()
+        .into_iter()
+        .filter_map(|(id, _)| {
+            let b = e.document_bytes(&id)?;
+            Some((id, b))
+        })
+        .collect())
+}
+
+struct Fixture {
+    build_s: f64,
+    merge_s: f64,
+    docs: usize,
+    doc_bytes: u64,
+    db_bytes: u64,
+}
+
+/// Builds every location's history (on 2 threads) and writes the merged
+/// documents and views into `hq`'s store.
+fn build_fixture(dir: &std::path::Path, products: u64, sales: u64) -> Result<Fixture> {
+    let cfg = Config::load(dir)?;
+    let id = Identity::load(dir)?;
+    let hq_cfg = EngineConfig {
+        node_id: id.node_id,
+        name: cfg.name.clone(),
+        location: cfg.location.clone(),
+        role: cfg.role.as_str().to_string(),
+        policy: storemesh_protocol::engine::Policy::Strict,
+        buckets: cfg.buckets,
+        loyalty_points_per_unit: cfg.loyalty.points_per_unit,
+        timezone: Some(cfg.timezone.clone()),
+    };
+    let mut cfgs = vec![hq_cfg.clone()];
+    for l in 1..LOCATIONS {
+        let mut nid = [0u8; 32];
+        nid[0] = 0x50;
+        nid[1] = l as u8;
+        nid[31] = 0x99;
+        cfgs.push(EngineConfig {
+            node_id: NodeId(nid),
+            name: format!("store-{l:02}"),
+            location: format!("store-{l:02}"),
+            timezone: None,
+            ..hq_cfg.clone()
+        });
+    }
+    let locations: Vec<String> = cfgs.iter().map(|c| c.location.clone()).collect();
+    let per_loc = sales / LOCATIONS as u64;
+    let t = Instant::now();
+    let mut parts: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let results: Vec<Result<Vec<(String, Vec<u8>)>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|w| {
+                let mine: Vec<(usize, EngineConfig)> = cfgs
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .filter(|(i, _)| i % 2 == w)
+                    .collect();
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for (i, c) in mine {
+                        out.extend(build_location(c, products, per_loc, i as u64 + 1)?);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("builder panicked".into())))
+            .collect()
+    });
+    for r in results {
+        for (id, b) in r.map_err(|e| anyhow!(e))? {
+            parts.entry(id).or_default().push(b);
+        }
+    }
+    let build_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut hq = Engine::new(hq_cfg, rand::random());
+    for p in &cfg.peers {
+        hq.add_configured_peer(&p.name, p.id);
+    }
+    let docs = parts.len();
+    let mut doc_bytes = 0u64;
+    for (id, ps) in &parts {
+        doc_bytes += ps.iter().map(|b| b.len() as u64).sum::<u64>();
+        hq.load_doc(id, ps, Vec::new())
+            .map_err(|e| anyhow!("merging {id}: {e}"))?;
+    }
+    hq.finish_open();
+    let mut batch: Batch = hq.flush(NOW_MS);
+    let written: std::collections::BTreeSet<String> = batch
+        .docs
+        .iter()
+        .map(|d| match d {
+            DocWrite::Chunk { doc, .. } | DocWrite::Snapshot { doc, .. } => doc.clone(),
+        })
+        .collect();
+    // Every document is stored as one snapshot: the bytes it was loaded from
+    // when it came from one part and did not change, else saved again (the
+    // `mesh` directory, merged from every location).
+    batch.docs.clear();
+    for (id, ps) in parts {
+        let bytes = if ps.len() == 1 && !written.contains(&id) {
+            ps.into_iter().next().unwrap_or_default()
+        } else {
+            hq.document_bytes(&id).context("merged document")?
+        };
+        batch.docs.push(DocWrite::Snapshot { doc: id, bytes });
+    }
+    batch.heads = hq
+        .documents()
+        .into_iter()
+        .filter(|(_, h)| !h.is_empty())
+        .collect();
+    batch.rows.clear();
+    let mut seq = 0u64;
+    for p in 1..=products {
+        for l in &locations {
+            let mut row = hq.row(p, l);
+            seq += 1;
+            row.seq = seq;
+            batch.rows.push(((p, l.clone()), row));
+        }
+    }
+    batch.idem.clear();
+    let store = Store::open(&storemesh_node::node::db_path(dir))?;
+    store.set_meta("node_id", id.node_id.hex().as_bytes())?;
+    store.commit(&batch)?;
+    drop(store);
+    let merge_s = t.elapsed().as_secs_f64();
+    let db_bytes = std::fs::metadata(storemesh_node::node::db_path(dir))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(Fixture {
+        build_s,
+        merge_s,
+        docs,
+        doc_bytes,
+        db_bytes,
+    })
+}
+
+/// Peak resident set size (VmHWM) of a process in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Polls `/healthz` until `ready`; returns the time since `t`.
+async fn ready(p: &mut Proc, t: Instant, limit: Duration) -> Result<Duration> {
+    loop {
+        if let Ok(v) = p.get_json("/healthz").await {
+            if v["ready"].as_bool() == Some(true) {
+                return Ok(t.elapsed());
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("{} not ready within {limit:?}", p.name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn run(mode: Mode) -> Result<Section> {
+    // Quick mode (CI): a fiftieth of the target's sizes (about 15 s).
+    // `STOREMESH_BENCH_SCALE=products,sales` overrides both (for profiling).
+    let (products, sales) = std::env::var("STOREMESH_BENCH_SCALE")
+        .ok()
+        .and_then(|v| {
+            let (p, s) = v.split_once(',')?;
+            Some((p.trim().parse().ok()?, s.trim().parse().ok()?))
+        })
+        .filter(|(p, _): &(u64, u64)| *p >= 1)
+        .unwrap_or_else(|| mode.pick((2_000u64, 20_000u64), (100_000, 1_000_000)));
+    let full = products >= 100_000 && sales >= 1_000_000;
+    let mut s = Section::new("5 · Scale: 100,000 products × 20 locations, 1,000,000 sales");
+    let bin = tokio::task::spawn_blocking(storemesh_binary).await??;
+    let tmp = tempfile::Builder::new()
+        .prefix("storemesh-bench-scale-")
+        .tempdir()?;
+    let dirs = make_mesh(
+        tmp.path(),
+        &[
+            ("hq", Role::Store, Policy::Strict),
+            ("fresh", Role::Store, Policy::Strict),
+        ],
+        &[(0, 1)],
+    )?;
+    for (d, _) in &dirs {
+        let mut c = Config::load(d)?;
+        c.sync.anti_entropy_ms = 5_000;
+        c.save(d)?;
+    }
+    let hq_dir = dirs[0].0.clone();
+    let fx = tokio::task::spawn_blocking(move || build_fixture(&hq_dir, products, sales)).await??;
+    eprintln!(
+        "  scale fixture: {} products × {LOCATIONS} locations, {} sales: built in {:.1} s, merged and written in {:.1} s ({} documents, {} MB saved, {} MB redb file)",
+        fmt_int(products as f64),
+        fmt_int(sales as f64),
+        fx.build_s,
+        fx.merge_s,
+        fx.docs,
+        fx.doc_bytes / 1_000_000,
+        fx.db_bytes / 1_000_000
+    );
+    // Restart: the first served read, then documents loaded ("ready").
+    let probe = format!("/api/inventory?product_id={}", products / 2 + 1);
+    let t = Instant::now();
+    let mut hq = Proc::spawn(&bin, "hq", &dirs[0].0, &dirs[0].1).await?;
+    let first_read = loop {
+        match hq.get(&probe).await {
+            Ok((200, body)) => {
+                let v: serde_json::Value = serde_json::from_slice(&body)?;
+                if v["stock_level"].as_i64().is_some_and(|x| x > 0) {
+                    break t.elapsed();
+                }
+                bail!("first read returned no stock: {v}");
+            }
+            _ if t.elapsed() > Duration::from_secs(120) => bail!("no read served within 120 s"),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let hq_ready = ready(&mut hq, t, Duration::from_secs(600)).await?;
+    let rss_hq = hq.rss_mib();
+    let result = async {
+        // A new empty node syncs everything from hq.
+        let t = Instant::now();
+        let mut fresh = Proc::spawn(&bin, "fresh", &dirs[1].0, &dirs[1].1).await?;
+        let limit = mode.pick(Duration::from_secs(120), Duration::from_secs(600));
+        let synced = loop {
+            let (a, b) = (hq.documents().await?, fresh.documents().await?);
+            if a == b {
+                break t.elapsed();
+            }
+            if t.elapsed() > limit {
+                fresh.stop().await;
+                bail!(
+                    "the new node did not sync within {limit:?} ({} of {} documents)",
+                    b.len(),
+                    a.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let rss_fresh = fresh.rss_mib();
+        let peak = (
+            peak_rss_mib(hq.pid()).unwrap_or(f64::NAN),
+            peak_rss_mib(fresh.pid()).unwrap_or(f64::NAN),
+        );
+        fresh.stop().await;
+        Ok::<_, anyhow::Error>((synced, rss_fresh, peak))
+    }
+    .await;
+    hq.stop().await;
+    let (synced, rss_fresh, (peak_hq, peak_fresh)) = result?;
+    let rss = rss_hq.max(rss_fresh);
+    let peak = peak_hq.max(peak_fresh);
+    let ok = first_read.as_secs_f64() <= 3.0 && peak <= 1024.0 && synced.as_secs_f64() <= 30.0;
+    s.figures.push(
+        Figure::new(
+            "5",
+            &format!(
+                "restart to first read / peak RSS / new node synced ({}k products, {}k sales)",
+                products / 1000,
+                sales / 1000
+            ),
+        )
+        .value(format!(
+            "{:.2} s / {:.0} MiB / {:.1} s",
+            first_read.as_secs_f64(),
+            peak,
+            synced.as_secs_f64()
+        ))
+        .baseline("Ditto: 1M documents in 117 s")
+        .target(
+            if full {
+                "≤ 3 s / ≤ 1 GiB / ≤ 30 s".to_string()
+            } else {
+                "≤ 3 s / ≤ 1 GiB / ≤ 30 s at 100k × 20 with 1M sales (`--full`); less here"
+                    .to_string()
+            },
+            if full { Verdict::of(ok) } else { Verdict::Info },
+        ),
+    );
+    s.note(format!(
+        "{} products × {LOCATIONS} locations, {} sales of history{}. The history is built \
+         through the production engine without HTTP: one engine per location (its own node id \
+         and actor) receives {STOCK} units of every product at its location (500-line \
+         receipts) and sells its share of the sales (single-line sales of one unit, products \
+         uniform, spread over one year, so 12 monthly records documents per location), in \
+         group commits of {SALES_PER_COMMIT} sales (one Automerge change per touched document \
+         per commit); 2 threads ({:.1} s). The documents of all locations are merged into the \
+         data directory of node `hq` (loaded into one engine, views rebuilt, everything \
+         written in one redb transaction; {:.1} s): {} documents, {} MB of saved documents, a \
+         {} MB redb file. Then `hq` and a new empty node run as `storemesh run` processes \
+         (peered with each other).\n",
+        fmt_int(products as f64),
+        fmt_int(sales as f64),
+        if full {
+            ""
+        } else {
+            " (reduced from the target's 100,000 products and 1,000,000 sales; `--full` runs \
+             the target's sizes)"
+        },
+        fx.build_s,
+        fx.merge_s,
+        fmt_int(fx.docs as f64),
+        fx.doc_bytes / 1_000_000,
+        fx.db_bytes / 1_000_000
+    ));
+    s.note("| | |\n|---|---|");
+    s.note(format!(
+        "| `hq` restart → first `GET /api/inventory` answered (stock rows are served from the \
+         persisted view before the documents load) | {:.2} s |",
+        first_read.as_secs_f64()
+    ));
+    s.note(format!(
+        "| `hq` restart → every document loaded and views rebuilt (`ready`) | {:.2} s |",
+        hq_ready.as_secs_f64()
+    ));
+    s.note(format!(
+        "| new empty node started → identical document heads on both | {:.1} s |",
+        synced.as_secs_f64()
+    ));
+    s.note(format!(
+        "| RSS `hq` when ready / new node when synced, MiB | {:.0} / {:.0} |",
+        rss_hq, rss_fresh
+    ));
+    s.note(format!(
+        "| peak RSS (VmHWM) `hq` / new node, MiB | {peak_hq:.0} / {peak_fresh:.0} |"
+    ));
+    let _ = rss;
+    Ok(s)
+}
