@@ -364,7 +364,7 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
     }
     let mut v = json!({"product_id": p, "stock_level": stock, "available": avail});
     if details {
-        let now = now_ms();
+        let now = sh.now_ms();
         let locs: Vec<Value> = rows
             .iter()
             .filter(|(l, _)| location.is_none_or(|x| x == l.as_str()))

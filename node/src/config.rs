@@ -174,7 +174,19 @@ pub struct Config {
     /// `[[allocation]]`: keep a share of the own location's stock allocated to a node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allocation: Vec<AllocationConfig>,
+    /// Testing aid: this node's clock reads this many milliseconds ahead of the
+    /// host clock (negative: behind), to show that nodes with wrong clocks
+    /// still agree (reservation expiry, records, counts). 0 in production.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clock_offset_ms: i64,
 }
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+/// Largest `clock_offset_ms` accepted (one week either way).
+pub const CLOCK_OFFSET_MAX_MS: i64 = 7 * 24 * 3600 * 1000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -363,6 +375,7 @@ impl Config {
             loyalty: LoyaltyConfig::default(),
             rebalance: RebalanceConfig::default(),
             allocation: Vec::new(),
+            clock_offset_ms: 0,
         }
     }
 
@@ -490,6 +503,12 @@ impl Config {
             return Err(format!(
                 "timezone {:?} is not an IANA time zone name such as Europe/Berlin",
                 self.timezone
+            ));
+        }
+        if self.clock_offset_ms.abs() > CLOCK_OFFSET_MAX_MS {
+            return Err(format!(
+                "clock_offset_ms must be within ±{CLOCK_OFFSET_MAX_MS} (one week; got {})",
+                self.clock_offset_ms
             ));
         }
         for (i, a) in self.allocation.iter().enumerate() {

@@ -113,6 +113,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// This node's clock: the host clock plus the configured `clock_offset_ms`.
+    pub fn now_ms(&self) -> u64 {
+        now_ms().saturating_add_signed(self.cfg.clock_offset_ms)
+    }
+
     /// Runs an operation through the engine thread; answered after its commit.
     pub async fn execute(&self, op: Op) -> Result<OpReply, OpError> {
         if self.shutting_down.load(Ordering::Relaxed) {
@@ -414,13 +419,13 @@ fn engine_loop(
         }
     };
     // Persist what opening produced (the directory entry) before serving.
-    let mut first = engine.flush(now_ms());
+    let mut first = engine.flush(shared.now_ms());
     number_rows(&shared, &mut first);
     if let Err(e) = store.commit(&first) {
         let _ = ready.send(Err(e.context("cannot write to the database")));
         return;
     }
-    engine.committed(now_ms());
+    engine.committed(shared.now_ms());
     publish(&shared, &engine, &first.rows);
     // Our hellos carry the digest of what is durable, so that an in-sync
     // reconnect is the two hellos and nothing else.
@@ -460,7 +465,7 @@ fn engine_loop(
                 Err(_) => break,
             }
         }
-        let now = now_ms();
+        let now = shared.now_ms();
         let mut pending: Vec<Pending> = Vec::new();
         let mut queries: Vec<Query> = Vec::new();
         let mut n_ops = 0u64;
@@ -628,7 +633,7 @@ fn engine_loop(
     for peer in engine.connected_peers() {
         engine.peer_down(peer);
     }
-    let batch = engine.flush(now_ms());
+    let batch = engine.flush(shared.now_ms());
     if !batch.is_empty() {
         if let Err(e) = store.commit(&batch) {
             tracing::warn!(error = %format!("{e:#}"), "final commit failed");
@@ -737,7 +742,7 @@ fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), StockRow)])
         .collect();
     r.last_heard = engine.last_heard_by_location();
     r.synced = r.synced || engine.synced_with_any() || shared.cfg.peers.is_empty();
-    r.as_of_ms = now_ms();
+    r.as_of_ms = shared.now_ms();
 }
 
 fn sync_stats(shared: &Shared, engine: &Engine) {

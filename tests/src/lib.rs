@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use storemesh_node::config::{Policy, Role};
+pub use storemesh_node::config::{Config, Policy, Role};
 pub use storemesh_node::demo::{converge, make_mesh, Client};
 pub use storemesh_node::node::NodeHandle;
 
@@ -18,8 +18,23 @@ pub struct Mesh {
 impl Mesh {
     /// Creates and starts nodes `names` (roles and policies given) with `links`.
     pub async fn start(nodes: &[(&str, Role, Policy)], links: &[(usize, usize)]) -> Mesh {
+        Mesh::start_with(nodes, links, |_, _| {}).await
+    }
+
+    /// As `start`, with each node's config adjusted by `tweak(index, config)`
+    /// before the nodes start.
+    pub async fn start_with(
+        nodes: &[(&str, Role, Policy)],
+        links: &[(usize, usize)],
+        tweak: impl Fn(usize, &mut Config),
+    ) -> Mesh {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dirs = make_mesh(tmp.path(), nodes, links).expect("mesh config");
+        for (i, (dir, _)) in dirs.iter().enumerate() {
+            let mut cfg = Config::load(dir).expect("config written by make_mesh");
+            tweak(i, &mut cfg);
+            cfg.save(dir).expect("config saved");
+        }
         let mut handles = Vec::new();
         let mut clients = Vec::new();
         for (dir, token) in &dirs {
