@@ -135,6 +135,8 @@ pub struct Engine {
     /// Where this batch's new changes per document came from: decides which
     /// peers the push after the commit goes to.
     pub(crate) push_sources: BTreeMap<String, crate::sync::PushSource>,
+    /// Catch-up coordination (see `sync::Engine::defer_for_leader`).
+    pub(crate) catchup: crate::sync::Catchup,
     /// Documents with pending writes or received changes (what `flush` looks at).
     pub(crate) dirty_docs: BTreeSet<String>,
     pending_idem: HashMap<String, IdemRecord>,
@@ -208,6 +210,7 @@ impl Engine {
             outbox: Vec::new(),
             changed_docs: BTreeMap::new(),
             push_sources: BTreeMap::new(),
+            catchup: crate::sync::Catchup::default(),
             dirty_docs: BTreeSet::new(),
             pending_idem: HashMap::new(),
             pending_rows: BTreeSet::new(),
@@ -1173,7 +1176,7 @@ impl Engine {
             LedgerField::Granted(to),
             g.quantity,
         )?;
-        let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "quantity": g.quantity, "at_ms": now_ms});
+        let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "to_tag": to.hex(), "quantity": g.quantity, "at_ms": now_ms});
         self.write_record(RecordKind::Grant, &g.grant_id, record, now_ms);
         Ok(Self::reply(
             201,

@@ -360,7 +360,7 @@ impl Engine {
         }
         self.bump(req.product_id, &req.location, LedgerField::Granted(to), q)?;
         let to_name = self.views.name_of(to);
-        let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": req.location, "product_id": req.product_id, "to": to_name, "quantity": q, "rebalance": true, "at_ms": now_ms});
+        let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": req.location, "product_id": req.product_id, "to": to_name, "to_tag": to.hex(), "quantity": q, "rebalance": true, "at_ms": now_ms});
         self.write_record(RecordKind::Grant, &grant_id, record, now_ms);
         self.note_idem(key);
         self.rebalancer.grants_given += 1;
@@ -453,7 +453,7 @@ impl Engine {
                 if self.bump(p, &own, LedgerField::Granted(to), q).is_err() {
                     continue;
                 }
-                let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": own, "product_id": p, "to": rule.to, "quantity": q, "allocation": true, "at_ms": now_ms});
+                let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": own, "product_id": p, "to": rule.to, "to_tag": to.hex(), "quantity": q, "allocation": true, "at_ms": now_ms});
                 self.write_record(RecordKind::Grant, &grant_id, record, now_ms);
                 self.rebalancer.allocation_grants += 1;
                 granted += 1;

@@ -6,6 +6,9 @@
 //! closes a reservation — by fulfilling it (a sale out of the reserved units),
 //! cancelling it, or expiring it by its own clock — so two clocks can never both
 //! act on one reservation. Closing releases the units to that node's rights.
+//! When the fulfilling node is retired, its open reservations pass to its
+//! successor together with its rights: the successor keeps the units reserved
+//! and is the one that fulfils, cancels or expires them.
 
 use std::collections::BTreeMap;
 
@@ -15,13 +18,30 @@ use crate::layout::{LedgerField, RecordKind};
 use crate::ops::{sum_lines, OpError, OpReply, Reserve, ShortLine};
 
 impl Engine {
-    /// Units this node holds for open reservations at (product, location).
+    /// Units this node holds for open reservations at (product, location),
+    /// including those of retired nodes it succeeds (their rights, reserved
+    /// units included, are its own now).
     pub fn reserved_by_me(&self, product: u64, location: &str) -> i64 {
-        self.views
-            .reserved
-            .get(&(product, location.to_string(), self.tag))
-            .copied()
-            .unwrap_or(0)
+        let held = |tag: NodeTag| {
+            self.views
+                .reserved
+                .get(&(product, location.to_string(), tag))
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut v = held(self.tag);
+        for retired in self.views.retired.keys() {
+            if *retired != self.tag && self.views.resolve(*retired) == self.tag {
+                v = v.saturating_add(held(*retired));
+            }
+        }
+        v
+    }
+
+    /// Whether this node acts for reservations fulfilled by `tag`: its own,
+    /// and those of retired nodes it succeeds.
+    fn fulfils_for(&self, tag: Option<NodeTag>) -> bool {
+        tag.is_some_and(|t| t == self.tag || self.views.resolve(t) == self.tag)
     }
 
     /// Units held for open reservations at (product, location), by any node.
@@ -90,7 +110,7 @@ impl Engine {
             .ok_or_else(|| {
                 OpError::NotFound(format!("unknown reservation {id} (not synced here yet?)"))
             })?;
-        if v.fulfil_by != Some(self.tag) {
+        if !self.fulfils_for(v.fulfil_by) {
             let name = v
                 .fulfil_by
                 .map(|t| self.views.name_of(t))
@@ -165,18 +185,21 @@ impl Engine {
 
     /// Expires this node's open reservations whose time has come, by its own clock.
     pub fn expire_reservations(&mut self, now_ms: u64) -> usize {
-        let due: Vec<String> = self
+        let mut due: Vec<String> = self
             .views
             .reservations
             .iter()
             .filter(|(_, v)| {
                 v.known
                     && v.closed.is_none()
-                    && v.fulfil_by == Some(self.tag)
+                    && self.fulfils_for(v.fulfil_by)
                     && v.expires_at_ms <= now_ms
             })
             .map(|(id, _)| id.clone())
             .collect();
+        // The index is a HashMap: its order differs between processes, the
+        // order of the writes (and so the change's bytes) must not.
+        due.sort();
         for id in &due {
             self.close_reservation(id, "expired", now_ms);
         }

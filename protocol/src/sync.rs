@@ -82,6 +82,34 @@ pub enum Msg {
         data: Vec<u8>,
         seen: Vec<[u8; NODE_TAG_BYTES]>,
     },
+    /// The sender's heads of one document after it caught up through a sync
+    /// session: changes that arrived that way are announced, not pushed (its
+    /// other peers are often catching up on the same changes themselves); a
+    /// receiver that lacks some of them fetches them through a session.
+    Have {
+        doc: String,
+        heads: Vec<[u8; 32]>,
+    },
+}
+
+/// Heads listed in one `Have`, at most.
+pub const HAVE_HEADS_MAX: usize = 64;
+/// A catch-up session on one document defers the others this long at most.
+pub const CATCHUP_LEAD_MS: u64 = 2_000;
+
+/// Catch-up coordination: after a partition heals, several peers can offer
+/// the same missing changes of a document at once. One of them (the leader)
+/// catches us up first; replies to the others wait until it is done, so they
+/// then see we already have those changes. A reply is only deferred to a peer
+/// whose node id is greater than the leader's: with that order no cycle of
+/// nodes can wait on each other.
+#[derive(Default)]
+pub(crate) struct Catchup {
+    leaders: BTreeMap<String, (NodeId, u64)>,
+    deferred: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Announced heads we lack, to fetch once no session is catching us up.
+    wanted: BTreeMap<String, (NodeId, Vec<ChangeHash>)>,
+    now_ms: u64,
 }
 
 /// Node tags listed in one push's `seen`, at most (a longer list is cut: the
@@ -93,6 +121,10 @@ pub const SEEN_MAX: usize = 256;
 pub struct PushSource {
     /// Written here: every peer gets them.
     pub local: bool,
+    /// Some arrived in a push (live changes: pushed on at once); if none did
+    /// and none were written here, they came through a sync session and are
+    /// announced with [`Msg::Have`] instead.
+    pub pushed: bool,
     /// Nodes known to have every received change of this document in this
     /// batch (the intersection over the messages they came in); `None`: none received.
     pub covered: Option<BTreeSet<NodeTag>>,
@@ -322,6 +354,22 @@ impl Engine {
                 self.queue_sync_state(peer, doc, d.state.encode());
             }
         }
+        for set in self.catchup.deferred.values_mut() {
+            set.remove(&peer);
+        }
+        self.catchup.deferred.retain(|_, set| !set.is_empty());
+        self.catchup.wanted.retain(|_, (p, _)| *p != peer);
+        let led: Vec<String> = self
+            .catchup
+            .leaders
+            .iter()
+            .filter(|(_, (l, _))| *l == peer)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for doc in led {
+            self.catchup.leaders.remove(&doc);
+            self.resume_catchup(&doc);
+        }
     }
 
     pub fn connected_peers(&self) -> Vec<NodeId> {
@@ -339,10 +387,120 @@ impl Engine {
 
     /// Periodic anti-entropy: re-announce the root digest to every peer.
     pub fn tick(&mut self, now_ms: u64) {
+        self.catchup.now_ms = self.catchup.now_ms.max(now_ms);
         let peers: Vec<NodeId> = self.sessions.keys().copied().collect();
         for p in peers {
             self.send_root(p, now_ms);
         }
+        let waiting: Vec<String> = self
+            .catchup
+            .deferred
+            .keys()
+            .chain(self.catchup.wanted.keys())
+            .cloned()
+            .collect();
+        for doc in waiting {
+            self.resume_catchup(&doc);
+        }
+    }
+
+    /// Whether the session with `peer` on `doc` is still expected to bring
+    /// us changes: we have not heard its heads yet, or lack some of them.
+    fn session_brings(&self, peer: NodeId, doc: &str) -> bool {
+        let Some(d) = self.sessions.get(&peer).and_then(|s| s.docs.get(doc)) else {
+            return false;
+        };
+        let Some(slot) = self.docs.get(doc) else {
+            return false;
+        };
+        if d.finished {
+            return false;
+        }
+        match &d.state.their_heads {
+            None => true,
+            Some(h) => h
+                .iter()
+                .any(|x| automerge::ReadDoc::get_change_by_hash(&slot.doc, x).is_none()),
+        }
+    }
+
+    /// The document's catch-up leader, if it is still catching us up.
+    fn active_leader(&mut self, doc: &str) -> Option<NodeId> {
+        let &(leader, since) = self.catchup.leaders.get(doc)?;
+        let fresh = self.catchup.now_ms.saturating_sub(since) <= CATCHUP_LEAD_MS;
+        if fresh && self.session_brings(leader, doc) {
+            Some(leader)
+        } else {
+            self.catchup.leaders.remove(doc);
+            None
+        }
+    }
+
+    /// Whether our next message to `peer` on `doc` waits for the leader.
+    fn defer_for_leader(&mut self, peer: NodeId, doc: &str) -> bool {
+        match self.active_leader(doc) {
+            Some(leader) if leader != peer && peer.0 > leader.0 => {
+                self.catchup
+                    .deferred
+                    .entry(doc.to_string())
+                    .or_default()
+                    .insert(peer);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After progress on `doc`: once no leader is catching us up, the deferred
+    /// peers get their replies and announced heads we still lack are fetched.
+    fn resume_catchup(&mut self, doc: &str) {
+        if self.active_leader(doc).is_some() {
+            return;
+        }
+        if let Some(peers) = self.catchup.deferred.remove(doc) {
+            for p in peers {
+                if self.sessions.contains_key(&p) {
+                    self.sync_doc(p, doc);
+                }
+            }
+        }
+        if self.active_leader(doc).is_some() {
+            return;
+        }
+        if let Some((peer, heads)) = self.catchup.wanted.remove(doc) {
+            let lacking = self.docs.get(doc).is_none_or(|s| {
+                heads
+                    .iter()
+                    .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
+            });
+            if lacking && self.sessions.contains_key(&peer) {
+                self.offer_doc(peer, doc);
+            }
+        }
+    }
+
+    /// A peer announced its heads of a document it caught up on.
+    fn on_have(&mut self, peer: NodeId, doc: &str, heads: &[[u8; 32]]) -> Result<(), String> {
+        if heads.len() > HAVE_HEADS_MAX {
+            return Err("have message lists too many heads".into());
+        }
+        DocId::parse(doc, self.cfg.buckets)?;
+        let heads: Vec<ChangeHash> = heads.iter().map(|h| ChangeHash(*h)).collect();
+        let lacking = self.docs.get(doc).is_none_or(|s| {
+            heads
+                .iter()
+                .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
+        });
+        if !lacking {
+            return Ok(());
+        }
+        if self.active_leader(doc).is_some() {
+            self.catchup.wanted.insert(doc.to_string(), (peer, heads));
+            return Ok(());
+        }
+        self.ensure_doc(doc)?;
+        self.offer_doc(peer, doc);
+        Ok(())
     }
 
     fn session_for(&mut self, peer: NodeId, doc: &str) -> Option<&mut DocSession> {
@@ -360,6 +518,9 @@ impl Engine {
 
     /// Generates (and queues) the next sync message for one document and peer.
     fn sync_doc(&mut self, peer: NodeId, doc: &str) {
+        if self.defer_for_leader(peer, doc) {
+            return;
+        }
         let Some(slot) = self.docs.get(doc) else {
             return;
         };
@@ -429,6 +590,10 @@ impl Engine {
         let data = msg.encode();
         self.put_session(peer, doc, sess);
         self.send_big(peer, doc, data, false);
+        if !self.catchup.leaders.contains_key(doc) && self.session_brings(peer, doc) {
+            let now = self.catchup.now_ms;
+            self.catchup.leaders.insert(doc.to_string(), (peer, now));
+        }
     }
 
     fn put_session(&mut self, peer: NodeId, doc: &str, sess: DocSession) {
@@ -490,6 +655,7 @@ impl Engine {
         }
         for (doc, data) in docs {
             let source = self.push_sources.remove(&doc).unwrap_or_default();
+            let lazy = !source.local && !source.pushed && source.covered.is_some();
             let mut known: BTreeSet<NodeTag> = match source.covered {
                 Some(c) if !source.local => c,
                 // Written here, or arrived without a push (e.g. a sync session):
@@ -503,6 +669,30 @@ impl Engine {
                 .copied()
                 .collect();
             if targets.is_empty() {
+                continue;
+            }
+            if lazy {
+                let heads: Vec<[u8; 32]> = self
+                    .docs
+                    .get(&doc)
+                    .map(|s| {
+                        s.doc
+                            .get_heads()
+                            .iter()
+                            .take(HAVE_HEADS_MAX)
+                            .map(|h| h.0)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for p in targets {
+                    self.send(
+                        p,
+                        &Msg::Have {
+                            doc: doc.clone(),
+                            heads: heads.clone(),
+                        },
+                    );
+                }
                 continue;
             }
             if data.is_empty() {
@@ -543,6 +733,7 @@ impl Engine {
     /// do not break the connection.
     pub fn receive(&mut self, peer: NodeId, body: &[u8], now_ms: u64) -> Result<(), String> {
         let msg: Msg = crate::wire::decode_frame(body)?;
+        self.catchup.now_ms = self.catchup.now_ms.max(now_ms);
         self.stats.sync_messages_in += 1;
         self.stats.sync_bytes_in += body.len() as u64 + 4;
         let Some(s) = self.sessions.get_mut(&peer) else {
@@ -643,7 +834,11 @@ impl Engine {
                 }
             }
             Msg::Sync { doc, data } => self.apply_sync(peer, &doc, &data, false, now_ms)?,
-            Msg::Push { doc, data, seen } => self.apply_push(peer, &doc, &data, &seen, now_ms)?,
+            Msg::Push { doc, data, seen } => {
+                self.apply_push(peer, &doc, &data, &seen, now_ms)?;
+                self.resume_catchup(&doc);
+            }
+            Msg::Have { doc, heads } => self.on_have(peer, &doc, &heads)?,
             Msg::Fallback { doc, data } => self.apply_sync(peer, &doc, &data, true, now_ms)?,
             Msg::Part { doc, data, last } => {
                 let s = self.sessions.get_mut(&peer).ok_or("no session")?;
@@ -773,11 +968,12 @@ impl Engine {
             self.reject(peer, doc, &format!("automerge refused the message: {e}"));
             return Ok(());
         }
-        self.after_apply(doc, &before, &verdict, [peer.tag()].into(), now_ms);
+        self.after_apply(doc, &before, &verdict, [peer.tag()].into(), false, now_ms);
         // Reply (queued; released only after the next commit).
         if !fallback {
             self.sync_doc(peer, doc);
         }
+        self.resume_catchup(doc);
         Ok(())
     }
 
@@ -839,7 +1035,7 @@ impl Engine {
         }
         let mut covered: BTreeSet<NodeTag> = seen.iter().map(|t| NodeTag(*t)).collect();
         covered.insert(peer.tag());
-        self.after_apply(doc, &before, &verdict, covered, now_ms);
+        self.after_apply(doc, &before, &verdict, covered, true, now_ms);
         Ok(())
     }
 
@@ -851,6 +1047,7 @@ impl Engine {
         before: &[ChangeHash],
         verdict: &Verdict,
         covered: BTreeSet<NodeTag>,
+        pushed: bool,
         now_ms: u64,
     ) {
         let Some(slot) = self.docs.get(doc) else {
@@ -861,10 +1058,9 @@ impl Engine {
             return;
         }
         self.dirty_docs.insert(doc.to_string());
-        self.push_sources
-            .entry(doc.to_string())
-            .or_default()
-            .received(covered);
+        let source = self.push_sources.entry(doc.to_string()).or_default();
+        source.received(covered);
+        source.pushed |= pushed;
         for t in &verdict.authors {
             let h = self.last_heard.entry(*t).or_default();
             *h = (*h).max(now_ms);

@@ -68,6 +68,72 @@ pub struct Checker {
     pub overdraft_alarms: u64,
     pub deficit_alarms: u64,
     pub fork_alarms: u64,
+    /// Retired node → successor, from the moment the simulator decided the
+    /// retirement (before any node knows of it: until the successor learns of
+    /// it, it cannot spend the inherited rights, so summing them is exact).
+    pub retired_to: BTreeMap<NodeTag, NodeTag>,
+    /// Commits at which a successor's own cells had spent rights it inherited
+    /// (its unresolved rights below zero): the retirement was exercised.
+    pub successor_spends: u64,
+}
+
+impl Checker {
+    /// The node that holds `tag`'s rights once every node knows of the
+    /// retirements (follows chains, bounded as `Views::resolve`).
+    pub fn resolve(&self, tag: NodeTag) -> NodeTag {
+        let mut t = tag;
+        for _ in 0..16 {
+            match self.retired_to.get(&t) {
+                Some(next) if *next != t => t = *next,
+                _ => break,
+            }
+        }
+        t
+    }
+
+    /// Rights per holder, a retired node's rights counted as its successor's.
+    /// Judging by a replica's own knowledge would be wrong: the retirement
+    /// (mesh document) and the successor's spending (ledger document) travel
+    /// independently, so a replica may see the spend before the retirement.
+    pub fn rights_by_holder(&self, entry: &StockEntry) -> BTreeMap<NodeTag, i64> {
+        if self.retired_to.is_empty() {
+            return entry.rights_by_node();
+        }
+        let holders: BTreeSet<NodeTag> = entry
+            .rights_by_node()
+            .into_keys()
+            .map(|t| self.resolve(t))
+            .collect();
+        holders
+            .into_iter()
+            .map(|h| (h, entry.rights_in(h, &|t| self.resolve(t))))
+            .collect()
+    }
+
+    /// The recorded deficits and overdrafts of a holder and of every retired
+    /// node it succeeds, and whether any of their histories was forked.
+    pub fn allowance_of(&self, holder: NodeTag, p: u64, l: &str) -> (i64, bool) {
+        let mut allow = 0i64;
+        let mut forked = false;
+        let succeeded = self
+            .retired_to
+            .keys()
+            .filter(|t| **t != holder && self.resolve(**t) == holder);
+        for t in std::iter::once(&holder).chain(succeeded) {
+            let name = self.names.get(t).cloned().unwrap_or_else(|| t.hex());
+            forked |= self.forked.contains(&name);
+            allow += self
+                .allowance
+                .get(&(name, p, l.to_string()))
+                .copied()
+                .unwrap_or(0);
+        }
+        (allow, forked)
+    }
+
+    pub fn name_of(&self, tag: NodeTag) -> String {
+        self.names.get(&tag).cloned().unwrap_or_else(|| tag.hex())
+    }
 }
 
 type Flat = BTreeMap<(u64, String), StockEntry>;
@@ -257,17 +323,13 @@ impl World {
                 }
                 let mut any_forked = false;
                 let mut allow_total = 0i64;
-                for (tag, rights) in entry.rights_by_node() {
-                    let name = check.names.get(&tag).cloned().unwrap_or_else(|| tag.hex());
-                    if check.forked.contains(&name) {
+                for (tag, rights) in check.rights_by_holder(entry) {
+                    let name = check.name_of(tag);
+                    let (allow, forked) = check.allowance_of(tag, *p, l);
+                    if forked {
                         any_forked = true;
                         continue;
                     }
-                    let allow = check
-                        .allowance
-                        .get(&(name.clone(), *p, l.clone()))
-                        .copied()
-                        .unwrap_or(0);
                     allow_total += allow;
                     if rights < -allow && problem.is_none() {
                         problem = Some((
@@ -275,6 +337,24 @@ impl World {
                             format!(
                                 "in node {node_name}'s view, rights of {name} on product {p} at {l} are {rights}, below the {allow} its recorded deficits and overdrafts allow (on hand {})",
                                 entry.on_hand()
+                            ),
+                        ));
+                    }
+                }
+                // The committing node judged its own sales and grants by the
+                // retirements it knew: by its own view it never spent below zero.
+                let me = life.engine.tag();
+                if !views.retired.is_empty() && check.retired_to.values().any(|s| *s == me) {
+                    let own = life.engine.node_rights(entry, me);
+                    let (allow, forked) = check.allowance_of(check.resolve(me), *p, l);
+                    if entry.rights(me) < 0 && own >= 0 {
+                        check.successor_spends += 1;
+                    }
+                    if !forked && own < -allow && problem.is_none() {
+                        problem = Some((
+                            "no-oversell",
+                            format!(
+                                "in its own view (retirements resolved), rights of {node_name} on product {p} at {l} are {own}, below the {allow} its recorded deficits and overdrafts allow"
                             ),
                         ));
                     }
@@ -527,19 +607,9 @@ impl World {
         rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         for (p, l, entry) in rows {
             let mut allow_total = 0;
-            for (tag, rights) in entry.rights_by_node() {
-                let name = self
-                    .check
-                    .names
-                    .get(&tag)
-                    .cloned()
-                    .unwrap_or_else(|| tag.hex());
-                let allow = self
-                    .check
-                    .allowance
-                    .get(&(name.clone(), *p, l.clone()))
-                    .copied()
-                    .unwrap_or(0);
+            for (tag, rights) in self.check.rights_by_holder(entry) {
+                let name = self.check.name_of(tag);
+                let (allow, _) = self.check.allowance_of(tag, *p, l);
                 allow_total += allow;
                 if rights < -allow {
                     return Err(self.violation(
@@ -669,6 +739,36 @@ impl World {
                 .get(t)
                 .is_some_and(|n| self.check.forked.contains(n))
         };
+        // Units are not held forever: a reservation past its expiry by the
+        // clock of the node that acts for it (its fulfilling node, or that
+        // node's successor once retired) was expired — that node runs at
+        // least once per anti-entropy interval.
+        let margin = self.setup.anti_entropy_ms + 2 * self.setup.tick_ms;
+        for (rid, (by, expires)) in &opened {
+            if closes.contains_key(rid) {
+                continue;
+            }
+            let Some(by) = by else { continue };
+            let holder = e.views.resolve(*by);
+            let Some(i) = self
+                .members()
+                .into_iter()
+                .find(|i| !self.nodes[*i].is_clone && self.nodes[*i].cfg.node_id.tag() == holder)
+            else {
+                continue;
+            };
+            let now = self.clock(i);
+            if now >= expires.saturating_add(margin) {
+                return Err(self.violation(
+                    "reservations",
+                    format!(
+                        "reservation {rid} (fulfilled by {}) expired at {expires} but is still open at {now} by the clock of {}, which acts for it: its units stay held",
+                        self.check.name_of(*by),
+                        self.nodes[i].name
+                    ),
+                ));
+            }
+        }
         for (rid, cs) in &closes {
             let Some((Some(by), expires)) = opened.get(rid) else {
                 return Err(self.violation(
@@ -816,7 +916,15 @@ impl World {
                         }
                         RecordKind::Grant => {
                             let q = json["quantity"].as_u64().unwrap_or(0);
-                            let to = json["to"].as_str().and_then(|n| tag_of.get(n)).copied();
+                            // The recipient's tag; records from before `to_tag`
+                            // name it only (or by hex when the name was unknown).
+                            let to =
+                                json["to_tag"]
+                                    .as_str()
+                                    .and_then(NodeTag::parse)
+                                    .or_else(|| {
+                                        json["to"].as_str().and_then(|n| tag_of.get(n)).copied()
+                                    });
                             if let Some(to) = to {
                                 add(json["product_id"].as_u64().unwrap_or(0), &mut |c| {
                                     *c.2.entry(to).or_default() += q
