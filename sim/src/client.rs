@@ -23,6 +23,8 @@ pub enum Kind {
     ReservationFulfil,
     /// `POST /api/reservations/{id}/cancel` (the id is the reservation id).
     ReservationCancel,
+    /// `storemesh node retire --name NODE --successor NODE` (the id is the node).
+    Retire,
 }
 
 impl Kind {
@@ -37,7 +39,7 @@ impl Kind {
             Kind::Reserve => Some("rsv"),
             Kind::ReservationFulfil => Some("sale"),
             Kind::ReservationCancel => Some("rsc"),
-            Kind::CustomerPut | Kind::CustomerErase | Kind::Redeem => None,
+            Kind::CustomerPut | Kind::CustomerErase | Kind::Redeem | Kind::Retire => None,
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct RunReport {
     pub sim_ms: u64,
     pub converge_ms: u64,
     pub lost_with_history: u64,
+    /// `X->S` and how often the successor spent inherited rights, when a
+    /// node was retired.
+    pub retirement: Option<String>,
 }
 
 impl RunReport {
@@ -56,8 +59,13 @@ impl RunReport {
             None => "ok".to_string(),
             Some(v) => format!("FAIL {v}"),
         };
+        let retired = self
+            .retirement
+            .as_ref()
+            .map(|r| format!(" retired={r}"))
+            .unwrap_or_default();
         format!(
-            "seed {}: {status} | events={} faults={faults} acked={} refused={} commits={} frames={} bytes={} sim={:.1}s converge={:.2}s lost-with-history={} trace={}{speed} | {}",
+            "seed {}: {status} | events={} faults={faults} acked={} refused={} commits={} frames={} bytes={} sim={:.1}s converge={:.2}s lost-with-history={}{retired} trace={}{speed} | {}",
             self.seed,
             self.events,
             self.acked,
@@ -80,6 +88,34 @@ pub struct Driver {
     pub cat: Catalogue,
     restores: u32,
     clones: u32,
+    retirements: u32,
+    /// (retired, successor) node indices.
+    retired_pair: Option<(usize, usize)>,
+}
+
+/// Nodes `keep` stay connected through the configured peer links.
+fn connected_without(w: &World, keep: &[usize]) -> bool {
+    let Some(&start) = keep.first() else {
+        return true;
+    };
+    let mut seen = vec![start];
+    let mut todo = vec![start];
+    while let Some(a) = todo.pop() {
+        for &(x, y) in &w.net.peers {
+            let b = if x == a {
+                y
+            } else if y == a {
+                x
+            } else {
+                continue;
+            };
+            if keep.contains(&b) && !seen.contains(&b) {
+                seen.push(b);
+                todo.push(b);
+            }
+        }
+    }
+    seen.len() == keep.len()
 }
 
 impl Driver {
@@ -145,6 +181,8 @@ impl Driver {
             cat,
             restores: 0,
             clones: 0,
+            retirements: 0,
+            retired_pair: None,
         })
     }
 
@@ -211,6 +249,14 @@ impl Driver {
                 self.w.take_image(i);
             }
         }
+        // From the drawn event on, until a store can be retired (none while
+        // a clone runs or while every candidate is down).
+        if self.d.retire_at_event.is_some_and(|at| ev >= at) {
+            self.begin_retirement();
+        }
+        if self.w.draining.is_some() {
+            self.try_finish_retirement();
+        }
         if self.w.rng.gen_bool(self.d.fault_rate) {
             self.fault()?;
         } else {
@@ -222,8 +268,94 @@ impl Driver {
         Ok(())
     }
 
+    /// Starts retiring a store: from now on its clients send it nothing new.
+    /// Only a store whose departure leaves the other nodes connected, while
+    /// no clone runs (a clone would keep writing with the retired identity).
+    fn begin_retirement(&mut self) {
+        if self.retirements > 0
+            || self.w.draining.is_some()
+            || self.w.nodes.iter().any(|n| n.is_clone && !n.retired)
+        {
+            return;
+        }
+        let web = self.d.webshop;
+        let Some(x) = self.pick(|w, i| {
+            let rest: Vec<usize> = (0..w.nodes.len())
+                .filter(|j| *j != i && !w.nodes[*j].retired && !w.nodes[*j].is_clone)
+                .collect();
+            i != web
+                && w.alive(i)
+                && !w.nodes[i].is_clone
+                && rest.len() >= 2
+                && connected_without(w, &rest)
+        }) else {
+            return;
+        };
+        self.w.draining = Some(x);
+        let item = format!("drain {x} t={}", self.w.now_ms);
+        self.w.trace(item.as_bytes());
+    }
+
+    /// Completes the retirement once the drained node answered what it was
+    /// given and some other node holds everything it wrote: it is switched
+    /// off for good, and an operator retires it at some node (`storemesh node
+    /// retire`) to a successor that holds its history, so the successor
+    /// knows exactly which of the inherited rights are left. Its open
+    /// reservations pass to the successor with its rights (the core does so).
+    fn try_finish_retirement(&mut self) {
+        let Some(x) = self.w.draining else {
+            return;
+        };
+        // Its clients give up on requests waiting to be retried; what the
+        // node holds is answered first.
+        let mut busy = false;
+        for rid in 0..self.w.clients.reqs.len() {
+            let r = &self.w.clients.reqs[rid];
+            if r.node != x || !r.outstanding() {
+                continue;
+            }
+            if r.in_flight > 0 {
+                busy = true;
+            } else {
+                self.w.clients.abandon(rid);
+            }
+        }
+        if busy || self.w.nodes[x].life.is_none() {
+            return;
+        }
+        let holders: Vec<usize> = (0..self.w.nodes.len())
+            .filter(|j| {
+                *j != x
+                    && !self.w.nodes[*j].is_clone
+                    && !self.w.nodes[*j].retired
+                    && self.w.holds_changes_of(x, *j)
+            })
+            .collect();
+        let Some(&s) = holders.choose(&mut self.w.rng) else {
+            return;
+        };
+        let at: Vec<usize> = (0..self.w.nodes.len())
+            .filter(|j| *j != x && !self.w.nodes[*j].is_clone && !self.w.nodes[*j].retired)
+            .collect();
+        let Some(&z) = at.choose(&mut self.w.rng) else {
+            return;
+        };
+        self.w.retire_node(x, s);
+        self.retirements += 1;
+        self.retired_pair = Some((x, s));
+        let id = self.w.nodes[x].name.clone();
+        let op = storemesh_protocol::ops::Op::Retire {
+            node: id.clone(),
+            successor: self.w.nodes[s].name.clone(),
+        };
+        let r = new_request(&self.w, z, Kind::Retire, op, id);
+        let desc = format!("req {} {:?}", self.w.clients.reqs.len(), r.op);
+        self.w.trace(desc.as_bytes());
+        self.w.submit_new(r);
+    }
+
     fn request(&mut self) {
-        let Some(i) = self.pick(|w, i| !w.nodes[i].retired) else {
+        let Some(i) = self.pick(|w, i| !w.nodes[i].retired && w.draining != Some(i)) else {
             return;
         };
         let (kind, op, id) = self.w.random_op(&mut self.cat, i);
@@ -246,6 +378,7 @@ impl Driver {
                     && r.conflict_probe_of.is_none()
                     && !r.abandoned
                     && !self.w.nodes[r.node].retired
+                    && self.w.draining != Some(r.node)
                     && r.epoch == self.w.nodes[r.node].epoch
             })
             .map(|r| r.rid)
@@ -414,8 +547,14 @@ impl Driver {
                 }
             }
             // One per seed, and never after a clone ran (its writes may live
-            // only on the restored node).
-            FaultKind::RestoreOldImage if self.restores == 0 && self.clones == 0 => {
+            // only on the restored node) or once a retirement began (the
+            // retired node's writes may live only on the restored node).
+            FaultKind::RestoreOldImage
+                if self.restores == 0
+                    && self.clones == 0
+                    && self.retirements == 0
+                    && self.w.draining.is_none() =>
+            {
                 let cands: Vec<usize> = base
                     .iter()
                     .copied()
@@ -442,7 +581,7 @@ impl Driver {
                     }
                 }
             }
-            FaultKind::ClonedIdentity if self.clones == 0 => {
+            FaultKind::ClonedIdentity if self.clones == 0 && self.w.draining.is_none() => {
                 if let Some(x) = self.pick(|w, i| w.alive(i) && !w.nodes[i].is_clone) {
                     let life = self.w.rng.gen_range(2_000..20_000);
                     if self.w.start_clone(x, life)? {
@@ -459,7 +598,21 @@ impl Driver {
     /// Stops every fault, heals everything and runs until the mesh is quiet.
     /// Returns the simulated time it took.
     pub fn heal_and_quiesce(&mut self) -> Result<u64, Violation> {
-        heal_and_quiesce(&mut self.w)
+        let start = self.w.now_ms;
+        heal(&mut self.w);
+        // A retirement under way completes on the healed mesh.
+        while self.w.draining.is_some() {
+            let t = self.w.now_ms + self.w.setup.tick_ms;
+            self.w.advance_to(t)?;
+            self.try_finish_retirement();
+            if self.w.draining.is_some() && self.w.now_ms - start > LIVENESS_MS {
+                return Err(self.w.violation(
+                    "liveness",
+                    "the node being retired never handed all its changes to another node".into(),
+                ));
+            }
+        }
+        quiesce(&mut self.w, start)
     }
 
     pub fn report(
@@ -501,6 +654,12 @@ impl Driver {
                 .iter()
                 .filter(|r| r.lost_with_history)
                 .count() as u64,
+            retirement: self.retired_pair.map(|(x, s)| {
+                format!(
+                    "{}->{}(spends={})",
+                    w.nodes[x].name, w.nodes[s].name, w.check.successor_spends
+                )
+            }),
         }
     }
 }
@@ -508,8 +667,14 @@ impl Driver {
 /// Heals the whole mesh and runs until it is quiet: every connection of the
 /// topology up, nothing in flight, every request answered, equal digests.
 pub fn heal_and_quiesce(w: &mut World) -> Result<u64, Violation> {
-    w.faults_active = false;
     let start = w.now_ms;
+    heal(w);
+    quiesce(w, start)
+}
+
+/// Stops every fault and heals everything.
+fn heal(w: &mut World) {
+    w.faults_active = false;
     w.net.blocked.clear();
     w.clear_pending_faults();
     for n in w.nodes.iter_mut() {
@@ -539,6 +704,10 @@ pub fn heal_and_quiesce(w: &mut World) -> Result<u64, Violation> {
             w.clients.schedule_retry(rid, soon);
         }
     }
+}
+
+/// Runs until the mesh is quiet (liveness: within [`LIVENESS_MS`] of `start`).
+fn quiesce(w: &mut World, start: u64) -> Result<u64, Violation> {
     let step = w.setup.tick_ms;
     loop {
         let t = w.now_ms + step;
@@ -663,6 +832,7 @@ pub fn run_seed(seed: u64, opts: &Options) -> RunReport {
                 sim_ms: 0,
                 converge_ms: 0,
                 lost_with_history: 0,
+                retirement: None,
             };
         }
     };

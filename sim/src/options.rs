@@ -81,10 +81,14 @@ pub enum FaultKind {
     ClonedIdentity,
     DuplicateRequest,
     ClientRetry,
+    /// A store is drained, powered off for good and retired (`storemesh node
+    /// retire`) to a successor. Once per seed at most, in a minority of seeds
+    /// (`Derived::retire_at_event`), not through the fault weights.
+    RetireNode,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 21] = [
+    pub const ALL: [FaultKind; 22] = [
         FaultKind::PartitionHalves,
         FaultKind::PartitionIsolate,
         FaultKind::PartitionOneWay,
@@ -106,6 +110,7 @@ impl FaultKind {
         FaultKind::ClonedIdentity,
         FaultKind::DuplicateRequest,
         FaultKind::ClientRetry,
+        FaultKind::RetireNode,
     ];
 
     /// Faults the driver injects on purpose (the others are consequences or
@@ -153,6 +158,7 @@ impl FaultKind {
             FaultKind::ClonedIdentity => "cloned-identity",
             FaultKind::DuplicateRequest => "duplicate-request",
             FaultKind::ClientRetry => "client-retry",
+            FaultKind::RetireNode => "retire-node",
         }
     }
 
@@ -179,6 +185,7 @@ impl FaultKind {
             FaultKind::ClonedIdentity => "clone",
             FaultKind::DuplicateRequest => "dup",
             FaultKind::ClientRetry => "retry",
+            FaultKind::RetireNode => "retire",
         }
     }
 }
@@ -247,6 +254,8 @@ pub struct Derived {
     pub rebalance_deadline_ms: u64,
     /// An `[[allocation]]` rule to the web shop: (share_percent, max_units).
     pub allocation_to_web: Option<(u32, u64)>,
+    /// The event at which a store starts being drained for retirement.
+    pub retire_at_event: Option<usize>,
 }
 
 impl Derived {
@@ -321,6 +330,14 @@ impl Derived {
             } else {
                 None
             },
+            // Early enough that the successor spends the inherited rights
+            // for most of the run; most seeds run without a retirement.
+            retire_at_event: if !quiet && rng.gen_bool(0.15) {
+                let e = opts.events.max(3);
+                Some(rng.gen_range(e / 10..=e / 3).max(1))
+            } else {
+                None
+            },
         }
     }
 
@@ -341,7 +358,7 @@ impl Derived {
             .collect();
         let drift = self.drift_ppm.iter().any(|d| *d != 0);
         format!(
-            "topo={} buckets={} products={} customers={} webshop=n{} relaxed=[{}] tick={}ms gap<={}ms latency={}-{}ms ae={}ms rebalance={}ms allocation={} fault_rate={:.2} drift={} faults=[{}]",
+            "topo={} buckets={} products={} customers={} webshop=n{} relaxed=[{}] tick={}ms gap<={}ms latency={}-{}ms ae={}ms rebalance={}ms allocation={} retire={} fault_rate={:.2} drift={} faults=[{}]",
             self.topology,
             self.buckets,
             self.products.len(),
@@ -356,6 +373,10 @@ impl Derived {
             self.rebalance_deadline_ms,
             match self.allocation_to_web {
                 Some((s, m)) => format!("{s}%<={m}"),
+                None => "none".into(),
+            },
+            match self.retire_at_event {
+                Some(e) => format!("@{e}"),
                 None => "none".into(),
             },
             self.fault_rate,

@@ -423,6 +423,8 @@ pub struct NodeLine {
     pub refused: u64,
     /// Refused although reachable stock was on hand (`World::refused_with_stock`).
     pub refused_with_stock: u64,
+    /// Refused although the units were on hand, reachable or not.
+    pub refused_stock_anywhere: u64,
     pub overdrafts: u64,
     pub units_overdrawn: i64,
     pub bytes: u64,
@@ -465,6 +467,16 @@ impl ScenarioReport {
         self.nodes.iter().map(|n| n.refused_with_stock).sum()
     }
 
+    /// Refused for lack of rights although the units were on hand somewhere
+    /// in the mesh (reachable or behind the partition) / attempted sales.
+    pub fn refused_for_rights_rate(&self) -> f64 {
+        self.nodes
+            .iter()
+            .map(|n| n.refused_stock_anywhere)
+            .sum::<u64>() as f64
+            / self.sales_attempted().max(1) as f64
+    }
+
     /// Sales refused for lack of rights although reachable units were on
     /// hand / attempted sales: the price of never overselling.
     pub fn refused_with_stock_rate(&self) -> f64 {
@@ -492,6 +504,13 @@ impl ScenarioReport {
                 b.sales_refused(),
                 b.sales_attempted(),
                 self.refused_rate() / b.refused_rate().max(f64::MIN_POSITIVE)
+            );
+            let _ = writeln!(
+                s,
+                "refused although the units were on hand (reachable or not), with rebalancing: {:.2}% | without: {:.2}% | ratio {:.2}",
+                100.0 * self.refused_for_rights_rate(),
+                100.0 * b.refused_for_rights_rate(),
+                self.refused_for_rights_rate() / b.refused_for_rights_rate().max(f64::MIN_POSITIVE)
             );
             let _ = writeln!(
                 s,
@@ -928,6 +947,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
             units_sold: w.nodes[i].stats.units_sold,
             refused: w.nodes[i].stats.sales_refused,
             refused_with_stock: w.nodes[i].stats.refused_with_stock,
+            refused_stock_anywhere: w.nodes[i].stats.refused_stock_anywhere,
             bytes: w.net.bytes_out.get(i).copied().unwrap_or(0)
                 + w.net.bytes_in.get(i).copied().unwrap_or(0),
             ..NodeLine::default()
@@ -1032,7 +1052,10 @@ impl World {
     /// web order ships from wherever the goods are). A refusal that is not
     /// counted here is a real stock-out (or stock cut off by a partition),
     /// which no movement of rights could have avoided.
-    pub fn refused_with_stock(&self, rid: usize, e: &OpError) -> bool {
+    /// With `reachable_only == false`: whether the units were on hand at all
+    /// (reachable or behind a partition) — the refusals a central server
+    /// that saw every shelf would not have made, i.e. the whole price of escrow.
+    pub fn refused_with_stock(&self, rid: usize, e: &OpError, reachable_only: bool) -> bool {
         let OpError::InsufficientStock(short) = e else {
             return false;
         };
@@ -1043,12 +1066,14 @@ impl World {
         };
         let i = r.node;
         let reachable = |loc: &str| {
-            self.nodes
-                .iter()
-                .position(|n| n.cfg.location == loc && !n.is_clone)
-                .is_some_and(|o| {
-                    o == i || (!self.net.is_blocked(i, o) && !self.net.is_blocked(o, i))
-                })
+            !reachable_only
+                || self
+                    .nodes
+                    .iter()
+                    .position(|n| n.cfg.location == loc && !n.is_clone)
+                    .is_some_and(|o| {
+                        o == i || (!self.net.is_blocked(i, o) && !self.net.is_blocked(o, i))
+                    })
         };
         let on_hand = |p: u64, loc: &str| {
             let mut all = storemesh_protocol::ledger::StockEntry::default();

@@ -113,9 +113,23 @@ impl World {
             .filter(|n| !n.is_clone && n.cfg.name != self.nodes[i].cfg.name)
             .map(|n| n.name.clone())
             .collect();
+        // Nodes a client may name as the receiver of rights: not one that is
+        // retired or being retired (its location still holds stock).
+        let targets: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, n)| {
+                !n.is_clone
+                    && !n.retired
+                    && self.draining != Some(*j)
+                    && n.cfg.name != self.nodes[i].cfg.name
+            })
+            .map(|(_, n)| n.name.clone())
+            .collect();
         let roll = self.rng.gen_range(0..100);
         match roll {
-            0..=47 if self.rng.gen_bool(0.12) => self.random_reservation_op(cat, i, &own, &others),
+            0..=47 if self.rng.gen_bool(0.12) => self.random_reservation_op(cat, i, &own, &targets),
             0..=47 => {
                 let id = cat.fresh_id("s");
                 (Kind::Sale, self.random_sale(cat, i, &own, &others, &id), id)
@@ -198,10 +212,10 @@ impl World {
             70..=79 => {
                 let id = cat.fresh_id("g");
                 let p = cat.products[self.rng.gen_range(0..cat.products.len())];
-                let to = if others.is_empty() {
+                let to = if targets.is_empty() {
                     own.clone()
                 } else {
-                    others[self.rng.gen_range(0..others.len())].clone()
+                    targets[self.rng.gen_range(0..targets.len())].clone()
                 };
                 let r = self.peek_rights(i, p, &own).max(0) as u64;
                 let q = if self.rng.gen_bool(0.15) {
@@ -273,6 +287,21 @@ impl World {
         }
     }
 
+    /// Whether node `i` acts for reservations fulfilled by `fulfil_by`: its
+    /// own, and (once retired) those of the nodes it succeeds.
+    fn fulfils_for(&self, i: usize, fulfil_by: &str) -> bool {
+        if fulfil_by == self.nodes[i].name {
+            return true;
+        }
+        let me = self.nodes[i].cfg.node_id.tag();
+        self.nodes.iter().any(|n| {
+            !n.is_clone
+                && n.retired
+                && n.name == fulfil_by
+                && self.check.resolve(n.cfg.node_id.tag()) == me
+        })
+    }
+
     /// Buy online, pick up in store: a new reservation for some node to
     /// fulfil, or — at the fulfilling node — fulfilment or cancellation of
     /// one (expiry happens by that node's own clock, in the request path).
@@ -303,7 +332,8 @@ impl World {
             .filter(|r| r.kind == Kind::Reserve && r.first_ok.is_some())
             .filter_map(|r| match &r.op {
                 Op::Reserve(x)
-                    if x.fulfil_by == me && !closing.contains(x.reservation_id.as_str()) =>
+                    if self.fulfils_for(i, &x.fulfil_by)
+                        && !closing.contains(x.reservation_id.as_str()) =>
                 {
                     Some(x.reservation_id.clone())
                 }

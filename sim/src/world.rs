@@ -112,6 +112,8 @@ pub struct NodeStats {
     /// Refused although the units were on hand where this node could get
     /// rights for them (`World::refused_with_stock`).
     pub refused_with_stock: u64,
+    /// Refused although the units were on hand, reachable or not.
+    pub refused_stock_anywhere: u64,
     pub units_sold: u64,
     pub commits: u64,
     pub commit_failures: u64,
@@ -171,6 +173,8 @@ pub struct World {
     /// `false` once the run heals: armed crashes and failures are dropped.
     pub faults_active: bool,
     pub commits: u64,
+    /// A node being drained for retirement: clients send it nothing new.
+    pub draining: Option<usize>,
 }
 
 fn node_id_from(rng: &mut StdRng) -> NodeId {
@@ -274,6 +278,7 @@ impl World {
             trace_items: 0,
             faults_active: true,
             commits: 0,
+            draining: None,
         };
         for i in 0..n {
             w.check
@@ -854,8 +859,11 @@ impl World {
                 }
                 Err(e) if e.code() == "insufficient_stock" => {
                     self.nodes[node].stats.sales_refused += 1;
-                    if self.refused_with_stock(rid, e) {
-                        self.nodes[node].stats.refused_with_stock += 1;
+                    if self.refused_with_stock(rid, e, false) {
+                        self.nodes[node].stats.refused_stock_anywhere += 1;
+                        if self.refused_with_stock(rid, e, true) {
+                            self.nodes[node].stats.refused_with_stock += 1;
+                        }
                     }
                 }
                 Err(_) => {}
@@ -1259,6 +1267,57 @@ impl World {
         self.nodes[c].retired = true;
         self.net.peers.retain(|(a, b)| *a != c && *b != c);
         let item = format!("clone-stop {c} t={}", self.now_ms);
+        self.trace(item.as_bytes());
+    }
+
+    /// Whether node `j` holds every change node `x` wrote (any incarnation,
+    /// any document) and every customer key `x` has: then `x` can be switched
+    /// off for good without losing anything.
+    pub fn holds_changes_of(&self, x: usize, j: usize) -> bool {
+        let (Some(lx), Some(lj)) = (&self.nodes[x].life, &self.nodes[j].life) else {
+            return false;
+        };
+        let tag = self.nodes[x].cfg.node_id.tag();
+        let empty = automerge::Automerge::new();
+        for (id, _) in lx.engine.documents() {
+            let Some(dx) = lx.engine.doc(&id) else {
+                continue;
+            };
+            let missing = lj.engine.doc(&id).unwrap_or(&empty).get_changes_added(dx);
+            if missing.iter().any(|c| {
+                ActorKey::from_bytes(c.actor_id().to_bytes()).is_some_and(|a| a.tag() == tag)
+            }) {
+                return false;
+            }
+        }
+        let (Ok(kx), Ok(kj)) = (lx.store.load_keys(), lj.store.load_keys()) else {
+            return false;
+        };
+        let kj: BTreeMap<String, _> = kj.into_iter().collect();
+        kx.iter()
+            .all(|(c, e)| kj.get(c).is_some_and(|ej| ej.merge(e) == *ej))
+    }
+
+    /// Switches node `x` off for good (it was drained and another node holds
+    /// everything it wrote): it leaves the mesh, its clients are gone, and
+    /// from now on its rights are `successor`'s in the checkers' eyes.
+    pub fn retire_node(&mut self, x: usize, successor: usize) {
+        self.power_off(x);
+        for rid in 0..self.clients.reqs.len() {
+            if self.clients.reqs[rid].node == x && self.clients.reqs[rid].outstanding() {
+                self.clients.abandon(rid);
+            }
+        }
+        self.nodes[x].retired = true;
+        self.draining = None;
+        self.net.peers.retain(|(a, b)| *a != x && *b != x);
+        let (tx, ts) = (
+            self.nodes[x].cfg.node_id.tag(),
+            self.nodes[successor].cfg.node_id.tag(),
+        );
+        self.check.retired_to.insert(tx, ts);
+        self.fire(FaultKind::RetireNode);
+        let item = format!("retire {x} to {successor} t={}", self.now_ms);
         self.trace(item.as_bytes());
     }
 

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use storemesh_sim::{run_seed, scenario, selftest, Bug, Options};
+use storemesh_sim::{run_seed, scenario, selftest, Bug, FaultKind, Options};
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,6 +48,28 @@ fn the_same_seed_gives_the_same_trace() {
     }
     // Different seeds explore different runs.
     assert_ne!(run_seed(1, &opts).trace_hash, run_seed(2, &opts).trace_hash);
+}
+
+/// Some seed among the first ones retires a store to a successor (drain,
+/// power off for good, `retire` at some node), keeps every invariant and
+/// replays byte for byte.
+#[test]
+fn a_seed_retires_a_node_and_replays() {
+    let opts = small(200);
+    for seed in 1..=60 {
+        let r = run_seed(seed, &opts);
+        assert!(
+            r.ok(),
+            "{}\nreplay: storemesh-sim --seed {seed} --events 200",
+            r.verdict(None)
+        );
+        if r.fired.get(&FaultKind::RetireNode).copied().unwrap_or(0) > 0 {
+            assert!(r.retirement.is_some());
+            assert_eq!(run_seed(seed, &opts).trace_hash, r.trace_hash);
+            return;
+        }
+    }
+    panic!("no seed in 1..=60 retired a node");
 }
 
 /// Seeds tried per planted bug in the test (the CLI tries `selftest::SEEDS_MAX`).
@@ -207,7 +229,10 @@ fn scenario_files_are_validated() {
         "name = \"x\"\nduration_h = 1\nproducts = { count = 3, stock = 5 }\n[[nodes]]\nname = \"a\"\n[[nodes]]\nname = \"b\"\n",
     )
     .unwrap();
-    assert!(scenario::Scenario::load(&bad).is_err(), "unknown generator key refused");
+    assert!(
+        scenario::Scenario::load(&bad).is_err(),
+        "unknown generator key refused"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
