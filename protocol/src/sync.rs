@@ -474,7 +474,7 @@ impl Engine {
                     .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
             });
             if lacking && self.sessions.contains_key(&peer) {
-                self.offer_doc(peer, doc);
+                self.fetch_doc(peer, doc, heads);
             }
         }
     }
@@ -499,8 +499,27 @@ impl Engine {
             return Ok(());
         }
         self.ensure_doc(doc)?;
-        self.offer_doc(peer, doc);
+        self.fetch_doc(peer, doc, heads);
         Ok(())
+    }
+
+    /// Asks `peer` for the changes behind `heads` of one document. The session
+    /// may believe it is idle (our heads did not move since our last message),
+    /// so it is told the peer's heads and asked for them explicitly.
+    fn fetch_doc(&mut self, peer: NodeId, doc: &str, mut heads: Vec<ChangeHash>) {
+        heads.sort();
+        heads.dedup();
+        if let Some(d) = self.session_for(peer, doc) {
+            d.finished = false;
+            d.state.their_heads = Some(heads.clone());
+            d.state.in_flight = false;
+            for h in heads {
+                if !d.want.contains(&h) {
+                    d.want.push(h);
+                }
+            }
+        }
+        self.sync_doc(peer, doc);
     }
 
     fn session_for(&mut self, peer: NodeId, doc: &str) -> Option<&mut DocSession> {
@@ -567,6 +586,8 @@ impl Engine {
                 msg.need.push(h);
             }
         }
+        // Automerge encodes (and expects) the hash lists sorted.
+        msg.need.sort();
         sess.idle_rounds += 1;
         if sess.idle_rounds > ROUNDS_IDLE_MAX {
             if sess.resets == 0 {

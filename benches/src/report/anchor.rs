@@ -144,7 +144,31 @@ async fn wait_same(ps: &mut [Proc], which: &[usize]) -> Result<Instant> {
             return Ok(Instant::now());
         }
         if t.elapsed() > LIMIT {
-            bail!("nodes {which:?} did not converge");
+            let mut differ = Vec::new();
+            let docs: Vec<Vec<(String, Vec<String>)>> = {
+                let mut v = Vec::new();
+                for &i in which {
+                    v.push(ps[i].documents().await.unwrap_or_default());
+                }
+                v
+            };
+            let first: BTreeMap<_, _> = docs[0].iter().cloned().collect();
+            for (k, d) in docs.iter().enumerate().skip(1) {
+                let other: BTreeMap<_, _> = d.iter().cloned().collect();
+                let ids: std::collections::BTreeSet<&String> = first
+                    .keys()
+                    .chain(other.keys())
+                    .filter(|id| first.get(*id) != other.get(*id))
+                    .collect();
+                let some: Vec<&&String> = ids.iter().take(5).collect();
+                differ.push(format!(
+                    "node {} differs from node {} in {} documents (e.g. {some:?})",
+                    which[k],
+                    which[0],
+                    ids.len()
+                ));
+            }
+            bail!("nodes {which:?} did not converge: {}", differ.join("; "));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -313,7 +337,9 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
         }
         // Phase 1: the stores' stock reaches every node.
         let t1 = Instant::now();
-        let done = wait_same(&mut ps, &[0, 1, 2]).await?;
+        let done = wait_same(&mut ps, &[0, 1, 2])
+            .await
+            .context("phase 1 (initial sync)")?;
         r.p1_ms = done.duration_since(t1).as_secs_f64() * 1000.0;
         wait_quiet(&mut ps).await?;
         let before: BTreeMap<String, Vec<String>> = ps[0].documents().await?.into_iter().collect();
@@ -328,7 +354,9 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
         r.sales_ms_b = sb?;
         r.sales_ms_c = sc?;
         let last_b = Instant::now();
-        let caught = wait_same(&mut ps, &[0, 1]).await?;
+        let caught = wait_same(&mut ps, &[0, 1])
+            .await
+            .context("phase 2 (hub catches store-b up)")?;
         r.catchup_ms = caught.duration_since(last_b).as_secs_f64() * 1000.0;
         wait_quiet(&mut ps).await?;
         // Phase 3: heal.
@@ -337,7 +365,9 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
         let heal = Instant::now();
         r_ac.set_cut(false);
         r_ca.set_cut(false);
-        let conv = wait_same(&mut ps, &[0, 1, 2]).await?;
+        let conv = wait_same(&mut ps, &[0, 1, 2])
+            .await
+            .context("phase 3 (heal)")?;
         let m1 = metrics_all(&mut ps).await?;
         r.p3_ms = conv.duration_since(heal).as_secs_f64() * 1000.0;
         let first = [r_ac.first_after_heal(), r_ca.first_after_heal()]
@@ -393,6 +423,12 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
     .await;
     for p in ps {
         p.stop().await;
+    }
+    // `STOREMESH_BENCH_KEEP=1` keeps the data directories (and node logs) of a
+    // failed run for inspection.
+    if result.is_err() && std::env::var_os("STOREMESH_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("  kept the failed run's directories in {}", kept.display());
     }
     result
 }

@@ -40,13 +40,11 @@ fn flush(e: &mut Engine, now: u64) {
     let _ = e.take_outgoing();
 }
 
-/// One location's history: returns its documents (`save()` bytes).
-fn build_location(
-    cfg: EngineConfig,
-    products: u64,
-    sales: u64,
-    seed: u64,
-) -> Result<Vec<(String, Vec<u8>)>, String> {
+/// Documents by id with their `save()` bytes.
+type Docs = Vec<(String, Vec<u8>)>;
+
+/// One location's history: returns its documents.
+fn build_location(cfg: EngineConfig, products: u64, sales: u64, seed: u64) -> Result<Docs, String> {
     let mut e = Engine::new(cfg, rand::random());
     e.finish_open();
     let loc = e.config().location.clone();
@@ -89,6 +87,10 @@ struct Fixture {
     docs: usize,
     doc_bytes: u64,
     db_bytes: u64,
+    /// RSS growth of the merging process (MiB): documents loaded into one
+    /// engine; then views rebuilt from them (`finish_open`).
+    rss_docs: f64,
+    rss_views: f64,
 }
 
 /// Builds every location's history (on 2 threads) and writes the merged
@@ -124,7 +126,7 @@ fn build_fixture(dir: &std::path::Path, products: u64, sales: u64) -> Result<Fix
     let per_loc = sales / LOCATIONS as u64;
     let t = Instant::now();
     let mut parts: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-    let results: Vec<Result<Vec<(String, Vec<u8>)>, String>> = std::thread::scope(|s| {
+    let results: Vec<Result<Docs, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|w| {
                 let mine: Vec<(usize, EngineConfig)> = cfgs
@@ -159,13 +161,16 @@ fn build_fixture(dir: &std::path::Path, products: u64, sales: u64) -> Result<Fix
         hq.add_configured_peer(&p.name, p.id);
     }
     let docs = parts.len();
+    let rss0 = crate::machine::self_rss_mib().unwrap_or(f64::NAN);
     let mut doc_bytes = 0u64;
     for (id, ps) in &parts {
         doc_bytes += ps.iter().map(|b| b.len() as u64).sum::<u64>();
         hq.load_doc(id, ps, Vec::new())
             .map_err(|e| anyhow!("merging {id}: {e}"))?;
     }
+    let rss1 = crate::machine::self_rss_mib().unwrap_or(f64::NAN);
     hq.finish_open();
+    let rss2 = crate::machine::self_rss_mib().unwrap_or(f64::NAN);
     let mut batch: Batch = hq.flush(NOW_MS);
     let written: std::collections::BTreeSet<String> = batch
         .docs
@@ -216,6 +221,8 @@ fn build_fixture(dir: &std::path::Path, products: u64, sales: u64) -> Result<Fix
         docs,
         doc_bytes,
         db_bytes,
+        rss_docs: rss1 - rss0,
+        rss_views: rss2 - rss1,
     })
 }
 
@@ -414,6 +421,11 @@ pub async fn run(mode: Mode) -> Result<Section> {
     ));
     s.note(format!(
         "| peak RSS (VmHWM) `hq` / new node, MiB | {peak_hq:.0} / {peak_fresh:.0} |"
+    ));
+    s.note(format!(
+        "| memory while merging the fixture: documents loaded into one engine / views then \
+         rebuilt from them (RSS growth), MiB | {:.0} / {:.0} |",
+        fx.rss_docs, fx.rss_views
     ));
     let _ = rss;
     Ok(s)
