@@ -129,7 +129,7 @@ pub struct Engine {
     pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
     /// Documents whose heads changed in the last flush, with the raw changes
-    /// since their previous persisted heads (empty: too large to push; such a
+    /// since their previous persisted heads (empty: no peer was connected, or too large to push; such a
     /// document is offered through sync sessions instead).
     pub(crate) changed_docs: BTreeMap<String, Vec<u8>>,
     /// Where this batch's new changes per document came from: decides which
@@ -1411,7 +1411,9 @@ impl Engine {
                 continue;
             }
             let chunk = slot.doc.save_after(&slot.persisted);
-            let push = if chunk.len() <= crate::wire::CHUNK_BYTES_MAX {
+            // The push after the commit carries the same bytes; nobody to push
+            // to (or too large for one frame: offered through a session) → none.
+            let push = if !self.sessions.is_empty() && chunk.len() <= crate::wire::CHUNK_BYTES_MAX {
                 chunk.clone()
             } else {
                 Vec::new()

@@ -229,8 +229,7 @@ impl Engine {
     /// Where a rights request goes: straight to the connected peers that hold
     /// rights, if every holder is one; otherwise (a holder further away, or
     /// none known here) to every connected peer but `except`, to be forwarded.
-    fn request_targets(&self, req: &RightsRequest, except: &[NodeId]) -> Vec<NodeId> {
-        let holders = self.rights_holders(req.product_id, &req.location);
+    fn request_targets(&self, holders: &BTreeSet<NodeTag>, except: &[NodeId]) -> Vec<NodeId> {
         let peers: Vec<NodeId> = self
             .sessions
             .keys()
@@ -282,13 +281,11 @@ impl Engine {
                 hops_left: REQUEST_HOPS_MAX,
             };
             self.remember(&req);
-            if self
-                .rights_holders(req.product_id, &req.location)
-                .is_empty()
-            {
+            let holders = self.rights_holders(req.product_id, &req.location);
+            if holders.is_empty() {
                 continue;
             }
-            for p in self.request_targets(&req, &[]) {
+            for p in self.request_targets(&holders, &[]) {
                 self.send_rights_request(p, &req);
             }
             self.rebalancer.requests_sent += 1;
@@ -336,7 +333,8 @@ impl Engine {
                 hops_left: req.hops_left - 1,
                 ..req
             };
-            for p in self.request_targets(&fwd, &[from, origin]) {
+            let holders = self.rights_holders(fwd.product_id, &fwd.location);
+            for p in self.request_targets(&holders, &[from, origin]) {
                 self.send_rights_request(p, &fwd);
             }
         }

@@ -248,16 +248,28 @@ impl Engine {
 
     fn send(&mut self, peer: NodeId, msg: &Msg) {
         match encode_frame(msg) {
-            Ok(f) => {
-                self.stats.sync_messages_out += 1;
-                self.stats.sync_bytes_out += f.len() as u64;
-                if let Some(s) = self.sessions.get_mut(&peer) {
-                    s.bytes_out += f.len() as u64;
-                }
-                self.outbox.push((peer, f));
-            }
+            Ok(f) => self.queue_frame(peer, f),
             Err(e) => tracing::error!(error = %e, "cannot encode sync frame"),
         }
+    }
+
+    /// Queues an encoded frame for `peer` (released after the next commit).
+    fn queue_frame(&mut self, peer: NodeId, f: Vec<u8>) {
+        self.stats.sync_messages_out += 1;
+        self.stats.sync_bytes_out += f.len() as u64;
+        if let Some(s) = self.sessions.get_mut(&peer) {
+            s.bytes_out += f.len() as u64;
+        }
+        self.outbox.push((peer, f));
+    }
+
+    /// Whether this node lacks any of `heads` of `doc` (or the whole document).
+    fn lacks_any(&self, doc: &str, heads: &[ChangeHash]) -> bool {
+        self.docs.get(doc).is_none_or(|s| {
+            heads
+                .iter()
+                .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
+        })
     }
 
     fn send_root(&mut self, peer: NodeId, now_ms: u64) {
@@ -410,17 +422,12 @@ impl Engine {
         let Some(d) = self.sessions.get(&peer).and_then(|s| s.docs.get(doc)) else {
             return false;
         };
-        let Some(slot) = self.docs.get(doc) else {
-            return false;
-        };
-        if d.finished {
+        if d.finished || !self.docs.contains_key(doc) {
             return false;
         }
         match &d.state.their_heads {
             None => true,
-            Some(h) => h
-                .iter()
-                .any(|x| automerge::ReadDoc::get_change_by_hash(&slot.doc, x).is_none()),
+            Some(h) => self.lacks_any(doc, h),
         }
     }
 
@@ -468,12 +475,7 @@ impl Engine {
             return;
         }
         if let Some((peer, heads)) = self.catchup.wanted.remove(doc) {
-            let lacking = self.docs.get(doc).is_none_or(|s| {
-                heads
-                    .iter()
-                    .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
-            });
-            if lacking && self.sessions.contains_key(&peer) {
+            if self.lacks_any(doc, &heads) && self.sessions.contains_key(&peer) {
                 self.fetch_doc(peer, doc, heads);
             }
         }
@@ -486,12 +488,7 @@ impl Engine {
         }
         DocId::parse(doc, self.cfg.buckets)?;
         let heads: Vec<ChangeHash> = heads.iter().map(|h| ChangeHash(*h)).collect();
-        let lacking = self.docs.get(doc).is_none_or(|s| {
-            heads
-                .iter()
-                .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
-        });
-        if !lacking {
+        if !self.lacks_any(doc, &heads) {
             return Ok(());
         }
         if self.active_leader(doc).is_some() {
@@ -728,12 +725,7 @@ impl Engine {
             match encode_frame(&Msg::Push { doc, data, seen }) {
                 Ok(f) => {
                     for p in targets {
-                        self.stats.sync_messages_out += 1;
-                        self.stats.sync_bytes_out += f.len() as u64;
-                        if let Some(s) = self.sessions.get_mut(&p) {
-                            s.bytes_out += f.len() as u64;
-                        }
-                        self.outbox.push((p, f.clone()));
+                        self.queue_frame(p, f.clone());
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode a push frame"),

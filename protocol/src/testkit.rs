@@ -6,7 +6,50 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::engine::{Engine, EngineConfig, Policy};
 use crate::ids::NodeId;
-use crate::ops::{IdemRecord, Op, OpError, OpReply};
+use crate::ops::{IdemRecord, Op, OpError, OpReply, QtyLine, Receipt, Sale, SaleLine};
+
+/// A receipt of `lines` (product, quantity) at `location`.
+pub fn receipt(id: &str, location: &str, lines: &[(u64, u64)]) -> Op {
+    Op::Receipt(Receipt {
+        receipt_id: id.into(),
+        location: location.into(),
+        lines: lines
+            .iter()
+            .map(|(p, q)| QtyLine {
+                sku: None,
+                product_id: *p,
+                quantity: *q,
+            })
+            .collect(),
+        supplier: None,
+        purchase_order_id: None,
+        occurred_at: None,
+        staff_id: None,
+    })
+}
+
+/// A sale of `lines` (product, quantity) at `location` (`None`: the node picks).
+pub fn sale(id: &str, location: Option<&str>, lines: &[(u64, u64)]) -> Op {
+    Op::Sale(Sale {
+        sale_id: id.into(),
+        location: location.map(str::to_string),
+        customer_id: None,
+        currency: None,
+        lines: lines
+            .iter()
+            .map(|(p, q)| SaleLine {
+                sku: None,
+                product_id: *p,
+                quantity: *q,
+                unit_price: None,
+            })
+            .collect(),
+        override_rights: false,
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    })
+}
 
 pub struct TestNode {
     pub engine: Engine,

@@ -2,44 +2,10 @@
 //! documents and the real sync protocol, no persistence.
 
 use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::TestMesh;
+use storemesh_protocol::testkit::{self, sale, TestMesh};
 
 fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
-    Op::Receipt(Receipt {
-        receipt_id: id.into(),
-        location: loc.into(),
-        lines: vec![QtyLine {
-            sku: None,
-            product_id: p,
-            quantity: q,
-        }],
-        supplier: None,
-        purchase_order_id: None,
-        occurred_at: None,
-        staff_id: None,
-    })
-}
-
-fn sale(id: &str, loc: Option<&str>, lines: &[(u64, u64)]) -> Op {
-    Op::Sale(Sale {
-        sale_id: id.into(),
-        location: loc.map(|s| s.to_string()),
-        customer_id: None,
-        currency: None,
-        lines: lines
-            .iter()
-            .map(|(p, q)| SaleLine {
-                sku: None,
-                product_id: *p,
-                quantity: *q,
-                unit_price: None,
-            })
-            .collect(),
-        override_rights: false,
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
-    })
+    testkit::receipt(id, loc, &[(p, q)])
 }
 
 fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {

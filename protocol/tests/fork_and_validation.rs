@@ -7,42 +7,15 @@ use storemesh_protocol::ids::{product_bucket, ActorKey};
 use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
 use storemesh_protocol::ops::*;
 use storemesh_protocol::sync::Msg;
-use storemesh_protocol::testkit::TestMesh;
+use storemesh_protocol::testkit::{self, TestMesh};
 use storemesh_protocol::wire::encode_frame;
 
 fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
-    Op::Receipt(Receipt {
-        receipt_id: id.into(),
-        location: loc.into(),
-        lines: vec![QtyLine {
-            sku: None,
-            product_id: p,
-            quantity: q,
-        }],
-        supplier: None,
-        purchase_order_id: None,
-        occurred_at: None,
-        staff_id: None,
-    })
+    testkit::receipt(id, loc, &[(p, q)])
 }
 
 fn sale(id: &str, p: u64, q: u64) -> Op {
-    Op::Sale(Sale {
-        sale_id: id.into(),
-        location: None,
-        customer_id: None,
-        currency: None,
-        lines: vec![SaleLine {
-            sku: None,
-            product_id: p,
-            quantity: q,
-            unit_price: None,
-        }],
-        override_rights: false,
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
-    })
+    testkit::sale(id, None, &[(p, q)])
 }
 
 #[test]

@@ -2,42 +2,7 @@
 //! about once: sync bytes after the heal stay within 2× the encoded size of
 //! the changes the nodes lacked (benchmark row 3's target, here on the
 //! in-memory mesh so that it is checked on every test run).
-use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::TestMesh;
-
-fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
-    Op::Receipt(Receipt {
-        receipt_id: id.into(),
-        location: loc.into(),
-        lines: vec![QtyLine {
-            sku: None,
-            product_id: p,
-            quantity: q,
-        }],
-        supplier: None,
-        purchase_order_id: None,
-        occurred_at: None,
-        staff_id: None,
-    })
-}
-fn sale(id: &str, loc: &str, p: u64) -> Op {
-    Op::Sale(Sale {
-        sale_id: id.into(),
-        location: Some(loc.into()),
-        customer_id: None,
-        currency: None,
-        lines: vec![SaleLine {
-            sku: None,
-            product_id: p,
-            quantity: 1,
-            unit_price: None,
-        }],
-        override_rights: false,
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
-    })
-}
+use storemesh_protocol::testkit::{receipt, sale, TestMesh};
 
 #[test]
 fn heal_after_partition_sends_each_missing_change_about_once() {
@@ -48,7 +13,7 @@ fn heal_after_partition_sends_each_missing_change_about_once() {
         for p in 1..=100u64 {
             m.execute(
                 i,
-                receipt(&format!("r{i}-{p}"), &format!("loc{i}"), p, 1000),
+                receipt(&format!("r{i}-{p}"), &format!("loc{i}"), &[(p, 1000)]),
             )
             .unwrap();
         }
@@ -73,8 +38,8 @@ fn heal_after_partition_sends_each_missing_change_about_once() {
                 i,
                 sale(
                     &format!("s{i}-{k}"),
-                    &format!("loc{i}"),
-                    1 + (k * 7 + i as u64) % 100,
+                    Some(&format!("loc{i}")),
+                    &[(1 + (k * 7 + i as u64) % 100, 1)],
                 ),
             )
             .unwrap();

@@ -4,26 +4,7 @@
 //! up on are announced (`Msg::Have`), and the announcement must make an idle
 //! session fetch them.
 
-use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::TestMesh;
-
-fn receipt(id: &str, loc: &str, ps: std::ops::RangeInclusive<u64>, q: u64) -> Op {
-    Op::Receipt(Receipt {
-        receipt_id: id.into(),
-        location: loc.into(),
-        lines: ps
-            .map(|p| QtyLine {
-                sku: None,
-                product_id: p,
-                quantity: q,
-            })
-            .collect(),
-        supplier: None,
-        purchase_order_id: None,
-        occurred_at: None,
-        staff_id: None,
-    })
-}
+use storemesh_protocol::testkit::{receipt, TestMesh};
 
 fn run(with_digest: bool) {
     let mut m = TestMesh::new(3, 64);
@@ -36,13 +17,25 @@ fn run(with_digest: bool) {
     for k in 0..20u64 {
         m.execute(
             1,
-            receipt(&format!("b{k}"), "loc1", k * 500 + 1..=k * 500 + 500, 50),
+            receipt(
+                &format!("b{k}"),
+                "loc1",
+                &(k * 500 + 1..=k * 500 + 500)
+                    .map(|p| (p, 50))
+                    .collect::<Vec<_>>(),
+            ),
         )
         .unwrap();
         m.commit(1);
         m.execute(
             2,
-            receipt(&format!("c{k}"), "loc2", k * 500 + 1..=k * 500 + 500, 50),
+            receipt(
+                &format!("c{k}"),
+                "loc2",
+                &(k * 500 + 1..=k * 500 + 500)
+                    .map(|p| (p, 50))
+                    .collect::<Vec<_>>(),
+            ),
         )
         .unwrap();
         m.commit(2);
