@@ -572,8 +572,7 @@ fn engine_loop(
                     Err(crate::transport::SendError::QueueFull) => {
                         tracing::warn!(peer = %peer.hex(), "outbound queue full; reconnecting the peer");
                         overflowed.push(peer);
-                        transport.set_blocked(peer, true);
-                        transport.set_blocked(peer, false);
+                        transport.reconnect(peer, "outbound queue full");
                     }
                     Err(e) => {
                         tracing::debug!(peer = %peer.hex(), error = %e, "frame not sent; the peer is gone")
@@ -616,7 +615,7 @@ fn engine_loop(
             for p in shared.cfg.peers.iter().filter(|p| p.id.tag() == tag) {
                 if revoked.insert(p.id) {
                     tracing::warn!(peer = %p.name, "peer was retired; refusing its key");
-                    transport.set_blocked(p.id, true);
+                    transport.revoke(p.id);
                 }
             }
         }
@@ -686,8 +685,7 @@ fn on_net(
             if let Err(e) = engine.receive(peer, &body, now) {
                 tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
                 // Drop the connection; the supervisor dials again with backoff.
-                transport.set_blocked(peer, true);
-                transport.set_blocked(peer, false);
+                transport.reconnect(peer, "protocol violation");
                 conns.remove(&peer);
                 engine.peer_down(peer);
             }
