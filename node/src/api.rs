@@ -320,6 +320,19 @@ async fn metrics(State(sh): S) -> Response {
         "Peers connected.",
         peers.values().filter(|p| p.connected).count() as u64,
     );
+    out.push_str(
+        "# HELP storemesh_sync_bytes_out_by_kind_total Sync bytes sent, by message kind.\n\
+         # TYPE storemesh_sync_bytes_out_by_kind_total counter\n",
+    );
+    for (kind, v) in storemesh_protocol::sync::MSG_KINDS
+        .iter()
+        .zip(&m.sync_bytes_out_by_kind)
+    {
+        out.push_str(&format!(
+            "storemesh_sync_bytes_out_by_kind_total{{kind=\"{kind}\"}} {}\n",
+            v.load(Ordering::Relaxed)
+        ));
+    }
     out.push_str("# HELP storemesh_peer_lag_seconds Seconds since the last frame from each peer.\n# TYPE storemesh_peer_lag_seconds gauge\n");
     let now = now_ms();
     for (id, p) in &peers {

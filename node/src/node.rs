@@ -87,6 +87,8 @@ pub struct Metrics {
     pub sync_messages_out: AtomicU64,
     pub sync_bytes_in: AtomicU64,
     pub sync_bytes_out: AtomicU64,
+    /// `sync_bytes_out` by message kind (`storemesh_protocol::sync::MSG_KINDS`).
+    pub sync_bytes_out_by_kind: [AtomicU64; storemesh_protocol::sync::MSG_KINDS.len()],
     pub rejected_messages: AtomicU64,
     pub forks_detected: AtomicU64,
     pub commits: AtomicU64,
@@ -754,6 +756,13 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
         .store(s.sync_messages_out, Ordering::Relaxed);
     m.sync_bytes_in.store(s.sync_bytes_in, Ordering::Relaxed);
     m.sync_bytes_out.store(s.sync_bytes_out, Ordering::Relaxed);
+    for (a, v) in m
+        .sync_bytes_out_by_kind
+        .iter()
+        .zip(s.sync_bytes_out_by_kind)
+    {
+        a.store(v, Ordering::Relaxed);
+    }
     m.rejected_messages
         .store(s.rejected_messages, Ordering::Relaxed);
     m.forks_detected.store(s.forks_detected, Ordering::Relaxed);

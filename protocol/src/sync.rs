@@ -92,6 +92,29 @@ pub enum Msg {
     },
 }
 
+/// Names of the message kinds, in `Msg::kind_index` order (metrics label).
+pub const MSG_KINDS: [&str; 10] = [
+    "keys", "rights", "root", "groups", "docs", "sync", "part", "fallback", "push", "have",
+];
+
+impl Msg {
+    /// Index of this message's kind in `MSG_KINDS`.
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Msg::Keys { .. } => 0,
+            Msg::Rights(_) => 1,
+            Msg::Root { .. } => 2,
+            Msg::Groups { .. } => 3,
+            Msg::Docs { .. } => 4,
+            Msg::Sync { .. } => 5,
+            Msg::Part { .. } => 6,
+            Msg::Fallback { .. } => 7,
+            Msg::Push { .. } => 8,
+            Msg::Have { .. } => 9,
+        }
+    }
+}
+
 /// Heads listed in one `Have`, at most.
 pub const HAVE_HEADS_MAX: usize = 64;
 /// A catch-up session on one document defers the others this long at most.
@@ -248,15 +271,18 @@ impl Engine {
 
     fn send(&mut self, peer: NodeId, msg: &Msg) {
         match encode_frame(msg) {
-            Ok(f) => self.queue_frame(peer, f),
+            Ok(f) => self.queue_frame(peer, f, msg.kind_index()),
             Err(e) => tracing::error!(error = %e, "cannot encode sync frame"),
         }
     }
 
     /// Queues an encoded frame for `peer` (released after the next commit).
-    fn queue_frame(&mut self, peer: NodeId, f: Vec<u8>) {
+    fn queue_frame(&mut self, peer: NodeId, f: Vec<u8>, kind: usize) {
         self.stats.sync_messages_out += 1;
         self.stats.sync_bytes_out += f.len() as u64;
+        if let Some(b) = self.stats.sync_bytes_out_by_kind.get_mut(kind) {
+            *b += f.len() as u64;
+        }
         if let Some(s) = self.sessions.get_mut(&peer) {
             s.bytes_out += f.len() as u64;
         }
@@ -722,10 +748,12 @@ impl Engine {
             known.extend(peers.iter().map(|p| p.tag()));
             let seen: Vec<[u8; NODE_TAG_BYTES]> =
                 known.iter().take(SEEN_MAX).map(|t| t.0).collect();
-            match encode_frame(&Msg::Push { doc, data, seen }) {
+            let push = Msg::Push { doc, data, seen };
+            let kind = push.kind_index();
+            match encode_frame(&push) {
                 Ok(f) => {
                     for p in targets {
-                        self.queue_frame(p, f.clone());
+                        self.queue_frame(p, f.clone(), kind);
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode a push frame"),

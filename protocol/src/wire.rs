@@ -1,15 +1,26 @@
 //! Wire format between peers: length-prefixed frames on one ordered QUIC stream.
 //!
 //! Every frame is `u32 length (big endian) | u8 version | payload`. The payload is
-//! a postcard-encoded (compact binary serde) message. Frames over [`FRAME_BYTES_MAX`] are a protocol
-//! violation: the receiver disconnects the peer instead of allocating.
+//! a postcard-encoded (compact binary serde) message; with version
+//! [`FRAME_VERSION_DEFLATE`] it is that message compressed with raw DEFLATE
+//! (used for payloads of [`DEFLATE_MIN_BYTES`] and more when it makes them
+//! smaller: Automerge sync messages carry changes uncompressed, and often a
+//! whole document). Frames over [`FRAME_BYTES_MAX`], before or after
+//! inflating, are a protocol violation: the receiver disconnects the peer
+//! instead of allocating.
+
+use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-/// Wire protocol version, checked in the hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Wire protocol version, checked in the hello. 2: compressed frames.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Version byte at the start of every frame payload.
 pub const FRAME_VERSION: u8 = 1;
+/// Version byte of a frame whose payload is DEFLATE-compressed.
+pub const FRAME_VERSION_DEFLATE: u8 = 2;
+/// Payloads this large or larger are compressed (if that makes them smaller).
+pub const DEFLATE_MIN_BYTES: usize = 1024;
 /// Largest frame on the wire. Automerge sync messages larger than this are split
 /// into chunks (see `sync`), so no honest peer ever exceeds it.
 pub const FRAME_BYTES_MAX: usize = 1 << 20;
@@ -118,17 +129,36 @@ impl Hello {
 /// Encodes one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
     let payload = postcard::to_stdvec(value).map_err(|e| e.to_string())?;
-    let len = payload.len() + 1;
-    if len > FRAME_BYTES_MAX {
+    if payload.len() + 1 > FRAME_BYTES_MAX {
         return Err(format!(
-            "frame of {len} bytes exceeds the {FRAME_BYTES_MAX} limit"
+            "frame of {} bytes exceeds the {FRAME_BYTES_MAX} limit",
+            payload.len() + 1
         ));
     }
+    let (version, body) = match deflate(&payload) {
+        Some(z) => (FRAME_VERSION_DEFLATE, z),
+        None => (FRAME_VERSION, payload),
+    };
+    let len = body.len() + 1;
     let mut out = Vec::with_capacity(4 + len);
     out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(FRAME_VERSION);
-    out.extend_from_slice(&payload);
+    out.push(version);
+    out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// The payload compressed, if it is large enough to try and gets smaller.
+fn deflate(payload: &[u8]) -> Option<Vec<u8>> {
+    if payload.len() < DEFLATE_MIN_BYTES {
+        return None;
+    }
+    let mut z = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(payload.len() / 2),
+        flate2::Compression::fast(),
+    );
+    z.write_all(payload).ok()?;
+    let out = z.finish().ok()?;
+    (out.len() < payload.len()).then_some(out)
 }
 
 /// Decodes a frame body (after the length prefix): version byte + payload.
@@ -136,6 +166,21 @@ pub fn decode_frame<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Stri
     match body.split_first() {
         Some((&FRAME_VERSION, payload)) => {
             postcard::from_bytes(payload).map_err(|e| format!("malformed frame: {e}"))
+        }
+        Some((&FRAME_VERSION_DEFLATE, z)) => {
+            // Inflate at most one byte past the limit: a small frame must not
+            // expand into an allocation the frame limit exists to prevent.
+            let mut payload = Vec::new();
+            flate2::read::DeflateDecoder::new(z)
+                .take(FRAME_BYTES_MAX as u64)
+                .read_to_end(&mut payload)
+                .map_err(|e| format!("malformed compressed frame: {e}"))?;
+            if payload.len() + 1 > FRAME_BYTES_MAX {
+                return Err(format!(
+                    "compressed frame inflates past the {FRAME_BYTES_MAX}-byte limit"
+                ));
+            }
+            postcard::from_bytes(&payload).map_err(|e| format!("malformed frame: {e}"))
         }
         Some((v, _)) => Err(format!("unknown frame version {v}")),
         None => Err("empty frame".into()),
@@ -218,5 +263,42 @@ mod tests {
             }
             let _ = Hello::decode_frame(&b);
         }
+    }
+
+    #[test]
+    fn large_frames_travel_compressed_and_bombs_are_refused() {
+        // A compressible message goes as a smaller version-2 frame and comes back.
+        let text: String = (0..4000).map(|i| format!("cell/{} ", i % 50)).collect();
+        let f = encode_frame(&text).unwrap();
+        assert_eq!(f[4], FRAME_VERSION_DEFLATE);
+        assert!(f.len() < text.len() / 4, "{} bytes", f.len());
+        assert_eq!(decode_frame::<String>(&f[4..]).unwrap(), text);
+        // Small or incompressible payloads stay plain.
+        assert_eq!(
+            encode_frame(&"short".to_string()).unwrap()[4],
+            FRAME_VERSION
+        );
+        let mut seed = 7u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (seed >> 33) as u8
+            })
+            .collect();
+        let f = encode_frame(&noise).unwrap();
+        assert_eq!(f[4], FRAME_VERSION);
+        assert_eq!(decode_frame::<Vec<u8>>(&f[4..]).unwrap(), noise);
+        // A frame that inflates past the frame limit is refused, not allocated.
+        let zeros = vec![0u8; FRAME_BYTES_MAX * 4];
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&zeros).unwrap();
+        let mut bomb = vec![FRAME_VERSION_DEFLATE];
+        bomb.extend(z.finish().unwrap());
+        assert!(bomb.len() < 16 * 1024);
+        let e = decode_frame::<Vec<u8>>(&bomb).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        // Garbage after the compressed-frame byte is an error, never a panic.
+        assert!(decode_frame::<String>(&[FRAME_VERSION_DEFLATE, 1, 2, 3]).is_err());
+        assert!(decode_frame::<String>(&[FRAME_VERSION_DEFLATE]).is_err());
     }
 }

@@ -435,3 +435,32 @@ fn expiring_reservations_write_the_same_change_every_time() {
     };
     assert_eq!(run(), run());
 }
+
+/// Records are written without null members (they would travel to every node
+/// and stay in every history), and read back with every given field intact.
+#[test]
+fn sale_records_carry_no_null_members() {
+    let mut m = TestMesh::new(2, 8);
+    m.full_mesh();
+    m.execute(0, receipt("r1", "loc0", 7, 5)).unwrap();
+    m.commit(0);
+    m.execute(0, sale("s1", Some("loc0"), &[(7, 2)])).unwrap();
+    m.commit(0);
+    m.settle();
+    for i in 0..2 {
+        let e = &m.nodes[i].engine;
+        let (doc, key) = e
+            .views
+            .sales
+            .get("s1")
+            .expect("the sale is indexed")
+            .clone();
+        let raw = e.record(&doc, &key).expect("the record reads back");
+        assert!(!raw.to_string().contains("null"), "{raw}");
+        assert_eq!(raw["sale_id"], "s1");
+        assert_eq!(raw["location"], "loc0");
+        assert_eq!(raw["lines"][0]["product_id"], 7);
+        assert_eq!(raw["lines"][0]["quantity"], 2);
+        assert!(raw.get("customer").is_none() && raw.get("override").is_none());
+    }
+}

@@ -97,6 +97,22 @@ struct Round {
     delivery_bytes: u64,
     changes: u64,
     views_equal: bool,
+    by_kind: [u64; storemesh_protocol::sync::MSG_KINDS.len()],
+}
+
+/// "push 1200, sync 3400, …": the non-zero kinds, largest first.
+fn by_kind_text(by_kind: &[u64]) -> String {
+    let mut v: Vec<(&str, u64)> = storemesh_protocol::sync::MSG_KINDS
+        .iter()
+        .copied()
+        .zip(by_kind.iter().copied())
+        .filter(|(_, b)| *b > 0)
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.iter()
+        .map(|(k, b)| format!("{k} {b}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn run(mode: Mode) -> Result<Section> {
@@ -104,7 +120,7 @@ pub async fn run(mode: Mode) -> Result<Section> {
     let sales_per_side = 2_000usize;
     let hold = mode.pick(Duration::from_secs(3), Duration::from_secs(60));
     // Quick mode (CI): one round of the same workload (about 25 s).
-    let rounds = mode.pick(1, 3);
+    let rounds = mode.pick(3, 5);
     let mut s = Section::new("3 · Convergence after a partition (5 nodes, 2 + 3)");
     let names = ["n0", "n1", "n2", "n3", "n4"];
     let mut links = Vec::new();
@@ -236,6 +252,7 @@ pub async fn run(mode: Mode) -> Result<Section> {
             delivery_bytes: ab * SIDE_B.len() as u64 + bb * SIDE_A.len() as u64,
             changes: an + bn,
             views_equal,
+            by_kind: c2.minus(&c0).by_kind,
         };
         eprintln!(
             "  partition round {}: converged {:.0} ms after heal, {} wire bytes / {} change bytes ({} changes), views equal: {}",
@@ -246,6 +263,7 @@ pub async fn run(mode: Mode) -> Result<Section> {
             r.changes,
             r.views_equal
         );
+        eprintln!("    wire bytes by kind: {}", by_kind_text(&r.by_kind));
         out.push(r);
     }
     mesh.shutdown().await;
@@ -291,6 +309,13 @@ pub async fn run(mode: Mode) -> Result<Section> {
         hold.as_secs_f64()
     ));
     s.note("| | median (min–max) |\n|---|---|");
+    for (i, r) in out.iter().enumerate() {
+        s.note(format!(
+            "| round {}: sync bytes by message kind | {} |",
+            i + 1,
+            by_kind_text(&r.by_kind)
+        ));
+    }
     s.note(format!(
         "| heal → identical views, ms | {} |",
         spread(&conv, 0)

@@ -29,6 +29,8 @@ pub struct Counters {
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub commits: u64,
+    /// `bytes_out` by message kind (`storemesh_protocol::sync::MSG_KINDS`).
+    pub by_kind: [u64; storemesh_protocol::sync::MSG_KINDS.len()],
 }
 
 impl Counters {
@@ -39,6 +41,7 @@ impl Counters {
             bytes_out: self.bytes_out - o.bytes_out,
             bytes_in: self.bytes_in - o.bytes_in,
             commits: self.commits - o.commits,
+            by_kind: std::array::from_fn(|k| self.by_kind[k] - o.by_kind[k]),
         }
     }
 }
@@ -96,6 +99,7 @@ impl Mesh {
             bytes_out: m.sync_bytes_out.load(Ordering::Relaxed),
             bytes_in: m.sync_bytes_in.load(Ordering::Relaxed),
             commits: m.commits.load(Ordering::Relaxed),
+            by_kind: std::array::from_fn(|k| m.sync_bytes_out_by_kind[k].load(Ordering::Relaxed)),
         }
     }
 
@@ -108,6 +112,9 @@ impl Mesh {
             t.bytes_out += c.bytes_out;
             t.bytes_in += c.bytes_in;
             t.commits += c.commits;
+            for (a, b) in t.by_kind.iter_mut().zip(c.by_kind) {
+                *a += b;
+            }
         }
         t
     }
