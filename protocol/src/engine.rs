@@ -1710,32 +1710,68 @@ impl Engine {
         let rec = serde_json::json!({"node": self.cfg.name, "doc": doc, "changes": changes, "at_ms": now_ms});
         self.write_record(RecordKind::Fork, &id, rec, now_ms);
         // The merged branches may have spent the same rights twice.
-        if let Some(slot) = self.docs.get(doc) {
-            if let DocId::Ledger { location, .. } = &slot.id {
-                let location = location.clone();
-                let deficits: Vec<(u64, i64)> = self
-                    .views
-                    .stock
-                    .iter()
-                    .filter_map(|(p, m)| {
-                        m.get(&location)
-                            .map(|e| (*p, self.node_rights(e, self.tag)))
-                    })
-                    .filter(|(p, r)| *r < 0 && self.ledger_doc(*p, &location).encode() == doc)
-                    .collect();
-                for (p, r) in deficits {
-                    let rec = serde_json::json!({"node": self.cfg.name, "location": location, "product_id": p, "deficit": -r, "cause": "fork", "at_ms": now_ms});
-                    // One record per location and product: a fork detected in
-                    // several documents at once must not overwrite its deficits.
-                    self.write_record(
-                        RecordKind::Deficit,
-                        &format!("fork.{location}.{p}.{now_ms}"),
-                        rec,
-                        now_ms,
-                    );
-                }
-            }
+        self.record_deficits(doc, "fork", now_ms);
+    }
+
+    /// Records, for every product of ledger document `doc` on which this node's
+    /// rights (a retired predecessor's included) are below zero, the shortfall
+    /// not yet covered by this node's earlier deficit records. Used when a fork
+    /// of this node's history is merged, and when a retired predecessor's
+    /// changes arrive after its rights passed to this node: either may have
+    /// spent rights that were spent again elsewhere.
+    pub(crate) fn record_deficits(&mut self, doc: &str, cause: &str, now_ms: u64) {
+        let Some(slot) = self.docs.get(doc) else {
+            return;
+        };
+        let DocId::Ledger { location, .. } = &slot.id else {
+            return;
+        };
+        let location = location.clone();
+        let mut shortfalls: Vec<(u64, i64)> = self
+            .views
+            .stock
+            .iter()
+            .filter_map(|(p, m)| {
+                m.get(&location)
+                    .map(|e| (*p, self.node_rights(e, self.tag)))
+            })
+            .filter(|(p, r)| *r < 0 && self.ledger_doc(*p, &location).encode() == doc)
+            .map(|(p, r)| (p, -r - self.recorded_deficit(p, &location)))
+            .filter(|(_, d)| *d > 0)
+            .collect();
+        shortfalls.sort_unstable();
+        for (p, d) in shortfalls {
+            tracing::warn!(
+                doc,
+                product = p,
+                deficit = d,
+                cause,
+                "rights below zero recorded as a deficit"
+            );
+            let rec = serde_json::json!({"node": self.cfg.name, "location": location, "product_id": p, "deficit": d, "cause": cause, "at_ms": now_ms});
+            // One record per location and product: a fork detected in several
+            // documents at once must not overwrite its deficits.
+            self.write_record(
+                RecordKind::Deficit,
+                &format!("{cause}.{location}.{p}.{now_ms}"),
+                rec,
+                now_ms,
+            );
         }
+    }
+
+    /// Units of deficit this node has recorded on (product, location).
+    fn recorded_deficit(&self, product: u64, location: &str) -> i64 {
+        self.views
+            .alarms
+            .values()
+            .filter(|a| a.kind == "deficit" && a.node == self.cfg.name)
+            .filter(|a| {
+                a.record["product_id"].as_u64() == Some(product)
+                    && a.record["location"].as_str() == Some(location)
+            })
+            .map(|a| a.record["deficit"].as_i64().unwrap_or(0))
+            .sum()
     }
 
     /// Every document id with its heads (hex).

@@ -1107,9 +1107,17 @@ impl Engine {
             *h = (*h).max(now_ms);
         }
         let own = verdict.own_changes_from_elsewhere;
+        // Changes of a node whose rights passed to this one (retired) that
+        // arrive only now: whatever they spent is this node's to account for.
+        let inherited = verdict
+            .authors
+            .iter()
+            .any(|t| *t != self.tag && self.views.resolve(*t) == self.tag);
         self.recompute_keys(doc, &verdict.keys);
         if own > 0 {
             self.record_fork(doc, own, now_ms);
+        } else if inherited {
+            self.record_deficits(doc, "retired", now_ms);
         }
     }
 

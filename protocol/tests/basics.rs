@@ -464,3 +464,76 @@ fn sale_records_carry_no_null_members() {
         assert!(raw.get("customer").is_none() && raw.get("override").is_none());
     }
 }
+
+/// Changes a retired node made before it heard of its retirement can arrive
+/// after its rights passed to the successor (through a third node: the
+/// retired key itself is refused). What they spent twice is then the
+/// successor's to account for: it records the shortfall as a deficit, once.
+#[test]
+fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, receipt("r1", "loc0", 42, 10)).unwrap();
+    m.execute(0, grant("g1", 42, "loc0", "n1", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    // n1 is cut off and sells 3 of its 5; meanwhile it is retired at n0.
+    m.disconnect(0, 1);
+    m.disconnect(1, 2);
+    m.execute(1, sale("late", Some("loc0"), &[(42, 3)]))
+        .unwrap();
+    m.commit(1);
+    let r = m
+        .execute(
+            0,
+            Op::Retire {
+                node: "n1".into(),
+                successor: "n2".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    m.commit(0);
+    m.settle();
+    // The successor sells the 5 it inherited.
+    assert_eq!(m.nodes[2].engine.rights(42, "loc0"), 5);
+    m.execute(2, sale("s2", Some("loc0"), &[(42, 5)])).unwrap();
+    m.commit(2);
+    m.settle();
+    let deficits = |m: &TestMesh, i: usize| -> Vec<(String, i64)> {
+        m.nodes[i]
+            .engine
+            .views
+            .alarms
+            .values()
+            .filter(|a| a.kind == "deficit")
+            .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
+            .collect()
+    };
+    assert!(deficits(&m, 2).is_empty(), "nothing overspent yet");
+    // n1's sale reaches n0 (n1 comes back once more), and n0 forwards it.
+    m.connect(0, 1);
+    m.settle();
+    for i in [0, 2] {
+        let e = &m.nodes[i].engine;
+        assert_eq!(
+            e.totals(42, Some("loc0")).unwrap().0,
+            2,
+            "node {i}: 10 − 3 − 5"
+        );
+    }
+    assert_eq!(
+        m.nodes[2]
+            .engine
+            .node_rights(&m.nodes[2].engine.views.stock[&42]["loc0"], m.id(2).tag()),
+        -3
+    );
+    for i in [0, 2] {
+        assert_eq!(deficits(&m, i), vec![("n2".to_string(), 3)], "node {i}");
+    }
+    // Arriving again (another path, a restart's anti-entropy) adds nothing.
+    m.connect(1, 2);
+    m.settle();
+    assert_eq!(deficits(&m, 2), vec![("n2".to_string(), 3)]);
+}
