@@ -1981,15 +1981,26 @@ mod tests {
         }
     }
 
-    async fn pair() -> (Node, Node, Identity, Identity) {
+    /// Two identities, each with a bound socket and the config that peers it
+    /// with the other; nothing started.
+    fn pair_configs() -> [(Identity, TransportConfig, StdUdpSocket); 2] {
         let (ia, ib) = (
             Identity::generate("a").unwrap(),
             Identity::generate("b").unwrap(),
         );
         let (sa, sb) = (bind(), bind());
         let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
-        let mut a = start("a", config(&ia, "a", 1, vec![entry("b", &ib, ab)]), sa).await;
-        let mut b = start("b", config(&ib, "b", 2, vec![entry("a", &ia, aa)]), sb).await;
+        let (ca, cb) = (
+            config(&ia, "a", 1, vec![entry("b", &ib, ab)]),
+            config(&ib, "b", 2, vec![entry("a", &ia, aa)]),
+        );
+        [(ia, ca, sa), (ib, cb, sb)]
+    }
+
+    async fn pair() -> (Node, Node, Identity, Identity) {
+        let [(ia, ca, sa), (ib, cb, sb)] = pair_configs();
+        let mut a = start("a", ca, sa).await;
+        let mut b = start("b", cb, sb).await;
         settle(&mut a, &mut b).await;
         (a, b, ia, ib)
     }
@@ -2471,18 +2482,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dial_in_flight_when_the_peer_is_revoked_never_reaches_it() {
         logs();
-        let (ia, ib) = (
-            Identity::generate("a").unwrap(),
-            Identity::generate("b").unwrap(),
-        );
-        let (sa, sb) = (bind(), bind());
-        let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        let [(_, ca, sa), (ib, cb, sb)] = pair_configs();
         // B's socket is bound but nobody reads it: A's Initial packets wait there.
-        let mut a = start("a", config(&ia, "a", 1, vec![entry("b", &ib, ab)]), sa).await;
+        let mut a = start("a", ca, sa).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         a.t.revoke(ib.node_id);
         a.t.set_blocked(ib.node_id, false);
-        let mut b = start("b", config(&ib, "b", 2, vec![entry("a", &ia, aa)]), sb).await;
+        let mut b = start("b", cb, sb).await;
         let window = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < window {
             a.drain();

@@ -338,6 +338,17 @@ fn reserve(id: &str, loc: &str, p: u64, q: u64, by: &str, expires_at_ms: u64) ->
     })
 }
 
+/// Retires `node` with `successor`, issued at n0, and lets it travel.
+fn retire_at_n0(m: &mut TestMesh, node: &str, successor: &str) {
+    let op = Op::Retire {
+        node: node.into(),
+        successor: successor.into(),
+    };
+    assert_eq!(m.execute(0, op).unwrap().status, 201);
+    m.commit(0);
+    m.settle();
+}
+
 /// A retired node's open reservations pass to its successor with its rights:
 /// the successor may not sell the reserved units, and it (alone) fulfils or
 /// expires them — otherwise they would be sold twice or held forever.
@@ -358,18 +369,7 @@ fn a_retired_node_s_reservations_pass_to_its_successor() {
     m.settle();
     assert_eq!(m.nodes[1].engine.rights(42, "loc0"), 1, "6 of 7 reserved");
     // n1 is retired (at n0) with n2 as its successor.
-    let r = m
-        .execute(
-            0,
-            Op::Retire {
-                node: "n1".into(),
-                successor: "n2".into(),
-            },
-        )
-        .unwrap();
-    assert_eq!(r.status, 201);
-    m.commit(0);
-    m.settle();
+    retire_at_n0(&mut m, "n1", "n2");
     let e2 = &m.nodes[2].engine;
     assert_eq!(e2.rights_raw(42, "loc0"), 7, "n1's rights are n2's");
     assert_eq!(
@@ -484,18 +484,7 @@ fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
     m.execute(1, sale("late", Some("loc0"), &[(42, 3)]))
         .unwrap();
     m.commit(1);
-    let r = m
-        .execute(
-            0,
-            Op::Retire {
-                node: "n1".into(),
-                successor: "n2".into(),
-            },
-        )
-        .unwrap();
-    assert_eq!(r.status, 201);
-    m.commit(0);
-    m.settle();
+    retire_at_n0(&mut m, "n1", "n2");
     // The successor sells the 5 it inherited.
     assert_eq!(m.nodes[2].engine.rights(42, "loc0"), 5);
     m.execute(2, sale("s2", Some("loc0"), &[(42, 5)])).unwrap();
