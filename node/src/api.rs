@@ -167,6 +167,13 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Respons
     serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed request: {e}")))
 }
 
+/// The request body read (413 over the limit) and parsed as JSON (400).
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Response> {
+    parse_json(&body_bytes(body)?)
+}
+
 fn reply(r: Result<ops::OpReply, OpError>) -> Response {
     match r {
         Ok(rep) => {
@@ -561,11 +568,7 @@ macro_rules! write_handler {
             if let Err(r) = require(&sh, &headers, $scope) {
                 return r;
             }
-            let bytes = match body_bytes(body) {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
-            let req: $ty = match parse_json(&bytes) {
+            let req: $ty = match json_body(body) {
                 Ok(v) => v,
                 Err(r) => return r,
             };
@@ -613,11 +616,7 @@ async fn customer_put(
     if let Err(r) = require(&sh, &headers, Scope::Customers) {
         return r;
     }
-    let bytes = match body_bytes(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let update: ops::CustomerUpdate = match parse_json(&bytes) {
+    let update: ops::CustomerUpdate = match json_body(body) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -640,11 +639,7 @@ async fn customer_redeem(
     if let Err(r) = require(&sh, &headers, Scope::Customers) {
         return r;
     }
-    let bytes = match body_bytes(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let redeem: ops::Redeem = match parse_json(&bytes) {
+    let redeem: ops::Redeem = match json_body(body) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -819,11 +814,7 @@ async fn product_put(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let bytes = match body_bytes(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let update: ops::ProductUpdate = match parse_json(&bytes) {
+    let update: ops::ProductUpdate = match json_body(body) {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -1262,11 +1253,7 @@ async fn retire_node(
     if let Err(r) = require(&sh, &headers, Scope::Admin) {
         return r;
     }
-    let bytes = match body_bytes(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let req: RetireBody = match parse_json(&bytes) {
+    let req: RetireBody = match json_body(body) {
         Ok(v) => v,
         Err(r) => return r,
     };
