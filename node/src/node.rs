@@ -471,6 +471,12 @@ fn engine_loop(
         let mut pending: Vec<Pending> = Vec::new();
         let mut queries: Vec<Query> = Vec::new();
         let mut n_ops = 0u64;
+        let mut n_frames_in = 0u64;
+        // Time spent applying peers' frames, flushing and committing: logged
+        // (debug) for batches with sync traffic, to see where a heal's time goes.
+        let mut net_us = 0u64;
+        let mut commit_us = 0u64;
+        let started = Instant::now();
         for c in cmds.drain(..) {
             match c {
                 Cmd::Op(op, reply) => {
@@ -498,15 +504,20 @@ fn engine_loop(
                 }
                 Cmd::Wake => {}
                 Cmd::Query(q) => queries.push(q),
-                Cmd::Net(ev) => on_net(
-                    &mut engine,
-                    &store,
-                    &transport,
-                    &shared,
-                    &mut conns,
-                    ev,
-                    now,
-                ),
+                Cmd::Net(ev) => {
+                    n_frames_in += u64::from(matches!(ev, TransportEvent::Frame { .. }));
+                    let t = Instant::now();
+                    on_net(
+                        &mut engine,
+                        &store,
+                        &transport,
+                        &shared,
+                        &mut conns,
+                        ev,
+                        now,
+                    );
+                    net_us += t.elapsed().as_micros() as u64;
+                }
                 Cmd::Tick => engine.tick(now),
                 Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
             }
@@ -519,7 +530,9 @@ fn engine_loop(
         }
         engine.allocate(&allocation, now);
         engine.expire_reservations(now);
+        let t_flush = Instant::now();
         let mut batch = engine.flush(now);
+        let flush_us = t_flush.elapsed().as_micros() as u64;
         number_rows(&shared, &mut batch);
         let ok = if batch.is_empty() {
             true
@@ -527,6 +540,7 @@ fn engine_loop(
             let t = Instant::now();
             let r = store.commit(&batch);
             let us = t.elapsed().as_micros() as u64;
+            commit_us = us;
             shared.metrics.commits.fetch_add(1, Ordering::Relaxed);
             shared
                 .metrics
@@ -563,7 +577,21 @@ fn engine_loop(
                 let _ = tx.send(r);
             }
             let mut overflowed: Vec<NodeId> = Vec::new();
-            for (peer, frame) in engine.take_outgoing() {
+            let outgoing = engine.take_outgoing();
+            if n_frames_in > 0 || !outgoing.is_empty() {
+                tracing::debug!(
+                    ops = n_ops,
+                    frames_in = n_frames_in,
+                    frames_out = outgoing.len(),
+                    docs_written = batch.docs.len(),
+                    took_us = started.elapsed().as_micros() as u64,
+                    net_us,
+                    flush_us,
+                    commit_us,
+                    "engine batch with sync traffic"
+                );
+            }
+            for (peer, frame) in outgoing {
                 if overflowed.contains(&peer) {
                     continue;
                 }

@@ -424,11 +424,11 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
     for p in ps {
         p.stop().await;
     }
-    // `STOREMESH_BENCH_KEEP=1` keeps the data directories (and node logs) of a
-    // failed run for inspection.
-    if result.is_err() && std::env::var_os("STOREMESH_BENCH_KEEP").is_some() {
+    // `STOREMESH_BENCH_KEEP=1` keeps the data directories (and node logs) for
+    // inspection; `STOREMESH_BENCH_NODE_LOG` sets the nodes' log filter.
+    if std::env::var_os("STOREMESH_BENCH_KEEP").is_some() {
         let kept = tmp.keep();
-        eprintln!("  kept the failed run's directories in {}", kept.display());
+        eprintln!("  kept the run's directories in {}", kept.display());
     }
     result
 }

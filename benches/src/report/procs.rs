@@ -52,7 +52,12 @@ impl Proc {
         let child = Command::new(bin)
             .args(["run", "--data-dir"])
             .arg(dir)
-            .env("RUST_LOG", "warn")
+            // `STOREMESH_BENCH_NODE_LOG=storemesh_protocol=debug` etc. for a diagnosis
+            // (with `STOREMESH_BENCH_KEEP=1`, the logs stay in each data directory).
+            .env(
+                "RUST_LOG",
+                std::env::var("STOREMESH_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
