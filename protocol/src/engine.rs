@@ -1727,22 +1727,54 @@ impl Engine {
             return;
         };
         let location = location.clone();
-        let mut shortfalls: Vec<(u64, i64)> = self
+        let rows: Vec<(u64, String)> = self
             .views
             .stock
             .iter()
-            .filter_map(|(p, m)| {
-                m.get(&location)
-                    .map(|e| (*p, self.node_rights(e, self.tag)))
+            .filter(|(p, m)| {
+                m.contains_key(&location) && self.ledger_doc(**p, &location).encode() == doc
             })
-            .filter(|(p, r)| *r < 0 && self.ledger_doc(*p, &location).encode() == doc)
-            .map(|(p, r)| (p, -r - self.recorded_deficit(p, &location)))
-            .filter(|(_, d)| *d > 0)
+            .map(|(p, _)| (*p, location.clone()))
+            .collect();
+        self.record_shortfalls(rows, cause, now_ms);
+    }
+
+    /// After a retirement that passed rights to this node became known: records
+    /// the shortfalls on every row that holds an inherited writer's cells (its
+    /// branches may have spent the same rights twice, and it can no longer
+    /// record that itself).
+    pub(crate) fn record_inherited_deficits(&mut self, now_ms: u64) {
+        let me = self.tag;
+        let rows: Vec<(u64, String)> = self
+            .views
+            .stock
+            .iter()
+            .flat_map(|(p, m)| m.iter().map(move |(l, e)| (*p, l, e)))
+            .filter(|(_, _, e)| {
+                e.cells
+                    .keys()
+                    .any(|a| a.tag() != me && self.views.resolve(a.tag()) == me)
+            })
+            .map(|(p, l, _)| (p, l.clone()))
+            .collect();
+        self.record_shortfalls(rows, "retired", now_ms);
+    }
+
+    /// Writes a deficit record for each of `rows` where this node's rights are
+    /// below zero by more than it has already recorded.
+    fn record_shortfalls(&mut self, rows: Vec<(u64, String)>, cause: &str, now_ms: u64) {
+        let mut shortfalls: Vec<(u64, String, i64)> = rows
+            .into_iter()
+            .filter_map(|(p, l)| {
+                let e = self.views.stock.get(&p)?.get(&l)?;
+                let short = -self.node_rights(e, self.tag) - self.recorded_deficit(p, &l);
+                (short > 0).then_some((p, l, short))
+            })
             .collect();
         shortfalls.sort_unstable();
-        for (p, d) in shortfalls {
+        for (p, location, d) in shortfalls {
             tracing::warn!(
-                doc,
+                location = %location,
                 product = p,
                 deficit = d,
                 cause,
@@ -1760,12 +1792,23 @@ impl Engine {
         }
     }
 
-    /// Units of deficit this node has recorded on (product, location).
+    /// Units of deficit recorded on (product, location) by this node or by a
+    /// retired node whose rights passed to it.
     fn recorded_deficit(&self, product: u64, location: &str) -> i64 {
+        let me = self.tag;
+        let names: BTreeSet<&str> = std::iter::once(self.cfg.name.as_str())
+            .chain(
+                self.views
+                    .nodes
+                    .iter()
+                    .filter(|(t, _)| **t != me && self.views.resolve(**t) == me)
+                    .map(|(_, info)| info.name.as_str()),
+            )
+            .collect();
         self.views
             .alarms
             .values()
-            .filter(|a| a.kind == "deficit" && a.node == self.cfg.name)
+            .filter(|a| a.kind == "deficit" && names.contains(a.node.as_str()))
             .filter(|a| {
                 a.record["product_id"].as_u64() == Some(product)
                     && a.record["location"].as_str() == Some(location)

@@ -1113,11 +1113,16 @@ impl Engine {
             .authors
             .iter()
             .any(|t| *t != self.tag && self.views.resolve(*t) == self.tag);
+        let retirements = self.views.retired.len();
         self.recompute_keys(doc, &verdict.keys);
         if own > 0 {
             self.record_fork(doc, own, now_ms);
         } else if inherited {
             self.record_deficits(doc, "retired", now_ms);
+        }
+        // A retirement that arrives after the retired node's changes.
+        if self.views.retired.len() != retirements {
+            self.record_inherited_deficits(now_ms);
         }
     }
 

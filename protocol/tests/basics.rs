@@ -526,3 +526,64 @@ fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
     m.settle();
     assert_eq!(deficits(&m, 2), vec![("n2".to_string(), 3)]);
 }
+
+/// The other order: a retired node's two branches (a copy of its data ran as
+/// a second process) both spent its rights, and the successor held both
+/// before it heard of the retirement. The retired node never saw the fork, so
+/// it recorded nothing; the successor records it when the retirement arrives.
+#[test]
+fn a_retirement_arriving_after_a_forked_history_leaves_a_deficit() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, receipt("r1", "loc0", 42, 10)).unwrap();
+    m.execute(0, grant("g1", 42, "loc0", "n1", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    // n1's data directory runs twice; each copy sells 4 of the 5 units.
+    let clone = m.clone_node(1, [9, 9, 9, 9]);
+    m.disconnect(1, 2);
+    m.disconnect(0, 2);
+    m.execute(1, sale("a", Some("loc0"), &[(42, 4)])).unwrap();
+    m.commit(1);
+    m.settle();
+    m.disconnect(0, 1);
+    m.connect(clone, 2);
+    m.execute(clone, sale("b", Some("loc0"), &[(42, 4)]))
+        .unwrap();
+    m.commit(clone);
+    m.settle();
+    m.disconnect(clone, 2);
+    // n0 holds sale a, n2 holds sale b; they exchange them.
+    m.connect(0, 2);
+    m.settle();
+    let deficits = |m: &TestMesh, i: usize| -> Vec<(String, i64)> {
+        m.nodes[i]
+            .engine
+            .views
+            .alarms
+            .values()
+            .filter(|a| a.kind == "deficit")
+            .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
+            .collect()
+    };
+    assert!(
+        deficits(&m, 0).is_empty() && deficits(&m, 2).is_empty(),
+        "n1's rights are overspent, but n1 is nobody's to account for yet"
+    );
+    // n1 is retired (at n0) with n2 as successor.
+    retire_at_n0(&mut m, "n1", "n2");
+    for i in [0, 2] {
+        let e = &m.nodes[i].engine;
+        assert_eq!(
+            e.totals(42, Some("loc0")).unwrap().0,
+            2,
+            "node {i}: 10 − 4 − 4"
+        );
+        assert_eq!(
+            deficits(&m, i),
+            vec![("n2".to_string(), 3)],
+            "node {i}: 5 − 4 − 4"
+        );
+    }
+}
