@@ -109,6 +109,8 @@ const CLOSE_BLOCKED: u32 = 5;
 const CLOSE_REPLACED: u32 = 6;
 const CLOSE_UNEXPECTED_PEER: u32 = 7;
 const CLOSE_GONE: u32 = 8;
+/// The connection is dropped to start its sync afresh; dial again.
+const CLOSE_RECONNECT: u32 = 9;
 
 /// Markers our certificate verifier puts into its error, so that the accept and
 /// dial paths (which know the remote address) can report the rejected key.
@@ -237,13 +239,6 @@ struct State {
     peers: HashMap<NodeId, PeerSlot>,
 }
 
-impl PeerSlot {
-    /// Neither dialled nor accepted.
-    fn refused(&self) -> bool {
-        self.blocked || self.revoked
-    }
-}
-
 struct PeerSlot {
     name: String,
     /// Cut by an operator or a test (`set_blocked`); lifted again by unblocking.
@@ -256,6 +251,13 @@ struct PeerSlot {
     last_done: Option<watch::Receiver<bool>>,
     /// Wakes the peer's supervisor.
     wake: Arc<Notify>,
+}
+
+impl PeerSlot {
+    /// Neither dialled nor accepted.
+    fn refused(&self) -> bool {
+        self.blocked || self.revoked
+    }
 }
 
 /// The one registered connection of a peer.
@@ -490,7 +492,7 @@ impl Transport {
     /// Blocks or unblocks a peer: a blocked peer's connection is closed and it is
     /// neither dialled nor accepted until unblocked.
     pub fn set_blocked(&self, peer: NodeId, blocked: bool) {
-        self.change_slot(peer, "blocked", |slot| {
+        self.change_slot(peer, "blocked", CLOSE_BLOCKED, |slot| {
             slot.blocked = blocked;
             slot.refused()
         });
@@ -500,7 +502,7 @@ impl Transport {
     /// Refuses a retired peer for good: its connection is closed and it is never
     /// dialled or accepted again, whatever `set_blocked` does later.
     pub fn revoke(&self, peer: NodeId) {
-        self.change_slot(peer, "revoked", |slot| {
+        self.change_slot(peer, "revoked", CLOSE_BLOCKED, |slot| {
             slot.revoked = true;
             true
         });
@@ -509,15 +511,17 @@ impl Transport {
     /// Closes the peer's connection (if any) without blocking it: the supervisor
     /// dials again with backoff and the sync starts clean.
     pub fn reconnect(&self, peer: NodeId, why: &'static str) {
-        self.change_slot(peer, why, |_| true);
+        self.change_slot(peer, why, CLOSE_RECONNECT, |_| true);
     }
 
     /// Applies `change` to the peer's slot and wakes its supervisor; closes the
-    /// live connection (with `note` as the reason) when `change` returns true.
+    /// live connection (with `code` and `note` as the reason) when `change`
+    /// returns true.
     fn change_slot(
         &self,
         peer: NodeId,
         note: &'static str,
+        code: u32,
         change: impl FnOnce(&mut PeerSlot) -> bool,
     ) {
         let closing = {
@@ -536,8 +540,7 @@ impl Transport {
         };
         if let Some(live) = closing {
             set_note(&live.note, note);
-            live.conn
-                .close(VarInt::from_u32(CLOSE_BLOCKED), note.as_bytes());
+            live.conn.close(VarInt::from_u32(code), note.as_bytes());
         }
     }
 
@@ -1123,6 +1126,7 @@ fn describe_close(e: &ConnectionError) -> String {
                 }
                 CLOSE_BLOCKED => "peer blocks this node".into(),
                 CLOSE_PROTOCOL => format!("peer saw a protocol violation: {text}"),
+                CLOSE_RECONNECT => format!("peer restarts the connection ({text})"),
                 code => format!("closed by peer (code {code}): {text}"),
             }
         }
@@ -2472,6 +2476,25 @@ mod tests {
         );
         b.t.send(a.id, text_frame("back")).unwrap();
         expect_text(&mut a, b.id, "back").await;
+        tokio::join!(a.t.shutdown(), b.t.shutdown());
+    }
+
+    /// `reconnect` drops the connection without blocking: the peer is told why
+    /// (not "blocks this node") and the two connect again by themselves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconnect_closes_and_the_peers_connect_again() {
+        logs();
+        let (mut a, mut b, _ia, _ib) = pair().await;
+        a.t.reconnect(b.id, "outbound queue full");
+        let ev = b.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
+        assert!(
+            matches!(&ev, PeerDown { reason, .. } if reason.contains("restarts the connection")),
+            "{ev:?}"
+        );
+        a.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
+        settle(&mut a, &mut b).await;
+        b.t.send(a.id, text_frame("again")).unwrap();
+        expect_text(&mut a, b.id, "again").await;
         tokio::join!(a.t.shutdown(), b.t.shutdown());
     }
 
