@@ -338,6 +338,31 @@ fn reserve(id: &str, loc: &str, p: u64, q: u64, by: &str, expires_at_ms: u64) ->
     })
 }
 
+/// Three connected nodes; n0 received 10 units of product 42 at loc0 and
+/// granted 5 of them to n1.
+fn three_nodes_n1_holding_5_of_10() -> TestMesh {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, receipt("r1", "loc0", 42, 10)).unwrap();
+    m.execute(0, grant("g1", 42, "loc0", "n1", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    m
+}
+
+/// Node `i`'s deficit records: (recording node, units).
+fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
+    m.nodes[i]
+        .engine
+        .views
+        .alarms
+        .values()
+        .filter(|a| a.kind == "deficit")
+        .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
+        .collect()
+}
+
 /// Retires `node` with `successor`, issued at n0, and lets it travel.
 fn retire_at_n0(m: &mut TestMesh, node: &str, successor: &str) {
     let op = Op::Retire {
@@ -471,13 +496,7 @@ fn sale_records_carry_no_null_members() {
 /// successor's to account for: it records the shortfall as a deficit, once.
 #[test]
 fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
-    let mut m = TestMesh::new(3, 8);
-    m.full_mesh();
-    m.settle();
-    m.execute(0, receipt("r1", "loc0", 42, 10)).unwrap();
-    m.execute(0, grant("g1", 42, "loc0", "n1", 5)).unwrap();
-    m.commit(0);
-    m.settle();
+    let mut m = three_nodes_n1_holding_5_of_10();
     // n1 is cut off and sells 3 of its 5; meanwhile it is retired at n0.
     m.disconnect(0, 1);
     m.disconnect(1, 2);
@@ -490,16 +509,6 @@ fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
     m.execute(2, sale("s2", Some("loc0"), &[(42, 5)])).unwrap();
     m.commit(2);
     m.settle();
-    let deficits = |m: &TestMesh, i: usize| -> Vec<(String, i64)> {
-        m.nodes[i]
-            .engine
-            .views
-            .alarms
-            .values()
-            .filter(|a| a.kind == "deficit")
-            .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
-            .collect()
-    };
     assert!(deficits(&m, 2).is_empty(), "nothing overspent yet");
     // n1's sale reaches n0 (n1 comes back once more), and n0 forwards it.
     m.connect(0, 1);
@@ -533,13 +542,7 @@ fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
 /// it recorded nothing; the successor records it when the retirement arrives.
 #[test]
 fn a_retirement_arriving_after_a_forked_history_leaves_a_deficit() {
-    let mut m = TestMesh::new(3, 8);
-    m.full_mesh();
-    m.settle();
-    m.execute(0, receipt("r1", "loc0", 42, 10)).unwrap();
-    m.execute(0, grant("g1", 42, "loc0", "n1", 5)).unwrap();
-    m.commit(0);
-    m.settle();
+    let mut m = three_nodes_n1_holding_5_of_10();
     // n1's data directory runs twice; each copy sells 4 of the 5 units.
     let clone = m.clone_node(1, [9, 9, 9, 9]);
     m.disconnect(1, 2);
@@ -557,16 +560,6 @@ fn a_retirement_arriving_after_a_forked_history_leaves_a_deficit() {
     // n0 holds sale a, n2 holds sale b; they exchange them.
     m.connect(0, 2);
     m.settle();
-    let deficits = |m: &TestMesh, i: usize| -> Vec<(String, i64)> {
-        m.nodes[i]
-            .engine
-            .views
-            .alarms
-            .values()
-            .filter(|a| a.kind == "deficit")
-            .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
-            .collect()
-    };
     assert!(
         deficits(&m, 0).is_empty() && deficits(&m, 2).is_empty(),
         "n1's rights are overspent, but n1 is nobody's to account for yet"

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use proptest::prelude::*;
 use storemesh_protocol::ids::ActorKey;
 use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::TestMesh;
+use storemesh_protocol::testkit::{self, TestMesh};
 
 const NODES: usize = 5;
 
@@ -187,29 +187,14 @@ fn run(actions: Vec<Action>) {
                 node,
                 loc: l,
                 lines,
-            } => exec(
-                &mut m,
-                node,
-                Op::Sale(Sale {
-                    sale_id: format!("s{seq}"),
-                    location: Some(loc(l)),
-                    customer_id: Some(format!("c{}", seq % 3)),
-                    currency: None,
-                    lines: lines
-                        .iter()
-                        .map(|(p, q)| SaleLine {
-                            sku: None,
-                            product_id: *p,
-                            quantity: *q,
-                            unit_price: Some(100),
-                        })
-                        .collect(),
-                    override_rights: false,
-                    occurred_at: None,
-                    register_id: None,
-                    staff_id: None,
-                }),
-            ),
+            } => {
+                let mut op = testkit::sale(&format!("s{seq}"), Some(&loc(l)), &lines);
+                if let Op::Sale(s) = &mut op {
+                    s.customer_id = Some(format!("c{}", seq % 3));
+                    s.lines.iter_mut().for_each(|l| l.unit_price = Some(100));
+                }
+                exec(&mut m, node, op)
+            }
             Action::Grant {
                 node,
                 product,
