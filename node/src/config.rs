@@ -301,6 +301,10 @@ pub struct SyncConfig {
     pub keep_alive_ms: u64,
     /// A connection silent this long is considered lost.
     pub idle_timeout_ms: u64,
+    /// One dial's handshake is abandoned after this long and started afresh
+    /// (after the reconnect delay), so a healed link is found without waiting
+    /// out QUIC's retransmission back-off.
+    pub connect_timeout_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -311,6 +315,7 @@ impl Default for SyncConfig {
             reconnect_max_ms: 10_000,
             keep_alive_ms: 4_000,
             idle_timeout_ms: 15_000,
+            connect_timeout_ms: 2_000,
         }
     }
 }
@@ -608,6 +613,7 @@ impl Config {
             ("reconnect_max_ms", s.reconnect_max_ms),
             ("keep_alive_ms", s.keep_alive_ms),
             ("idle_timeout_ms", s.idle_timeout_ms),
+            ("connect_timeout_ms", s.connect_timeout_ms),
         ] {
             if !(SYNC_MS_MIN..=SYNC_MS_MAX).contains(&value) {
                 return Err(format!(

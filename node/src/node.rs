@@ -265,6 +265,7 @@ impl NodeHandle {
         tcfg.idle_timeout = Duration::from_millis(cfg.sync.idle_timeout_ms);
         tcfg.reconnect_min = Duration::from_millis(cfg.sync.reconnect_min_ms);
         tcfg.reconnect_max = Duration::from_millis(cfg.sync.reconnect_max_ms);
+        tcfg.connect_timeout = Duration::from_millis(cfg.sync.connect_timeout_ms);
         let (ev_tx, mut ev_rx) = mpsc::channel(CMD_QUEUE_MAX);
         let transport = Transport::start(tcfg, ev_tx).await?;
         let quic_addr = transport.local_addr();

@@ -70,8 +70,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(250);
 /// Default largest reconnect delay.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(15);
+/// Default time one dial's QUIC/TLS handshake may take before it is abandoned
+/// and (after the reconnect delay) started afresh.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Time allowed for the QUIC/TLS handshake of one connection.
+/// Time allowed for the QUIC/TLS handshake of an incoming connection.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for the hello exchange after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,6 +140,11 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// How long one dial's handshake may take. A dial sent into a cut link
+    /// only retransmits its Initial packet on QUIC's exponential back-off
+    /// (1 s, 2 s, 4 s, ...), so after the link heals it could wait seconds for
+    /// its next packet; abandoning it and dialling afresh bounds that wait.
+    pub connect_timeout: Duration,
 }
 
 impl TransportConfig {
@@ -156,6 +164,7 @@ impl TransportConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -230,6 +239,7 @@ struct Inner {
     next_conn_id: AtomicU64,
     reconnect_min: Duration,
     reconnect_max: Duration,
+    connect_timeout: Duration,
     handshakes: Arc<Semaphore>,
     refused_log: Mutex<(Instant, u32)>,
 }
@@ -327,6 +337,9 @@ impl Transport {
                 cfg.idle_timeout
             );
         }
+        if cfg.connect_timeout.is_zero() {
+            bail!("the connect timeout must be non-zero");
+        }
         if cfg.reconnect_min.is_zero() || cfg.reconnect_min > cfg.reconnect_max {
             bail!(
                 "reconnect delays must satisfy 0 < min ({:?}) <= max ({:?})",
@@ -420,6 +433,7 @@ impl Transport {
             next_conn_id: AtomicU64::new(1),
             reconnect_min: cfg.reconnect_min,
             reconnect_max: cfg.reconnect_max,
+            connect_timeout: cfg.connect_timeout,
             handshakes: Arc::new(Semaphore::new(PENDING_HANDSHAKES_MAX)),
             refused_log: Mutex::new((Instant::now(), 0)),
         });
@@ -1441,7 +1455,8 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), 
         .endpoint
         .connect(addr, SERVER_NAME)
         .map_err(|e| format!("cannot dial: {e}"))?;
-    let conn = match timeout(HANDSHAKE_TIMEOUT, connecting).await {
+    // Dropping the `Connecting` on timeout abandons that handshake.
+    let conn = match timeout(inner.connect_timeout, connecting).await {
         Err(_) => return Err("handshake timed out".into()),
         Ok(Err(e)) => {
             inner.handshake_failed(addr, &e);
@@ -2528,6 +2543,50 @@ mod tests {
             );
         }
         tokio::join!(a.t.shutdown(), b.t.shutdown());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dial_into_a_dead_link_is_started_afresh_after_the_connect_timeout() {
+        logs();
+        let [(_, mut ca, sa), (_, mut cb, sb)] = pair_configs();
+        ca.connect_timeout = Duration::from_millis(200);
+        // Only A dials: B's own dials go to a socket nobody reads.
+        let nowhere = bind();
+        cb.peers[0].addr = nowhere.local_addr().unwrap();
+        // The link is dead for 1.5 s: whatever reaches B's address is read
+        // and dropped. QUIC would retransmit A's first Initial only after
+        // about 1 s and then 3 s; a fresh dial sends a new one at once.
+        let dead = sb.try_clone().unwrap();
+        dead.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let sink = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_millis(1500);
+            let mut buf = [0u8; 2048];
+            let mut dropped = 0;
+            while Instant::now() < until {
+                if dead.recv_from(&mut buf).is_ok() {
+                    dropped += 1;
+                }
+            }
+            dropped
+        });
+        let mut a = start("a", ca, sa).await;
+        let dropped = tokio::task::spawn_blocking(move || sink.join().unwrap())
+            .await
+            .unwrap();
+        assert!(dropped > 0, "A never dialled into the dead link");
+        sb.set_read_timeout(None).unwrap();
+        let healed = Instant::now();
+        let mut b = start("b", cb, sb).await;
+        a.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
+        let waited = healed.elapsed();
+        assert!(
+            waited < Duration::from_millis(1000),
+            "the connection came up {waited:?} after the link healed (connect timeout 200 ms, reconnect delay <= 200 ms)"
+        );
+        b.drain();
+        tokio::join!(a.t.shutdown(), b.t.shutdown());
+        drop(nowhere);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
