@@ -195,6 +195,9 @@ pub struct Stats {
     pub forks_detected: u64,
     /// Pushes whose changes depended on changes we lacked (fetched by a sync session).
     pub pushes_behind: u64,
+    /// Sync messages sent with their changes as one bundle, and those changes.
+    pub bundles_out: u64,
+    pub bundled_changes_out: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {

@@ -37,6 +37,10 @@ pub const ROUNDS_IDLE_MAX: u32 = 12;
 pub const REASSEMBLY_BYTES_MAX: usize = 256 << 20;
 /// Document entries listed in one `Docs` frame.
 pub const DOCS_PER_FRAME_MAX: usize = 4096;
+/// A sync message carrying at least this many changes sends them as one
+/// Automerge bundle (columnar, deflated, dependencies inside the bundle as
+/// indices instead of 32-byte hashes) instead of concatenated change chunks.
+pub const BUNDLE_MIN_CHANGES: usize = 8;
 
 /// Messages of the sync protocol (after the hello).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -233,6 +237,11 @@ pub(crate) struct DocSession {
     peer_reset: bool,
     /// Changes the next message requests explicitly.
     want: Vec<ChangeHash>,
+    /// The peer restarted this session because changes we sent lacked their
+    /// dependencies (a Bloom filter false positive, or a refused message):
+    /// from now on Automerge may send it the whole document, as it would by
+    /// itself, instead of only the changes we believe it lacks.
+    whole_docs: bool,
 }
 
 impl DocSession {
@@ -244,6 +253,7 @@ impl DocSession {
             finished: false,
             last_heads: Vec::new(),
             restarts: 0,
+            whole_docs: false,
             peer_reset: false,
             want: Vec::new(),
         }
@@ -594,11 +604,31 @@ impl Engine {
             sess.last_heads = heads;
             sess.idle_rounds = 0;
         }
+        let sent_before = sess.state.sent_hashes.clone();
+        // To a peer that holds part of the document, Automerge sends the whole
+        // document once more than a third of it is missing: all of its
+        // history again, which the receiver must load and merge. Without the
+        // V2 capability it sends the missing changes, which go out as one
+        // bundle (below). A peer that holds nothing still gets the whole
+        // document: loading it into an empty one is the fast path.
+        let hidden = if sess.whole_docs {
+            None
+        } else {
+            hide_v2_if_partial(&mut sess.state)
+        };
         let msg = slot.doc.generate_sync_message(&mut sess.state);
+        if let Some(caps) = hidden {
+            sess.state.their_capabilities = Some(caps);
+        }
         let Some(mut msg) = msg else {
             self.put_session(peer, doc, sess);
             return;
         };
+        if let Some(n) = bundle_changes(&slot.doc, &mut msg, &sent_before, &sess.state.sent_hashes)
+        {
+            self.stats.bundles_out += 1;
+            self.stats.bundled_changes_out += n as u64;
+        }
         if std::mem::take(&mut sess.peer_reset) {
             let mut flags = msg.flags.unwrap_or_default();
             flags.set(amsync::MessageFlags::SYNC_RESET);
@@ -950,6 +980,11 @@ impl Engine {
         let Some(slot) = self.docs.get(doc) else {
             return Ok(());
         };
+        // A document chunk stays with Automerge's own loader (into an empty
+        // document it loads the columnar form whole, far faster than applying
+        // its changes one by one); change chunks and bundles are applied from
+        // the changes decoded here, not parsed a second time.
+        let whole_doc = chunks.iter().any(|c| c.get(8) == Some(&0));
         let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
             Ok(v) => v,
             Err(e) => {
@@ -1000,8 +1035,18 @@ impl Engine {
         let Some(slot) = self.docs.get_mut(doc) else {
             return Ok(());
         };
+        if message
+            .as_ref()
+            .and_then(|m| m.flags)
+            .is_some_and(|f| f.contains(amsync::MessageFlags::SYNC_RESET))
+        {
+            sess.whole_docs = true;
+        }
+        changes.retain(|c| slot.doc.get_change_meta_by_hash(&c.hash()).is_none());
         let result = match message {
+            Some(m) if !whole_doc => receive_decoded(&mut slot.doc, &mut sess.state, m, changes),
             Some(m) => slot.doc.receive_sync_message(&mut sess.state, m),
+            None if !whole_doc => slot.doc.apply_changes(changes),
             None => slot.doc.load_incremental(data).map(|_| ()),
         };
         self.put_session(peer, doc, sess);
@@ -1172,5 +1217,102 @@ impl Engine {
 
     pub fn digest_root(&self) -> [u8; 32] {
         self.digest.root()
+    }
+}
+
+/// `receive_sync_message` for a message whose changes were already decoded
+/// (and validated): applies `changes` directly, then lets the session process
+/// the rest of the message with its change list emptied. The session state
+/// ends as Automerge's own path leaves it: shared heads advanced over the
+/// applied changes, and `last_sent_heads` untouched (Automerge updates it only
+/// for messages without changes, which this one was not).
+fn receive_decoded(
+    doc: &mut automerge::Automerge,
+    state: &mut amsync::State,
+    mut msg: amsync::Message,
+    changes: Vec<automerge::Change>,
+) -> Result<(), automerge::AutomergeError> {
+    if msg.changes.is_empty() {
+        return doc.receive_sync_message(state, msg);
+    }
+    let before = doc.get_heads();
+    doc.apply_changes(changes)?;
+    let after = doc.get_heads();
+    state.shared_heads = advance_heads(&before, &after, &state.shared_heads);
+    msg.changes = Vec::<Vec<u8>>::new().into();
+    let lost_all = msg.heads.is_empty();
+    let last_sent = state.last_sent_heads.clone();
+    let result = doc.receive_sync_message(state, msg);
+    if !lost_all {
+        state.last_sent_heads = last_sent;
+    }
+    result
+}
+
+/// Shared heads after applying changes (Automerge's own rule, private there):
+/// our new heads that are new, plus the old shared heads that are still heads.
+fn advance_heads(
+    before: &[ChangeHash],
+    after: &[ChangeHash],
+    shared: &[ChangeHash],
+) -> Vec<ChangeHash> {
+    let mut out: BTreeSet<ChangeHash> = after
+        .iter()
+        .filter(|h| !before.contains(h))
+        .copied()
+        .collect();
+    out.extend(shared.iter().filter(|h| after.contains(h)).copied());
+    out.into_iter().collect()
+}
+
+/// Removes the peer's `MessageV2` capability from the session while the peer
+/// is known to hold part of the document; returns the capabilities to put
+/// back after the message is generated.
+fn hide_v2_if_partial(state: &mut amsync::State) -> Option<Vec<amsync::Capability>> {
+    let partial = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
+    let caps = state.their_capabilities.as_ref()?;
+    if !partial || !caps.contains(&amsync::Capability::MessageV2) {
+        return None;
+    }
+    let without = caps
+        .iter()
+        .filter(|c| **c != amsync::Capability::MessageV2)
+        .cloned()
+        .collect();
+    state.their_capabilities.replace(without)
+}
+
+/// Replaces the change chunks of an outgoing sync message by one Automerge
+/// bundle of the same changes when there are at least [`BUNDLE_MIN_CHANGES`]
+/// of them. The changes sent are the hashes the message added to the
+/// session's `sent_hashes`. A whole-document message (Automerge sends one
+/// when more than a third of the document is missing) is already columnar
+/// and stays as it is; so does anything the bundle cannot be made of.
+fn bundle_changes(
+    doc: &automerge::Automerge,
+    msg: &mut amsync::Message,
+    sent_before: &BTreeSet<ChangeHash>,
+    sent_after: &BTreeSet<ChangeHash>,
+) -> Option<usize> {
+    // Chunk type byte: 1 a change, 2 a compressed change (0 a document).
+    let only_changes =
+        !msg.changes.is_empty() && msg.changes.iter().all(|c| matches!(c.get(8), Some(1 | 2)));
+    if !only_changes {
+        return None;
+    }
+    let hashes: Vec<ChangeHash> = sent_after.difference(sent_before).copied().collect();
+    let n = hashes.len();
+    if n < BUNDLE_MIN_CHANGES {
+        return None;
+    }
+    match doc.bundle(hashes) {
+        Ok(b) => {
+            msg.changes = vec![b.bytes().to_vec()].into();
+            Some(n)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot bundle a sync message's changes");
+            None
+        }
     }
 }

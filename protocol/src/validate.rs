@@ -12,8 +12,9 @@ use crate::layout::{
     parse_ledger_key, parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId,
 };
 
-/// Splits an Automerge sync-message chunk (a document, one change, or several
-/// concatenated change chunks) into changes, without applying anything.
+/// Splits an Automerge sync-message chunk (a document, one change, several
+/// concatenated change chunks, or a bundle) into changes, without applying
+/// anything.
 pub fn changes_in_chunk(chunk: &[u8]) -> Result<Vec<Change>, String> {
     const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
     let mut out = Vec::new();
@@ -40,11 +41,23 @@ pub fn changes_in_chunk(chunk: &[u8]) -> Result<Vec<Change>, String> {
             1 | 2 => {
                 out.push(Change::from_bytes(this.to_vec()).map_err(|e| format!("bad change: {e}"))?)
             }
+            3 => out.extend(changes_in_bundle(this)?),
             k => return Err(format!("unknown chunk type {k}")),
         }
         rest = tail;
     }
     Ok(out)
+}
+
+/// The changes of a bundle chunk. Bundles are an experimental Automerge
+/// format: a panic in its parser on a peer's bytes is caught and turned into an
+/// error like any other malformed chunk.
+fn changes_in_bundle(chunk: &[u8]) -> Result<Vec<Change>, String> {
+    let parse = || -> Result<Vec<Change>, String> {
+        let bundle = automerge::Bundle::try_from(chunk).map_err(|e| format!("bad bundle: {e}"))?;
+        bundle.to_changes().map_err(|e| format!("bad bundle: {e}"))
+    };
+    std::panic::catch_unwind(parse).unwrap_or_else(|_| Err("bad bundle: parser failed".into()))
 }
 
 fn read_uleb(b: &[u8]) -> Option<(u64, usize)> {
@@ -91,14 +104,14 @@ pub fn validate_changes(
     let in_message: std::collections::HashSet<automerge::ChangeHash> =
         changes.iter().map(|c| c.hash()).collect();
     for change in changes.iter() {
-        if doc.get_change_by_hash(&change.hash()).is_some() {
+        if doc.get_change_meta_by_hash(&change.hash()).is_some() {
             continue;
         }
         // A change is checked against its predecessors, so they must be known:
         // a change held back for missing dependencies would be applied later
         // without this check (a peer could lower a cell by reordering).
         for dep in change.deps() {
-            if !in_message.contains(dep) && doc.get_change_by_hash(dep).is_none() {
+            if !in_message.contains(dep) && doc.get_change_meta_by_hash(dep).is_none() {
                 return Err(MISSING_DEPS.into());
             }
         }
@@ -134,7 +147,79 @@ pub fn validate_changes(
             verdict.keys.insert(key);
         }
     }
+    check_sequences(doc, changes)?;
     Ok(verdict)
+}
+
+/// Longest walk through a change's ancestors in search of its actor's
+/// previous change; a longer history is let through unchecked.
+const SEQ_WALK_MAX: usize = 100_000;
+
+/// Every new change must carry its actor's next sequence number: Automerge
+/// refuses a repeated one with an error, but a skipped one trips an assertion
+/// (a panic) deep in its change graph. A peer's honest changes never skip, so
+/// a gap means forged or damaged changes. `changes` is sorted by actor and
+/// sequence number, and their dependencies are known (checked before).
+fn check_sequences(doc: &Automerge, changes: &[Change]) -> Result<(), String> {
+    let in_message: HashMap<automerge::ChangeHash, &Change> =
+        changes.iter().map(|c| (c.hash(), c)).collect();
+    // The previous new change, if by the same actor: the next must follow it.
+    let mut prev: Option<(&automerge::ActorId, u64)> = None;
+    for c in changes {
+        let (actor, seq) = (c.actor_id(), c.seq());
+        if doc.get_change_meta_by_hash(&c.hash()).is_some() {
+            continue;
+        }
+        let expected = match prev {
+            Some((a, s)) if a == actor => Some(s + 1),
+            _ if seq <= 1 => None,
+            _ => predecessor_seq(doc, &in_message, c).map(|k| k + 1),
+        };
+        prev = Some((actor, seq));
+        if seq == 0 || expected.is_some_and(|e| e != seq) {
+            return Err(format!(
+                "change skips its actor's sequence numbers (seq {seq}, expected {})",
+                expected.unwrap_or(1)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The sequence number of the latest change by `c`'s actor among `c`'s
+/// ancestors (in the message or the document): 0 if there is none, `None` if
+/// the walk gave up.
+fn predecessor_seq(
+    doc: &Automerge,
+    in_message: &HashMap<automerge::ChangeHash, &Change>,
+    c: &Change,
+) -> Option<u64> {
+    let actor = c.actor_id();
+    let mut stack: Vec<automerge::ChangeHash> = c.deps().to_vec();
+    let mut seen = std::collections::HashSet::new();
+    let mut best = 0;
+    while let Some(h) = stack.pop() {
+        if !seen.insert(h) {
+            continue;
+        }
+        if seen.len() > SEQ_WALK_MAX {
+            return None;
+        }
+        let (a, seq, deps) = match in_message.get(&h) {
+            Some(m) => (m.actor_id().clone(), m.seq(), m.deps().to_vec()),
+            None => match doc.get_change_meta_by_hash(&h) {
+                Some(m) => (m.actor.into_owned(), m.seq, m.deps),
+                None => continue,
+            },
+        };
+        if &a == actor {
+            // Its own ancestors by this actor are older still.
+            best = best.max(seq);
+            continue;
+        }
+        stack.extend(deps);
+    }
+    Some(best)
 }
 
 fn uint(v: Option<&ScalarValue>, key: &str) -> Result<u64, String> {

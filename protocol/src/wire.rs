@@ -14,7 +14,8 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Wire protocol version, checked in the hello. 2: compressed frames.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: sync messages may carry their changes as an Automerge bundle.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Version byte at the start of every frame payload.
 pub const FRAME_VERSION: u8 = 1;
 /// Version byte of a frame whose payload is DEFLATE-compressed.

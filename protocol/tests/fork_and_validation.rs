@@ -177,3 +177,119 @@ fn invalid_changes_are_rejected_whole() {
     .unwrap();
     assert!(m.nodes[0].engine.receive(peer1, &junk[4..], now).is_err());
 }
+
+/// A sync message for `doc` whose changes (one per write, by `actor`) travel
+/// as an Automerge bundle, as `sync` sends eight changes or more; `flip`
+/// damages one byte of the bundle.
+fn bundled(
+    base: &automerge::Automerge,
+    actor: ActorKey,
+    writes: &[(String, u64)],
+    flip: Option<usize>,
+) -> Vec<u8> {
+    use automerge::sync::SyncDoc;
+    let mut doc = base.fork().with_actor(actor.automerge());
+    let heads = doc.get_heads();
+    for (key, value) in writes {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, key, automerge::ScalarValue::Uint(*value))
+            .unwrap();
+        tx.commit();
+    }
+    let hashes: Vec<_> = doc.get_changes(&heads).iter().map(|c| c.hash()).collect();
+    let mut bytes = doc.bundle(hashes).unwrap().bytes().to_vec();
+    if let Some(i) = flip {
+        bytes[i] ^= 0x5a;
+    }
+    let mut msg = doc
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .unwrap();
+    msg.changes = vec![bytes].into();
+    msg.encode()
+}
+
+/// Two nodes holding 10 + 3 units of product 5 at loc0; returns the mesh and
+/// the ledger document's id.
+fn two_nodes_with_stock() -> (TestMesh, String) {
+    let mut m = TestMesh::new(2, 8);
+    m.connect(0, 1);
+    m.execute(0, receipt("r1", "loc0", 5, 10)).unwrap();
+    m.commit(0);
+    m.execute(1, receipt("r2", "loc0", 5, 3)).unwrap();
+    m.commit(1);
+    m.settle();
+    let doc_id = DocId::Ledger {
+        location: "loc0".into(),
+        bucket: product_bucket(5, 8),
+    }
+    .encode();
+    (m, doc_id)
+}
+
+fn send_sync(m: &mut TestMesh, doc: &str, data: Vec<u8>) -> Result<(), String> {
+    let frame = encode_frame(&Msg::Sync {
+        doc: doc.to_string(),
+        data,
+    })
+    .unwrap();
+    let (peer1, now) = (m.id(1), m.now_ms);
+    m.nodes[0].engine.receive(peer1, &frame[4..], now)
+}
+
+#[test]
+fn bundled_changes_are_validated_like_any_other_and_bad_bundles_are_refused() {
+    let (mut m, doc_id) = two_nodes_with_stock();
+    let base = m.nodes[0].engine.doc(&doc_id).unwrap().clone();
+    let heads_before = m.nodes[0].engine.heads_of(&doc_id).unwrap();
+    let (actor0, actor1) = (m.nodes[0].engine.actor(), m.nodes[1].engine.actor());
+    let own = ledger_key(5, actor1, LedgerField::Received);
+    let theirs = ledger_key(5, actor0, LedgerField::Removed);
+    // Nine changes, the last of which writes node 0's cell: refused whole.
+    let mut writes: Vec<(String, u64)> = (4..12).map(|v| (own.clone(), v)).collect();
+    writes.push((theirs.clone(), 10));
+    send_sync(&mut m, &doc_id, bundled(&base, actor1, &writes, None)).unwrap();
+    assert_eq!(m.nodes[0].engine.stats.rejected_messages, 1);
+    assert_eq!(m.nodes[0].engine.heads_of(&doc_id).unwrap(), heads_before);
+    // Eight valid changes of node 1's own cell (4..=11): applied.
+    let good = bundled(&base, actor1, &writes[..8], None);
+    send_sync(&mut m, &doc_id, good.clone()).unwrap();
+    assert_eq!(m.nodes[0].engine.totals(5, None).unwrap().0, 10 + 11);
+    // Every byte of the bundle damaged in turn, each on a fresh pair: never a
+    // panic; whatever is accepted passed validation, so node 0's cells are
+    // untouched and node 1's cell only rose.
+    let len = automerge::sync::Message::decode(&good)
+        .unwrap()
+        .changes
+        .iter()
+        .next()
+        .unwrap()
+        .len();
+    let mut refused = 0;
+    for i in 0..len {
+        let (mut m, doc_id) = two_nodes_with_stock();
+        let _ = send_sync(
+            &mut m,
+            &doc_id,
+            bundled(&base, actor1, &writes[..8], Some(i)),
+        );
+        let e = &m.nodes[0].engine;
+        if e.heads_of(&doc_id).unwrap() == heads_before {
+            refused += 1;
+            continue;
+        }
+        let doc = e.doc(&doc_id).unwrap();
+        assert_eq!(
+            storemesh_protocol::validate::current_uint(doc, &theirs),
+            0,
+            "flip at {i}"
+        );
+        assert!(
+            storemesh_protocol::validate::current_uint(doc, &own) >= 3,
+            "flip at {i}"
+        );
+    }
+    assert!(
+        refused > len / 2,
+        "only {refused} of {len} damaged bundles were refused"
+    );
+}

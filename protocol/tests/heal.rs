@@ -89,6 +89,13 @@ fn heal_after_partition_sends_each_missing_change_about_once() {
         out1 - out0,
         heal as f64 / lacked as f64
     );
+    let bundles: u64 = m.nodes.iter().map(|nd| nd.engine.stats.bundles_out).sum();
+    let bundled: u64 = m
+        .nodes
+        .iter()
+        .map(|nd| nd.engine.stats.bundled_changes_out)
+        .sum();
+    eprintln!("{bundles} sync messages carried {bundled} changes as bundles");
     assert!(
         lacked > 100_000,
         "the partition produced changes to exchange"
@@ -96,5 +103,11 @@ fn heal_after_partition_sends_each_missing_change_about_once() {
     assert!(
         heal <= 2 * lacked,
         "heal sent {heal} B for {lacked} B of missing changes"
+    );
+    // Peers holding part of a document get only the changes they lack, as
+    // bundles, not the whole document again.
+    assert!(
+        bundled >= 1000,
+        "only {bundled} changes travelled in bundles"
     );
 }
