@@ -1042,7 +1042,9 @@ impl Engine {
         {
             sess.whole_docs = true;
         }
-        changes.retain(|c| slot.doc.get_change_meta_by_hash(&c.hash()).is_none());
+        if !whole_doc {
+            changes.retain(|c| slot.doc.get_change_meta_by_hash(&c.hash()).is_none());
+        }
         let result = match message {
             Some(m) if !whole_doc => receive_decoded(&mut slot.doc, &mut sess.state, m, changes),
             Some(m) => slot.doc.receive_sync_message(&mut sess.state, m),

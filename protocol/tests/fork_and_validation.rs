@@ -93,18 +93,7 @@ fn forged(base: &automerge::Automerge, actor: ActorKey, key: &str, value: u64) -
 
 #[test]
 fn invalid_changes_are_rejected_whole() {
-    let mut m = TestMesh::new(2, 8);
-    m.connect(0, 1);
-    m.execute(0, receipt("r1", "loc0", 5, 10)).unwrap();
-    m.commit(0);
-    m.execute(1, receipt("r2", "loc0", 5, 3)).unwrap();
-    m.commit(1);
-    m.settle();
-    let doc_id = DocId::Ledger {
-        location: "loc0".into(),
-        bucket: product_bucket(5, 8),
-    }
-    .encode();
+    let (mut m, doc_id) = two_nodes_with_stock();
     let base = m.nodes[0].engine.doc(&doc_id).unwrap().clone();
     let heads_before = m.nodes[0].engine.heads_of(&doc_id).unwrap();
     let actor0 = m.nodes[0].engine.actor();

@@ -60,6 +60,13 @@ pub struct Scenario {
     /// order (the first product is the most popular); uniform when absent.
     #[serde(default)]
     pub zipf: Option<f64>,
+    /// Which demand becomes a sale attempt: `any` (every draw, also of goods
+    /// nobody has) or `visible` (a store's customer brings to the till only
+    /// what is on that store's shelf, a web customer orders only what the
+    /// web shop shows in stock; the rest is demand not on offer, counted but
+    /// never attempted).
+    #[serde(default)]
+    pub demand: Demand,
     #[serde(default)]
     pub allocations: Vec<ScAllocation>,
     #[serde(default)]
@@ -174,6 +181,19 @@ pub struct ScNode {
 
 fn store() -> String {
     "store".into()
+}
+
+/// With `demand = "visible"`, a web shop offers the stock of locations it
+/// heard from within this long.
+pub const OFFER_FRESH_MS: u64 = 10 * 60 * 1000;
+
+/// See [`Scenario::demand`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Demand {
+    #[default]
+    Any,
+    Visible,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -425,6 +445,8 @@ pub struct NodeLine {
     pub refused_with_stock: u64,
     /// Refused although the units were on hand, reachable or not.
     pub refused_stock_anywhere: u64,
+    /// Demand for goods not on offer (`demand = "visible"`): never attempted.
+    pub not_on_offer: u64,
     pub overdrafts: u64,
     pub units_overdrawn: i64,
     pub bytes: u64,
@@ -452,6 +474,11 @@ impl ScenarioReport {
     /// Sales attempted at a running node: accepted and refused for lack of rights.
     pub fn sales_attempted(&self) -> u64 {
         self.nodes.iter().map(|n| n.sales_ok + n.refused).sum()
+    }
+
+    /// Scenario demand that met no goods on offer (`demand = "visible"`).
+    pub fn not_on_offer(&self) -> u64 {
+        self.nodes.iter().map(|n| n.not_on_offer).sum()
     }
 
     pub fn sales_refused(&self) -> u64 {
@@ -521,6 +548,13 @@ impl ScenarioReport {
                 b.refused_with_stock(),
                 self.refused_with_stock_rate() / b.refused_with_stock_rate().max(f64::MIN_POSITIVE)
             );
+            let (nw, nb) = (self.not_on_offer(), b.not_on_offer());
+            if nw + nb > 0 {
+                let _ = writeln!(
+                    s,
+                    "demand for goods not on offer (no sale attempted): {nw} with, {nb} without"
+                );
+            }
             let _ = writeln!(
                 s,
                 "oversold units at strict locations: {} with, {} without",
@@ -828,12 +862,26 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                 }
                 let n = &sc.nodes[i];
                 let nlines = w.rng.gen_range(1..=n.lines_max);
-                let lines: Vec<serde_json::Value> = (0..nlines)
-                    .map(|_| {
-                        let p = products[popularity.pick(&mut w.rng)];
-                        json!({"product_id": p, "quantity": w.rng.gen_range(1..=n.quantity_max), "unit_price": 1000})
-                    })
-                    .collect();
+                let mut lines: Vec<serde_json::Value> = Vec::new();
+                for _ in 0..nlines {
+                    let p = products[popularity.pick(&mut w.rng)];
+                    let mut q = w.rng.gen_range(1..=n.quantity_max) as i64;
+                    if sc.demand == Demand::Visible {
+                        let shown = if n.role == "webshop" {
+                            w.shown_in_stock(i, p)
+                        } else {
+                            w.shelf(p, &n.name)
+                        };
+                        q = q.min(shown);
+                    }
+                    if q > 0 {
+                        lines.push(json!({"product_id": p, "quantity": q, "unit_price": 1000}));
+                    }
+                }
+                if lines.is_empty() {
+                    w.nodes[i].stats.not_on_offer += 1;
+                    continue;
+                }
                 let id = fresh("s");
                 let mut body = json!({"sale_id": id, "currency": "EUR", "lines": lines});
                 if n.role != "webshop" {
@@ -948,6 +996,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
             refused: w.nodes[i].stats.sales_refused,
             refused_with_stock: w.nodes[i].stats.refused_with_stock,
             refused_stock_anywhere: w.nodes[i].stats.refused_stock_anywhere,
+            not_on_offer: w.nodes[i].stats.not_on_offer,
             bytes: w.net.bytes_out.get(i).copied().unwrap_or(0)
                 + w.net.bytes_in.get(i).copied().unwrap_or(0),
             ..NodeLine::default()
@@ -1044,6 +1093,40 @@ fn watch(
 }
 
 impl World {
+    /// Units of `p` physically at `loc`: the union of every running node's
+    /// view, i.e. every sale made anywhere so far.
+    pub fn shelf(&self, p: u64, loc: &str) -> i64 {
+        let mut all = storemesh_protocol::ledger::StockEntry::default();
+        for n in &self.nodes {
+            if let Some(e) = n.life.as_ref().and_then(|l| l.engine.views.entry(p, loc)) {
+                all.merge(e);
+            }
+        }
+        all.on_hand()
+    }
+
+    /// Units of `p` node `i` (a web shop) offers: on hand, in its own view,
+    /// at the locations it heard from within [`OFFER_FRESH_MS`] (the
+    /// inventory read's `last_heard_s`); stock behind a long silence is not
+    /// offered, as a web shop that cannot confirm it would not.
+    pub fn shown_in_stock(&self, i: usize, p: u64) -> i64 {
+        let Some(engine) = self.nodes[i].life.as_ref().map(|l| &l.engine) else {
+            return 0;
+        };
+        let heard = engine.last_heard_by_location();
+        let now = self.clock(i);
+        self.nodes
+            .iter()
+            .filter(|n| !n.is_clone)
+            .filter(|n| {
+                heard
+                    .get(&n.cfg.location)
+                    .is_some_and(|t| *t == u64::MAX || now.saturating_sub(*t) <= OFFER_FRESH_MS)
+            })
+            .map(|n| self.peek_on_hand(i, p, &n.cfg.location).max(0))
+            .sum()
+    }
+
     /// Whether a sale refused for lack of rights could have been sold: for
     /// every short line, a location whose own node this node can reach (its
     /// own location included) had the units on hand — on hand as the union of
@@ -1075,15 +1158,7 @@ impl World {
                         o == i || (!self.net.is_blocked(i, o) && !self.net.is_blocked(o, i))
                     })
         };
-        let on_hand = |p: u64, loc: &str| {
-            let mut all = storemesh_protocol::ledger::StockEntry::default();
-            for n in &self.nodes {
-                if let Some(e) = n.life.as_ref().and_then(|l| l.engine.views.entry(p, loc)) {
-                    all.merge(e);
-                }
-            }
-            all.on_hand()
-        };
+        let on_hand = |p: u64, loc: &str| self.shelf(p, loc);
         !short.is_empty()
             && short.iter().all(|l| {
                 let q = l.requested as i64;

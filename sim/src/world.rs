@@ -114,6 +114,8 @@ pub struct NodeStats {
     pub refused_with_stock: u64,
     /// Refused although the units were on hand, reachable or not.
     pub refused_stock_anywhere: u64,
+    /// Scenario demand for goods not on offer, never attempted.
+    pub not_on_offer: u64,
     pub units_sold: u64,
     pub commits: u64,
     pub commit_failures: u64,
