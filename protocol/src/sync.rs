@@ -23,7 +23,10 @@ use sha2::{Digest as _, Sha256};
 use crate::engine::Engine;
 use crate::ids::{fnv1a64, NodeId, NodeTag, NODE_TAG_BYTES};
 use crate::layout::DocId;
-use crate::validate::{changes_in_chunk, validate_changes, Verdict};
+use crate::validate::{
+    changes_in_chunk, chunk_type, validate_changes, Verdict, CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE,
+    CHUNK_DOCUMENT,
+};
 use crate::wire::{encode_frame, CHUNK_BYTES_MAX};
 
 /// Digest groups (a one-level Merkle tree over documents).
@@ -984,7 +987,7 @@ impl Engine {
         // document it loads the columnar form whole, far faster than applying
         // its changes one by one); change chunks and bundles are applied from
         // the changes decoded here, not parsed a second time.
-        let whole_doc = chunks.iter().any(|c| c.get(8) == Some(&0));
+        let whole_doc = chunks.iter().any(|c| chunk_type(c) == Some(CHUNK_DOCUMENT));
         let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
             Ok(v) => v,
             Err(e) => {
@@ -1296,9 +1299,11 @@ fn bundle_changes(
     sent_before: &BTreeSet<ChangeHash>,
     sent_after: &BTreeSet<ChangeHash>,
 ) -> Option<usize> {
-    // Chunk type byte: 1 a change, 2 a compressed change (0 a document).
-    let only_changes =
-        !msg.changes.is_empty() && msg.changes.iter().all(|c| matches!(c.get(8), Some(1 | 2)));
+    let only_changes = !msg.changes.is_empty()
+        && msg
+            .changes
+            .iter()
+            .all(|c| matches!(chunk_type(c), Some(CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE)));
     if !only_changes {
         return None;
     }

@@ -5,12 +5,23 @@
 
 use std::collections::HashMap;
 
-use automerge::{Automerge, Change, ReadDoc, ScalarValue, ROOT};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ROOT};
 
 use crate::ids::{ActorKey, NodeTag, CELL_MAX};
 use crate::layout::{
     parse_ledger_key, parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId,
 };
+
+/// Automerge chunk types: the byte after the magic bytes and the checksum.
+pub(crate) const CHUNK_DOCUMENT: u8 = 0;
+pub(crate) const CHUNK_CHANGE: u8 = 1;
+pub(crate) const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+pub(crate) const CHUNK_BUNDLE: u8 = 3;
+
+/// The type of an Automerge chunk (`None` if it is too short to have one).
+pub(crate) fn chunk_type(chunk: &[u8]) -> Option<u8> {
+    chunk.get(8).copied()
+}
 
 /// Splits an Automerge sync-message chunk (a document, one change, several
 /// concatenated change chunks, or a bundle) into changes, without applying
@@ -34,14 +45,14 @@ pub fn changes_in_chunk(chunk: &[u8]) -> Result<Vec<Change>, String> {
         }
         let (this, tail) = rest.split_at(total);
         match kind {
-            0 => {
+            CHUNK_DOCUMENT => {
                 let doc = Automerge::load(this).map_err(|e| format!("bad document chunk: {e}"))?;
                 out.extend(doc.get_changes(&[]));
             }
-            1 | 2 => {
+            CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
                 out.push(Change::from_bytes(this.to_vec()).map_err(|e| format!("bad change: {e}"))?)
             }
-            3 => out.extend(changes_in_bundle(this)?),
+            CHUNK_BUNDLE => out.extend(changes_in_bundle(this)?),
             k => return Err(format!("unknown chunk type {k}")),
         }
         rest = tail;
@@ -101,8 +112,9 @@ pub fn validate_changes(
         (a.actor_id().to_bytes(), a.seq()).cmp(&(b.actor_id().to_bytes(), b.seq()))
     });
     let mut last: HashMap<String, u64> = HashMap::new();
-    let in_message: std::collections::HashSet<automerge::ChangeHash> =
-        changes.iter().map(|c| c.hash()).collect();
+    let in_message: HashMap<ChangeHash, &Change> = changes.iter().map(|c| (c.hash(), c)).collect();
+    // The previous new change, if by the same actor: the next must follow it.
+    let mut prev: Option<(&ActorId, u64)> = None;
     for change in changes.iter() {
         if doc.get_change_meta_by_hash(&change.hash()).is_some() {
             continue;
@@ -111,10 +123,11 @@ pub fn validate_changes(
         // a change held back for missing dependencies would be applied later
         // without this check (a peer could lower a cell by reordering).
         for dep in change.deps() {
-            if !in_message.contains(dep) && doc.get_change_meta_by_hash(dep).is_none() {
+            if !in_message.contains_key(dep) && doc.get_change_meta_by_hash(dep).is_none() {
                 return Err(MISSING_DEPS.into());
             }
         }
+        check_sequence(doc, &in_message, change, &mut prev)?;
         let author = ActorKey::from_bytes(change.actor_id().to_bytes())
             .ok_or("change by an actor id that is not a storemesh actor")?;
         if author.tag() == own_tag {
@@ -147,7 +160,6 @@ pub fn validate_changes(
             verdict.keys.insert(key);
         }
     }
-    check_sequences(doc, changes)?;
     Ok(verdict)
 }
 
@@ -158,30 +170,27 @@ const SEQ_WALK_MAX: usize = 100_000;
 /// Every new change must carry its actor's next sequence number: Automerge
 /// refuses a repeated one with an error, but a skipped one trips an assertion
 /// (a panic) deep in its change graph. A peer's honest changes never skip, so
-/// a gap means forged or damaged changes. `changes` is sorted by actor and
-/// sequence number, and their dependencies are known (checked before).
-fn check_sequences(doc: &Automerge, changes: &[Change]) -> Result<(), String> {
-    let in_message: HashMap<automerge::ChangeHash, &Change> =
-        changes.iter().map(|c| (c.hash(), c)).collect();
-    // The previous new change, if by the same actor: the next must follow it.
-    let mut prev: Option<(&automerge::ActorId, u64)> = None;
-    for c in changes {
-        let (actor, seq) = (c.actor_id(), c.seq());
-        if doc.get_change_meta_by_hash(&c.hash()).is_some() {
-            continue;
-        }
-        let expected = match prev {
-            Some((a, s)) if a == actor => Some(s + 1),
-            _ if seq <= 1 => None,
-            _ => predecessor_seq(doc, &in_message, c).map(|k| k + 1),
-        };
-        prev = Some((actor, seq));
-        if seq == 0 || expected.is_some_and(|e| e != seq) {
-            return Err(format!(
-                "change skips its actor's sequence numbers (seq {seq}, expected {})",
-                expected.unwrap_or(1)
-            ));
-        }
+/// a gap means forged or damaged changes. Changes come sorted by actor and
+/// sequence number with their dependencies known; `prev` is the previous new
+/// change's actor and number.
+fn check_sequence<'a>(
+    doc: &Automerge,
+    in_message: &HashMap<ChangeHash, &Change>,
+    c: &'a Change,
+    prev: &mut Option<(&'a ActorId, u64)>,
+) -> Result<(), String> {
+    let (actor, seq) = (c.actor_id(), c.seq());
+    let expected = match *prev {
+        Some((a, s)) if a == actor => Some(s + 1),
+        _ if seq <= 1 => None,
+        _ => predecessor_seq(doc, in_message, c).map(|k| k + 1),
+    };
+    *prev = Some((actor, seq));
+    if seq == 0 || expected.is_some_and(|e| e != seq) {
+        return Err(format!(
+            "change skips its actor's sequence numbers (seq {seq}, expected {})",
+            expected.unwrap_or(1)
+        ));
     }
     Ok(())
 }
@@ -191,11 +200,11 @@ fn check_sequences(doc: &Automerge, changes: &[Change]) -> Result<(), String> {
 /// the walk gave up.
 fn predecessor_seq(
     doc: &Automerge,
-    in_message: &HashMap<automerge::ChangeHash, &Change>,
+    in_message: &HashMap<ChangeHash, &Change>,
     c: &Change,
 ) -> Option<u64> {
     let actor = c.actor_id();
-    let mut stack: Vec<automerge::ChangeHash> = c.deps().to_vec();
+    let mut stack: Vec<ChangeHash> = c.deps().to_vec();
     let mut seen = std::collections::HashSet::new();
     let mut best = 0;
     while let Some(h) = stack.pop() {
