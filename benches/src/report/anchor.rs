@@ -79,6 +79,7 @@ struct SmRun {
     p3_msgs: f64,
     p3_raw: f64,
     p3_out: [f64; 3],
+    p3_by_kind: [f64; storemesh_protocol::sync::MSG_KINDS.len()],
     change_bytes: f64,
     change_bytes_ledger: f64,
     changes: f64,
@@ -386,6 +387,9 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
         r.p3_raw = raw1.bytes() as f64;
         for i in 0..3 {
             r.p3_out[i] = (m2[i].bytes_out - m0[i].bytes_out) as f64;
+        }
+        for (k, b) in r.p3_by_kind.iter_mut().enumerate() {
+            *b = m2.iter().zip(&m0).map(|(a, z)| a.by_kind[k] - z.by_kind[k]).sum::<u64>() as f64;
         }
         let (cb, cl, cn) = change_bytes(&mut ps[0], &before).await?;
         r.change_bytes = cb;
@@ -704,6 +708,17 @@ pub async fn run(mode: Mode) -> Result<Section> {
             } else {
                 "—".into()
             },
+        ),
+        (
+            "phase 3: payload bytes by message kind",
+            storemesh_protocol::sync::MSG_KINDS
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| ours.iter().any(|r| r.p3_by_kind[*k] > 0.0))
+                .map(|(k, name)| format!("{name} {}", sm(&|r: &SmRun| r.p3_by_kind[k], 0)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            "—".into(),
         ),
         (
             "phase 3: messages",

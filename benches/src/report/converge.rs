@@ -108,7 +108,7 @@ fn by_kind_text(by_kind: &[u64]) -> String {
         .zip(by_kind.iter().copied())
         .filter(|(_, b)| *b > 0)
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|b| std::cmp::Reverse(b.1));
     v.iter()
         .map(|(k, b)| format!("{k} {b}"))
         .collect::<Vec<_>>()

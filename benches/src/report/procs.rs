@@ -119,11 +119,18 @@ impl Proc {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .unwrap_or(0.0) as u64
         };
+        let kinds = storemesh_protocol::sync::MSG_KINDS;
         Ok(Metrics {
             msgs_out: val("sync_messages_out_total"),
             msgs_in: val("sync_messages_in_total"),
             bytes_out: val("sync_bytes_out_total"),
             bytes_in: val("sync_bytes_in_total"),
+            by_kind: std::array::from_fn(|k| {
+                val(&format!(
+                    "sync_bytes_out_by_kind_total{{kind=\"{}\"}}",
+                    kinds[k]
+                ))
+            }),
         })
     }
 
@@ -179,4 +186,6 @@ pub struct Metrics {
     pub msgs_in: u64,
     pub bytes_out: u64,
     pub bytes_in: u64,
+    /// Sync bytes sent, by message kind (`storemesh_protocol::sync::MSG_KINDS`).
+    pub by_kind: [u64; storemesh_protocol::sync::MSG_KINDS.len()],
 }
