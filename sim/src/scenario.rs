@@ -183,8 +183,9 @@ fn store() -> String {
     "store".into()
 }
 
-/// With `demand = "visible"`, a web shop offers the stock of locations it
-/// heard from within this long.
+/// With `demand = "visible"`, a web shop offers the stock it sees at the
+/// locations it heard from within this long, and elsewhere only its own
+/// rights (see `World::shown_in_stock`).
 pub const OFFER_FRESH_MS: u64 = 10 * 60 * 1000;
 
 /// See [`Scenario::demand`].
@@ -1105,10 +1106,15 @@ impl World {
         all.on_hand()
     }
 
-    /// Units of `p` node `i` (a web shop) offers: on hand, in its own view,
-    /// at the locations it heard from within [`OFFER_FRESH_MS`] (the
-    /// inventory read's `last_heard_s`); stock behind a long silence is not
-    /// offered, as a web shop that cannot confirm it would not.
+    /// Units of `p` node `i` (a web shop) offers, as it would read them from
+    /// its own `GET /api/inventory`: at a location it heard from within
+    /// [`OFFER_FRESH_MS`] (the read's `last_heard_s`), the units on hand in
+    /// its view (what it lacks rights for it asks a grant for); at a location
+    /// behind a longer silence, only the units it holds the rights to there
+    /// (the row's `available`): escrow keeps those on that shelf for it, so
+    /// it can sell them while the store is cut off — what an online
+    /// allocation is for — while the rest of that stale view it cannot
+    /// confirm and does not offer.
     pub fn shown_in_stock(&self, i: usize, p: u64) -> i64 {
         let Some(engine) = self.nodes[i].life.as_ref().map(|l| &l.engine) else {
             return 0;
@@ -1118,12 +1124,18 @@ impl World {
         self.nodes
             .iter()
             .filter(|n| !n.is_clone)
-            .filter(|n| {
-                heard
-                    .get(&n.cfg.location)
-                    .is_some_and(|t| *t == u64::MAX || now.saturating_sub(*t) <= OFFER_FRESH_MS)
+            .map(|n| {
+                let loc = &n.cfg.location;
+                let on_hand = self.peek_on_hand(i, p, loc).max(0);
+                let fresh = heard
+                    .get(loc)
+                    .is_some_and(|t| *t == u64::MAX || now.saturating_sub(*t) <= OFFER_FRESH_MS);
+                if fresh {
+                    on_hand
+                } else {
+                    on_hand.min(engine.rights(p, loc).max(0))
+                }
             })
-            .map(|n| self.peek_on_hand(i, p, &n.cfg.location).max(0))
             .sum()
     }
 
