@@ -74,6 +74,21 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU time (user + system, all threads) a process has used so far, in ms,
+/// from `/proc/<pid>/stat` (ticks of `USER_HZ`, 100 per second on Linux:
+/// 10 ms resolution), if it is running.
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    // After the name: state is field 3, so utime (14) and stime (15) are
+    // the 12th and 13th of the rest.
+    let utime: f64 = f.nth(11)?.parse().ok()?;
+    let stime: f64 = f.next()?.parse().ok()?;
+    Some((utime + stime) * 10.0)
+}
+
 /// Resident set size of this process in MiB.
 pub fn self_rss_mib() -> Option<f64> {
     rss_mib(std::process::id())

@@ -80,6 +80,7 @@ struct SmRun {
     p3_raw: f64,
     p3_out: [f64; 3],
     p3_by_kind: [f64; storemesh_protocol::sync::MSG_KINDS.len()],
+    p3_cpu_ms: [f64; 3],
     change_bytes: f64,
     change_bytes_ledger: f64,
     changes: f64,
@@ -364,12 +365,16 @@ async fn storemesh_once(bin: &std::path::Path) -> Result<SmRun> {
         // Phase 3: heal.
         let m0 = metrics_all(&mut ps).await?;
         let raw0 = relays_sum(&[&r_ab, &r_ba, &r_ac, &r_ca]);
+        let cpu0: Vec<f64> = ps.iter().map(|p| p.cpu_ms()).collect();
         let heal = Instant::now();
         r_ac.set_cut(false);
         r_ca.set_cut(false);
         let conv = wait_same(&mut ps, &[0, 1, 2])
             .await
             .context("phase 3 (heal)")?;
+        for (i, p) in ps.iter().enumerate() {
+            r.p3_cpu_ms[i] = p.cpu_ms() - cpu0[i];
+        }
         let m1 = metrics_all(&mut ps).await?;
         r.p3_ms = conv.duration_since(heal).as_secs_f64() * 1000.0;
         let first = [r_ac.first_after_heal(), r_ca.first_after_heal()]
@@ -667,6 +672,17 @@ pub async fn run(mode: Mode) -> Result<Section> {
         (
             "phase 3: first packet of the new connection → converged, ms",
             sm(&|r| r.p3_from_reconnect_ms, 0),
+            "—".into(),
+        ),
+        (
+            "phase 3: CPU time of hub / store-b / store-c, heal → converged, ms (sum)",
+            format!(
+                "{} / {} / {} ({})",
+                sm(&|r| r.p3_cpu_ms[0], 0),
+                sm(&|r| r.p3_cpu_ms[1], 0),
+                sm(&|r| r.p3_cpu_ms[2], 0),
+                sm(&|r| r.p3_cpu_ms.iter().sum(), 0)
+            ),
             "—".into(),
         ),
         (

@@ -91,6 +91,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// CPU time the node process has used so far, ms (10 ms resolution).
+    pub fn cpu_ms(&self) -> f64 {
+        crate::machine::cpu_ms(self.pid()).unwrap_or(f64::NAN)
+    }
+
     pub fn rss_mib(&self) -> f64 {
         crate::machine::rss_mib(self.pid()).unwrap_or(f64::NAN)
     }
