@@ -32,10 +32,7 @@ pub fn receipt(id: &str, location: &str, products: &[u64], quantity: u64) -> Op 
                 quantity,
             })
             .collect(),
-        supplier: None,
-        purchase_order_id: None,
-        occurred_at: None,
-        staff_id: None,
+        ..Default::default()
     })
 }
 
@@ -51,11 +48,9 @@ pub fn sale(id: &str, product: u64) -> Op {
             product_id: product,
             quantity: 1,
             unit_price: Some(1999),
+            ..Default::default()
         }],
-        override_rights: false,
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
+        ..Default::default()
     })
 }
 

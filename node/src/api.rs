@@ -78,6 +78,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/documents/{*id}", get(document_get))
         .route("/openapi.yaml", get(openapi))
         .fallback(not_found_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
 }
@@ -102,6 +103,14 @@ fn op_error(e: OpError) -> Response {
 
 fn bad(message: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method (see openapi.yaml)",
+    )
 }
 
 async fn not_found_route() -> Response {
@@ -163,8 +172,23 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
     })
 }
 
+/// Parses a JSON body; a type, range or enum error names the field it is
+/// in (`lines[0].quantity: invalid value …`), as CONTRACT.md asks.
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed request: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            bad(format!("malformed request: {inner}"))
+        } else {
+            bad(format!("malformed request: {path}: {inner}"))
+        }
+    })?;
+    // Trailing garbage after the value is malformed too.
+    de.end()
+        .map_err(|e| bad(format!("malformed request: {e}")))?;
+    Ok(v)
 }
 
 /// The request body read (413 over the limit) and parsed as JSON (400).
@@ -665,7 +689,8 @@ fn customer_json(e: &storemesh_protocol::Engine, id: &str) -> Option<Value> {
     if v.erased {
         return None;
     }
-    let mut out = json!({"customer_id": id, "loyalty_points": v.points(), "purchases": e.purchases(id), "conflicts": v.conflicts});
+    // Every profile field is present; one never written reads as unset.
+    let mut out = json!({"customer_id": id, "name": null, "email": null, "phone": null, "marketing_consent": false, "tags": [], "loyalty_points": v.points(), "purchases": e.purchases(id), "conflicts": v.conflicts});
     for (k, val) in &v.profile {
         out[k] = val.clone();
     }
@@ -901,11 +926,7 @@ async fn transfer_receive(
         Err(r) => return r,
     };
     let mut req: ops::TransferReceive = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        ops::TransferReceive {
-            transfer_id: String::new(),
-            lines: Vec::new(),
-            occurred_at: None,
-        }
+        ops::TransferReceive::default()
     } else {
         match parse_json(&bytes) {
             Ok(v) => v,
@@ -954,7 +975,7 @@ async fn changes(
         Err(r) => return r,
     };
     let (items, next) = changes_since(&sh, cursor, limit);
-    axum::Json(json!({"items": items, "cursor": next.to_string()})).into_response()
+    axum::Json(json!({"items": items, "cursor": next})).into_response()
 }
 
 async fn stream(
@@ -1026,11 +1047,9 @@ async fn segment(
             return bad(e);
         }
     }
-    // Only consenting customers unless an admin asks for everyone.
-    let include_all = admin
-        && q.get("marketing_consent")
-            .map(|v| v == "false" || v == "any")
-            .unwrap_or(false);
+    // Only consenting customers unless the caller is an admin (CONTRACT.md);
+    // an admin may still narrow to them with `marketing_consent=true`.
+    let include_all = admin && q.get("marketing_consent").map(String::as_str) != Some("true");
     let after = q.get("after").cloned().unwrap_or_default();
     let limit = match q.get("limit").map(|c| parse_u64("limit", c)).transpose() {
         Ok(c) => (c.unwrap_or(100) as usize).clamp(1, PAGE_MAX),

@@ -152,7 +152,7 @@ pub struct InitArgs {
     /// HTTP listen address for the API
     #[arg(long, value_name = "HOST:PORT", default_value = HTTP_ADDR_DEFAULT, value_parser = parse_listen_addr)]
     pub http_addr: String,
-    /// The admin API token: 16-256 printable characters [default: random]
+    /// The admin API token: up to 256 printable characters, 16 or more advised [default: random]
     #[arg(long, value_name = "TOKEN", value_parser = parse_token)]
     pub api_token: Option<String>,
     /// The own location's policy beyond sell-rights
@@ -431,6 +431,12 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         "node_id: {}\napi_token: {token}\n",
         identity.node_id
     ))?;
+    if token.len() < crate::config::TOKEN_LEN_ADVISED {
+        note(&format!(
+            "warning: the API token is shorter than {} characters and easy to guess; fine for a test, not for a store",
+            crate::config::TOKEN_LEN_ADVISED
+        ));
+    }
     if std::io::stderr().is_terminal() {
         let d = dir.display();
         note(&format!(
@@ -619,7 +625,7 @@ mod tests {
                 "--name",
                 "a",
                 "--api-token",
-                "short",
+                "has a space",
             ],
             &[
                 "storemesh",

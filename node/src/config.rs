@@ -30,9 +30,12 @@ pub const BODY_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 /// request could take a small back-office PC's memory.
 pub const BODY_BYTES_MAX_MIN: usize = 1024;
 pub const BODY_BYTES_MAX_LIMIT: usize = 64 * 1024 * 1024;
-/// API tokens: long enough not to be guessed, short enough to fit a header.
-pub const TOKEN_LEN_MIN: usize = 16;
+/// API tokens: any length that fits a header is accepted (the contract sets
+/// none); tokens shorter than `TOKEN_LEN_ADVISED` can be guessed and are
+/// warned about when the node starts and at `init`.
+pub const TOKEN_LEN_MIN: usize = 1;
 pub const TOKEN_LEN_MAX: usize = 256;
+pub const TOKEN_LEN_ADVISED: usize = 16;
 /// Every duration in `[sync]` is bounded: below 10 ms is a busy loop, above an
 /// hour nobody would notice the node is stuck.
 pub const SYNC_MS_MIN: u64 = 10;
@@ -145,10 +148,10 @@ pub struct Config {
     /// The location this node owns; absent or empty means the node's name.
     #[serde(default)]
     pub location: String,
-    /// QUIC listen address, `IP:PORT`.
+    /// QUIC listen address, `IP:PORT` or `HOST:PORT` (resolved at start).
     #[serde(default = "default_quic_addr")]
     pub quic_addr: String,
-    /// HTTP listen address, `IP:PORT`.
+    /// HTTP listen address, `IP:PORT` or `HOST:PORT` (resolved at start).
     #[serde(default = "default_http_addr")]
     pub http_addr: String,
     /// The own location's policy; replicated with the ledger.
@@ -585,6 +588,12 @@ impl Config {
             let at = format!("api.tokens[{i}]");
             validate_name(&format!("{at}.name"), &t.name)?;
             validate_token(&t.token).map_err(|e| format!("{at}.token: {e}"))?;
+            if t.token.len() < TOKEN_LEN_ADVISED {
+                tracing::warn!(
+                    token = %t.name,
+                    "API token shorter than {TOKEN_LEN_ADVISED} characters: easy to guess; use a long random one"
+                );
+            }
             if t.scopes.is_empty() {
                 return Err(format!(
                     "{at}.scopes is empty; give at least one of read, sell, stock, customers, admin"
@@ -637,7 +646,7 @@ impl Config {
     }
 }
 
-/// API tokens: 16–256 printable ASCII characters, no spaces.
+/// API tokens: 1–256 printable ASCII characters, no spaces.
 pub fn validate_token(token: &str) -> Result<(), String> {
     if !(TOKEN_LEN_MIN..=TOKEN_LEN_MAX).contains(&token.len()) {
         return Err(format!(
@@ -651,11 +660,34 @@ pub fn validate_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A listen address: a literal `IP:PORT` (host names are not resolved for listening).
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name this machine
+/// resolves itself (e.g. `localhost:8400`; the first IPv4 address, else the
+/// first address).
 pub fn parse_socket(field: &str, text: &str) -> Result<SocketAddr, String> {
-    text.parse().map_err(|_| {
-        format!("{field} {text:?} is not an IP:PORT address (e.g. 127.0.0.1:7400 or [::1]:7400)")
-    })
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    let bad = || {
+        format!(
+            "{field} {text:?} is not HOST:PORT (e.g. 127.0.0.1:7400, [::1]:7400 or localhost:7400)"
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    validate_peer_addr(field, text)?;
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{field} {text:?}: cannot resolve {host:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{field} {text:?}: {host:?} resolves to no address"))
 }
 
 /// A peer address: a literal `IP:PORT`, or `HOST:PORT` with a DNS host name.
@@ -906,7 +938,11 @@ mod tests {
         assert!(err("name = \"a\"\nlocation = \"L!\"\n").contains("location"));
         assert!(err("name = \"a\"\nrole = \"warehouse\"\n").contains("warehouse"));
         assert!(err("name = \"a\"\npolicy = \"lax\"\n").contains("lax"));
-        assert!(err("name = \"a\"\nquic_addr = \"localhost:7400\"\n").contains("quic_addr"));
+        assert!(err("name = \"a\"\nquic_addr = \"localhost:99999\"\n").contains("quic_addr"));
+        // A host name this machine resolves itself is a listen address too.
+        let c = Config::from_toml_str("name = \"a\"\nhttp_addr = \"localhost:8400\"\n")
+            .expect("localhost:8400 is a listen address");
+        assert_eq!(c.http_socket().expect("resolves").port(), 8400);
         assert!(err("name = \"a\"\nhttp_addr = \"8400\"\n").contains("http_addr"));
         assert!(err("name = \"a\"\nbuckets = 0\n").contains("buckets"));
         assert!(err("name = \"a\"\nbuckets = 5000\n").contains("buckets"));
@@ -997,10 +1033,16 @@ mod tests {
         assert!(with_token(base(), "t", "0123456789abcdef", &[Scope::Read])
             .validate()
             .is_ok());
-        let e = with_token(base(), "t", "short", &[Scope::Read])
+        // Short tokens work (a warning is logged); empty or over-long ones do not.
+        assert!(with_token(base(), "t", "short", &[Scope::Read])
             .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("api.tokens[0].token"), "{e}");
+            .is_ok());
+        for bad in [String::new(), "x".repeat(TOKEN_LEN_MAX + 1)] {
+            let e = with_token(base(), "t", &bad, &[Scope::Read])
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains("api.tokens[0].token"), "{e}");
+        }
         let e = with_token(base(), "t", "0123456789 abcdef", &[Scope::Read])
             .validate()
             .unwrap_err();

@@ -903,10 +903,7 @@ mod tests {
                 product_id: p,
                 quantity: q,
             }],
-            supplier: None,
-            purchase_order_id: None,
-            occurred_at: None,
-            staff_id: None,
+            ..Default::default()
         })
     }
 
@@ -920,12 +917,9 @@ mod tests {
                 sku: None,
                 product_id: p,
                 quantity: q,
-                unit_price: None,
+                ..Default::default()
             }],
-            override_rights: false,
-            occurred_at: None,
-            register_id: None,
-            staff_id: None,
+            ..Default::default()
         })
     }
 

@@ -155,6 +155,18 @@ fn init_takes_options() {
         "has space in it!!",
     ]);
     assert!(err.contains("--api-token"), "{err}");
+    // A short token works (the contract sets no length); init warns about it.
+    let short = tmp.path().join("short");
+    let out = ok(&[
+        "init",
+        "--data-dir",
+        path(&short),
+        "--name",
+        "s",
+        "--api-token",
+        "test",
+    ]);
+    assert!(out.contains("api_token: test\n"), "{out}");
     let err = fails(&["init", "--data-dir", path(&bad), "--name", "Not Valid"]);
     assert!(err.contains("--name"), "{err}");
     assert!(!bad.exists(), "a refused init creates nothing");

@@ -925,6 +925,10 @@ impl Engine {
             .map_err(OpError::BadRequest)?;
         let location = match &s.location {
             Some(l) => l.clone(),
+            // A store's till sells off its own shelf (CONTRACT.md: `location`
+            // defaults to the node's own); a web shop ships from wherever it
+            // can sell.
+            None if self.cfg.role != "webshop" => self.cfg.location.clone(),
             None => self.sale_location(&lines),
         };
         let own = location == self.cfg.location;
@@ -970,15 +974,30 @@ impl Engine {
             self.bump(*p, &location, LedgerField::Removed, *q)?;
             units += q;
         }
+        // Money in minor units: a line's own total if the till gave one, else
+        // unit price × quantity − discount + tax; the sale's total if given,
+        // else the lines' minus the sale's discount plus its tax.
         for l in &s.lines {
-            total =
-                total.saturating_add(l.unit_price.unwrap_or(0).saturating_mul(l.quantity as i64));
+            let line = l.total.unwrap_or_else(|| {
+                l.unit_price
+                    .unwrap_or(0)
+                    .saturating_mul(l.quantity as i64)
+                    .saturating_sub(l.discount.unwrap_or(0))
+                    .saturating_add(l.tax.unwrap_or(0))
+            });
+            total = total.saturating_add(line);
         }
+        let total = s.total.unwrap_or_else(|| {
+            total
+                .saturating_sub(s.discount.unwrap_or(0))
+                .saturating_add(s.tax.unwrap_or(0))
+        });
         // The record names the customer only by a keyed hash (see crypto.rs).
         let customer = self.pseudonym_of(s.customer_id.as_deref());
         let record = serde_json::json!({
             "sale_id": s.sale_id, "node": self.cfg.name, "location": location,
             "customer": customer, "currency": s.currency, "lines": s.lines,
+            "discount": s.discount, "tax": s.tax,
             "total": total, "at_ms": now_ms, "occurred_at": s.occurred_at,
             "register_id": s.register_id, "staff_id": s.staff_id,
             "override": s.override_rights.then_some(true),
@@ -1021,7 +1040,7 @@ impl Engine {
             self.bump(*p, &r.location, LedgerField::Received, *q)?;
         }
         let customer = self.pseudonym_of(r.customer_id.as_deref());
-        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "sale_verified": verified, "customer": customer, "lines": r.lines, "at_ms": now_ms});
+        let record = serde_json::json!({"return_id": r.return_id, "node": self.cfg.name, "location": r.location, "original_sale_id": r.original_sale_id, "sale_verified": verified, "customer": customer, "lines": r.lines, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Return, &r.return_id, record, now_ms);
         let out: Vec<serde_json::Value> = r
             .lines
@@ -1040,7 +1059,7 @@ impl Engine {
         for (p, q) in &lines {
             self.bump(*p, &r.location, LedgerField::Received, *q)?;
         }
-        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "at_ms": now_ms});
+        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Receipt, &r.receipt_id, record, now_ms);
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Self::reply(
@@ -1168,7 +1187,7 @@ impl Engine {
             .filter_map(|d| self.docs.get(&d).map(|s| (d, s)))
             .map(|(d, s)| format!("{d}@{}", hex_heads(&s.doc.get_heads()).join(",")))
             .collect();
-        let record = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "counted_at_ms": at_ms, "lines": out_lines, "basis": basis_heads, "at_ms": now_ms});
+        let record = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "counted_at_ms": at_ms, "lines": out_lines, "basis": basis_heads, "occurred_at": c.occurred_at, "register_id": c.register_id, "staff_id": c.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Count, &c.count_id, record, now_ms);
         Ok(Self::reply(
             201,
@@ -1203,7 +1222,7 @@ impl Engine {
             LedgerField::Granted(to),
             g.quantity,
         )?;
-        let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "to_tag": to.hex(), "quantity": g.quantity, "at_ms": now_ms});
+        let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "to_tag": to.hex(), "quantity": g.quantity, "occurred_at": g.occurred_at, "register_id": g.register_id, "staff_id": g.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Grant, &g.grant_id, record, now_ms);
         Ok(Self::reply(
             201,

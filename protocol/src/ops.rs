@@ -19,7 +19,7 @@ pub const TEXT_LEN_MAX: usize = 256;
 /// Most tags on a customer.
 pub const TAGS_MAX: usize = 32;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaleLine {
     #[serde(default)]
@@ -28,11 +28,19 @@ pub struct SaleLine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sku: Option<String>,
     pub quantity: u64,
+    /// Money in minor units (cents): price of one unit, then the line's
+    /// discount and tax amounts, and the line total if the till gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_price: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tax: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sale {
     pub sale_id: String,
@@ -43,6 +51,14 @@ pub struct Sale {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
     pub lines: Vec<SaleLine>,
+    /// Sale-level discount and tax (minor units), and the total if given
+    /// (otherwise computed from the lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tax: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
     #[serde(
         default,
         rename = "override",
@@ -90,7 +106,7 @@ pub struct Return {
     pub staff_id: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QtyLine {
     #[serde(default)]
@@ -100,7 +116,7 @@ pub struct QtyLine {
     pub quantity: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Receipt {
     pub receipt_id: String,
@@ -113,17 +129,19 @@ pub struct Receipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staff_id: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CountLine {
     pub product_id: u64,
     pub counted: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Count {
     pub count_id: String,
@@ -135,6 +153,10 @@ pub struct Count {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted_at: Option<String>,
     pub lines: Vec<CountLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staff_id: Option<String>,
 }
@@ -179,10 +201,12 @@ pub struct Adjustment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staff_id: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transfer {
     pub transfer_id: String,
@@ -191,9 +215,13 @@ pub struct Transfer {
     pub lines: Vec<QtyLine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransferReceive {
     #[serde(default)]
@@ -201,6 +229,10 @@ pub struct TransferReceive {
     pub lines: Vec<QtyLine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
 }
 
 /// The catalogue entry of a product (partial update; `None` leaves a field).
@@ -217,7 +249,7 @@ pub struct ProductUpdate {
     pub name: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     pub grant_id: String,
@@ -225,6 +257,12 @@ pub struct Grant {
     pub location: String,
     pub to: String,
     pub quantity: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
 }
 
 /// Partial profile update; `None` leaves a field alone.
@@ -243,16 +281,22 @@ pub struct CustomerUpdate {
     pub tags: Option<Vec<String>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redeem {
     pub redeem_id: String,
     pub points: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
 }
 
 /// Buy online, pick up in store: units held for an order at `location`,
 /// fulfilled (or expired, by its own clock) only by `fulfil_by`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reserve {
     pub reservation_id: String,
@@ -263,6 +307,12 @@ pub struct Reserve {
     pub expires_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
 }
 
 /// One row of an imported stock file (a count at `location`).
@@ -370,14 +420,15 @@ impl Op {
                 for (i, l) in s.lines.iter().enumerate() {
                     validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
                     validate_quantity(&format!("lines[{i}].quantity"), l.quantity)?;
-                    if let Some(p) = l.unit_price {
-                        if !(0..=1_000_000_000_000).contains(&p) {
-                            return Err(format!("lines[{i}].unit_price out of range"));
-                        }
-                    }
+                    opt_money(&format!("lines[{i}].unit_price"), l.unit_price)?;
+                    opt_money(&format!("lines[{i}].discount"), l.discount)?;
+                    opt_money(&format!("lines[{i}].tax"), l.tax)?;
+                    opt_money(&format!("lines[{i}].total"), l.total)?;
                 }
-                opt_text("register_id", &s.register_id)?;
-                opt_text("staff_id", &s.staff_id)
+                opt_money("discount", s.discount)?;
+                opt_money("tax", s.tax)?;
+                opt_money("total", s.total)?;
+                write_meta(&s.occurred_at, &s.register_id, &s.staff_id)
             }
             Op::Return(r) => {
                 validate_client_id("return_id", &r.return_id)?;
@@ -393,7 +444,7 @@ impl Op {
                     validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
                     validate_quantity(&format!("lines[{i}].quantity"), l.quantity)?;
                 }
-                Ok(())
+                write_meta(&r.occurred_at, &r.register_id, &r.staff_id)
             }
             Op::Receipt(r) => {
                 validate_client_id("receipt_id", &r.receipt_id)?;
@@ -404,7 +455,8 @@ impl Op {
                     validate_quantity(&format!("lines[{i}].quantity"), l.quantity)?;
                 }
                 opt_text("supplier", &r.supplier)?;
-                opt_text("purchase_order_id", &r.purchase_order_id)
+                opt_text("purchase_order_id", &r.purchase_order_id)?;
+                write_meta(&r.occurred_at, &r.register_id, &r.staff_id)
             }
             Op::Count(c) => {
                 validate_client_id("count_id", &c.count_id)?;
@@ -419,14 +471,15 @@ impl Op {
                 if seen.windows(2).any(|w| w[0] == w[1]) {
                     return Err("lines: a product may appear only once in a count".into());
                 }
-                Ok(())
+                write_meta(&c.occurred_at, &c.register_id, &c.staff_id)
             }
             Op::Grant(g) => {
                 validate_client_id("grant_id", &g.grant_id)?;
                 validate_product_id("product_id", g.product_id)?;
                 validate_name("location", &g.location)?;
                 validate_name("to", &g.to)?;
-                validate_quantity("quantity", g.quantity)
+                validate_quantity("quantity", g.quantity)?;
+                write_meta(&g.occurred_at, &g.register_id, &g.staff_id)
             }
             Op::CustomerPut {
                 customer_id,
@@ -455,7 +508,8 @@ impl Op {
             } => {
                 validate_client_id("customer_id", customer_id)?;
                 validate_client_id("redeem_id", &redeem.redeem_id)?;
-                validate_quantity("points", redeem.points)
+                validate_quantity("points", redeem.points)?;
+                write_meta(&redeem.occurred_at, &redeem.register_id, &redeem.staff_id)
             }
             Op::Adjustment(a) => {
                 validate_client_id("adjustment_id", &a.adjustment_id)?;
@@ -476,7 +530,7 @@ impl Op {
                     }
                 }
                 opt_text("note", &a.note)?;
-                opt_text("staff_id", &a.staff_id)
+                write_meta(&a.occurred_at, &a.register_id, &a.staff_id)
             }
             Op::Transfer(t) => {
                 validate_client_id("transfer_id", &t.transfer_id)?;
@@ -485,7 +539,8 @@ impl Op {
                 if t.from == t.to {
                     return Err("from and to must be different locations".into());
                 }
-                qty_lines(&t.lines)
+                qty_lines(&t.lines)?;
+                write_meta(&t.occurred_at, &t.register_id, &t.staff_id)
             }
             Op::TransferReceive(t) => {
                 validate_client_id("transfer_id", &t.transfer_id)?;
@@ -496,7 +551,7 @@ impl Op {
                     validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
                     validate_counted(&format!("lines[{i}].quantity"), l.quantity)?;
                 }
-                Ok(())
+                write_meta(&t.occurred_at, &t.register_id, &t.staff_id)
             }
             Op::Reserve(r) => {
                 validate_client_id("reservation_id", &r.reservation_id)?;
@@ -508,7 +563,8 @@ impl Op {
                 if let Some(c) = &r.customer_id {
                     validate_client_id("customer_id", c)?;
                 }
-                qty_lines(&r.lines)
+                qty_lines(&r.lines)?;
+                write_meta(&r.occurred_at, &r.register_id, &r.staff_id)
             }
             Op::ReservationFulfil {
                 reservation_id,
@@ -618,6 +674,35 @@ fn opt_name(field: &str, v: &Option<String>) -> Result<(), String> {
     match v {
         Some(n) => validate_name(field, n),
         None => Ok(()),
+    }
+}
+
+/// The fields every write may carry (CONTRACT.md): `occurred_at` (RFC 3339
+/// with an offset), `register_id`, `staff_id`.
+fn write_meta(
+    occurred_at: &Option<String>,
+    register_id: &Option<String>,
+    staff_id: &Option<String>,
+) -> Result<(), String> {
+    if let Some(t) = occurred_at {
+        if crate::time::parse_rfc3339_ms(t).is_none() {
+            return Err(
+                "occurred_at must be RFC 3339 with an offset, e.g. 2026-03-01T12:00:00+01:00"
+                    .into(),
+            );
+        }
+    }
+    opt_text("register_id", register_id)?;
+    opt_text("staff_id", staff_id)
+}
+
+/// A money amount in minor units: 0 … 10^12.
+fn opt_money(field: &str, v: Option<i64>) -> Result<(), String> {
+    match v {
+        Some(p) if !(0..=1_000_000_000_000).contains(&p) => Err(format!(
+            "{field} must be an integer amount in minor units, 0 to 1000000000000"
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -164,7 +164,7 @@ impl Engine {
         for (p, q) in &additions {
             self.bump(*p, &a.location, LedgerField::Received, *q)?;
         }
-        let record = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "reason": a.reason, "lines": a.lines, "note": a.note, "staff_id": a.staff_id, "occurred_at": a.occurred_at, "at_ms": now_ms});
+        let record = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "reason": a.reason, "lines": a.lines, "note": a.note, "staff_id": a.staff_id, "register_id": a.register_id, "occurred_at": a.occurred_at, "at_ms": now_ms});
         self.write_record(RecordKind::Adjustment, &a.adjustment_id, record, now_ms);
         let products: BTreeSet<u64> = a.lines.iter().map(|l| l.product_id).collect();
         let out: Vec<serde_json::Value> = products.iter().map(|p| self.line_json(*p)).collect();
@@ -200,7 +200,7 @@ impl Engine {
             .iter()
             .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
             .collect();
-        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": t.from, "to": t.to, "lines": sent, "occurred_at": t.occurred_at, "at_ms": now_ms});
+        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": t.from, "to": t.to, "lines": sent, "occurred_at": t.occurred_at, "register_id": t.register_id, "staff_id": t.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Transfer, &t.transfer_id, record, now_ms);
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Engine::reply(
@@ -256,7 +256,7 @@ impl Engine {
             // Units that never arrived already left `from`: they are shrinkage.
             out.push(serde_json::json!({"product_id": p, "sent": sent, "received": received, "shrinkage": sent.saturating_sub(received), "over": received.saturating_sub(sent)}));
         }
-        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": tv.from, "to": tv.to, "lines": out, "occurred_at": t.occurred_at, "at_ms": now_ms});
+        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": tv.from, "to": tv.to, "lines": out, "occurred_at": t.occurred_at, "register_id": t.register_id, "staff_id": t.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::TransferReceipt, &t.transfer_id, record, now_ms);
         Ok(Engine::reply(
             201,
@@ -429,7 +429,7 @@ impl Engine {
                     location: location.clone(),
                     counted_at: None,
                     lines: chunk.to_vec(),
-                    staff_id: None,
+                    ..Default::default()
                 };
                 self.apply_count(count, now_ms)?;
             }

@@ -627,7 +627,16 @@ impl Engine {
             self.put_session(peer, doc, sess);
             return;
         };
-        if let Some(n) = bundle_changes(&slot.doc, &mut msg, &sent_before, &sess.state.sent_hashes)
+        // Customer documents are the only ones with delete ops (erasure), and
+        // Automerge 0.12's bundle writer emits deletes in hash-map order
+        // (`storage/bundle/builder.rs`, `flush_deletes`): such a bundle is
+        // valid but not byte-for-byte reproducible, which would make the
+        // simulator's byte counts differ between runs of one seed. They are
+        // low-volume; their changes travel one by one.
+        let bundle = !doc.starts_with("cust/");
+        if let Some(n) = bundle
+            .then(|| bundle_changes(&slot.doc, &mut msg, &sent_before, &sess.state.sent_hashes))
+            .flatten()
         {
             self.stats.bundles_out += 1;
             self.stats.bundled_changes_out += n as u64;

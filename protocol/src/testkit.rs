@@ -21,10 +21,7 @@ pub fn receipt(id: &str, location: &str, lines: &[(u64, u64)]) -> Op {
                 quantity: *q,
             })
             .collect(),
-        supplier: None,
-        purchase_order_id: None,
-        occurred_at: None,
-        staff_id: None,
+        ..Default::default()
     })
 }
 
@@ -41,13 +38,10 @@ pub fn sale(id: &str, location: Option<&str>, lines: &[(u64, u64)]) -> Op {
                 sku: None,
                 product_id: *p,
                 quantity: *q,
-                unit_price: None,
+                ..Default::default()
             })
             .collect(),
-        override_rights: false,
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
+        ..Default::default()
     })
 }
 

@@ -15,6 +15,7 @@ fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
         location: loc.into(),
         to: to.into(),
         quantity: q,
+        ..Default::default()
     })
 }
 
@@ -173,7 +174,7 @@ fn count_is_applied_against_view_at_count_time() {
                     product_id: 7,
                     counted: 9,
                 }],
-                staff_id: None,
+                ..Default::default()
             }),
         )
         .unwrap();
@@ -193,7 +194,7 @@ fn count_is_applied_against_view_at_count_time() {
                     product_id: 7,
                     counted: 0,
                 }],
-                staff_id: None,
+                ..Default::default()
             }),
         )
         .unwrap_err();
@@ -335,6 +336,7 @@ fn reserve(id: &str, loc: &str, p: u64, q: u64, by: &str, expires_at_ms: u64) ->
         fulfil_by: by.into(),
         expires_at: storemesh_protocol::time::format_rfc3339_ms(expires_at_ms),
         customer_id: None,
+        ..Default::default()
     })
 }
 

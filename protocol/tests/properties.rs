@@ -177,10 +177,7 @@ fn run(actions: Vec<Action>) {
                         product_id: product,
                         quantity: qty,
                     }],
-                    supplier: None,
-                    purchase_order_id: None,
-                    occurred_at: None,
-                    staff_id: None,
+                    ..Default::default()
                 }),
             ),
             Action::Sale {
@@ -210,6 +207,7 @@ fn run(actions: Vec<Action>) {
                     location: loc(l),
                     to: format!("n{to}"),
                     quantity: qty,
+                    ..Default::default()
                 }),
             ),
             Action::Count {
@@ -228,7 +226,7 @@ fn run(actions: Vec<Action>) {
                         product_id: product,
                         counted,
                     }],
-                    staff_id: None,
+                    ..Default::default()
                 }),
             ),
             Action::Customer {

@@ -232,3 +232,157 @@ async fn customers_history_and_loyalty() {
     assert_eq!(s, 404);
     m.shutdown().await;
 }
+
+/// The contract's smaller promises: money fields, the fields every write may
+/// carry, errors that name the field, a complete customer profile, JSON on
+/// 405, a numeric change cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_write_fields_and_error_details_follow_the_contract() {
+    let (m, _) = one_node().await;
+    let admin = &m.clients[0];
+    let meta = json!({"occurred_at": "2026-03-01T12:00:00+01:00", "register_id": "till-3", "staff_id": "s-17"});
+    let with_meta = |mut v: serde_json::Value| {
+        for (k, x) in meta.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let (s, v) = admin
+        .post(
+            "/api/receipts",
+            with_meta(receipt("r1", "store-a", &[(1, 20), (2, 5)])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    // Money in minor units: 2 × 1000 − 100 + 190 on the line, − 50 on the sale.
+    let (s, v) = admin
+        .post(
+            "/api/sales",
+            with_meta(json!({"sale_id": "m1", "currency": "EUR", "discount": 50,
+                "lines": [{"product_id": 1, "quantity": 2, "unit_price": 1000, "discount": 100, "tax": 190}]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = admin.get("/api/sales/m1").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["total"], 2040, "{v}");
+    assert_eq!(
+        v["location"], "store-a",
+        "a store's sale defaults to its own location: {v}"
+    );
+    assert_eq!(v["register_id"], "till-3", "{v}");
+    // A total given by the till is kept as given.
+    let (s, v) = admin
+        .post(
+            "/api/sales",
+            json!({"sale_id": "m2", "total": 999, "tax": 10,
+            "lines": [{"product_id": 1, "quantity": 1, "unit_price": 1000, "total": 989}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(admin.get("/api/sales/m2").await.unwrap().1["total"], 999);
+    // Every write takes occurred_at, register_id and staff_id.
+    for (path, body) in [
+        (
+            "/api/counts",
+            json!({"count_id": "c1", "location": "store-a", "lines": [{"product_id": 2, "counted": 5}]}),
+        ),
+        (
+            "/api/adjustments",
+            json!({"adjustment_id": "a1", "location": "store-a", "reason": "damaged", "lines": [{"product_id": 2, "quantity": 1}]}),
+        ),
+        (
+            "/api/transfers",
+            json!({"transfer_id": "t1", "from": "store-a", "to": "store-z", "lines": [{"product_id": 2, "quantity": 1}]}),
+        ),
+        (
+            "/api/reservations",
+            json!({"reservation_id": "v1", "location": "store-a", "fulfil_by": "store-a", "expires_at": "2099-01-01T00:00:00Z", "lines": [{"product_id": 1, "quantity": 1}]}),
+        ),
+    ] {
+        let (s, v) = admin.post(path, with_meta(body)).await.unwrap();
+        assert_eq!(s, 201, "{path}: {v}");
+    }
+    // A bad value is refused with a message that names the field.
+    for (path, body, field) in [
+        (
+            "/api/sales",
+            json!({"sale_id": "x1", "lines": [{"product_id": 1, "quantity": -1}]}),
+            "lines[0].quantity",
+        ),
+        (
+            "/api/sales",
+            json!({"sale_id": 5, "lines": [{"product_id": 1, "quantity": 1}]}),
+            "sale_id",
+        ),
+        (
+            "/api/sales",
+            json!({"sale_id": "x2", "override": "yes", "lines": [{"product_id": 1, "quantity": 1}]}),
+            "override",
+        ),
+        (
+            "/api/sales",
+            json!({"sale_id": "x3", "lines": [{"product_id": 1, "quantity": 1, "discount": -5}]}),
+            "lines[0].discount",
+        ),
+        (
+            "/api/grants",
+            json!({"grant_id": "g1", "product_id": 1, "location": "store-a", "to": "web", "quantity": 1, "occurred_at": "yesterday"}),
+            "occurred_at",
+        ),
+        (
+            "/api/receipts",
+            json!({"receipt_id": "r9", "location": "store-a", "lines": [{"product_id": 1, "quantity": 1}], "occurred_at": "garbage"}),
+            "occurred_at",
+        ),
+    ] {
+        let (s, v) = admin.post(path, body.clone()).await.unwrap();
+        assert_eq!(s, 400, "{path} {body}: {v}");
+        let msg = v["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(field),
+            "{path} {body}: {msg:?} should name {field}"
+        );
+    }
+    // A customer profile lists every field, set or not.
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/api/customers/zed", admin.base))
+        .bearer_auth(&admin.token)
+        .json(&json!({"name": "Zed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, v) = admin.get("/api/customers/zed").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["name"], "Zed");
+    for (k, want) in [
+        ("email", json!(null)),
+        ("phone", json!(null)),
+        ("marketing_consent", json!(false)),
+        ("tags", json!([])),
+    ] {
+        assert_eq!(v.get(k), Some(&want), "{k}: {v}");
+    }
+    // A wrong method gets a JSON error too.
+    let r = http
+        .delete(format!("{}/api/sales", admin.base))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
+    // The change cursor is a number.
+    let (s, v) = admin.get("/api/changes?cursor=0&limit=2").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(v["cursor"].as_u64().is_some_and(|c| c > 0), "{v}");
+    m.shutdown().await;
+}

@@ -143,10 +143,12 @@ async fn a_sale_without_rights_obtains_a_grant_also_two_hops_away() {
         .unwrap();
     assert_eq!(s, 201, "{v}");
     eprintln!("one hop: sold after {:?}", t.elapsed());
-    // store-b asks; the web shop cannot help and forwards to store-a.
+    // store-b sells store-a's goods (a ship-from-store order: the location is
+    // named, a store's own shelf is the default); the web shop cannot help
+    // and forwards the request to store-a.
     let t = std::time::Instant::now();
     let (s, v) = c[2]
-        .post("/api/sales", sale("b1", None, &[(9, 3)]))
+        .post("/api/sales", sale("b1", Some("store-a"), &[(9, 3)]))
         .await
         .unwrap();
     assert_eq!(s, 201, "{v}");
