@@ -276,6 +276,7 @@ pub fn init_logging(cli: &Cli) {
         .from_env_lossy();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A subscriber already set (tests) is fine: keep it.
     let _ = match cli.log_format {

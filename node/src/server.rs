@@ -7,10 +7,20 @@ use crate::node::NodeHandle;
 /// Runs the node in `data_dir` until SIGINT/SIGTERM.
 pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     let node = NodeHandle::start(data_dir).await?;
-    eprintln!(
-        "storemesh node {} running: HTTP http://{} QUIC {} (Ctrl-C to stop)",
-        node.shared.cfg.name, node.http_addr, node.quic_addr
+    tracing::info!(
+        node = %node.shared.cfg.name,
+        http = %node.http_addr,
+        quic = %node.quic_addr,
+        "node running"
     );
+    // The human banner only on a terminal: piped stderr stays pure log
+    // lines (JSON lines with `--log-format json`).
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "storemesh node {} running: HTTP http://{} QUIC {} (Ctrl-C to stop)",
+            node.shared.cfg.name, node.http_addr, node.quic_addr
+        );
+    }
     wait_for_signal().await;
     tracing::info!("signal received; shutting down");
     node.shutdown().await;
