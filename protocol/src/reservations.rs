@@ -89,7 +89,7 @@ impl Engine {
             .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
             .collect();
         let customer = self.pseudonym_of(r.customer_id.as_deref());
-        let record = serde_json::json!({"reservation_id": r.reservation_id, "node": self.cfg.name, "location": r.location, "lines": lines_json, "fulfil_by": r.fulfil_by, "fulfil_by_tag": to.hex(), "expires_at_ms": expires_at_ms, "customer": customer, "at_ms": now_ms});
+        let record = serde_json::json!({"reservation_id": r.reservation_id, "node": self.cfg.name, "location": r.location, "lines": lines_json, "fulfil_by": r.fulfil_by, "fulfil_by_tag": to.hex(), "expires_at_ms": expires_at_ms, "customer": customer, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Reservation, &r.reservation_id, record, now_ms);
         for p in lines.keys() {
             self.touch_row(*p, &r.location);
