@@ -245,17 +245,12 @@ impl PeerConfig {
             .await
             .with_context(|| format!("cannot resolve peer {} address {}", self.name, self.addr))?
             .collect();
-        addrs
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or_else(|| addrs.first())
-            .copied()
-            .with_context(|| {
-                format!(
-                    "peer {} address {} resolves to nothing",
-                    self.name, self.addr
-                )
-            })
+        prefer_ipv4(&addrs).with_context(|| {
+            format!(
+                "peer {} address {} resolves to nothing",
+                self.name, self.addr
+            )
+        })
     }
 }
 
@@ -667,27 +662,23 @@ pub fn parse_socket(field: &str, text: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = text.parse() {
         return Ok(a);
     }
-    let bad = || {
-        format!(
-            "{field} {text:?} is not HOST:PORT (e.g. 127.0.0.1:7400, [::1]:7400 or localhost:7400)"
-        )
-    };
-    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(bad());
-    }
     validate_peer_addr(field, text)?;
     use std::net::ToSocketAddrs;
     let addrs: Vec<SocketAddr> = text
         .to_socket_addrs()
-        .map_err(|e| format!("{field} {text:?}: cannot resolve {host:?}: {e}"))?
+        .map_err(|e| format!("{field} {text:?}: cannot resolve it: {e}"))?
         .collect();
+    prefer_ipv4(&addrs).ok_or_else(|| format!("{field} {text:?} resolves to no address"))
+}
+
+/// The address to use of those a host name resolves to: the first IPv4
+/// one, else the first.
+fn prefer_ipv4(addrs: &[SocketAddr]) -> Option<SocketAddr> {
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or_else(|| addrs.first())
         .copied()
-        .ok_or_else(|| format!("{field} {text:?}: {host:?} resolves to no address"))
 }
 
 /// A peer address: a literal `IP:PORT`, or `HOST:PORT` with a DNS host name.
