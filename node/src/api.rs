@@ -949,7 +949,7 @@ fn changes_since(sh: &Shared, cursor: u64, limit: usize) -> (Vec<Value>, u64) {
     let r = sh.read.read().unwrap_or_else(|p| p.into_inner());
     let mut items = Vec::new();
     let mut last = cursor;
-    for (seq, (p, l)) in r.by_seq.range(cursor + 1..).take(limit) {
+    for (seq, (p, l)) in r.by_seq.range(cursor.saturating_add(1)..).take(limit) {
         if let Some(row) = r.rows.get(p).and_then(|m| m.get(l)) {
             items.push(change_json(*p, l, row));
         }
@@ -1048,8 +1048,13 @@ async fn segment(
         }
     }
     // Only consenting customers unless the caller is an admin (CONTRACT.md);
-    // an admin may still narrow to them with `marketing_consent=true`.
-    let include_all = admin && q.get("marketing_consent").map(String::as_str) != Some("true");
+    // an admin may still narrow to them with `marketing_consent=true`
+    // (`false` or `any`: everyone, as without the parameter).
+    let include_all = match q.get("marketing_consent").map(String::as_str) {
+        None | Some("false") | Some("any") => admin,
+        Some("true") => false,
+        Some(_) => return bad("marketing_consent must be true, false or any"),
+    };
     let after = q.get("after").cloned().unwrap_or_default();
     let limit = match q.get("limit").map(|c| parse_u64("limit", c)).transpose() {
         Ok(c) => (c.unwrap_or(100) as usize).clamp(1, PAGE_MAX),

@@ -16,8 +16,8 @@ use storemesh_protocol::ids::{validate_name, NodeId};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 use crate::config::{
-    io_message, one_line, parse_socket, validate_peer_addr, validate_token, Config, PeerConfig,
-    Policy, Role, Scope, TokenConfig, BUCKETS_DEFAULT, BUCKETS_MAX, HTTP_ADDR_DEFAULT,
+    check_listen_addr, io_message, one_line, validate_peer_addr, validate_token, Config,
+    PeerConfig, Policy, Role, Scope, TokenConfig, BUCKETS_DEFAULT, BUCKETS_MAX, HTTP_ADDR_DEFAULT,
     QUIC_ADDR_DEFAULT,
 };
 use crate::identity::Identity;
@@ -210,7 +210,7 @@ fn parse_node_id(text: &str) -> Result<NodeId, String> {
 }
 
 fn parse_listen_addr(text: &str) -> Result<String, String> {
-    parse_socket("address", text).map(|_| text.to_string())
+    check_listen_addr("address", text).map(|()| text.to_string())
 }
 
 fn parse_peer_addr(text: &str) -> Result<String, String> {

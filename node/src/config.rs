@@ -488,8 +488,8 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         validate_name("name", &self.name)?;
         validate_name("location", &self.location)?;
-        parse_socket("quic_addr", &self.quic_addr)?;
-        parse_socket("http_addr", &self.http_addr)?;
+        check_listen_addr("quic_addr", &self.quic_addr)?;
+        check_listen_addr("http_addr", &self.http_addr)?;
         if !(1..=BUCKETS_MAX).contains(&self.buckets) {
             return Err(format!(
                 "buckets must be in 1..={BUCKETS_MAX} (got {}); it must be equal on every node of the mesh",
@@ -669,6 +669,20 @@ pub fn parse_socket(field: &str, text: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("{field} {text:?}: cannot resolve it: {e}"))?
         .collect();
     prefer_ipv4(&addrs).ok_or_else(|| format!("{field} {text:?} resolves to no address"))
+}
+
+/// The form of a listen address, without resolving a host name (that
+/// happens once, when the node binds): `IP:PORT`, or `HOST:PORT`.
+pub fn check_listen_addr(field: &str, text: &str) -> Result<(), String> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match text.rsplit_once(':') {
+        // Port 0 (any free port) is a valid listen port; the host name is
+        // checked like a peer's.
+        Some((host, "0")) => validate_peer_addr(field, &format!("{host}:1")),
+        _ => validate_peer_addr(field, text),
+    }
 }
 
 /// The address to use of those a host name resolves to: the first IPv4

@@ -46,6 +46,10 @@ pub const HEADS_LOG_MAX: usize = 512;
 pub const SNAPSHOT_FLOOR_BYTES: u64 = 64 * 1024;
 /// See `SNAPSHOT_FLOOR_BYTES`.
 pub const SNAPSHOT_CHUNK_FACTOR: u64 = 4;
+/// Largest request (as JSON) whose record stays well under the record limit
+/// peers enforce (`validate::RECORD_BYTES_MAX`), with room for what the node
+/// adds (node, times, a count's basis heads and deltas).
+pub const OP_JSON_BYTES_MAX: usize = 40 * 1024;
 /// Documents a node accepts in all (a peer cannot make us create more).
 pub const DOCS_MAX: usize = 1_000_000;
 
@@ -773,14 +777,29 @@ impl Engine {
     ) -> Result<OpReply, OpError> {
         // The hash is of the request as the client sent it (SKUs unresolved).
         let hash = op_hash(&op);
+        let legacy_hash = crate::ops::op_hash_legacy(&op);
         let mut op = op;
         self.resolve_skus(&mut op)?;
         op.validate().map_err(OpError::BadRequest)?;
+        // Every write but an import keeps its request in one record, and a
+        // peer refuses a record over `validate::RECORD_BYTES_MAX`: a request
+        // that would make one is refused here, before it touches the ledger,
+        // instead of blocking the replication of this node's records.
+        if !matches!(op, Op::ImportCounts(_)) {
+            let size = serde_json::to_vec(&op)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
+            if size > OP_JSON_BYTES_MAX {
+                return Err(OpError::BadRequest(format!(
+                    "the request is too large for one record ({size} bytes of JSON, at most {OP_JSON_BYTES_MAX}); split it into several"
+                )));
+            }
+        }
         let key = op.client_key();
         if let Some(k) = &key {
             let prior = self.pending_idem.get(k).cloned().or_else(|| idem(k));
             if let Some(rec) = prior {
-                if rec.body_hash == hash {
+                if rec.body_hash == hash || rec.body_hash == legacy_hash {
                     let mut reply = rec.reply;
                     if reply.status == 201 {
                         reply.status = 200;

@@ -685,7 +685,7 @@ fn write_meta(
     staff_id: &Option<String>,
 ) -> Result<(), String> {
     if let Some(t) = occurred_at {
-        if crate::time::parse_rfc3339_ms(t).is_none() {
+        if t.len() > 64 || crate::time::parse_rfc3339_ms(t).is_none() {
             return Err(
                 "occurred_at must be RFC 3339 with an offset, e.g. 2026-03-01T12:00:00+01:00"
                     .into(),
@@ -805,8 +805,21 @@ pub struct IdemRecord {
     pub reply: OpReply,
 }
 
-/// Canonical hash of an operation for idempotency comparison.
+/// Canonical hash of an operation for idempotency comparison: SHA-256 of its
+/// JSON form, field names included, so that two optional fields of one type
+/// (`discount` and `tax`, `register_id` and `staff_id`) can never stand in
+/// for each other.
 pub fn op_hash(op: &Op) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"storemesh-op-v2\n");
+    h.update(serde_json::to_vec(op).unwrap_or_default());
+    h.finalize().into()
+}
+
+/// The hash releases before `op_hash` stored (postcard, no field names):
+/// still accepted for idempotency records they wrote.
+pub fn op_hash_legacy(op: &Op) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let bytes = postcard::to_stdvec(op).unwrap_or_default();
     Sha256::digest(bytes).into()

@@ -12,6 +12,9 @@ use crate::layout::{
     parse_ledger_key, parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId,
 };
 
+/// Largest record (a JSON string in a records document) a peer accepts.
+pub const RECORD_BYTES_MAX: usize = 64 * 1024;
+
 /// Automerge chunk types: the byte after the magic bytes and the checksum.
 pub(crate) const CHUNK_DOCUMENT: u8 = 0;
 pub(crate) const CHUNK_CHANGE: u8 = 1;
@@ -334,7 +337,7 @@ fn check_op(
             }
             parse_record_key(key)?;
             match value {
-                Some(ScalarValue::Str(s)) if s.len() <= 64 * 1024 => Ok(()),
+                Some(ScalarValue::Str(s)) if s.len() <= RECORD_BYTES_MAX => Ok(()),
                 _ => Err(format!("record {key:?} must be a JSON string up to 64 KiB")),
             }
         }

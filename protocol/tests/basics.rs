@@ -582,3 +582,38 @@ fn a_retirement_arriving_after_a_forked_history_leaves_a_deficit() {
         );
     }
 }
+
+/// A retry with the same id but another amount is a conflict, even when the
+/// only difference is which optional field of one type carries the value.
+#[test]
+fn a_retry_with_a_different_amount_is_an_id_conflict() {
+    let mut m = TestMesh::new(1, 8);
+    m.execute(0, receipt("r1", "loc0", 1, 10)).unwrap();
+    m.commit(0);
+    let with = |f: &dyn Fn(&mut Sale)| {
+        let mut op = sale("s1", Some("loc0"), &[(1, 1)]);
+        if let Op::Sale(s) = &mut op {
+            f(s);
+        }
+        op
+    };
+    let first = with(&|s| s.discount = Some(500));
+    assert_eq!(m.execute(0, first.clone()).unwrap().status, 201);
+    m.commit(0);
+    assert_eq!(m.execute(0, first).unwrap().status, 200, "a true retry");
+    for other in [
+        with(&|s| s.tax = Some(500)),
+        with(&|s| s.total = Some(500)),
+        with(&|s| {
+            s.discount = Some(500);
+            s.register_id = Some("x".into());
+        }),
+    ] {
+        let e = m.execute(0, other).unwrap_err();
+        assert!(matches!(e, OpError::IdConflict(_)), "{e:?}");
+    }
+    // Two ops that differ only in which of two text fields holds a value.
+    let a = with(&|s| s.register_id = Some("x".into()));
+    let b = with(&|s| s.staff_id = Some("x".into()));
+    assert_ne!(op_hash(&a), op_hash(&b));
+}

@@ -347,6 +347,28 @@ async fn money_write_fields_and_error_details_follow_the_contract() {
             "{path} {body}: {msg:?} should name {field}"
         );
     }
+    // A request whose record a peer would refuse is refused here, whole.
+    let big_lines: Vec<serde_json::Value> = (1..=500u64)
+        .map(|p| json!({"product_id": p, "quantity": 1_000_000_000u64, "unit_price": 1_000_000_000_000i64, "discount": 1_000_000_000_000i64, "tax": 1_000_000_000_000i64, "total": 1_000_000_000_000i64}))
+        .collect();
+    let (s, v) = admin
+        .post("/api/sales", json!({"sale_id": "huge", "lines": big_lines}))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too large"),
+        "{v}"
+    );
+    let long_time = format!("2026-03-01T12:00:00.{}+01:00", "0".repeat(70_000));
+    let (s, v) = admin
+        .post("/api/receipts", json!({"receipt_id": "r-long", "location": "store-a", "lines": [{"product_id": 1, "quantity": 1}], "occurred_at": long_time}))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
     // A customer profile lists every field, set or not.
     let http = reqwest::Client::new();
     let r = http

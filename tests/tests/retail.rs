@@ -386,5 +386,11 @@ async fn marketing_segment_lists_consenting_non_erased_buyers() {
         .await
         .unwrap();
     assert_eq!(ids(&v), ["cat"], "{v}");
+    // Anything but true/false/any is refused, never read as "everyone".
+    let (s, v) = web
+        .get("/api/customers/segment?bought=77&marketing_consent=yes")
+        .await
+        .unwrap();
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
     m.shutdown().await;
 }
