@@ -18,7 +18,7 @@ use crate::layout::{
     self, ledger_key, month_of, record_key, CustomerKey, DocId, LedgerField, RecordKind,
 };
 use crate::ledger::StockEntry;
-use crate::ops::{op_hash, sum_lines, Count, IdemRecord, Op, OpError, OpReply, ShortLine};
+use crate::ops::{op_hash_json, sum_lines, Count, IdemRecord, Op, OpError, OpReply, ShortLine};
 use crate::sync::{Digest, PeerSession};
 use crate::views::{read_customer, read_entry, Alarm, StockRow, Views};
 
@@ -775,9 +775,22 @@ impl Engine {
         now_ms: u64,
         idem: &dyn Fn(&str) -> Option<IdemRecord>,
     ) -> Result<OpReply, OpError> {
-        // The hash is of the request as the client sent it (SKUs unresolved).
-        let hash = op_hash(&op);
-        let legacy_hash = crate::ops::op_hash_legacy(&op);
+        // The request as the client sent it (SKUs unresolved), serialised
+        // once: its hash is the idempotency check, its size the record check.
+        let json = serde_json::to_vec(&op).unwrap_or_default();
+        let hash = op_hash_json(&json);
+        let key = op.client_key();
+        // Whether an earlier request with this id had the same body; records
+        // written before `op_hash` took field names hold the postcard hash,
+        // computed only when such a record does not match the new one.
+        let same_body = key
+            .as_ref()
+            .and_then(|k| self.pending_idem.get(k).cloned().or_else(|| idem(k)))
+            .map(|rec| {
+                let same =
+                    rec.body_hash == hash || rec.body_hash == crate::ops::op_hash_legacy(&op);
+                (rec, same)
+            });
         let mut op = op;
         self.resolve_skus(&mut op)?;
         op.validate().map_err(OpError::BadRequest)?;
@@ -785,32 +798,24 @@ impl Engine {
         // peer refuses a record over `validate::RECORD_BYTES_MAX`: a request
         // that would make one is refused here, before it touches the ledger,
         // instead of blocking the replication of this node's records.
-        if !matches!(op, Op::ImportCounts(_)) {
-            let size = serde_json::to_vec(&op)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
-            if size > OP_JSON_BYTES_MAX {
-                return Err(OpError::BadRequest(format!(
-                    "the request is too large for one record ({size} bytes of JSON, at most {OP_JSON_BYTES_MAX}); split it into several"
-                )));
-            }
+        if !matches!(op, Op::ImportCounts(_)) && json.len() > OP_JSON_BYTES_MAX {
+            return Err(OpError::BadRequest(format!(
+                "the request is too large for one record ({} bytes of JSON, at most {OP_JSON_BYTES_MAX}); split it into several",
+                json.len()
+            )));
         }
-        let key = op.client_key();
-        if let Some(k) = &key {
-            let prior = self.pending_idem.get(k).cloned().or_else(|| idem(k));
-            if let Some(rec) = prior {
-                if rec.body_hash == hash || rec.body_hash == legacy_hash {
-                    let mut reply = rec.reply;
-                    if reply.status == 201 {
-                        reply.status = 200;
-                    }
-                    return Ok(reply);
+        if let (Some(k), Some((rec, same))) = (&key, same_body) {
+            if same {
+                let mut reply = rec.reply;
+                if reply.status == 201 {
+                    reply.status = 200;
                 }
-                return Err(OpError::IdConflict(format!(
-                    "{} was used before with a different body",
-                    k.replace('/', " ")
-                )));
+                return Ok(reply);
             }
+            return Err(OpError::IdConflict(format!(
+                "{} was used before with a different body",
+                k.replace('/', " ")
+            )));
         }
         let result = match op {
             Op::Sale(s) => self.sale(s, now_ms),

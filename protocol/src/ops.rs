@@ -810,10 +810,15 @@ pub struct IdemRecord {
 /// (`discount` and `tax`, `register_id` and `staff_id`) can never stand in
 /// for each other.
 pub fn op_hash(op: &Op) -> [u8; 32] {
+    op_hash_json(&serde_json::to_vec(op).unwrap_or_default())
+}
+
+/// `op_hash` of an operation already serialised as JSON.
+pub fn op_hash_json(json: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"storemesh-op-v2\n");
-    h.update(serde_json::to_vec(op).unwrap_or_default());
+    h.update(json);
     h.finalize().into()
 }
 

@@ -607,7 +607,14 @@ impl Engine {
             sess.last_heads = heads;
             sess.idle_rounds = 0;
         }
-        let sent_before = sess.state.sent_hashes.clone();
+        // Customer documents are the only ones with delete ops (erasure), and
+        // Automerge 0.12's bundle writer emits deletes in hash-map order
+        // (`storage/bundle/builder.rs`, `flush_deletes`): such a bundle is
+        // valid but not byte-for-byte reproducible, which would make the
+        // simulator's byte counts differ between runs of one seed. They are
+        // low-volume; their changes travel one by one, and the set of sent
+        // hashes (only needed to name a bundle's changes) is not copied.
+        let sent_before = (!doc.starts_with("cust/")).then(|| sess.state.sent_hashes.clone());
         // To a peer that holds part of the document, Automerge sends the whole
         // document once more than a third of it is missing: all of its
         // history again, which the receiver must load and merge. Without the
@@ -627,17 +634,9 @@ impl Engine {
             self.put_session(peer, doc, sess);
             return;
         };
-        // Customer documents are the only ones with delete ops (erasure), and
-        // Automerge 0.12's bundle writer emits deletes in hash-map order
-        // (`storage/bundle/builder.rs`, `flush_deletes`): such a bundle is
-        // valid but not byte-for-byte reproducible, which would make the
-        // simulator's byte counts differ between runs of one seed. They are
-        // low-volume; their changes travel one by one.
-        let bundle = !doc.starts_with("cust/");
-        if let Some(n) = bundle
-            .then(|| bundle_changes(&slot.doc, &mut msg, &sent_before, &sess.state.sent_hashes))
-            .flatten()
-        {
+        if let Some(n) = sent_before.and_then(|before| {
+            bundle_changes(&slot.doc, &mut msg, &before, &sess.state.sent_hashes)
+        }) {
             self.stats.bundles_out += 1;
             self.stats.bundled_changes_out += n as u64;
         }
