@@ -445,7 +445,7 @@ impl World {
                 if !r
                     .rec_docs
                     .iter()
-                    .any(|d| life.engine.record(d, &rk).is_some())
+                    .any(|d| life.engine.record_in_month(d, &rk).is_some())
                 {
                     return Err(self.violation(
                         "acked-write-durable",
@@ -566,7 +566,11 @@ impl World {
             let Some(rk) = r.record_key() else { continue };
             for &i in &members {
                 if let Some(e) = engine(i) {
-                    if !r.rec_docs.iter().any(|d| e.record(d, &rk).is_some()) {
+                    if !r
+                        .rec_docs
+                        .iter()
+                        .any(|d| e.record_in_month(d, &rk).is_some())
+                    {
                         return Err(self.violation(
                             "acked-write-durable",
                             format!(

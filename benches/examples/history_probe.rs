@@ -1,0 +1,223 @@
+//! Probe: where does a store node's memory per sale go? Builds a store node's
+//! history through the production engine and store (real redb file), sales in
+//! group commits of 32, then reopens it as `run` does and reports RSS/time.
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use storemesh_benches::fixtures::{apply, receipt, sale, NOW_MS};
+use storemesh_node::store::Store;
+use storemesh_protocol::engine::Engine;
+use storemesh_protocol::testkit;
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1 << 20) as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(|s| s.as_str()) == Some("restart") {
+        let t = Instant::now();
+        let store = Store::open(std::path::Path::new("/tmp/probe.redb")).unwrap();
+        let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
+        for d in store.load_docs().unwrap() {
+            let (r, t1) = (rss_mib(), Instant::now());
+            e.load_doc(&d.id, &d.parts, d.heads_log.clone()).unwrap();
+            if d.id.starts_with("rec") || d.id.ends_with("/1") || d.id.ends_with("/2") {
+                println!(
+                    "  {} parts {} bytes {} +{:.0} MiB {:?}",
+                    d.id,
+                    d.parts.len(),
+                    d.parts.iter().map(|p| p.len()).sum::<usize>(),
+                    rss_mib() - r,
+                    t1.elapsed()
+                );
+            }
+        }
+        println!("restart: docs {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
+        e.finish_open();
+        println!(
+            "restart: + views {:?} rss {:.0} MiB",
+            t.elapsed(),
+            rss_mib()
+        );
+        return;
+    }
+    if args.get(1).map(|s| s.as_str()) == Some("load") {
+        let snaps: Vec<(String, Vec<u8>)> =
+            postcard::from_bytes(&std::fs::read("/tmp/snaps.bin").unwrap()).unwrap();
+        let base = rss_mib();
+        let t = Instant::now();
+        let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 8]);
+        for (id, b) in &snaps {
+            e.load_doc(id, &[b.clone()], Vec::new()).unwrap();
+        }
+        println!(
+            "fresh process from snapshots: load {:?} rss {:.0} MiB (base {base:.0})",
+            t.elapsed(),
+            rss_mib()
+        );
+        e.finish_open();
+        println!("  + views: {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
+        return;
+    }
+    let products: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let sales: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(50_000);
+    let per_commit: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(32);
+    let path = std::path::PathBuf::from("/tmp/probe.redb");
+    let _ = std::fs::remove_file(&path);
+    let store = Store::open(&path).unwrap();
+    let cfg = testkit::config(0, 64);
+    let mut e = Engine::new(cfg.clone(), [0, 1, 2, 3]);
+    e.finish_open();
+    let loc = e.config().location.clone();
+    let all: Vec<u64> = (1..=products).collect();
+    for (i, chunk) in all.chunks(500).enumerate() {
+        let b = apply(
+            &mut e,
+            receipt(&format!("rcv-{i}"), &loc, chunk, 1_000_000),
+            NOW_MS,
+        );
+        store.commit(&b).unwrap();
+    }
+    println!("stocked: rss {:.0} MiB", rss_mib());
+    let base = rss_mib();
+    let t = Instant::now();
+    let mut x = 1u64;
+    for i in 0..sales {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let p = 1 + (x >> 33) % products;
+        let now = NOW_MS + i * 40;
+        e.execute(sale(&format!("s-{i}"), p), now, &|_| None)
+            .unwrap();
+        if (i + 1) % per_commit == 0 {
+            let b = e.flush(now);
+            store.commit(&b).unwrap();
+            e.committed(now);
+            let _ = e.take_outgoing();
+        }
+        if (i + 1) % 10_000 == 0 {
+            println!(
+                "{} sales: rss {:.0} MiB (+{:.1} KiB/sale) {:.0}/s",
+                i + 1,
+                rss_mib(),
+                (rss_mib() - base) * 1024.0 / (i + 1) as f64,
+                (i + 1) as f64 / t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let b = e.flush(NOW_MS + sales * 40);
+    store.commit(&b).unwrap();
+    let v = &e.views;
+    println!(
+        "views: sales {} purchases {} buyers {} returned {} stock {}",
+        v.sales.len(),
+        v.purchases.len(),
+        v.buyers.len(),
+        v.returned.len(),
+        v.stock.len()
+    );
+    for (id, heads) in e.documents().iter().take(3) {
+        println!("doc {id} heads {}", heads.len());
+    }
+    let nchanges: usize = e
+        .documents()
+        .iter()
+        .filter_map(|(id, _)| e.doc(id).map(|d| d.get_changes(&[]).len()))
+        .sum();
+    println!("total changes {nchanges}");
+    for prefix in ["ledger/", "rec/", "mesh", "cust/"] {
+        let ids: Vec<String> = e
+            .documents()
+            .into_iter()
+            .map(|(i, _)| i)
+            .filter(|i| i.starts_with(prefix))
+            .collect();
+        let bytes: Vec<Vec<u8>> = ids.iter().filter_map(|i| e.document_bytes(i)).collect();
+        let before = rss_mib();
+        let docs: Vec<automerge::Automerge> = bytes
+            .iter()
+            .map(|b| automerge::Automerge::load(b).unwrap())
+            .collect();
+        println!(
+            "{prefix}: {} docs, {} saved bytes, loaded +{:.0} MiB",
+            docs.len(),
+            bytes.iter().map(|b| b.len()).sum::<usize>(),
+            rss_mib() - before
+        );
+        drop(docs);
+    }
+    drop(e);
+    drop(store);
+    println!("dropped: rss {:.0} MiB", rss_mib());
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!(
+        "file {} bytes, {:.0} B/sale",
+        size,
+        size as f64 / sales as f64
+    );
+    let t = Instant::now();
+    let store = Store::open(&path).unwrap();
+    let mut e = Engine::new(cfg, [9, 9, 9, 9]);
+    let stored = store.load_docs().unwrap();
+    println!(
+        "load_docs: {:?} rss {:.0} MiB, {} docs, {} parts, {} bytes",
+        t.elapsed(),
+        rss_mib(),
+        stored.len(),
+        stored.iter().map(|d| d.parts.len()).sum::<usize>(),
+        stored
+            .iter()
+            .map(|d| d.parts.iter().map(|p| p.len()).sum::<usize>())
+            .sum::<usize>()
+    );
+    for d in stored {
+        e.load_doc(&d.id, &d.parts, d.heads_log).unwrap();
+    }
+    let t_load = t.elapsed();
+    e.finish_open();
+    println!(
+        "reopen: load {:?} total {:?} rss {:.0} MiB",
+        t_load,
+        t.elapsed(),
+        rss_mib()
+    );
+    let snaps: Vec<(String, Vec<u8>)> = e
+        .documents()
+        .into_iter()
+        .filter_map(|(i, _)| e.document_bytes(&i).map(|b| (i, b)))
+        .collect();
+    std::fs::write("/tmp/snaps.bin", postcard::to_stdvec(&snaps).unwrap()).unwrap();
+    let cfg2 = e.config().clone();
+    drop(e);
+    println!(
+        "dropped engine: rss {:.0} MiB; snapshots {} bytes",
+        rss_mib(),
+        snaps.iter().map(|s| s.1.len()).sum::<usize>()
+    );
+    let t = Instant::now();
+    let mut e = Engine::new(cfg2, [9, 9, 9, 8]);
+    for (id, b) in &snaps {
+        e.load_doc(id, &[b.clone()], Vec::new()).unwrap();
+    }
+    println!(
+        "from snapshots: load {:?} rss {:.0} MiB",
+        t.elapsed(),
+        rss_mib()
+    );
+    e.finish_open();
+    println!(
+        "from snapshots + views: {:?} rss {:.0} MiB",
+        t.elapsed(),
+        rss_mib()
+    );
+}
