@@ -77,6 +77,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/documents", get(documents))
         .route("/api/documents/{*id}", get(document_get))
         .route("/openapi.yaml", get(openapi))
+        .route("/api/webhooks", get(crate::webhooks::status))
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -142,7 +143,11 @@ fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Caller, Response> {
     }
 }
 
-fn require(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Vec<Scope>, Response> {
+pub(crate) fn require(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Vec<Scope>, Response> {
     match caller(shared, headers)? {
         Caller::Anonymous => Err(error(
             StatusCode::UNAUTHORIZED,
@@ -381,6 +386,7 @@ async fn metrics(State(sh): S) -> Response {
             "storemesh_peer_lag_seconds{{peer=\"{name}\"}} {lag}\n"
         ));
     }
+    crate::webhooks::metrics_text(&sh, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
