@@ -557,7 +557,7 @@ impl Writer {
                 more |= len == usize::MAX;
                 // Several new sales in one pass go out in the order they happened.
                 sales.sort_by(|a, b| {
-                    let at = |v: &Value| v.get("at").and_then(Value::as_u64).unwrap_or(0);
+                    let at = |v: &Value| v.get("at_ms").and_then(Value::as_u64).unwrap_or(0);
                     at(&a.1).cmp(&at(&b.1)).then_with(|| a.0.cmp(&b.0))
                 });
                 for (id, rec) in sales {

@@ -259,6 +259,11 @@ async fn webhook_delivers_every_event_in_order_signed_through_outages_and_restar
         .unwrap();
     assert_eq!(last2.1["on_hand"], inv["stock_level"]);
     assert_eq!(inv["stock_level"], json!(2));
+    if std::env::var("WEBHOOK_DUMP").is_ok() {
+        for (b, _) in rx.got.lock().unwrap().iter() {
+            eprintln!("{}", String::from_utf8_lossy(b));
+        }
+    }
     server.abort();
     mesh.shutdown().await;
 }
