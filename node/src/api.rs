@@ -964,6 +964,34 @@ fn changes_since(sh: &Shared, cursor: u64, limit: usize) -> (Vec<Value>, u64) {
     (items, last)
 }
 
+/// A change-feed cursor: an integer in 0..=i64::MAX (what openapi.yaml's
+/// `int64, minimum 0` allows); anything else is a 400.
+fn parse_cursor(v: &str) -> Result<u64, Response> {
+    match v.trim().parse::<i64>() {
+        Ok(c) if c >= 0 => Ok(c as u64),
+        _ => Err(bad(format!(
+            "cursor must be an integer in 0..={} (a cursor from GET /api/changes)",
+            i64::MAX
+        ))),
+    }
+}
+
+/// `limit` of `/api/changes`: any integer, clamped to 1..=PAGE_MAX as
+/// documented (a negative or huge value is clamped, not refused).
+fn parse_clamped_limit(v: &str) -> Result<usize, Response> {
+    let t = v.trim();
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("limit must be an integer"));
+    }
+    if t.starts_with('-') {
+        return Ok(1);
+    }
+    Ok(t.parse::<u64>()
+        .map(|n| (n.min(PAGE_MAX as u64) as usize).max(1))
+        .unwrap_or(PAGE_MAX))
+}
+
 async fn changes(
     State(sh): S,
     headers: HeaderMap,
@@ -972,17 +1000,24 @@ async fn changes(
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    let cursor = match q.get("cursor").map(|c| parse_u64("cursor", c)).transpose() {
+    let cursor = match q.get("cursor").map(|c| parse_cursor(c)).transpose() {
         Ok(c) => c.unwrap_or(0),
         Err(r) => return r,
     };
-    let limit = match q.get("limit").map(|c| parse_u64("limit", c)).transpose() {
-        Ok(c) => (c.unwrap_or(100) as usize).clamp(1, PAGE_MAX),
+    let limit = match q.get("limit").map(|c| parse_clamped_limit(c)).transpose() {
+        Ok(c) => c.unwrap_or(100),
         Err(r) => return r,
     };
     let (items, next) = changes_since(&sh, cursor, limit);
     axum::Json(json!({"items": items, "cursor": next})).into_response()
 }
+
+/// A stream with no change event for this long ends (keep-alive comments do
+/// not count): a client that went away without closing does not hold a task
+/// and a subscription for ever. Clients reconnect with their last cursor.
+pub const STREAM_IDLE_TIMEOUT_S_DEFAULT: u64 = 300;
+/// Largest `idle_timeout_s` a client may ask for.
+pub const STREAM_IDLE_TIMEOUT_S_MAX: u64 = 3600;
 
 async fn stream(
     State(sh): S,
@@ -993,10 +1028,23 @@ async fn stream(
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    let cursor = match q.get("cursor").map(|c| parse_u64("cursor", c)).transpose() {
+    let cursor = match q.get("cursor").map(|c| parse_cursor(c)).transpose() {
         Ok(c) => c,
         Err(r) => return r,
     };
+    let idle_s = match q
+        .get("idle_timeout_s")
+        .map(|v| parse_u64("idle_timeout_s", v))
+    {
+        None => STREAM_IDLE_TIMEOUT_S_DEFAULT,
+        Some(Ok(v)) if (1..=STREAM_IDLE_TIMEOUT_S_MAX).contains(&v) => v,
+        Some(_) => {
+            return bad(format!(
+                "idle_timeout_s must be an integer in 1..={STREAM_IDLE_TIMEOUT_S_MAX}"
+            ))
+        }
+    };
+    let idle = std::time::Duration::from_secs(idle_s);
     // Subscribe first, then replay the backlog: nothing falls in between.
     let rx = sh.changes.subscribe();
     let backlog: Vec<Value> = match cursor {
@@ -1006,8 +1054,13 @@ async fn stream(
     let first = futures_util::stream::iter(backlog.into_iter().map(|v| {
         Ok::<Event, std::convert::Infallible>(Event::default().event("change").data(v.to_string()))
     }));
-    let live = futures_util::stream::unfold(rx, |mut rx| async move {
-        let events: Vec<Result<Event, std::convert::Infallible>> = match rx.recv().await {
+    let live = futures_util::stream::unfold(rx, move |mut rx| async move {
+        let got = match tokio::time::timeout(idle, rx.recv()).await {
+            Ok(got) => got,
+            // Idle for too long: end the stream (the client reconnects).
+            Err(_) => return None,
+        };
+        let events: Vec<Result<Event, std::convert::Infallible>> = match got {
             Ok(rows) => rows
                 .iter()
                 .map(|(p, l, row)| {
@@ -1068,7 +1121,10 @@ async fn segment(
     };
     let bought = match (q.get("bought"), q.get("sku")) {
         (Some(b), _) => match parse_u64("bought", b) {
-            Ok(p) => Ok(p),
+            Ok(p) => match validate_product_id("bought", p) {
+                Ok(()) => Ok(p),
+                Err(e) => return bad(e),
+            },
             Err(r) => return r,
         },
         (None, Some(sku)) => Err(sku.clone()),
