@@ -337,8 +337,8 @@ async fn dashboard_in_headless_chromium_shows_peers_stock_live_sales_and_a_cut_l
     )
     .await;
     d.wait_js(
-        "return document.getElementById('rate-now').textContent",
-        json!("this minute: 1 sold, 1 refused"),
+        "return document.getElementById('rate-hour').textContent",
+        json!("1 sold, 1 refused"),
         Duration::from_secs(10),
         "sales and refusals per minute",
     )
@@ -414,6 +414,7 @@ async fn dashboard_in_headless_chromium_shows_peers_stock_live_sales_and_a_cut_l
         "other link still up",
     )
     .await;
+    d.size(1280, 760).await;
     let png = d.screenshot().await;
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "screenshot is a PNG");
     if let Some(path) = std::env::var_os("DASHBOARD_SCREENSHOT") {
