@@ -53,4 +53,4 @@ NO_COLOR=1 schemathesis --config-file tests/schemathesis.toml run openapi.yaml \
   --max-examples "$max_examples" \
   --request-timeout 10 \
   --exclude-path /api/inventory/stream \
-  --seed 19
+  --seed "${SCHEMATHESIS_SEED:-19}"

@@ -435,6 +435,40 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
     Some(v)
 }
 
+/// Every parameter given to `GET /api/inventory` is checked, even one that
+/// the form chosen (product_id first) does not use: a malformed request is a
+/// 400 whichever form answers it, as openapi.yaml describes.
+fn check_inventory_params(q: &BTreeMap<String, String>) -> Result<(), Response> {
+    for field in ["sku", "barcode"] {
+        if let Some(code) = q.get(field) {
+            if code.is_empty() || code.len() > 128 {
+                return Err(bad(format!("{field} must be 1-128 characters")));
+            }
+        }
+    }
+    if let Some(list) = q.get("product_ids") {
+        let ids: Vec<&str> = list.split(',').filter(|s| !s.is_empty()).collect();
+        if ids.is_empty() || ids.len() > PRODUCT_IDS_MAX {
+            return Err(bad(format!(
+                "product_ids must list 1-{PRODUCT_IDS_MAX} ids"
+            )));
+        }
+        for s in ids {
+            let p = parse_u64("product_ids", s)?;
+            validate_product_id("product_ids", p).map_err(bad)?;
+        }
+    }
+    if let Some(a) = q.get("after") {
+        if !matches!(a.trim().parse::<i64>(), Ok(v) if v >= 0) {
+            return Err(bad(format!("after must be an integer in 0..={}", i64::MAX)));
+        }
+    }
+    if let Some(l) = q.get("limit") {
+        parse_u64("limit", l)?;
+    }
+    Ok(())
+}
+
 async fn inventory(
     State(sh): S,
     headers: HeaderMap,
@@ -467,6 +501,9 @@ async fn inventory(
         if let Err(e) = validate_name("location", l) {
             return bad(e);
         }
+    }
+    if let Err(r) = check_inventory_params(&q) {
+        return r;
     }
     if let Some(p) = q.get("product_id") {
         let p = match parse_u64("product_id", p) {

@@ -37,6 +37,19 @@ async fn change_feed_limits_and_stream_idle_timeout_are_as_documented() {
         assert_eq!(s, 400, "{q}: {v}");
         assert_eq!(v["error"], "bad_request");
     }
+    // Every parameter of GET /api/inventory is checked, even one the
+    // product_id form does not use.
+    for q in [
+        "product_id=1&after=-1",
+        "product_id=1&product_ids=0",
+        "product_id=1&sku=",
+        "product_id=1&limit=x",
+    ] {
+        let (s, v) = c.get(&format!("/api/inventory?{q}")).await.unwrap();
+        assert_eq!(s, 400, "{q}: {v}");
+    }
+    let (s, _) = c.get("/api/inventory?product_id=1&after=5").await.unwrap();
+    assert_eq!(s, 200);
     let (s, _) = c
         .get("/api/changes?cursor=9223372036854775807")
         .await
