@@ -23,6 +23,21 @@ struct Receiver {
     /// Accepted batches (body, signature header), in arrival order.
     got: Mutex<Vec<(Vec<u8>, String)>>,
     refused: Mutex<u64>,
+    /// Batches of the sales-only webhook "mkt" (body, signature).
+    mkt: Mutex<Vec<(Vec<u8>, String)>>,
+}
+
+async fn mkt_hook(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if !rx.up.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let sig = headers
+        .get("x-storemesh-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    rx.mkt.lock().unwrap().push((body.to_vec(), sig));
+    StatusCode::OK
 }
 
 async fn hook(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -45,6 +60,7 @@ async fn start_receiver(port: u16, rx: Arc<Receiver>) -> tokio::task::JoinHandle
         .expect("receiver port free");
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
+        .route("/mkt", axum::routing::post(mkt_hook))
         .with_state(rx);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -102,7 +118,13 @@ async fn webhook_delivers_every_event_in_order_signed_through_outages_and_restar
                 url: url.clone(),
                 secret: SECRET.into(),
                 events: vec![EventKind::Stock, EventKind::Sales, EventKind::Alarms],
-            })
+            });
+            cfg.webhooks.push(WebhookConfig {
+                name: "mkt".into(),
+                url: url.replace("/hook", "/mkt"),
+                secret: SECRET.into(),
+                events: vec![EventKind::Sales],
+            });
         },
     )
     .await;
@@ -259,6 +281,38 @@ async fn webhook_delivers_every_event_in_order_signed_through_outages_and_restar
         .unwrap();
     assert_eq!(last2.1["on_hand"], inv["stock_level"]);
     assert_eq!(inv["stock_level"], json!(2));
+    // The sales-only webhook got exactly the sales, signed, in order.
+    wait_for(Duration::from_secs(20), || async {
+        rx.mkt
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(b, _)| {
+                let v: Value = serde_json::from_slice(b).unwrap();
+                v["items"].as_array().unwrap().len()
+            })
+            .sum::<usize>()
+            >= 5
+    })
+    .await
+    .expect("the sales-only webhook got every sale");
+    let mut sale_ids = Vec::new();
+    let mut last_cursor = 0;
+    for (b, sig) in rx.mkt.lock().unwrap().iter() {
+        assert!(verify(b, sig));
+        let v: Value = serde_json::from_slice(b).unwrap();
+        assert_eq!(v["webhook"], "mkt");
+        for it in v["items"].as_array().unwrap() {
+            assert_eq!(it["event"], "sales", "{it}");
+            let c = it["cursor"].as_u64().unwrap();
+            assert!(c > last_cursor || sale_ids.contains(&it["sale_id"]), "{it}");
+            last_cursor = last_cursor.max(c);
+            if !sale_ids.contains(&it["sale_id"]) {
+                sale_ids.push(it["sale_id"].clone());
+            }
+        }
+    }
+    assert_eq!(sale_ids.len(), 5, "{sale_ids:?}");
     if std::env::var("WEBHOOK_DUMP").is_ok() {
         for (b, _) in rx.got.lock().unwrap().iter() {
             eprintln!("{}", String::from_utf8_lossy(b));
