@@ -313,6 +313,22 @@ async fn webhook_delivers_every_event_in_order_signed_through_outages_and_restar
         }
     }
     assert_eq!(sale_ids.len(), 5, "{sale_ids:?}");
+    // Latency with the receiver up: a sale reaches it within a poll period.
+    let t = std::time::Instant::now();
+    let (s, v) = c
+        .post("/api/sales", sale("s-6", None, &[(2, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    wait_for(Duration::from_secs(5), || async {
+        has_sale(&delivered(&rx), "s-6")
+    })
+    .await
+    .expect("a sale delivered within 5 s");
+    eprintln!(
+        "webhook: sale delivered {} ms after its 201",
+        t.elapsed().as_millis()
+    );
     if std::env::var("WEBHOOK_DUMP").is_ok() {
         for (b, _) in rx.got.lock().unwrap().iter() {
             eprintln!("{}", String::from_utf8_lossy(b));
