@@ -77,6 +77,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/documents", get(documents))
         .route("/api/documents/{*id}", get(document_get))
         .route("/openapi.yaml", get(openapi))
+        .route("/api/webhooks", get(crate::webhooks::status))
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -142,7 +143,11 @@ fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Caller, Response> {
     }
 }
 
-fn require(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Vec<Scope>, Response> {
+pub(crate) fn require(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Vec<Scope>, Response> {
     match caller(shared, headers)? {
         Caller::Anonymous => Err(error(
             StatusCode::UNAUTHORIZED,
@@ -381,6 +386,7 @@ async fn metrics(State(sh): S) -> Response {
             "storemesh_peer_lag_seconds{{peer=\"{name}\"}} {lag}\n"
         ));
     }
+    crate::webhooks::metrics_text(&sh, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -429,6 +435,40 @@ fn product_json(sh: &Shared, p: u64, location: Option<&str>, details: bool) -> O
     Some(v)
 }
 
+/// Every parameter given to `GET /api/inventory` is checked, even one that
+/// the form chosen (product_id first) does not use: a malformed request is a
+/// 400 whichever form answers it, as openapi.yaml describes.
+fn check_inventory_params(q: &BTreeMap<String, String>) -> Result<(), Response> {
+    for field in ["sku", "barcode"] {
+        if let Some(code) = q.get(field) {
+            if code.is_empty() || code.len() > 128 {
+                return Err(bad(format!("{field} must be 1-128 characters")));
+            }
+        }
+    }
+    if let Some(list) = q.get("product_ids") {
+        let ids: Vec<&str> = list.split(',').filter(|s| !s.is_empty()).collect();
+        if ids.is_empty() || ids.len() > PRODUCT_IDS_MAX {
+            return Err(bad(format!(
+                "product_ids must list 1-{PRODUCT_IDS_MAX} ids"
+            )));
+        }
+        for s in ids {
+            let p = parse_u64("product_ids", s)?;
+            validate_product_id("product_ids", p).map_err(bad)?;
+        }
+    }
+    if let Some(a) = q.get("after") {
+        if !matches!(a.trim().parse::<i64>(), Ok(v) if v >= 0) {
+            return Err(bad(format!("after must be an integer in 0..={}", i64::MAX)));
+        }
+    }
+    if let Some(l) = q.get("limit") {
+        parse_u64("limit", l)?;
+    }
+    Ok(())
+}
+
 async fn inventory(
     State(sh): S,
     headers: HeaderMap,
@@ -461,6 +501,9 @@ async fn inventory(
         if let Err(e) = validate_name("location", l) {
             return bad(e);
         }
+    }
+    if let Err(r) = check_inventory_params(&q) {
+        return r;
     }
     if let Some(p) = q.get("product_id") {
         let p = match parse_u64("product_id", p) {
@@ -958,6 +1001,34 @@ fn changes_since(sh: &Shared, cursor: u64, limit: usize) -> (Vec<Value>, u64) {
     (items, last)
 }
 
+/// A change-feed cursor: an integer in 0..=i64::MAX (what openapi.yaml's
+/// `int64, minimum 0` allows); anything else is a 400.
+fn parse_cursor(v: &str) -> Result<u64, Response> {
+    match v.trim().parse::<i64>() {
+        Ok(c) if c >= 0 => Ok(c as u64),
+        _ => Err(bad(format!(
+            "cursor must be an integer in 0..={} (a cursor from GET /api/changes)",
+            i64::MAX
+        ))),
+    }
+}
+
+/// `limit` of `/api/changes`: any integer, clamped to 1..=PAGE_MAX as
+/// documented (a negative or huge value is clamped, not refused).
+fn parse_clamped_limit(v: &str) -> Result<usize, Response> {
+    let t = v.trim();
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("limit must be an integer"));
+    }
+    if t.starts_with('-') {
+        return Ok(1);
+    }
+    Ok(t.parse::<u64>()
+        .map(|n| (n.min(PAGE_MAX as u64) as usize).max(1))
+        .unwrap_or(PAGE_MAX))
+}
+
 async fn changes(
     State(sh): S,
     headers: HeaderMap,
@@ -966,17 +1037,24 @@ async fn changes(
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    let cursor = match q.get("cursor").map(|c| parse_u64("cursor", c)).transpose() {
+    let cursor = match q.get("cursor").map(|c| parse_cursor(c)).transpose() {
         Ok(c) => c.unwrap_or(0),
         Err(r) => return r,
     };
-    let limit = match q.get("limit").map(|c| parse_u64("limit", c)).transpose() {
-        Ok(c) => (c.unwrap_or(100) as usize).clamp(1, PAGE_MAX),
+    let limit = match q.get("limit").map(|c| parse_clamped_limit(c)).transpose() {
+        Ok(c) => c.unwrap_or(100),
         Err(r) => return r,
     };
     let (items, next) = changes_since(&sh, cursor, limit);
     axum::Json(json!({"items": items, "cursor": next})).into_response()
 }
+
+/// A stream with no change event for this long ends (keep-alive comments do
+/// not count): a client that went away without closing does not hold a task
+/// and a subscription for ever. Clients reconnect with their last cursor.
+pub const STREAM_IDLE_TIMEOUT_S_DEFAULT: u64 = 300;
+/// Largest `idle_timeout_s` a client may ask for.
+pub const STREAM_IDLE_TIMEOUT_S_MAX: u64 = 3600;
 
 async fn stream(
     State(sh): S,
@@ -987,10 +1065,23 @@ async fn stream(
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    let cursor = match q.get("cursor").map(|c| parse_u64("cursor", c)).transpose() {
+    let cursor = match q.get("cursor").map(|c| parse_cursor(c)).transpose() {
         Ok(c) => c,
         Err(r) => return r,
     };
+    let idle_s = match q
+        .get("idle_timeout_s")
+        .map(|v| parse_u64("idle_timeout_s", v))
+    {
+        None => STREAM_IDLE_TIMEOUT_S_DEFAULT,
+        Some(Ok(v)) if (1..=STREAM_IDLE_TIMEOUT_S_MAX).contains(&v) => v,
+        Some(_) => {
+            return bad(format!(
+                "idle_timeout_s must be an integer in 1..={STREAM_IDLE_TIMEOUT_S_MAX}"
+            ))
+        }
+    };
+    let idle = std::time::Duration::from_secs(idle_s);
     // Subscribe first, then replay the backlog: nothing falls in between.
     let rx = sh.changes.subscribe();
     let backlog: Vec<Value> = match cursor {
@@ -1000,8 +1091,13 @@ async fn stream(
     let first = futures_util::stream::iter(backlog.into_iter().map(|v| {
         Ok::<Event, std::convert::Infallible>(Event::default().event("change").data(v.to_string()))
     }));
-    let live = futures_util::stream::unfold(rx, |mut rx| async move {
-        let events: Vec<Result<Event, std::convert::Infallible>> = match rx.recv().await {
+    let live = futures_util::stream::unfold(rx, move |mut rx| async move {
+        let got = match tokio::time::timeout(idle, rx.recv()).await {
+            Ok(got) => got,
+            // Idle for too long: end the stream (the client reconnects).
+            Err(_) => return None,
+        };
+        let events: Vec<Result<Event, std::convert::Infallible>> = match got {
             Ok(rows) => rows
                 .iter()
                 .map(|(p, l, row)| {
@@ -1062,7 +1158,10 @@ async fn segment(
     };
     let bought = match (q.get("bought"), q.get("sku")) {
         (Some(b), _) => match parse_u64("bought", b) {
-            Ok(p) => Ok(p),
+            Ok(p) => match validate_product_id("bought", p) {
+                Ok(()) => Ok(p),
+                Err(e) => return bad(e),
+            },
             Err(r) => return r,
         },
         (None, Some(sku)) => Err(sku.clone()),

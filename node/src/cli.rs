@@ -162,6 +162,11 @@ pub struct InitArgs {
     #[arg(long, value_name = "N", default_value_t = BUCKETS_DEFAULT,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(BUCKETS_MAX)))]
     pub buckets: u32,
+    /// Serve the API over HTTPS: makes a self-signed certificate for this
+    /// node's names, writes [api.tls] and prints the certificate's SHA-256
+    /// fingerprint for clients to pin
+    #[arg(long)]
+    pub https: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -417,11 +422,29 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     }
     create_data_dir(dir)?;
     let identity = Identity::generate(&config.name).context("cannot generate the node identity")?;
-    config.save(dir)?;
+    let https = if args.https {
+        let made =
+            crate::https::make_self_signed(dir, crate::https::node_names(&config.http_addr))?;
+        config.api.tls = Some(made.tls.clone());
+        Some(made)
+    } else {
+        None
+    };
+    let remove_https = || {
+        if let Some(m) = &https {
+            let _ = fs::remove_file(&m.tls.cert);
+            let _ = fs::remove_file(&m.tls.key);
+        }
+    };
+    if let Err(e) = config.save(dir) {
+        remove_https();
+        return Err(e);
+    }
     // The config is written first and taken back if the identity cannot be saved,
     // so a failed init leaves nothing that makes the next attempt refuse.
     if let Err(e) = identity.save(dir) {
         let _ = fs::remove_file(&config_path);
+        remove_https();
         return Err(e.context(format!(
             "cannot save the node identity in {}",
             dir.display()
@@ -432,6 +455,14 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         "node_id: {}\napi_token: {token}\n",
         identity.node_id
     ))?;
+    if let Some(m) = &https {
+        print_stdout(&format!(
+            "https_cert: {}\nhttps_fingerprint: {}\nhttps_names: {}\n",
+            m.tls.cert.display(),
+            m.fingerprint_sha256,
+            m.names.join(",")
+        ))?;
+    }
     if token.len() < crate::config::TOKEN_LEN_ADVISED {
         note(&format!(
             "warning: the API token is shorter than {} characters and easy to guess; fine for a test, not for a store",

@@ -182,6 +182,9 @@ pub struct Config {
     /// still agree (reservation expiry, records, counts). 0 in production.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub clock_offset_ms: i64,
+    /// `[[webhooks]]`: where this node pushes its events (see `crate::webhooks`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -264,6 +267,9 @@ pub struct ApiConfig {
     pub body_bytes_max: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenConfig>,
+    /// `[api.tls]`: serve the API over HTTPS (see `crate::https`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::https::TlsConfig>,
 }
 
 impl Default for ApiConfig {
@@ -272,6 +278,7 @@ impl Default for ApiConfig {
             public_reads: true,
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
             tokens: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -379,6 +386,7 @@ impl Config {
             rebalance: RebalanceConfig::default(),
             allocation: Vec::new(),
             clock_offset_ms: 0,
+            webhooks: Vec::new(),
         }
     }
 
@@ -535,6 +543,10 @@ impl Config {
         self.check_peers()?;
         self.check_api()?;
         self.check_sync()?;
+        if let Some(tls) = &self.api.tls {
+            tls.check()?;
+        }
+        crate::webhooks::check(&self.webhooks)?;
         if self.loyalty.points_per_unit > LOYALTY_POINTS_PER_UNIT_MAX {
             return Err(format!(
                 "loyalty.points_per_unit must be in 0..={LOYALTY_POINTS_PER_UNIT_MAX} (got {})",

@@ -112,6 +112,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Live change events for `GET /api/inventory/stream` (committed rows).
     pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
+    /// Status of the `[[webhooks]]` (cursor, lag, last error).
+    pub webhooks: crate::webhooks::Registry,
 }
 
 impl Shared {
@@ -158,6 +160,7 @@ pub struct NodeHandle {
     http_task: Option<tokio::task::JoinHandle<()>>,
     engine_thread: Option<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    webhooks: Option<crate::webhooks::Service>,
 }
 
 fn engine_config(cfg: &Config, node_id: NodeId) -> EngineConfig {
@@ -225,6 +228,13 @@ impl NodeHandle {
         }
         let http_addr = cfg.http_socket()?;
         let quic_addr = cfg.quic_socket()?;
+        // A bad certificate or key stops the start before anything listens.
+        let tls = cfg
+            .api
+            .tls
+            .as_ref()
+            .map(|t| t.server_config(dir))
+            .transpose()?;
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .map_err(|e| {
@@ -249,6 +259,7 @@ impl NodeHandle {
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
             changes: tokio::sync::broadcast::channel(1024).0,
+            webhooks: crate::webhooks::Registry::default(),
         });
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -321,10 +332,10 @@ impl NodeHandle {
             .context("cannot start the engine thread")?;
         // Serve HTTP at once: reads come from the persisted view while the
         // documents load; writes wait in the queue until the engine is ready.
-        let app = crate::api::router(shared.clone());
+        let app = crate::dashboard::wrap(crate::api::router(shared.clone()), shared.clone());
         let (http_stop, http_stop_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let serve = crate::https::serve(listener, tls, app, async move {
                 let _ = http_stop_rx.await;
             });
             if let Err(e) = serve.await {
@@ -342,6 +353,19 @@ impl NodeHandle {
             transport.shutdown().await;
             return Err(e);
         }
+        let webhooks = match crate::webhooks::start(dir, shared.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = http_stop.send(());
+                let _ = http_task.await;
+                let (tx, rx) = oneshot::channel();
+                if shared.cmd.send(Cmd::Shutdown(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+                transport.shutdown().await;
+                return Err(e);
+            }
+        };
         tracing::info!(name = %cfg.name, node_id = %node_id.hex(), http = %http_addr, quic = %quic_addr, "node started");
         Ok(NodeHandle {
             shared,
@@ -352,6 +376,7 @@ impl NodeHandle {
             http_task: Some(http_task),
             engine_thread: Some(engine_thread),
             tasks,
+            webhooks,
         })
     }
 
@@ -366,6 +391,9 @@ impl NodeHandle {
     /// QUIC connections cleanly.
     pub async fn shutdown(mut self) {
         self.shared.shutting_down.store(true, Ordering::Relaxed);
+        if let Some(w) = self.webhooks.take() {
+            w.stop().await;
+        }
         if let Some(tx) = self.http_shutdown.take() {
             let _ = tx.send(());
         }

@@ -17,8 +17,15 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     // lines (JSON lines with `--log-format json`).
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!(
-            "storemesh node {} running: HTTP http://{} QUIC {} (Ctrl-C to stop)",
-            node.shared.cfg.name, node.http_addr, node.quic_addr
+            "storemesh node {} running: HTTP {}://{} QUIC {} (Ctrl-C to stop)",
+            node.shared.cfg.name,
+            if node.shared.cfg.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            node.http_addr,
+            node.quic_addr
         );
     }
     wait_for_signal().await;

@@ -625,7 +625,9 @@ impl Op {
                 if let Some(x) = &update.external_ids {
                     let bad = x.len() > 32
                         || x.iter().any(|(k, v)| {
-                            k.is_empty() || k.len() > 64 || v.is_empty() || v.len() > 128
+                            // Characters, as documented (not UTF-8 bytes).
+                            let (kn, vn) = (k.chars().count(), v.chars().count());
+                            kn == 0 || kn > 64 || vn == 0 || vn > 128
                         });
                     if bad {
                         return Err("external_ids: at most 32 entries of 1-64 character keys and 1-128 character values".into());
@@ -708,7 +710,8 @@ fn opt_money(field: &str, v: Option<i64>) -> Result<(), String> {
 
 fn opt_text(field: &str, v: &Option<String>) -> Result<(), String> {
     if let Some(t) = v {
-        if t.len() > TEXT_LEN_MAX || t.chars().any(|c| c.is_control()) {
+        // Characters, as the message and openapi.yaml say (not UTF-8 bytes).
+        if t.chars().count() > TEXT_LEN_MAX || t.chars().any(|c| c.is_control()) {
             return Err(format!(
                 "{field} must be at most {TEXT_LEN_MAX} characters without control characters"
             ));
