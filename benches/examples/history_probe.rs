@@ -1,6 +1,15 @@
-//! Probe: where does a store node's memory per sale go? Builds a store node's
-//! history through the production engine and store (real redb file), sales in
-//! group commits of 32, then reopens it as `run` does and reports RSS/time.
+//! Diagnostic probe for issue 14 (where a store node's memory, restart time
+//! and disk per sale go). Builds a store node's history through the
+//! production engine and store (a real redb file), single-unit sales in group
+//! commits, then reopens it as `run` does.
+//!
+//! ```text
+//! cargo run --release -p storemesh-benches --example history_probe -- 20000 120000 32
+//! cargo run --release -p storemesh-benches --example history_probe -- restart  # fresh process
+//! cargo run --release -p storemesh-benches --example history_probe -- tables   # bytes per table
+//! cargo run --release -p storemesh-benches --example history_probe -- load     # from snapshots only
+//! ```
+//! Files: `$TMPDIR/storemesh-probe.redb`, `$TMPDIR/storemesh-probe-snaps.bin`.
 use std::time::Instant;
 
 #[global_allocator]
@@ -10,6 +19,10 @@ use storemesh_benches::fixtures::{apply, receipt, sale, NOW_MS};
 use storemesh_node::store::Store;
 use storemesh_protocol::engine::Engine;
 use storemesh_protocol::testkit;
+
+fn probe_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(name)
+}
 
 fn rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -23,9 +36,27 @@ fn rss_mib() -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(|s| s.as_str()) == Some("tables") {
+        use redb::{ReadableDatabase, ReadableTableMetadata, TableHandle};
+        let db = redb::Database::open(probe_path("storemesh-probe.redb")).unwrap();
+        let tx = db.begin_read().unwrap();
+        for h in tx.list_tables().unwrap() {
+            let name = h.name().to_string();
+            let t = tx.open_untyped_table(h).unwrap();
+            let st = t.stats().unwrap();
+            println!(
+                "{name}: {} entries, stored {} B, metadata {} B, fragmented {} B",
+                t.len().unwrap(),
+                st.stored_bytes(),
+                st.metadata_bytes(),
+                st.fragmented_bytes()
+            );
+        }
+        return;
+    }
     if args.get(1).map(|s| s.as_str()) == Some("restart") {
         let t = Instant::now();
-        let store = Store::open(std::path::Path::new("/tmp/probe.redb")).unwrap();
+        let store = Store::open(&probe_path("storemesh-probe.redb")).unwrap();
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
         for d in store.load_docs().unwrap() {
             let (r, t1) = (rss_mib(), Instant::now());
@@ -52,12 +83,13 @@ fn main() {
     }
     if args.get(1).map(|s| s.as_str()) == Some("load") {
         let snaps: Vec<(String, Vec<u8>)> =
-            postcard::from_bytes(&std::fs::read("/tmp/snaps.bin").unwrap()).unwrap();
+            postcard::from_bytes(&std::fs::read(probe_path("storemesh-probe-snaps.bin")).unwrap())
+                .unwrap();
         let base = rss_mib();
         let t = Instant::now();
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 8]);
         for (id, b) in &snaps {
-            e.load_doc(id, &[b.clone()], Vec::new()).unwrap();
+            e.load_doc(id, std::slice::from_ref(b), Vec::new()).unwrap();
         }
         println!(
             "fresh process from snapshots: load {:?} rss {:.0} MiB (base {base:.0})",
@@ -71,7 +103,7 @@ fn main() {
     let products: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let sales: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(50_000);
     let per_commit: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(32);
-    let path = std::path::PathBuf::from("/tmp/probe.redb");
+    let path = probe_path("storemesh-probe.redb");
     let _ = std::fs::remove_file(&path);
     let store = Store::open(&path).unwrap();
     let cfg = testkit::config(0, 64);
@@ -196,7 +228,11 @@ fn main() {
         .into_iter()
         .filter_map(|(i, _)| e.document_bytes(&i).map(|b| (i, b)))
         .collect();
-    std::fs::write("/tmp/snaps.bin", postcard::to_stdvec(&snaps).unwrap()).unwrap();
+    std::fs::write(
+        probe_path("storemesh-probe-snaps.bin"),
+        postcard::to_stdvec(&snaps).unwrap(),
+    )
+    .unwrap();
     let cfg2 = e.config().clone();
     drop(e);
     println!(
@@ -207,7 +243,7 @@ fn main() {
     let t = Instant::now();
     let mut e = Engine::new(cfg2, [9, 9, 9, 8]);
     for (id, b) in &snaps {
-        e.load_doc(id, &[b.clone()], Vec::new()).unwrap();
+        e.load_doc(id, std::slice::from_ref(b), Vec::new()).unwrap();
     }
     println!(
         "from snapshots: load {:?} rss {:.0} MiB",
