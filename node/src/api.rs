@@ -224,16 +224,22 @@ async fn healthz(State(sh): S) -> Response {
         .read()
         .map(|p| p.values().filter(|s| s.connected).count())
         .unwrap_or(0);
+    let fault = sh.fault.read().map(|f| f.clone()).unwrap_or_default();
     let status = if sh.shutting_down.load(Ordering::Relaxed) {
         "shutting_down"
+    } else if fault.is_some() {
+        "degraded"
     } else {
         "ok"
     };
-    axum::Json(json!({
+    let mut body = json!({
         "status": status, "synced": r.synced, "ready": r.ready, "name": sh.cfg.name,
         "node_id": sh.node_id.hex(), "location": sh.cfg.location, "peers_connected": connected,
-    }))
-    .into_response()
+    });
+    if let Some(reason) = fault {
+        body["reason"] = json!(reason);
+    }
+    axum::Json(body).into_response()
 }
 
 async fn metrics(State(sh): S) -> Response {
@@ -381,6 +387,7 @@ async fn metrics(State(sh): S) -> Response {
             "storemesh_peer_lag_seconds{{peer=\"{name}\"}} {lag}\n"
         ));
     }
+    crate::http::metrics_text(&sh, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

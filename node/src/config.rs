@@ -30,6 +30,26 @@ pub const BODY_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 /// request could take a small back-office PC's memory.
 pub const BODY_BYTES_MAX_MIN: usize = 1024;
 pub const BODY_BYTES_MAX_LIMIT: usize = 64 * 1024 * 1024;
+/// `[api] header_timeout_ms` (CONTRACT v2): a client has this long to send a
+/// request's headers (and an idle keep-alive connection this long to start its
+/// next request); a slowloris client is cut off then.
+pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// `[api] body_timeout_ms` (CONTRACT v2): a request's whole body must arrive
+/// within this long of its headers, however it trickles (a 1 MiB body takes
+/// well under a second on any store network; imports of 100 MB need longer,
+/// and the operator can raise it).
+pub const BODY_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Timeouts below 100 ms would cut off ordinary clients on a busy network;
+/// above an hour a slow client holds a connection for good.
+pub const HTTP_TIMEOUT_MS_MIN: u64 = 100;
+pub const HTTP_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// `[api] max_connections`: open HTTP connections at most; more are closed
+/// at once. Each costs a file descriptor and up to `http::CONN_BUF_BYTES_MAX`
+/// of buffer, so 16,384 bound the HTTP side's memory to about 1 GiB even if
+/// every one is hostile, while 10,000 slow clients still leave room for the
+/// tills.
+pub const MAX_CONNECTIONS_DEFAULT: usize = 16_384;
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 /// API tokens: any length that fits a header is accepted (the contract sets
 /// none); tokens shorter than `TOKEN_LEN_ADVISED` can be guessed and are
 /// warned about when the node starts and at `init`.
@@ -262,6 +282,12 @@ pub struct ApiConfig {
     pub public_reads: bool,
     /// Largest accepted request body; larger gets 413.
     pub body_bytes_max: usize,
+    /// A request's headers must arrive within this long (slowloris).
+    pub header_timeout_ms: u64,
+    /// A request's body must arrive within this long of its headers.
+    pub body_timeout_ms: u64,
+    /// Open HTTP connections at most; more are closed at once.
+    pub max_connections: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenConfig>,
 }
@@ -271,6 +297,9 @@ impl Default for ApiConfig {
         ApiConfig {
             public_reads: true,
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
+            header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
+            body_timeout_ms: BODY_TIMEOUT_MS_DEFAULT,
+            max_connections: MAX_CONNECTIONS_DEFAULT,
             tokens: Vec::new(),
         }
     }
@@ -577,6 +606,22 @@ impl Config {
             return Err(format!(
                 "api.body_bytes_max must be in {BODY_BYTES_MAX_MIN}..={BODY_BYTES_MAX_LIMIT} (got {})",
                 api.body_bytes_max
+            ));
+        }
+        for (key, v) in [
+            ("header_timeout_ms", api.header_timeout_ms),
+            ("body_timeout_ms", api.body_timeout_ms),
+        ] {
+            if !(HTTP_TIMEOUT_MS_MIN..=HTTP_TIMEOUT_MS_MAX).contains(&v) {
+                return Err(format!(
+                    "api.{key} must be in {HTTP_TIMEOUT_MS_MIN}..={HTTP_TIMEOUT_MS_MAX} (got {v})"
+                ));
+            }
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&api.max_connections) {
+            return Err(format!(
+                "api.max_connections must be in 1..={MAX_CONNECTIONS_LIMIT} (got {})",
+                api.max_connections
             ));
         }
         for (i, t) in api.tokens.iter().enumerate() {

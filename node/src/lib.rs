@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod csvio;
 pub mod demo;
+pub mod http;
 pub mod identity;
 pub mod node;
 pub mod server;

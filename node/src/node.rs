@@ -112,6 +112,13 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Live change events for `GET /api/inventory/stream` (committed rows).
     pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
+    /// What the HTTP accept loop counts (`crate::http`).
+    pub http: Arc<crate::http::HttpStats>,
+    /// Set when the engine caught a fault it could not apply (a panic on a
+    /// peer's input): `/healthz` then answers `"status":"degraded"` with it.
+    pub fault: RwLock<Option<String>>,
+    /// Peer input refused, by reason (`storemesh_rejected_changes_total`).
+    pub rejected: RwLock<BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -249,6 +256,9 @@ impl NodeHandle {
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
             changes: tokio::sync::broadcast::channel(1024).0,
+            http: Arc::default(),
+            fault: RwLock::new(None),
+            rejected: RwLock::default(),
         });
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -323,14 +333,15 @@ impl NodeHandle {
         // documents load; writes wait in the queue until the engine is ready.
         let app = crate::api::router(shared.clone());
         let (http_stop, http_stop_rx) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = http_stop_rx.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let limits = crate::http::HttpLimits::from_config(&cfg.api);
+        let http_stats = shared.http.clone();
+        let http_task = tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            limits,
+            http_stats,
+            http_stop_rx,
+        ));
         // Wait until documents are loaded (or loading failed).
         let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
             .await
@@ -456,6 +467,9 @@ fn engine_loop(
         })
         .collect();
     let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
+    // Peer input refused outside the engine's own count (protocol
+    // violations, panics) and by engines replaced since start.
+    let mut node_rejected: BTreeMap<&'static str, u64> = BTreeMap::new();
     loop {
         cmds.clear();
         let Some(first) = rx.blocking_recv() else {
@@ -477,6 +491,10 @@ fn engine_loop(
         // (debug) for batches with sync traffic, to see where a heal's time goes.
         let mut net_us = 0u64;
         let mut commit_us = 0u64;
+        // Set when applying a peer's frame panicked: the engine's memory may
+        // hold half a change, so nothing of this batch is committed and the
+        // engine is reopened from disk (the commit-failure path).
+        let mut poisoned = false;
         let started = Instant::now();
         for c in cmds.drain(..) {
             match c {
@@ -507,16 +525,36 @@ fn engine_loop(
                 Cmd::Query(q) => queries.push(q),
                 Cmd::Net(ev) => {
                     n_frames_in += u64::from(matches!(ev, TransportEvent::Frame { .. }));
+                    if poisoned {
+                        // The engine is reopened after this batch; frames
+                        // until then are dropped (the sessions restart).
+                        continue;
+                    }
                     let t = Instant::now();
-                    on_net(
+                    if let Some((peer, what)) = on_net(
                         &mut engine,
                         &store,
                         &transport,
                         &shared,
                         &mut conns,
+                        &mut node_rejected,
                         ev,
                         now,
-                    );
+                    ) {
+                        poisoned = true;
+                        *node_rejected.entry("panic").or_default() += 1;
+                        let name = shared
+                            .cfg
+                            .peer_by_id(&peer)
+                            .map_or_else(|| peer.hex(), |p| p.name.clone());
+                        tracing::error!(peer = %name, panic = %what, "applying a peer's message panicked; blocking the peer and reloading documents from disk");
+                        transport.set_blocked(peer, true);
+                        conns.remove(&peer);
+                        let mut f = shared.fault.write().unwrap_or_else(|p| p.into_inner());
+                        *f = Some(format!(
+                            "a message from peer {name} made the engine fail ({what}); the peer is blocked until this node restarts"
+                        ));
+                    }
                     net_us += t.elapsed().as_micros() as u64;
                 }
                 Cmd::Tick => engine.tick(now),
@@ -532,10 +570,16 @@ fn engine_loop(
         engine.allocate(&allocation, now);
         engine.expire_reservations(now);
         let t_flush = Instant::now();
-        let mut batch = engine.flush(now);
+        let mut batch = if poisoned {
+            storemesh_protocol::Batch::default()
+        } else {
+            engine.flush(now)
+        };
         let flush_us = t_flush.elapsed().as_micros() as u64;
         number_rows(&shared, &mut batch);
-        let ok = if batch.is_empty() {
+        let ok = if poisoned {
+            false
+        } else if batch.is_empty() {
             true
         } else {
             let t = Instant::now();
@@ -622,6 +666,9 @@ fn engine_loop(
             // The in-memory documents may hold changes that never reached disk.
             match open_engine(&cfg, shared.node_id, &store) {
                 Ok(e) => {
+                    for (k, v) in &engine.stats.rejected_by_reason {
+                        *node_rejected.entry(k).or_default() += v;
+                    }
                     engine = e;
                     hello_digest = engine.hello_digest();
                     transport.set_hello_digest(Some(hello_digest));
@@ -651,6 +698,16 @@ fn engine_loop(
             }
         }
         sync_stats(&shared, &engine);
+        {
+            let mut all: BTreeMap<String, u64> = node_rejected
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect();
+            for (k, v) in &engine.stats.rejected_by_reason {
+                *all.entry(k.to_string()).or_default() += v;
+            }
+            *shared.rejected.write().unwrap_or_else(|p| p.into_inner()) = all;
+        }
         for q in queries {
             q(&engine);
         }
@@ -671,15 +728,19 @@ fn engine_loop(
     }
 }
 
+/// Applies one transport event. Returns the peer and the panic message when
+/// applying the peer's frame panicked (the engine must then be reopened).
+#[allow(clippy::too_many_arguments)]
 fn on_net(
     engine: &mut Engine,
     store: &Store,
     transport: &Transport,
     shared: &Shared,
     conns: &mut HashMap<NodeId, u64>,
+    rejected: &mut BTreeMap<&'static str, u64>,
     ev: TransportEvent,
     now: u64,
-) {
+) -> Option<(NodeId, String)> {
     match ev {
         TransportEvent::PeerUp {
             peer,
@@ -711,14 +772,33 @@ fn on_net(
             body,
         } => {
             if conns.get(&peer) != Some(&conn_id) {
-                return;
+                return None;
             }
-            if let Err(e) = engine.receive(peer, &body, now) {
-                tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
-                // Drop the connection; the supervisor dials again with backoff.
-                transport.reconnect(peer, "protocol violation");
-                conns.remove(&peer);
-                engine.peer_down(peer);
+            // The last line of defence: input that got past validation and
+            // made Automerge (or our code) panic must not kill the engine
+            // thread. The engine may be half-way through a change, so the
+            // caller reopens it from disk; the peer is blocked.
+            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.receive(peer, &body, now)
+            }));
+            match received {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
+                    *rejected.entry("protocol_violation").or_default() += 1;
+                    // Drop the connection; the supervisor dials again with backoff.
+                    transport.reconnect(peer, "protocol violation");
+                    conns.remove(&peer);
+                    engine.peer_down(peer);
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    return Some((peer, what));
+                }
             }
         }
         TransportEvent::Refused {
@@ -730,6 +810,7 @@ fn on_net(
         }
     }
     let _ = shared;
+    None
 }
 
 /// Gives every changed row of a batch the next change-feed sequence number

@@ -141,6 +141,8 @@ pub(crate) struct Slot {
     pub dels: Vec<String>,
     /// Contribution of this document to the summary digest.
     pub digest_part: u64,
+    /// Every actor's highest sequence number, for validating peers' changes.
+    pub seqs: crate::validate::ActorSeqs,
 }
 
 pub struct Engine {
@@ -181,6 +183,9 @@ pub struct Engine {
     nonce_counter: u64,
     /// Products of the own location changed since the allocation controller last ran.
     pub(crate) alloc_dirty: BTreeSet<u64>,
+    /// Stands in for a document this node does not hold yet (validation and
+    /// sync replies): a slot is made only for a first accepted change.
+    pub(crate) empty_doc: Automerge,
     /// Counters for metrics: (name, value).
     pub stats: Stats,
 }
@@ -196,6 +201,9 @@ pub struct Stats {
     /// `sync_bytes_out` by message kind (`sync::MSG_KINDS` order).
     pub sync_bytes_out_by_kind: [u64; crate::sync::MSG_KINDS.len()],
     pub rejected_messages: u64,
+    /// `rejected_messages` by reason (`sync::REJECT_*`), for
+    /// `storemesh_rejected_changes_total{reason}`.
+    pub rejected_by_reason: BTreeMap<&'static str, u64>,
     pub forks_detected: u64,
     /// Pushes whose changes depended on changes we lacked (fetched by a sync session).
     pub pushes_behind: u64,
@@ -259,6 +267,7 @@ impl Engine {
             entropy: [0; 32],
             nonce_counter: 0,
             alloc_dirty: BTreeSet::new(),
+            empty_doc: Automerge::new(),
             stats: Stats::default(),
         }
     }
@@ -445,6 +454,7 @@ impl Engine {
                 puts: Vec::new(),
                 dels: Vec::new(),
                 digest_part: part,
+                seqs: Default::default(),
             },
         );
         Ok(())
@@ -489,6 +499,7 @@ impl Engine {
             puts: Vec::new(),
             dels: Vec::new(),
             digest_part: 0,
+            seqs: Default::default(),
         })
     }
 

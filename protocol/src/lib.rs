@@ -9,6 +9,7 @@
 pub mod crypto;
 pub mod engine;
 pub mod ids;
+pub mod inflate;
 pub mod layout;
 pub mod ledger;
 pub mod ops;

@@ -104,11 +104,13 @@ pub struct Verdict {
 pub fn validate_changes(
     doc_id: &DocId,
     doc: &Automerge,
+    seqs: &mut ActorSeqs,
     changes: &mut [Change],
     own_tag: NodeTag,
     buckets: u32,
 ) -> Result<Verdict, String> {
     let mut verdict = Verdict::default();
+    seqs.refresh(doc);
     // Apply a change's checks in each actor's own order, so that the running
     // maximum of a cumulative cell is compared with its predecessor.
     changes.sort_by(|a, b| {
@@ -130,7 +132,15 @@ pub fn validate_changes(
                 return Err(MISSING_DEPS.into());
             }
         }
-        check_sequence(doc, &in_message, change, &mut prev)?;
+        check_sequence(seqs, change, &mut prev)?;
+        // Storemesh never writes Automerge's "extra bytes" (its author footer):
+        // a footer on a change after an actor's first trips an assertion in
+        // Automerge, and nothing else is meant to be there.
+        if !change.extra_bytes().is_empty() {
+            return Err(
+                "change carries extra bytes (an author footer) storemesh never writes".into(),
+            );
+        }
         let author = ActorKey::from_bytes(change.actor_id().to_bytes())
             .ok_or("change by an actor id that is not a storemesh actor")?;
         if author.tag() == own_tag {
@@ -166,72 +176,64 @@ pub fn validate_changes(
     Ok(verdict)
 }
 
-/// Longest walk through a change's ancestors in search of its actor's
-/// previous change; a longer history is let through unchecked.
-const SEQ_WALK_MAX: usize = 100_000;
+/// The highest sequence number of every actor in a document, kept up to date
+/// incrementally from the heads it was last computed at (Automerge computes
+/// "changes since these heads" from its vector clocks, so a refresh costs the
+/// changes added since, not the history).
+///
+/// Automerge asserts (panics) unless an actor's new change carries exactly its
+/// count of changes so far plus one; since every change it accepted satisfied
+/// that, the count equals the highest sequence number kept here, and the check
+/// is exact whatever the shape of the history (a walk through ancestors, as
+/// before, had to give up on long histories and let changes through).
+#[derive(Debug, Default)]
+pub struct ActorSeqs {
+    heads: Vec<ChangeHash>,
+    max_seq: HashMap<ActorId, u64>,
+}
+
+impl ActorSeqs {
+    fn refresh(&mut self, doc: &Automerge) {
+        let heads = doc.get_heads();
+        if heads == self.heads {
+            return;
+        }
+        for m in doc.get_changes_meta(&self.heads) {
+            let s = self.max_seq.entry(m.actor.into_owned()).or_default();
+            *s = (*s).max(m.seq);
+        }
+        self.heads = heads;
+    }
+
+    /// The actor's highest sequence number in the document (0: none).
+    fn seq_of(&self, actor: &ActorId) -> u64 {
+        self.max_seq.get(actor).copied().unwrap_or(0)
+    }
+}
 
 /// Every new change must carry its actor's next sequence number: Automerge
-/// refuses a repeated one with an error, but a skipped one trips an assertion
-/// (a panic) deep in its change graph. A peer's honest changes never skip, so
-/// a gap means forged or damaged changes. Changes come sorted by actor and
-/// sequence number with their dependencies known; `prev` is the previous new
-/// change's actor and number.
+/// refuses a repeated one with an error only sometimes, and a skipped one
+/// trips an assertion (a panic) deep in its change graph. A peer's honest
+/// changes never skip, so a gap means forged or damaged changes. Changes come
+/// sorted by actor and sequence number; `prev` is the previous new change's
+/// actor and number.
 fn check_sequence<'a>(
-    doc: &Automerge,
-    in_message: &HashMap<ChangeHash, &Change>,
+    seqs: &ActorSeqs,
     c: &'a Change,
     prev: &mut Option<(&'a ActorId, u64)>,
 ) -> Result<(), String> {
     let (actor, seq) = (c.actor_id(), c.seq());
     let expected = match *prev {
-        Some((a, s)) if a == actor => Some(s + 1),
-        _ if seq <= 1 => None,
-        _ => predecessor_seq(doc, in_message, c).map(|k| k + 1),
+        Some((a, s)) if a == actor => s.saturating_add(1),
+        _ => seqs.seq_of(actor).saturating_add(1),
     };
     *prev = Some((actor, seq));
-    if seq == 0 || expected.is_some_and(|e| e != seq) {
+    if seq != expected {
         return Err(format!(
-            "change skips its actor's sequence numbers (seq {seq}, expected {})",
-            expected.unwrap_or(1)
+            "change does not carry its actor's next sequence number (seq {seq}, expected {expected})"
         ));
     }
     Ok(())
-}
-
-/// The sequence number of the latest change by `c`'s actor among `c`'s
-/// ancestors (in the message or the document): 0 if there is none, `None` if
-/// the walk gave up.
-fn predecessor_seq(
-    doc: &Automerge,
-    in_message: &HashMap<ChangeHash, &Change>,
-    c: &Change,
-) -> Option<u64> {
-    let actor = c.actor_id();
-    let mut stack: Vec<ChangeHash> = c.deps().to_vec();
-    let mut seen = std::collections::HashSet::new();
-    let mut best = 0;
-    while let Some(h) = stack.pop() {
-        if !seen.insert(h) {
-            continue;
-        }
-        if seen.len() > SEQ_WALK_MAX {
-            return None;
-        }
-        let (a, seq, deps) = match in_message.get(&h) {
-            Some(m) => (m.actor_id().clone(), m.seq(), m.deps().to_vec()),
-            None => match doc.get_change_meta_by_hash(&h) {
-                Some(m) => (m.actor.into_owned(), m.seq, m.deps),
-                None => continue,
-            },
-        };
-        if &a == actor {
-            // Its own ancestors by this actor are older still.
-            best = best.max(seq);
-            continue;
-        }
-        stack.extend(deps);
-    }
-    Some(best)
 }
 
 fn uint(v: Option<&ScalarValue>, key: &str) -> Result<u64, String> {
