@@ -83,10 +83,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// An error message at most (it may echo parts of the request: a client's
+/// 10 MB field must not come back as a 10 MB answer).
+pub const MESSAGE_BYTES_MAX: usize = 4096;
+
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let mut message: String = message.into();
+    if message.len() > MESSAGE_BYTES_MAX {
+        let mut end = MESSAGE_BYTES_MAX;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
     (
         status,
-        axum::Json(json!({"error": code, "message": message.into()})),
+        axum::Json(json!({"error": code, "message": message})),
     )
         .into_response()
 }

@@ -779,6 +779,8 @@ fn on_net(
             // thread. The engine may be half-way through a change, so the
             // caller reopens it from disk; the peer is blocked.
             let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                #[cfg(feature = "failpoints")]
+                failpoints::on_frame(peer);
                 engine.receive(peer, &body, now)
             }));
             match received {
@@ -892,6 +894,39 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
                 st.bytes_out = sess.bytes_out;
             }
             None => st.connected = false,
+        }
+    }
+}
+
+/// Test-only fault injection (cargo feature `failpoints`, enabled by the
+/// end-to-end tests only): makes applying a peer's next frame panic, as an
+/// Automerge assertion on unforeseen input would, to show the node survives it.
+#[cfg(feature = "failpoints")]
+pub mod failpoints {
+    use std::sync::Mutex;
+
+    use storemesh_protocol::ids::NodeId;
+
+    static PANIC_ON_FRAME_FROM: Mutex<Option<NodeId>> = Mutex::new(None);
+
+    /// The next frame from `peer` (at any node of this process) panics.
+    pub fn panic_on_next_frame_from(peer: NodeId) {
+        *PANIC_ON_FRAME_FROM
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(peer);
+    }
+
+    pub(crate) fn on_frame(peer: NodeId) {
+        let mut armed = PANIC_ON_FRAME_FROM
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *armed == Some(peer) {
+            *armed = None;
+            drop(armed);
+            panic!(
+                "failpoint: applying a frame from peer {} panicked",
+                peer.hex()
+            );
         }
     }
 }
