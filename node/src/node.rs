@@ -770,6 +770,7 @@ fn on_net(
             peer,
             conn_id,
             body,
+            budget: _budget,
         } => {
             if conns.get(&peer) != Some(&conn_id) {
                 return None;
