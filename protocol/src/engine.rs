@@ -720,7 +720,9 @@ impl Engine {
 
     /// The rights this node holds on (product, location), including the pending batch.
     pub fn rights(&self, product: u64, location: &str) -> i64 {
-        self.rights_raw(product, location) - self.reserved_by_me(product, location)
+        // Rights come from peers' cells (clamped to i64): never overflow.
+        self.rights_raw(product, location)
+            .saturating_sub(self.reserved_by_me(product, location))
     }
 
     /// The ledger's rights of this node, including units held for reservations.
@@ -751,7 +753,10 @@ impl Engine {
                 continue;
             }
             on_hand = on_hand.saturating_add(e.on_hand());
-            avail = avail.max(self.node_rights(e, self.tag) - self.reserved_by_me(product, l));
+            avail = avail.max(
+                self.node_rights(e, self.tag)
+                    .saturating_sub(self.reserved_by_me(product, l)),
+            );
         }
         Some((on_hand, avail))
     }
@@ -1042,7 +1047,7 @@ impl Engine {
             let rec = serde_json::json!({"sale_id": s.sale_id, "node": self.cfg.name, "location": location, "lines": overdrawn, "at_ms": now_ms});
             self.write_record(RecordKind::Overdraft, &s.sale_id, rec, now_ms);
             for (p, q) in &lines {
-                let short = (-self.rights_raw(*p, &location)).max(0) as u64;
+                let short = self.rights_raw(*p, &location).min(0).unsigned_abs();
                 self.reclaim(*p, &location, short.min(*q), now_ms);
             }
         }
@@ -1202,8 +1207,8 @@ impl Engine {
             }
             let rights = self.rights_raw(l.product_id, &c.location);
             if rights < 0 {
-                self.reclaim(l.product_id, &c.location, (-rights) as u64, now_ms);
-                let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": -rights, "at_ms": now_ms});
+                self.reclaim(l.product_id, &c.location, rights.unsigned_abs(), now_ms);
+                let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": rights.unsigned_abs(), "at_ms": now_ms});
                 self.write_record(
                     RecordKind::Deficit,
                     &format!("{}.{}", c.count_id, l.product_id),
@@ -1824,7 +1829,10 @@ impl Engine {
             .into_iter()
             .filter_map(|(p, l)| {
                 let e = self.views.stock.get(&p)?.get(&l)?;
-                let short = -self.node_rights(e, self.tag) - self.recorded_deficit(p, &l);
+                let short = self
+                    .node_rights(e, self.tag)
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit(p, &l));
                 (short > 0).then_some((p, l, short))
             })
             .collect();
@@ -1871,7 +1879,7 @@ impl Engine {
                     && a.record["location"].as_str() == Some(location)
             })
             .map(|a| a.record["deficit"].as_i64().unwrap_or(0))
-            .sum()
+            .fold(0i64, i64::saturating_add)
     }
 
     /// Every document id with its heads (hex).

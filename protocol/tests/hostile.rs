@@ -229,3 +229,60 @@ fn have_and_docs_make_no_document_slots() {
     assert!(m.nodes[0].engine.heads_of(&ledger_doc("loc1")).is_some());
     assert_eq!(m.nodes[0].engine.documents().len(), docs_before + 2);
 }
+
+/// Cells of 1,100 writers at 2^53 each: on-hand and rights sums reach the
+/// ends of i64 (clamped there), where `on_hand * share_percent` and
+/// `-rights` overflowed (a panic in debug builds, a wrap in release).
+#[test]
+fn peer_values_at_the_limits_do_not_overflow() {
+    let mut m = mesh();
+    let peer = testkit::node_id(1);
+    let cell = storemesh_protocol::ids::CELL_MAX;
+    // Product 5: writers of node 0's own tag removing (its rights sink to
+    // i64::MIN); product 6: writers of node 1's tag receiving (on hand rises
+    // to i64::MAX).
+    for (product, tag, field) in [
+        (PRODUCT, testkit::node_id(0).tag(), LedgerField::Removed),
+        (6, testkit::node_id(1).tag(), LedgerField::Received),
+    ] {
+        let doc = DocId::Ledger {
+            location: "loc0".into(),
+            bucket: product_bucket(product, BUCKETS),
+        }
+        .encode();
+        let mut data = Vec::new();
+        for i in 0..1100u32 {
+            let actor = ActorKey::new(tag, i.to_be_bytes());
+            let mut d = Automerge::new().with_actor(actor.automerge());
+            let mut tx = d.transaction();
+            tx.put(ROOT, ledger_key(product, actor, field), cell)
+                .unwrap();
+            tx.commit();
+            data.extend_from_slice(d.get_changes(&[])[0].raw_bytes());
+        }
+        push(&mut m, peer, &doc, data).unwrap();
+        assert!(
+            m.nodes[0].engine.heads_of(&doc).is_some(),
+            "valid and applied"
+        );
+    }
+    let e = &m.nodes[0].engine;
+    assert_eq!(e.rights(PRODUCT, "loc0"), i64::MIN);
+    assert_eq!(e.totals(6, Some("loc0")).unwrap().0, i64::MAX);
+    let now = m.now_ms;
+    // Allocation multiplies on-hand by the share; a count negates rights.
+    let rules = vec![storemesh_protocol::rebalance::AllocationRule {
+        to: "n1".into(),
+        share_percent: 50,
+        max_units: u64::MAX,
+    }];
+    m.nodes[0].engine.allocate(&rules, now);
+    let count: storemesh_protocol::ops::Count = serde_json::from_value(serde_json::json!({
+        "count_id": "c1", "location": "loc0",
+        "lines": [{"product_id": PRODUCT, "counted": 5}, {"product_id": 6, "counted": 5}]
+    }))
+    .unwrap();
+    let _ = m.execute(0, storemesh_protocol::ops::Op::Count(count));
+    m.commit(0);
+    still_works(&mut m, "after-limits");
+}
