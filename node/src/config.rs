@@ -856,6 +856,31 @@ mod tests {
         Config::from_toml_str(text).expect_err("config should be rejected")
     }
 
+    #[test]
+    fn http_limits_default_and_are_checked() {
+        let c = Config::from_toml_str("name = \"a\"\n").unwrap();
+        assert_eq!(c.api.header_timeout_ms, 10_000);
+        assert_eq!(c.api.body_timeout_ms, 30_000);
+        assert_eq!(c.api.max_connections, MAX_CONNECTIONS_DEFAULT);
+        let c = Config::from_toml_str(
+            "name = \"a\"\n[api]\nheader_timeout_ms = 2000\nbody_timeout_ms = 5000\nmax_connections = 100\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.api.header_timeout_ms,
+                c.api.body_timeout_ms,
+                c.api.max_connections
+            ),
+            (2000, 5000, 100)
+        );
+        assert!(err("name = \"a\"\n[api]\nheader_timeout_ms = 0\n").contains("header_timeout_ms"));
+        assert!(
+            err("name = \"a\"\n[api]\nbody_timeout_ms = 99999999\n").contains("body_timeout_ms")
+        );
+        assert!(err("name = \"a\"\n[api]\nmax_connections = 0\n").contains("max_connections"));
+    }
+
     fn with_token(mut c: Config, name: &str, token: &str, scopes: &[Scope]) -> Config {
         c.api.tokens.push(TokenConfig {
             name: name.into(),

@@ -8,6 +8,7 @@
 
 pub mod crypto;
 pub mod engine;
+pub mod fuzz;
 pub mod ids;
 pub mod inflate;
 pub mod layout;

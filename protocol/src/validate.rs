@@ -120,6 +120,8 @@ pub fn validate_changes(
     let in_message: HashMap<ChangeHash, &Change> = changes.iter().map(|c| (c.hash(), c)).collect();
     // The previous new change, if by the same actor: the next must follow it.
     let mut prev: Option<(&ActorId, u64)> = None;
+    // The previous new change's highest op counter (same actor as `prev`).
+    let mut prev_op: Option<u64> = None;
     for change in changes.iter() {
         if doc.get_change_meta_by_hash(&change.hash()).is_some() {
             continue;
@@ -132,7 +134,12 @@ pub fn validate_changes(
                 return Err(MISSING_DEPS.into());
             }
         }
+        let prev_max_op = match prev {
+            Some((a, _)) if a == change.actor_id() => prev_op,
+            _ => None,
+        };
         check_sequence(seqs, change, &mut prev)?;
+        prev_op = Some(change.max_op());
         // Storemesh never writes Automerge's "extra bytes" (its author footer):
         // a footer on a change after an actor's first trips an assertion in
         // Automerge, and nothing else is meant to be there.
@@ -148,6 +155,14 @@ pub fn validate_changes(
         }
         verdict.authors.insert(author.tag());
         let expanded = change.decode();
+        check_op_ids(
+            doc,
+            seqs,
+            &in_message,
+            change,
+            prev_max_op,
+            &expanded.operations,
+        )?;
         for op in &expanded.operations {
             if !matches!(op.obj, automerge::legacy::ObjectId::Root) {
                 return Err("change writes a nested object; storemesh documents are flat".into());
@@ -158,6 +173,12 @@ pub fn validate_changes(
             };
             let value = match &op.action {
                 automerge::legacy::OpType::Put(v) => Some(v.clone()),
+                // A delete names the ops it removes; one that names none is
+                // never written by Automerge and broke encoding the document
+                // again (found by the `change_fields` fuzz target).
+                automerge::legacy::OpType::Delete if op.pred.is_empty() => {
+                    return Err(format!("change deletes {key:?} without naming what"));
+                }
                 automerge::legacy::OpType::Delete => None,
                 _ => return Err(format!("change uses an unsupported operation on {key:?}")),
             };
@@ -190,6 +211,8 @@ pub fn validate_changes(
 pub struct ActorSeqs {
     heads: Vec<ChangeHash>,
     max_seq: HashMap<ActorId, u64>,
+    /// Every actor's highest op counter: its next change must start above.
+    max_op: HashMap<ActorId, u64>,
 }
 
 impl ActorSeqs {
@@ -199,6 +222,8 @@ impl ActorSeqs {
             return;
         }
         for m in doc.get_changes_meta(&self.heads) {
+            let o = self.max_op.entry(m.actor.as_ref().clone()).or_default();
+            *o = (*o).max(m.max_op);
             let s = self.max_seq.entry(m.actor.into_owned()).or_default();
             *s = (*s).max(m.seq);
         }
@@ -209,6 +234,44 @@ impl ActorSeqs {
     fn seq_of(&self, actor: &ActorId) -> u64 {
         self.max_seq.get(actor).copied().unwrap_or(0)
     }
+}
+
+/// Op ids are (counter, actor) and Automerge relies on their order without
+/// checking it: a change must start above every op of its dependencies and
+/// of its actor's earlier changes, and each op must come after the ops it
+/// overwrites. (A peer's change re-sent with its dependencies cleared passed
+/// every other check and corrupted the op order of the document; found by
+/// the `change_fields` fuzz target.)
+fn check_op_ids(
+    doc: &Automerge,
+    seqs: &ActorSeqs,
+    in_message: &HashMap<ChangeHash, &Change>,
+    c: &Change,
+    prev_max_op: Option<u64>,
+    ops: &[automerge::legacy::Op],
+) -> Result<(), String> {
+    let start = c.start_op().get();
+    let mut floor =
+        prev_max_op.unwrap_or_else(|| seqs.max_op.get(c.actor_id()).copied().unwrap_or(0));
+    for dep in c.deps() {
+        let m = match in_message.get(dep) {
+            Some(d) => d.max_op(),
+            None => doc.get_change_meta_by_hash(dep).map_or(0, |m| m.max_op),
+        };
+        floor = floor.max(m);
+    }
+    if start <= floor {
+        return Err(format!(
+            "change's op ids (from {start}) do not follow those of its history (up to {floor})"
+        ));
+    }
+    for (i, op) in ops.iter().enumerate() {
+        let counter = start.saturating_add(i as u64);
+        if op.pred.iter().any(|p| p.counter() >= counter) {
+            return Err("an op overwrites an op that is not older than itself".into());
+        }
+    }
+    Ok(())
 }
 
 /// Every new change must carry its actor's next sequence number: Automerge
