@@ -322,6 +322,20 @@ impl Engine {
             Some(old) => old.merge(&incoming),
             None => incoming,
         };
+        if matches!(&merged, crate::crypto::KeyEntry::Keys(k) if k.len() > crate::crypto::KEYS_PER_CUSTOMER_MAX)
+        {
+            // Refused whole: keeping some would evict keys data is written under.
+            *self
+                .stats
+                .rejected_by_reason
+                .entry("key_limit")
+                .or_default() += 1;
+            tracing::warn!(
+                "customer key entry would exceed {} keys; refused",
+                crate::crypto::KEYS_PER_CUSTOMER_MAX
+            );
+            return false;
+        }
         if self.keys.get(customer) == Some(&merged) {
             return false;
         }

@@ -286,3 +286,47 @@ fn peer_values_at_the_limits_do_not_overflow() {
     m.commit(0);
     still_works(&mut m, "after-limits");
 }
+
+/// The key store kept the 16 smallest keys of a customer: a peer sending 16
+/// small keys evicted the real one, and what was written under it became
+/// unreadable. Merges now never drop a key; an entry that would grow past
+/// `KEYS_PER_CUSTOMER_MAX` is refused whole.
+#[test]
+fn pushed_keys_never_evict_a_live_customer_key() {
+    let mut m = mesh();
+    let peer = testkit::node_id(1);
+    let op: storemesh_protocol::ops::Op = serde_json::from_value(serde_json::json!({
+        "CustomerPut": {"customer_id": "cust-7", "update": {"name": "A"}}
+    }))
+    .unwrap();
+    m.execute(0, op).unwrap();
+    m.commit(0);
+    let real = m.nodes[0].engine.pseudonyms_of("cust-7");
+    assert_eq!(real.len(), 1);
+    let send_keys = |m: &mut TestMesh, keys: Vec<[u8; 32]>| {
+        let frame = encode_frame(&Msg::Keys {
+            entries: vec![(
+                "cust-7".to_string(),
+                storemesh_protocol::crypto::KeyEntry::Keys(keys.into_iter().collect()),
+            )],
+        })
+        .unwrap();
+        let now = m.now_ms;
+        m.nodes[0].engine.receive(peer, &frame[4..], now).unwrap();
+    };
+    let small = |i: usize| {
+        let mut k = [0u8; 32];
+        k[31] = i as u8;
+        k[30] = (i >> 8) as u8;
+        k
+    };
+    send_keys(&mut m, (0..16).map(small).collect());
+    let now = m.nodes[0].engine.pseudonyms_of("cust-7");
+    assert_eq!(now.len(), 17);
+    assert!(now.contains(&real[0]), "the real key survives");
+    // Past the limit: refused whole, nothing evicted.
+    let max = storemesh_protocol::crypto::KEYS_PER_CUSTOMER_MAX;
+    send_keys(&mut m, (100..100 + max).map(small).collect());
+    assert_eq!(rejected(&m, "key_limit"), 1);
+    assert_eq!(m.nodes[0].engine.pseudonyms_of("cust-7").len(), 17);
+}
