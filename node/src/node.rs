@@ -33,6 +33,9 @@ pub const BATCH_OPS_MAX: usize = 2048;
 pub const WAKE_MS: u64 = 20;
 /// Commands waiting for the engine thread, at most (backpressure on HTTP).
 pub const CMD_QUEUE_MAX: usize = 8192;
+/// The data file is rewritten after a customer erasure at most this often
+/// (`Store::scrub` copies the whole file: about a second per 100 MB).
+pub const SCRUB_INTERVAL: Duration = Duration::from_secs(60);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -470,6 +473,9 @@ fn engine_loop(
     // Peer input refused outside the engine's own count (protocol
     // violations, panics) and by engines replaced since start.
     let mut node_rejected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    // A customer erasure committed since the last rewrite of the data file.
+    let mut scrub_due = false;
+    let mut last_scrub: Option<Instant> = None;
     loop {
         cmds.clear();
         let Some(first) = rx.blocking_recv() else {
@@ -609,6 +615,13 @@ fn engine_loop(
             .batch_ops_last
             .store(n_ops, Ordering::Relaxed);
         if ok {
+            if batch
+                .keys
+                .iter()
+                .any(|(_, e)| matches!(e, storemesh_protocol::crypto::KeyEntry::Erased))
+            {
+                scrub_due = true;
+            }
             engine.committed(now);
             publish(&shared, &engine, &batch.rows);
             if !batch.is_empty() {
@@ -694,6 +707,23 @@ fn engine_loop(
                 if revoked.insert(p.id) {
                     tracing::warn!(peer = %p.name, "peer was retired; refusing its key");
                     transport.revoke(p.id);
+                }
+            }
+        }
+        // An erased customer's key must not survive in the file's freed
+        // pages: rewrite the file once the answers are out (at most every
+        // SCRUB_INTERVAL, so a stream of erasures cannot stall the engine).
+        if scrub_due && last_scrub.is_none_or(|t| t.elapsed() >= SCRUB_INTERVAL) {
+            scrub_due = false;
+            last_scrub = Some(Instant::now());
+            let t = Instant::now();
+            match store.scrub() {
+                Ok(()) => tracing::info!(
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "data file rewritten after a customer erasure"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot rewrite the data file after an erasure")
                 }
             }
         }

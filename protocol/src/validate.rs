@@ -422,7 +422,16 @@ fn check_op(
         DocId::Customers { .. } => match CustomerKey::parse(key)? {
             CustomerKey::Profile { .. } => match value {
                 None | Some(ScalarValue::Null) | Some(ScalarValue::Boolean(_)) => Ok(()),
-                Some(ScalarValue::Str(s)) if s.len() <= 4096 => Ok(()),
+                // Personal data travels only as ciphertext: plaintext in a
+                // change would stay in every history, out of erasure's reach.
+                Some(ScalarValue::Str(s))
+                    if s.len() <= 4096 && s.starts_with(crate::crypto::ENC_PREFIX) =>
+                {
+                    Ok(())
+                }
+                Some(ScalarValue::Str(_)) => Err(format!(
+                    "profile field {key:?} is not ciphertext; personal data is refused in clear"
+                )),
                 _ => Err(format!("profile field {key:?} has an unsupported value")),
             },
             CustomerKey::Earned { actor, .. } | CustomerKey::Spent { actor, .. } => {

@@ -330,3 +330,28 @@ fn pushed_keys_never_evict_a_live_customer_key() {
     assert_eq!(rejected(&m, "key_limit"), 1);
     assert_eq!(m.nodes[0].engine.pseudonyms_of("cust-7").len(), 17);
 }
+
+/// A peer's plaintext profile field went into the document's history, where
+/// no erasure reaches it; now refused.
+#[test]
+fn plaintext_personal_data_from_a_peer_is_refused() {
+    let mut m = mesh();
+    let peer = testkit::node_id(1);
+    let doc = DocId::Customers {
+        bucket: storemesh_protocol::ids::customer_bucket("cust-3", BUCKETS),
+    }
+    .encode();
+    let mut d = Automerge::new().with_actor(forger([3, 3, 3, 3]).automerge());
+    let mut tx = d.transaction();
+    tx.put(ROOT, "cust-3/p/email", "ann@example.org").unwrap();
+    tx.commit();
+    push(
+        &mut m,
+        peer,
+        &doc,
+        d.get_changes(&[])[0].raw_bytes().to_vec(),
+    )
+    .unwrap();
+    assert_eq!(rejected(&m, "invalid_change"), 1);
+    assert!(m.nodes[0].engine.heads_of(&doc).is_none());
+}

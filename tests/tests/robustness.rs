@@ -485,3 +485,62 @@ async fn a_panic_on_peer_input_is_caught_and_reported_degraded() {
     h.transport.shutdown().await;
     m.shutdown().await;
 }
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// redb never overwrites freed pages: after an erasure the customer's key
+/// stayed in the data file for anyone imaging the disk. The node now
+/// rewrites the file after an erasure; a raw search finds the key no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_customer_key_is_gone_from_the_data_file() {
+    let mut m = one_node(|_| {}).await;
+    let c = m.clients[0].clone();
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/api/customers/c-9", c.base))
+        .bearer_auth(&c.token)
+        .json(&serde_json::json!({"name": "Ann Example", "email": "ann@example.org"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    // The key, read from the stopped node's store.
+    m.stop(0).await;
+    let path = storemesh_node::node::db_path(&m.dirs[0].0);
+    let key = {
+        let store = storemesh_node::store::Store::open(&path).unwrap();
+        let keys = store.load_keys().unwrap();
+        match keys.into_iter().find(|(id, _)| id == "c-9").map(|(_, e)| e) {
+            Some(storemesh_protocol::crypto::KeyEntry::Keys(k)) => *k.iter().next().unwrap(),
+            other => panic!("no key for c-9: {other:?}"),
+        }
+    };
+    assert!(
+        contains(&std::fs::read(&path).unwrap(), &key),
+        "key is in the file before"
+    );
+    m.restart(0).await;
+    let c = m.clients[0].clone();
+    let r = http
+        .delete(format!("{}/api/customers/c-9", c.base))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    wait_for(Duration::from_secs(10), || async {
+        std::fs::read(&path).is_ok_and(|b| !contains(&b, &key))
+    })
+    .await
+    .expect("the key bytes are gone from the data file");
+    // Still a working node, and still gone after a clean shutdown.
+    let (st, _) = c
+        .post("/api/receipts", receipt("r1", "store-a", &[(1, 5)]))
+        .await
+        .unwrap();
+    assert_eq!(st, 201);
+    m.stop(0).await;
+    assert!(!contains(&std::fs::read(&path).unwrap(), &key));
+}
