@@ -465,7 +465,11 @@ async fn a_panic_on_peer_input_is_caught_and_reported_degraded() {
         v["reason"].as_str().unwrap().contains("store-b"),
         "reason names the peer: {v}"
     );
-    assert_eq!(rejected(a, "panic").await, 1);
+    wait_for(Duration::from_secs(10), || async {
+        rejected(a, "panic").await == 1
+    })
+    .await
+    .expect("the caught panic is counted");
     // Still serving: reads of what was durable, and new writes.
     assert_eq!(stock_level(a, 7).await, Some(9));
     let (st, _) = a
