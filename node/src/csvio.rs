@@ -383,6 +383,23 @@ pub async fn export(dir: &std::path::Path, format: Format) -> anyhow::Result<Vec
     Ok(bytes.to_vec())
 }
 
+/// Input echoed in an error message at most: a 10 MB header line must not
+/// come back as a 10 MB answer.
+pub const ECHO_BYTES_MAX: usize = 200;
+
+/// `s` cut to at most `ECHO_BYTES_MAX` bytes (at a character boundary),
+/// with an ellipsis when cut.
+pub fn clip(s: &str) -> String {
+    if s.len() <= ECHO_BYTES_MAX {
+        return s.to_string();
+    }
+    let mut end = ECHO_BYTES_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,21 +445,4 @@ tee,Tee,TEE-01,Web Warehouse,2,0,0,3,3\n";
         let back = parse(&out, Format::Shopify).unwrap();
         assert_eq!(back[0].on_hand, 4);
     }
-}
-
-/// Input echoed in an error message at most: a 10 MB header line must not
-/// come back as a 10 MB answer.
-pub const ECHO_BYTES_MAX: usize = 200;
-
-/// `s` cut to at most `ECHO_BYTES_MAX` bytes (at a character boundary),
-/// with an ellipsis when cut.
-pub fn clip(s: &str) -> String {
-    if s.len() <= ECHO_BYTES_MAX {
-        return s.to_string();
-    }
-    let mut end = ECHO_BYTES_MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &s[..end], s.len())
 }
