@@ -2,6 +2,7 @@
 //! or an attacker meets it: slow HTTP clients on real TCP sockets, and a
 //! hostile member speaking real QUIC with a trusted key.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::transaction::Transactable;
@@ -547,4 +548,121 @@ async fn an_erased_customer_key_is_gone_from_the_data_file() {
     assert_eq!(st, 201);
     m.stop(0).await;
     assert!(!contains(&std::fs::read(&path).unwrap(), &key));
+}
+
+/// Starts one QUIC handshake at `server` from a fresh port of 127.0.0.2 that
+/// never goes past the client's Initial: replies are dropped, so the server
+/// holds the handshake until its timeout. No key is needed for that.
+async fn stalled_handshake(
+    client: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    server: std::net::SocketAddr,
+    keep: &mut Vec<tokio::task::JoinHandle<()>>,
+    pending: &mut Vec<quinn::Connecting>,
+) {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    keep.push(tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        // Forward the client's datagrams (its Initial and retransmissions)
+        // to the server from this address; drop everything coming back.
+        while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+            if from != server {
+                let _ = relay.send_to(&buf[..n], server).await;
+            }
+        }
+    }));
+    if let Ok(c) = client.connect_with(cfg.clone(), relay_addr, "storemesh") {
+        pending.push(c);
+    }
+}
+
+/// The 64 pending-handshake slots could all be taken by one unauthenticated
+/// host (each held up to 5 s), keeping every real peer out. Now one source
+/// address holds at most 16, and under load a source must answer a QUIC
+/// retry first: a real peer still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_hold_every_handshake_slot() {
+    // Only store-b dials (store-a has no usable address for it), so its
+    // connection has to pass store-a's handshake slots.
+    let mut m = Mesh::start_with(
+        &[
+            ("store-a", Role::Store, Policy::Strict),
+            ("store-b", Role::Store, Policy::Strict),
+        ],
+        &[(0, 1)],
+        |i, c| {
+            if i == 0 {
+                c.peers[0].addr = "127.0.0.1:9".into();
+            }
+        },
+    )
+    .await;
+    m.wait_connected(0, 1).await;
+    m.stop(1).await;
+    wait_for(Duration::from_secs(10), || async {
+        m.node(0).transport.connected().is_empty()
+    })
+    .await
+    .unwrap();
+    let server = m.node(0).quic_addr;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![storemesh_node::transport::ALPN.to_vec()];
+    let cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut keep = Vec::new();
+    let mut pending = Vec::new();
+    // Fill the slots, then keep them topped up while the real peer dials.
+    for _ in 0..80 {
+        stalled_handshake(&client, &cfg, server, &mut keep, &mut pending).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let attack = {
+        let client = client.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            let mut keep = Vec::new();
+            let mut pending = Vec::new();
+            // Refill at once whatever slot frees up (they time out after 5 s).
+            for _ in 0..80 {
+                for _ in 0..10 {
+                    stalled_handshake(&client, &cfg, server, &mut keep, &mut pending).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for k in keep {
+                k.abort();
+            }
+        })
+    };
+    let t = Instant::now();
+    m.restart(1).await;
+    // The stalled handshakes hold their slots for 5 s (then the attack
+    // refills them); an honest peer normally joins well within 3 s.
+    let joined = wait_for(Duration::from_secs(3), || async {
+        m.node(0).transport.connected().len() == 1
+    })
+    .await;
+    println!(
+        "real peer joined after {joined:?} ({:?} since its restart began)",
+        t.elapsed()
+    );
+    attack.abort();
+    for k in keep {
+        k.abort();
+    }
+    drop(pending);
+    assert!(
+        joined.is_ok(),
+        "the real peer could not connect for {:?} while one host held handshakes",
+        t.elapsed()
+    );
+    m.shutdown().await;
 }
