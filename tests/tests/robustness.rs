@@ -57,14 +57,23 @@ async fn get_ok(base: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_headers_are_cut_off_at_the_header_timeout() {
-    let m = one_node(|c| c.api.header_timeout_ms = 800).await;
+    let timeout_ms: u64 = std::env::var("STOREMESH_SLOW_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(800);
+    let m = one_node(|c| c.api.header_timeout_ms = timeout_ms).await;
     let addr = m.node(0).http_addr;
     let base = m.clients[0].base.clone();
-    // 300 clients that never finish their headers, and 100 that send nothing.
+    // 300 clients that never finish their headers, and 100 that send nothing
+    // (STOREMESH_SLOW_CLIENTS=N for a larger run; each costs two descriptors).
+    let n: usize = std::env::var("STOREMESH_SLOW_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
     let mut slow = Vec::new();
-    for i in 0..400 {
+    for i in 0..n {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        if i < 300 {
+        if i < n * 3 / 4 {
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
                 .await
                 .unwrap();
@@ -78,17 +87,19 @@ async fn slowloris_headers_are_cut_off_at_the_header_timeout() {
     }
     took.sort();
     let p99 = took[took.len() * 99 / 100 - 1];
+    println!("{n} slow connections open: ordinary request p99 {p99:?}");
     assert!(p99 < Duration::from_millis(200), "p99 {p99:?}");
     // Every slow connection is closed soon after the timeout.
     let t = Instant::now();
     for s in &mut slow {
-        read_until_closed(s, Duration::from_secs(5))
+        read_until_closed(s, Duration::from_millis(timeout_ms + 5000))
             .await
             .expect("slow connection closed");
     }
     let all_closed = t.elapsed();
+    println!("all {n} closed {all_closed:?} after the ordinary requests");
     assert!(
-        all_closed < Duration::from_secs(3),
+        all_closed < Duration::from_millis(timeout_ms + 2200),
         "closed after {all_closed:?}"
     );
     m.shutdown().await;
@@ -427,6 +438,7 @@ async fn a_decompression_bomb_from_a_peer_stays_within_the_memory_budget() {
     .await
     .expect("the bomb is counted as rejected");
     let grew = peak_rss_bytes().saturating_sub(before);
+    println!("peak RSS grew by {} MiB receiving the bomb", grew >> 20);
     assert!(grew < 128 << 20, "peak RSS grew by {} MiB", grew >> 20);
     let (st, _) = a
         .post("/api/receipts", receipt("r-after", "store-a", &[(1, 5)]))
