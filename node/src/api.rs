@@ -84,10 +84,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// An error message at most (it may echo parts of the request: a client's
+/// 10 MB field must not come back as a 10 MB answer).
+pub const MESSAGE_BYTES_MAX: usize = 4096;
+
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let mut message: String = message.into();
+    if message.len() > MESSAGE_BYTES_MAX {
+        let mut end = MESSAGE_BYTES_MAX;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
     (
         status,
-        axum::Json(json!({"error": code, "message": message.into()})),
+        axum::Json(json!({"error": code, "message": message})),
     )
         .into_response()
 }
@@ -229,16 +242,22 @@ async fn healthz(State(sh): S) -> Response {
         .read()
         .map(|p| p.values().filter(|s| s.connected).count())
         .unwrap_or(0);
+    let fault = sh.fault.read().map(|f| f.clone()).unwrap_or_default();
     let status = if sh.shutting_down.load(Ordering::Relaxed) {
         "shutting_down"
+    } else if fault.is_some() {
+        "degraded"
     } else {
         "ok"
     };
-    axum::Json(json!({
+    let mut body = json!({
         "status": status, "synced": r.synced, "ready": r.ready, "name": sh.cfg.name,
         "node_id": sh.node_id.hex(), "location": sh.cfg.location, "peers_connected": connected,
-    }))
-    .into_response()
+    });
+    if let Some(reason) = fault {
+        body["reason"] = json!(reason);
+    }
+    axum::Json(body).into_response()
 }
 
 async fn metrics(State(sh): S) -> Response {
@@ -387,6 +406,7 @@ async fn metrics(State(sh): S) -> Response {
         ));
     }
     crate::webhooks::metrics_text(&sh, &mut out);
+    crate::http::metrics_text(&sh, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -30,6 +30,26 @@ pub const BODY_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 /// request could take a small back-office PC's memory.
 pub const BODY_BYTES_MAX_MIN: usize = 1024;
 pub const BODY_BYTES_MAX_LIMIT: usize = 64 * 1024 * 1024;
+/// `[api] header_timeout_ms` (CONTRACT v2): a client has this long to send a
+/// request's headers (and an idle keep-alive connection this long to start its
+/// next request); a slowloris client is cut off then.
+pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// `[api] body_timeout_ms` (CONTRACT v2): a request's whole body must arrive
+/// within this long of its headers, however it trickles (a 1 MiB body takes
+/// well under a second on any store network; imports of 100 MB need longer,
+/// and the operator can raise it).
+pub const BODY_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Timeouts below 100 ms would cut off ordinary clients on a busy network;
+/// above an hour a slow client holds a connection for good.
+pub const HTTP_TIMEOUT_MS_MIN: u64 = 100;
+pub const HTTP_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// `[api] max_connections`: open HTTP connections at most; more are closed
+/// at once. Each costs a file descriptor and up to `http::CONN_BUF_BYTES_MAX`
+/// of buffer, so 16,384 bound the HTTP side's memory to about 1 GiB even if
+/// every one is hostile, while 10,000 slow clients still leave room for the
+/// tills.
+pub const MAX_CONNECTIONS_DEFAULT: usize = 16_384;
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 /// API tokens: any length that fits a header is accepted (the contract sets
 /// none); tokens shorter than `TOKEN_LEN_ADVISED` can be guessed and are
 /// warned about when the node starts and at `init`.
@@ -265,6 +285,12 @@ pub struct ApiConfig {
     pub public_reads: bool,
     /// Largest accepted request body; larger gets 413.
     pub body_bytes_max: usize,
+    /// A request's headers must arrive within this long (slowloris).
+    pub header_timeout_ms: u64,
+    /// A request's body must arrive within this long of its headers.
+    pub body_timeout_ms: u64,
+    /// Open HTTP connections at most; more are closed at once.
+    pub max_connections: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenConfig>,
     /// `[api.tls]`: serve the API over HTTPS (see `crate::https`).
@@ -277,6 +303,9 @@ impl Default for ApiConfig {
         ApiConfig {
             public_reads: true,
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
+            header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
+            body_timeout_ms: BODY_TIMEOUT_MS_DEFAULT,
+            max_connections: MAX_CONNECTIONS_DEFAULT,
             tokens: Vec::new(),
             tls: None,
         }
@@ -591,6 +620,22 @@ impl Config {
                 api.body_bytes_max
             ));
         }
+        for (key, v) in [
+            ("header_timeout_ms", api.header_timeout_ms),
+            ("body_timeout_ms", api.body_timeout_ms),
+        ] {
+            if !(HTTP_TIMEOUT_MS_MIN..=HTTP_TIMEOUT_MS_MAX).contains(&v) {
+                return Err(format!(
+                    "api.{key} must be in {HTTP_TIMEOUT_MS_MIN}..={HTTP_TIMEOUT_MS_MAX} (got {v})"
+                ));
+            }
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&api.max_connections) {
+            return Err(format!(
+                "api.max_connections must be in 1..={MAX_CONNECTIONS_LIMIT} (got {})",
+                api.max_connections
+            ));
+        }
         for (i, t) in api.tokens.iter().enumerate() {
             let at = format!("api.tokens[{i}]");
             validate_name(&format!("{at}.name"), &t.name)?;
@@ -821,6 +866,31 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::from_toml_str(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn http_limits_default_and_are_checked() {
+        let c = Config::from_toml_str("name = \"a\"\n").unwrap();
+        assert_eq!(c.api.header_timeout_ms, 10_000);
+        assert_eq!(c.api.body_timeout_ms, 30_000);
+        assert_eq!(c.api.max_connections, MAX_CONNECTIONS_DEFAULT);
+        let c = Config::from_toml_str(
+            "name = \"a\"\n[api]\nheader_timeout_ms = 2000\nbody_timeout_ms = 5000\nmax_connections = 100\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.api.header_timeout_ms,
+                c.api.body_timeout_ms,
+                c.api.max_connections
+            ),
+            (2000, 5000, 100)
+        );
+        assert!(err("name = \"a\"\n[api]\nheader_timeout_ms = 0\n").contains("header_timeout_ms"));
+        assert!(
+            err("name = \"a\"\n[api]\nbody_timeout_ms = 99999999\n").contains("body_timeout_ms")
+        );
+        assert!(err("name = \"a\"\n[api]\nmax_connections = 0\n").contains("max_connections"));
     }
 
     fn with_token(mut c: Config, name: &str, token: &str, scopes: &[Scope]) -> Config {

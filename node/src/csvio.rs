@@ -57,7 +57,12 @@ pub fn parse(data: &[u8], format: Format) -> Result<Vec<ImportRow>, Vec<String>>
         .from_reader(data);
     let headers = match reader.headers() {
         Ok(h) => h.clone(),
-        Err(e) => return Err(vec![format!("line 1: cannot read the header: {e}")]),
+        Err(e) => {
+            return Err(vec![format!(
+                "line 1: cannot read the header: {}",
+                clip(&e.to_string())
+            )])
+        }
     };
     let col: HashMap<String, usize> = headers
         .iter()
@@ -87,7 +92,7 @@ pub fn parse(data: &[u8], format: Format) -> Result<Vec<ImportRow>, Vec<String>>
         };
         return Err(vec![format!(
             "line 1: the header must name the columns {want} (found: {})",
-            headers.iter().collect::<Vec<_>>().join(", ")
+            clip(&headers.iter().collect::<Vec<_>>().join(", "))
         )]);
     };
     let mut rows = Vec::new();
@@ -101,7 +106,7 @@ pub fn parse(data: &[u8], format: Format) -> Result<Vec<ImportRow>, Vec<String>>
         let rec = match rec {
             Ok(r) => r,
             Err(e) => {
-                errors.push(format!("line {line}: {e}"));
+                errors.push(format!("line {line}: {}", clip(&e.to_string())));
                 continue;
             }
         };
@@ -116,7 +121,7 @@ pub fn parse(data: &[u8], format: Format) -> Result<Vec<ImportRow>, Vec<String>>
             continue;
         }
         if let Err(e) = validate_name("location", &location) {
-            errors.push(format!("line {line}: {e}"));
+            errors.push(format!("line {line}: {}", clip(&e)));
             continue;
         }
         let on_hand = match qty_text.parse::<i64>() {
@@ -129,7 +134,8 @@ pub fn parse(data: &[u8], format: Format) -> Result<Vec<ImportRow>, Vec<String>>
             }
             Err(_) => {
                 errors.push(format!(
-                    "line {line}: on hand {qty_text:?} is not a whole number"
+                    "line {line}: on hand {:?} is not a whole number",
+                    clip(qty_text)
                 ));
                 continue;
             }
@@ -375,6 +381,23 @@ pub async fn export(dir: &std::path::Path, format: Format) -> anyhow::Result<Vec
         );
     }
     Ok(bytes.to_vec())
+}
+
+/// Input echoed in an error message at most: a 10 MB header line must not
+/// come back as a 10 MB answer.
+pub const ECHO_BYTES_MAX: usize = 200;
+
+/// `s` cut to at most `ECHO_BYTES_MAX` bytes (at a character boundary),
+/// with an ellipsis when cut.
+pub fn clip(s: &str) -> String {
+    if s.len() <= ECHO_BYTES_MAX {
+        return s.to_string();
+    }
+    let mut end = ECHO_BYTES_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
 }
 
 #[cfg(test)]

@@ -6,37 +6,23 @@
 //! self-signed certificate whose SHA-256 fingerprint the clients pin is enough
 //! there, and a chain's own CA-issued certificate works the same way.
 //!
-//! TLS handshakes run in their own tasks (with a deadline), so one slow or
-//! silent client cannot hold up the accept loop; finished connections are
-//! handed to axum through [`TlsListener`].
+//! The handshake itself runs in the HTTP accept loop (`http.rs`), in each
+//! connection's own task, within `[api] header_timeout_ms` and under the
+//! `max_connections` limit, so one slow or silent client cannot hold up others.
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 
 /// File names `init --https` writes in the data directory.
 pub const CERT_FILE_NAME: &str = "https-cert.pem";
 pub const KEY_FILE_NAME: &str = "https-key.pem";
-/// A client that has not finished its TLS handshake by then is dropped: a
-/// connection that never speaks must not hold a task and a socket for ever.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once, at most (each holds a task and a
-/// socket; more wait in the kernel's accept queue).
-pub const HANDSHAKES_MAX: usize = 256;
-/// Finished handshakes waiting for axum to pick them up.
-const READY_QUEUE: usize = 64;
 /// Largest certificate or key file read (a PEM chain is a few KiB).
 const PEM_BYTES_MAX: u64 = 1 << 20;
 
@@ -262,102 +248,6 @@ fn write_new(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// A listener that hands axum connections whose TLS handshake finished.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    accept_task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.accept_task.abort();
-    }
-}
-
-impl TlsListener {
-    pub fn new(listener: TcpListener, cfg: rustls::ServerConfig) -> io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let acceptor = TlsAcceptor::from(Arc::new(cfg));
-        let (tx, ready) = mpsc::channel(READY_QUEUE);
-        let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
-        let accept_task = tokio::spawn(async move {
-            loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: wait a little instead of spinning.
-                        tracing::warn!(error = %e, "HTTPS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener {
-            ready,
-            local,
-            accept_task,
-        })
-    }
-}
-
-/// Serves `app` on `listener`, over TLS when `tls` is given, until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<rustls::ServerConfig>,
-    app: axum::Router,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-        Some(cfg) => {
-            axum::serve(TlsListener::new(listener, cfg)?, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(x) => x,
-            // The accept task only ends when the listener is dropped; axum's
-            // graceful shutdown stops calling accept before that.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }
 
 #[cfg(test)]

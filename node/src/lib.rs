@@ -7,6 +7,7 @@ pub mod config;
 pub mod csvio;
 pub mod dashboard;
 pub mod demo;
+pub mod http;
 pub mod https;
 pub mod identity;
 pub mod node;

@@ -33,6 +33,9 @@ pub const BATCH_OPS_MAX: usize = 2048;
 pub const WAKE_MS: u64 = 20;
 /// Commands waiting for the engine thread, at most (backpressure on HTTP).
 pub const CMD_QUEUE_MAX: usize = 8192;
+/// The data file is rewritten after a customer erasure at most this often
+/// (`Store::scrub` copies the whole file: about a second per 100 MB).
+pub const SCRUB_INTERVAL: Duration = Duration::from_secs(60);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -114,6 +117,13 @@ pub struct Shared {
     pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
     /// Status of the `[[webhooks]]` (cursor, lag, last error).
     pub webhooks: crate::webhooks::Registry,
+    /// What the HTTP accept loop counts (`crate::http`).
+    pub http: Arc<crate::http::HttpStats>,
+    /// Set when the engine caught a fault it could not apply (a panic on a
+    /// peer's input): `/healthz` then answers `"status":"degraded"` with it.
+    pub fault: RwLock<Option<String>>,
+    /// Peer input refused, by reason (`storemesh_rejected_changes_total`).
+    pub rejected: RwLock<BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -260,6 +270,9 @@ impl NodeHandle {
             shutting_down: AtomicBool::new(false),
             changes: tokio::sync::broadcast::channel(1024).0,
             webhooks: crate::webhooks::Registry::default(),
+            http: Arc::default(),
+            fault: RwLock::new(None),
+            rejected: RwLock::default(),
         });
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -334,14 +347,16 @@ impl NodeHandle {
         // documents load; writes wait in the queue until the engine is ready.
         let app = crate::dashboard::wrap(crate::api::router(shared.clone()), shared.clone());
         let (http_stop, http_stop_rx) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(async move {
-            let serve = crate::https::serve(listener, tls, app, async move {
-                let _ = http_stop_rx.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let limits = crate::http::HttpLimits::from_config(&cfg.api);
+        let http_stats = shared.http.clone();
+        let http_task = tokio::spawn(crate::http::serve(
+            listener,
+            tls,
+            app,
+            limits,
+            http_stats,
+            http_stop_rx,
+        ));
         // Wait until documents are loaded (or loading failed).
         let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
             .await
@@ -484,6 +499,12 @@ fn engine_loop(
         })
         .collect();
     let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
+    // Peer input refused outside the engine's own count (protocol
+    // violations, panics) and by engines replaced since start.
+    let mut node_rejected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    // A customer erasure committed since the last rewrite of the data file.
+    let mut scrub_due = false;
+    let mut last_scrub: Option<Instant> = None;
     loop {
         cmds.clear();
         let Some(first) = rx.blocking_recv() else {
@@ -505,6 +526,10 @@ fn engine_loop(
         // (debug) for batches with sync traffic, to see where a heal's time goes.
         let mut net_us = 0u64;
         let mut commit_us = 0u64;
+        // Set when applying a peer's frame panicked: the engine's memory may
+        // hold half a change, so nothing of this batch is committed and the
+        // engine is reopened from disk (the commit-failure path).
+        let mut poisoned = false;
         let started = Instant::now();
         for c in cmds.drain(..) {
             match c {
@@ -535,16 +560,36 @@ fn engine_loop(
                 Cmd::Query(q) => queries.push(q),
                 Cmd::Net(ev) => {
                     n_frames_in += u64::from(matches!(ev, TransportEvent::Frame { .. }));
+                    if poisoned {
+                        // The engine is reopened after this batch; frames
+                        // until then are dropped (the sessions restart).
+                        continue;
+                    }
                     let t = Instant::now();
-                    on_net(
+                    if let Some((peer, what)) = on_net(
                         &mut engine,
                         &store,
                         &transport,
                         &shared,
                         &mut conns,
+                        &mut node_rejected,
                         ev,
                         now,
-                    );
+                    ) {
+                        poisoned = true;
+                        *node_rejected.entry("panic").or_default() += 1;
+                        let name = shared
+                            .cfg
+                            .peer_by_id(&peer)
+                            .map_or_else(|| peer.hex(), |p| p.name.clone());
+                        tracing::error!(peer = %name, panic = %what, "applying a peer's message panicked; blocking the peer and reloading documents from disk");
+                        transport.set_blocked(peer, true);
+                        conns.remove(&peer);
+                        let mut f = shared.fault.write().unwrap_or_else(|p| p.into_inner());
+                        *f = Some(format!(
+                            "a message from peer {name} made the engine fail ({what}); the peer is blocked until this node restarts"
+                        ));
+                    }
                     net_us += t.elapsed().as_micros() as u64;
                 }
                 Cmd::Tick => engine.tick(now),
@@ -560,10 +605,16 @@ fn engine_loop(
         engine.allocate(&allocation, now);
         engine.expire_reservations(now);
         let t_flush = Instant::now();
-        let mut batch = engine.flush(now);
+        let mut batch = if poisoned {
+            storemesh_protocol::Batch::default()
+        } else {
+            engine.flush(now)
+        };
         let flush_us = t_flush.elapsed().as_micros() as u64;
         number_rows(&shared, &mut batch);
-        let ok = if batch.is_empty() {
+        let ok = if poisoned {
+            false
+        } else if batch.is_empty() {
             true
         } else {
             let t = Instant::now();
@@ -593,6 +644,13 @@ fn engine_loop(
             .batch_ops_last
             .store(n_ops, Ordering::Relaxed);
         if ok {
+            if batch
+                .keys
+                .iter()
+                .any(|(_, e)| matches!(e, storemesh_protocol::crypto::KeyEntry::Erased))
+            {
+                scrub_due = true;
+            }
             engine.committed(now);
             publish(&shared, &engine, &batch.rows);
             if !batch.is_empty() {
@@ -650,6 +708,9 @@ fn engine_loop(
             // The in-memory documents may hold changes that never reached disk.
             match open_engine(&cfg, shared.node_id, &store) {
                 Ok(e) => {
+                    for (k, v) in &engine.stats.rejected_by_reason {
+                        *node_rejected.entry(k).or_default() += v;
+                    }
                     engine = e;
                     hello_digest = engine.hello_digest();
                     transport.set_hello_digest(Some(hello_digest));
@@ -678,7 +739,34 @@ fn engine_loop(
                 }
             }
         }
+        // An erased customer's key must not survive in the file's freed
+        // pages: rewrite the file once the answers are out (at most every
+        // SCRUB_INTERVAL, so a stream of erasures cannot stall the engine).
+        if scrub_due && last_scrub.is_none_or(|t| t.elapsed() >= SCRUB_INTERVAL) {
+            scrub_due = false;
+            last_scrub = Some(Instant::now());
+            let t = Instant::now();
+            match store.scrub() {
+                Ok(()) => tracing::info!(
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "data file rewritten after a customer erasure"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot rewrite the data file after an erasure")
+                }
+            }
+        }
         sync_stats(&shared, &engine);
+        {
+            let mut all: BTreeMap<String, u64> = node_rejected
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect();
+            for (k, v) in &engine.stats.rejected_by_reason {
+                *all.entry(k.to_string()).or_default() += v;
+            }
+            *shared.rejected.write().unwrap_or_else(|p| p.into_inner()) = all;
+        }
         for q in queries {
             q(&engine);
         }
@@ -699,15 +787,19 @@ fn engine_loop(
     }
 }
 
+/// Applies one transport event. Returns the peer and the panic message when
+/// applying the peer's frame panicked (the engine must then be reopened).
+#[allow(clippy::too_many_arguments)]
 fn on_net(
     engine: &mut Engine,
     store: &Store,
     transport: &Transport,
     shared: &Shared,
     conns: &mut HashMap<NodeId, u64>,
+    rejected: &mut BTreeMap<&'static str, u64>,
     ev: TransportEvent,
     now: u64,
-) {
+) -> Option<(NodeId, String)> {
     match ev {
         TransportEvent::PeerUp {
             peer,
@@ -737,16 +829,38 @@ fn on_net(
             peer,
             conn_id,
             body,
+            budget: _budget,
         } => {
             if conns.get(&peer) != Some(&conn_id) {
-                return;
+                return None;
             }
-            if let Err(e) = engine.receive(peer, &body, now) {
-                tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
-                // Drop the connection; the supervisor dials again with backoff.
-                transport.reconnect(peer, "protocol violation");
-                conns.remove(&peer);
-                engine.peer_down(peer);
+            // The last line of defence: input that got past validation and
+            // made Automerge (or our code) panic must not kill the engine
+            // thread. The engine may be half-way through a change, so the
+            // caller reopens it from disk; the peer is blocked.
+            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                #[cfg(feature = "failpoints")]
+                failpoints::on_frame(peer);
+                engine.receive(peer, &body, now)
+            }));
+            match received {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
+                    *rejected.entry("protocol_violation").or_default() += 1;
+                    // Drop the connection; the supervisor dials again with backoff.
+                    transport.reconnect(peer, "protocol violation");
+                    conns.remove(&peer);
+                    engine.peer_down(peer);
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    return Some((peer, what));
+                }
             }
         }
         TransportEvent::Refused {
@@ -758,6 +872,7 @@ fn on_net(
         }
     }
     let _ = shared;
+    None
 }
 
 /// Gives every changed row of a batch the next change-feed sequence number
@@ -839,6 +954,39 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
                 st.bytes_out = sess.bytes_out;
             }
             None => st.connected = false,
+        }
+    }
+}
+
+/// Test-only fault injection (cargo feature `failpoints`, enabled by the
+/// end-to-end tests only): makes applying a peer's next frame panic, as an
+/// Automerge assertion on unforeseen input would, to show the node survives it.
+#[cfg(feature = "failpoints")]
+pub mod failpoints {
+    use std::sync::Mutex;
+
+    use storemesh_protocol::ids::NodeId;
+
+    static PANIC_ON_FRAME_FROM: Mutex<Option<NodeId>> = Mutex::new(None);
+
+    /// The next frame from `peer` (at any node of this process) panics.
+    pub fn panic_on_next_frame_from(peer: NodeId) {
+        *PANIC_ON_FRAME_FROM
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(peer);
+    }
+
+    pub(crate) fn on_frame(peer: NodeId) {
+        let mut armed = PANIC_ON_FRAME_FROM
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *armed == Some(peer) {
+            *armed = None;
+            drop(armed);
+            panic!(
+                "failpoint: applying a frame from peer {} panicked",
+                peer.hex()
+            );
         }
     }
 }

@@ -48,6 +48,37 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// an erased customer's key is gone from the live data).
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_keys");
 
+/// Every table `Store::scrub` copies (a file holding another is not scrubbed).
+const SCRUB_TABLES: &[&str] = &[
+    "doc_chunks",
+    "doc_heads",
+    "rows",
+    "idem",
+    "heads_log",
+    "heads_log_len",
+    "sync_states",
+    "meta",
+    "customer_keys",
+];
+
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    rt: &redb::ReadTransaction,
+    wt: &redb::WriteTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<()> {
+    let from = match rt.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut to = wt.open_table(def)?;
+    for entry in from.iter()? {
+        let (k, v) = entry?;
+        to.insert(k.value(), v.value())?;
+    }
+    Ok(())
+}
+
 /// Meta key holding the schema tag; a file with another tag is refused.
 const SCHEMA_KEY: &str = "storemesh.schema";
 const SCHEMA: &[u8] = b"storemesh-store/1";
@@ -320,6 +351,63 @@ impl Store {
         let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
         // Close the old handle first: it holds the file lock.
         drop(g.take());
+        let db = open_path(path)?;
+        init(&db)?;
+        *g = Some(db);
+        Ok(())
+    }
+
+    /// Rewrites the data file from scratch (every table copied into a new
+    /// file, which then replaces the old one), so that nothing the live data
+    /// no longer holds survives in it: redb never overwrites freed pages, so
+    /// an erased customer's key bytes would otherwise stay in the file for
+    /// anyone who images the disk. Refuses (changing nothing) if the file
+    /// holds a table this code does not know to copy.
+    pub fn scrub(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            bail!("a store over a custom backend cannot be scrubbed");
+        };
+        let tmp = path.with_extension("redb.scrub");
+        let _ = std::fs::remove_file(&tmp);
+        let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let db = g.as_ref().context("the store is closed")?;
+        {
+            let fresh = builder()
+                .create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let rt = db.begin_read()?;
+            let known: Vec<&str> = SCRUB_TABLES.to_vec();
+            for t in rt.list_tables()? {
+                use redb::TableHandle;
+                if !known.contains(&t.name()) {
+                    drop(fresh);
+                    let _ = std::fs::remove_file(&tmp);
+                    bail!("table {} is not in the scrub list; not scrubbing", t.name());
+                }
+            }
+            let mut wt = fresh.begin_write()?;
+            wt.set_durability(Durability::Immediate)?;
+            copy_table(&rt, &wt, DOC_CHUNKS)?;
+            copy_table(&rt, &wt, DOC_HEADS)?;
+            copy_table(&rt, &wt, ROWS)?;
+            copy_table(&rt, &wt, IDEM)?;
+            copy_table(&rt, &wt, HEADS_LOG)?;
+            copy_table(&rt, &wt, HEADS_LOG_LEN)?;
+            copy_table(&rt, &wt, SYNC_STATES)?;
+            copy_table(&rt, &wt, META)?;
+            copy_table(&rt, &wt, KEYS)?;
+            wt.commit()?;
+        }
+        // Swap: close the old file (it holds the lock), rename the new one
+        // over it, make the rename durable, reopen.
+        drop(g.take());
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("replacing {} by its scrubbed copy", path.display()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
         let db = open_path(path)?;
         init(&db)?;
         *g = Some(db);

@@ -62,6 +62,17 @@ use crate::identity::{node_id_of_cert, Identity};
 pub const ALPN: &[u8] = b"storemesh/1";
 /// Bound of each peer's outbound frame queue.
 pub const OUTBOUND_QUEUE_FRAMES: usize = 16384;
+/// Bytes queued for one peer's connection at most (frames are up to 1 MiB,
+/// so the frame count alone allowed 16 GiB): a peer that stops reading is
+/// reconnected once its queue holds this much, as when the count is reached.
+pub const OUTBOUND_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// Bytes of one connection's frames received but not yet applied by the
+/// engine, at most: past it the connection's reader waits, and QUIC flow
+/// control holds the peer back. A hostile peer cannot fill the node's
+/// queues (8,192 slots of up to 1 MiB each) with its frames.
+pub const INBOUND_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// The inbound budget is counted in KiB (semaphore permits are `u32`).
+const INBOUND_KIB_MAX: usize = INBOUND_QUEUE_BYTES_MAX / 1024;
 /// Default keep-alive interval (must be shorter than the idle timeout).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// Default idle timeout: a silent peer is declared gone after this long.
@@ -84,6 +95,11 @@ const HELLO_BYTES_MAX: usize = 64 * 1024;
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Incoming connections in handshake/hello at once; more are refused.
 const PENDING_HANDSHAKES_MAX: usize = 64;
+/// Pending handshakes from one source address (IP) at most: a quarter of the
+/// slots, so one unauthenticated host cannot hold them all (each for up to
+/// `HANDSHAKE_TIMEOUT`) and keep the real peers out. Several nodes on one
+/// host (tests, demos on loopback) still fit.
+const PENDING_HANDSHAKES_PER_ADDR_MAX: usize = PENDING_HANDSHAKES_MAX / 4;
 /// How long a liveness probe of an existing connection may take.
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_millis(750);
 const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(2);
@@ -184,6 +200,9 @@ pub enum TransportEvent {
         peer: NodeId,
         conn_id: u64,
         body: Vec<u8>,
+        /// The frame's share of its connection's inbound budget, given back
+        /// when the event is dropped (after the engine applied it).
+        budget: FrameBudget,
     },
     /// The connection announced by the matching `PeerUp` ended.
     PeerDown {
@@ -197,6 +216,18 @@ pub enum TransportEvent {
         node_id: Option<String>,
         reason: String,
     },
+}
+
+/// A frame's share of its connection's inbound byte budget
+/// (`INBOUND_QUEUE_BYTES_MAX`), released when the last clone is dropped.
+#[derive(Clone, Default)]
+pub struct FrameBudget(Option<Arc<tokio::sync::OwnedSemaphorePermit>>);
+
+impl fmt::Debug for FrameBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kib = self.0.as_ref().map_or(0, |p| p.num_permits());
+        write!(f, "FrameBudget({kib} KiB)")
+    }
 }
 
 /// Why [`Transport::send`] did not queue a frame.
@@ -241,6 +272,8 @@ struct Inner {
     reconnect_max: Duration,
     connect_timeout: Duration,
     handshakes: Arc<Semaphore>,
+    /// Pending handshakes per source IP (`PENDING_HANDSHAKES_PER_ADDR_MAX`).
+    handshakes_by_addr: Mutex<HashMap<std::net::IpAddr, usize>>,
     refused_log: Mutex<(Instant, u32)>,
 }
 
@@ -280,6 +313,8 @@ struct Live {
     since: Instant,
     /// Outbound queue; `None` once shutdown has started draining it.
     tx: Option<mpsc::Sender<Vec<u8>>>,
+    /// Bytes in the outbound queue (`OUTBOUND_QUEUE_BYTES_MAX`).
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
     writer_done: watch::Receiver<bool>,
     note: Note,
 }
@@ -435,6 +470,7 @@ impl Transport {
             reconnect_max: cfg.reconnect_max,
             connect_timeout: cfg.connect_timeout,
             handshakes: Arc::new(Semaphore::new(PENDING_HANDSHAKES_MAX)),
+            handshakes_by_addr: Mutex::new(HashMap::new()),
             refused_log: Mutex::new((Instant::now(), 0)),
         });
         info!(node = %our_id, addr = %local_addr, peers = dial_list.len(), "mesh transport listening");
@@ -484,9 +520,18 @@ impl Transport {
             .filter(|live| live.announced)
             .ok_or(SendError::NotConnected)?;
         let tx = live.tx.as_ref().ok_or(SendError::NotConnected)?;
-        tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SendError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SendError::NotConnected,
+        let len = frame.len();
+        let queued = live.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if queued + len > OUTBOUND_QUEUE_BYTES_MAX {
+            live.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return Err(SendError::QueueFull);
+        }
+        tx.try_send(frame).map_err(|e| {
+            live.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SendError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SendError::NotConnected,
+            }
         })
     }
 
@@ -1169,6 +1214,7 @@ struct Registration {
     predecessor: Option<watch::Receiver<bool>>,
     done_tx: watch::Sender<bool>,
     rx: mpsc::Receiver<Vec<u8>>,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
     writer_done_tx: watch::Sender<bool>,
     note: Note,
 }
@@ -1210,6 +1256,7 @@ impl Inner {
         }
         let replaced = slot.live.take();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_FRAMES);
+        let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (done_tx, done_rx) = watch::channel(false);
         let (writer_done_tx, writer_done) = watch::channel(false);
         let note: Note = Arc::new(Mutex::new(None));
@@ -1221,6 +1268,7 @@ impl Inner {
             announced: false,
             since: Instant::now(),
             tx: Some(tx),
+            queued_bytes: queued_bytes.clone(),
             writer_done,
             note: note.clone(),
         });
@@ -1230,6 +1278,7 @@ impl Inner {
                 predecessor,
                 done_tx,
                 rx,
+                queued_bytes,
                 writer_done_tx,
                 note,
             },
@@ -1354,18 +1403,54 @@ async fn answer_probes(conn: Connection) {
 
 async fn accept_loop(inner: Arc<Inner>) {
     while let Some(incoming) = inner.endpoint.accept().await {
+        // Under load, a source must first prove it receives at its address
+        // (a stateless QUIC retry): spoofed addresses cannot hold slots.
+        let busy = inner.handshakes.available_permits() < PENDING_HANDSHAKES_MAX / 2;
+        if busy && !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let ip = incoming.remote_address().ip();
+        {
+            let mut by_addr = inner
+                .handshakes_by_addr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = by_addr.entry(ip).or_default();
+            if *n >= PENDING_HANDSHAKES_PER_ADDR_MAX {
+                debug!(addr = %incoming.remote_address(), "too many pending handshakes from this address; refusing");
+                incoming.refuse();
+                continue;
+            }
+            *n += 1;
+        }
         let Ok(permit) = inner.handshakes.clone().try_acquire_owned() else {
+            release_handshake_slot(&inner, ip);
             debug!(addr = %incoming.remote_address(), "too many pending handshakes; refusing");
             incoming.refuse();
             continue;
         };
         let inner = inner.clone();
         tokio::spawn(async move {
-            handle_incoming(inner, incoming).await;
+            handle_incoming(inner.clone(), incoming).await;
+            release_handshake_slot(&inner, ip);
             drop(permit);
         });
     }
     debug!("accept loop finished");
+}
+
+fn release_handshake_slot(inner: &Inner, ip: std::net::IpAddr) {
+    let mut by_addr = inner
+        .handshakes_by_addr
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = by_addr.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            by_addr.remove(&ip);
+        }
+    }
 }
 
 async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
@@ -1560,6 +1645,7 @@ async fn run_connection(
         predecessor,
         done_tx,
         rx,
+        queued_bytes,
         writer_done_tx,
         note,
     } = reg;
@@ -1581,7 +1667,7 @@ async fn run_connection(
             Err(_) => failure = Some("timed out sending hello".to_string()),
         }
     }
-    tokio::spawn(run_writer(send, rx, writer_done_tx));
+    tokio::spawn(run_writer(send, rx, queued_bytes, writer_done_tx));
     tokio::spawn(answer_probes(conn.clone()));
 
     if let Some(mut p) = predecessor {
@@ -1633,13 +1719,19 @@ async fn read_loop(
     conn: &Connection,
     recv: &mut RecvStream,
 ) -> (u32, String) {
+    let budget = Arc::new(Semaphore::new(INBOUND_KIB_MAX));
     loop {
         match read_frame(recv, FRAME_BYTES_MAX).await {
             Ok(body) => {
+                let kib = body.len().div_ceil(1024).clamp(1, INBOUND_KIB_MAX) as u32;
+                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                    return (CLOSE_SHUTDOWN, "inbound budget closed".into());
+                };
                 let event = TransportEvent::Frame {
                     peer,
                     conn_id,
                     body,
+                    budget: FrameBudget(Some(Arc::new(permit))),
                 };
                 if inner.events.send(event).await.is_err() {
                     return (CLOSE_SHUTDOWN, "event receiver closed".into());
@@ -1669,10 +1761,12 @@ async fn read_loop(
 async fn run_writer(
     mut send: SendStream,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
     done: watch::Sender<bool>,
 ) {
     let mut healthy = true;
     while let Some(frame) = rx.recv().await {
+        queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
         if send.write_all(&frame).await.is_err() {
             healthy = false;
             break;

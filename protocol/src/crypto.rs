@@ -19,8 +19,12 @@ use sha2::{Digest, Sha256};
 
 /// Prefix of an encrypted field value in a document.
 pub const ENC_PREFIX: &str = "enc1:";
-/// Keys kept per customer at most (one per node that created one concurrently).
-pub const KEYS_PER_CUSTOMER_MAX: usize = 16;
+/// Keys per customer at most: one per node that created one before it saw
+/// another's, so at most the chain's node count. A merge never drops a key
+/// (a dropped key makes everything written under it unreadable, and a peer
+/// could push small keys to evict the real ones); an entry that would grow
+/// past this is refused instead (`Engine::set_key_entry`).
+pub const KEYS_PER_CUSTOMER_MAX: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyEntry {
@@ -33,14 +37,7 @@ impl KeyEntry {
     pub fn merge(&self, other: &KeyEntry) -> KeyEntry {
         match (self, other) {
             (KeyEntry::Erased, _) | (_, KeyEntry::Erased) => KeyEntry::Erased,
-            (KeyEntry::Keys(a), KeyEntry::Keys(b)) => {
-                let mut all: BTreeSet<[u8; 32]> = a.union(b).copied().collect();
-                while all.len() > KEYS_PER_CUSTOMER_MAX {
-                    let last = *all.iter().next_back().unwrap_or(&[0; 32]);
-                    all.remove(&last);
-                }
-                KeyEntry::Keys(all)
-            }
+            (KeyEntry::Keys(a), KeyEntry::Keys(b)) => KeyEntry::Keys(a.union(b).copied().collect()),
         }
     }
 

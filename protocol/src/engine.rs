@@ -147,6 +147,8 @@ pub(crate) struct Slot {
     pub dels: Vec<String>,
     /// Contribution of this document to the summary digest.
     pub digest_part: u64,
+    /// Every actor's highest sequence number, for validating peers' changes.
+    pub seqs: crate::validate::ActorSeqs,
 }
 
 pub struct Engine {
@@ -190,6 +192,9 @@ pub struct Engine {
     /// This node's records documents: month → (current part, records in it).
     records_parts: BTreeMap<u32, (u32, usize)>,
     records_per_part: usize,
+    /// Stands in for a document this node does not hold yet (validation and
+    /// sync replies): a slot is made only for a first accepted change.
+    pub(crate) empty_doc: Automerge,
     /// Counters for metrics: (name, value).
     pub stats: Stats,
 }
@@ -205,6 +210,9 @@ pub struct Stats {
     /// `sync_bytes_out` by message kind (`sync::MSG_KINDS` order).
     pub sync_bytes_out_by_kind: [u64; crate::sync::MSG_KINDS.len()],
     pub rejected_messages: u64,
+    /// `rejected_messages` by reason (`sync::REJECT_*`), for
+    /// `storemesh_rejected_changes_total{reason}`.
+    pub rejected_by_reason: BTreeMap<&'static str, u64>,
     pub forks_detected: u64,
     /// Pushes whose changes depended on changes we lacked (fetched by a sync session).
     pub pushes_behind: u64,
@@ -297,6 +305,7 @@ impl Engine {
             alloc_dirty: BTreeSet::new(),
             records_parts: BTreeMap::new(),
             records_per_part: layout::RECORDS_PER_PART_MAX,
+            empty_doc: Automerge::new(),
             stats: Stats::default(),
         }
     }
@@ -357,6 +366,20 @@ impl Engine {
             Some(old) => old.merge(&incoming),
             None => incoming,
         };
+        if matches!(&merged, crate::crypto::KeyEntry::Keys(k) if k.len() > crate::crypto::KEYS_PER_CUSTOMER_MAX)
+        {
+            // Refused whole: keeping some would evict keys data is written under.
+            *self
+                .stats
+                .rejected_by_reason
+                .entry("key_limit")
+                .or_default() += 1;
+            tracing::warn!(
+                "customer key entry would exceed {} keys; refused",
+                crate::crypto::KEYS_PER_CUSTOMER_MAX
+            );
+            return false;
+        }
         if self.keys.get(customer) == Some(&merged) {
             return false;
         }
@@ -487,6 +510,7 @@ impl Engine {
                 puts: Vec::new(),
                 dels: Vec::new(),
                 digest_part: part,
+                seqs: Default::default(),
             },
         );
         Ok(())
@@ -531,6 +555,7 @@ impl Engine {
             puts: Vec::new(),
             dels: Vec::new(),
             digest_part: 0,
+            seqs: Default::default(),
         })
     }
 
@@ -770,7 +795,9 @@ impl Engine {
 
     /// The rights this node holds on (product, location), including the pending batch.
     pub fn rights(&self, product: u64, location: &str) -> i64 {
-        self.rights_raw(product, location) - self.reserved_by_me(product, location)
+        // Rights come from peers' cells (clamped to i64): never overflow.
+        self.rights_raw(product, location)
+            .saturating_sub(self.reserved_by_me(product, location))
     }
 
     /// The ledger's rights of this node, including units held for reservations.
@@ -801,7 +828,10 @@ impl Engine {
                 continue;
             }
             on_hand = on_hand.saturating_add(e.on_hand());
-            avail = avail.max(self.node_rights(e, self.tag) - self.reserved_by_me(product, l));
+            avail = avail.max(
+                self.node_rights(e, self.tag)
+                    .saturating_sub(self.reserved_by_me(product, l)),
+            );
         }
         Some((on_hand, avail))
     }
@@ -1092,7 +1122,7 @@ impl Engine {
             let rec = serde_json::json!({"sale_id": s.sale_id, "node": self.cfg.name, "location": location, "lines": overdrawn, "at_ms": now_ms});
             self.write_record(RecordKind::Overdraft, &s.sale_id, rec, now_ms);
             for (p, q) in &lines {
-                let short = (-self.rights_raw(*p, &location)).max(0) as u64;
+                let short = self.rights_raw(*p, &location).min(0).unsigned_abs();
                 self.reclaim(*p, &location, short.min(*q), now_ms);
             }
         }
@@ -1252,8 +1282,8 @@ impl Engine {
             }
             let rights = self.rights_raw(l.product_id, &c.location);
             if rights < 0 {
-                self.reclaim(l.product_id, &c.location, (-rights) as u64, now_ms);
-                let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": -rights, "at_ms": now_ms});
+                self.reclaim(l.product_id, &c.location, rights.unsigned_abs(), now_ms);
+                let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": rights.unsigned_abs(), "at_ms": now_ms});
                 self.write_record(
                     RecordKind::Deficit,
                     &format!("{}.{}", c.count_id, l.product_id),
@@ -1890,7 +1920,10 @@ impl Engine {
             .into_iter()
             .filter_map(|(p, l)| {
                 let e = self.views.stock.get(&p)?.get(&l)?;
-                let short = -self.node_rights(e, self.tag) - self.recorded_deficit(p, &l);
+                let short = self
+                    .node_rights(e, self.tag)
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit(p, &l));
                 (short > 0).then_some((p, l, short))
             })
             .collect();
@@ -1937,7 +1970,7 @@ impl Engine {
                     && a.record["location"].as_str() == Some(location)
             })
             .map(|a| a.record["deficit"].as_i64().unwrap_or(0))
-            .sum()
+            .fold(0i64, i64::saturating_add)
     }
 
     /// Every document id with its heads (hex).

@@ -8,7 +8,9 @@
 
 pub mod crypto;
 pub mod engine;
+pub mod fuzz;
 pub mod ids;
+pub mod inflate;
 pub mod layout;
 pub mod ledger;
 pub mod ops;

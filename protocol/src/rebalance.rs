@@ -431,8 +431,9 @@ impl Engine {
                     continue;
                 };
                 let on_hand = entry.on_hand().max(0) as u64;
-                let target =
-                    (on_hand * u64::from(rule.share_percent.min(100)) / 100).min(rule.max_units);
+                // on_hand sums peers' cells (up to i64::MAX): multiply wide.
+                let target = (u128::from(on_hand) * u128::from(rule.share_percent.min(100)) / 100)
+                    .min(u128::from(rule.max_units)) as u64;
                 let theirs = self.node_rights(entry, to).max(0) as u64;
                 let mine = self.rights(p, &own).max(0) as u64;
                 if target == 0 || theirs * 2 > target {

@@ -51,7 +51,7 @@ impl Engine {
             .iter()
             .filter(|((p, l, _), _)| *p == product && l == location)
             .map(|(_, q)| *q)
-            .sum()
+            .fold(0i64, i64::saturating_add)
     }
 
     pub(crate) fn reserve(&mut self, r: Reserve, now_ms: u64) -> Result<OpReply, OpError> {

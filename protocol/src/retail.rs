@@ -152,7 +152,7 @@ impl Engine {
             self.bump(*p, &a.location, LedgerField::Removed, *q)?;
             let rights = self.rights(*p, &a.location);
             if rights < 0 {
-                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": -rights, "at_ms": now_ms});
+                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": rights.unsigned_abs(), "at_ms": now_ms});
                 self.write_record(
                     RecordKind::Deficit,
                     &format!("{}.{p}", a.adjustment_id),
@@ -452,8 +452,11 @@ impl Engine {
                 ids.iter()
                     .filter_map(|id| self.views.transfers.get(id))
                     .filter(|t| !t.received)
-                    .map(|t| t.sent.get(&product).copied().unwrap_or(0) as i64)
-                    .sum()
+                    .map(|t| {
+                        i64::try_from(t.sent.get(&product).copied().unwrap_or(0))
+                            .unwrap_or(i64::MAX)
+                    })
+                    .fold(0i64, i64::saturating_add)
             })
             .unwrap_or(0)
     }

@@ -36,8 +36,18 @@ pub const GROUPS: usize = 256;
 pub const SESSION_RESTARTS_MAX: u8 = 8;
 /// Sync rounds without progress on one document before a reset (then a fallback).
 pub const ROUNDS_IDLE_MAX: u32 = 12;
-/// Largest reassembled sync message from one peer.
-pub const REASSEMBLY_BYTES_MAX: usize = 256 << 20;
+/// Largest reassembled sync message from one peer (one at a time per peer).
+/// The largest document of a 100,000-product, 1,000,000-sale chain saves to a
+/// few MB (BENCHMARKS.md row 5: 37 MB for all 1,541 documents); 64 MiB leaves
+/// ample room and bounds what a peer can make this node hold.
+pub const REASSEMBLY_BYTES_MAX: usize = 64 << 20;
+/// Reasons a peer's input is refused (`storemesh_rejected_changes_total{reason}`).
+pub const REJECT_MALFORMED: &str = "malformed";
+pub const REJECT_INFLATE: &str = "decompression_limit";
+pub const REJECT_INVALID: &str = "invalid_change";
+pub const REJECT_MISSING_DEPS: &str = "missing_deps";
+pub const REJECT_AUTOMERGE: &str = "automerge_refused";
+pub const REJECT_DOC_LIMIT: &str = "document_limit";
 /// Document entries listed in one `Docs` frame.
 pub const DOCS_PER_FRAME_MAX: usize = 4096;
 /// A sync message carrying at least this many changes sends them as one
@@ -534,7 +544,6 @@ impl Engine {
             self.catchup.wanted.insert(doc.to_string(), (peer, heads));
             return Ok(());
         }
-        self.ensure_doc(doc)?;
         self.fetch_doc(peer, doc, heads);
         Ok(())
     }
@@ -576,10 +585,12 @@ impl Engine {
         if self.defer_for_leader(peer, doc) {
             return;
         }
-        let Some(slot) = self.docs.get(doc) else {
-            return;
-        };
-        let heads = slot.doc.get_heads();
+        // A document this node lacks is synced as an empty one (no slot).
+        let heads = self
+            .docs
+            .get(doc)
+            .map_or(&self.empty_doc, |s| &s.doc)
+            .get_heads();
         // Borrow dance: the session lives in `sessions`, the document in `docs`.
         let Some(mut sess) = self
             .sessions
@@ -600,9 +611,7 @@ impl Engine {
             // The document moved on since the session gave up: start afresh.
             sess = DocSession::new(amsync::State::new());
         }
-        let Some(slot) = self.docs.get(doc) else {
-            return;
-        };
+        let am = self.docs.get(doc).map_or(&self.empty_doc, |s| &s.doc);
         if sess.last_heads != heads {
             sess.last_heads = heads;
             sess.idle_rounds = 0;
@@ -626,7 +635,7 @@ impl Engine {
         } else {
             hide_v2_if_partial(&mut sess.state)
         };
-        let msg = slot.doc.generate_sync_message(&mut sess.state);
+        let msg = am.generate_sync_message(&mut sess.state);
         if let Some(caps) = hidden {
             sess.state.their_capabilities = Some(caps);
         }
@@ -634,9 +643,9 @@ impl Engine {
             self.put_session(peer, doc, sess);
             return;
         };
-        if let Some(n) = sent_before.and_then(|before| {
-            bundle_changes(&slot.doc, &mut msg, &before, &sess.state.sent_hashes)
-        }) {
+        if let Some(n) = sent_before
+            .and_then(|before| bundle_changes(am, &mut msg, &before, &sess.state.sent_hashes))
+        {
             self.stats.bundles_out += 1;
             self.stats.bundled_changes_out += n as u64;
         }
@@ -665,7 +674,7 @@ impl Engine {
                     "sync session still makes no progress; sending save_after fallback"
                 );
                 let their = sess.state.shared_heads.clone();
-                let data = slot.doc.save_after(&their);
+                let data = am.save_after(&their);
                 sess.finished = true;
                 self.put_session(peer, doc, sess);
                 self.send_big(peer, doc, data, true);
@@ -904,7 +913,6 @@ impl Engine {
                     }
                 }
                 for id in differing {
-                    self.ensure_doc(&id)?;
                     if let Some(s) = self
                         .sessions
                         .get_mut(&peer)
@@ -965,7 +973,6 @@ impl Engine {
         now_ms: u64,
     ) -> Result<(), String> {
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
-        self.ensure_doc(doc)?;
         // This batch's own writes go into the document first, so that the views
         // recomputed below from the merged document keep them.
         self.commit_pending_writes(doc, now_ms);
@@ -977,30 +984,38 @@ impl Engine {
             (Some(m), chunks)
         };
         let mut changes = Vec::new();
+        let mut inflate_budget = crate::inflate::INFLATED_BYTES_MAX;
         for c in &chunks {
+            if let Err(e) = crate::inflate::check_inflation(c, &mut inflate_budget) {
+                self.reject(peer, doc, REJECT_INFLATE, &e);
+                return Ok(());
+            }
             match changes_in_chunk(c) {
                 Ok(cs) => changes.extend(cs),
                 Err(e) => {
-                    self.reject(peer, doc, &e);
+                    self.reject(peer, doc, REJECT_MALFORMED, &e);
                     return Ok(());
                 }
             }
         }
         let tag = self.tag;
         let buckets = self.cfg.buckets;
-        let Some(slot) = self.docs.get(doc) else {
-            return Ok(());
-        };
         // A document chunk stays with Automerge's own loader (into an empty
         // document it loads the columnar form whole, far faster than applying
         // its changes one by one); change chunks and bundles are applied from
         // the changes decoded here, not parsed a second time.
         let whole_doc = chunks.iter().any(|c| chunk_type(c) == Some(CHUNK_DOCUMENT));
-        let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
-            Ok(v) => v,
-            Err(e) => {
-                let missing_deps = e == crate::validate::MISSING_DEPS;
-                let missing: Vec<ChangeHash> = if missing_deps {
+        // A document this node does not hold is validated against an empty
+        // one, and gets its slot only once a change of it is accepted: a
+        // peer's talk about documents must not fill the document table.
+        let mut fresh_seqs = crate::validate::ActorSeqs::default();
+        let checked = {
+            let (am, seqs) = match self.docs.get_mut(doc) {
+                Some(s) => (&s.doc, &mut s.seqs),
+                None => (&self.empty_doc, &mut fresh_seqs),
+            };
+            validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets).map_err(|e| {
+                let missing: Vec<ChangeHash> = if e == crate::validate::MISSING_DEPS {
                     let in_message: BTreeSet<ChangeHash> =
                         changes.iter().map(|c| c.hash()).collect();
                     changes
@@ -1008,7 +1023,7 @@ impl Engine {
                         .flat_map(|c| c.deps().to_vec())
                         .filter(|d| {
                             !in_message.contains(d)
-                                && automerge::ReadDoc::get_change_by_hash(&slot.doc, d).is_none()
+                                && automerge::ReadDoc::get_change_by_hash(am, d).is_none()
                         })
                         .collect::<BTreeSet<_>>()
                         .into_iter()
@@ -1016,14 +1031,27 @@ impl Engine {
                 } else {
                     Vec::new()
                 };
-                self.reject(peer, doc, &e);
-                if missing_deps {
+                (e, missing)
+            })
+        };
+        let verdict = match checked {
+            Ok(v) => v,
+            Err((e, missing)) => {
+                if e == crate::validate::MISSING_DEPS {
+                    self.reject(peer, doc, REJECT_MISSING_DEPS, &e);
                     self.restart_doc_session(peer, doc, missing);
+                } else {
+                    self.reject(peer, doc, REJECT_INVALID, &e);
                 }
                 return Ok(());
             }
         };
-        let before = slot.doc.get_heads();
+        if !self.docs.contains_key(doc) && !changes.is_empty() {
+            if let Err(e) = self.ensure_doc(doc) {
+                self.reject(peer, doc, REJECT_DOC_LIMIT, &e);
+                return Ok(());
+            }
+        }
         // Apply: a sync message through its session, a fallback as raw changes.
         let mut sess = match self
             .sessions
@@ -1043,9 +1071,6 @@ impl Engine {
                 }
             }
         };
-        let Some(slot) = self.docs.get_mut(doc) else {
-            return Ok(());
-        };
         if message
             .as_ref()
             .and_then(|m| m.flags)
@@ -1053,6 +1078,21 @@ impl Engine {
         {
             sess.whole_docs = true;
         }
+        let Some(slot) = self.docs.get_mut(doc) else {
+            // Nothing to apply to a document this node lacks: the session
+            // only learns the peer's heads and needs (against an empty
+            // document), and the reply asks for everything.
+            if let Some(m) = message {
+                let mut empty = automerge::Automerge::new();
+                let _ = empty.receive_sync_message(&mut sess.state, m);
+            }
+            self.put_session(peer, doc, sess);
+            if !fallback {
+                self.sync_doc(peer, doc);
+            }
+            return Ok(());
+        };
+        let before = slot.doc.get_heads();
         if !whole_doc {
             changes.retain(|c| slot.doc.get_change_meta_by_hash(&c.hash()).is_none());
         }
@@ -1064,7 +1104,12 @@ impl Engine {
         };
         self.put_session(peer, doc, sess);
         if let Err(e) = result {
-            self.reject(peer, doc, &format!("automerge refused the message: {e}"));
+            self.reject(
+                peer,
+                doc,
+                REJECT_AUTOMERGE,
+                &format!("automerge refused the message: {e}"),
+            );
             return Ok(());
         }
         self.after_apply(doc, &before, &verdict, [peer.tag()].into(), false, now_ms);
@@ -1094,10 +1139,15 @@ impl Engine {
             return Err("push lists too many nodes".into());
         }
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
+        let mut inflate_budget = crate::inflate::INFLATED_BYTES_MAX;
+        if let Err(e) = crate::inflate::check_inflation(data, &mut inflate_budget) {
+            self.reject(peer, doc, REJECT_INFLATE, &e);
+            return Ok(());
+        }
         let mut changes = match changes_in_chunk(data) {
             Ok(cs) => cs,
             Err(e) => {
-                self.reject(peer, doc, &e);
+                self.reject(peer, doc, REJECT_MALFORMED, &e);
                 return Ok(());
             }
         };
@@ -1108,14 +1158,18 @@ impl Engine {
         if changes.is_empty() {
             return Ok(());
         }
-        self.ensure_doc(doc)?;
         self.commit_pending_writes(doc, now_ms);
         let tag = self.tag;
         let buckets = self.cfg.buckets;
-        let Some(slot) = self.docs.get_mut(doc) else {
-            return Ok(());
+        let mut fresh_seqs = crate::validate::ActorSeqs::default();
+        let checked = {
+            let (am, seqs) = match self.docs.get_mut(doc) {
+                Some(s) => (&s.doc, &mut s.seqs),
+                None => (&self.empty_doc, &mut fresh_seqs),
+            };
+            validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets)
         };
-        let verdict = match validate_changes(&doc_id, &slot.doc, &mut changes, tag, buckets) {
+        let verdict = match checked {
             Ok(v) => v,
             Err(e) if e == crate::validate::MISSING_DEPS => {
                 self.stats.pushes_behind += 1;
@@ -1123,13 +1177,25 @@ impl Engine {
                 return Ok(());
             }
             Err(e) => {
-                self.reject(peer, doc, &e);
+                self.reject(peer, doc, REJECT_INVALID, &e);
                 return Ok(());
             }
         };
+        if let Err(e) = self.ensure_doc(doc) {
+            self.reject(peer, doc, REJECT_DOC_LIMIT, &e);
+            return Ok(());
+        }
+        let Some(slot) = self.docs.get_mut(doc) else {
+            return Ok(());
+        };
         let before = slot.doc.get_heads();
         if let Err(e) = slot.doc.apply_changes(changes) {
-            self.reject(peer, doc, &format!("automerge refused the changes: {e}"));
+            self.reject(
+                peer,
+                doc,
+                REJECT_AUTOMERGE,
+                &format!("automerge refused the changes: {e}"),
+            );
             return Ok(());
         }
         let mut covered: BTreeSet<NodeTag> = seen.iter().map(|t| NodeTag(*t)).collect();
@@ -1211,9 +1277,10 @@ impl Engine {
         self.sync_doc(peer, doc);
     }
 
-    fn reject(&mut self, peer: NodeId, doc: &str, why: &str) {
+    fn reject(&mut self, peer: NodeId, doc: &str, reason: &'static str, why: &str) {
         self.stats.rejected_messages += 1;
-        tracing::warn!(peer = %peer.hex(), doc, reason = why, "rejected a sync message from a peer; nothing of it was applied");
+        *self.stats.rejected_by_reason.entry(reason).or_default() += 1;
+        tracing::warn!(peer = %peer.hex(), doc, reason, detail = why, "rejected a sync message from a peer; nothing of it was applied");
         if let Some(s) = self
             .sessions
             .get_mut(&peer)

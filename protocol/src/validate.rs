@@ -104,11 +104,13 @@ pub struct Verdict {
 pub fn validate_changes(
     doc_id: &DocId,
     doc: &Automerge,
+    seqs: &mut ActorSeqs,
     changes: &mut [Change],
     own_tag: NodeTag,
     buckets: u32,
 ) -> Result<Verdict, String> {
     let mut verdict = Verdict::default();
+    seqs.refresh(doc);
     // Apply a change's checks in each actor's own order, so that the running
     // maximum of a cumulative cell is compared with its predecessor.
     changes.sort_by(|a, b| {
@@ -118,6 +120,8 @@ pub fn validate_changes(
     let in_message: HashMap<ChangeHash, &Change> = changes.iter().map(|c| (c.hash(), c)).collect();
     // The previous new change, if by the same actor: the next must follow it.
     let mut prev: Option<(&ActorId, u64)> = None;
+    // The previous new change's highest op counter (same actor as `prev`).
+    let mut prev_op: Option<u64> = None;
     for change in changes.iter() {
         if doc.get_change_meta_by_hash(&change.hash()).is_some() {
             continue;
@@ -130,7 +134,20 @@ pub fn validate_changes(
                 return Err(MISSING_DEPS.into());
             }
         }
-        check_sequence(doc, &in_message, change, &mut prev)?;
+        let prev_max_op = match prev {
+            Some((a, _)) if a == change.actor_id() => prev_op,
+            _ => None,
+        };
+        check_sequence(seqs, change, &mut prev)?;
+        prev_op = Some(change.max_op());
+        // Storemesh never writes Automerge's "extra bytes" (its author footer):
+        // a footer on a change after an actor's first trips an assertion in
+        // Automerge, and nothing else is meant to be there.
+        if !change.extra_bytes().is_empty() {
+            return Err(
+                "change carries extra bytes (an author footer) storemesh never writes".into(),
+            );
+        }
         let author = ActorKey::from_bytes(change.actor_id().to_bytes())
             .ok_or("change by an actor id that is not a storemesh actor")?;
         if author.tag() == own_tag {
@@ -138,6 +155,14 @@ pub fn validate_changes(
         }
         verdict.authors.insert(author.tag());
         let expanded = change.decode();
+        check_op_ids(
+            doc,
+            seqs,
+            &in_message,
+            change,
+            prev_max_op,
+            &expanded.operations,
+        )?;
         for op in &expanded.operations {
             if !matches!(op.obj, automerge::legacy::ObjectId::Root) {
                 return Err("change writes a nested object; storemesh documents are flat".into());
@@ -148,6 +173,12 @@ pub fn validate_changes(
             };
             let value = match &op.action {
                 automerge::legacy::OpType::Put(v) => Some(v.clone()),
+                // A delete names the ops it removes; one that names none is
+                // never written by Automerge and broke encoding the document
+                // again (found by the `change_fields` fuzz target).
+                automerge::legacy::OpType::Delete if op.pred.is_empty() => {
+                    return Err(format!("change deletes {key:?} without naming what"));
+                }
                 automerge::legacy::OpType::Delete => None,
                 _ => return Err(format!("change uses an unsupported operation on {key:?}")),
             };
@@ -166,72 +197,106 @@ pub fn validate_changes(
     Ok(verdict)
 }
 
-/// Longest walk through a change's ancestors in search of its actor's
-/// previous change; a longer history is let through unchecked.
-const SEQ_WALK_MAX: usize = 100_000;
+/// The highest sequence number of every actor in a document, kept up to date
+/// incrementally from the heads it was last computed at (Automerge computes
+/// "changes since these heads" from its vector clocks, so a refresh costs the
+/// changes added since, not the history).
+///
+/// Automerge asserts (panics) unless an actor's new change carries exactly its
+/// count of changes so far plus one; since every change it accepted satisfied
+/// that, the count equals the highest sequence number kept here, and the check
+/// is exact whatever the shape of the history (a walk through ancestors, as
+/// before, had to give up on long histories and let changes through).
+#[derive(Debug, Default)]
+pub struct ActorSeqs {
+    heads: Vec<ChangeHash>,
+    max_seq: HashMap<ActorId, u64>,
+    /// Every actor's highest op counter: its next change must start above.
+    max_op: HashMap<ActorId, u64>,
+}
+
+impl ActorSeqs {
+    fn refresh(&mut self, doc: &Automerge) {
+        let heads = doc.get_heads();
+        if heads == self.heads {
+            return;
+        }
+        for m in doc.get_changes_meta(&self.heads) {
+            let o = self.max_op.entry(m.actor.as_ref().clone()).or_default();
+            *o = (*o).max(m.max_op);
+            let s = self.max_seq.entry(m.actor.into_owned()).or_default();
+            *s = (*s).max(m.seq);
+        }
+        self.heads = heads;
+    }
+
+    /// The actor's highest sequence number in the document (0: none).
+    fn seq_of(&self, actor: &ActorId) -> u64 {
+        self.max_seq.get(actor).copied().unwrap_or(0)
+    }
+}
+
+/// Op ids are (counter, actor) and Automerge relies on their order without
+/// checking it: a change must start above every op of its dependencies and
+/// of its actor's earlier changes, and each op must come after the ops it
+/// overwrites. (A peer's change re-sent with its dependencies cleared passed
+/// every other check and corrupted the op order of the document; found by
+/// the `change_fields` fuzz target.)
+fn check_op_ids(
+    doc: &Automerge,
+    seqs: &ActorSeqs,
+    in_message: &HashMap<ChangeHash, &Change>,
+    c: &Change,
+    prev_max_op: Option<u64>,
+    ops: &[automerge::legacy::Op],
+) -> Result<(), String> {
+    let start = c.start_op().get();
+    let mut floor =
+        prev_max_op.unwrap_or_else(|| seqs.max_op.get(c.actor_id()).copied().unwrap_or(0));
+    for dep in c.deps() {
+        let m = match in_message.get(dep) {
+            Some(d) => d.max_op(),
+            None => doc.get_change_meta_by_hash(dep).map_or(0, |m| m.max_op),
+        };
+        floor = floor.max(m);
+    }
+    if start <= floor {
+        return Err(format!(
+            "change's op ids (from {start}) do not follow those of its history (up to {floor})"
+        ));
+    }
+    for (i, op) in ops.iter().enumerate() {
+        let counter = start.saturating_add(i as u64);
+        if op.pred.iter().any(|p| p.counter() >= counter) {
+            return Err("an op overwrites an op that is not older than itself".into());
+        }
+    }
+    Ok(())
+}
 
 /// Every new change must carry its actor's next sequence number: Automerge
-/// refuses a repeated one with an error, but a skipped one trips an assertion
-/// (a panic) deep in its change graph. A peer's honest changes never skip, so
-/// a gap means forged or damaged changes. Changes come sorted by actor and
-/// sequence number with their dependencies known; `prev` is the previous new
-/// change's actor and number.
+/// refuses a repeated one with an error only sometimes, and a skipped one
+/// trips an assertion (a panic) deep in its change graph. A peer's honest
+/// changes never skip, so a gap means forged or damaged changes. Changes come
+/// sorted by actor and sequence number; `prev` is the previous new change's
+/// actor and number.
 fn check_sequence<'a>(
-    doc: &Automerge,
-    in_message: &HashMap<ChangeHash, &Change>,
+    seqs: &ActorSeqs,
     c: &'a Change,
     prev: &mut Option<(&'a ActorId, u64)>,
 ) -> Result<(), String> {
     let (actor, seq) = (c.actor_id(), c.seq());
     let expected = match *prev {
-        Some((a, s)) if a == actor => Some(s + 1),
-        _ if seq <= 1 => None,
-        _ => predecessor_seq(doc, in_message, c).map(|k| k + 1),
+        Some((a, s)) if a == actor => s.saturating_add(1),
+        _ => seqs.seq_of(actor).saturating_add(1),
     };
     *prev = Some((actor, seq));
-    if seq == 0 || expected.is_some_and(|e| e != seq) {
+    if seq != expected {
         return Err(format!(
-            "change skips its actor's sequence numbers (seq {seq}, expected {})",
-            expected.unwrap_or(1)
+            "change does not carry its actor's next sequence number (seq {seq}, expected {expected})"
         ));
     }
     Ok(())
-}
-
-/// The sequence number of the latest change by `c`'s actor among `c`'s
-/// ancestors (in the message or the document): 0 if there is none, `None` if
-/// the walk gave up.
-fn predecessor_seq(
-    doc: &Automerge,
-    in_message: &HashMap<ChangeHash, &Change>,
-    c: &Change,
-) -> Option<u64> {
-    let actor = c.actor_id();
-    let mut stack: Vec<ChangeHash> = c.deps().to_vec();
-    let mut seen = std::collections::HashSet::new();
-    let mut best = 0;
-    while let Some(h) = stack.pop() {
-        if !seen.insert(h) {
-            continue;
-        }
-        if seen.len() > SEQ_WALK_MAX {
-            return None;
-        }
-        let (a, seq, deps) = match in_message.get(&h) {
-            Some(m) => (m.actor_id().clone(), m.seq(), m.deps().to_vec()),
-            None => match doc.get_change_meta_by_hash(&h) {
-                Some(m) => (m.actor.into_owned(), m.seq, m.deps),
-                None => continue,
-            },
-        };
-        if &a == actor {
-            // Its own ancestors by this actor are older still.
-            best = best.max(seq);
-            continue;
-        }
-        stack.extend(deps);
-    }
-    Some(best)
 }
 
 fn uint(v: Option<&ScalarValue>, key: &str) -> Result<u64, String> {
@@ -357,7 +422,16 @@ fn check_op(
         DocId::Customers { .. } => match CustomerKey::parse(key)? {
             CustomerKey::Profile { .. } => match value {
                 None | Some(ScalarValue::Null) | Some(ScalarValue::Boolean(_)) => Ok(()),
-                Some(ScalarValue::Str(s)) if s.len() <= 4096 => Ok(()),
+                // Personal data travels only as ciphertext: plaintext in a
+                // change would stay in every history, out of erasure's reach.
+                Some(ScalarValue::Str(s))
+                    if s.len() <= 4096 && s.starts_with(crate::crypto::ENC_PREFIX) =>
+                {
+                    Ok(())
+                }
+                Some(ScalarValue::Str(_)) => Err(format!(
+                    "profile field {key:?} is not ciphertext; personal data is refused in clear"
+                )),
                 _ => Err(format!("profile field {key:?} has an unsupported value")),
             },
             CustomerKey::Earned { actor, .. } | CustomerKey::Spent { actor, .. } => {

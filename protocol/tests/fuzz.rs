@@ -1,0 +1,88 @@
+//! A short fuzz run of every target (CI), after replaying every kept
+//! regression input (`protocol/fuzz/regressions/<target>/`). The long run is
+//! `cargo run --release -p storemesh-protocol --example fuzz`.
+
+use std::path::PathBuf;
+
+use storemesh_protocol::fuzz;
+
+/// Mutated inputs per target in CI (debug build: a few seconds each).
+const CI_EXECS: u64 = 20_000;
+
+fn regressions(target: &str) -> Vec<Vec<u8>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions")
+        .join(target);
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            out.push(std::fs::read(&p).expect("regression input readable"));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_fuzz_target_survives_a_short_run() {
+    // Caught panics are the findings; keep their traces out of the log.
+    std::panic::set_hook(Box::new(|_| {}));
+    let seed = std::env::var("STOREMESH_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(17);
+    let mut failures = Vec::new();
+    let h = fuzz::Harness::new();
+    for target in fuzz::TARGETS {
+        let n = h.seeds(target).len();
+        assert!(n >= 3, "target {target} has {n} seeds");
+        println!("fuzz {target}: {n} seed inputs from honest traffic");
+    }
+    for target in fuzz::TARGETS {
+        let kept = regressions(target);
+        let stats = fuzz::run(target, seed, CI_EXECS, &kept);
+        println!(
+            "fuzz {target}: {} executions ({} regression inputs), {} crashes",
+            stats.execs,
+            kept.len(),
+            stats.crashes.len()
+        );
+        for (what, input) in stats.crashes {
+            let dir = std::env::temp_dir()
+                .join("storemesh-fuzz-crashes")
+                .join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{:016x}.bin", fnv(&input)));
+            std::fs::write(&path, &input).unwrap();
+            failures.push(format!(
+                "{target}: {what} (input kept in {})",
+                path.display()
+            ));
+        }
+    }
+    let _ = std::panic::take_hook();
+    assert!(
+        failures.is_empty(),
+        "fuzz findings:\n{}",
+        failures.join("\n")
+    );
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+        (h ^ u64::from(*x)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// `STOREMESH_FUZZ_REPLAY=<target>:<file> cargo test -p storemesh-protocol --test fuzz replay -- --nocapture`
+/// runs one input with the panic's full trace (RUST_BACKTRACE=1).
+#[test]
+fn replay() {
+    let Ok(spec) = std::env::var("STOREMESH_FUZZ_REPLAY") else {
+        return;
+    };
+    let (target, path) = spec.split_once(':').expect("TARGET:FILE");
+    let input = std::fs::read(path).expect("input file");
+    fuzz::Harness::new().exec(target, &input);
+}
