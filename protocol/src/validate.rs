@@ -287,7 +287,7 @@ fn cumulative(
     Ok(())
 }
 
-fn check_op(
+pub(crate) fn check_op(
     doc_id: &DocId,
     doc: &Automerge,
     author: ActorKey,
@@ -317,6 +317,20 @@ fn check_op(
             match value {
                 Some(ScalarValue::Str(s)) => crate::layout::parse_retirement(s).map(|_| ()),
                 _ => Err("a retirement can not be undone".into()),
+            }
+        }
+        DocId::Mesh if key.starts_with("loc/") => {
+            let loc = crate::layout::parse_location_key(key)
+                .ok_or_else(|| format!("bad mesh key {key:?}"))?;
+            match value {
+                Some(ScalarValue::Str(s)) => {
+                    let d = crate::layout::parse_declared_location(s)?;
+                    if d.location != loc {
+                        return Err(format!("declared location {key:?} names another location"));
+                    }
+                    Ok(())
+                }
+                _ => Err("declared locations are JSON strings".into()),
             }
         }
         DocId::Mesh => {
