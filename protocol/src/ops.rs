@@ -230,6 +230,8 @@ pub struct TransferReceive {
     /// same id while apart and go to the same destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Empty (or absent): everything arrived as sent.
+    #[serde(default)]
     pub lines: Vec<QtyLine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,

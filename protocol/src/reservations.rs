@@ -187,18 +187,15 @@ impl Engine {
     pub fn expire_reservations(&mut self, now_ms: u64) -> usize {
         let mut due: Vec<String> = self
             .views
-            .reservations
-            .iter()
-            .filter(|(_, v)| {
-                v.known
-                    && v.closed.is_none()
-                    && self.fulfils_for(v.fulfil_by)
-                    && v.expires_at_ms <= now_ms
+            .expiring
+            .range(..=(now_ms, String::from("\u{10ffff}")))
+            .filter_map(|(_, id)| {
+                let v = self.views.reservations.get(id)?;
+                (v.known && v.closed.is_none() && self.fulfils_for(v.fulfil_by))
+                    .then(|| id.clone())
             })
-            .map(|(id, _)| id.clone())
             .collect();
-        // The index is a HashMap: its order differs between processes, the
-        // order of the writes (and so the change's bytes) must not.
+        // The order of the writes (and so the change's bytes) is the ids'.
         due.sort();
         for id in &due {
             self.close_reservation(id, "expired", now_ms);
@@ -243,9 +240,15 @@ impl Engine {
         let held = |r: &crate::views::ReservationView| r.known && r.closed.is_none();
         if held(&before) {
             self.adjust_reserved(&before, -1);
+            self.views
+                .expiring
+                .remove(&(before.expires_at_ms, id.to_string()));
         }
         if held(&after) {
             self.adjust_reserved(&after, 1);
+            self.views
+                .expiring
+                .insert((after.expires_at_ms, id.to_string()));
         }
         self.views.reservations.insert(id.to_string(), after);
     }

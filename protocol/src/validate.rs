@@ -389,3 +389,38 @@ pub(crate) fn check_op(
         },
     }
 }
+
+/// Checks changes a node wrote itself with the per-op rules a peer applies
+/// (`check_op`: owned keys, ranges, record sizes and ids) — the simulator's
+/// proof that no honest node ever writes a change that blocks its own
+/// replication. Sequence and dependency checks need the receiver's document
+/// and are left to `validate_changes`.
+pub fn check_changes_as_peer(
+    doc_id: &DocId,
+    changes: &[Change],
+    buckets: u32,
+) -> Result<(), String> {
+    let empty = Automerge::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for change in changes {
+        let author = ActorKey::from_bytes(change.actor_id().to_bytes())
+            .ok_or("change by an actor id that is not a storemesh actor")?;
+        for op in &change.decode().operations {
+            let automerge::legacy::Key::Map(k) = &op.key else {
+                return Err("change writes a list element".into());
+            };
+            let value = match &op.action {
+                automerge::legacy::OpType::Put(v) => Some(v.clone()),
+                automerge::legacy::OpType::Delete => None,
+                _ => return Err(format!("change uses an unsupported operation on {k:?}")),
+            };
+            // Cumulative cells are compared within the changes only (the
+            // receiver's earlier values are not at hand here).
+            if value.is_none() && matches!(doc_id, DocId::Customers { .. }) {
+                continue;
+            }
+            check_op(doc_id, &empty, author, k, value.as_ref(), buckets, &mut last)?;
+        }
+    }
+    Ok(())
+}

@@ -240,6 +240,10 @@ pub struct Views {
     pub retired: BTreeMap<NodeTag, NodeTag>,
     /// reservation id → reservation.
     pub reservations: HashMap<String, ReservationView>,
+    /// Open reservations ordered by expiry: (expires_at_ms, id). Expiry
+    /// reads the due ones from the front instead of scanning every
+    /// reservation ever made.
+    pub expiring: BTreeSet<(u64, String)>,
     /// (product, location, fulfilling node) → units held by open reservations.
     pub reserved: HashMap<(u64, String, NodeTag), i64>,
     /// product → purchases naming a customer: (at_ms, customer, location, sale id).
