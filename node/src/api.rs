@@ -1271,23 +1271,7 @@ async fn reservation_get(State(sh): S, headers: HeaderMap, Path(id): Path<String
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    let found = sh
-        .query(move |e| {
-            let v = e.views.reservations.get(&id).filter(|v| v.known)?.clone();
-            let lines: Vec<Value> = v
-                .lines
-                .iter()
-                .map(|(p, q)| json!({"product_id": p, "quantity": q}))
-                .collect();
-            Some(json!({
-                "reservation_id": id, "location": v.location, "lines": lines,
-                "fulfil_by": v.fulfil_by.map(|t| e.views.name_of(t)),
-                "expires_at": storemesh_protocol::time::format_rfc3339_ms(v.expires_at_ms),
-                "status": v.closed.clone().unwrap_or_else(|| "open".into()),
-            }))
-        })
-        .await
-        .flatten();
+    let found = sh.query(move |e| e.reservation_json(&id)).await.flatten();
     match found {
         Some(v) => axum::Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "unknown reservation"),

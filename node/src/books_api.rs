@@ -95,12 +95,7 @@ pub(crate) async fn check_write(
         }
         Op::CountFinish(f) => {
             let id = f.count_id.clone();
-            sh.query(move |e| {
-                e.views
-                    .count_sessions
-                    .get(&id)
-                    .map(|s| s.location.clone())
-            })
+            sh.query(move |e| e.own_count_session(&id).map(|s| s.location.clone()))
             .await
             .flatten()
             .into_iter()
@@ -109,11 +104,15 @@ pub(crate) async fn check_write(
         Op::ReservationFulfil { reservation_id, .. }
         | Op::ReservationCancel { reservation_id } => {
             let id = reservation_id.clone();
-            sh.query(move |e| e.views.reservations.get(&id).map(|r| r.location.clone()))
-                .await
-                .flatten()
-                .into_iter()
-                .collect()
+            sh.query(move |e| {
+                e.views
+                    .reservations
+                    .get(&id)
+                    .map(|m| m.values().map(|r| r.location.clone()).collect::<Vec<_>>())
+            })
+            .await
+            .flatten()
+            .unwrap_or_default()
         }
         _ => Vec::new(),
     };
@@ -185,12 +184,7 @@ pub(crate) async fn count_get(State(sh): S, headers: HeaderMap, Path(id): Path<S
         return bad(e);
     }
     let found = sh
-        .query(move |e| {
-            e.views
-                .count_sessions
-                .get(&id)
-                .map(|s| s.status_json(&id))
-        })
+        .query(move |e| e.count_json(&id))
         .await
         .flatten();
     match found {

@@ -85,6 +85,30 @@ impl CountSession {
 }
 
 impl Engine {
+    /// This node's count (session or one-shot) of that id.
+    pub fn own_count_session(&self, id: &str) -> Option<&CountSession> {
+        self.views.count_sessions.get(id)?.get(&self.cfg.name)
+    }
+
+    /// `GET /api/counts/{id}`: this node's count of that id, else the first
+    /// by node name, plus `collisions` when other nodes used the id too.
+    pub fn count_json(&self, id: &str) -> Option<serde_json::Value> {
+        let m = self.views.count_sessions.get(id)?;
+        let (node, s) = m
+            .get_key_value(&self.cfg.name)
+            .or_else(|| m.iter().next())?;
+        let mut v = s.status_json(id);
+        if m.len() > 1 {
+            let others: Vec<serde_json::Value> = m
+                .iter()
+                .filter(|(n, _)| *n != node)
+                .map(|(_, o)| o.status_json(id))
+                .collect();
+            v["collisions"] = others.into();
+        }
+        Some(v)
+    }
+
     /// Applies one counted line: raises this actor's received or removed cell
     /// by `counted - basis` and records a deficit for the shortfall this line
     /// causes (not for one recorded before). Returns the delta.
@@ -203,14 +227,14 @@ impl Engine {
                 self.cfg.location
             )));
         }
-        let (next_page, mut prior) = match self.views.count_sessions.get(&c.count_id) {
+        let (next_page, mut prior) = match self.own_count_session(&c.count_id) {
             Some(s) if s.finished.is_some() => {
                 return Err(OpError::IdConflict(format!(
                     "count {} is finished; lines after the finish are refused (start a new count id)",
                     c.count_id
                 )))
             }
-            Some(s) if s.location != c.location || s.node != self.cfg.name => {
+            Some(s) if s.location != c.location => {
                 return Err(OpError::IdConflict(format!(
                     "count {} is a session at {} taken by node {}",
                     c.count_id, s.location, s.node
@@ -225,7 +249,8 @@ impl Engine {
                     .views
                     .count_sessions
                     .values()
-                    .filter(|s| s.finished.is_none() && s.node == self.cfg.name)
+                    .filter_map(|m| m.get(&self.cfg.name))
+                    .filter(|s| s.finished.is_none())
                     .count();
                 if open >= SESSIONS_OPEN_MAX {
                     return Err(OpError::Conflict {
@@ -291,18 +316,23 @@ impl Engine {
 
     /// `POST /api/counts/{id}/finish`.
     pub(crate) fn count_finish(&mut self, f: CountFinish, now_ms: u64) -> Result<OpReply, OpError> {
-        let Some(s) = self.views.count_sessions.get(&f.count_id).cloned() else {
+        let Some(s) = self.own_count_session(&f.count_id).cloned() else {
+            if let Some(other) = self
+                .views
+                .count_sessions
+                .get(&f.count_id)
+                .and_then(|m| m.values().next())
+            {
+                return Err(OpError::NotOwner(format!(
+                    "count {} is taken by node {}; finish it there",
+                    f.count_id, other.node
+                )));
+            }
             return Err(OpError::NotFound(format!(
                 "unknown count session {} (send its lines first)",
                 f.count_id
             )));
         };
-        if s.node != self.cfg.name {
-            return Err(OpError::NotOwner(format!(
-                "count {} is taken by node {}; finish it there",
-                f.count_id, s.node
-            )));
-        }
         let scope = match f.scope {
             CountScope::Full => "full",
             CountScope::Partial => "partial",
@@ -350,6 +380,8 @@ impl Engine {
             .views
             .count_sessions
             .entry(id.to_string())
+            .or_default()
+            .entry(node.clone())
             .or_default();
         if s.node.is_empty() {
             s.node = node;

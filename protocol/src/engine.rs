@@ -1337,7 +1337,7 @@ impl Engine {
     }
 
     fn count(&mut self, c: Count, now_ms: u64) -> Result<OpReply, OpError> {
-        if self.views.count_sessions.contains_key(&c.count_id) {
+        if self.own_count_session(&c.count_id).is_some() {
             return Err(OpError::IdConflict(format!(
                 "count {} was used before (a count session or an earlier count)",
                 c.count_id

@@ -228,10 +228,14 @@ impl Engine {
             .flatten()
             .filter(|(_, v)| !v.sent.is_empty())
             .filter(|(_, v)| from.is_none_or(|f| v.from == f))
-            .filter(|(_, v)| {
+            .filter(|(sender, v)| {
                 v.to == self.cfg.location
                     || match self.views.owner_of(&v.to) {
-                        None => true,
+                        // One physical arrival, one accounting: into a
+                        // location no node acts for, only the sending node
+                        // books the arrival (two nodes booking it would both
+                        // add the units).
+                        None => **sender == self.cfg.name,
                         Some((tag, _)) => tag == self.tag,
                     }
             })
@@ -277,7 +281,7 @@ impl Engine {
                 )));
             }
             return Err(OpError::NotOwner(format!(
-                "transfer {} is received by the node of its destination, not by this node",
+                "transfer {} is received by the node of its destination (into a location no node owns: by the node that sent it), not by this node",
                 t.transfer_id
             )));
         }
@@ -373,6 +377,28 @@ impl Engine {
         sales.sort();
         for (id, nodes) in sales {
             out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "sale", "nodes": nodes}));
+        }
+        let mut counts: Vec<(&String, Vec<&String>)> = self
+            .views
+            .count_sessions
+            .iter()
+            .filter(|(_, m)| m.len() > 1)
+            .map(|(id, m)| (id, m.keys().collect()))
+            .collect();
+        counts.sort();
+        let mut rsv: Vec<(&String, Vec<&String>)> = self
+            .views
+            .reservations
+            .iter()
+            .filter(|(_, m)| m.values().filter(|v| v.known).count() > 1)
+            .map(|(id, m)| (id, m.keys().collect()))
+            .collect();
+        rsv.sort();
+        for (id, nodes) in rsv {
+            out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "reservation", "nodes": nodes}));
+        }
+        for (id, nodes) in counts {
+            out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "count", "nodes": nodes}));
         }
         out
     }

@@ -238,18 +238,20 @@ pub struct Views {
     pub adjustments: HashMap<String, BTreeSet<(String, String)>>,
     /// Retired node → its successor (from the mesh document).
     pub retired: BTreeMap<NodeTag, NodeTag>,
-    /// reservation id → reservation.
-    pub reservations: HashMap<String, ReservationView>,
+    /// reservation id → creating node's name → reservation (two nodes apart
+    /// may have used one id: both hold their units).
+    pub reservations: HashMap<String, BTreeMap<String, ReservationView>>,
     /// Open reservations ordered by expiry: (expires_at_ms, id). Expiry
     /// reads the due ones from the front instead of scanning every
     /// reservation ever made.
-    pub expiring: BTreeSet<(u64, String)>,
+    pub expiring: BTreeSet<(u64, String, String)>,
     /// (product, location, fulfilling node) → units held by open reservations.
     pub reserved: HashMap<(u64, String, NodeTag), i64>,
     /// product → purchases naming a customer: (at_ms, customer, location, sale id).
     pub buyers: HashMap<u64, BTreeSet<(u64, String, String, String)>>,
-    /// count id → count session (and finished counts), from the records.
-    pub count_sessions: HashMap<String, crate::counts::CountSession>,
+    /// count id → node that took it → count session (and finished counts),
+    /// from the records; two nodes may have used one id while apart.
+    pub count_sessions: HashMap<String, BTreeMap<String, crate::counts::CountSession>>,
     /// Locations declared with `POST /api/locations` (the `mesh` document).
     pub declared: BTreeMap<String, crate::layout::DeclaredLocation>,
 }

@@ -148,8 +148,8 @@ fn records_of_long_count_ids_are_accepted_by_peers() {
     let peer = &m.nodes[1].engine;
     assert_eq!(peer.stats.rejected_messages, 0);
     assert_eq!(deficits(peer), vec![6]);
-    let s = peer.views.count_sessions.get(&long).expect("count known");
-    assert_eq!(s.status_json(&long)["products_zeroed"], 1);
+    let s = peer.count_json(&long).expect("count known");
+    assert_eq!(s["products_zeroed"], 1);
 }
 
 /// Count sessions: a recount replaces the earlier line, lines scanned
@@ -208,6 +208,151 @@ fn count_session_recount_and_partial_finish() {
     let err = m.execute(0, lines(&[(3, 1)])).unwrap_err();
     assert!(matches!(err, OpError::IdConflict(_)), "{err:?}");
     m.settle();
-    let s = m.nodes[1].engine.views.count_sessions.get("k1").unwrap();
-    assert_eq!(s.status_json("k1")["status"], "finished");
+    let s = m.nodes[1].engine.count_json("k1").unwrap();
+    assert_eq!(s["status"], "finished");
+}
+
+/// Finding 3: two nodes receiving the same transfer into a location no node
+/// owns each added the units; now only the sending node books the arrival.
+#[test]
+fn a_transfer_into_an_ownerless_location_is_received_once() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(
+        0,
+        Op::DeclareLocation(DeclareLocation {
+            location: "wh".into(),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(3, 10)]))
+        .unwrap();
+    m.execute(
+        0,
+        Op::Transfer(Transfer {
+            transfer_id: "t1".into(),
+            from: "loc0".into(),
+            to: "wh".into(),
+            lines: vec![QtyLine {
+                product_id: 3,
+                quantity: 4,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    m.commit(0);
+    m.settle();
+    let receive = || {
+        Op::TransferReceive(TransferReceive {
+            transfer_id: "t1".into(),
+            ..Default::default()
+        })
+    };
+    let e = m.execute(1, receive()).unwrap_err();
+    assert!(matches!(e, OpError::NotOwner(_)), "{e:?}");
+    m.execute(0, receive()).unwrap();
+    m.commit(0);
+    m.settle();
+    for n in &m.nodes {
+        let stock = n.engine.recompute_stock();
+        assert_eq!(stock[&3]["wh"].on_hand(), 4);
+        assert_eq!(stock[&3]["loc0"].on_hand(), 6);
+        assert_eq!(n.engine.incoming(3, "wh"), 0);
+    }
+}
+
+/// Finding 5: a sale with two lines of 6×10^8 of one product asked peers
+/// for 1.2×10^9 rights, over the quantity limit: every peer dropped the link
+/// as a protocol violation. The request is clamped and answered.
+#[test]
+fn a_huge_rights_request_is_clamped_not_a_violation() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    for k in 0..2 {
+        m.execute(0, testkit::receipt(&format!("r{k}"), "loc0", &[(3, 1_000_000_000)]))
+            .unwrap();
+    }
+    m.commit(0);
+    m.settle();
+    let big = Op::Sale(Sale {
+        sale_id: "huge".into(),
+        location: Some("loc0".into()),
+        lines: vec![
+            SaleLine {
+                product_id: 3,
+                quantity: 600_000_000,
+                ..Default::default()
+            };
+            2
+        ],
+        ..Default::default()
+    });
+    let now = m.now_ms;
+    let parked = m.nodes[1].engine.submit(big, now, 10_000, &|_| None);
+    assert!(matches!(parked, storemesh_protocol::rebalance::Submit::Parked(_)));
+    m.commit(1);
+    // Delivering the request used to panic here (a protocol violation).
+    m.settle();
+    assert_eq!(m.nodes[0].engine.stats.rejected_messages, 0);
+    assert_eq!(m.nodes[1].engine.rights(3, "loc0"), 1_000_000_000);
+}
+
+/// Finding 2, reservations: two nodes apart both reserve `rsv-1` for the
+/// same fulfilling node; both hold their units (before, one overwrote the
+/// other and its units became sellable).
+#[test]
+fn colliding_reservation_ids_both_hold_their_units() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(3, 10)]))
+        .unwrap();
+    m.execute(0, grant("g1", 3, "loc0", "n1", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    m.disconnect(0, 1);
+    let reserve = |q: u64| {
+        Op::Reserve(Reserve {
+            reservation_id: "rsv-1".into(),
+            location: "loc0".into(),
+            lines: vec![QtyLine {
+                product_id: 3,
+                quantity: q,
+                ..Default::default()
+            }],
+            fulfil_by: "n0".into(),
+            expires_at: "2030-01-01T00:00:00Z".into(),
+            ..Default::default()
+        })
+    };
+    m.execute(0, reserve(3)).unwrap();
+    m.commit(0);
+    m.execute(1, reserve(2)).unwrap();
+    m.commit(1);
+    m.connect(0, 1);
+    m.settle();
+    // n0 holds 5 + 2 rights, 3 + 2 of them reserved.
+    let e = &m.nodes[0].engine;
+    assert_eq!(e.rights_raw(3, "loc0"), 7);
+    assert_eq!(e.rights(3, "loc0"), 2);
+    let v = e.reservation_json("rsv-1").unwrap();
+    assert_eq!(v["collisions"].as_array().map(|a| a.len()), Some(1), "{v}");
+    assert!(e
+        .id_collisions()
+        .iter()
+        .any(|c| c["id"] == "rsv-1" && c["record"] == "reservation"));
+    let err = m
+        .execute(
+            0,
+            Op::ReservationCancel {
+                reservation_id: "rsv-1".into(),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(&err, OpError::Conflict { code, .. } if code == "id_collision"), "{err:?}");
 }
