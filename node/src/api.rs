@@ -45,8 +45,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/receipts", post(receipts))
         .route("/api/counts", post(counts))
         .route("/api/counts/{id}", get(crate::books_api::count_get))
-        .route("/api/counts/{id}/lines", post(crate::books_api::count_lines))
-        .route("/api/counts/{id}/finish", post(crate::books_api::count_finish))
+        .route(
+            "/api/counts/{id}/lines",
+            post(crate::books_api::count_lines),
+        )
+        .route(
+            "/api/counts/{id}/finish",
+            post(crate::books_api::count_finish),
+        )
         .route(
             "/api/locations",
             post(crate::books_api::locations_post).get(crate::books_api::locations_get),
@@ -632,10 +638,7 @@ async fn sale_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> R
     if let Err(e) = validate_client_id("sale_id", &id) {
         return bad(e);
     }
-    let found = sh
-        .query(move |e| e.sale_json(&id))
-        .await
-        .flatten();
+    let found = sh.query(move |e| e.sale_json(&id)).await.flatten();
     match found {
         Some(v) => axum::Json(v).into_response(),
         None => error(
@@ -804,7 +807,9 @@ async fn overdrafts(State(sh): S, headers: HeaderMap) -> Response {
             if customers {
                 for (c, view) in &e.views.customers {
                     if view.points() < 0 && !view.erased {
-                        v.push(json!({"kind": "loyalty", "customer_id": c, "points": view.points()}));
+                        v.push(
+                            json!({"kind": "loyalty", "customer_id": c, "points": view.points()}),
+                        );
                     }
                 }
             }

@@ -48,7 +48,9 @@ pub(crate) async fn check_write(
         Op::Sale(s) => s.override_rights,
         Op::Return(r) => {
             r.original_sale_id.is_none()
-                && r.lines.iter().any(|l| l.disposition == Disposition::Restock)
+                && r.lines
+                    .iter()
+                    .any(|l| l.disposition == Disposition::Restock)
         }
         _ => false,
     };
@@ -96,13 +98,12 @@ pub(crate) async fn check_write(
         Op::CountFinish(f) => {
             let id = f.count_id.clone();
             sh.query(move |e| e.own_count_session(&id).map(|s| s.location.clone()))
-            .await
-            .flatten()
-            .into_iter()
-            .collect()
+                .await
+                .flatten()
+                .into_iter()
+                .collect()
         }
-        Op::ReservationFulfil { reservation_id, .. }
-        | Op::ReservationCancel { reservation_id } => {
+        Op::ReservationFulfil { reservation_id, .. } | Op::ReservationCancel { reservation_id } => {
             let id = reservation_id.clone();
             sh.query(move |e| {
                 e.views
@@ -176,17 +177,18 @@ pub(crate) async fn count_finish(
 }
 
 /// `GET /api/counts/{count_id}`: the session's status and totals.
-pub(crate) async fn count_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
+pub(crate) async fn count_get(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
     if let Err(e) = validate_client_id("count_id", &id) {
         return bad(e);
     }
-    let found = sh
-        .query(move |e| e.count_json(&id))
-        .await
-        .flatten();
+    let found = sh.query(move |e| e.count_json(&id)).await.flatten();
     match found {
         Some(v) => axum::Json(v).into_response(),
         None => error(

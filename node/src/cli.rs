@@ -401,7 +401,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         None => hex::encode(rand::random::<[u8; INIT_TOKEN_BYTES]>()),
     };
     config.api.tokens.push(TokenConfig {
-            locations: None,
+        locations: None,
         name: INIT_TOKEN_NAME.to_string(),
         token: token.clone(),
         scopes: vec![Scope::Admin],

@@ -180,9 +180,8 @@ fn shopify_file_round_trips_and_a_bad_row_rejects_the_whole_file() {
         "--format",
         "storemesh",
     ]);
-    let rows =
-        storemesh_node::csvio::parse(&out.stdout, storemesh_node::csvio::Format::Storemesh)
-            .unwrap();
+    let rows = storemesh_node::csvio::parse(&out.stdout, storemesh_node::csvio::Format::Storemesh)
+        .unwrap();
     for r in &rows {
         let want = match (r.sku.as_str(), r.location.as_str()) {
             ("SKU-00000", "store-1") => 5,
@@ -192,7 +191,9 @@ fn shopify_file_round_trips_and_a_bad_row_rejects_the_whole_file() {
         };
         assert_eq!(r.on_hand, want, "{} at {}", r.sku, r.location);
     }
-    assert!(rows.iter().any(|r| r.location == "store-1" && r.on_hand == 0));
+    assert!(rows
+        .iter()
+        .any(|r| r.location == "store-1" && r.on_hand == 0));
     unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) };
     assert!(node.0.wait().unwrap().success());
 }

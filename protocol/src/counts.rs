@@ -136,7 +136,12 @@ impl Engine {
         if delta > 0 {
             self.bump(product, location, LedgerField::Received, delta as u64)?;
         } else if delta < 0 {
-            self.bump(product, location, LedgerField::Removed, delta.unsigned_abs())?;
+            self.bump(
+                product,
+                location,
+                LedgerField::Removed,
+                delta.unsigned_abs(),
+            )?;
         }
         let after = self.rights_raw(product, location);
         // One shortfall event, one deficit: a product already at -5 that a
@@ -197,14 +202,8 @@ impl Engine {
         for (k, part) in others.chunks(ZERO_PART_LINES_MAX).enumerate() {
             let mut entries = Vec::with_capacity(part.len());
             for (p, basis) in part {
-                let d = self.count_line(
-                    &part_id(count_id, "~z"),
-                    location,
-                    *p,
-                    0,
-                    *basis,
-                    now_ms,
-                )?;
+                let d =
+                    self.count_line(&part_id(count_id, "~z"), location, *p, 0, *basis, now_ms)?;
                 units = units.saturating_add(d);
                 entries.push(serde_json::json!([p, basis, d]));
             }
@@ -228,12 +227,10 @@ impl Engine {
             )));
         }
         let (next_page, mut prior) = match self.own_count_session(&c.count_id) {
-            Some(s) if s.finished.is_some() => {
-                return Err(OpError::IdConflict(format!(
-                    "count {} is finished; lines after the finish are refused (start a new count id)",
-                    c.count_id
-                )))
-            }
+            Some(s) if s.finished.is_some() => return Err(OpError::IdConflict(format!(
+                "count {} is finished; lines after the finish are refused (start a new count id)",
+                c.count_id
+            ))),
             Some(s) if s.location != c.location => {
                 return Err(OpError::IdConflict(format!(
                     "count {} is a session at {} taken by node {}",

@@ -853,7 +853,8 @@ impl Engine {
                 return Err(OpError::NotFound(format!("unknown node {o:?}")));
             }
         }
-        let body = serde_json::json!({"location": d.location, "timezone": d.timezone, "owner": d.owner});
+        let body =
+            serde_json::json!({"location": d.location, "timezone": d.timezone, "owner": d.owner});
         if let Some(old) = self.views.declared.get(&d.location) {
             if old.timezone == d.timezone && old.owner == d.owner {
                 return Ok(Self::reply(200, body));

@@ -119,8 +119,10 @@ impl Engine {
                 "unknown reservation {id} (not synced here yet?)"
             )));
         }
-        let mine: Vec<&(&String, &crate::views::ReservationView)> =
-            all.iter().filter(|(_, v)| self.fulfils_for(v.fulfil_by)).collect();
+        let mine: Vec<&(&String, &crate::views::ReservationView)> = all
+            .iter()
+            .filter(|(_, v)| self.fulfils_for(v.fulfil_by))
+            .collect();
         let open: Vec<&&(&String, &crate::views::ReservationView)> =
             mine.iter().filter(|(_, v)| v.closed.is_none()).collect();
         match (mine.as_slice(), open.as_slice()) {

@@ -419,7 +419,15 @@ pub fn check_changes_as_peer(
             if value.is_none() && matches!(doc_id, DocId::Customers { .. }) {
                 continue;
             }
-            check_op(doc_id, &empty, author, k, value.as_ref(), buckets, &mut last)?;
+            check_op(
+                doc_id,
+                &empty,
+                author,
+                k,
+                value.as_ref(),
+                buckets,
+                &mut last,
+            )?;
         }
     }
     Ok(())

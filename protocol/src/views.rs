@@ -353,7 +353,10 @@ impl Views {
             .or_else(|| {
                 // A declared location may name the node that acts for it.
                 let owner = self.declared.get(location)?.owner.as_deref()?;
-                self.nodes.iter().find(|(_, i)| i.name == owner).map(|(t, i)| (*t, i))
+                self.nodes
+                    .iter()
+                    .find(|(_, i)| i.name == owner)
+                    .map(|(t, i)| (*t, i))
             })
     }
 

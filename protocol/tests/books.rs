@@ -86,8 +86,10 @@ fn an_operation_refused_after_its_first_write_leaves_nothing() {
         assert!(!e.recompute_stock().contains_key(&1));
     }
     // The same receipt without the overflowing line is booked once.
-    e.execute(testkit::receipt("r2", "loc0", &[(1, 5)]), NOW + 3, &|_| None)
-        .unwrap();
+    e.execute(testkit::receipt("r2", "loc0", &[(1, 5)]), NOW + 3, &|_| {
+        None
+    })
+    .unwrap();
     assert_eq!(e.totals(1, None).map(|t| t.0), Some(5));
 }
 
@@ -159,8 +161,11 @@ fn count_session_recount_and_partial_finish() {
     let mut m = TestMesh::new(2, 4);
     m.full_mesh();
     m.settle();
-    m.execute(0, testkit::receipt("r1", "loc0", &[(1, 10), (2, 10), (3, 10)]))
-        .unwrap();
+    m.execute(
+        0,
+        testkit::receipt("r1", "loc0", &[(1, 10), (2, 10), (3, 10)]),
+    )
+    .unwrap();
     m.commit(0);
     let lines = |l: &[(u64, u64)]| {
         Op::CountLines(CountLines {
@@ -201,7 +206,11 @@ fn count_session_recount_and_partial_finish() {
     assert_eq!(v["units_delta"], -2 - 3);
     m.commit(0);
     let e = &m.nodes[0].engine;
-    assert_eq!(e.totals(1, None).map(|t| t.0), Some(7), "the sale after the scan stays");
+    assert_eq!(
+        e.totals(1, None).map(|t| t.0),
+        Some(7),
+        "the sale after the scan stays"
+    );
     assert_eq!(e.totals(2, None).map(|t| t.0), Some(7));
     assert_eq!(e.totals(3, None).map(|t| t.0), Some(10));
     // After the finish: lines are refused with id_conflict.
@@ -274,8 +283,11 @@ fn a_huge_rights_request_is_clamped_not_a_violation() {
     m.full_mesh();
     m.settle();
     for k in 0..2 {
-        m.execute(0, testkit::receipt(&format!("r{k}"), "loc0", &[(3, 1_000_000_000)]))
-            .unwrap();
+        m.execute(
+            0,
+            testkit::receipt(&format!("r{k}"), "loc0", &[(3, 1_000_000_000)]),
+        )
+        .unwrap();
     }
     m.commit(0);
     m.settle();
@@ -294,7 +306,10 @@ fn a_huge_rights_request_is_clamped_not_a_violation() {
     });
     let now = m.now_ms;
     let parked = m.nodes[1].engine.submit(big, now, 10_000, &|_| None);
-    assert!(matches!(parked, storemesh_protocol::rebalance::Submit::Parked(_)));
+    assert!(matches!(
+        parked,
+        storemesh_protocol::rebalance::Submit::Parked(_)
+    ));
     m.commit(1);
     // Delivering the request used to panic here (a protocol violation).
     m.settle();
@@ -354,5 +369,8 @@ fn colliding_reservation_ids_both_hold_their_units() {
             },
         )
         .unwrap_err();
-    assert!(matches!(&err, OpError::Conflict { code, .. } if code == "id_collision"), "{err:?}");
+    assert!(
+        matches!(&err, OpError::Conflict { code, .. } if code == "id_collision"),
+        "{err:?}"
+    );
 }

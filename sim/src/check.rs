@@ -230,7 +230,9 @@ impl World {
                     let node_name = self.nodes[i].name.clone();
                     return Err(self.violation(
                         "peer-validation",
-                        format!("node {node_name} flushed a change of {doc} that a peer refuses: {e}"),
+                        format!(
+                            "node {node_name} flushed a change of {doc} that a peer refuses: {e}"
+                        ),
                     ));
                 }
             }

@@ -78,10 +78,17 @@ async fn one_shot_full_count_of_a_1500_product_store_keeps_replicating() {
         .unwrap();
     assert_eq!(s, 201, "{v}");
     let seen = wait_for(Duration::from_secs(10), || async {
-        w.get("/api/sales/after-count").await.map(|r| r.0).unwrap_or(0) == 200
+        w.get("/api/sales/after-count")
+            .await
+            .map(|r| r.0)
+            .unwrap_or(0)
+            == 200
     })
     .await;
-    assert!(seen.is_ok(), "the sale after the full count never reached the web shop");
+    assert!(
+        seen.is_ok(),
+        "the sale after the full count never reached the web shop"
+    );
     wait_on_hand(w, 1_500, "store-a", 0, Duration::from_secs(10)).await;
     assert_eq!(stock_level(a, 501).await, Some(0));
     assert_eq!(count["products_zeroed"], 1_000, "{count}");
@@ -159,7 +166,10 @@ async fn full_count_session_of_a_50000_product_store_in_pages() {
     eprintln!("finish in {:?}", t2.elapsed());
     let q = Instant::now();
     let _ = w.get("/api/inventory?product_id=1").await;
-    eprintln!("a read at the web shop right after the finish took {:?}", q.elapsed());
+    eprintln!(
+        "a read at the web shop right after the finish took {:?}",
+        q.elapsed()
+    );
     assert_eq!(s, 201, "{finish}");
     assert_eq!(finish["status"], "finished");
     assert_eq!(finish["count_id"], "stk-1");
@@ -177,7 +187,11 @@ async fn full_count_session_of_a_50000_product_store_in_pages() {
     assert_eq!(s, 201, "{v}");
     let sold = Instant::now();
     let seen = wait_for(Duration::from_secs(10), || async {
-        w.get("/api/sales/after-count").await.map(|r| r.0).unwrap_or(0) == 200
+        w.get("/api/sales/after-count")
+            .await
+            .map(|r| r.0)
+            .unwrap_or(0)
+            == 200
     })
     .await;
     let visible_after = sold.elapsed();
@@ -230,8 +244,20 @@ async fn colliding_transfer_ids_made_while_partitioned_stay_exact() {
     .await;
     m.wait_connected(0, 1).await;
     let (a, b) = (&m.clients[0], &m.clients[1]);
-    assert_eq!(a.post("/api/receipts", receipt("ra", "store-a", &[(5, 20)])).await.unwrap().0, 201);
-    assert_eq!(b.post("/api/receipts", receipt("rb", "store-b", &[(5, 20)])).await.unwrap().0, 201);
+    assert_eq!(
+        a.post("/api/receipts", receipt("ra", "store-a", &[(5, 20)]))
+            .await
+            .unwrap()
+            .0,
+        201
+    );
+    assert_eq!(
+        b.post("/api/receipts", receipt("rb", "store-b", &[(5, 20)]))
+            .await
+            .unwrap()
+            .0,
+        201
+    );
     wait_on_hand(a, 5, "store-b", 20, Duration::from_secs(10)).await;
     m.node(0).set_partitioned(true);
     wait_for(Duration::from_secs(5), || async {
@@ -253,12 +279,22 @@ async fn colliding_transfer_ids_made_while_partitioned_stay_exact() {
         assert!(ok.is_ok(), "both colliding transfers known");
     }
     let (_, v) = b.get("/api/transfers/trf-1").await.unwrap();
-    assert_eq!((v["from"].as_str(), v["to"].as_str()), (Some("store-a"), Some("store-b")), "{v}");
+    assert_eq!(
+        (v["from"].as_str(), v["to"].as_str()),
+        (Some("store-a"), Some("store-b")),
+        "{v}"
+    );
     // Each destination receives its own transfer by the id.
-    let (s, v) = b.post("/api/transfers/trf-1/receive", json!({})).await.unwrap();
+    let (s, v) = b
+        .post("/api/transfers/trf-1/receive", json!({}))
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["lines"][0]["received"], 3, "{v}");
-    let (s, v) = a.post("/api/transfers/trf-1/receive", json!({})).await.unwrap();
+    let (s, v) = a
+        .post("/api/transfers/trf-1/receive", json!({}))
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["lines"][0]["received"], 2, "{v}");
     // The chain's 40 units are all there, at every node.
@@ -301,8 +337,20 @@ async fn colliding_transfers_to_one_destination_are_chosen_by_from() {
     .await;
     m.wait_connected(0, 2).await;
     let (a, b, c) = (&m.clients[0], &m.clients[1], &m.clients[2]);
-    assert_eq!(a.post("/api/receipts", receipt("ra", "store-a", &[(5, 10)])).await.unwrap().0, 201);
-    assert_eq!(b.post("/api/receipts", receipt("rb", "store-b", &[(5, 10)])).await.unwrap().0, 201);
+    assert_eq!(
+        a.post("/api/receipts", receipt("ra", "store-a", &[(5, 10)]))
+            .await
+            .unwrap()
+            .0,
+        201
+    );
+    assert_eq!(
+        b.post("/api/receipts", receipt("rb", "store-b", &[(5, 10)]))
+            .await
+            .unwrap()
+            .0,
+        201
+    );
     wait_on_hand(b, 5, "store-a", 10, Duration::from_secs(10)).await;
     wait_on_hand(a, 5, "store-b", 10, Duration::from_secs(10)).await;
     m.node(0).set_partitioned(true);
@@ -321,12 +369,21 @@ async fn colliding_transfers_to_one_destination_are_chosen_by_from() {
     })
     .await;
     assert!(ok.is_ok());
-    let (s, v) = c.post("/api/transfers/t-x/receive", json!({})).await.unwrap();
+    let (s, v) = c
+        .post("/api/transfers/t-x/receive", json!({}))
+        .await
+        .unwrap();
     assert_eq!((s, v["error"].as_str()), (409, Some("id_collision")), "{v}");
-    let (s, v) = c.post("/api/transfers/t-x/receive", json!({"from": "store-b"})).await.unwrap();
+    let (s, v) = c
+        .post("/api/transfers/t-x/receive", json!({"from": "store-b"}))
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["lines"][0]["received"], 1, "{v}");
-    let (s, v) = c.post("/api/transfers/t-x/receive", json!({"from": "store-a"})).await.unwrap();
+    let (s, v) = c
+        .post("/api/transfers/t-x/receive", json!({"from": "store-a"}))
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["lines"][0]["received"], 4, "{v}");
     wait_on_hand(c, 5, "store-c", 5, Duration::from_secs(10)).await;
@@ -353,8 +410,18 @@ async fn tokens_locations_and_override() {
         &[(0, 1)],
         |i, cfg| {
             if i == 0 {
-                cfg.api.tokens.push(token("clerk", "clerk-token-0123456789", &[Scope::Sell, Scope::Stock, Scope::Read], Some(&["store-a"])));
-                cfg.api.tokens.push(token("boss", "boss-token-0123456789", &[Scope::Sell, Scope::Override], None));
+                cfg.api.tokens.push(token(
+                    "clerk",
+                    "clerk-token-0123456789",
+                    &[Scope::Sell, Scope::Stock, Scope::Read],
+                    Some(&["store-a"]),
+                ));
+                cfg.api.tokens.push(token(
+                    "boss",
+                    "boss-token-0123456789",
+                    &[Scope::Sell, Scope::Override],
+                    None,
+                ));
             }
         },
     )
@@ -364,16 +431,29 @@ async fn tokens_locations_and_override() {
     let clerk = Client::new(m.node(0).http_addr, "clerk-token-0123456789");
     let boss = Client::new(m.node(0).http_addr, "boss-token-0123456789");
     // Writes at the token's own location only.
-    let (s, v) = clerk.post("/api/receipts", receipt("r1", "store-a", &[(1, 5)])).await.unwrap();
+    let (s, v) = clerk
+        .post("/api/receipts", receipt("r1", "store-a", &[(1, 5)]))
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
-    let (s, v) = clerk.post("/api/receipts", receipt("r2", "store-b", &[(1, 5)])).await.unwrap();
+    let (s, v) = clerk
+        .post("/api/receipts", receipt("r2", "store-b", &[(1, 5)]))
+        .await
+        .unwrap();
     assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")), "{v}");
     let (s, v) = clerk.post("/api/transfers", json!({"transfer_id": "t1", "from": "store-b", "to": "store-a", "lines": [{"product_id": 1, "quantity": 1}]})).await.unwrap();
     assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")), "{v}");
-    let (s, v) = clerk.post("/api/counts/cs/lines", json!({"location": "store-b", "lines": [{"product_id": 1, "counted": 1}]})).await.unwrap();
+    let (s, v) = clerk
+        .post(
+            "/api/counts/cs/lines",
+            json!({"location": "store-b", "lines": [{"product_id": 1, "counted": 1}]}),
+        )
+        .await
+        .unwrap();
     assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")), "{v}");
     // Override needs the override scope (admin has it).
-    let over = json!({"sale_id": "o1", "lines": [{"product_id": 1, "quantity": 50}], "override": true});
+    let over =
+        json!({"sale_id": "o1", "lines": [{"product_id": 1, "quantity": 50}], "override": true});
     let (s, v) = clerk.post("/api/sales", over.clone()).await.unwrap();
     assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")), "{v}");
     let (s, v) = boss.post("/api/sales", over).await.unwrap();
@@ -389,16 +469,31 @@ async fn tokens_locations_and_override() {
     let (s, v) = clerk.post("/api/returns", json!({"return_id": "ret2", "location": "store-a", "lines": [{"product_id": 9, "quantity": 1, "disposition": "damaged"}]})).await.unwrap();
     assert_eq!(s, 201, "{v}");
     // Unknown locations: 404 until declared.
-    let (s, v) = admin.post("/api/receipts", receipt("r3", "warehouse-9", &[(1, 5)])).await.unwrap();
+    let (s, v) = admin
+        .post("/api/receipts", receipt("r3", "warehouse-9", &[(1, 5)]))
+        .await
+        .unwrap();
     assert_eq!((s, v["error"].as_str()), (404, Some("not_found")), "{v}");
     let (s, v) = admin.post("/api/adjustments", json!({"adjustment_id": "a1", "location": "nowhere", "reason": "damaged", "lines": [{"product_id": 1, "quantity": 1}]})).await.unwrap();
     assert_eq!((s, v["error"].as_str()), (404, Some("not_found")), "{v}");
-    let (s, v) = clerk.post("/api/locations", json!({"location": "warehouse-9"})).await.unwrap();
+    let (s, v) = clerk
+        .post("/api/locations", json!({"location": "warehouse-9"}))
+        .await
+        .unwrap();
     assert_eq!(s, 403, "{v}");
-    let (s, v) = admin.post("/api/locations", json!({"location": "warehouse-9", "timezone": "Europe/Berlin"})).await.unwrap();
+    let (s, v) = admin
+        .post(
+            "/api/locations",
+            json!({"location": "warehouse-9", "timezone": "Europe/Berlin"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["location"], "warehouse-9");
-    let (s, v) = admin.post("/api/receipts", receipt("r3", "warehouse-9", &[(1, 5)])).await.unwrap();
+    let (s, v) = admin
+        .post("/api/receipts", receipt("r3", "warehouse-9", &[(1, 5)]))
+        .await
+        .unwrap();
     assert_eq!(s, 201, "{v}");
     // The declaration travels: store-b knows the location too.
     let b = &m.clients[1];

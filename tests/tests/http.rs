@@ -9,7 +9,7 @@ async fn one_node() -> (Mesh, String) {
     // Add a sell-only token and restart so the node picks it up.
     let mut cfg = Config::load(&m.dirs[0].0).unwrap();
     cfg.api.tokens.push(TokenConfig {
-            locations: None,
+        locations: None,
         name: "till".into(),
         token: "till-token-0123456789".into(),
         scopes: vec![Scope::Sell],
