@@ -883,6 +883,24 @@ impl Engine {
         if location == self.cfg.location || self.views.knows_location(location) {
             return Ok(());
         }
+        // A configured peer whose directory entry has not arrived yet: its
+        // location is its name unless it says otherwise.
+        if self.views.configured.contains_key(location)
+            && !self.views.nodes.values().any(|i| i.name == location)
+        {
+            return Ok(());
+        }
+        // Stock booked there already (its node's directory entry may still be
+        // on its way, or an import opened it): the chain knows it.
+        let prefix = format!("ledger/{location}/");
+        if self
+            .docs
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(id, _)| id.starts_with(&prefix))
+        {
+            return Ok(());
+        }
         Err(OpError::NotFound(format!(
             "unknown location {location:?}: not the location of a node of the chain; declare it with POST /api/locations"
         )))

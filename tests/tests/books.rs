@@ -46,6 +46,15 @@ async fn wait_on_hand(c: &Client, p: u64, loc: &str, on_hand: i64, limit: Durati
     assert!(ok.is_ok(), "product {p} at {loc} never reached {on_hand}");
 }
 
+/// Waits until `c` knows location `loc` (its node's directory entry arrived).
+async fn wait_knows(c: &Client, loc: &str) {
+    let ok = wait_for(Duration::from_secs(10), || async {
+        matches!(c.get("/api/locations").await, Ok((200, v)) if v["items"].as_array().is_some_and(|a| a.iter().any(|l| l["location"] == loc)))
+    })
+    .await;
+    assert!(ok.is_ok(), "{} never learned location {loc}", c.base);
+}
+
 /// Finding 1: a full count of a 1,500-product store through the one-shot
 /// count used to write one record over 64 KiB: every peer refused the
 /// store's records document from then on, and the next sale never reached
@@ -259,6 +268,7 @@ async fn colliding_transfer_ids_made_while_partitioned_stay_exact() {
         201
     );
     wait_on_hand(a, 5, "store-b", 20, Duration::from_secs(10)).await;
+    wait_on_hand(b, 5, "store-a", 20, Duration::from_secs(10)).await;
     m.node(0).set_partitioned(true);
     wait_for(Duration::from_secs(5), || async {
         m.node(0).transport.connected().is_empty()
@@ -353,6 +363,8 @@ async fn colliding_transfers_to_one_destination_are_chosen_by_from() {
     );
     wait_on_hand(b, 5, "store-a", 10, Duration::from_secs(10)).await;
     wait_on_hand(a, 5, "store-b", 10, Duration::from_secs(10)).await;
+    wait_knows(a, "store-c").await;
+    wait_knows(b, "store-c").await;
     m.node(0).set_partitioned(true);
     wait_for(Duration::from_secs(5), || async {
         m.node(0).transport.connected().is_empty()

@@ -285,6 +285,13 @@ async fn money_write_fields_and_error_details_follow_the_contract() {
         .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(admin.get("/api/sales/m2").await.unwrap().1["total"], 999);
+    // Transfers name a location the chain knows (CONTRACT v2): store-z has
+    // no node, so it is declared first.
+    let (s, v) = admin
+        .post("/api/locations", json!({"location": "store-z"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
     // Every write takes occurred_at, register_id and staff_id.
     for (path, body) in [
         (
