@@ -563,11 +563,12 @@ impl Engine {
     /// is refused instead, before anything of it is committed.
     fn check_op_writes(&self) -> Result<(), OpError> {
         let Some(u) = &self.undo else { return Ok(()) };
-        let mut last = HashMap::new();
         for (id, (puts_at, _)) in &u.marks {
             let Some(slot) = self.docs.get(id) else {
                 continue;
             };
+            // Keys repeat across documents (a product's cell at two locations).
+            let mut last = HashMap::new();
             for (key, value) in slot.puts.iter().skip(*puts_at) {
                 crate::validate::check_op(
                     &slot.id,
