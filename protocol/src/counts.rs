@@ -227,10 +227,12 @@ impl Engine {
             )));
         }
         let (next_page, mut prior) = match self.own_count_session(&c.count_id) {
-            Some(s) if s.finished.is_some() => return Err(OpError::IdConflict(format!(
+            Some(s) if s.finished.is_some() => {
+                return Err(OpError::IdConflict(format!(
                 "count {} is finished; lines after the finish are refused (start a new count id)",
                 c.count_id
-            ))),
+            )))
+            }
             Some(s) if s.location != c.location => {
                 return Err(OpError::IdConflict(format!(
                     "count {} is a session at {} taken by node {}",
@@ -298,7 +300,12 @@ impl Engine {
             let e = prior.entry(*p).or_default();
             e.delta_total = e.delta_total.saturating_add(d);
         }
-        let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "page": next_page, "lines": entries, "register_id": c.register_id, "staff_id": c.staff_id, "at_ms": now_ms});
+        let mut rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "page": next_page, "lines": entries, "register_id": c.register_id, "staff_id": c.staff_id, "at_ms": now_ms});
+        if self.faults.unchecked_large_records {
+            // The planted bug: a record as large as a real store's full
+            // count once was, written without the check.
+            rec["pad"] = "x".repeat(crate::validate::RECORD_BYTES_MAX).into();
+        }
         self.write_record(
             RecordKind::CountLines,
             &part_id(&c.count_id, &format!("~{next_page}")),

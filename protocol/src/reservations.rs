@@ -136,7 +136,7 @@ impl Engine {
                     "reservation {id} is fulfilled by node {name}, only it may act on it"
                 )))
             }
-            (_, [one]) => Ok(((*one).0.clone(), (*one).1.clone())),
+            (_, [one]) => Ok((one.0.clone(), one.1.clone())),
             (some, []) => Err(OpError::Conflict {
                 code: "reservation_closed".into(),
                 message: format!(

@@ -454,9 +454,8 @@ impl Engine {
             bucket: product_bucket(product, self.cfg.buckets),
         };
         if let Some(undo) = &mut self.undo {
-            if !undo.products.contains_key(&product) {
-                let old = self.views.products.get(&product).cloned();
-                undo.products.insert(product, old);
+            if let std::collections::btree_map::Entry::Vacant(slot) = undo.products.entry(product) {
+                slot.insert(self.views.products.get(&product).cloned());
             }
         }
         let mut view = self
