@@ -219,8 +219,11 @@ impl World {
         if let Some(life) = self.nodes[i].life.as_ref() {
             let buckets = life.engine.config().buckets;
             for w in &batch.docs {
-                let storemesh_protocol::engine::DocWrite::Chunk { doc, bytes, .. } = w else {
-                    continue;
+                // A snapshot (the chunks folded, e.g. after a large change)
+                // holds the whole document: all of it is checked.
+                let (doc, bytes) = match w {
+                    storemesh_protocol::engine::DocWrite::Chunk { doc, bytes, .. }
+                    | storemesh_protocol::engine::DocWrite::Snapshot { doc, bytes } => (doc, bytes),
                 };
                 let checked = DocId::parse(doc, buckets).and_then(|id| {
                     let changes = storemesh_protocol::validate::changes_in_chunk(bytes)?;
