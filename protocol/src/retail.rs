@@ -155,10 +155,14 @@ impl Engine {
             }
         }
         for (p, q) in &removals {
+            let before = self.rights(*p, &a.location);
             self.bump(*p, &a.location, LedgerField::Removed, *q)?;
             let rights = self.rights(*p, &a.location);
-            if rights < 0 {
-                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": -rights, "at_ms": now_ms});
+            // One shortfall event, one deficit: only what this adjustment
+            // took below zero (a product already at -5 is not short again).
+            let new_short = (-rights).max(0) - (-before).max(0);
+            if new_short > 0 {
+                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": new_short, "at_ms": now_ms});
                 self.write_record(
                     RecordKind::Deficit,
                     &crate::layout::part_id(&a.adjustment_id, &format!(".{p}")),

@@ -374,3 +374,35 @@ fn colliding_reservation_ids_both_hold_their_units() {
         "{err:?}"
     );
 }
+
+/// Adjustments too: a deficit for the shortfall each one causes, once.
+#[test]
+fn adjustment_deficits_are_recorded_once_per_shortfall() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(7, 4)]))
+        .unwrap();
+    let damaged = |id: &str, q: i64| {
+        Op::Adjustment(Adjustment {
+            adjustment_id: id.into(),
+            location: "loc0".into(),
+            reason: AdjustmentReason::Damaged,
+            lines: vec![AdjustmentLine {
+                product_id: 7,
+                sku: None,
+                quantity: q,
+            }],
+            note: None,
+            occurred_at: None,
+            register_id: None,
+            staff_id: None,
+        })
+    };
+    m.execute(0, damaged("a1", 6)).unwrap();
+    m.execute(0, damaged("a2", 1)).unwrap();
+    m.commit(0);
+    let mut d = deficits(&m.nodes[0].engine);
+    d.sort();
+    assert_eq!(d, vec![1, 2]);
+}
