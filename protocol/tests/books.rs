@@ -406,3 +406,55 @@ fn adjustment_deficits_are_recorded_once_per_shortfall() {
     d.sort();
     assert_eq!(d, vec![1, 2]);
 }
+
+/// Colliding sale ids: each node looks up its own sale (returns against it
+/// are checked against the right lines), both are listed.
+#[test]
+fn colliding_sale_ids_are_both_kept() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 5)]))
+        .unwrap();
+    m.execute(1, testkit::receipt("r1", "loc1", &[(2, 5)]))
+        .unwrap();
+    m.commit(0);
+    m.commit(1);
+    m.settle();
+    m.disconnect(0, 1);
+    m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
+    m.commit(0);
+    m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
+    m.commit(1);
+    m.connect(0, 1);
+    m.settle();
+    for (i, own_product) in [(0usize, 1u64), (1, 2)] {
+        let e = &m.nodes[i].engine;
+        let v = e.sale_json("s-1").unwrap();
+        assert_eq!(v["lines"][0]["product_id"], own_product, "{v}");
+        assert_eq!(v["collisions"].as_array().map(|a| a.len()), Some(1), "{v}");
+        let c: Vec<serde_json::Value> = e
+            .id_collisions()
+            .into_iter()
+            .filter(|c| c["id"] == "s-1")
+            .collect();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0]["nodes"], serde_json::json!(["n0", "n1"]));
+    }
+    // A return at n1 against s-1 is checked against n1's sale (3 of product 2).
+    let ret = Op::Return(Return {
+        return_id: "ret-1".into(),
+        location: "loc1".into(),
+        original_sale_id: Some("s-1".into()),
+        customer_id: None,
+        lines: vec![ReturnLine {
+            product_id: 2,
+            quantity: 3,
+            disposition: Disposition::Restock,
+        }],
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    });
+    m.execute(1, ret).unwrap();
+}
