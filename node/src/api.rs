@@ -44,6 +44,19 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/returns", post(returns))
         .route("/api/receipts", post(receipts))
         .route("/api/counts", post(counts))
+        .route("/api/counts/{id}", get(crate::books_api::count_get))
+        .route(
+            "/api/counts/{id}/lines",
+            post(crate::books_api::count_lines),
+        )
+        .route(
+            "/api/counts/{id}/finish",
+            post(crate::books_api::count_finish),
+        )
+        .route(
+            "/api/locations",
+            post(crate::books_api::locations_post).get(crate::books_api::locations_get),
+        )
         .route("/api/grants", post(grants))
         .route("/api/customers", get(customer_search))
         .route(
@@ -115,7 +128,7 @@ fn op_error(e: OpError) -> Response {
     resp
 }
 
-fn bad(message: impl Into<String>) -> Response {
+pub(crate) fn bad(message: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
@@ -210,7 +223,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Respons
 }
 
 /// The request body read (413 over the limit) and parsed as JSON (400).
-fn json_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, Response> {
     parse_json(&body_bytes(body)?)
@@ -231,7 +244,7 @@ fn reply(r: Result<ops::OpReply, OpError>) -> Response {
     }
 }
 
-async fn write_op(shared: &Shared, op: Op) -> Response {
+pub(crate) async fn write_op(shared: &Shared, op: Op) -> Response {
     reply(shared.execute(op).await)
 }
 
@@ -659,7 +672,11 @@ macro_rules! write_handler {
                 Ok(v) => v,
                 Err(r) => return r,
             };
-            write_op(&sh, $wrap(req)).await
+            let op = $wrap(req);
+            if let Err(r) = crate::books_api::check_write(&sh, &headers, $scope, &op).await {
+                return r;
+            }
+            write_op(&sh, op).await
         }
     };
 }
@@ -680,10 +697,7 @@ async fn sale_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> R
     if let Err(e) = validate_client_id("sale_id", &id) {
         return bad(e);
     }
-    let found = sh
-        .query(move |e| e.views.sales.get(&id).and_then(|(d, k)| e.record(d, k)))
-        .await
-        .flatten();
+    let found = sh.query(move |e| e.sale_json(&id)).await.flatten();
     match found {
         Some(v) => axum::Json(v).into_response(),
         None => error(
@@ -833,23 +847,32 @@ async fn peers(State(sh): S, headers: HeaderMap) -> Response {
 }
 
 async fn overdrafts(State(sh): S, headers: HeaderMap) -> Response {
-    if let Err(r) = require(&sh, &headers, Scope::Read) {
-        return r;
-    }
+    let scopes = match require(&sh, &headers, Scope::Read) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // Customer ids and balances are customer data: only with that scope.
+    let customers = Scope::allows(&scopes, Scope::Customers);
     let items = sh
-        .query(|e| {
+        .query(move |e| {
             let mut v: Vec<Value> = e
                 .views
                 .alarms
                 .values()
                 .map(|a| json!({"kind": a.kind, "node": a.node, "id": a.id, "record": a.record}))
                 .collect();
-            // Loyalty overdrafts: balances below zero after concurrent redemptions.
-            for (c, view) in &e.views.customers {
-                if view.points() < 0 {
-                    v.push(json!({"kind": "loyalty", "customer_id": c, "points": view.points()}));
+            // Loyalty overdrafts: balances below zero after concurrent
+            // redemptions; erased customers are nobody's business any more.
+            if customers {
+                for (c, view) in &e.views.customers {
+                    if view.points() < 0 && !view.erased {
+                        v.push(
+                            json!({"kind": "loyalty", "customer_id": c, "points": view.points()}),
+                        );
+                    }
                 }
             }
+            v.extend(e.id_collisions());
             v
         })
         .await
@@ -958,19 +981,8 @@ async fn transfer_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) 
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    match sh
-        .query(move |e| e.views.transfers.get(&id).cloned().map(|t| (id, t)))
-        .await
-        .flatten()
-    {
-        Some((id, t)) => {
-            let lines: Vec<Value> = t
-                .sent
-                .iter()
-                .map(|(p, q)| json!({"product_id": p, "quantity": q}))
-                .collect();
-            axum::Json(json!({"transfer_id": id, "from": t.from, "to": t.to, "lines": lines, "status": if t.received { "received" } else { "in_transit" }})).into_response()
-        }
+    match sh.query(move |e| e.transfer_json(&id)).await.flatten() {
+        Some(v) => axum::Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "unknown transfer"),
     }
 }
@@ -1000,7 +1012,11 @@ async fn transfer_receive(
         return bad("transfer_id in the body differs from the path");
     }
     req.transfer_id = id;
-    write_op(&sh, Op::TransferReceive(req)).await
+    let op = Op::TransferReceive(req);
+    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Stock, &op).await {
+        return r;
+    }
+    write_op(&sh, op).await
 }
 
 fn change_json(p: u64, l: &str, row: &storemesh_protocol::views::StockRow) -> Value {
@@ -1263,7 +1279,20 @@ async fn import_counts(
                 .unwrap_or_default())
         }
     };
-    write_op(&sh, Op::ImportCounts(ops::ImportCounts { import_id, rows })).await
+    let scope = match q.get("scope").map(String::as_str) {
+        None | Some("partial") => None,
+        Some("full") => Some(ops::CountScope::Full),
+        Some(_) => return bad("scope must be partial or full"),
+    };
+    let op = Op::ImportCounts(ops::ImportCounts {
+        import_id,
+        rows,
+        scope,
+    });
+    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Stock, &op).await {
+        return r;
+    }
+    write_op(&sh, op).await
 }
 
 async fn export_inventory(
@@ -1337,44 +1366,32 @@ async fn reservation_fulfil(
             Err(r) => return r,
         }
     };
-    write_op(
-        &sh,
-        Op::ReservationFulfil {
-            reservation_id: id,
-            sale_id: req.sale_id,
-        },
-    )
-    .await
+    let op = Op::ReservationFulfil {
+        reservation_id: id,
+        sale_id: req.sale_id,
+    };
+    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Sell, &op).await {
+        return r;
+    }
+    write_op(&sh, op).await
 }
 
 async fn reservation_cancel(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Sell) {
         return r;
     }
-    write_op(&sh, Op::ReservationCancel { reservation_id: id }).await
+    let op = Op::ReservationCancel { reservation_id: id };
+    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Sell, &op).await {
+        return r;
+    }
+    write_op(&sh, op).await
 }
 
 async fn reservation_get(State(sh): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
-    let found = sh
-        .query(move |e| {
-            let v = e.views.reservations.get(&id).filter(|v| v.known)?.clone();
-            let lines: Vec<Value> = v
-                .lines
-                .iter()
-                .map(|(p, q)| json!({"product_id": p, "quantity": q}))
-                .collect();
-            Some(json!({
-                "reservation_id": id, "location": v.location, "lines": lines,
-                "fulfil_by": v.fulfil_by.map(|t| e.views.name_of(t)),
-                "expires_at": storemesh_protocol::time::format_rfc3339_ms(v.expires_at_ms),
-                "status": v.closed.clone().unwrap_or_else(|| "open".into()),
-            }))
-        })
-        .await
-        .flatten();
+    let found = sh.query(move |e| e.reservation_json(&id)).await.flatten();
     match found {
         Some(v) => axum::Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "unknown reservation"),

@@ -110,6 +110,11 @@ pub enum ImportCommand {
         data_dir: PathBuf,
         #[arg(long, value_enum, default_value_t = crate::csvio::Format::Shopify)]
         format: crate::csvio::Format,
+        /// `full`: every product of each location in the file that the file
+        /// does not list is set to 0 (a full stocktake); `partial` (default):
+        /// only the listed products change
+        #[arg(long, value_enum, default_value_t = crate::csvio::ImportScope::Partial)]
+        scope: crate::csvio::ImportScope,
     },
 }
 
@@ -344,8 +349,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                     file,
                     data_dir,
                     format,
+                    scope,
                 },
-        } => crate::csvio::import_file(&data_dir, &file, format).await,
+        } => crate::csvio::import_file(&data_dir, &file, format, scope).await,
         Command::Node {
             command:
                 NodeCommand::Retire {
@@ -400,6 +406,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         None => hex::encode(rand::random::<[u8; INIT_TOKEN_BYTES]>()),
     };
     config.api.tokens.push(TokenConfig {
+        locations: None,
         name: INIT_TOKEN_NAME.to_string(),
         token: token.clone(),
         scopes: vec![Scope::Admin],

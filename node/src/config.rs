@@ -131,6 +131,10 @@ pub enum Scope {
     Customers,
     /// Everything, including erasure.
     Admin,
+    /// Selling beyond rights (`"override": true` on a sale) and restocking a
+    /// return that names no original sale: both create or spend stock that
+    /// no ledger entry vouches for. `admin` has it.
+    Override,
 }
 
 impl Scope {
@@ -147,6 +151,7 @@ impl Scope {
             Scope::Stock => "stock",
             Scope::Customers => "customers",
             Scope::Admin => "admin",
+            Scope::Override => "override",
         }
     }
 }
@@ -312,6 +317,9 @@ impl Default for ApiConfig {
     }
 }
 
+/// Locations one token may be limited to, at most (a chain's stores).
+pub const TOKEN_LOCATIONS_MAX: usize = 4096;
+
 /// `[[api.tokens]]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +328,9 @@ pub struct TokenConfig {
     pub name: String,
     pub token: String,
     pub scopes: Vec<Scope>,
+    /// The locations this token may write at (CONTRACT v2); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locations: Option<Vec<String>>,
 }
 
 /// `[sync]`: timings of the mesh connections.
@@ -506,6 +517,12 @@ impl Config {
     /// Compares SHA-256 digests in constant time and looks at every token, so the
     /// response time tells an attacker neither a token's prefix nor its length.
     pub fn token_scopes(&self, presented: &str) -> Option<(&str, &[Scope])> {
+        self.token(presented)
+            .map(|t| (t.name.as_str(), t.scopes.as_slice()))
+    }
+
+    /// The token `presented`, if it is one of ours (see `token_scopes`).
+    pub fn token(&self, presented: &str) -> Option<&TokenConfig> {
         let presented_digest = Sha256::digest(presented.as_bytes());
         let mut found = None;
         for t in &self.api.tokens {
@@ -516,7 +533,7 @@ impl Config {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
             if equal && found.is_none() {
-                found = Some((t.name.as_str(), t.scopes.as_slice()));
+                found = Some(t);
             }
         }
         found
@@ -650,6 +667,16 @@ impl Config {
                 return Err(format!(
                     "{at}.scopes is empty; give at least one of read, sell, stock, customers, admin"
                 ));
+            }
+            if let Some(locs) = &t.locations {
+                if locs.is_empty() || locs.len() > TOKEN_LOCATIONS_MAX {
+                    return Err(format!(
+                        "{at}.locations must list 1-{TOKEN_LOCATIONS_MAX} locations (leave it out for all)"
+                    ));
+                }
+                for l in locs {
+                    validate_name(&format!("{at}.locations"), l)?;
+                }
             }
             if let Some(j) = api.tokens[..i].iter().position(|o| o.name == t.name) {
                 return Err(format!(
@@ -895,6 +922,7 @@ mod tests {
 
     fn with_token(mut c: Config, name: &str, token: &str, scopes: &[Scope]) -> Config {
         c.api.tokens.push(TokenConfig {
+            locations: None,
             name: name.into(),
             token: token.into(),
             scopes: scopes.to_vec(),

@@ -258,10 +258,19 @@ fn not_running(e: reqwest::Error, dir: &std::path::Path) -> anyhow::Error {
 /// `storemesh import counts FILE`: checks the file locally (every bad row with
 /// its line number), then sends it to the running node, which applies it as
 /// counts in one operation — all or nothing.
+/// `storemesh import counts --scope`: whether products the file does not
+/// list are set to 0 at the file's locations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportScope {
+    Partial,
+    Full,
+}
+
 pub async fn import_file(
     dir: &std::path::Path,
     file: &std::path::Path,
     format: Format,
+    scope: ImportScope,
 ) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let data = std::fs::read(file).map_err(|e| {
@@ -301,8 +310,12 @@ pub async fn import_file(
     });
     let resp = reqwest::Client::new()
         .post(format!(
-            "{base}/api/imports/counts?format={}",
-            format.as_str()
+            "{base}/api/imports/counts?format={}&scope={}",
+            format.as_str(),
+            match scope {
+                ImportScope::Partial => "partial",
+                ImportScope::Full => "full",
+            }
         ))
         .bearer_auth(token)
         .header("content-type", "text/csv")

@@ -56,6 +56,7 @@ pub fn make_mesh(
         cfg.sync.reconnect_max_ms = 500;
         let token = format!("{name}-admin-token-{:016x}", rand::random::<u64>());
         cfg.api.tokens.push(TokenConfig {
+            locations: None,
             name: "admin".into(),
             token: token.clone(),
             scopes: vec![Scope::Admin],

@@ -2,6 +2,7 @@
 //! transport, HTTP API, configuration, identity, CLI and the demo.
 
 pub mod api;
+mod books_api;
 pub mod cli;
 pub mod config;
 pub mod csvio;

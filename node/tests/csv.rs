@@ -152,6 +152,48 @@ fn shopify_file_round_trips_and_a_bad_row_rejects_the_whole_file() {
         "SKU-00000,store-1,{}\n",
         expected[&("SKU-00000".to_string(), "store-1".to_string())]
     )));
+    // A full stocktake from a file: the products of store-1 the file does
+    // not list are set to 0; other locations are untouched.
+    let full = "sku,location,on_hand\nSKU-00000,store-1,5\nSKU-00003,store-1,6\n";
+    std::fs::write(&file, full).unwrap();
+    let out = cli(&[
+        "import",
+        "counts",
+        file.to_str().unwrap(),
+        "--data-dir",
+        d,
+        "--format",
+        "storemesh",
+        "--scope",
+        "full",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "export",
+        "inventory",
+        "--data-dir",
+        d,
+        "--format",
+        "storemesh",
+    ]);
+    let rows = storemesh_node::csvio::parse(&out.stdout, storemesh_node::csvio::Format::Storemesh)
+        .unwrap();
+    for r in &rows {
+        let want = match (r.sku.as_str(), r.location.as_str()) {
+            ("SKU-00000", "store-1") => 5,
+            ("SKU-00003", "store-1") => 6,
+            (_, "store-1") => 0,
+            (sku, loc) => expected[&(sku.to_string(), loc.to_string())],
+        };
+        assert_eq!(r.on_hand, want, "{} at {}", r.sku, r.location);
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r.location == "store-1" && r.on_hand == 0));
     unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) };
     assert!(node.0.wait().unwrap().success());
 }

@@ -95,6 +95,9 @@ pub struct Faults {
     pub skip_rights_check: bool,
     pub per_line_check: bool,
     pub grant_in_other_bucket: bool,
+    /// Count pages carry a record over the size a peer accepts, and the
+    /// engine does not check its writes with a peer's validation.
+    pub unchecked_large_records: bool,
 }
 
 /// One document write of a batch.
@@ -151,8 +154,28 @@ pub(crate) struct Slot {
     pub seqs: crate::validate::ActorSeqs,
 }
 
+/// What one operation changed, kept while it runs so that a refusal after
+/// its first write (an overflow on a later line, a change a peer would
+/// refuse) leaves nothing behind: operations are all or nothing, their
+/// idempotency record included (it is written only on success).
+#[derive(Default)]
+pub(crate) struct OpUndo {
+    /// Document → lengths of its pending puts and deletes when the op began.
+    pub(crate) marks: BTreeMap<String, (usize, usize)>,
+    /// (product, location) → this actor's cells there before the op (`None`: none).
+    pub(crate) cells: BTreeMap<(u64, String), Option<crate::ledger::ActorCells>>,
+    /// (customer, earned) → this actor's loyalty cell before the op.
+    pub(crate) loyalty: BTreeMap<(String, bool), Option<u64>>,
+    /// Catalogue entries before the op.
+    pub(crate) products: BTreeMap<u64, Option<crate::views::ProductView>>,
+    /// Records written by the op: indexed into the views once it succeeded.
+    pub(crate) records: Vec<(String, String, String)>,
+}
+
 pub struct Engine {
     pub(crate) cfg: EngineConfig,
+    /// Set while `execute` runs an operation (see `OpUndo`).
+    pub(crate) undo: Option<OpUndo>,
     pub(crate) tag: NodeTag,
     pub(crate) actor: ActorKey,
     pub(crate) docs: BTreeMap<String, Slot>,
@@ -273,6 +296,7 @@ impl Engine {
     pub fn new(cfg: EngineConfig, incarnation: [u8; 4]) -> Engine {
         let tag = cfg.node_id.tag();
         Engine {
+            undo: None,
             actor: ActorKey::new(tag, incarnation),
             tag,
             cfg,
@@ -592,8 +616,112 @@ impl Engine {
     }
 
     pub(crate) fn put(&mut self, doc: DocId, key: String, value: ScalarValue) {
-        self.dirty_docs.insert(doc.encode());
-        self.slot(&doc).puts.push((key, value));
+        let id = doc.encode();
+        self.dirty_docs.insert(id.clone());
+        let slot = self.slot(&doc);
+        let mark = (slot.puts.len(), slot.dels.len());
+        slot.puts.push((key, value));
+        if let Some(u) = &mut self.undo {
+            u.marks.entry(id).or_insert(mark);
+        }
+    }
+
+    /// Checks every write of the running operation with the validation a
+    /// peer applies to our changes (`validate::check_op`): a change a peer
+    /// refuses would block the replication of the whole document (every
+    /// later record of this node, for a records document), so the operation
+    /// is refused instead, before anything of it is committed.
+    fn check_op_writes(&self) -> Result<(), OpError> {
+        let Some(u) = &self.undo else { return Ok(()) };
+        if self.faults.unchecked_large_records {
+            return Ok(());
+        }
+        for (id, (puts_at, _)) in &u.marks {
+            let Some(slot) = self.docs.get(id) else {
+                continue;
+            };
+            // Keys repeat across documents (a product's cell at two locations).
+            let mut last = HashMap::new();
+            for (key, value) in slot.puts.iter().skip(*puts_at) {
+                crate::validate::check_op(
+                    &slot.id,
+                    &slot.doc,
+                    self.actor,
+                    key,
+                    Some(value),
+                    self.cfg.buckets,
+                    &mut last,
+                )
+                .map_err(|e| {
+                    tracing::error!(doc = %id, error = %e, "operation refused: it would write a change peers refuse");
+                    OpError::BadRequest(format!(
+                        "the operation would write a change that peers refuse ({e}); nothing was applied"
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes everything a refused operation wrote (see `OpUndo`).
+    fn roll_back(&mut self, u: OpUndo) {
+        for (id, (puts, dels)) in u.marks {
+            if let Some(slot) = self.docs.get_mut(&id) {
+                debug_assert!(slot.puts.len() >= puts && slot.dels.len() >= dels);
+                slot.puts.truncate(puts);
+                slot.dels.truncate(dels);
+            }
+        }
+        let actor = self.actor;
+        for ((p, l), old) in u.cells {
+            let Some(m) = self.views.stock.get_mut(&p) else {
+                continue;
+            };
+            if let Some(e) = m.get_mut(&l) {
+                match old {
+                    Some(c) => {
+                        e.cells.insert(actor, c);
+                    }
+                    None => {
+                        e.cells.remove(&actor);
+                    }
+                }
+                if e.cells.is_empty() {
+                    m.remove(&l);
+                }
+            }
+            if m.is_empty() {
+                self.views.stock.remove(&p);
+            }
+            self.touch_row(p, &l);
+        }
+        for ((c, earned), old) in u.loyalty {
+            if let Some(view) = self.views.customers.get_mut(&c) {
+                let cells = if earned {
+                    &mut view.earned
+                } else {
+                    &mut view.spent
+                };
+                match old {
+                    Some(v) => {
+                        cells.insert(actor, v);
+                    }
+                    None => {
+                        cells.remove(&actor);
+                    }
+                }
+            }
+        }
+        for (p, old) in u.products {
+            match old {
+                Some(v) => self.views.set_product(p, v),
+                None => {
+                    self.views
+                        .set_product(p, crate::views::ProductView::default());
+                    self.views.products.remove(&p);
+                }
+            }
+        }
     }
 
     pub(crate) fn ledger_doc(&self, product: u64, location: &str) -> DocId {
@@ -639,6 +767,18 @@ impl Engine {
         add: u64,
     ) -> Result<(), OpError> {
         let actor = self.actor;
+        if let Some(u) = &mut self.undo {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                u.cells.entry((product, location.to_string()))
+            {
+                let old = self
+                    .views
+                    .entry(product, location)
+                    .and_then(|e| e.cells.get(&actor))
+                    .cloned();
+                slot.insert(old);
+            }
+        }
         let entry = self
             .views
             .stock
@@ -781,6 +921,85 @@ impl Engine {
         }
     }
 
+    /// `POST /api/locations`: declares a location the chain knows without a
+    /// node of its own, so receipts, adjustments and transfers may name it.
+    pub(crate) fn declare_location(
+        &mut self,
+        d: crate::ops::DeclareLocation,
+        now_ms: u64,
+    ) -> Result<OpReply, OpError> {
+        if let Some((_, info)) = self
+            .views
+            .nodes
+            .iter()
+            .find(|(_, i)| i.location.as_deref() == Some(d.location.as_str()))
+        {
+            return Err(OpError::Conflict {
+                code: "location_owned".into(),
+                message: format!(
+                    "location {} is the own location of node {}; it needs no declaration",
+                    d.location, info.name
+                ),
+            });
+        }
+        if let Some(o) = &d.owner {
+            if self.views.tag_of(o).is_none() {
+                return Err(OpError::NotFound(format!("unknown node {o:?}")));
+            }
+        }
+        let body =
+            serde_json::json!({"location": d.location, "timezone": d.timezone, "owner": d.owner});
+        if let Some(old) = self.views.declared.get(&d.location) {
+            if old.timezone == d.timezone && old.owner == d.owner {
+                return Ok(Self::reply(200, body));
+            }
+        }
+        let value = layout::DeclaredLocation {
+            location: d.location.clone(),
+            timezone: d.timezone.clone(),
+            owner: d.owner.clone(),
+            by: Some(self.cfg.name.clone()),
+            at_ms: now_ms,
+        };
+        let json = serde_json::to_string(&value).unwrap_or_default();
+        self.put(
+            DocId::Mesh,
+            layout::location_key(&d.location),
+            ScalarValue::Str(json.into()),
+        );
+        self.views.declared.insert(d.location.clone(), value);
+        Ok(Self::reply(201, body))
+    }
+
+    /// Refuses a location the chain does not know (CONTRACT v2: receipts,
+    /// adjustments and transfers name a node's own or a declared location).
+    pub(crate) fn known_location(&self, location: &str) -> Result<(), OpError> {
+        if location == self.cfg.location || self.views.knows_location(location) {
+            return Ok(());
+        }
+        // A configured peer whose directory entry has not arrived yet: its
+        // location is its name unless it says otherwise.
+        if self.views.configured.contains_key(location)
+            && !self.views.nodes.values().any(|i| i.name == location)
+        {
+            return Ok(());
+        }
+        // Stock booked there already (its node's directory entry may still be
+        // on its way, or an import opened it): the chain knows it.
+        let prefix = format!("ledger/{location}/");
+        if self
+            .docs
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(id, _)| id.starts_with(&prefix))
+        {
+            return Ok(());
+        }
+        Err(OpError::NotFound(format!(
+            "unknown location {location:?}: not the location of a node of the chain; declare it with POST /api/locations"
+        )))
+    }
+
     /// Node ids' tags that are retired (the shell refuses their connections).
     pub fn retired_tags(&self) -> Vec<NodeTag> {
         self.views.retired.keys().copied().collect()
@@ -908,6 +1127,8 @@ impl Engine {
                 k.replace('/', " ")
             )));
         }
+        debug_assert!(self.undo.is_none());
+        self.undo = Some(OpUndo::default());
         let result = match op {
             Op::Sale(s) => self.sale(s, now_ms),
             Op::Return(r) => self.ret(r, now_ms),
@@ -937,7 +1158,20 @@ impl Engine {
                 self.reservation_close(&reservation_id, "cancelled", now_ms)
             }
             Op::ProductPut { product_id, update } => self.product_put(product_id, update),
+            Op::CountLines(c) => self.count_lines(c, now_ms),
+            Op::CountFinish(f) => self.count_finish(f, now_ms),
+            Op::DeclareLocation(d) => self.declare_location(d, now_ms),
         };
+        let result = result.and_then(|r| self.check_op_writes().map(|()| r));
+        let undo = self.undo.take().unwrap_or_default();
+        match &result {
+            Ok(_) => {
+                for (doc, key, json) in &undo.records {
+                    self.note_record(doc, key, json);
+                }
+            }
+            Err(_) => self.roll_back(undo),
+        }
         match &result {
             Ok(reply) => {
                 self.stats.ops_ok += 1;
@@ -980,7 +1214,20 @@ impl Engine {
         let mut record = record;
         strip_nulls(&mut record);
         let json = record.to_string();
-        self.note_record(&doc.encode(), &key, &json);
+        let doc_key = doc.encode();
+        if let Some(u) = &mut self.undo {
+            // Indexed once the whole operation succeeded (see `OpUndo`).
+            u.records.push((doc_key, key.clone(), json.clone()));
+        } else if json.len() > crate::validate::RECORD_BYTES_MAX
+            || layout::parse_record_key(&key).is_err()
+        {
+            // An engine-internal write (fork, deficit, expiry) that peers
+            // would refuse would block every later record of this node.
+            tracing::error!(key = %key, bytes = json.len(), "record not written: peers would refuse it");
+            return;
+        } else {
+            self.note_record(&doc_key, &key, &json);
+        }
         self.put(doc, key, ScalarValue::Str(json.into()));
     }
 
@@ -1169,6 +1416,7 @@ impl Engine {
     }
 
     fn receipt(&mut self, r: crate::ops::Receipt, now_ms: u64) -> Result<OpReply, OpError> {
+        self.known_location(&r.location)?;
         let lines = sum_lines(r.lines.iter().map(|l| (l.product_id, l.quantity)))
             .map_err(OpError::BadRequest)?;
         for (p, q) in &lines {
@@ -1207,6 +1455,12 @@ impl Engine {
     }
 
     fn count(&mut self, c: Count, now_ms: u64) -> Result<OpReply, OpError> {
+        if self.own_count_session(&c.count_id).is_some() {
+            return Err(OpError::IdConflict(format!(
+                "count {} was used before (a count session or an earlier count)",
+                c.count_id
+            )));
+        }
         if c.location != self.cfg.location {
             return Err(OpError::NotOwner(format!(
                 "counts are recorded only by a location's own node; this node owns {:?}",
@@ -1224,75 +1478,36 @@ impl Engine {
             })?,
             None => now_ms,
         };
-        let mut lines = c.lines.clone();
-        if c.scope == Some(crate::ops::CountScope::Full) {
-            // A full count also says "zero" for every product of the location it did not list.
-            let listed: BTreeSet<u64> = lines.iter().map(|l| l.product_id).collect();
-            let mut others: Vec<u64> = self
-                .views
-                .stock
-                .iter()
-                .filter(|(p, m)| !listed.contains(p) && m.contains_key(&c.location))
-                .map(|(p, _)| *p)
-                .collect();
-            others.sort_unstable();
-            lines.extend(others.into_iter().map(|p| crate::ops::CountLine {
-                product_id: p,
-                counted: 0,
-            }));
-        }
         // The basis is the view as of the count; counts "now" include the pending
-        // batch. All bases first, so a refused line leaves nothing half-applied.
-        let mut bases = Vec::with_capacity(lines.len());
-        for l in &lines {
-            bases.push(if at_ms >= now_ms {
-                self.views
-                    .entry(l.product_id, &c.location)
-                    .map(|e| e.on_hand())
-                    .unwrap_or(0)
-            } else {
-                self.on_hand_at(l.product_id, &c.location, at_ms)?
-            });
+        // batch. All bases first: a refused line is refused before any write.
+        let mut bases = Vec::with_capacity(c.lines.len());
+        for l in &c.lines {
+            bases.push(self.count_basis(l.product_id, &c.location, at_ms, now_ms)?);
         }
         let mut out_lines = Vec::new();
-        for (l, basis) in lines.iter().zip(bases) {
-            let delta = i128::from(l.counted) - i128::from(basis);
-            let known = self
-                .views
-                .entry(l.product_id, &c.location)
-                .is_some_and(|e| !e.cells.is_empty());
-            if delta == 0 && !known {
-                // A count of 0 for a product never seen here still makes it known (200 with 0).
-                self.bump(l.product_id, &c.location, LedgerField::Received, 0)?;
-            }
-            if delta > 0 {
-                self.bump(
-                    l.product_id,
-                    &c.location,
-                    LedgerField::Received,
-                    delta as u64,
-                )?;
-            } else if delta < 0 {
-                self.bump(
-                    l.product_id,
-                    &c.location,
-                    LedgerField::Removed,
-                    (-delta) as u64,
-                )?;
-            }
-            let rights = self.rights_raw(l.product_id, &c.location);
-            if rights < 0 {
-                self.reclaim(l.product_id, &c.location, rights.unsigned_abs(), now_ms);
-                let rec = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "product_id": l.product_id, "deficit": rights.unsigned_abs(), "at_ms": now_ms});
-                self.write_record(
-                    RecordKind::Deficit,
-                    &format!("{}.{}", c.count_id, l.product_id),
-                    rec,
-                    now_ms,
-                );
-            }
-            out_lines.push(serde_json::json!({"product_id": l.product_id, "counted": l.counted, "basis": basis, "delta": delta as i64}));
+        let mut units_delta = 0i64;
+        for (l, basis) in c.lines.iter().zip(bases) {
+            let delta = self.count_line(
+                &c.count_id,
+                &c.location,
+                l.product_id,
+                l.counted,
+                basis,
+                now_ms,
+            )?;
+            units_delta = units_delta.saturating_add(delta);
+            out_lines.push(serde_json::json!({"product_id": l.product_id, "counted": l.counted, "basis": basis, "delta": delta}));
         }
+        // A full count also says "zero" for every product of the location it
+        // did not list; those are written in parts (a record per part), as a
+        // store of thousands of products would not fit one record.
+        let full = c.scope == Some(crate::ops::CountScope::Full);
+        let (zeroed, zero_delta) = if full {
+            let listed: BTreeSet<u64> = c.lines.iter().map(|l| l.product_id).collect();
+            self.zero_uncounted(&c.count_id, &c.location, &listed, now_ms)?
+        } else {
+            (0, 0)
+        };
         let basis_heads: Vec<String> = c
             .lines
             .iter()
@@ -1302,12 +1517,24 @@ impl Engine {
             .filter_map(|d| self.docs.get(&d).map(|s| (d, s)))
             .map(|(d, s)| format!("{d}@{}", hex_heads(&s.doc.get_heads()).join(",")))
             .collect();
-        let record = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "counted_at_ms": at_ms, "lines": out_lines, "basis": basis_heads, "occurred_at": c.occurred_at, "register_id": c.register_id, "staff_id": c.staff_id, "at_ms": now_ms});
+        let mut record = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "counted_at_ms": at_ms, "lines": out_lines, "basis": basis_heads, "occurred_at": c.occurred_at, "register_id": c.register_id, "staff_id": c.staff_id, "at_ms": now_ms});
+        if full {
+            record["scope"] = "full".into();
+            record["products_zeroed"] = zeroed.into();
+            record["zero_delta"] = zero_delta.into();
+        }
+        // The basis heads are a diagnosis aid: dropped if the record would
+        // otherwise be larger than a peer accepts.
+        if record.to_string().len() > crate::validate::RECORD_BYTES_MAX {
+            record["basis"] = serde_json::Value::Null;
+        }
         self.write_record(RecordKind::Count, &c.count_id, record, now_ms);
-        Ok(Self::reply(
-            201,
-            serde_json::json!({"count_id": c.count_id, "lines": out_lines}),
-        ))
+        let mut body = serde_json::json!({"count_id": c.count_id, "lines": out_lines});
+        if full {
+            body["products_zeroed"] = zeroed.into();
+            body["units_delta"] = units_delta.saturating_add(zero_delta).into();
+        }
+        Ok(Self::reply(201, body))
     }
 
     fn grant(&mut self, g: crate::ops::Grant, now_ms: u64) -> Result<OpReply, OpError> {
@@ -1353,6 +1580,20 @@ impl Engine {
 
     fn bump_loyalty(&mut self, customer: &str, earned: bool, add: u64) -> Result<(), OpError> {
         let actor = self.actor;
+        if let Some(u) = &mut self.undo {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                u.loyalty.entry((customer.to_string(), earned))
+            {
+                let old = self.views.customers.get(customer).and_then(|v| {
+                    if earned {
+                        v.earned.get(&actor).copied()
+                    } else {
+                        v.spent.get(&actor).copied()
+                    }
+                });
+                slot.insert(old);
+            }
+        }
         let view = self
             .views
             .customers
@@ -1686,6 +1927,15 @@ impl Engine {
                             retirements.push((tag, s));
                         }
                     }
+                    if let Some(loc) = layout::parse_location_key(k) {
+                        if let Ok(Some((v, _))) = slot.doc.get(ROOT, k.as_str()) {
+                            if let Some(Ok(d)) = v.as_str().map(layout::parse_declared_location) {
+                                if d.location == loc {
+                                    self.views.declared.insert(loc.to_string(), d);
+                                }
+                            }
+                        }
+                    }
                     if let Ok(tag) = layout::parse_mesh_key(k) {
                         if let Ok(Some((v, _))) = slot.doc.get(ROOT, k.as_str()) {
                             if let Some(Ok(info)) = v.as_str().map(layout::parse_node_info) {
@@ -1778,11 +2028,12 @@ impl Engine {
             .unwrap_or("")
             .to_string();
         self.note_retail_record(kind, id, doc, key, &v);
+        if matches!(kind, RecordKind::Count | RecordKind::CountLines) {
+            self.note_count_record(kind, &v);
+        }
         match kind {
             RecordKind::Sale => {
-                self.views
-                    .sales
-                    .insert(id.to_string(), (doc.to_string(), key.to_string()));
+                self.note_sale_id(id, doc, key);
                 // A pseudonym; records written before pseudonyms hold the id.
                 let named = v
                     .get("customer")
@@ -1814,6 +2065,50 @@ impl Engine {
             }
             _ => {}
         }
+    }
+
+    /// Indexes a sale id. Two nodes apart from each other may have used one
+    /// id: this node's own sale is the one looked up (returns at this node
+    /// refer to it), else the first by document; all are kept.
+    fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
+        let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
+        let new = (doc.to_string(), key.to_string());
+        let Some(old) = self.views.sales.get(id).cloned() else {
+            self.views.sales.insert(id.to_string(), new);
+            return;
+        };
+        if tag_of(&old.0) == tag_of(doc) {
+            self.views.sales.insert(id.to_string(), new);
+            return;
+        }
+        let c = self
+            .views
+            .sale_collisions
+            .entry(id.to_string())
+            .or_default();
+        c.insert(old.clone());
+        c.insert(new.clone());
+        let own = self.tag.hex();
+        let mine = |d: &str| tag_of(d).as_deref() == Some(own.as_str());
+        if mine(doc) || (!mine(&old.0) && new < old) {
+            self.views.sales.insert(id.to_string(), new);
+        }
+    }
+
+    /// The sale record of `id` and the other sales of that id, if two
+    /// nodes used it (`collisions`).
+    pub fn sale_json(&self, id: &str) -> Option<serde_json::Value> {
+        let (d, k) = self.views.sales.get(id)?;
+        let mut v = self.record(d, k)?;
+        if let Some(all) = self.views.sale_collisions.get(id) {
+            let others: Vec<serde_json::Value> = all
+                .iter()
+                .filter(|(od, ok)| (od, ok) != (d, k))
+                .filter_map(|(od, ok)| self.record(od, ok))
+                .collect();
+            v["collisions"] = others.into();
+        }
+        Some(v)
     }
 
     /// Reads a stored record by (document, key).

@@ -186,6 +186,60 @@ pub fn parse_retirement(json: &str) -> Result<NodeTag, String> {
         .ok_or_else(|| "retirement without a successor".into())
 }
 
+/// `loc/<location>` → JSON {"location", "timezone"?, "owner"?, …}: a location
+/// the chain knows without a node of its own (a warehouse), declared by an
+/// operator at any node (`POST /api/locations`).
+pub fn location_key(location: &str) -> String {
+    format!("loc/{location}")
+}
+
+pub fn parse_location_key(key: &str) -> Option<&str> {
+    key.strip_prefix("loc/")
+        .filter(|l| validate_name("location", l).is_ok())
+}
+
+/// A declared location's value: its JSON, checked.
+pub fn parse_declared_location(json: &str) -> Result<DeclaredLocation, String> {
+    let d: DeclaredLocation =
+        serde_json::from_str(json).map_err(|e| format!("bad declared location: {e}"))?;
+    validate_name("location", &d.location)?;
+    if let Some(o) = &d.owner {
+        validate_name("owner", o)?;
+    }
+    if let Some(t) = &d.timezone {
+        crate::time::validate_timezone(t)?;
+    }
+    Ok(d)
+}
+
+/// A location declared with `POST /api/locations`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeclaredLocation {
+    pub location: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The node that acts for the location (receives its transfers, counts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// A record id made of `base` and a suffix that stays a valid record id
+/// (at most 128 characters): a long base is replaced by a hash of it. The
+/// record's body names the base in full.
+pub fn part_id(base: &str, suffix: &str) -> String {
+    let id = format!("{base}{suffix}");
+    if id.len() <= crate::ids::CLIENT_ID_LEN_MAX {
+        return id;
+    }
+    use sha2::Digest;
+    let h = hex::encode(sha2::Sha256::digest(base.as_bytes()));
+    format!("#{}{suffix}", &h[..40])
+}
+
 pub fn parse_mesh_key(key: &str) -> Result<NodeTag, String> {
     match key.split_once('/') {
         Some((tag, "info")) => NodeTag::parse(tag).ok_or_else(|| format!("bad mesh key {key:?}")),
@@ -220,6 +274,10 @@ pub enum RecordKind {
     Import,
     Reservation,
     ReservationClose,
+    /// One page of a count session's lines.
+    CountLines,
+    /// A part of the products a full count set to 0.
+    CountZero,
 }
 
 impl RecordKind {
@@ -240,6 +298,8 @@ impl RecordKind {
             RecordKind::Import => "imp",
             RecordKind::Reservation => "rsv",
             RecordKind::ReservationClose => "rsc",
+            RecordKind::CountLines => "cntl",
+            RecordKind::CountZero => "cntz",
         }
     }
     pub fn parse(prefix: &str) -> Option<RecordKind> {
@@ -259,6 +319,8 @@ impl RecordKind {
             "imp" => RecordKind::Import,
             "rsv" => RecordKind::Reservation,
             "rsc" => RecordKind::ReservationClose,
+            "cntl" => RecordKind::CountLines,
+            "cntz" => RecordKind::CountZero,
             _ => return None,
         })
     }

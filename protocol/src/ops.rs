@@ -226,6 +226,12 @@ pub struct Transfer {
 pub struct TransferReceive {
     #[serde(default)]
     pub transfer_id: String,
+    /// The sending location, to choose between two transfers that used the
+    /// same id while apart and go to the same destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Empty (or absent): everything arrived as sent.
+    #[serde(default)]
     pub lines: Vec<QtyLine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,
@@ -334,6 +340,58 @@ pub const IMPORT_ROWS_MAX: usize = 1_000_000;
 pub struct ImportCounts {
     pub import_id: String,
     pub rows: Vec<ImportRow>,
+    /// `full`: every product of each location in the file that the file does
+    /// not list is set to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<CountScope>,
+}
+
+/// One line of a count session: a product (by id or SKU) and what was
+/// counted, as of `counted_at` (RFC 3339; default: when the line arrived).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionLine {
+    #[serde(default)]
+    pub product_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    pub counted: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_at: Option<String>,
+}
+
+/// `POST /api/counts/{count_id}/lines`: one page of a count session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountLines {
+    #[serde(default)]
+    pub count_id: String,
+    pub location: String,
+    pub lines: Vec<SessionLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff_id: Option<String>,
+}
+
+/// `POST /api/counts/{count_id}/finish`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountFinish {
+    #[serde(default)]
+    pub count_id: String,
+    pub scope: CountScope,
+}
+
+/// `POST /api/locations`: a location the chain knows without a node of its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclareLocation {
+    pub location: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// One client operation, as the engine executes it.
@@ -375,6 +433,9 @@ pub enum Op {
         product_id: u64,
         update: ProductUpdate,
     },
+    CountLines(CountLines),
+    CountFinish(CountFinish),
+    DeclareLocation(DeclareLocation),
 }
 
 impl Op {
@@ -390,7 +451,12 @@ impl Op {
             Op::Redeem { redeem, .. } => Some(format!("rdm/{}", redeem.redeem_id)),
             Op::Adjustment(a) => Some(format!("adj/{}", a.adjustment_id)),
             Op::Transfer(t) => Some(format!("trf/{}", t.transfer_id)),
-            Op::TransferReceive(t) => Some(format!("trr/{}", t.transfer_id)),
+            // Two colliding transfers received at one node are two receipts.
+            Op::TransferReceive(t) => Some(match &t.from {
+                Some(f) => format!("trr/{}@{f}", t.transfer_id),
+                None => format!("trr/{}", t.transfer_id),
+            }),
+            Op::CountFinish(f) => Some(format!("cnf/{}", f.count_id)),
             Op::ImportCounts(i) => Some(format!("imp/{}", i.import_id)),
             Op::Reserve(r) => Some(format!("rsv/{}", r.reservation_id)),
             Op::ReservationFulfil { reservation_id, .. } => Some(format!("rsf/{reservation_id}")),
@@ -398,7 +464,11 @@ impl Op {
             Op::CustomerPut { .. }
             | Op::CustomerErase { .. }
             | Op::ProductPut { .. }
-            | Op::Retire { .. } => None,
+            | Op::Retire { .. }
+            // A page sent again is a recount of the same products: its lines
+            // replace the earlier ones (no idempotency record needed).
+            | Op::CountLines(_)
+            | Op::DeclareLocation(_) => None,
         }
     }
 
@@ -544,6 +614,7 @@ impl Op {
             }
             Op::TransferReceive(t) => {
                 validate_client_id("transfer_id", &t.transfer_id)?;
+                opt_name("from", &t.from)?;
                 if t.lines.len() > LINES_MAX {
                     return Err(format!("lines must hold at most {LINES_MAX} entries"));
                 }
@@ -601,6 +672,33 @@ impl Op {
                     }
                 }
                 import_errors(errors)
+            }
+            Op::CountLines(c) => {
+                validate_client_id("count_id", &c.count_id)?;
+                validate_name("location", &c.location)?;
+                lines_len(c.lines.len())?;
+                for (i, l) in c.lines.iter().enumerate() {
+                    validate_product_id(&format!("lines[{i}].product_id"), l.product_id)?;
+                    validate_counted(&format!("lines[{i}].counted"), l.counted)?;
+                    if let Some(t) = &l.counted_at {
+                        if t.len() > 64 || crate::time::parse_rfc3339_ms(t).is_none() {
+                            return Err(format!(
+                                "lines[{i}].counted_at must be RFC 3339 with an offset"
+                            ));
+                        }
+                    }
+                }
+                opt_text("register_id", &c.register_id)?;
+                opt_text("staff_id", &c.staff_id)
+            }
+            Op::CountFinish(f) => validate_client_id("count_id", &f.count_id),
+            Op::DeclareLocation(d) => {
+                validate_name("location", &d.location)?;
+                opt_name("owner", &d.owner)?;
+                if let Some(t) = &d.timezone {
+                    crate::time::validate_timezone(t)?;
+                }
+                Ok(())
             }
             Op::ProductPut { product_id, update } => {
                 validate_product_id("product_id", *product_id)?;

@@ -254,7 +254,14 @@ impl Engine {
 
     pub(crate) fn request_rights(&mut self, short: &[ShortLine], now_ms: u64) {
         for s in short {
-            let need = s.requested.saturating_sub(s.available.max(0) as u64);
+            // A request carries at most one line's quantity (what a peer
+            // accepts): a larger shortfall (two lines of 6×10^8 of one
+            // product, a reclaim after a large overdraft) asks for that much
+            // now and for the rest at the next request.
+            let need = s
+                .requested
+                .saturating_sub(s.available.max(0) as u64)
+                .min(crate::ids::QUANTITY_MAX);
             if need == 0 {
                 continue;
             }
@@ -315,7 +322,15 @@ impl Engine {
     ) -> Result<(), String> {
         crate::ids::validate_name("location", &req.location)?;
         crate::ids::validate_product_id("product_id", req.product_id)?;
-        crate::ids::validate_quantity("quantity", req.quantity)?;
+        // Nodes before the clamp above sent any size: a request over the
+        // quantity limit is answered up to the limit, not a violation.
+        if req.quantity == 0 {
+            return Ok(());
+        }
+        let req = RightsRequest {
+            quantity: req.quantity.min(crate::ids::QUANTITY_MAX),
+            ..req
+        };
         let origin = NodeId::parse(&req.origin)?;
         if origin == self.cfg.node_id || !self.remember(&req) {
             return Ok(());

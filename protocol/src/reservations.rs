@@ -100,32 +100,59 @@ impl Engine {
         ))
     }
 
-    fn open_reservation_of_mine(&self, id: &str) -> Result<crate::views::ReservationView, OpError> {
-        let v = self
+    /// The open reservation of this id that this node fulfils: (creating
+    /// node, reservation). Two colliding open ones fulfilled here: 409.
+    fn open_reservation_of_mine(
+        &self,
+        id: &str,
+    ) -> Result<(String, crate::views::ReservationView), OpError> {
+        let all: Vec<(&String, &crate::views::ReservationView)> = self
             .views
             .reservations
             .get(id)
-            .filter(|v| v.known)
-            .cloned()
-            .ok_or_else(|| {
-                OpError::NotFound(format!("unknown reservation {id} (not synced here yet?)"))
-            })?;
-        if !self.fulfils_for(v.fulfil_by) {
-            let name = v
-                .fulfil_by
-                .map(|t| self.views.name_of(t))
-                .unwrap_or_default();
-            return Err(OpError::NotOwner(format!(
-                "reservation {id} is fulfilled by node {name}, only it may act on it"
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.known)
+            .collect();
+        if all.is_empty() {
+            return Err(OpError::NotFound(format!(
+                "unknown reservation {id} (not synced here yet?)"
             )));
         }
-        if let Some(status) = &v.closed {
-            return Err(OpError::Conflict {
+        let mine: Vec<&(&String, &crate::views::ReservationView)> = all
+            .iter()
+            .filter(|(_, v)| self.fulfils_for(v.fulfil_by))
+            .collect();
+        let open: Vec<&&(&String, &crate::views::ReservationView)> =
+            mine.iter().filter(|(_, v)| v.closed.is_none()).collect();
+        match (mine.as_slice(), open.as_slice()) {
+            ([], _) => {
+                let name = all[0]
+                    .1
+                    .fulfil_by
+                    .map(|t| self.views.name_of(t))
+                    .unwrap_or_default();
+                Err(OpError::NotOwner(format!(
+                    "reservation {id} is fulfilled by node {name}, only it may act on it"
+                )))
+            }
+            (_, [one]) => Ok((one.0.clone(), one.1.clone())),
+            (some, []) => Err(OpError::Conflict {
                 code: "reservation_closed".into(),
-                message: format!("reservation {id} is already {status}"),
-            });
+                message: format!(
+                    "reservation {id} is already {}",
+                    some[0].1.closed.clone().unwrap_or_default()
+                ),
+            }),
+            (_, many) => Err(OpError::Conflict {
+                code: "id_collision".into(),
+                message: format!(
+                    "{} open reservations use the id {id} (made apart by {}); they cannot be told apart here",
+                    many.len(),
+                    many.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
         }
-        Ok(v)
     }
 
     pub(crate) fn reservation_fulfil(
@@ -134,7 +161,7 @@ impl Engine {
         sale_id: Option<String>,
         now_ms: u64,
     ) -> Result<OpReply, OpError> {
-        let v = self.open_reservation_of_mine(id)?;
+        let (creator, v) = self.open_reservation_of_mine(id)?;
         // The reserved units are this node's rights: the sale spends them.
         for (p, q) in &v.lines {
             if self.rights_raw(*p, &v.location) < *q as i64 {
@@ -157,7 +184,7 @@ impl Engine {
             .collect();
         let sale = serde_json::json!({"sale_id": sale_id, "node": self.cfg.name, "location": v.location, "lines": lines, "reservation_id": id, "total": 0, "at_ms": now_ms});
         self.write_record(RecordKind::Sale, &sale_id, sale, now_ms);
-        self.close_reservation(id, "fulfilled", now_ms);
+        self.close_reservation(id, &creator, "fulfilled", now_ms);
         Ok(Engine::reply(
             201,
             serde_json::json!({"reservation_id": id, "status": "fulfilled", "sale_id": sale_id}),
@@ -170,45 +197,114 @@ impl Engine {
         status: &str,
         now_ms: u64,
     ) -> Result<OpReply, OpError> {
-        self.open_reservation_of_mine(id)?;
-        self.close_reservation(id, status, now_ms);
+        let (creator, _) = self.open_reservation_of_mine(id)?;
+        self.close_reservation(id, &creator, status, now_ms);
         Ok(Engine::reply(
             201,
             serde_json::json!({"reservation_id": id, "status": status}),
         ))
     }
 
-    fn close_reservation(&mut self, id: &str, status: &str, now_ms: u64) {
-        let record = serde_json::json!({"reservation_id": id, "node": self.cfg.name, "status": status, "at_ms": now_ms});
-        self.write_record(RecordKind::ReservationClose, id, record, now_ms);
+    fn close_reservation(&mut self, id: &str, creator: &str, status: &str, now_ms: u64) {
+        // The close names the reservation's creator, so it closes exactly
+        // one of two colliding reservations (each under its own key).
+        let colliding = self.views.reservations.get(id).is_some_and(|m| m.len() > 1);
+        let record_id = if colliding {
+            crate::layout::part_id(id, &format!("@{creator}"))
+        } else {
+            id.to_string()
+        };
+        let record = serde_json::json!({"reservation_id": id, "creator": creator, "node": self.cfg.name, "status": status, "at_ms": now_ms});
+        self.write_record(RecordKind::ReservationClose, &record_id, record, now_ms);
+    }
+
+    /// `GET /api/reservations/{id}`: the reservation (the one this node
+    /// fulfils or made, else the first) plus `collisions`.
+    pub fn reservation_json(&self, id: &str) -> Option<serde_json::Value> {
+        let m = self.views.reservations.get(id)?;
+        let one = |v: &crate::views::ReservationView| {
+            let lines: Vec<serde_json::Value> = v
+                .lines
+                .iter()
+                .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+                .collect();
+            serde_json::json!({
+                "reservation_id": id, "location": v.location, "lines": lines,
+                "fulfil_by": v.fulfil_by.map(|t| self.views.name_of(t)),
+                "expires_at": crate::time::format_rfc3339_ms(v.expires_at_ms),
+                "status": v.closed.clone().unwrap_or_else(|| "open".into()),
+            })
+        };
+        let known: Vec<(&String, &crate::views::ReservationView)> =
+            m.iter().filter(|(_, v)| v.known).collect();
+        let primary = known
+            .iter()
+            .find(|(_, v)| self.fulfils_for(v.fulfil_by))
+            .or_else(|| known.iter().find(|(n, _)| **n == self.cfg.name))
+            .or_else(|| known.first())?;
+        let mut out = one(primary.1);
+        if known.len() > 1 {
+            let others: Vec<serde_json::Value> = known
+                .iter()
+                .filter(|(n, _)| *n != primary.0)
+                .map(|(_, v)| one(v))
+                .collect();
+            out["collisions"] = others.into();
+        }
+        Some(out)
     }
 
     /// Expires this node's open reservations whose time has come, by its own clock.
     pub fn expire_reservations(&mut self, now_ms: u64) -> usize {
-        let mut due: Vec<String> = self
+        let top = String::from("\u{10ffff}");
+        let mut due: Vec<(String, String)> = self
             .views
-            .reservations
-            .iter()
-            .filter(|(_, v)| {
-                v.known
-                    && v.closed.is_none()
-                    && self.fulfils_for(v.fulfil_by)
-                    && v.expires_at_ms <= now_ms
+            .expiring
+            .range(..=(now_ms, top.clone(), top))
+            .filter_map(|(_, id, creator)| {
+                let v = self.views.reservations.get(id)?.get(creator)?;
+                (v.known && v.closed.is_none() && self.fulfils_for(v.fulfil_by))
+                    .then(|| (id.clone(), creator.clone()))
             })
-            .map(|(id, _)| id.clone())
             .collect();
-        // The index is a HashMap: its order differs between processes, the
-        // order of the writes (and so the change's bytes) must not.
+        // The order of the writes (and so the change's bytes) is the ids'.
         due.sort();
-        for id in &due {
-            self.close_reservation(id, "expired", now_ms);
+        for (id, creator) in &due {
+            self.close_reservation(id, creator, "expired", now_ms);
         }
         due.len()
     }
 
     /// Indexes reservation records, whichever arrives first.
     pub(crate) fn note_reservation(&mut self, kind: RecordKind, id: &str, v: &serde_json::Value) {
-        let before = self.views.reservations.get(id).cloned().unwrap_or_default();
+        // The id in the body: a close of colliding reservations has its own key.
+        let id = v["reservation_id"].as_str().unwrap_or(id);
+        let creator = match kind {
+            RecordKind::Reservation => v["node"].as_str().unwrap_or("").to_string(),
+            _ => match v["creator"].as_str() {
+                Some(c) => c.to_string(),
+                // A close written before closes named the creator: the one
+                // open reservation of the id fulfilled by the closing node.
+                None => {
+                    let closer = v["node"].as_str().and_then(|n| self.views.tag_of(n));
+                    let m = self.views.reservations.get(id);
+                    m.and_then(|m| {
+                        m.iter()
+                            .find(|(_, r)| r.closed.is_none() && r.fulfil_by == closer)
+                            .or_else(|| m.iter().next())
+                            .map(|(c, _)| c.clone())
+                    })
+                    .unwrap_or_default()
+                }
+            },
+        };
+        let before = self
+            .views
+            .reservations
+            .get(id)
+            .and_then(|m| m.get(&creator))
+            .cloned()
+            .unwrap_or_default();
         let mut after = before.clone();
         match kind {
             RecordKind::Reservation => {
@@ -243,11 +339,21 @@ impl Engine {
         let held = |r: &crate::views::ReservationView| r.known && r.closed.is_none();
         if held(&before) {
             self.adjust_reserved(&before, -1);
+            self.views
+                .expiring
+                .remove(&(before.expires_at_ms, id.to_string(), creator.clone()));
         }
         if held(&after) {
             self.adjust_reserved(&after, 1);
+            self.views
+                .expiring
+                .insert((after.expires_at_ms, id.to_string(), creator.clone()));
         }
-        self.views.reservations.insert(id.to_string(), after);
+        self.views
+            .reservations
+            .entry(id.to_string())
+            .or_default()
+            .insert(creator, after);
     }
 
     fn adjust_reserved(&mut self, r: &crate::views::ReservationView, sign: i64) {

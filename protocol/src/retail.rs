@@ -13,7 +13,7 @@ use crate::ops::{
     import_errors, sum_lines, Adjustment, AdjustmentReason, Count, CountLine, ImportCounts, Op,
     OpError, OpReply, ProductUpdate, Return, ShortLine, Transfer, TransferReceive,
 };
-use crate::views::read_product;
+use crate::views::{read_product, TransferView};
 
 impl Engine {
     /// Replaces `sku` references in lines by product ids from the catalogue.
@@ -70,6 +70,11 @@ impl Engine {
                     resolve(&mut l.product_id, &l.sku, i)?;
                 }
             }
+            Op::CountLines(c) => {
+                for (i, l) in c.lines.iter_mut().enumerate() {
+                    resolve(&mut l.product_id, &l.sku, i)?;
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -113,6 +118,7 @@ impl Engine {
     }
 
     pub(crate) fn adjustment(&mut self, a: Adjustment, now_ms: u64) -> Result<OpReply, OpError> {
+        self.known_location(&a.location)?;
         let own = a.location == self.cfg.location;
         let mut removals: BTreeMap<u64, u64> = BTreeMap::new();
         let mut additions: BTreeMap<u64, u64> = BTreeMap::new();
@@ -149,13 +155,17 @@ impl Engine {
             }
         }
         for (p, q) in &removals {
+            let before = self.rights(*p, &a.location);
             self.bump(*p, &a.location, LedgerField::Removed, *q)?;
             let rights = self.rights(*p, &a.location);
-            if rights < 0 {
-                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": rights.unsigned_abs(), "at_ms": now_ms});
+            // One shortfall event, one deficit: only what this adjustment
+            // took below zero (a product already at -5 is not short again).
+            let new_short = rights.saturating_neg().max(0) - before.saturating_neg().max(0);
+            if new_short > 0 {
+                let rec = serde_json::json!({"adjustment_id": a.adjustment_id, "node": self.cfg.name, "location": a.location, "product_id": p, "deficit": new_short, "at_ms": now_ms});
                 self.write_record(
                     RecordKind::Deficit,
-                    &format!("{}.{p}", a.adjustment_id),
+                    &crate::layout::part_id(&a.adjustment_id, &format!(".{p}")),
                     rec,
                     now_ms,
                 );
@@ -175,6 +185,8 @@ impl Engine {
     }
 
     pub(crate) fn transfer(&mut self, t: Transfer, now_ms: u64) -> Result<OpReply, OpError> {
+        self.known_location(&t.from)?;
+        self.known_location(&t.to)?;
         let lines = sum_lines(t.lines.iter().map(|l| (l.product_id, l.quantity)))
             .map_err(OpError::BadRequest)?;
         // Stock leaves `from` out of the sender's rights: strict everywhere.
@@ -209,35 +221,97 @@ impl Engine {
         ))
     }
 
+    /// The transfers with this id that this node may receive (sent to its
+    /// own location or to one no node owns), optionally from one location:
+    /// (sending node, view).
+    fn receivable(&self, id: &str, from: Option<&str>) -> Vec<(String, TransferView)> {
+        self.views
+            .transfers
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.sent.is_empty())
+            .filter(|(_, v)| from.is_none_or(|f| v.from == f))
+            .filter(|(sender, v)| {
+                v.to == self.cfg.location
+                    || match self.views.owner_of(&v.to) {
+                        // One physical arrival, one accounting: into a
+                        // location no node acts for, only the sending node
+                        // books the arrival (two nodes booking it would both
+                        // add the units).
+                        None => **sender == self.cfg.name,
+                        Some((tag, _)) => tag == self.tag,
+                    }
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Destinations of the transfers with this id (for location-limited tokens).
+    pub fn transfer_destinations(&self, id: &str, from: Option<&str>) -> Vec<String> {
+        self.views
+            .transfers
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| from.is_none_or(|f| v.from == f))
+            .map(|(_, v)| v.to.clone())
+            .collect()
+    }
+
     pub(crate) fn transfer_receive(
         &mut self,
         t: TransferReceive,
         now_ms: u64,
     ) -> Result<OpReply, OpError> {
-        let Some(tv) = self
+        let known = self
             .views
             .transfers
             .get(&t.transfer_id)
-            .cloned()
-            .filter(|v| !v.sent.is_empty())
-        else {
+            .is_some_and(|m| m.values().any(|v| !v.sent.is_empty()));
+        if !known {
             return Err(OpError::NotFound(format!(
                 "unknown transfer {} (not synced to this node yet?)",
                 t.transfer_id
             )));
-        };
-        if tv.to != self.cfg.location && self.views.owner_of(&tv.to).is_some() {
+        }
+        let candidates = self.receivable(&t.transfer_id, t.from.as_deref());
+        if candidates.is_empty() {
+            if t.from.is_some() {
+                return Err(OpError::NotFound(format!(
+                    "no transfer {} from {} to a location of this node",
+                    t.transfer_id,
+                    t.from.as_deref().unwrap_or("")
+                )));
+            }
             return Err(OpError::NotOwner(format!(
-                "transfer {} is received by the node of {}, not by this node",
-                t.transfer_id, tv.to
+                "transfer {} is received by the node of its destination (into a location no node owns: by the node that sent it), not by this node",
+                t.transfer_id
             )));
         }
-        if tv.received {
-            return Err(OpError::Conflict {
-                code: "already_received".into(),
-                message: format!("transfer {} was already received", t.transfer_id),
-            });
-        }
+        let open: Vec<&(String, TransferView)> =
+            candidates.iter().filter(|(_, v)| !v.received).collect();
+        let (sender, tv) = match open.as_slice() {
+            [] => {
+                return Err(OpError::Conflict {
+                    code: "already_received".into(),
+                    message: format!("transfer {} was already received", t.transfer_id),
+                })
+            }
+            [one] => (*one).clone(),
+            _ => {
+                let froms: Vec<&str> = open.iter().map(|(_, v)| v.from.as_str()).collect();
+                return Err(OpError::Conflict {
+                    code: "id_collision".into(),
+                    message: format!(
+                        "{} transfers use the id {} (from {}); say which with \"from\"",
+                        open.len(),
+                        t.transfer_id,
+                        froms.join(", ")
+                    ),
+                });
+            }
+        };
         // No lines: everything arrived as sent.
         let got: BTreeMap<u64, u64> = if t.lines.is_empty() {
             tv.sent.clone()
@@ -256,12 +330,110 @@ impl Engine {
             // Units that never arrived already left `from`: they are shrinkage.
             out.push(serde_json::json!({"product_id": p, "sent": sent, "received": received, "shrinkage": sent.saturating_sub(received), "over": received.saturating_sub(sent)}));
         }
-        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "from": tv.from, "to": tv.to, "lines": out, "occurred_at": t.occurred_at, "register_id": t.register_id, "staff_id": t.staff_id, "at_ms": now_ms});
-        self.write_record(RecordKind::TransferReceipt, &t.transfer_id, record, now_ms);
+        let colliding = self
+            .views
+            .transfers
+            .get(&t.transfer_id)
+            .is_some_and(|m| m.len() > 1);
+        // The receipt names the sending node, so it marks exactly its
+        // transfer; two receipts of colliding ids at one node get two keys.
+        let record_id = if colliding {
+            crate::layout::part_id(&t.transfer_id, &format!("@{sender}"))
+        } else {
+            t.transfer_id.clone()
+        };
+        let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "sender": sender, "from": tv.from, "to": tv.to, "lines": out, "occurred_at": t.occurred_at, "register_id": t.register_id, "staff_id": t.staff_id, "at_ms": now_ms});
+        self.write_record(RecordKind::TransferReceipt, &record_id, record, now_ms);
         Ok(Engine::reply(
             201,
-            serde_json::json!({"transfer_id": t.transfer_id, "status": "received", "lines": out}),
+            serde_json::json!({"transfer_id": t.transfer_id, "from": tv.from, "to": tv.to, "status": "received", "lines": out}),
         ))
+    }
+
+    /// Every id that more than one node used for different operations while
+    /// apart (CONTRACT v2): `{"kind":"id_collision","id","nodes"}`.
+    pub fn id_collisions(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut transfers: Vec<(&String, Vec<&String>)> = self
+            .views
+            .transfers
+            .iter()
+            .filter(|(_, m)| m.values().filter(|v| !v.sent.is_empty()).count() > 1)
+            .map(|(id, m)| (id, m.keys().collect()))
+            .collect();
+        transfers.sort();
+        for (id, nodes) in transfers {
+            out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "transfer", "nodes": nodes}));
+        }
+        let mut sales: Vec<(&String, Vec<String>)> = self
+            .views
+            .sale_collisions
+            .iter()
+            .map(|(id, s)| {
+                let nodes = s
+                    .iter()
+                    .filter_map(|(d, k)| self.record(d, k))
+                    .filter_map(|v| v["node"].as_str().map(str::to_string))
+                    .collect();
+                (id, nodes)
+            })
+            .collect();
+        sales.sort();
+        for (id, nodes) in sales {
+            out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "sale", "nodes": nodes}));
+        }
+        let mut counts: Vec<(&String, Vec<&String>)> = self
+            .views
+            .count_sessions
+            .iter()
+            .filter(|(_, m)| m.len() > 1)
+            .map(|(id, m)| (id, m.keys().collect()))
+            .collect();
+        counts.sort();
+        let mut rsv: Vec<(&String, Vec<&String>)> = self
+            .views
+            .reservations
+            .iter()
+            .filter(|(_, m)| m.values().filter(|v| v.known).count() > 1)
+            .map(|(id, m)| (id, m.keys().collect()))
+            .collect();
+        rsv.sort();
+        for (id, nodes) in rsv {
+            out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "reservation", "nodes": nodes}));
+        }
+        for (id, nodes) in counts {
+            out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "count", "nodes": nodes}));
+        }
+        out
+    }
+
+    /// `GET /api/transfers/{id}`: the transfer this node cares about (to its
+    /// location, else sent by it, else the first) and the others with that id.
+    pub fn transfer_json(&self, id: &str) -> Option<serde_json::Value> {
+        let m = self.views.transfers.get(id)?;
+        let one = |n: &String, t: &TransferView| {
+            let lines: Vec<serde_json::Value> = t
+                .sent
+                .iter()
+                .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+                .collect();
+            serde_json::json!({"transfer_id": id, "node": n, "from": t.from, "to": t.to, "lines": lines, "status": if t.received { "received" } else { "in_transit" }})
+        };
+        let primary = m
+            .iter()
+            .find(|(_, t)| t.to == self.cfg.location)
+            .or_else(|| m.iter().find(|(n, _)| **n == self.cfg.name))
+            .or_else(|| m.iter().next())?;
+        let mut v = one(primary.0, primary.1);
+        if m.len() > 1 {
+            let others: Vec<serde_json::Value> = m
+                .iter()
+                .filter(|(n, _)| *n != primary.0)
+                .map(|(n, t)| one(n, t))
+                .collect();
+            v["collisions"] = others.into();
+        }
+        Some(v)
     }
 
     pub(crate) fn product_put(
@@ -285,6 +457,11 @@ impl Engine {
         let doc = DocId::Products {
             bucket: product_bucket(product, self.cfg.buckets),
         };
+        if let Some(undo) = &mut self.undo {
+            if let std::collections::btree_map::Entry::Vacant(slot) = undo.products.entry(product) {
+                slot.insert(self.views.products.get(&product).cloned());
+            }
+        }
         let mut view = self
             .views
             .products
@@ -433,7 +610,15 @@ impl Engine {
                 };
                 self.apply_count(count, now_ms)?;
             }
-            summary.push(serde_json::json!({"location": location, "rows": n}));
+            let mut entry = serde_json::json!({"location": location, "rows": n});
+            if imp.scope == Some(crate::ops::CountScope::Full) {
+                let listed: BTreeSet<u64> = lines.iter().map(|l| l.product_id).collect();
+                let id = crate::layout::part_id(&imp.import_id, &format!(".{location}.full"));
+                let (zeroed, delta) = self.zero_uncounted(&id, &location, &listed, now_ms)?;
+                entry["products_zeroed"] = zeroed.into();
+                entry["zero_delta"] = delta.into();
+            }
+            summary.push(entry);
         }
         let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "at_ms": now_ms});
         self.write_record(RecordKind::Import, &imp.import_id, record, now_ms);
@@ -451,7 +636,8 @@ impl Engine {
             .map(|ids| {
                 ids.iter()
                     .filter_map(|id| self.views.transfers.get(id))
-                    .filter(|t| !t.received)
+                    .flat_map(|m| m.values())
+                    .filter(|t| !t.received && t.to == location)
                     .map(|t| {
                         i64::try_from(t.sent.get(&product).copied().unwrap_or(0))
                             .unwrap_or(i64::MAX)
@@ -477,11 +663,32 @@ impl Engine {
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();
-                let t = self.views.transfers.entry(id.to_string()).or_default();
+                let id = v["transfer_id"].as_str().unwrap_or(id).to_string();
+                let m = self.views.transfers.entry(id.clone()).or_default();
+                let sender = if kind == RecordKind::Transfer {
+                    v["node"].as_str().unwrap_or("").to_string()
+                } else if let Some(s) = v["sender"].as_str() {
+                    s.to_string()
+                } else {
+                    // A receipt written before receipts named the sender:
+                    // the transfer with its route, else the only one.
+                    m.iter()
+                        .find(|(_, t)| t.from == from && t.to == to)
+                        .map(|(n, _)| n.clone())
+                        .or_else(|| (m.len() == 1).then(|| m.keys().next().cloned()).flatten())
+                        .unwrap_or_default()
+                };
+                let t = m.entry(sender).or_default();
                 t.from = from;
                 t.to = to.clone();
                 if kind == RecordKind::Transfer {
-                    for l in v["lines"].as_array().into_iter().flatten() {
+                    // Records come from peers: bounded before they count.
+                    for l in v["lines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .take(crate::ops::LINES_MAX)
+                    {
                         t.sent.insert(
                             l["product_id"].as_u64().unwrap_or(0),
                             l["quantity"].as_u64().unwrap_or(0),
@@ -495,7 +702,7 @@ impl Engine {
                     .transfers_to
                     .entry(to.clone())
                     .or_default()
-                    .insert(id.to_string());
+                    .insert(id);
                 for p in products {
                     self.touch_row(p, &to);
                 }

@@ -95,6 +95,22 @@ pub fn format_rfc3339_ms(ms: u64) -> String {
     )
 }
 
+/// An IANA time zone name's form (`Europe/Berlin`): 1-64 letters, digits and `/_+-`.
+pub fn validate_timezone(tz: &str) -> Result<(), String> {
+    let ok = !tz.is_empty()
+        && tz.len() <= 64
+        && tz
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "timezone {tz:?} is not an IANA time zone name such as Europe/Berlin"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

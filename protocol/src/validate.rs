@@ -352,7 +352,7 @@ fn cumulative(
     Ok(())
 }
 
-fn check_op(
+pub(crate) fn check_op(
     doc_id: &DocId,
     doc: &Automerge,
     author: ActorKey,
@@ -382,6 +382,20 @@ fn check_op(
             match value {
                 Some(ScalarValue::Str(s)) => crate::layout::parse_retirement(s).map(|_| ()),
                 _ => Err("a retirement can not be undone".into()),
+            }
+        }
+        DocId::Mesh if key.starts_with("loc/") => {
+            let loc = crate::layout::parse_location_key(key)
+                .ok_or_else(|| format!("bad mesh key {key:?}"))?;
+            match value {
+                Some(ScalarValue::Str(s)) => {
+                    let d = crate::layout::parse_declared_location(s)?;
+                    if d.location != loc {
+                        return Err(format!("declared location {key:?} names another location"));
+                    }
+                    Ok(())
+                }
+                _ => Err("declared locations are JSON strings".into()),
             }
         }
         DocId::Mesh => {
@@ -448,4 +462,47 @@ fn check_op(
             },
         },
     }
+}
+
+/// Checks changes a node wrote itself with the per-op rules a peer applies
+/// (`check_op`: owned keys, ranges, record sizes and ids) — the simulator's
+/// proof that no honest node ever writes a change that blocks its own
+/// replication. Sequence and dependency checks need the receiver's document
+/// and are left to `validate_changes`.
+pub fn check_changes_as_peer(
+    doc_id: &DocId,
+    changes: &[Change],
+    buckets: u32,
+) -> Result<(), String> {
+    let empty = Automerge::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for change in changes {
+        let author = ActorKey::from_bytes(change.actor_id().to_bytes())
+            .ok_or("change by an actor id that is not a storemesh actor")?;
+        for op in &change.decode().operations {
+            let automerge::legacy::Key::Map(k) = &op.key else {
+                return Err("change writes a list element".into());
+            };
+            let value = match &op.action {
+                automerge::legacy::OpType::Put(v) => Some(v.clone()),
+                automerge::legacy::OpType::Delete => None,
+                _ => return Err(format!("change uses an unsupported operation on {k:?}")),
+            };
+            // Cumulative cells are compared within the changes only (the
+            // receiver's earlier values are not at hand here).
+            if value.is_none() && matches!(doc_id, DocId::Customers { .. }) {
+                continue;
+            }
+            check_op(
+                doc_id,
+                &empty,
+                author,
+                k,
+                value.as_ref(),
+                buckets,
+                &mut last,
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -212,7 +212,12 @@ pub struct Views {
     /// sale records hold it) → customer id, for every key in the key store.
     pub pseudonyms: HashMap<String, String>,
     /// sale id → (records document, key): for lookups by the return desk.
+    /// When two nodes used one id, this node's own sale, else the first by
+    /// document name; the others are in `sale_collisions`.
     pub sales: HashMap<String, (String, String)>,
+    /// sale id → every (records document, key) holding a sale of that id,
+    /// for ids that more than one node used.
+    pub sale_collisions: HashMap<String, BTreeSet<(String, String)>>,
     /// (kind/id, node) → alarm.
     pub alarms: BTreeMap<(String, String), Alarm>,
     /// Names of configured peers, known before their directory entry arrives.
@@ -221,8 +226,10 @@ pub struct Views {
     pub products: HashMap<u64, ProductView>,
     pub by_sku: HashMap<String, BTreeSet<u64>>,
     pub by_barcode: HashMap<String, BTreeSet<u64>>,
-    /// transfer id → what was sent and whether it was received.
-    pub transfers: HashMap<String, TransferView>,
+    /// transfer id → sending node's name → what was sent and whether it was
+    /// received. Ids are chain-wide, but two nodes apart from each other may
+    /// use one id for two transfers: both stay in effect exactly.
+    pub transfers: HashMap<String, BTreeMap<String, TransferView>>,
     /// destination location → transfer ids (for `incoming`).
     pub transfers_to: HashMap<String, BTreeSet<String>>,
     /// original sale id → product → units returned against it.
@@ -231,12 +238,22 @@ pub struct Views {
     pub adjustments: HashMap<String, BTreeSet<(String, String)>>,
     /// Retired node → its successor (from the mesh document).
     pub retired: BTreeMap<NodeTag, NodeTag>,
-    /// reservation id → reservation.
-    pub reservations: HashMap<String, ReservationView>,
+    /// reservation id → creating node's name → reservation (two nodes apart
+    /// may have used one id: both hold their units).
+    pub reservations: HashMap<String, BTreeMap<String, ReservationView>>,
+    /// Open reservations ordered by expiry: (expires_at_ms, id). Expiry
+    /// reads the due ones from the front instead of scanning every
+    /// reservation ever made.
+    pub expiring: BTreeSet<(u64, String, String)>,
     /// (product, location, fulfilling node) → units held by open reservations.
     pub reserved: HashMap<(u64, String, NodeTag), i64>,
     /// product → purchases naming a customer: (at_ms, customer, location, sale id).
     pub buyers: HashMap<u64, BTreeSet<(u64, String, String, String)>>,
+    /// count id → node that took it → count session (and finished counts),
+    /// from the records; two nodes may have used one id while apart.
+    pub count_sessions: HashMap<String, BTreeMap<String, crate::counts::CountSession>>,
+    /// Locations declared with `POST /api/locations` (the `mesh` document).
+    pub declared: BTreeMap<String, crate::layout::DeclaredLocation>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,6 +350,23 @@ impl Views {
             .iter()
             .find(|(_, i)| i.location.as_deref() == Some(location))
             .map(|(t, i)| (*t, i))
+            .or_else(|| {
+                // A declared location may name the node that acts for it.
+                let owner = self.declared.get(location)?.owner.as_deref()?;
+                self.nodes
+                    .iter()
+                    .find(|(_, i)| i.name == owner)
+                    .map(|(t, i)| (*t, i))
+            })
+    }
+
+    /// Whether the chain knows `location`: a node's own, or a declared one.
+    pub fn knows_location(&self, location: &str) -> bool {
+        self.declared.contains_key(location)
+            || self
+                .nodes
+                .values()
+                .any(|i| i.location.as_deref() == Some(location))
     }
 
     pub fn set_product(&mut self, product: u64, view: ProductView) {

@@ -22,6 +22,8 @@ fn sale(id: &str, p: u64, q: u64) -> Op {
 fn copied_storage_fork_is_detected_and_merged_exactly() {
     let mut m = TestMesh::new(2, 8);
     m.connect(0, 1);
+    // Node 1 books at loc0 once it knows the location (node 0's directory entry).
+    m.settle();
     m.execute(0, receipt("r1", "loc0", 5, 10)).unwrap();
     m.commit(0);
     m.settle();
@@ -202,6 +204,8 @@ fn bundled(
 fn two_nodes_with_stock() -> (TestMesh, String) {
     let mut m = TestMesh::new(2, 8);
     m.connect(0, 1);
+    // Node 1 books at loc0 once it knows the location (node 0's directory entry).
+    m.settle();
     m.execute(0, receipt("r1", "loc0", 5, 10)).unwrap();
     m.commit(0);
     m.execute(1, receipt("r2", "loc0", 5, 3)).unwrap();

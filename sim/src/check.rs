@@ -212,6 +212,41 @@ impl World {
         batch: &Batch,
     ) -> Result<(), crate::check::Violation> {
         let mut problem: Option<(&'static str, String)> = None;
+        // Every change this commit wrote passes the per-op validation a
+        // peer applies: one refused change would block the replication of
+        // its whole document (all of this node's later records, for a
+        // records document) — a full count of a large store once did that.
+        if let Some(life) = self.nodes[i].life.as_ref() {
+            let buckets = life.engine.config().buckets;
+            for w in &batch.docs {
+                // A snapshot (the chunks folded, e.g. after a large change)
+                // holds the whole document: all of it is checked.
+                let (doc, bytes) = match w {
+                    storemesh_protocol::engine::DocWrite::Chunk { doc, bytes, .. }
+                    | storemesh_protocol::engine::DocWrite::Snapshot { doc, bytes } => (doc, bytes),
+                };
+                // Ledger changes (most of the traffic) are left to the
+                // peers' own validation on receipt and the owned-cells and
+                // view checkers: decoding every one here doubled the cost
+                // of an event.
+                if doc.starts_with("ledger/") {
+                    continue;
+                }
+                let checked = DocId::parse(doc, buckets).and_then(|id| {
+                    let changes = storemesh_protocol::validate::changes_in_chunk(bytes)?;
+                    storemesh_protocol::validate::check_changes_as_peer(&id, &changes, buckets)
+                });
+                if let Err(e) = checked {
+                    let node_name = self.nodes[i].name.clone();
+                    return Err(self.violation(
+                        "peer-validation",
+                        format!(
+                            "node {node_name} flushed a change of {doc} that a peer refuses: {e}"
+                        ),
+                    ));
+                }
+            }
+        }
         {
             let node_name = self.nodes[i].name.clone();
             let Some(life) = self.nodes[i].life.as_mut() else {
@@ -835,6 +870,8 @@ impl World {
                         | RecordKind::Receipt
                         | RecordKind::Return
                         | RecordKind::Count
+                        | RecordKind::CountLines
+                        | RecordKind::CountZero
                         | RecordKind::Grant
                         | RecordKind::Reservation
                 ) {
@@ -892,6 +929,32 @@ impl World {
                             for l in lines.iter().filter(|l| l["disposition"] == "restock") {
                                 let q = l["quantity"].as_u64().unwrap_or(0);
                                 add(l["product_id"].as_u64().unwrap_or(0), &mut |c| c.0 += q);
+                            }
+                        }
+                        // A count session's page: [product, counted, basis, delta, at].
+                        RecordKind::CountLines => {
+                            for l in &lines {
+                                let d = l[3].as_i64().unwrap_or(0);
+                                add(l[0].as_u64().unwrap_or(0), &mut |c| {
+                                    if d > 0 {
+                                        c.0 += d as u64
+                                    } else {
+                                        c.1 += d.unsigned_abs()
+                                    }
+                                });
+                            }
+                        }
+                        // A part of a full count's zeroing: [product, basis, delta].
+                        RecordKind::CountZero => {
+                            for l in json["zeroed"].as_array().into_iter().flatten() {
+                                let d = l[2].as_i64().unwrap_or(0);
+                                add(l[0].as_u64().unwrap_or(0), &mut |c| {
+                                    if d > 0 {
+                                        c.0 += d as u64
+                                    } else {
+                                        c.1 += d.unsigned_abs()
+                                    }
+                                });
                             }
                         }
                         RecordKind::Count => {

@@ -25,6 +25,11 @@ pub enum Kind {
     ReservationCancel,
     /// `storemesh node retire --name NODE --successor NODE` (the id is the node).
     Retire,
+    /// `POST /api/counts/{id}/lines` (the id is the count id; each page is
+    /// its own record, so no record key is known in advance).
+    CountPage,
+    /// `POST /api/counts/{id}/finish` (the id is the count id).
+    CountFinish,
 }
 
 impl Kind {
@@ -34,12 +39,16 @@ impl Kind {
             Kind::Sale => Some("sale"),
             Kind::Return => Some("ret"),
             Kind::Receipt => Some("rcv"),
-            Kind::Count => Some("cnt"),
+            Kind::Count | Kind::CountFinish => Some("cnt"),
             Kind::Grant => Some("grt"),
             Kind::Reserve => Some("rsv"),
             Kind::ReservationFulfil => Some("sale"),
             Kind::ReservationCancel => Some("rsc"),
-            Kind::CustomerPut | Kind::CustomerErase | Kind::Redeem | Kind::Retire => None,
+            Kind::CustomerPut
+            | Kind::CustomerErase
+            | Kind::Redeem
+            | Kind::Retire
+            | Kind::CountPage => None,
         }
     }
 }

@@ -174,6 +174,7 @@ impl Driver {
             products: d.products.clone(),
             customers,
             next_id: 0,
+            sessions: Default::default(),
         };
         Ok(Driver {
             w,

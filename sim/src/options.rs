@@ -23,16 +23,19 @@ pub enum Bug {
     PushBeforeCommit,
     /// The request path writes idempotency records in a second transaction.
     IdemOutsideTxn,
+    /// The engine writes count records larger than a peer accepts, unchecked.
+    UncheckedLargeRecords,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::SkipRightsCheck,
         Bug::PerLineCheck,
         Bug::GrantInOtherBucket,
         Bug::AckBeforeCommit,
         Bug::PushBeforeCommit,
         Bug::IdemOutsideTxn,
+        Bug::UncheckedLargeRecords,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Bug {
             Bug::AckBeforeCommit => "ack-before-commit",
             Bug::PushBeforeCommit => "push-before-commit",
             Bug::IdemOutsideTxn => "idem-outside-txn",
+            Bug::UncheckedLargeRecords => "unchecked-large-records",
         }
     }
 

@@ -5,7 +5,7 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde_json::{json, Value};
-use storemesh_protocol::ops::{CustomerUpdate, Op};
+use storemesh_protocol::ops::{CountScope, CustomerUpdate, Op};
 use storemesh_protocol::time::format_rfc3339_ms;
 
 use crate::client::{Kind, Request};
@@ -40,6 +40,8 @@ pub struct Catalogue {
     pub products: Vec<u64>,
     pub customers: Vec<String>,
     pub next_id: u64,
+    /// node → its open count session: (count id, pages sent).
+    pub sessions: std::collections::BTreeMap<usize, (String, u32)>,
 }
 
 impl Catalogue {
@@ -183,6 +185,7 @@ impl World {
                 }
                 (Kind::Return, ret(body), id)
             }
+            65..=69 if self.rng.gen_bool(0.4) => self.random_count_session_op(cat, i, &own),
             65..=69 => {
                 let id = cat.fresh_id("c");
                 let loc = if self.rng.gen_bool(0.92) || others.is_empty() {
@@ -434,6 +437,58 @@ impl World {
         sale(body)
     }
 
+    /// A stocktake in pages at node `i`'s own location, while the tills sell:
+    /// a page of lines scanned a moment ago (sent again now and then, as a
+    /// till retries), or the finish of the open session, full or partial.
+    fn random_count_session_op(
+        &mut self,
+        cat: &mut Catalogue,
+        i: usize,
+        own: &str,
+    ) -> (Kind, Op, String) {
+        let open = cat.sessions.get(&i).cloned();
+        if let Some((id, pages)) = &open {
+            if *pages > 0 && self.rng.gen_bool(0.3) {
+                let scope = if self.rng.gen_bool(0.5) {
+                    "full"
+                } else {
+                    "partial"
+                };
+                cat.sessions.remove(&i);
+                let op = parse("count finish", json!({"count_id": id, "scope": scope}));
+                return (Kind::CountFinish, Op::CountFinish(op), id.clone());
+            }
+        }
+        let id = match open {
+            Some((id, pages)) => {
+                cat.sessions.insert(i, (id.clone(), pages + 1));
+                id
+            }
+            None => {
+                let id = cat.fresh_id("k");
+                cat.sessions.insert(i, (id.clone(), 1));
+                id
+            }
+        };
+        let mut ps = cat.products.clone();
+        ps.shuffle(&mut self.rng);
+        let n = self.rng.gen_range(1..=ps.len().min(40));
+        let scanned_at = self.clock(i).saturating_sub(self.rng.gen_range(0..5_000));
+        let lines: Vec<Value> = ps[..n]
+            .iter()
+            .map(|p| {
+                let seen = self.peek_on_hand(i, *p, own);
+                let counted = (seen + self.rng.gen_range(-2..=1)).max(0);
+                json!({"product_id": p, "counted": counted, "counted_at": format_rfc3339_ms(scanned_at)})
+            })
+            .collect();
+        let op = parse(
+            "count lines",
+            json!({"count_id": id, "location": own, "lines": lines}),
+        );
+        (Kind::CountPage, Op::CountLines(op), id)
+    }
+
     /// The same id with another body (must be refused with `id_conflict`).
     pub fn altered(op: &Op) -> Option<Op> {
         let mut op = op.clone();
@@ -443,6 +498,12 @@ impl World {
             Op::Return(r) => r.lines.first_mut()?.quantity += 1,
             Op::Count(c) => c.lines.first_mut()?.counted += 1,
             Op::Grant(g) => g.quantity += 1,
+            Op::CountFinish(f) => {
+                f.scope = match f.scope {
+                    CountScope::Full => CountScope::Partial,
+                    CountScope::Partial => CountScope::Full,
+                }
+            }
             Op::Redeem { redeem, .. } => redeem.points += 1,
             _ => return None,
         }

@@ -379,6 +379,7 @@ impl World {
             Some(Bug::SkipRightsCheck) => engine.faults.skip_rights_check = true,
             Some(Bug::PerLineCheck) => engine.faults.per_line_check = true,
             Some(Bug::GrantInOtherBucket) => engine.faults.grant_in_other_bucket = true,
+            Some(Bug::UncheckedLargeRecords) => engine.faults.unchecked_large_records = true,
             _ => {}
         }
         for (name, id) in &node.peers_cfg {

@@ -9,6 +9,7 @@ async fn one_node() -> (Mesh, String) {
     // Add a sell-only token and restart so the node picks it up.
     let mut cfg = Config::load(&m.dirs[0].0).unwrap();
     cfg.api.tokens.push(TokenConfig {
+        locations: None,
         name: "till".into(),
         token: "till-token-0123456789".into(),
         scopes: vec![Scope::Sell],
@@ -284,6 +285,13 @@ async fn money_write_fields_and_error_details_follow_the_contract() {
         .unwrap();
     assert_eq!(s, 201, "{v}");
     assert_eq!(admin.get("/api/sales/m2").await.unwrap().1["total"], 999);
+    // Transfers name a location the chain knows (CONTRACT v2): store-z has
+    // no node, so it is declared first.
+    let (s, v) = admin
+        .post("/api/locations", json!({"location": "store-z"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
     // Every write takes occurred_at, register_id and staff_id.
     for (path, body) in [
         (

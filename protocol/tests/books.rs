@@ -1,0 +1,460 @@
+//! Exact books in the engine: operations all or nothing, deficits once per
+//! shortfall event, count sessions' recounts, and records that peers accept.
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ScalarValue, ROOT};
+use storemesh_protocol::ids::{product_bucket, CELL_MAX};
+use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
+use storemesh_protocol::ops::*;
+use storemesh_protocol::testkit::{self, TestMesh};
+use storemesh_protocol::Engine;
+
+const NOW: u64 = 1_795_773_600_000;
+
+fn count(id: &str, loc: &str, lines: &[(u64, u64)]) -> Op {
+    Op::Count(Count {
+        count_id: id.into(),
+        location: loc.into(),
+        lines: lines
+            .iter()
+            .map(|(p, c)| CountLine {
+                product_id: *p,
+                counted: *c,
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
+    Op::Grant(Grant {
+        grant_id: id.into(),
+        product_id: p,
+        location: loc.into(),
+        to: to.into(),
+        quantity: q,
+        ..Default::default()
+    })
+}
+
+fn deficits(e: &Engine) -> Vec<i64> {
+    e.views
+        .alarms
+        .values()
+        .filter(|a| a.kind == "deficit")
+        .map(|a| a.record["deficit"].as_i64().unwrap_or(0))
+        .collect()
+}
+
+/// Finding 7: an operation that fails after its first write (here the
+/// second line overflows its ledger cell) leaves nothing behind, so a retry
+/// cannot apply the first line twice.
+#[test]
+fn an_operation_refused_after_its_first_write_leaves_nothing() {
+    let mut e = Engine::new(testkit::config(0, 4), [1, 2, 3, 4]);
+    let actor = e.actor();
+    // Product 2's received cell of this very writer is one below the cell limit.
+    let mut doc = Automerge::new().with_actor(actor.automerge());
+    let mut tx = doc.transaction();
+    tx.put(
+        ROOT,
+        ledger_key(2, actor, LedgerField::Received),
+        ScalarValue::Uint(CELL_MAX - 1),
+    )
+    .unwrap();
+    tx.commit();
+    let id = DocId::Ledger {
+        location: "loc0".into(),
+        bucket: product_bucket(2, 4),
+    }
+    .encode();
+    e.load_doc(&id, &[doc.save()], Vec::new()).unwrap();
+    e.finish_open();
+    let before = e.flush(NOW);
+    assert!(before.idem.is_empty());
+    for attempt in 0..2 {
+        let r = e.execute(
+            testkit::receipt("r1", "loc0", &[(1, 5), (2, 5)]),
+            NOW + attempt,
+            &|_| None,
+        );
+        assert!(matches!(r, Err(OpError::BadRequest(_))), "{r:?}");
+        // Product 1 (the first line) was not booked, in the view or the documents.
+        assert_eq!(e.totals(1, None).map(|t| t.0).unwrap_or(0), 0);
+        let batch = e.flush(NOW + attempt);
+        assert!(batch.idem.is_empty());
+        assert!(!e.recompute_stock().contains_key(&1));
+    }
+    // The same receipt without the overflowing line is booked once.
+    e.execute(testkit::receipt("r2", "loc0", &[(1, 5)]), NOW + 3, &|_| {
+        None
+    })
+    .unwrap();
+    assert_eq!(e.totals(1, None).map(|t| t.0), Some(5));
+}
+
+/// Finding 4: a product at -5 got another deficit of 5 at every later
+/// count; a deficit is recorded once per shortfall event.
+#[test]
+fn deficits_are_recorded_once_per_shortfall() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(7, 10)]))
+        .unwrap();
+    m.execute(0, grant("g1", 7, "loc0", "n1", 10)).unwrap();
+    m.commit(0);
+    // Five units lost: this node's rights go to -5, one deficit of 5.
+    m.execute(0, count("c1", "loc0", &[(7, 5)])).unwrap();
+    m.commit(0);
+    assert_eq!(deficits(&m.nodes[0].engine), vec![5]);
+    // Counted again at 5: nothing new is short.
+    m.execute(0, count("c2", "loc0", &[(7, 5)])).unwrap();
+    m.commit(0);
+    assert_eq!(deficits(&m.nodes[0].engine), vec![5]);
+    // Two more lost: a new shortfall of 2 (not masked by the earlier 5).
+    m.execute(0, count("c3", "loc0", &[(7, 3)])).unwrap();
+    m.commit(0);
+    let mut d = deficits(&m.nodes[0].engine);
+    d.sort();
+    assert_eq!(d, vec![2, 5]);
+    m.settle();
+    let mut d = deficits(&m.nodes[1].engine);
+    d.sort();
+    assert_eq!(d, vec![2, 5], "the peer accepted the deficit records");
+}
+
+/// A count id of the longest allowed length used to make deficit records
+/// with an id over 128 characters, which peers refuse (blocking every later
+/// record of the node); parts and deficits now keep valid ids.
+#[test]
+fn records_of_long_count_ids_are_accepted_by_peers() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    let long = "c".repeat(128);
+    m.execute(0, testkit::receipt("r1", "loc0", &[(7, 10), (8, 3)]))
+        .unwrap();
+    m.execute(0, grant("g1", 7, "loc0", "n1", 10)).unwrap();
+    m.commit(0);
+    let Op::Count(mut c) = count(&long, "loc0", &[(7, 4)]) else {
+        unreachable!()
+    };
+    c.scope = Some(CountScope::Full);
+    let r = m.execute(0, Op::Count(c)).unwrap();
+    assert!(r.body.contains("\"products_zeroed\":1"), "{}", r.body);
+    m.commit(0);
+    m.execute(0, testkit::sale("s1", None, &[(8, 1)]))
+        .unwrap_err();
+    m.settle();
+    let peer = &m.nodes[1].engine;
+    assert_eq!(peer.stats.rejected_messages, 0);
+    assert_eq!(deficits(peer), vec![6]);
+    let s = peer.count_json(&long).expect("count known");
+    assert_eq!(s["products_zeroed"], 1);
+}
+
+/// Count sessions: a recount replaces the earlier line, lines scanned
+/// before a sale are not erased by it, and a partial finish zeroes nothing.
+#[test]
+fn count_session_recount_and_partial_finish() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(
+        0,
+        testkit::receipt("r1", "loc0", &[(1, 10), (2, 10), (3, 10)]),
+    )
+    .unwrap();
+    m.commit(0);
+    let lines = |l: &[(u64, u64)]| {
+        Op::CountLines(CountLines {
+            count_id: "k1".into(),
+            location: "loc0".into(),
+            lines: l
+                .iter()
+                .map(|(p, c)| SessionLine {
+                    product_id: *p,
+                    counted: *c,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    let r = m.execute(0, lines(&[(1, 8), (2, 9)])).unwrap();
+    assert!(r.body.contains("\"lines_received\":2"), "{}", r.body);
+    m.commit(0);
+    m.execute(0, testkit::sale("s1", None, &[(1, 1)])).unwrap();
+    m.commit(0);
+    // Product 2 recounted: it ends at the recount.
+    m.execute(0, lines(&[(2, 7)])).unwrap();
+    m.commit(0);
+    let r = m
+        .execute(
+            0,
+            Op::CountFinish(CountFinish {
+                count_id: "k1".into(),
+                scope: CountScope::Partial,
+            }),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["lines_counted"], 2);
+    assert_eq!(v["products_zeroed"], 0);
+    assert_eq!(v["units_delta"], -2 - 3);
+    m.commit(0);
+    let e = &m.nodes[0].engine;
+    assert_eq!(
+        e.totals(1, None).map(|t| t.0),
+        Some(7),
+        "the sale after the scan stays"
+    );
+    assert_eq!(e.totals(2, None).map(|t| t.0), Some(7));
+    assert_eq!(e.totals(3, None).map(|t| t.0), Some(10));
+    // After the finish: lines are refused with id_conflict.
+    let err = m.execute(0, lines(&[(3, 1)])).unwrap_err();
+    assert!(matches!(err, OpError::IdConflict(_)), "{err:?}");
+    m.settle();
+    let s = m.nodes[1].engine.count_json("k1").unwrap();
+    assert_eq!(s["status"], "finished");
+}
+
+/// Finding 3: two nodes receiving the same transfer into a location no node
+/// owns each added the units; now only the sending node books the arrival.
+#[test]
+fn a_transfer_into_an_ownerless_location_is_received_once() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(
+        0,
+        Op::DeclareLocation(DeclareLocation {
+            location: "wh".into(),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(3, 10)]))
+        .unwrap();
+    m.execute(
+        0,
+        Op::Transfer(Transfer {
+            transfer_id: "t1".into(),
+            from: "loc0".into(),
+            to: "wh".into(),
+            lines: vec![QtyLine {
+                product_id: 3,
+                quantity: 4,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    m.commit(0);
+    m.settle();
+    let receive = || {
+        Op::TransferReceive(TransferReceive {
+            transfer_id: "t1".into(),
+            ..Default::default()
+        })
+    };
+    let e = m.execute(1, receive()).unwrap_err();
+    assert!(matches!(e, OpError::NotOwner(_)), "{e:?}");
+    m.execute(0, receive()).unwrap();
+    m.commit(0);
+    m.settle();
+    for n in &m.nodes {
+        let stock = n.engine.recompute_stock();
+        assert_eq!(stock[&3]["wh"].on_hand(), 4);
+        assert_eq!(stock[&3]["loc0"].on_hand(), 6);
+        assert_eq!(n.engine.incoming(3, "wh"), 0);
+    }
+}
+
+/// Finding 5: a sale with two lines of 6×10^8 of one product asked peers
+/// for 1.2×10^9 rights, over the quantity limit: every peer dropped the link
+/// as a protocol violation. The request is clamped and answered.
+#[test]
+fn a_huge_rights_request_is_clamped_not_a_violation() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    for k in 0..2 {
+        m.execute(
+            0,
+            testkit::receipt(&format!("r{k}"), "loc0", &[(3, 1_000_000_000)]),
+        )
+        .unwrap();
+    }
+    m.commit(0);
+    m.settle();
+    let big = Op::Sale(Sale {
+        sale_id: "huge".into(),
+        location: Some("loc0".into()),
+        lines: vec![
+            SaleLine {
+                product_id: 3,
+                quantity: 600_000_000,
+                ..Default::default()
+            };
+            2
+        ],
+        ..Default::default()
+    });
+    let now = m.now_ms;
+    let parked = m.nodes[1].engine.submit(big, now, 10_000, &|_| None);
+    assert!(matches!(
+        parked,
+        storemesh_protocol::rebalance::Submit::Parked(_)
+    ));
+    m.commit(1);
+    // Delivering the request used to panic here (a protocol violation).
+    m.settle();
+    assert_eq!(m.nodes[0].engine.stats.rejected_messages, 0);
+    assert_eq!(m.nodes[1].engine.rights(3, "loc0"), 1_000_000_000);
+}
+
+/// Finding 2, reservations: two nodes apart both reserve `rsv-1` for the
+/// same fulfilling node; both hold their units (before, one overwrote the
+/// other and its units became sellable).
+#[test]
+fn colliding_reservation_ids_both_hold_their_units() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(3, 10)]))
+        .unwrap();
+    m.execute(0, grant("g1", 3, "loc0", "n1", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    m.disconnect(0, 1);
+    let reserve = |q: u64| {
+        Op::Reserve(Reserve {
+            reservation_id: "rsv-1".into(),
+            location: "loc0".into(),
+            lines: vec![QtyLine {
+                product_id: 3,
+                quantity: q,
+                ..Default::default()
+            }],
+            fulfil_by: "n0".into(),
+            expires_at: "2030-01-01T00:00:00Z".into(),
+            ..Default::default()
+        })
+    };
+    m.execute(0, reserve(3)).unwrap();
+    m.commit(0);
+    m.execute(1, reserve(2)).unwrap();
+    m.commit(1);
+    m.connect(0, 1);
+    m.settle();
+    // n0 holds 5 + 2 rights, 3 + 2 of them reserved.
+    let e = &m.nodes[0].engine;
+    assert_eq!(e.rights_raw(3, "loc0"), 7);
+    assert_eq!(e.rights(3, "loc0"), 2);
+    let v = e.reservation_json("rsv-1").unwrap();
+    assert_eq!(v["collisions"].as_array().map(|a| a.len()), Some(1), "{v}");
+    assert!(e
+        .id_collisions()
+        .iter()
+        .any(|c| c["id"] == "rsv-1" && c["record"] == "reservation"));
+    let err = m
+        .execute(
+            0,
+            Op::ReservationCancel {
+                reservation_id: "rsv-1".into(),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, OpError::Conflict { code, .. } if code == "id_collision"),
+        "{err:?}"
+    );
+}
+
+/// Adjustments too: a deficit for the shortfall each one causes, once.
+#[test]
+fn adjustment_deficits_are_recorded_once_per_shortfall() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(7, 4)]))
+        .unwrap();
+    let damaged = |id: &str, q: i64| {
+        Op::Adjustment(Adjustment {
+            adjustment_id: id.into(),
+            location: "loc0".into(),
+            reason: AdjustmentReason::Damaged,
+            lines: vec![AdjustmentLine {
+                product_id: 7,
+                sku: None,
+                quantity: q,
+            }],
+            note: None,
+            occurred_at: None,
+            register_id: None,
+            staff_id: None,
+        })
+    };
+    m.execute(0, damaged("a1", 6)).unwrap();
+    m.execute(0, damaged("a2", 1)).unwrap();
+    m.commit(0);
+    let mut d = deficits(&m.nodes[0].engine);
+    d.sort();
+    assert_eq!(d, vec![1, 2]);
+}
+
+/// Colliding sale ids: each node looks up its own sale (returns against it
+/// are checked against the right lines), both are listed.
+#[test]
+fn colliding_sale_ids_are_both_kept() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 5)]))
+        .unwrap();
+    m.execute(1, testkit::receipt("r1", "loc1", &[(2, 5)]))
+        .unwrap();
+    m.commit(0);
+    m.commit(1);
+    m.settle();
+    m.disconnect(0, 1);
+    m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
+    m.commit(0);
+    m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
+    m.commit(1);
+    m.connect(0, 1);
+    m.settle();
+    for (i, own_product) in [(0usize, 1u64), (1, 2)] {
+        let e = &m.nodes[i].engine;
+        let v = e.sale_json("s-1").unwrap();
+        assert_eq!(v["lines"][0]["product_id"], own_product, "{v}");
+        assert_eq!(v["collisions"].as_array().map(|a| a.len()), Some(1), "{v}");
+        let c: Vec<serde_json::Value> = e
+            .id_collisions()
+            .into_iter()
+            .filter(|c| c["id"] == "s-1")
+            .collect();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0]["nodes"], serde_json::json!(["n0", "n1"]));
+    }
+    // A return at n1 against s-1 is checked against n1's sale (3 of product 2).
+    let ret = Op::Return(Return {
+        return_id: "ret-1".into(),
+        location: "loc1".into(),
+        original_sale_id: Some("s-1".into()),
+        customer_id: None,
+        lines: vec![ReturnLine {
+            product_id: 2,
+            quantity: 3,
+            disposition: Disposition::Restock,
+        }],
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    });
+    m.execute(1, ret).unwrap();
+}
