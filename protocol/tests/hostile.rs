@@ -211,6 +211,7 @@ fn have_and_docs_make_no_document_slots() {
         let doc = DocId::Records {
             tag: testkit::node_id(1).tag(),
             month: (2000 + i / 12) * 100 + i % 12 + 1,
+            part: 0,
         }
         .encode();
         let frame = encode_frame(&Msg::Have {
