@@ -15,7 +15,12 @@ use serde::{Deserialize, Serialize};
 
 /// Wire protocol version, checked in the hello. 2: compressed frames.
 /// 3: sync messages may carry their changes as an Automerge bundle.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: records documents in parts (`rec/<tag>/<month>/<part>`), count-session
+/// records (`cntl`, `cntz`), declared locations, and validation that refuses
+/// what version 3 accepted (extra bytes, plaintext profile fields): nodes of
+/// version 3 would refuse version 4's documents, so the two refuse each other
+/// at the hello instead.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Version byte at the start of every frame payload.
 pub const FRAME_VERSION: u8 = 1;
 /// Version byte of a frame whose payload is DEFLATE-compressed.
