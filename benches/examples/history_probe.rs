@@ -57,7 +57,7 @@ fn main() {
         let t = Instant::now();
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 8]);
         for (id, b) in &snaps {
-            e.load_doc(id, &[b.clone()], Vec::new()).unwrap();
+            e.load_doc(id, std::slice::from_ref(b), Vec::new()).unwrap();
         }
         println!(
             "fresh process from snapshots: load {:?} rss {:.0} MiB (base {base:.0})",
@@ -207,7 +207,7 @@ fn main() {
     let t = Instant::now();
     let mut e = Engine::new(cfg2, [9, 9, 9, 8]);
     for (id, b) in &snaps {
-        e.load_doc(id, &[b.clone()], Vec::new()).unwrap();
+        e.load_doc(id, std::slice::from_ref(b), Vec::new()).unwrap();
     }
     println!(
         "from snapshots: load {:?} rss {:.0} MiB",
