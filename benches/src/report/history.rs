@@ -36,8 +36,9 @@ const MULTIPLE: u64 = 100;
 const QUICK_MULTIPLE: u64 = 10;
 /// Full mode: phase 2 is sized to fit this long at phase 1's rate ...
 const FULL_PHASE2_BUDGET: Duration = Duration::from_secs(600);
-/// ... and stopped where it is if it takes this much longer than planned
-/// (the rate fell as the history grew); the row then says so.
+/// ... and stopped where it is if it takes this much longer than planned, or
+/// than the budget, whichever is later (the rate falls as the history grows);
+/// the row then says so.
 const PHASE2_OVERRUN: f64 = 1.5;
 /// Quick mode (CI): phase 2 is cut off after this long whatever its count.
 const QUICK_PHASE2_CAP: Duration = Duration::from_secs(40);
@@ -488,7 +489,11 @@ async fn measure(
             let plan = Duration::from_secs_f64(
                 ((m - 1) * s1) as f64 / at1.phase.rate().max(1.0) * PHASE2_OVERRUN,
             );
-            (m * s1, Instant::now() + plan, Some(m))
+            (
+                m * s1,
+                Instant::now() + plan.max(FULL_PHASE2_BUDGET),
+                Some(m),
+            )
         }
     };
     eprintln!(
