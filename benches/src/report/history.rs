@@ -320,7 +320,7 @@ async fn sell(p: &Proc, from: u64, to: u64, deadline: Instant) -> Phase {
     };
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        let (next, stop) = (next.clone(), stop.clone());
+        let (next, stop, cut) = (next.clone(), stop.clone(), cut.clone());
         let (addr, token) = (p.http, p.token.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::new(addr);
@@ -336,6 +336,21 @@ async fn sell(p: &Proc, from: u64, to: u64, deadline: Instant) -> Phase {
                     .await
                 {
                     Ok((201, _)) => ok += 1,
+                    // The node cannot take writes any more (its engine
+                    // stopped, or it is shutting down): the phase ends here
+                    // and the row says so, instead of counting fast refusals.
+                    Ok((503, b)) => {
+                        errors += 1;
+                        if let Ok(mut c) = cut.lock() {
+                            c.get_or_insert_with(|| {
+                                format!(
+                                    "the node answered 503: {}",
+                                    String::from_utf8_lossy(&b[..b.len().min(200)])
+                                )
+                            });
+                        }
+                        stop.store(true, Ordering::Relaxed);
+                    }
                     Ok((s, b)) => {
                         errors += 1;
                         first_error.get_or_insert_with(|| {
