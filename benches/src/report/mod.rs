@@ -3,6 +3,7 @@
 
 pub mod anchor;
 pub mod converge;
+pub mod history;
 pub mod ledger;
 pub mod nodes;
 pub mod procs;
