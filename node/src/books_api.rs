@@ -133,22 +133,10 @@ pub(crate) async fn count_lines(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = require(&sh, &headers, Scope::Stock) {
-        return r;
-    }
-    let mut req: ops::CountLines = match json_body(body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    if !req.count_id.is_empty() && req.count_id != id {
-        return bad("count_id in the body differs from the path");
-    }
-    req.count_id = id;
-    let op = Op::CountLines(req);
-    if let Err(r) = check_write(&sh, &headers, Scope::Stock, &op).await {
-        return r;
-    }
-    write_op(&sh, op).await
+    count_write(&sh, &headers, id, body, |mut r: ops::CountLines, id| {
+        (std::mem::replace(&mut r.count_id, id), Op::CountLines(r))
+    })
+    .await
 }
 
 /// `POST /api/counts/{count_id}/finish`.
@@ -158,22 +146,38 @@ pub(crate) async fn count_finish(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = require(&sh, &headers, Scope::Stock) {
+    count_write(&sh, &headers, id, body, |mut r: ops::CountFinish, id| {
+        (std::mem::replace(&mut r.count_id, id), Op::CountFinish(r))
+    })
+    .await
+}
+
+/// The two count-session writes: scope `stock`, the path's `count_id` put
+/// into the request (`into_op` returns the body's own, which must be empty or
+/// the same), the token's location limits, then the engine.
+async fn count_write<T: serde::de::DeserializeOwned>(
+    sh: &Arc<Shared>,
+    headers: &HeaderMap,
+    id: String,
+    body: Result<Bytes, BytesRejection>,
+    into_op: impl FnOnce(T, String) -> (String, Op),
+) -> Response {
+    if let Err(r) = require(sh, headers, Scope::Stock) {
         return r;
     }
-    let mut req: ops::CountFinish = match json_body(body) {
+    let req: T = match json_body(body) {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !req.count_id.is_empty() && req.count_id != id {
+    let path_id = id.clone();
+    let (body_id, op) = into_op(req, id);
+    if !body_id.is_empty() && body_id != path_id {
         return bad("count_id in the body differs from the path");
     }
-    req.count_id = id;
-    let op = Op::CountFinish(req);
-    if let Err(r) = check_write(&sh, &headers, Scope::Stock, &op).await {
+    if let Err(r) = check_write(sh, headers, Scope::Stock, &op).await {
         return r;
     }
-    write_op(&sh, op).await
+    write_op(sh, op).await
 }
 
 /// `GET /api/counts/{count_id}`: the session's status and totals.
