@@ -1051,7 +1051,7 @@ mod tests {
                 );
                 if let Some(id) = k.strip_prefix("sale/") {
                     assert!(
-                        !eng.views.sales.contains_key(id),
+                        eng.sale_doc(id).is_none(),
                         "{ctx}: record of failed sale {id} present"
                     );
                 }
@@ -1059,7 +1059,7 @@ mod tests {
             for (k, _, _) in &self.acked {
                 if let Some(id) = k.strip_prefix("sale/") {
                     assert!(
-                        eng.views.sales.contains_key(id),
+                        eng.sale_doc(id).is_some(),
                         "{ctx}: record of sale {id} lost"
                     );
                 }

@@ -388,7 +388,7 @@ pub fn start(dir: &Path, shared: Arc<Shared>) -> anyhow::Result<Option<Service>>
         next,
         feed,
         seen: Arc::new(Mutex::new(seen)),
-        sales_len_seen: usize::MAX,
+        sale_seq: None,
         wants: hooks
             .iter()
             .flat_map(|h| h.events.iter().copied())
@@ -417,8 +417,9 @@ struct Writer {
     next: u64,
     feed: u64,
     seen: Arc<Mutex<Seen>>,
-    /// Number of sales in the views at the last full look (skip when unchanged).
-    sales_len_seen: usize,
+    /// The engine's sale feed position read up to (`None`: look at every
+    /// sale held, at start and after falling behind the bounded feed).
+    sale_seq: Option<u64>,
     wants: HashSet<EventKind>,
 }
 
@@ -510,26 +511,47 @@ impl Writer {
         let left = budget.saturating_sub(pass.entries.len());
         if left > 0 && (want_sales || want_alarms) {
             let seen = self.seen.clone();
-            let sales_len_seen = self.sales_len_seen;
+            let sale_seq = self.sale_seq;
             let found = self
                 .shared
                 .query(move |e| {
                     let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
                     let mut sales: Vec<(String, Value)> = Vec::new();
                     let mut complete = true;
-                    if want_sales && e.views.sales.len() != sales_len_seen {
-                        for (id, (d, k)) in &e.views.sales {
+                    // Where the next pass reads the feed from.
+                    let mut next_seq = Some(e.sale_feed_next());
+                    match sale_seq.map(|s| (s, e.sales_since(s))) {
+                        _ if !want_sales => {}
+                        Some((_, Some(feed))) => {
+                            for (seq, id) in feed {
+                                if seen.sales.contains(id) {
+                                    continue;
+                                }
+                                if sales.len() >= left {
+                                    complete = false;
+                                    next_seq = Some(seq);
+                                    break;
+                                }
+                                let rec = e.sale_doc(id).and_then(|(d, k)| e.record(&d, &k));
+                                if let Some(rec) = rec {
+                                    sales.push((id.to_string(), rec));
+                                }
+                            }
+                        }
+                        // First pass, or the feed moved on past what this
+                        // writer read: every sale held, unseen ones only.
+                        _ => e.for_each_sale(|id, rec| {
                             if seen.sales.contains(id) {
-                                continue;
+                                return true;
                             }
                             if sales.len() >= left {
                                 complete = false;
-                                break;
+                                next_seq = None;
+                                return false;
                             }
-                            if let Some(rec) = e.record(d, k) {
-                                sales.push((id.clone(), rec));
-                            }
-                        }
+                            sales.push((id.to_string(), rec));
+                            true
+                        }),
                     }
                     let mut alarms: Vec<(String, Value)> = Vec::new();
                     if want_alarms {
@@ -548,13 +570,12 @@ impl Writer {
                             ));
                         }
                     }
-                    let len = if complete { e.views.sales.len() } else { usize::MAX };
-                    (sales, alarms, len)
+                    (sales, alarms, next_seq, complete)
                 })
                 .await;
-            if let Some((mut sales, alarms, len)) = found {
-                self.sales_len_seen = len;
-                more |= len == usize::MAX;
+            if let Some((mut sales, alarms, next_seq, complete)) = found {
+                self.sale_seq = next_seq;
+                more |= !complete;
                 // Several new sales in one pass go out in the order they happened.
                 sales.sort_by(|a, b| {
                     let at = |v: &Value| v.get("at_ms").and_then(Value::as_u64).unwrap_or(0);

@@ -124,3 +124,129 @@ fn chunks_are_folded_into_a_snapshot_by_count() {
         Some(100_000 - n as i64)
     );
 }
+
+fn sell(e: &mut Engine, store: &Store, from: usize, to: usize) {
+    for i in from..to {
+        e.execute(
+            testkit::sale(&format!("s{i}"), None, &[(7 + (i % 3) as u64, 2)]),
+            NOW_MS + i as u64,
+            &|_| None,
+        )
+        .unwrap();
+        commit(e, store, NOW_MS + i as u64);
+    }
+}
+
+fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_protocol::ops::Op {
+    use storemesh_protocol::ops::{Disposition, Op, Return, ReturnLine};
+    Op::Return(Return {
+        return_id: id.into(),
+        location: "loc0".into(),
+        original_sale_id: Some(sale.into()),
+        customer_id: None,
+        lines: vec![ReturnLine {
+            product_id: product,
+            quantity,
+            disposition: Disposition::Restock,
+        }],
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    })
+}
+
+/// Closed records parts are held as saved bytes (DESIGN §7, "records in
+/// periods that go cold"): every history lookup still answers — a sale by
+/// id, a return checked against it, the webhook scan — before and after a
+/// restart from the real redb file, and a fresh peer still receives them.
+#[test]
+fn closed_parts_go_cold_and_history_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let mut e = open(&store, [0, 0, 0, 1]);
+    e.set_records_per_part(4);
+    e.execute(
+        testkit::receipt("r1", "loc0", &[(7, 1000), (8, 1000), (9, 1000)]),
+        NOW_MS,
+        &|_| None,
+    )
+    .unwrap();
+    commit(&mut e, &store, NOW_MS);
+    sell(&mut e, &store, 0, 30);
+    assert_eq!(e.cold_parts().0, 0, "nothing cools before a tick");
+    e.tick(NOW_MS + 100);
+    let (cold, bytes) = e.cold_parts();
+    // 31 records, 4 per part: parts 0..=7; part 7 is open. A tick saves
+    // at most a few parts; the following ones cool the rest.
+    assert!(cold > 0 && bytes > 0, "{cold} {bytes}");
+    for t in 0..10 {
+        e.tick(NOW_MS + 200 + t);
+    }
+    assert_eq!(e.cold_parts().0, 7, "every closed part is cold");
+    // A sale in a cold part: looked up, and a return is checked against it.
+    let s0 = e.sale_json("s0").expect("sale s0 in a cold part");
+    assert_eq!(s0["sale_id"], "s0");
+    assert!(e.cold_parts().0 < 7, "the lookup loaded its part");
+    let over = e.execute(return_of("ret-0", "s3", 7, 3), NOW_MS + 50, &|_| None);
+    assert!(
+        over.is_err(),
+        "a return over the sold 2 is refused: {over:?}"
+    );
+    e.execute(return_of("ret-1", "s3", 7, 2), NOW_MS + 50, &|_| None)
+        .unwrap();
+    commit(&mut e, &store, NOW_MS + 50);
+    let mut all = Vec::new();
+    e.for_each_sale(|id, v| {
+        assert_eq!(v["sale_id"], id);
+        all.push(id.to_string());
+        true
+    });
+    all.sort();
+    assert_eq!(all.len(), 30, "{all:?}");
+    let cold_before = e.cold_parts().0;
+    e.for_each_sale(|_, _| true);
+    assert_eq!(
+        e.cold_parts().0,
+        cold_before,
+        "a whole-history scan loads nothing for good"
+    );
+    drop(e);
+
+    // Restart: closed parts are cold right after opening; lookups answer.
+    let mut e = open(&store, [0, 0, 0, 2]);
+    e.set_records_per_part(4);
+    let (cold, _) = e.cold_parts();
+    assert!(cold >= 7, "closed parts cold after a restart: {cold}");
+    for i in 0..30 {
+        let s = e.sale_json(&format!("s{i}")).expect("sale after restart");
+        assert_eq!(s["sale_id"], format!("s{i}"));
+    }
+    assert!(e.sale_json("s-none").is_none());
+    let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 60, &|_| None);
+    assert!(
+        again.is_err(),
+        "s3 was returned whole before the restart: {again:?}"
+    );
+    for t in 0..10 {
+        e.tick(NOW_MS + 300 + t);
+    }
+    assert!(e.cold_parts().0 >= 7);
+
+    // A fresh node gets every record from the node with cold parts.
+    let mut m = testkit::TestMesh::new(2, 8);
+    m.nodes[0].engine = e;
+    m.now_ms = NOW_MS + 400;
+    m.connect(0, 1);
+    m.settle();
+    for i in 0..30 {
+        assert!(
+            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
+            "sale s{i} reached the fresh node"
+        );
+    }
+    assert_eq!(
+        m.nodes[1].engine.documents(),
+        m.nodes[0].engine.documents(),
+        "same documents and heads"
+    );
+}

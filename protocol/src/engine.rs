@@ -138,9 +138,14 @@ impl Batch {
     }
 }
 
+/// Sale ids kept in the feed of recently noted sales (webhooks read it);
+/// about 60 bytes each, so at most ~4 MiB whatever the history.
+pub const SALE_FEED_MAX: usize = 65_536;
+
 pub(crate) struct Slot {
     pub id: DocId,
-    pub doc: Automerge,
+    /// The document; closed records parts are held cold (saved bytes).
+    pub doc: crate::lazydoc::LazyDoc,
     pub persisted: Vec<ChangeHash>,
     pub snapshot_bytes: u64,
     pub chunk_bytes: u64,
@@ -180,6 +185,9 @@ pub struct Engine {
     pub(crate) actor: ActorKey,
     pub(crate) docs: BTreeMap<String, Slot>,
     pub views: Views,
+    /// Recently noted sales (sequence, id), at most [`SALE_FEED_MAX`].
+    sale_feed: VecDeque<(u64, String)>,
+    sale_feed_next: u64,
     pub(crate) digest: Digest,
     pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
@@ -242,6 +250,8 @@ pub struct Stats {
     /// Sync messages sent with their changes as one bundle, and those changes.
     pub bundles_out: u64,
     pub bundled_changes_out: u64,
+    /// Closed records parts cooled (again) since start.
+    pub parts_cooled: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {
@@ -303,6 +313,8 @@ impl Engine {
     pub fn new(cfg: EngineConfig, incarnation: [u8; 4]) -> Engine {
         let tag = cfg.node_id.tag();
         Engine {
+            sale_feed: VecDeque::new(),
+            sale_feed_next: 0,
             undo: None,
             actor: ActorKey::new(tag, incarnation),
             tag,
@@ -513,6 +525,13 @@ impl Engine {
         let doc = load_parts(parts).map_err(|e| format!("document {id}: {e}"))?;
         let doc = doc.with_actor(self.actor.automerge());
         let heads = doc.get_heads();
+        // A records part may be closed (cooled after `finish_open`): keep the
+        // bytes it was loaded from, so cooling it costs no `save()`.
+        let doc = if matches!(doc_id, DocId::Records { .. }) {
+            crate::lazydoc::LazyDoc::with_saved(doc, parts.concat())
+        } else {
+            crate::lazydoc::LazyDoc::new(doc)
+        };
         let mut log: VecDeque<(u64, Vec<ChangeHash>)> = heads_log
             .into_iter()
             .map(|(t, h)| (t, parse_heads(&h)))
@@ -570,6 +589,61 @@ impl Engine {
             );
             self.views.nodes.insert(self.tag, info);
         }
+        // Views are built: closed parts go cold (their loaded bytes are kept).
+        self.cool_closed_parts(0);
+    }
+
+    /// Cools closed records parts (DESIGN §7): a part is closed once its
+    /// writer has a later part or month here. Cooling keeps the saved bytes
+    /// and heads only; a reader loads the part again and the next pass cools
+    /// it again. At most `saves_max` parts that need a `save()` (warmed or
+    /// written since they were loaded) are cooled per call, so a pass never
+    /// stalls the loop; parts that still hold their loaded bytes are free.
+    /// Returns the number of parts cooled.
+    pub fn cool_closed_parts(&mut self, saves_max: usize) -> usize {
+        let mut latest: HashMap<NodeTag, (u32, u32)> = HashMap::new();
+        for slot in self.docs.values() {
+            if let DocId::Records { tag, month, part } = slot.id {
+                let e = latest.entry(tag).or_insert((month, part));
+                *e = (*e).max((month, part));
+            }
+        }
+        let (mut cooled, mut saves) = (0, 0);
+        for (id, slot) in self.docs.iter_mut() {
+            let DocId::Records { tag, month, part } = slot.id else {
+                continue;
+            };
+            if slot.doc.is_cold() || self.dirty_docs.contains(id) {
+                continue;
+            }
+            if latest.get(&tag) == Some(&(month, part)) {
+                // Open: written to (ours) or still arriving (a peer's).
+                slot.doc.drop_saved();
+                continue;
+            }
+            if !slot.puts.is_empty() || !slot.dels.is_empty() || slot.persisted != slot.doc.heads()
+            {
+                continue;
+            }
+            if !slot.doc.has_saved() {
+                if saves >= saves_max {
+                    continue;
+                }
+                saves += 1;
+            }
+            slot.doc.cool();
+            cooled += 1;
+        }
+        self.stats.parts_cooled += cooled as u64;
+        cooled
+    }
+
+    /// Closed records parts held cold, and their saved bytes.
+    pub fn cold_parts(&self) -> (usize, usize) {
+        self.docs
+            .values()
+            .filter(|s| s.doc.is_cold())
+            .fold((0, 0), |(n, b), s| (n + 1, b + s.doc.saved_len()))
     }
 
     pub(crate) fn slot(&mut self, id: &DocId) -> &mut Slot {
@@ -577,7 +651,7 @@ impl Engine {
         let actor = self.actor.automerge();
         self.docs.entry(key).or_insert_with(|| Slot {
             id: id.clone(),
-            doc: Automerge::new().with_actor(actor),
+            doc: crate::lazydoc::LazyDoc::new(Automerge::new().with_actor(actor)),
             persisted: Vec::new(),
             snapshot_bytes: 0,
             chunk_bytes: 0,
@@ -1451,7 +1525,7 @@ impl Engine {
             return Ok(0);
         };
         match slot.heads_log.iter().rev().find(|(t, _)| *t <= at_ms) {
-            Some((_, heads)) => Ok(read_entry(&slot.doc, product, Some(heads)).on_hand()),
+            Some((_, heads)) => Ok(read_entry(&*slot.doc, product, Some(heads)).on_hand()),
             // Before the first logged state: the document was empty then, unless
             // the log was trimmed — then this node no longer knows its view as of T.
             None if slot.heads_log.len() < HEADS_LOG_MAX => Ok(0),
@@ -1522,7 +1596,7 @@ impl Engine {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .filter_map(|d| self.docs.get(&d).map(|s| (d, s)))
-            .map(|(d, s)| format!("{d}@{}", hex_heads(&s.doc.get_heads()).join(",")))
+            .map(|(d, s)| format!("{d}@{}", hex_heads(&s.doc.heads()).join(",")))
             .collect();
         let mut record = serde_json::json!({"count_id": c.count_id, "node": self.cfg.name, "location": c.location, "counted_at_ms": at_ms, "lines": out_lines, "basis": basis_heads, "occurred_at": c.occurred_at, "register_id": c.register_id, "staff_id": c.staff_id, "at_ms": now_ms});
         if full {
@@ -1909,7 +1983,7 @@ impl Engine {
                     .collect();
                 let entries: Vec<(u64, StockEntry)> = products
                     .into_iter()
-                    .map(|p| (p, read_entry(&slot.doc, p, None)))
+                    .map(|p| (p, read_entry(&*slot.doc, p, None)))
                     .collect();
                 for (p, entry) in entries {
                     self.set_entry(p, &location, entry);
@@ -2039,6 +2113,9 @@ impl Engine {
             self.note_count_record(kind, &v);
         }
         match kind {
+            RecordKind::Grant if doc.starts_with(&format!("rec/{}/", self.tag)) => {
+                self.views.own_grants.insert(key.to_string());
+            }
             RecordKind::Sale => {
                 self.note_sale_id(id, doc, key);
                 // A pseudonym; records written before pseudonyms hold the id.
@@ -2079,38 +2156,120 @@ impl Engine {
     /// refer to it), else the first by document; all are kept.
     fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
         let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
-        let new = (doc.to_string(), key.to_string());
-        let Some(old) = self.views.sales.get(id).cloned() else {
-            self.views.sales.insert(id.to_string(), new);
+        let Some((old_doc, _)) = self.sale_doc(id) else {
+            // The hash slot is free or held by another id.
+            self.views.sales.set(id, doc, false);
+            self.feed_sale(id);
             return;
         };
-        if tag_of(&old.0) == tag_of(doc) {
-            self.views.sales.insert(id.to_string(), new);
+        if old_doc == doc {
             return;
         }
-        let c = self
-            .views
-            .sale_collisions
-            .entry(id.to_string())
-            .or_default();
-        c.insert(old.clone());
-        c.insert(new.clone());
-        let own = self.tag.hex();
-        let mine = |d: &str| tag_of(d).as_deref() == Some(own.as_str());
-        if mine(doc) || (!mine(&old.0) && new < old) {
-            self.views.sales.insert(id.to_string(), new);
+        self.feed_sale(id);
+        let replace = if tag_of(&old_doc) == tag_of(doc) {
+            true
+        } else {
+            let c = self
+                .views
+                .sale_collisions
+                .entry(id.to_string())
+                .or_default();
+            c.insert((old_doc.clone(), key.to_string()));
+            c.insert((doc.to_string(), key.to_string()));
+            let own = self.tag.hex();
+            let mine = |d: &str| tag_of(d).as_deref() == Some(own.as_str());
+            mine(doc) || (!mine(&old_doc) && doc < old_doc.as_str())
+        };
+        if replace {
+            let slot_is_id = self.views.sales.hashed(id) == Some(old_doc.as_str());
+            self.views.sales.set(id, doc, slot_is_id);
         }
+    }
+
+    fn feed_sale(&mut self, id: &str) {
+        if self.sale_feed.len() >= SALE_FEED_MAX {
+            self.sale_feed.pop_front();
+        }
+        self.sale_feed
+            .push_back((self.sale_feed_next, id.to_string()));
+        self.sale_feed_next += 1;
+    }
+
+    /// Sale ids noted since `from` (a value of [`Engine::sale_feed_next`]),
+    /// in the order this process noted them; `None` when some of them have
+    /// left the bounded feed (read them with [`Engine::for_each_sale`]).
+    pub fn sales_since(&self, from: u64) -> Option<impl Iterator<Item = (u64, &str)>> {
+        let front = self
+            .sale_feed
+            .front()
+            .map_or(self.sale_feed_next, |(s, _)| *s);
+        if from < front {
+            return None;
+        }
+        let skip = (from - front) as usize;
+        Some(
+            self.sale_feed
+                .iter()
+                .skip(skip)
+                .map(|(s, id)| (*s, id.as_str())),
+        )
+    }
+
+    /// The sequence number the next noted sale gets.
+    pub fn sale_feed_next(&self) -> u64 {
+        self.sale_feed_next
+    }
+
+    /// Every sale record held, part by part, without keeping cold parts
+    /// loaded; `f` returns false to stop.
+    pub fn for_each_sale(&self, mut f: impl FnMut(&str, serde_json::Value) -> bool) {
+        let prefix = format!("{}/", RecordKind::Sale.prefix());
+        for slot in self.docs.values() {
+            if !matches!(slot.id, DocId::Records { .. }) {
+                continue;
+            }
+            let go = slot.doc.peek(|d| {
+                for item in d.map_range(ROOT, prefix.clone()..) {
+                    let Some(id) = item.key.strip_prefix(prefix.as_str()) else {
+                        break;
+                    };
+                    let value: automerge::Value<'static> = item.value.into();
+                    let Some(v) = value.as_str().and_then(|j| serde_json::from_str(j).ok()) else {
+                        continue;
+                    };
+                    if !f(id, v) {
+                        return false;
+                    }
+                }
+                true
+            });
+            if !go {
+                return;
+            }
+        }
+    }
+
+    /// The records document and key of sale `id` (this node's own sale when
+    /// two nodes used the id). Loads a cold part that may hold it.
+    pub fn sale_doc(&self, id: &str) -> Option<(String, String)> {
+        let key = layout::record_key(RecordKind::Sale, id);
+        let doc = self.views.sales.candidates(id).find(|d| {
+            self.docs
+                .get(*d)
+                .is_some_and(|s| s.doc.get(ROOT, key.as_str()).ok().flatten().is_some())
+        })?;
+        Some((doc.to_string(), key))
     }
 
     /// The sale record of `id` and the other sales of that id, if two
     /// nodes used it (`collisions`).
     pub fn sale_json(&self, id: &str) -> Option<serde_json::Value> {
-        let (d, k) = self.views.sales.get(id)?;
-        let mut v = self.record(d, k)?;
+        let (d, k) = self.sale_doc(id)?;
+        let mut v = self.record(&d, &k)?;
         if let Some(all) = self.views.sale_collisions.get(id) {
             let others: Vec<serde_json::Value> = all
                 .iter()
-                .filter(|(od, ok)| (od, ok) != (d, k))
+                .filter(|(od, ok)| (od, ok) != (&d, &k))
                 .filter_map(|(od, ok)| self.record(od, ok))
                 .collect();
             v["collisions"] = others.into();
@@ -2279,7 +2438,7 @@ impl Engine {
     pub fn documents(&self) -> Vec<(String, Vec<String>)> {
         self.docs
             .iter()
-            .map(|(id, s)| (id.clone(), hex_heads(&s.doc.get_heads())))
+            .map(|(id, s)| (id.clone(), hex_heads(&s.doc.heads())))
             .collect()
     }
 
@@ -2290,7 +2449,7 @@ impl Engine {
 
     /// Read access to a document (tests and the simulator's checkers).
     pub fn doc(&self, id: &str) -> Option<&Automerge> {
-        self.docs.get(id).map(|s| &s.doc)
+        self.docs.get(id).map(|s| &*s.doc)
     }
 
     /// Recomputes every stock entry from the documents (for checkers).
@@ -2305,7 +2464,7 @@ impl Engine {
                     .map(|(p, _, _)| p)
                     .collect();
                 for p in products {
-                    let e = read_entry(&slot.doc, p, None);
+                    let e = read_entry(&*slot.doc, p, None);
                     if !e.cells.is_empty() {
                         out.entry(p).or_default().insert(location.clone(), e);
                     }

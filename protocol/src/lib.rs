@@ -13,6 +13,7 @@ pub mod fuzz;
 pub mod ids;
 pub mod inflate;
 pub mod layout;
+pub mod lazydoc;
 pub mod ledger;
 pub mod ops;
 pub mod rebalance;

@@ -381,14 +381,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether one of this node's records documents holds `key`.
+    /// Whether one of this node's records documents holds grant record `key`
+    /// (an index kept by `note_record`: scanning the parts would load every
+    /// cold one).
     fn own_record_exists(&self, key: &str) -> bool {
-        use automerge::ReadDoc;
-        let prefix = format!("rec/{}/", self.tag);
-        self.docs
-            .range(prefix.clone()..)
-            .take_while(|(id, _)| id.starts_with(&prefix))
-            .any(|(_, slot)| slot.doc.get(automerge::ROOT, key).ok().flatten().is_some())
+        self.views.own_grants.contains(key)
     }
 
     fn send_rights_request(&mut self, peer: NodeId, req: &RightsRequest) {

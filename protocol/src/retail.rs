@@ -83,11 +83,11 @@ impl Engine {
     /// Refuses a return of more units than the original sale sold (minus earlier
     /// returns). Returns whether the sale was known here.
     pub(crate) fn check_over_return(&self, sale_id: &str, r: &Return) -> Result<bool, OpError> {
-        let Some((doc, key)) = self.views.sales.get(sale_id) else {
+        let Some((doc, key)) = self.sale_doc(sale_id) else {
             // Not synced here (yet): accepted, and recorded as unverified.
             return Ok(false);
         };
-        let record = self.record(doc, key).unwrap_or_default();
+        let record = self.record(&doc, &key).unwrap_or_default();
         let mut sold: BTreeMap<u64, u64> = BTreeMap::new();
         for l in record["lines"].as_array().into_iter().flatten() {
             let p = l["product_id"].as_u64().unwrap_or(0);

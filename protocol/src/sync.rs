@@ -31,6 +31,9 @@ use crate::wire::{encode_frame, CHUNK_BYTES_MAX};
 
 /// Digest groups (a one-level Merkle tree over documents).
 pub const GROUPS: usize = 256;
+/// Closed records parts that a tick may `save()` to cool them (each a few
+/// milliseconds at 2,048 records): warm parts are re-cooled over a few ticks.
+pub const COOL_SAVES_PER_TICK: usize = 4;
 /// Session restarts per document and connection after changes arrived
 /// without their dependencies (each asks for the missing ones explicitly).
 pub const SESSION_RESTARTS_MAX: u8 = 8;
@@ -317,7 +320,7 @@ impl Engine {
         self.docs.get(doc).is_none_or(|s| {
             heads
                 .iter()
-                .any(|h| automerge::ReadDoc::get_change_by_hash(&s.doc, h).is_none())
+                .any(|h| automerge::ReadDoc::get_change_by_hash(&*s.doc, h).is_none())
         })
     }
 
@@ -463,6 +466,7 @@ impl Engine {
         for doc in waiting {
             self.resume_catchup(&doc);
         }
+        self.cool_closed_parts(COOL_SAVES_PER_TICK);
     }
 
     /// Whether the session with `peer` on `doc` is still expected to bring
@@ -1011,7 +1015,7 @@ impl Engine {
         let mut fresh_seqs = crate::validate::ActorSeqs::default();
         let checked = {
             let (am, seqs) = match self.docs.get_mut(doc) {
-                Some(s) => (&s.doc, &mut s.seqs),
+                Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
             validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets).map_err(|e| {
@@ -1152,8 +1156,9 @@ impl Engine {
             }
         };
         if let Some(slot) = self.docs.get(doc) {
-            changes
-                .retain(|c| automerge::ReadDoc::get_change_by_hash(&slot.doc, &c.hash()).is_none());
+            changes.retain(|c| {
+                automerge::ReadDoc::get_change_by_hash(&*slot.doc, &c.hash()).is_none()
+            });
         }
         if changes.is_empty() {
             return Ok(());
@@ -1164,7 +1169,7 @@ impl Engine {
         let mut fresh_seqs = crate::validate::ActorSeqs::default();
         let checked = {
             let (am, seqs) = match self.docs.get_mut(doc) {
-                Some(s) => (&s.doc, &mut s.seqs),
+                Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
             validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets)
@@ -1292,7 +1297,7 @@ impl Engine {
 
     /// Has this document got changes by the given peer's node that we lack? (tests)
     pub fn heads_of(&self, doc: &str) -> Option<Vec<ChangeHash>> {
-        self.docs.get(doc).map(|s| s.doc.get_heads())
+        self.docs.get(doc).map(|s| s.doc.heads())
     }
 
     pub fn digest_root(&self) -> [u8; 32] {

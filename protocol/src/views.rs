@@ -214,7 +214,10 @@ pub struct Views {
     /// sale id → (records document, key): for lookups by the return desk.
     /// When two nodes used one id, this node's own sale, else the first by
     /// document name; the others are in `sale_collisions`.
-    pub sales: HashMap<String, (String, String)>,
+    pub sales: SaleIndex,
+    /// Keys of this node's own grant records (`grt/<id>`): answering a rights
+    /// request twice is refused by them after a restart.
+    pub own_grants: std::collections::HashSet<String>,
     /// sale id → every (records document, key) holding a sale of that id,
     /// for ids that more than one node used.
     pub sale_collisions: HashMap<String, BTreeSet<(String, String)>>,
@@ -431,5 +434,89 @@ impl Views {
         } else {
             self.customers.insert(id.to_string(), view);
         }
+    }
+}
+
+/// sale id → the records document holding `sale/<id>` (DESIGN §7: history
+/// lookups without a map entry per sale in memory). Ids are kept as a 64-bit
+/// hash and documents as an index into a table of names: 12 bytes per sale
+/// instead of three strings. A hash may stand for more than one id; the
+/// engine checks the document for the id's key ([`crate::engine::Engine::sale_doc`])
+/// and an id whose hash a different id already holds is kept exactly in
+/// `spill`.
+#[derive(Default)]
+pub struct SaleIndex {
+    /// Random keys per process: placement never shows outside, and ids
+    /// crafted to collide cannot be made offline.
+    keys: std::collections::hash_map::RandomState,
+    names: Vec<String>,
+    name_ix: HashMap<String, u32>,
+    by_hash: HashMap<(u32, u32), u32>,
+    spill: HashMap<String, u32>,
+}
+
+impl SaleIndex {
+    fn hash(&self, id: &str) -> (u32, u32) {
+        use std::hash::BuildHasher;
+        let v = self.keys.hash_one(id);
+        ((v >> 32) as u32, v as u32)
+    }
+
+    fn intern(&mut self, doc: &str) -> u32 {
+        if let Some(i) = self.name_ix.get(doc) {
+            return *i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(doc.to_string());
+        self.name_ix.insert(doc.to_string(), i);
+        i
+    }
+
+    /// Documents that may hold sale `id`: the exact entry first.
+    pub fn candidates(&self, id: &str) -> impl Iterator<Item = &str> {
+        let exact = self.spill.get(id);
+        let hashed = self.by_hash.get(&self.hash(id));
+        exact
+            .into_iter()
+            .chain(hashed.filter(|h| Some(*h) != exact))
+            .filter_map(|i| self.names.get(*i as usize).map(String::as_str))
+    }
+
+    /// The document held for `id`'s hash, if any (it may be another id's).
+    pub fn hashed(&self, id: &str) -> Option<&str> {
+        let i = self.by_hash.get(&self.hash(id))?;
+        self.names.get(*i as usize).map(String::as_str)
+    }
+
+    /// Points `id` at `doc`. `slot_is_id` says whether the document held
+    /// for `id`'s hash is a sale of this very id (else a different id holds
+    /// the hash, and `id` is kept exactly).
+    pub fn set(&mut self, id: &str, doc: &str, slot_is_id: bool) {
+        let d = self.intern(doc);
+        if let Some(e) = self.spill.get_mut(id) {
+            *e = d;
+            return;
+        }
+        let h = self.hash(id);
+        match self.by_hash.entry(h) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(d);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) if slot_is_id => {
+                o.insert(d);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.spill.insert(id.to_string(), d);
+            }
+        }
+    }
+
+    /// Ids held (hash slots plus exact entries).
+    pub fn len(&self) -> usize {
+        self.by_hash.len() + self.spill.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

@@ -476,12 +476,7 @@ fn sale_records_carry_no_null_members() {
     m.settle();
     for i in 0..2 {
         let e = &m.nodes[i].engine;
-        let (doc, key) = e
-            .views
-            .sales
-            .get("s1")
-            .expect("the sale is indexed")
-            .clone();
+        let (doc, key) = e.sale_doc("s1").expect("the sale is indexed");
         let raw = e.record(&doc, &key).expect("the record reads back");
         assert!(!raw.to_string().contains("null"), "{raw}");
         assert_eq!(raw["sale_id"], "s1");
