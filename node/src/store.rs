@@ -309,6 +309,17 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             let bytes = postcard::to_stdvec(entry).context("encoding a key-store entry")?;
             keys.insert(customer.as_str(), bytes.as_slice())?;
         }
+
+        // Documents the engine moved on from (older ledger epochs): every
+        // stored trace, in the same transaction as the epoch that replaces them.
+        for d in &batch.retired {
+            let d = d.as_str();
+            chunks.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
+            heads.remove(d)?;
+            log.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
+            lens.remove(d)?;
+            sync.retain(|(_, doc), _| doc != d)?;
+        }
     }
     tx.commit()?;
     Ok(())
@@ -860,6 +871,7 @@ mod tests {
             sync_states: vec![(NodeId([1; 32]), "mesh".into(), vec![1])],
             heads: vec![("mesh".into(), vec!["x".into()])],
             keys: vec![],
+            retired: vec![],
         };
         let err = store.commit(&bad).unwrap_err();
         assert!(

@@ -13,7 +13,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ChangeHash, ReadDoc, ScalarValue, ROOT};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{customer_bucket, product_bucket, ActorKey, NodeId, NodeInfo, NodeTag, CELL_MAX};
+use crate::ids::{customer_bucket, ActorKey, NodeId, NodeInfo, NodeTag, CELL_MAX};
 use crate::layout::{
     self, ledger_key, month_of, record_key, CustomerKey, DocId, LedgerField, RecordKind,
 };
@@ -125,6 +125,9 @@ pub struct Batch {
     pub sync_states: Vec<(NodeId, String, Vec<u8>)>,
     /// Changed entries of the customer key store.
     pub keys: Vec<(String, crate::crypto::KeyEntry)>,
+    /// Documents to delete with everything stored about them (ledger epochs
+    /// this node moved on from), after the writes above.
+    pub retired: Vec<String>,
 }
 
 impl Batch {
@@ -135,6 +138,7 @@ impl Batch {
             && self.heads_log.is_empty()
             && self.sync_states.is_empty()
             && self.keys.is_empty()
+            && self.retired.is_empty()
     }
 }
 
@@ -185,6 +189,12 @@ pub struct Engine {
     pub(crate) actor: ActorKey,
     pub(crate) docs: BTreeMap<String, Slot>,
     pub views: Views,
+    /// Ledger epoch held per (location, bucket) (see `epochs`).
+    pub(crate) epochs: HashMap<(String, u32), u32>,
+    pub(crate) epoch_ops_max: u64,
+    /// Documents dropped since the last flush (older ledger epochs), deleted
+    /// from disk by the next batch.
+    pub(crate) pending_retired: Vec<String>,
     /// Recently noted sales (sequence, id), at most [`SALE_FEED_MAX`].
     sale_feed: VecDeque<(u64, String)>,
     sale_feed_next: u64,
@@ -204,7 +214,7 @@ pub struct Engine {
     pub(crate) dirty_docs: BTreeSet<String>,
     pending_idem: HashMap<String, IdemRecord>,
     pending_rows: BTreeSet<(u64, String)>,
-    pending_sync_states: Vec<(NodeId, String, Vec<u8>)>,
+    pub(crate) pending_sync_states: Vec<(NodeId, String, Vec<u8>)>,
     pending_customers: BTreeSet<String>,
     pub faults: Faults,
     /// Unix ms at which this node last heard from (a change by) each node.
@@ -252,6 +262,9 @@ pub struct Stats {
     pub bundled_changes_out: u64,
     /// Closed records parts cooled (again) since start.
     pub parts_cooled: u64,
+    /// Ledger epochs this node started (as a location's owner) or moved to.
+    pub epochs_started: u64,
+    pub epochs_joined: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {
@@ -313,6 +326,9 @@ impl Engine {
     pub fn new(cfg: EngineConfig, incarnation: [u8; 4]) -> Engine {
         let tag = cfg.node_id.tag();
         Engine {
+            epochs: HashMap::new(),
+            epoch_ops_max: crate::epochs::EPOCH_OPS_MAX,
+            pending_retired: Vec::new(),
             sale_feed: VecDeque::new(),
             sale_feed_next: 0,
             undo: None,
@@ -520,6 +536,29 @@ impl Engine {
         heads_log: Vec<(u64, Vec<String>)>,
     ) -> Result<(), String> {
         let doc_id = DocId::parse(id, self.cfg.buckets)?;
+        if let DocId::Ledger {
+            location,
+            bucket,
+            epoch,
+        } = &doc_id
+        {
+            // One epoch per ledger document is held: an older one left on
+            // disk is deleted, a newer one replaces what was loaded.
+            let held = self.ledger_epoch(location, *bucket);
+            if *epoch < held {
+                self.pending_retired.push(id.to_string());
+                return Ok(());
+            }
+            if *epoch > held && self.epochs.contains_key(&(location.clone(), *bucket)) {
+                let old = DocId::Ledger {
+                    location: location.clone(),
+                    bucket: *bucket,
+                    epoch: held,
+                };
+                self.retire_doc(&old.encode());
+            }
+            self.note_epoch(&doc_id);
+        }
         let snapshot_bytes = parts.first().map_or(0, |p| p.len() as u64);
         let chunk_bytes: u64 = parts.iter().skip(1).map(|p| p.len() as u64).sum();
         let doc = load_parts(parts).map_err(|e| format!("document {id}: {e}"))?;
@@ -806,10 +845,7 @@ impl Engine {
     }
 
     pub(crate) fn ledger_doc(&self, product: u64, location: &str) -> DocId {
-        DocId::Ledger {
-            location: location.to_string(),
-            bucket: product_bucket(product, self.cfg.buckets),
-        }
+        self.ledger_doc_id(product, location)
     }
 
     /// The records document the next record of `now_ms` goes to: this
@@ -1528,7 +1564,13 @@ impl Engine {
             Some((_, heads)) => Ok(read_entry(&*slot.doc, product, Some(heads)).on_hand()),
             // Before the first logged state: the document was empty then, unless
             // the log was trimmed — then this node no longer knows its view as of T.
-            None if slot.heads_log.len() < HEADS_LOG_MAX => Ok(0),
+            // A later epoch did not start empty: before its first logged
+            // state this node no longer knows its view either.
+            None if slot.heads_log.len() < HEADS_LOG_MAX
+                && matches!(slot.id, DocId::Ledger { epoch: 0, .. }) =>
+            {
+                Ok(0)
+            }
             None => Err(OpError::BadRequest(format!(
                 "counted_at is older than the history this node keeps for product {product} at {location}; count again and upload it sooner"
             ))),
@@ -1881,6 +1923,8 @@ impl Engine {
                 }
             }
         }
+        let dirty = self.dirty_docs.clone();
+        self.cut_full_epochs(&dirty, now_ms);
         let ids: Vec<String> = std::mem::take(&mut self.dirty_docs).into_iter().collect();
         for id in ids {
             // One Automerge change per document for the whole batch.
@@ -1948,6 +1992,7 @@ impl Engine {
             batch.rows.push(((p, l), row));
         }
         batch.idem = self.pending_idem.drain().collect();
+        batch.retired = std::mem::take(&mut self.pending_retired);
         batch.sync_states = std::mem::take(&mut self.pending_sync_states);
         batch.keys = std::mem::take(&mut self.pending_keys).into_iter().collect();
         self.keys_to_push.extend(batch.keys.iter().cloned());
@@ -1978,8 +2023,8 @@ impl Engine {
             DocId::Ledger { location, .. } => {
                 let products: BTreeSet<u64> = keys
                     .iter()
-                    .filter_map(|k| layout::parse_ledger_key(k).ok())
-                    .map(|(p, _, _)| p)
+                    .filter_map(|k| layout::parse_ledger_any(k).ok())
+                    .map(|(p, _, _, _)| p)
                     .collect();
                 let entries: Vec<(u64, StockEntry)> = products
                     .into_iter()
@@ -2460,8 +2505,8 @@ impl Engine {
                 let products: BTreeSet<u64> = slot
                     .doc
                     .keys(ROOT)
-                    .filter_map(|k| layout::parse_ledger_key(&k).ok())
-                    .map(|(p, _, _)| p)
+                    .filter_map(|k| layout::parse_ledger_any(&k).ok())
+                    .map(|(p, _, _, _)| p)
                     .collect();
                 for p in products {
                     let e = read_entry(&*slot.doc, p, None);
@@ -2483,7 +2528,8 @@ impl Engine {
                 continue;
             }
             for item in slot.doc.map_range(ROOT, ..) {
-                if item.conflict {
+                // Carried cells have many writers by design (the max holds).
+                if item.conflict && !item.key.starts_with(layout::LEDGER_CARRIED_PREFIX) {
                     out.push((id.clone(), item.key.to_string()));
                 }
             }

@@ -390,6 +390,7 @@ fn ledger_doc() -> String {
     crate::layout::DocId::Ledger {
         location: "loc1".into(),
         bucket: crate::ids::product_bucket(5, 8),
+        epoch: 0,
     }
     .encode()
 }

@@ -20,9 +20,13 @@ use crate::ids::{
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DocId {
     Mesh,
+    /// A ledger document of one epoch (DESIGN §7): epoch 0 is encoded
+    /// without a suffix; a later epoch starts with no history and carries
+    /// the cells of the one before under `b/…` keys.
     Ledger {
         location: String,
         bucket: u32,
+        epoch: u32,
     },
     /// A node's records of one month, in parts of at most
     /// [`RECORDS_PER_PART_MAX`] records (part 0 is encoded without a suffix).
@@ -43,7 +47,16 @@ impl DocId {
     pub fn encode(&self) -> String {
         match self {
             DocId::Mesh => "mesh".into(),
-            DocId::Ledger { location, bucket } => format!("ledger/{location}/{bucket}"),
+            DocId::Ledger {
+                location,
+                bucket,
+                epoch: 0,
+            } => format!("ledger/{location}/{bucket}"),
+            DocId::Ledger {
+                location,
+                bucket,
+                epoch,
+            } => format!("ledger/{location}/{bucket}/{epoch}"),
             DocId::Records {
                 tag,
                 month,
@@ -72,6 +85,20 @@ impl DocId {
                 Ok(DocId::Ledger {
                     location: (*loc).to_string(),
                     bucket: bucket(b)?,
+                    epoch: 0,
+                })
+            }
+            ["ledger", loc, b, e] => {
+                validate_name("location", loc)?;
+                // Epoch 0 has one spelling only (no suffix).
+                let epoch = match e.parse::<u32>() {
+                    Ok(n) if (1..=LEDGER_EPOCH_MAX).contains(&n) && *e == n.to_string() => n,
+                    _ => return Err(format!("bad ledger epoch in {text:?}")),
+                };
+                Ok(DocId::Ledger {
+                    location: (*loc).to_string(),
+                    bucket: bucket(b)?,
+                    epoch,
                 })
             }
             ["rec", tag, month] => records_id(text, tag, month, None),
@@ -91,6 +118,9 @@ impl DocId {
 /// proportion to it; small parts keep both bounded, and a part that is full
 /// never changes again.
 pub const RECORDS_PER_PART_MAX: usize = 2048;
+/// Highest ledger epoch accepted from a peer: a cut every few thousand
+/// changes of one document reaches this after billions of sales.
+pub const LEDGER_EPOCH_MAX: u32 = 1_000_000;
 /// Highest records part number accepted from a peer (a month of 2 billion
 /// records), so a part number is never a way to make a node allocate.
 pub const RECORDS_PART_MAX: u32 = 1_000_000;
@@ -134,6 +164,33 @@ pub fn ledger_key(product: u64, actor: ActorKey, field: LedgerField) -> String {
 pub fn ledger_product_range(product: u64) -> std::ops::Range<String> {
     // '0' follows '/' in ASCII, so this covers exactly the keys "<product>/…".
     format!("{product}/")..format!("{product}0")
+}
+
+/// Prefix of the keys under which a ledger epoch carries cells of the epoch
+/// before it (`b/<product>/<actor>/…`). Any node may write them, only in an
+/// epoch after 0; a reader takes, per cell, the maximum of the carried and
+/// the live values (every cell is cumulative, so a carried value is a lower
+/// bound of the writer's own).
+pub const LEDGER_CARRIED_PREFIX: &str = "b/";
+
+pub fn ledger_carried_key(product: u64, actor: ActorKey, field: LedgerField) -> String {
+    format!(
+        "{LEDGER_CARRIED_PREFIX}{}",
+        ledger_key(product, actor, field)
+    )
+}
+
+/// The key range holding every carried cell of one product.
+pub fn ledger_carried_range(product: u64) -> std::ops::Range<String> {
+    format!("{LEDGER_CARRIED_PREFIX}{product}/")..format!("{LEDGER_CARRIED_PREFIX}{product}0")
+}
+
+/// Parses a live or carried ledger key; the flag says whether it is carried.
+pub fn parse_ledger_any(key: &str) -> Result<(u64, ActorKey, LedgerField, bool), String> {
+    match key.strip_prefix(LEDGER_CARRIED_PREFIX) {
+        Some(rest) => parse_ledger_key(rest).map(|(p, a, f)| (p, a, f, true)),
+        None => parse_ledger_key(key).map(|(p, a, f)| (p, a, f, false)),
+    }
 }
 
 pub fn parse_ledger_key(key: &str) -> Result<(u64, ActorKey, LedgerField), String> {
@@ -449,6 +506,12 @@ mod tests {
             DocId::Ledger {
                 location: "store-1".into(),
                 bucket: 7,
+                epoch: 0,
+            },
+            DocId::Ledger {
+                location: "store-1".into(),
+                bucket: 7,
+                epoch: 12,
             },
             DocId::Records {
                 tag: t,
@@ -467,6 +530,14 @@ mod tests {
         }
         assert!(DocId::parse("ledger/store-1/64", 64).is_err());
         assert!(DocId::parse("ledger/Store/1", 64).is_err());
+        // Epoch 0 has one spelling; epochs are bounded.
+        assert!(DocId::parse("ledger/store-1/1/0", 64).is_err());
+        assert!(DocId::parse("ledger/store-1/1/01", 64).is_err());
+        assert!(DocId::parse("ledger/store-1/1/1000001", 64).is_err());
+        assert_eq!(
+            DocId::parse("ledger/store-1/1/3", 64).unwrap().encode(),
+            "ledger/store-1/1/3"
+        );
         assert!(DocId::parse("rec/010203040506/202613", 64).is_err());
         assert!(DocId::parse("rec/010203040506/202611/0", 64).is_err());
         assert!(DocId::parse("rec/010203040506/202611/01", 64).is_err());

@@ -182,7 +182,7 @@ mod tests {
         assert!(l.is_cold());
         assert_eq!(l.heads(), heads);
         assert!(l.is_cold(), "heads do not load the document");
-        assert_eq!(l.get(ROOT, "k3").unwrap().unwrap().0.to_u64(), Some(3));
+        assert_eq!(l.get(ROOT, "k3").unwrap().unwrap().0.as_u64(), Some(3));
         assert!(!l.is_cold());
         assert_eq!(l.get_actor(), &actor);
         // Writing after a reload keeps the actor and moves the heads.

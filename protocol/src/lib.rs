@@ -9,6 +9,7 @@
 pub mod counts;
 pub mod crypto;
 pub mod engine;
+pub mod epochs;
 pub mod fuzz;
 pub mod ids;
 pub mod inflate;

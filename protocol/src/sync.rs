@@ -540,6 +540,9 @@ impl Engine {
             return Err("have message lists too many heads".into());
         }
         DocId::parse(doc, self.cfg.buckets)?;
+        if self.is_retired_epoch(doc) {
+            return Ok(());
+        }
         let heads: Vec<ChangeHash> = heads.iter().map(|h| ChangeHash(*h)).collect();
         if !self.lacks_any(doc, &heads) {
             return Ok(());
@@ -905,7 +908,10 @@ impl Engine {
                     }
                     if self.docs.get(id).map(|s| s.digest_part) != Some(*part) {
                         DocId::parse(id, self.cfg.buckets)?;
-                        differing.insert(id.clone());
+                        // An older ledger epoch: its writers carry it forward.
+                        if !self.is_retired_epoch(id) {
+                            differing.insert(id.clone());
+                        }
                     }
                 }
                 for (id, s) in &self.docs {
@@ -957,6 +963,29 @@ impl Engine {
         Ok(())
     }
 
+    /// Drops a document this node moved on from (an older ledger epoch):
+    /// memory, sessions and, with the next batch, disk.
+    pub(crate) fn retire_doc(&mut self, id: &str) {
+        if let Some(slot) = self.docs.remove(id) {
+            self.digest.toggle(id, slot.digest_part);
+        }
+        self.dirty_docs.remove(id);
+        self.changed_docs.remove(id);
+        self.push_sources.remove(id);
+        self.pending_sync_states.retain(|(_, d, _)| d != id);
+        for s in self.sessions.values_mut() {
+            s.docs.remove(id);
+            s.stored.remove(id);
+            if s.reassembly.as_ref().is_some_and(|(d, _)| d == id) {
+                s.reassembly = None;
+            }
+        }
+        self.catchup.leaders.remove(id);
+        self.catchup.deferred.remove(id);
+        self.catchup.wanted.remove(id);
+        self.pending_retired.push(id.to_string());
+    }
+
     fn ensure_doc(&mut self, id: &str) -> Result<(), String> {
         if !self.docs.contains_key(id) {
             if self.docs.len() >= crate::engine::DOCS_MAX {
@@ -977,6 +1006,10 @@ impl Engine {
         now_ms: u64,
     ) -> Result<(), String> {
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
+        if self.is_retired_epoch(doc) {
+            // An older ledger epoch: its writers carry it forward.
+            return Ok(());
+        }
         // This batch's own writes go into the document first, so that the views
         // recomputed below from the merged document keep them.
         self.commit_pending_writes(doc, now_ms);
@@ -1143,6 +1176,9 @@ impl Engine {
             return Err("push lists too many nodes".into());
         }
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
+        if self.is_retired_epoch(doc) {
+            return Ok(());
+        }
         let mut inflate_budget = crate::inflate::INFLATED_BYTES_MAX;
         if let Err(e) = crate::inflate::check_inflation(data, &mut inflate_budget) {
             self.reject(peer, doc, REJECT_INFLATE, &e);
@@ -1235,7 +1271,11 @@ impl Engine {
             let h = self.last_heard.entry(*t).or_default();
             *h = (*h).max(now_ms);
         }
-        let own = verdict.own_changes_from_elsewhere;
+        // Cells of this node's own incarnations that another node carried
+        // into an epoch at values this node never wrote (a restored backup
+        // or a clone spent them): a fork, like its own changes from elsewhere.
+        let own = verdict.own_changes_from_elsewhere
+            + self.carried_own_cells_above_view(doc, &verdict.keys);
         // Changes of a node whose rights passed to this one (retired) that
         // arrive only now: whatever they spent is this node's to account for.
         let inherited = verdict
@@ -1243,6 +1283,9 @@ impl Engine {
             .iter()
             .any(|t| *t != self.tag && self.views.resolve(*t) == self.tag);
         let retirements = self.views.retired.len();
+        // The first changes of a newer ledger epoch: move to it before any
+        // view is read from it (carries this node's view forward).
+        self.maybe_switch_epoch(doc, now_ms);
         self.recompute_keys(doc, &verdict.keys);
         if own > 0 {
             self.record_fork(doc, own, now_ms);

@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ROOT};
 
 use crate::ids::{ActorKey, NodeTag, CELL_MAX};
-use crate::layout::{
-    parse_ledger_key, parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId,
-};
+use crate::layout::{parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId};
 
 /// Largest record (a JSON string in a records document) a peer accepts.
 pub const RECORD_BYTES_MAX: usize = 64 * 1024;
@@ -362,8 +360,25 @@ pub(crate) fn check_op(
     last: &mut HashMap<String, u64>,
 ) -> Result<(), String> {
     match doc_id {
-        DocId::Ledger { bucket, .. } => {
-            let (product, actor, _) = parse_ledger_key(key)?;
+        DocId::Ledger { bucket, epoch, .. } => {
+            let (product, actor, _, carried) = crate::layout::parse_ledger_any(key)?;
+            if carried {
+                // A lower bound of a cell carried into a later epoch: any
+                // node may write one (the reader takes the maximum), never
+                // in epoch 0, and never deleted.
+                if *epoch == 0 {
+                    return Err(format!("carried cell {key:?} in a first epoch"));
+                }
+                if crate::ids::product_bucket(product, buckets) != *bucket {
+                    return Err(format!(
+                        "product {product} does not belong in bucket {bucket}"
+                    ));
+                }
+                return match value {
+                    Some(_) => uint(value, key).map(|_| ()),
+                    None => Err(format!("carried cell {key:?} deleted")),
+                };
+            }
             if actor != author {
                 return Err(format!(
                     "change by {} writes another writer's cell {key:?}",

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ActorKey, NodeInfo, NodeTag};
 use crate::layout::{
-    customer_range, ledger_product_range, parse_ledger_key, CustomerKey, LedgerField,
+    customer_range, ledger_carried_range, ledger_product_range, parse_ledger_any, CustomerKey,
+    LedgerField,
 };
 use crate::ledger::StockEntry;
 use crate::validate::scalar_u64;
@@ -38,31 +39,57 @@ pub fn read_entry<D: ReadDoc>(
     heads: Option<&[automerge::ChangeHash]>,
 ) -> StockEntry {
     let mut e = StockEntry::default();
-    let range = ledger_product_range(product);
-    let items: Vec<(String, Value<'static>)> = match heads {
-        None => doc
-            .map_range(ROOT, range)
-            .map(|i| (i.key.to_string(), Value::from(i.value).to_owned()))
-            .collect(),
-        Some(h) => doc
-            .map_range_at(ROOT, range, h)
-            .map(|i| (i.key.to_string(), Value::from(i.value).to_owned()))
-            .collect(),
-    };
-    for (key, value) in items {
-        let Ok((p, actor, field)) = parse_ledger_key(&key) else {
-            continue;
+    for range in [ledger_product_range(product), ledger_carried_range(product)] {
+        let items: Vec<(String, Value<'static>, bool)> = match heads {
+            None => doc
+                .map_range(ROOT, range)
+                .map(|i| {
+                    (
+                        i.key.to_string(),
+                        Value::from(i.value).to_owned(),
+                        i.conflict,
+                    )
+                })
+                .collect(),
+            Some(h) => doc
+                .map_range_at(ROOT, range, h)
+                .map(|i| {
+                    (
+                        i.key.to_string(),
+                        Value::from(i.value).to_owned(),
+                        i.conflict,
+                    )
+                })
+                .collect(),
         };
-        if p != product {
-            continue;
-        }
-        let n = value.as_scalar().and_then(scalar_u64).unwrap_or(0);
-        let c = e.cells.entry(actor).or_default();
-        match field {
-            LedgerField::Received => c.received = n,
-            LedgerField::Removed => c.removed = n,
-            LedgerField::Granted(to) => {
-                c.granted.insert(to, n);
+        for (key, value, conflict) in items {
+            let Ok((p, actor, field, _)) = parse_ledger_any(&key) else {
+                continue;
+            };
+            if p != product {
+                continue;
+            }
+            let mut n = value.as_scalar().and_then(scalar_u64).unwrap_or(0);
+            if conflict {
+                // Cells are cumulative: of concurrent values (carried by two
+                // nodes, or two branches of a restored node) the largest holds,
+                // whichever Automerge shows first.
+                let all = match heads {
+                    None => doc.get_all(ROOT, key.as_str()),
+                    Some(h) => doc.get_all_at(ROOT, key.as_str(), h),
+                };
+                for (v, _) in all.into_iter().flatten() {
+                    n = n.max(v.as_scalar().and_then(scalar_u64).unwrap_or(0));
+                }
+            }
+            let c = e.cells.entry(actor).or_default();
+            match field {
+                LedgerField::Received => c.received = c.received.max(n),
+                LedgerField::Removed => c.removed = c.removed.max(n),
+                LedgerField::Granted(to) => {
+                    let g = c.granted.entry(to).or_default();
+                    *g = (*g).max(n);
+                }
             }
         }
     }

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 /// what version 3 accepted (extra bytes, plaintext profile fields): nodes of
 /// version 3 would refuse version 4's documents, so the two refuse each other
 /// at the hello instead.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: ledger epochs (`ledger/<location>/<bucket>/<epoch>`, carried `b/…`
+/// cells): version 4 would refuse both.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Version byte at the start of every frame payload.
 pub const FRAME_VERSION: u8 = 1;
 /// Version byte of a frame whose payload is DEFLATE-compressed.

@@ -66,6 +66,7 @@ fn an_operation_refused_after_its_first_write_leaves_nothing() {
     let id = DocId::Ledger {
         location: "loc0".into(),
         bucket: product_bucket(2, 4),
+        epoch: 0,
     }
     .encode();
     e.load_doc(&id, &[doc.save()], Vec::new()).unwrap();

@@ -214,6 +214,7 @@ fn two_nodes_with_stock() -> (TestMesh, String) {
     let doc_id = DocId::Ledger {
         location: "loc0".into(),
         bucket: product_bucket(5, 8),
+        epoch: 0,
     }
     .encode();
     (m, doc_id)

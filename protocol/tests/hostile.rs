@@ -17,6 +17,7 @@ fn ledger_doc(location: &str) -> String {
     DocId::Ledger {
         location: location.into(),
         bucket: product_bucket(PRODUCT, BUCKETS),
+        epoch: 0,
     }
     .encode()
 }
@@ -249,6 +250,7 @@ fn peer_values_at_the_limits_do_not_overflow() {
         let doc = DocId::Ledger {
             location: "loc0".into(),
             bucket: product_bucket(product, BUCKETS),
+            epoch: 0,
         }
         .encode();
         let mut data = Vec::new();

@@ -15,7 +15,7 @@ use std::fmt;
 
 use automerge::{ReadDoc, ROOT};
 use storemesh_protocol::engine::{Batch, Engine};
-use storemesh_protocol::ids::{product_bucket, ActorKey, NodeTag};
+use storemesh_protocol::ids::{ActorKey, NodeTag};
 use storemesh_protocol::layout::{parse_record_key, CustomerKey, DocId, RecordKind};
 use storemesh_protocol::ledger::StockEntry;
 use storemesh_protocol::views::{read_customer, read_entry};
@@ -314,15 +314,10 @@ impl World {
                     }
                 }
             }
-            let buckets = life.engine.config().buckets;
             for ((p, l), _) in &batch.rows {
                 // The row as the view holds it must equal the row read back
                 // from its ledger document.
-                let doc_id = DocId::Ledger {
-                    location: l.clone(),
-                    bucket: product_bucket(*p, buckets),
-                }
-                .encode();
+                let doc_id = life.engine.ledger_doc_id(*p, l).encode();
                 let fresh = life
                     .engine
                     .doc(&doc_id)

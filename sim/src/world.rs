@@ -375,6 +375,12 @@ impl World {
         if self.seed % 4 != 0 {
             engine.set_records_per_part(2 + (self.seed % 37) as usize);
         }
+        // Ledger epochs cut after a few dozen operations in most seeds, so
+        // that owners cut and the others move under every fault (production:
+        // EPOCH_OPS_MAX).
+        if self.seed % 4 != 1 {
+            engine.set_epoch_ops_max(16 + (self.seed % 113));
+        }
         match self.bug {
             Some(Bug::SkipRightsCheck) => engine.faults.skip_rights_check = true,
             Some(Bug::PerLineCheck) => engine.faults.per_line_check = true,

@@ -304,6 +304,7 @@ impl Hostile {
         DocId::Ledger {
             location: self.location.clone(),
             bucket: product_bucket(product, self.buckets),
+            epoch: 0,
         }
         .encode()
     }

@@ -1,0 +1,277 @@
+//! Ledger epochs (DESIGN §7, "compaction by epochs"): a ledger document's
+//! history is cut by starting a new epoch of it that begins with no history.
+//!
+//! - **Cut.** The owner of a location starts epoch `e+1` of one of its ledger
+//!   documents once epoch `e` holds more than [`EPOCH_OPS_MAX`] operations:
+//!   it carries every cell its view holds into `e+1` under `b/…` keys
+//!   ([`crate::layout::LEDGER_CARRIED_PREFIX`]) and drops `e` (memory and disk).
+//! - **Switch.** A node that receives the first changes of a newer epoch does
+//!   the same before anything reads the new document: it carries every cell of
+//!   its view the new epoch lacks (its own offline sales, and any other node's
+//!   it has seen), then drops its old epoch. A node offline past any number of
+//!   cuts therefore loses nothing: its cells are in its view, and its view is
+//!   carried into whatever epoch it meets first.
+//! - **Read.** A cell is the maximum of its live and carried values (and of
+//!   concurrent values of one key): every cell is a cumulative total with one
+//!   writer, so any carried value is a lower bound of the writer's own and the
+//!   maximum is exact once the writer's latest value arrived. Nothing ever
+//!   depends on an older epoch: a node holds one epoch per ledger document and
+//!   ignores changes to older ones (their writers carry them forward).
+
+use std::collections::BTreeSet;
+
+use automerge::{ReadDoc, ScalarValue, ROOT};
+
+use crate::engine::Engine;
+use crate::ids::product_bucket;
+use crate::layout::{ledger_carried_key, DocId, LedgerField};
+use crate::views::read_entry;
+
+/// Operations an epoch of a ledger document holds before its owner starts
+/// the next one. Automerge keeps ~160 bytes per operation in memory (measured
+/// on the store workload), so a location's 64 documents stay under ~40 MiB of
+/// history whatever the number of sales; a cut costs one carried operation per
+/// cell of the document (a few hundred at 20,000 products).
+pub const EPOCH_OPS_MAX: u64 = 4096;
+
+impl Engine {
+    /// The epoch of a location's ledger bucket this node holds (0 if none).
+    pub fn ledger_epoch(&self, location: &str, bucket: u32) -> u32 {
+        self.epochs
+            .get(&(location.to_string(), bucket))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The ledger document (current epoch) holding `product` at `location`.
+    pub fn ledger_doc_id(&self, product: u64, location: &str) -> DocId {
+        let bucket = product_bucket(product, self.cfg.buckets);
+        DocId::Ledger {
+            location: location.to_string(),
+            bucket,
+            epoch: self.ledger_epoch(location, bucket),
+        }
+    }
+
+    /// Sets the history size at which the owner cuts (the simulator cuts
+    /// often to exercise it).
+    pub fn set_epoch_ops_max(&mut self, ops: u64) {
+        self.epoch_ops_max = ops.max(1);
+    }
+
+    /// Whether `doc` is an epoch of a ledger document older than the one held
+    /// (changes to it are ignored: their writers carry them forward).
+    pub fn is_retired_epoch(&self, doc: &str) -> bool {
+        match DocId::parse(doc, self.cfg.buckets) {
+            Ok(DocId::Ledger {
+                location,
+                bucket,
+                epoch,
+            }) => epoch < self.ledger_epoch(&location, bucket),
+            _ => false,
+        }
+    }
+
+    /// Notes a ledger document loaded or created. Returns false if it is an
+    /// older epoch than one already held (the caller must not keep it).
+    pub(crate) fn note_epoch(&mut self, id: &DocId) -> bool {
+        let DocId::Ledger {
+            location,
+            bucket,
+            epoch,
+        } = id
+        else {
+            return true;
+        };
+        let e = self.epochs.entry((location.clone(), *bucket)).or_insert(0);
+        if *epoch < *e {
+            return false;
+        }
+        *e = *epoch;
+        true
+    }
+
+    /// Operations in a document's history (the largest operation counter of
+    /// its heads), without walking it.
+    fn ops_of(&self, id: &str) -> u64 {
+        let Some(slot) = self.docs.get(id) else {
+            return 0;
+        };
+        slot.doc
+            .get_heads()
+            .iter()
+            .filter_map(|h| slot.doc.get_change_meta_by_hash(h))
+            .map(|m| m.max_op)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Called by `flush` for the documents written in the batch: the owner of
+    /// a location cuts every ledger document of it whose epoch is full.
+    pub(crate) fn cut_full_epochs(&mut self, dirty: &BTreeSet<String>, now_ms: u64) {
+        let mut due = Vec::new();
+        for id in dirty {
+            let Some(DocId::Ledger {
+                location,
+                bucket,
+                epoch,
+            }) = self.docs.get(id).map(|s| s.id.clone())
+            else {
+                continue;
+            };
+            if self.views.owner_of(&location).map(|(t, _)| t) != Some(self.tag) {
+                continue;
+            }
+            if epoch >= crate::layout::LEDGER_EPOCH_MAX {
+                continue;
+            }
+            if self.ops_of(id) > self.epoch_ops_max {
+                due.push((location, bucket, epoch));
+            }
+        }
+        for (location, bucket, epoch) in due {
+            let new = DocId::Ledger {
+                location: location.clone(),
+                bucket,
+                epoch: epoch + 1,
+            };
+            tracing::info!(doc = %new.encode(), "starting a new ledger epoch (history cut)");
+            let _ = self.slot(&new);
+            self.note_epoch(&new);
+            self.switch_epoch(&location, bucket, epoch, epoch + 1, now_ms);
+            self.stats.epochs_started += 1;
+        }
+    }
+
+    /// Called when changes were applied to a ledger document: if it is an
+    /// epoch newer than the one held, this node moves to it (before any view
+    /// is read from it).
+    pub(crate) fn maybe_switch_epoch(&mut self, doc: &str, now_ms: u64) {
+        let Some(DocId::Ledger {
+            location,
+            bucket,
+            epoch,
+        }) = self.docs.get(doc).map(|s| s.id.clone())
+        else {
+            return;
+        };
+        let held = self.ledger_epoch(&location, bucket);
+        if epoch <= held {
+            return;
+        }
+        tracing::info!(doc, from = held, "moving to a newer ledger epoch");
+        self.epochs.insert((location.clone(), bucket), epoch);
+        self.switch_epoch(&location, bucket, held, epoch, now_ms);
+        self.stats.epochs_joined += 1;
+    }
+
+    /// Carried cells among `keys` of ledger document `doc` that belong to
+    /// one of this node's own incarnations and hold more than this node's
+    /// view (evidence of a fork: nobody else writes those cells).
+    pub(crate) fn carried_own_cells_above_view(&self, doc: &str, keys: &BTreeSet<String>) -> usize {
+        let Some(slot) = self.docs.get(doc) else {
+            return 0;
+        };
+        let DocId::Ledger { location, .. } = &slot.id else {
+            return 0;
+        };
+        let mut products = BTreeSet::new();
+        for k in keys {
+            if let Ok((p, actor, _, true)) = crate::layout::parse_ledger_any(k) {
+                if actor.tag() == self.tag {
+                    products.insert(p);
+                }
+            }
+        }
+        let mut n = 0;
+        for p in products {
+            let fresh = read_entry(&*slot.doc, p, None);
+            let view = self.views.entry(p, location).cloned().unwrap_or_default();
+            for (actor, c) in &fresh.cells {
+                if actor.tag() != self.tag {
+                    continue;
+                }
+                let v = view.actor(*actor);
+                let above = c.received > v.received
+                    || c.removed > v.removed
+                    || c.granted
+                        .iter()
+                        .any(|(t, q)| *q > v.granted.get(t).copied().unwrap_or(0));
+                n += usize::from(above);
+            }
+        }
+        n
+    }
+
+    /// Carries every cell of this node's view of (`location`, `bucket`) that
+    /// epoch `to` lacks into it, drops epoch `from`, and reads the views of
+    /// the bucket from epoch `to`.
+    fn switch_epoch(&mut self, location: &str, bucket: u32, from: u32, to: u32, now_ms: u64) {
+        let new = DocId::Ledger {
+            location: location.to_string(),
+            bucket,
+            epoch: to,
+        };
+        let new_id = new.encode();
+        let products: Vec<u64> = self
+            .views
+            .stock
+            .iter()
+            .filter(|(p, m)| {
+                product_bucket(**p, self.cfg.buckets) == bucket && m.contains_key(location)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        let mut carried = Vec::new();
+        if let Some(slot) = self.docs.get(&new_id) {
+            for p in &products {
+                let Some(view) = self.views.entry(*p, location) else {
+                    continue;
+                };
+                let have = read_entry(&*slot.doc, *p, None);
+                for (actor, c) in &view.cells {
+                    let h = have.actor(*actor);
+                    if c.received > h.received {
+                        carried.push((
+                            ledger_carried_key(*p, *actor, LedgerField::Received),
+                            c.received,
+                        ));
+                    }
+                    if c.removed > h.removed {
+                        carried.push((
+                            ledger_carried_key(*p, *actor, LedgerField::Removed),
+                            c.removed,
+                        ));
+                    }
+                    for (t, q) in &c.granted {
+                        if *q > h.granted.get(t).copied().unwrap_or(0) {
+                            carried.push((
+                                ledger_carried_key(*p, *actor, LedgerField::Granted(*t)),
+                                *q,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (k, v) in carried {
+            self.put(new.clone(), k, ScalarValue::Uint(v));
+        }
+        self.commit_pending_writes(&new_id, now_ms);
+        if from != to {
+            let old = DocId::Ledger {
+                location: location.to_string(),
+                bucket,
+                epoch: from,
+            };
+            self.retire_doc(&old.encode());
+        }
+        // The views of the bucket now come from the new epoch alone.
+        let keys: BTreeSet<String> = self
+            .docs
+            .get(&new_id)
+            .map(|s| s.doc.keys(ROOT).collect())
+            .unwrap_or_default();
+        self.recompute_keys(&new_id, &keys);
+    }
+}
