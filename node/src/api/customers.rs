@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use storemesh_protocol::ids::{validate_client_id, validate_name, validate_product_id};
-use storemesh_protocol::ops::{self, Op};
+use storemesh_protocol::ops::Op;
 
 use crate::config::Scope;
 
@@ -24,20 +24,10 @@ pub(super) async fn customer_put(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = require(&sh, &headers, Scope::Customers) {
-        return r;
-    }
-    let update: ops::CustomerUpdate = match json_body(body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    write_op(
-        &sh,
-        Op::CustomerPut {
-            customer_id: id,
-            update,
-        },
-    )
+    customer_write(&sh, &headers, body, |update| Op::CustomerPut {
+        customer_id: id,
+        update,
+    })
     .await
 }
 
@@ -47,21 +37,28 @@ pub(super) async fn customer_redeem(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = require(&sh, &headers, Scope::Customers) {
+    customer_write(&sh, &headers, body, |redeem| Op::Redeem {
+        customer_id: id,
+        redeem,
+    })
+    .await
+}
+
+/// A write to one customer: a token with the `customers` scope, a JSON body
+/// of type `T`, and the operation `make` builds from it.
+async fn customer_write<T: serde::de::DeserializeOwned>(
+    sh: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    make: impl FnOnce(T) -> Op,
+) -> Response {
+    if let Err(r) = require(sh, headers, Scope::Customers) {
         return r;
     }
-    let redeem: ops::Redeem = match json_body(body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    write_op(
-        &sh,
-        Op::Redeem {
-            customer_id: id,
-            redeem,
-        },
-    )
-    .await
+    match json_body(body) {
+        Ok(v) => write_op(sh, make(v)).await,
+        Err(r) => r,
+    }
 }
 
 pub(super) async fn customer_delete(

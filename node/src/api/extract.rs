@@ -136,6 +136,18 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     parse_json(&body_bytes(body)?)
 }
 
+/// Like [`json_body`], but an empty (or all white space) body is `T::default()`.
+pub(super) fn optional_json_body<T: serde::de::DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Response> {
+    let bytes = body_bytes(body)?;
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        Ok(T::default())
+    } else {
+        parse_json(&bytes)
+    }
+}
+
 pub(super) fn reply(r: Result<ops::OpReply, OpError>) -> Response {
     match r {
         Ok(rep) => {
@@ -153,6 +165,21 @@ pub(super) fn reply(r: Result<ops::OpReply, OpError>) -> Response {
 
 pub(crate) async fn write_op(shared: &Shared, op: Op) -> Response {
     reply(shared.execute(op).await)
+}
+
+/// A write checked against the books first (`books_api::check_write`: count
+/// sessions, location ownership), then sent to the engine and answered after
+/// its group commit.
+pub(super) async fn checked_write(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+    op: Op,
+) -> Response {
+    if let Err(r) = crate::books_api::check_write(shared, headers, scope, &op).await {
+        return r;
+    }
+    write_op(shared, op).await
 }
 
 pub(super) fn parse_u64(field: &str, v: &str) -> Result<u64, Response> {

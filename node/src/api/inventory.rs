@@ -444,10 +444,7 @@ pub(super) async fn import_counts(
         rows,
         scope,
     });
-    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Stock, &op).await {
-        return r;
-    }
-    write_op(&sh, op).await
+    checked_write(&sh, &headers, Scope::Stock, op).await
 }
 
 pub(super) async fn export_inventory(

@@ -35,10 +35,7 @@ macro_rules! write_handler {
                 Err(r) => return r,
             };
             let op = $wrap(req);
-            if let Err(r) = crate::books_api::check_write(&sh, &headers, $scope, &op).await {
-                return r;
-            }
-            write_op(&sh, op).await
+            checked_write(&sh, &headers, $scope, op).await
         }
     };
 }
@@ -124,27 +121,16 @@ pub(super) async fn transfer_receive(
     if let Err(r) = require(&sh, &headers, Scope::Stock) {
         return r;
     }
-    let bytes = match body_bytes(body) {
-        Ok(b) => b,
+    let mut req: ops::TransferReceive = match optional_json_body(body) {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let mut req: ops::TransferReceive = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        ops::TransferReceive::default()
-    } else {
-        match parse_json(&bytes) {
-            Ok(v) => v,
-            Err(r) => return r,
-        }
     };
     if !req.transfer_id.is_empty() && req.transfer_id != id {
         return bad("transfer_id in the body differs from the path");
     }
     req.transfer_id = id;
     let op = Op::TransferReceive(req);
-    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Stock, &op).await {
-        return r;
-    }
-    write_op(&sh, op).await
+    checked_write(&sh, &headers, Scope::Stock, op).await
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -163,26 +149,15 @@ pub(super) async fn reservation_fulfil(
     if let Err(r) = require(&sh, &headers, Scope::Sell) {
         return r;
     }
-    let bytes = match body_bytes(body) {
-        Ok(b) => b,
+    let req: FulfilBody = match optional_json_body(body) {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let req: FulfilBody = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        FulfilBody::default()
-    } else {
-        match parse_json(&bytes) {
-            Ok(v) => v,
-            Err(r) => return r,
-        }
     };
     let op = Op::ReservationFulfil {
         reservation_id: id,
         sale_id: req.sale_id,
     };
-    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Sell, &op).await {
-        return r;
-    }
-    write_op(&sh, op).await
+    checked_write(&sh, &headers, Scope::Sell, op).await
 }
 
 pub(super) async fn reservation_cancel(
@@ -194,10 +169,7 @@ pub(super) async fn reservation_cancel(
         return r;
     }
     let op = Op::ReservationCancel { reservation_id: id };
-    if let Err(r) = crate::books_api::check_write(&sh, &headers, Scope::Sell, &op).await {
-        return r;
-    }
-    write_op(&sh, op).await
+    checked_write(&sh, &headers, Scope::Sell, op).await
 }
 
 pub(super) async fn reservation_get(

@@ -379,14 +379,8 @@ pub(super) async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming
         }
         Ok(Ok(x)) => x,
     };
-    let their = match Hello::decode_frame(&body)
-        .and_then(|h| h.check(&inner.our_hello, &peer.hex()).map(|()| h))
-    {
-        Ok(h) => h,
-        Err(e) => {
-            inner.bad_hello(&conn, addr, peer, &e);
-            return;
-        }
+    let Ok(their) = their_hello(&inner, &conn, addr, peer, &body) else {
+        return;
     };
     let candidate = Candidate {
         peer,
@@ -399,6 +393,20 @@ pub(super) async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming
     if let Ok(reg) = register(&inner, &candidate).await {
         tokio::spawn(run_connection(inner, candidate, send, recv, true, reg));
     }
+}
+
+/// The peer's hello, decoded and checked against ours and its TLS identity;
+/// a hello that fails is refused (`Inner::bad_hello`) and `Err` says why.
+fn their_hello(
+    inner: &Inner,
+    conn: &Connection,
+    addr: SocketAddr,
+    peer: NodeId,
+    body: &[u8],
+) -> Result<Hello, String> {
+    Hello::decode_frame(body)
+        .and_then(|h| h.check(&inner.our_hello, &peer.hex()).map(|()| h))
+        .inspect_err(|e| inner.bad_hello(conn, addr, peer, e))
 }
 
 /// Dials `peer` and runs the hello. `Ok` once the connection is registered.
@@ -469,15 +477,8 @@ pub(super) async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> 
         }
         Ok(Ok(x)) => x,
     };
-    let their = match Hello::decode_frame(&body)
-        .and_then(|h| h.check(&inner.our_hello, &peer.hex()).map(|()| h))
-    {
-        Ok(h) => h,
-        Err(e) => {
-            inner.bad_hello(&conn, addr, peer, &e);
-            return Err(format!("bad hello: {e}"));
-        }
-    };
+    let their =
+        their_hello(inner, &conn, addr, peer, &body).map_err(|e| format!("bad hello: {e}"))?;
     let candidate = Candidate {
         peer,
         conn,
