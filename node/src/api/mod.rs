@@ -1,6 +1,10 @@
 //! The HTTP API of CONTRACT.md (axum). Handlers are thin: they authenticate,
 //! parse and validate, then either read the committed read state or send the
 //! operation to the engine thread and answer after its group commit.
+//!
+//! By concern: `extract` (error mapping, auth, body limits and parsing),
+//! `operations` (writes and what they create), `inventory`, `customers`,
+//! `status`; the count-session and location routes are in `books_api`.
 
 // Handlers return early with a ready `Response` as the error; boxing it would
 // only add noise on a path that is not hot.

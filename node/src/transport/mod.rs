@@ -31,6 +31,11 @@
 //!
 //! Call [`Transport::shutdown`] before dropping the last handle: the background
 //! tasks hold the endpoint until then.
+//!
+//! By concern: `tls` (identity and TLS verification), `arbitration` (which of
+//! two connections survives, dial back-off: pure functions), `conn` (the
+//! endpoint, the hello, the reader and writer tasks, the dial supervisor),
+//! `frames` (framing), `events` (state access and reporting), `tests`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -131,9 +136,6 @@ const CLOSE_UNEXPECTED_PEER: u32 = 7;
 const CLOSE_GONE: u32 = 8;
 /// The connection is dropped to start its sync afresh; dial again.
 const CLOSE_RECONNECT: u32 = 9;
-
-/// Markers our certificate verifier puts into its error, so that the accept and
-/// dial paths (which know the remote address) can report the rejected key.
 
 /// A configured peer.
 #[derive(Clone, Debug, PartialEq, Eq)]

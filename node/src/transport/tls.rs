@@ -18,6 +18,8 @@ use storemesh_protocol::ids::NodeId;
 use super::*;
 use crate::identity::{node_id_of_cert, Identity};
 
+/// Markers our certificate verifier puts into its error, so that the accept and
+/// dial paths (which know the remote address) can report the rejected key.
 pub(super) const UNKNOWN_KEY_MARKER: &str = "unknown peer key ";
 pub(super) const OWN_KEY_MARKER: &str = "peer presented this node's own key ";
 
