@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use storemesh_testkit::KillOnDrop;
+
 const BIN: &str = env!("CARGO_BIN_EXE_storemesh");
 
 fn port() -> u16 {
@@ -196,14 +198,4 @@ fn shopify_file_round_trips_and_a_bad_row_rejects_the_whole_file() {
         .any(|r| r.location == "store-1" && r.on_hand == 0));
     unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) };
     assert!(node.0.wait().unwrap().success());
-}
-
-/// Kills the node if the test fails half-way, so no process outlives it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -3,21 +3,13 @@
 //! only the generated certificate and checks the printed fingerprint.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
+use storemesh_testkit::{base64_decode, KillOnDrop as Node};
 
 const BIN: &str = env!("CARGO_BIN_EXE_storemesh");
-
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn field<'a>(out: &'a str, key: &str) -> &'a str {
     out.lines()
@@ -34,33 +26,6 @@ fn pem_cert_der(path: &Path) -> Vec<u8> {
         .collect::<Vec<_>>()
         .join("");
     base64_decode(&b64)
-}
-
-/// A small base64 decoder (the test must not trust the node's own code for it).
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= val(*c) << (18 - 6 * i);
-        }
-        let take = chunk.len() - 1;
-        for i in 0..take {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

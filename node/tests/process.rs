@@ -2,10 +2,11 @@
 //! graceful shutdown on SIGTERM.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use storemesh_testkit::KillOnDrop as Node;
 
 const BIN: &str = env!("CARGO_BIN_EXE_storemesh");
 
@@ -66,16 +67,6 @@ fn peer_add(dir: &Path, name: &str, id: &str, quic: u16) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A node process that is killed if the test fails half-way.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn run(dir: &Path) -> Node {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_feed_limits_and_stream_idle_timeout_are_as_documented() {

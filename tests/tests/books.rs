@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use storemesh_node::config::{Scope, TokenConfig};
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 const S: Policy = Policy::Strict;
 

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use storemesh_node::config::{Config, Scope, TokenConfig};
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 async fn one_node() -> (Mesh, String) {
     let m = Mesh::start(&[("store-a", Role::Store, Policy::Strict)], &[]).await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 const S: Policy = Policy::Strict;
 
@@ -92,34 +92,20 @@ async fn allocation_holds_through_a_partition_and_nothing_goes_negative() {
 async fn a_sale_without_rights_obtains_a_grant_also_two_hops_away() {
     let _serial = timing_sensitive().await;
     // store-a — web — store-b: store-b does not peer with store-a.
-    let tmp = tempfile::tempdir().unwrap();
-    let dirs = make_mesh(
-        tmp.path(),
+    let m = Mesh::start_with(
         &[
             ("store-a", Role::Store, S),
             ("web", Role::Webshop, S),
             ("store-b", Role::Store, S),
         ],
         &[(0, 1), (1, 2)],
-    )
-    .unwrap();
-    for (d, _) in &dirs {
-        let mut cfg = storemesh_node::config::Config::load(d).unwrap();
         // Generous for a loaded CI machine; the default is 200 ms.
-        cfg.rebalance.deadline_ms = 2000;
-        cfg.save(d).unwrap();
-    }
-    let mut nodes = Vec::new();
-    for (d, _) in &dirs {
-        nodes.push(NodeHandle::start(d).await.unwrap());
-    }
-    let c: Vec<Client> = nodes
-        .iter()
-        .zip(&dirs)
-        .map(|(n, (_, t))| Client::new(n.http_addr, t))
-        .collect();
+        |_, cfg| cfg.rebalance.deadline_ms = 2000,
+    )
+    .await;
+    let c = &m.clients;
     wait_for(Duration::from_secs(10), || async {
-        nodes[1].transport.connected().len() == 2
+        m.node(1).transport.connected().len() == 2
     })
     .await
     .unwrap();
@@ -160,9 +146,9 @@ async fn a_sale_without_rights_obtains_a_grant_also_two_hops_away() {
     .await
     .unwrap();
     // Unreachable holders: refused.
-    nodes[2].set_partitioned(true);
+    m.node(2).set_partitioned(true);
     wait_for(Duration::from_secs(5), || async {
-        nodes[2].transport.connected().is_empty()
+        m.node(2).transport.connected().is_empty()
     })
     .await
     .unwrap();
@@ -175,7 +161,5 @@ async fn a_sale_without_rights_obtains_a_grant_also_two_hops_away() {
         (409, Some("insufficient_stock")),
         "{v}"
     );
-    for n in nodes {
-        n.shutdown().await;
-    }
+    m.shutdown().await;
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 const S: Policy = Policy::Strict;
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 const S: Policy = Policy::Strict;
 

@@ -14,7 +14,7 @@ use storemesh_protocol::ids::{product_bucket, ActorKey, NodeId};
 use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
 use storemesh_protocol::sync::Msg;
 use storemesh_protocol::wire::{encode_frame, Hello, PROTOCOL_VERSION};
-use storemesh_tests::*;
+use storemesh_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use hmac::Mac;
 use serde_json::{json, Value};
 use storemesh_node::webhooks::{EventKind, WebhookConfig};
-use storemesh_tests::*;
+use storemesh_testkit::*;
 
 const SECRET: &str = "erp-shared-secret-42";
 

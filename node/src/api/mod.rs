@@ -1,0 +1,121 @@
+//! The HTTP API of CONTRACT.md (axum). Handlers are thin: they authenticate,
+//! parse and validate, then either read the committed read state or send the
+//! operation to the engine thread and answer after its group commit.
+//!
+//! By concern: `extract` (error mapping, auth, body limits and parsing),
+//! `operations` (writes and what they create), `inventory`, `customers`,
+//! `status`; the count-session and location routes are in `books_api`.
+
+// Handlers return early with a ready `Response` as the error; boxing it would
+// only add noise on a path that is not hot.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::node::Shared;
+
+/// Products in one `product_ids` read, at most.
+pub const PRODUCT_IDS_MAX: usize = 250;
+/// Largest stock file accepted by `POST /api/imports/counts`.
+pub const IMPORT_BYTES_MAX: usize = 128 << 20;
+/// Page size of listings, at most.
+pub const PAGE_MAX: usize = 1000;
+
+type S = State<Arc<Shared>>;
+
+mod customers;
+mod extract;
+mod inventory;
+mod operations;
+mod status;
+
+use customers::*;
+use inventory::*;
+use operations::*;
+use status::*;
+
+pub(crate) use extract::{bad, json_body, require, write_op};
+pub use extract::{error, MESSAGE_BYTES_MAX};
+pub use inventory::{STREAM_IDLE_TIMEOUT_S_DEFAULT, STREAM_IDLE_TIMEOUT_S_MAX};
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.cfg.api.body_bytes_max;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/inventory", get(inventory))
+        .route("/api/sales", post(sales))
+        .route("/api/sales/{sale_id}", get(sale_get))
+        .route("/api/returns", post(returns))
+        .route("/api/receipts", post(receipts))
+        .route("/api/counts", post(counts))
+        .route("/api/counts/{id}", get(crate::books_api::count_get))
+        .route(
+            "/api/counts/{id}/lines",
+            post(crate::books_api::count_lines),
+        )
+        .route(
+            "/api/counts/{id}/finish",
+            post(crate::books_api::count_finish),
+        )
+        .route(
+            "/api/locations",
+            post(crate::books_api::locations_post).get(crate::books_api::locations_get),
+        )
+        .route("/api/grants", post(grants))
+        .route("/api/customers", get(customer_search))
+        .route(
+            "/api/customers/{id}",
+            get(customer_get).put(customer_put).delete(customer_delete),
+        )
+        .route("/api/customers/{id}/redeem", post(customer_redeem))
+        .route(
+            "/api/products/{product_id}",
+            get(product_get).put(product_put),
+        )
+        .route("/api/adjustments", post(adjustments).get(adjustments_list))
+        .route("/api/transfers", post(transfers))
+        .route("/api/transfers/{id}", get(transfer_get))
+        .route("/api/transfers/{id}/receive", post(transfer_receive))
+        .route(
+            "/api/imports/counts",
+            post(import_counts).layer(DefaultBodyLimit::max(IMPORT_BYTES_MAX)),
+        )
+        .route("/api/exports/inventory", get(export_inventory))
+        .route("/api/reservations", post(reservations))
+        .route("/api/reservations/{id}", get(reservation_get))
+        .route("/api/reservations/{id}/fulfil", post(reservation_fulfil))
+        .route("/api/reservations/{id}/cancel", post(reservation_cancel))
+        .route("/api/nodes/{name}/retire", post(retire_node))
+        .route("/api/changes", get(changes))
+        .route("/api/inventory/stream", get(stream))
+        .route("/api/customers/segment", get(segment))
+        .route("/api/peers", get(peers))
+        .route("/api/overdrafts", get(overdrafts))
+        .route("/api/documents", get(documents))
+        .route("/api/documents/{*id}", get(document_get))
+        .route("/openapi.yaml", get(openapi))
+        .route("/api/webhooks", get(crate::webhooks::status))
+        .fallback(not_found_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method (see openapi.yaml)",
+    )
+}
+
+async fn not_found_route() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
