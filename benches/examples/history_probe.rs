@@ -137,6 +137,10 @@ fn main() {
             e.committed(now);
             let _ = e.take_outgoing();
         }
+        // The node's timer ticks (cooling closed records parts) every ~100 ms.
+        if (i + 1) % 512 == 0 {
+            e.tick(now);
+        }
         if (i + 1) % 10_000 == 0 {
             println!(
                 "{} sales: rss {:.0} MiB (+{:.1} KiB/sale) {:.0}/s",
@@ -149,6 +153,11 @@ fn main() {
     }
     let b = e.flush(NOW_MS + sales * 40);
     store.commit(&b).unwrap();
+    let (cold, cold_bytes) = e.cold_parts();
+    println!(
+        "cold records parts {cold} ({cold_bytes} bytes); epochs started {}",
+        e.stats.epochs_started
+    );
     let v = &e.views;
     println!(
         "views: sales {} purchases {} buyers {} returned {} stock {}",

@@ -327,7 +327,7 @@ impl Engine {
         let tag = cfg.node_id.tag();
         Engine {
             epochs: HashMap::new(),
-            epoch_ops_max: crate::epochs::EPOCH_OPS_MAX,
+            epoch_ops_max: crate::epochs::EPOCH_OPS_MIN,
             pending_retired: Vec::new(),
             sale_feed: VecDeque::new(),
             sale_feed_next: 0,
@@ -602,6 +602,11 @@ impl Engine {
                 seqs: Default::default(),
             },
         );
+        if let Some(slot) = self.docs.get_mut(id) {
+            if matches!(slot.id, DocId::Records { .. }) {
+                slot.doc.cool();
+            }
+        }
         Ok(())
     }
 
@@ -611,6 +616,14 @@ impl Engine {
         let ids: Vec<String> = self.docs.keys().cloned().collect();
         for id in ids {
             self.recompute_doc_all(&id);
+            // Records parts were loaded cold (see `load_doc`): each is read
+            // here once, one at a time, and cooled again at no cost, so a
+            // restart never holds every part at once.
+            if let Some(slot) = self.docs.get_mut(&id) {
+                if matches!(slot.id, DocId::Records { .. }) && slot.doc.has_saved() {
+                    slot.doc.cool();
+                }
+            }
         }
         let info = NodeInfo {
             name: self.cfg.name.clone(),

@@ -2,7 +2,8 @@
 //! history is cut by starting a new epoch of it that begins with no history.
 //!
 //! - **Cut.** The owner of a location starts epoch `e+1` of one of its ledger
-//!   documents once epoch `e` holds more than [`EPOCH_OPS_MAX`] operations:
+//!   documents once epoch `e` holds more than [`EPOCH_OPS_MIN`] operations and
+//!   [`EPOCH_OPS_PER_KEY`] per key it holds:
 //!   it carries every cell its view holds into `e+1` under `b/…` keys
 //!   ([`crate::layout::LEDGER_CARRIED_PREFIX`]) and drops `e` (memory and disk).
 //! - **Switch.** A node that receives the first changes of a newer epoch does
@@ -27,12 +28,15 @@ use crate::ids::product_bucket;
 use crate::layout::{ledger_carried_key, DocId, LedgerField};
 use crate::views::read_entry;
 
-/// Operations an epoch of a ledger document holds before its owner starts
-/// the next one. Automerge keeps ~160 bytes per operation in memory (measured
-/// on the store workload), so a location's 64 documents stay under ~40 MiB of
-/// history whatever the number of sales; a cut costs one carried operation per
-/// cell of the document (a few hundred at 20,000 products).
-pub const EPOCH_OPS_MAX: u64 = 4096;
+/// Operations an epoch of a ledger document holds, at least, before its
+/// owner starts the next one.
+pub const EPOCH_OPS_MIN: u64 = 1024;
+/// ... and at most this many per key it holds: a cut carries one operation
+/// per cell, so history stays within a few times the state it describes.
+/// Automerge keeps ~175 bytes per operation in memory (measured on the store
+/// workload), so a store's 64 documents of 20,000 products hold at most
+/// ~2,500 operations each (~27 MiB) whatever the number of sales.
+pub const EPOCH_OPS_PER_KEY: u64 = 4;
 
 impl Engine {
     /// The epoch of a location's ledger bucket this node holds (0 if none).
@@ -53,10 +57,20 @@ impl Engine {
         }
     }
 
-    /// Sets the history size at which the owner cuts (the simulator cuts
-    /// often to exercise it).
+    /// Sets the least history at which the owner cuts (the simulator cuts
+    /// often to exercise it); see [`EPOCH_OPS_MIN`].
     pub fn set_epoch_ops_max(&mut self, ops: u64) {
         self.epoch_ops_max = ops.max(1);
+    }
+
+    /// Whether an epoch's history is due for a cut.
+    fn epoch_full(&self, id: &str) -> bool {
+        let ops = self.ops_of(id);
+        if ops <= self.epoch_ops_max {
+            return false;
+        }
+        let keys = self.docs.get(id).map_or(0, |s| s.doc.length(ROOT) as u64);
+        ops > keys.saturating_mul(EPOCH_OPS_PER_KEY)
     }
 
     /// Whether `doc` is an epoch of a ledger document older than the one held
@@ -125,7 +139,7 @@ impl Engine {
             if epoch >= crate::layout::LEDGER_EPOCH_MAX {
                 continue;
             }
-            if self.ops_of(id) > self.epoch_ops_max {
+            if self.epoch_full(id) {
                 due.push((location, bucket, epoch));
             }
         }

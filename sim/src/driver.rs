@@ -158,6 +158,7 @@ impl Driver {
             latency_ms: d.latency_ms,
             anti_entropy_ms: d.anti_entropy_ms,
             buckets: d.buckets,
+            epoch_ops_max: None,
         };
         let mut w = World::new(seed, rng, setup, specs, d.topology, opts.bug)
             .map_err(|v| Box::new((d.clone(), v)))?;

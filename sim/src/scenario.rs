@@ -93,6 +93,10 @@ pub struct Scenario {
     /// A long scenario: `cargo test` runs it shortened (`--scenario` in full).
     #[serde(default)]
     pub long: bool,
+    /// Operations a ledger epoch holds before its owner cuts the next one
+    /// (production: `EPOCH_OPS_MIN`); small values make owners cut often.
+    #[serde(default)]
+    pub epoch_ops_max: Option<u64>,
 }
 
 fn full_check_every() -> usize {
@@ -738,6 +742,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
         latency_ms: (sc.latency_ms[0], sc.latency_ms[1]),
         anti_entropy_ms: sc.anti_entropy_s * 1000,
         buckets: sc.buckets,
+        epoch_ops_max: sc.epoch_ops_max,
     };
     let mut w = World::new(seed, World::seed_rng(seed), setup, specs, topology, None)?;
     for node in &w.nodes {

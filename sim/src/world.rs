@@ -146,6 +146,8 @@ pub struct Setup {
     pub latency_ms: (u64, u64),
     pub anti_entropy_ms: u64,
     pub buckets: u32,
+    /// Ledger epoch size for every node (`None`: derived from the seed).
+    pub epoch_ops_max: Option<u64>,
 }
 
 pub struct NodeSpec {
@@ -377,8 +379,10 @@ impl World {
         }
         // Ledger epochs cut after a few dozen operations in most seeds, so
         // that owners cut and the others move under every fault (production:
-        // EPOCH_OPS_MAX).
-        if self.seed % 4 != 1 {
+        // EPOCH_OPS_MIN).
+        if let Some(n) = self.setup.epoch_ops_max {
+            engine.set_epoch_ops_max(n);
+        } else if self.seed % 4 != 1 {
             engine.set_epoch_ops_max(16 + (self.seed % 113));
         }
         match self.bug {
