@@ -1129,6 +1129,40 @@ mod tests {
     }
 
     #[test]
+    fn administrators_and_peer_locations_are_checked() {
+        let peer = |name: &str, id: &str, loc: &str| {
+            format!("[[peers]]\nname = \"{name}\"\nid = \"{id}\"\naddr = \"1.2.3.4:1\"\nlocation = \"{loc}\"\n")
+        };
+        let ok = format!(
+            "name = \"a\"\nadministrators = [\"a\", \"b\", \"{ID_B}\"]\n{}",
+            peer("b", ID_A, "b-dc")
+        );
+        let c = Config::from_toml_str(&ok).unwrap();
+        assert_eq!(c.peers[0].location.as_deref(), Some("b-dc"));
+        assert_eq!(
+            c.administrator_id("b", None),
+            Some(NodeId::parse(ID_A).unwrap())
+        );
+        assert_eq!(
+            c.administrator_id(ID_B, None),
+            Some(NodeId::parse(ID_B).unwrap())
+        );
+        let e = err(&format!(
+            "name = \"a\"\nadministrators = [\"nobody\"]\n{}",
+            peer("b", ID_A, "b-dc")
+        ));
+        assert!(e.contains("administrators[0]"), "{e}");
+        let e = err(&format!("name = \"a\"\n{}", peer("b", ID_A, "a")));
+        assert!(e.contains("own location"), "{e}");
+        let e = err(&format!(
+            "name = \"a\"\n{}{}",
+            peer("b", ID_A, "x"),
+            peer("c", ID_B, "x")
+        ));
+        assert!(e.contains("peers[1].location"), "{e}");
+    }
+
+    #[test]
     fn peers_must_be_unique_and_not_self() {
         let peer = |name: &str, id: &str, addr: &str| {
             format!("[[peers]]\nname = \"{name}\"\nid = \"{id}\"\naddr = \"{addr}\"\n")
