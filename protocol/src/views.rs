@@ -334,9 +334,9 @@ impl Views {
     }
 
     /// The node called `name`: the one the operator bound it to, else the
-    /// one node whose directory entry claims it (a claim by a node bound to
-    /// another name, or two claims, name nobody: a peer's own directory
-    /// entry never takes a name away from the node it belongs to).
+    /// one node whose directory entry claims it (two claims name nobody: a
+    /// peer's own directory entry never takes a name away from the node it
+    /// belongs to).
     pub fn tag_of(&self, name: &str) -> Option<NodeTag> {
         if let Some(t) = self.bound.names.get(name) {
             return Some(*t);
@@ -344,7 +344,7 @@ impl Views {
         let mut claims = self
             .nodes
             .iter()
-            .filter(|(t, i)| i.name == name && !self.bound.has_name(**t))
+            .filter(|(_, i)| i.name == name)
             .map(|(t, _)| *t);
         match (claims.next(), claims.next()) {
             (Some(t), None) => Some(t),
