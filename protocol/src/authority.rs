@@ -209,6 +209,30 @@ impl AuthView<'_> {
         Ok(())
     }
 
+    /// A close of reservation `id` (created by `creator`) written by
+    /// `author`: only the fulfilling node (or its successor) closes one. A
+    /// close that arrives before its reservation is let through (the
+    /// fulfiller is not known yet).
+    pub fn check_reservation_close(
+        &self,
+        author: NodeTag,
+        id: &str,
+        creator: &str,
+    ) -> Result<(), String> {
+        let fulfiller = self
+            .views
+            .reservations
+            .get(id)
+            .and_then(|m| m.get(creator))
+            .and_then(|r| r.fulfil_by);
+        match fulfiller {
+            Some(f) if self.views.resolve(f) != self.views.resolve(author) => Err(format!(
+                "{UNAUTHORIZED}{author} closes reservation {id:?}, which another node fulfils"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// A record written by `author` that names `node` as its writer.
     pub fn check_record_node(&self, author: NodeTag, node: &str) -> Result<(), String> {
         match self.views.tag_of(node) {

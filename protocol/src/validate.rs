@@ -515,12 +515,22 @@ fn authorize_op(
             #[derive(serde::Deserialize)]
             struct Writer {
                 node: Option<String>,
+                reservation_id: Option<String>,
+                creator: Option<String>,
             }
-            match serde_json::from_str::<Writer>(text) {
-                Ok(Writer { node: Some(n) }) => auth.check_record_node(author.tag(), &n),
+            let Ok(w) = serde_json::from_str::<Writer>(text) else {
                 // Not an object: names no writer, and nothing indexes it.
-                _ => Ok(()),
+                return Ok(());
+            };
+            if let Some(n) = &w.node {
+                auth.check_record_node(author.tag(), n)?;
             }
+            if let (Ok((crate::layout::RecordKind::ReservationClose, _)), Some(id), Some(c)) =
+                (parse_record_key(key), &w.reservation_id, &w.creator)
+            {
+                auth.check_reservation_close(author.tag(), id, c)?;
+            }
+            Ok(())
         }
         _ => Ok(()),
     }

@@ -301,3 +301,43 @@ fn a_peer_can_not_erase_every_customer_at_once() {
     m.commit(0);
     assert_eq!(rejected(&m, 0, "key_limit"), 2);
 }
+
+#[test]
+fn only_the_fulfilling_node_closes_a_reservation() {
+    let mut m = mesh();
+    // Node 0 reserves 4 units for pick-up at node 2.
+    m.execute(
+        0,
+        Op::Reserve(storemesh_protocol::ops::Reserve {
+            reservation_id: "rsv-1".into(),
+            location: "loc0".into(),
+            lines: vec![storemesh_protocol::ops::QtyLine {
+                sku: None,
+                product_id: PRODUCT,
+                quantity: 4,
+            }],
+            fulfil_by: "n2".into(),
+            expires_at: "2099-01-01T00:00:00Z".into(),
+            customer_id: None,
+            occurred_at: None,
+            register_id: None,
+            staff_id: None,
+        }),
+    )
+    .expect("reserve");
+    m.commit(0);
+    m.settle();
+    assert_eq!(m.nodes[0].engine.reserved_at(PRODUCT, "loc0"), 4);
+    // The forger closes it (releasing the units held for the customer).
+    let doc = DocId::Records {
+        tag: tag(1),
+        month: 202611,
+        part: 0,
+    }
+    .encode();
+    let close = serde_json::json!({"reservation_id": "rsv-1", "creator": "n0", "node": "n1", "status": "cancelled", "at_ms": 1}).to_string();
+    let change = forged_change(&m, &doc, &[("rsc/rsv-1", close)]);
+    push(&mut m, &doc, change);
+    assert_eq!(rejected(&m, 0, "unauthorized"), 1);
+    assert_eq!(m.nodes[0].engine.reserved_at(PRODUCT, "loc0"), 4);
+}
