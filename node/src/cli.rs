@@ -197,6 +197,10 @@ pub struct PeerAddArgs {
     /// The peer's QUIC address
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer_addr)]
     pub addr: String,
+    /// The peer's own location, when it is not its name: bound to the peer
+    /// here, so no other node can claim it
+    #[arg(long, value_name = "LOC", value_parser = parse_name)]
+    pub location: Option<String>,
     /// Overwrite a peer with the same name or id instead of refusing
     #[arg(long)]
     pub replace: bool,
@@ -558,6 +562,7 @@ fn peer_add(args: &PeerAddArgs) -> anyhow::Result<()> {
         name: args.name.clone(),
         id: args.id,
         addr: args.addr.clone(),
+        location: args.location.clone(),
     });
     config.save(dir)?;
     note(&format!(

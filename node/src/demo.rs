@@ -72,11 +72,13 @@ pub fn make_mesh(
             name: pb.name.clone(),
             id: ids[*b],
             addr: pb.quic_addr.clone(),
+            location: None,
         });
         cfgs[*b].1.peers.push(PeerConfig {
             name: pa.name.clone(),
             id: ids[*a],
             addr: pa.quic_addr.clone(),
+            location: None,
         });
     }
     let mut out = Vec::new();

@@ -199,7 +199,16 @@ fn open_engine(cfg: &Config, node_id: NodeId, store: &Store) -> anyhow::Result<E
     engine.set_entropy(rand::random());
     for p in &cfg.peers {
         engine.add_configured_peer(&p.name, p.id);
+        if let Some(loc) = &p.location {
+            engine.bind_peer_location(loc, p.id);
+        }
     }
+    let admins: Vec<NodeId> = cfg
+        .administrators
+        .iter()
+        .filter_map(|a| cfg.administrator_id(a, Some(node_id)))
+        .collect();
+    engine.set_administrators(&admins);
     engine.load_keys(
         store
             .load_keys()

@@ -238,6 +238,8 @@ pub struct Engine {
     pub(crate) empty_doc: Automerge,
     /// Counters for metrics: (name, value).
     pub stats: Stats,
+    /// Administrators and peers' key-store budgets (`crate::authority`).
+    pub(crate) authority: crate::authority::Authority,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -325,7 +327,7 @@ impl Engine {
     /// A new engine; `incarnation` must be fresh randomness at every process start.
     pub fn new(cfg: EngineConfig, incarnation: [u8; 4]) -> Engine {
         let tag = cfg.node_id.tag();
-        Engine {
+        let mut e = Engine {
             epochs: HashMap::new(),
             epoch_ops_max: crate::epochs::EPOCH_OPS_MIN,
             pending_retired: Vec::new(),
@@ -366,7 +368,11 @@ impl Engine {
             records_per_part: layout::RECORDS_PER_PART_MAX,
             empty_doc: Automerge::new(),
             stats: Stats::default(),
-        }
+            authority: crate::authority::Authority::default(),
+        };
+        e.views.bound.bind_name(&e.cfg.name, tag);
+        e.views.bound.bind_location(&e.cfg.location, tag);
+        e
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -526,6 +532,24 @@ impl Engine {
     /// entry has synced.
     pub fn add_configured_peer(&mut self, name: &str, id: NodeId) {
         self.views.configured.insert(name.to_string(), id.tag());
+        // The operator's name for the peer wins over its directory entry.
+        self.views.bound.bind_name(name, id.tag());
+    }
+
+    /// Binds a configured peer's location (`[[peers]] location`): no other
+    /// node's directory entry can claim it here.
+    pub fn bind_peer_location(&mut self, location: &str, id: NodeId) {
+        self.views.bound.bind_location(location, id.tag());
+    }
+
+    /// The nodes whose retirements this node accepts (`administrators` in
+    /// the configuration); empty: any member's (the v1 behaviour).
+    pub fn set_administrators(&mut self, ids: &[NodeId]) {
+        self.authority.administrators = if ids.is_empty() {
+            None
+        } else {
+            Some(ids.iter().map(|i| i.tag()).collect())
+        };
     }
 
     /// Loads one stored document (snapshot and chunks in order) at start-up.
@@ -986,6 +1010,16 @@ impl Engine {
             .ok_or_else(|| OpError::NotFound(format!("unknown node {successor:?}")))?;
         if from == to {
             return Err(OpError::BadRequest("a node cannot succeed itself".into()));
+        }
+        if let Some(admins) = &self.authority.administrators {
+            if !admins.contains(&self.tag) {
+                // Peers would refuse the change (and every later change of
+                // the mesh document behind it).
+                return Err(OpError::Conflict {
+                    code: "not_administrator".into(),
+                    message: "this node is not one of the chain's administrators; run the retirement at an administrator node".into(),
+                });
+            }
         }
         if from == self.tag {
             return Err(OpError::BadRequest(

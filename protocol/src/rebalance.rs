@@ -332,7 +332,29 @@ impl Engine {
             ..req
         };
         let origin = NodeId::parse(&req.origin)?;
-        if origin == self.cfg.node_id || !self.remember(&req) {
+        if origin == self.cfg.node_id {
+            return Ok(());
+        }
+        // A request fresh from its origin comes over the origin's own link;
+        // a forwarded one names a member this node knows. Otherwise a peer
+        // could drain any node's rights to a made-up node.
+        let first_hop = req.hops_left >= REQUEST_HOPS_MAX;
+        let member =
+            self.views.bound.has_name(origin.tag()) || self.views.nodes.contains_key(&origin.tag());
+        if (first_hop && origin != from)
+            || !member
+            || self.views.retired.contains_key(&origin.tag())
+        {
+            self.stats.rejected_messages += 1;
+            *self
+                .stats
+                .rejected_by_reason
+                .entry(crate::sync::REJECT_UNAUTHORIZED)
+                .or_default() += 1;
+            tracing::warn!(peer = %from.hex(), origin = %req.origin, "refused a rights request whose origin is not its sender or no member");
+            return Ok(());
+        }
+        if !self.remember(&req) {
             return Ok(());
         }
         let have = self.rights(req.product_id, &req.location);

@@ -51,6 +51,23 @@ pub const REJECT_INVALID: &str = "invalid_change";
 pub const REJECT_MISSING_DEPS: &str = "missing_deps";
 pub const REJECT_AUTOMERGE: &str = "automerge_refused";
 pub const REJECT_DOC_LIMIT: &str = "document_limit";
+/// A change its author has no right to make (`crate::authority`): another
+/// node's name, location or records, a retirement without an administrator
+/// or without a known successor; also a rights request whose origin is not
+/// who sent it.
+pub const REJECT_UNAUTHORIZED: &str = "unauthorized";
+/// Key-store entries over a peer's budget (`crate::authority`).
+pub const REJECT_ERASURE_LIMIT: &str = "erasure_limit";
+pub const REJECT_KEY_LIMIT: &str = "key_limit";
+
+/// The rejection reason of a validation error.
+fn invalid_reason(e: &str) -> &'static str {
+    if e.starts_with(crate::authority::UNAUTHORIZED) {
+        REJECT_UNAUTHORIZED
+    } else {
+        REJECT_INVALID
+    }
+}
 /// Document entries listed in one `Docs` frame.
 pub const DOCS_PER_FRAME_MAX: usize = 4096;
 /// A sync message carrying at least this many changes sends them as one
@@ -854,6 +871,9 @@ impl Engine {
                             return Err("malformed key-store entry".into());
                         }
                     }
+                    if !self.within_key_budget(peer, &c, &e, now_ms) {
+                        continue;
+                    }
                     if self.set_key_entry(&c, e) {
                         self.key_changed(&c);
                         self.refresh_customer(&c, now_ms);
@@ -1051,25 +1071,32 @@ impl Engine {
                 Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
-            validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets).map_err(|e| {
-                let missing: Vec<ChangeHash> = if e == crate::validate::MISSING_DEPS {
-                    let in_message: BTreeSet<ChangeHash> =
-                        changes.iter().map(|c| c.hash()).collect();
-                    changes
-                        .iter()
-                        .flat_map(|c| c.deps().to_vec())
-                        .filter(|d| {
-                            !in_message.contains(d)
-                                && automerge::ReadDoc::get_change_by_hash(am, d).is_none()
-                        })
-                        .collect::<BTreeSet<_>>()
-                        .into_iter()
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                (e, missing)
-            })
+            let auth = crate::authority::AuthView {
+                own: tag,
+                views: &self.views,
+                authority: &self.authority,
+            };
+            validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets, Some(auth)).map_err(
+                |e| {
+                    let missing: Vec<ChangeHash> = if e == crate::validate::MISSING_DEPS {
+                        let in_message: BTreeSet<ChangeHash> =
+                            changes.iter().map(|c| c.hash()).collect();
+                        changes
+                            .iter()
+                            .flat_map(|c| c.deps().to_vec())
+                            .filter(|d| {
+                                !in_message.contains(d)
+                                    && automerge::ReadDoc::get_change_by_hash(am, d).is_none()
+                            })
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    (e, missing)
+                },
+            )
         };
         let verdict = match checked {
             Ok(v) => v,
@@ -1078,7 +1105,7 @@ impl Engine {
                     self.reject(peer, doc, REJECT_MISSING_DEPS, &e);
                     self.restart_doc_session(peer, doc, missing);
                 } else {
-                    self.reject(peer, doc, REJECT_INVALID, &e);
+                    self.reject(peer, doc, invalid_reason(&e), &e);
                 }
                 return Ok(());
             }
@@ -1208,7 +1235,12 @@ impl Engine {
                 Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
-            validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets)
+            let auth = crate::authority::AuthView {
+                own: tag,
+                views: &self.views,
+                authority: &self.authority,
+            };
+            validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets, Some(auth))
         };
         let verdict = match checked {
             Ok(v) => v,
@@ -1218,7 +1250,7 @@ impl Engine {
                 return Ok(());
             }
             Err(e) => {
-                self.reject(peer, doc, REJECT_INVALID, &e);
+                self.reject(peer, doc, invalid_reason(&e), &e);
                 return Ok(());
             }
         };
@@ -1323,6 +1355,44 @@ impl Engine {
             _ => return,
         }
         self.sync_doc(peer, doc);
+    }
+
+    /// Whether a peer's key-store entry fits the peer's budget of erasures
+    /// and of keys added to customers that have keys here (spent only for
+    /// what the entry would change); an entry over it is refused and counted.
+    fn within_key_budget(
+        &mut self,
+        peer: NodeId,
+        customer: &str,
+        entry: &crate::crypto::KeyEntry,
+        now_ms: u64,
+    ) -> bool {
+        use crate::authority::KeyStoreAct;
+        use crate::crypto::KeyEntry;
+        let act = match (self.keys.get(customer), entry) {
+            (Some(KeyEntry::Erased), _) => return true,
+            (_, KeyEntry::Erased) => KeyStoreAct::Erase,
+            (Some(KeyEntry::Keys(have)), KeyEntry::Keys(new)) => {
+                let added = new.difference(have).count() as u32;
+                if added == 0 {
+                    return true;
+                }
+                KeyStoreAct::AddKeys(added)
+            }
+            // A customer new here: its keys are the creator's.
+            (None, KeyEntry::Keys(_)) => return true,
+        };
+        if self.authority.spend(peer.tag(), act, now_ms) {
+            return true;
+        }
+        let reason = match act {
+            KeyStoreAct::Erase => REJECT_ERASURE_LIMIT,
+            KeyStoreAct::AddKeys(_) => REJECT_KEY_LIMIT,
+        };
+        self.stats.rejected_messages += 1;
+        *self.stats.rejected_by_reason.entry(reason).or_default() += 1;
+        tracing::warn!(peer = %peer.hex(), reason, "refused a peer's key-store entry over its budget");
+        false
     }
 
     fn reject(&mut self, peer: NodeId, doc: &str, reason: &'static str, why: &str) {

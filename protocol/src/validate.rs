@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ROOT};
 
+use crate::authority::AuthView;
 use crate::ids::{ActorKey, NodeTag, CELL_MAX};
 use crate::layout::{parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId};
 
@@ -106,8 +107,24 @@ pub fn validate_changes(
     changes: &mut [Change],
     own_tag: NodeTag,
     buckets: u32,
+    auth: Option<AuthView<'_>>,
 ) -> Result<Verdict, String> {
     let mut verdict = Verdict::default();
+    // Nodes whose directory entries arrive in this very message (a
+    // retirement may name a successor whose entry travels with it).
+    let mut entries_in_message = std::collections::BTreeSet::new();
+    if matches!(doc_id, DocId::Mesh) {
+        for c in changes.iter() {
+            for op in &c.decode().operations {
+                if let automerge::legacy::Key::Map(k) = &op.key {
+                    if let Ok(t) = parse_mesh_key(k) {
+                        entries_in_message.insert(t);
+                    }
+                }
+            }
+        }
+    }
+    let ctx = auth.map(|a| (a, &entries_in_message));
     seqs.refresh(doc);
     // Apply a change's checks in each actor's own order, so that the running
     // maximum of a cumulative cell is compared with its predecessor.
@@ -189,6 +206,9 @@ pub fn validate_changes(
                 buckets,
                 &mut last,
             )?;
+            if let Some((a, in_message)) = ctx {
+                authorize_op(doc_id, a, in_message, author, &key, value.as_ref())?;
+            }
             verdict.keys.insert(key);
         }
     }
@@ -476,6 +496,58 @@ pub(crate) fn check_op(
                 _ => Err("an erasure can not be undone".into()),
             },
         },
+    }
+}
+
+/// The author's rights beyond the key it writes (DESIGN §7): checks that
+/// need the receiver's view of the chain (`crate::authority`). Run after
+/// `check_op`, so keys and values are well-formed here.
+fn authorize_op(
+    doc_id: &DocId,
+    auth: AuthView<'_>,
+    in_message: &std::collections::BTreeSet<NodeTag>,
+    author: ActorKey,
+    key: &str,
+    value: Option<&ScalarValue>,
+) -> Result<(), String> {
+    let text = match value {
+        Some(ScalarValue::Str(s)) => s.as_str(),
+        _ => return Ok(()),
+    };
+    match doc_id {
+        DocId::Mesh if key.starts_with("retired/") => {
+            let retired = crate::layout::parse_retired_key(key)
+                .ok_or_else(|| format!("bad mesh key {key:?}"))?;
+            let successor = crate::layout::parse_retirement(text)?;
+            auth.check_retirement(author.tag(), retired, successor, in_message)
+        }
+        DocId::Mesh if key.starts_with("loc/") => Ok(()),
+        DocId::Mesh => {
+            let info = parse_node_info(text)?;
+            auth.views.bound.check_directory_entry(author.tag(), &info)
+        }
+        DocId::Records { .. } => {
+            #[derive(serde::Deserialize)]
+            struct Writer {
+                node: Option<String>,
+                reservation_id: Option<String>,
+                creator: Option<String>,
+            }
+            let Ok(w) = serde_json::from_str::<Writer>(text) else {
+                // Not an object: names no writer, and nothing indexes it.
+                return Ok(());
+            };
+            if let Some(n) = &w.node {
+                auth.check_record_node(author.tag(), n)?;
+            }
+            if let (Ok((crate::layout::RecordKind::ReservationClose, _)), Some(id), Some(c)) =
+                (parse_record_key(key), &w.reservation_id, &w.creator)
+            {
+                auth.check_reservation_close(author.tag(), id, c)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -252,6 +252,10 @@ pub struct Views {
     pub alarms: BTreeMap<(String, String), Alarm>,
     /// Names of configured peers, known before their directory entry arrives.
     pub configured: BTreeMap<String, NodeTag>,
+    /// Names and locations bound to node ids by this node's operator (its
+    /// own name and location, its configured peers): a peer's directory
+    /// entry never overrides them (`crate::authority`).
+    pub bound: crate::authority::Bindings,
     /// The product catalogue.
     pub products: HashMap<u64, ProductView>,
     pub by_sku: HashMap<String, BTreeSet<u64>>,
@@ -359,35 +363,67 @@ impl Views {
         t
     }
 
+    /// The node called `name`: the one the operator bound it to, else the
+    /// one node whose directory entry claims it (two claims name nobody: a
+    /// peer's own directory entry never takes a name away from the node it
+    /// belongs to).
     pub fn tag_of(&self, name: &str) -> Option<NodeTag> {
-        self.nodes
+        if let Some(t) = self.bound.names.get(name) {
+            return Some(*t);
+        }
+        let mut claims = self
+            .nodes
             .iter()
-            .find(|(_, i)| i.name == name)
-            .map(|(t, _)| *t)
-            .or_else(|| self.configured.get(name).copied())
+            .filter(|(_, i)| i.name == name)
+            .map(|(t, _)| *t);
+        match (claims.next(), claims.next()) {
+            (Some(t), None) => Some(t),
+            _ => None,
+        }
     }
 
     pub fn name_of(&self, tag: NodeTag) -> String {
+        if let Some(n) = self.bound.name_of(tag) {
+            return n.to_string();
+        }
         self.nodes
             .get(&tag)
             .map(|i| i.name.clone())
             .unwrap_or_else(|| tag.hex())
     }
 
-    /// The node that owns a location (the one whose own location it is).
+    /// The node that owns a location (the one whose own location it is):
+    /// the node the operator bound it to, else the one claimant (a claimant
+    /// bound to another location, or named otherwise by the operator while
+    /// another claimant is named like the location, does not count; two
+    /// claims name nobody).
     pub fn owner_of(&self, location: &str) -> Option<(NodeTag, &NodeInfo)> {
-        self.nodes
+        if let Some(t) = self.bound.locations.get(location) {
+            return self.nodes.get(t).map(|i| (*t, i));
+        }
+        let claims: Vec<(NodeTag, &NodeInfo)> = self
+            .nodes
             .iter()
-            .find(|(_, i)| i.location.as_deref() == Some(location))
-            .map(|(t, i)| (*t, i))
-            .or_else(|| {
-                // A declared location may name the node that acts for it.
-                let owner = self.declared.get(location)?.owner.as_deref()?;
-                self.nodes
-                    .iter()
-                    .find(|(_, i)| i.name == owner)
-                    .map(|(t, i)| (*t, i))
+            .filter(|(t, i)| {
+                i.location.as_deref() == Some(location) && !self.bound.has_location(**t)
             })
+            .map(|(t, i)| (*t, i))
+            .collect();
+        let named: Vec<&(NodeTag, &NodeInfo)> = claims
+            .iter()
+            .filter(|(t, _)| self.bound.name_of(*t) == Some(location))
+            .collect();
+        let one = match (named.as_slice(), claims.as_slice()) {
+            ([only], _) => Some(**only),
+            ([], [only]) => Some(*only),
+            _ => None,
+        };
+        one.or_else(|| {
+            // A declared location may name the node that acts for it.
+            let owner = self.declared.get(location)?.owner.as_deref()?;
+            let t = self.tag_of(owner)?;
+            self.nodes.get(&t).map(|i| (t, i))
+        })
     }
 
     /// Whether the chain knows `location`: a node's own, or a declared one.

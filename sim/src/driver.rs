@@ -91,6 +91,8 @@ pub struct Driver {
     retirements: u32,
     /// (retired, successor) node indices.
     retired_pair: Option<(usize, usize)>,
+    /// (hostile node, first event) of the `hostile-forge` fault, until done.
+    hostile: Option<(usize, usize)>,
 }
 
 /// Nodes `keep` stay connected through the configured peer links.
@@ -185,6 +187,7 @@ impl Driver {
             clones: 0,
             retirements: 0,
             retired_pair: None,
+            hostile: crate::hostile::draw(seed, n, opts.events, opts.faults),
         })
     }
 
@@ -258,6 +261,11 @@ impl Driver {
         }
         if self.w.draining.is_some() {
             self.try_finish_retirement();
+        }
+        if let Some((h, at)) = self.hostile {
+            if ev >= at && crate::hostile::forge(&mut self.w, h)? {
+                self.hostile = None;
+            }
         }
         if self.w.rng.gen_bool(self.d.fault_rate) {
             self.fault()?;

@@ -12,6 +12,7 @@
 pub mod check;
 pub mod client;
 pub mod driver;
+pub mod hostile;
 pub mod net;
 pub mod options;
 pub mod scenario;

@@ -89,10 +89,14 @@ pub enum FaultKind {
     /// retire`) to a successor. Once per seed at most, in a minority of seeds
     /// (`Derived::retire_at_event`), not through the fault weights.
     RetireNode,
+    /// A member node forges writes only others may make (`crate::hostile`).
+    /// Once per seed at most, in a share of the seeds, not through the
+    /// fault weights (so a seed's other events are unchanged).
+    HostileForge,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 22] = [
+    pub const ALL: [FaultKind; 23] = [
         FaultKind::PartitionHalves,
         FaultKind::PartitionIsolate,
         FaultKind::PartitionOneWay,
@@ -115,6 +119,7 @@ impl FaultKind {
         FaultKind::DuplicateRequest,
         FaultKind::ClientRetry,
         FaultKind::RetireNode,
+        FaultKind::HostileForge,
     ];
 
     /// Faults the driver injects on purpose (the others are consequences or
@@ -163,6 +168,7 @@ impl FaultKind {
             FaultKind::DuplicateRequest => "duplicate-request",
             FaultKind::ClientRetry => "client-retry",
             FaultKind::RetireNode => "retire-node",
+            FaultKind::HostileForge => "hostile-forge",
         }
     }
 
@@ -190,6 +196,7 @@ impl FaultKind {
             FaultKind::DuplicateRequest => "dup",
             FaultKind::ClientRetry => "retry",
             FaultKind::RetireNode => "retire",
+            FaultKind::HostileForge => "hostile",
         }
     }
 }

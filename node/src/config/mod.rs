@@ -210,6 +210,10 @@ pub struct Config {
     /// `[[webhooks]]`: where this node pushes its events (see `crate::webhooks`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// The nodes whose retirements this node accepts: this node's own name,
+    /// configured peers' names, or node ids (64 hex). Empty: any member's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub administrators: Vec<String>,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -254,6 +258,11 @@ pub struct PeerConfig {
     pub id: NodeId,
     /// `IP:PORT` or `HOST:PORT` (host names are resolved when dialing).
     pub addr: String,
+    /// The peer's own location (default: none bound; a peer named like a
+    /// location is preferred as its owner). Bound here: no other node's
+    /// directory entry can claim it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 impl PeerConfig {
@@ -427,6 +436,7 @@ impl Config {
             allocation: Vec::new(),
             clock_offset_ms: 0,
             webhooks: Vec::new(),
+            administrators: Vec::new(),
         }
     }
 
@@ -625,8 +635,51 @@ impl Config {
                     peer.id, self.peers[j].name
                 ));
             }
+            if let Some(loc) = &peer.location {
+                validate_name(&format!("{at}.location"), loc)?;
+                let own = if self.location.is_empty() {
+                    &self.name
+                } else {
+                    &self.location
+                };
+                if loc == own {
+                    return Err(format!(
+                        "{at}.location {loc:?} is this node's own location; locations have one owner"
+                    ));
+                }
+                if let Some(j) = self.peers[..i]
+                    .iter()
+                    .position(|p| p.location.as_deref() == Some(loc.as_str()))
+                {
+                    return Err(format!(
+                        "{at}.location {loc:?} is also the location of peers[{j}]; locations have one owner"
+                    ));
+                }
+            }
+        }
+        for (i, a) in self.administrators.iter().enumerate() {
+            if self.administrator_id(a, None).is_none() && a != &self.name {
+                return Err(format!(
+                    "administrators[{i}] {a:?} is neither this node's name, a configured peer's name nor a node id (64 hex)"
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// The node id an `administrators` entry stands for (`own`: this
+    /// node's id, for an entry naming this node).
+    pub fn administrator_id(&self, entry: &str, own: Option<NodeId>) -> Option<NodeId> {
+        if entry == self.name {
+            return own;
+        }
+        if let Some(p) = self.peers.iter().find(|p| p.name == entry) {
+            return Some(p.id);
+        }
+        if entry.len() == 64 {
+            return NodeId::parse(entry).ok();
+        }
+        None
     }
 
     fn check_api(&self) -> Result<(), String> {

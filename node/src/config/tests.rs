@@ -91,11 +91,13 @@ fn round_trip_through_file() {
         name: "store-2".into(),
         id: NodeId::parse(ID_A).unwrap(),
         addr: "10.0.0.2:7400".into(),
+        location: None,
     });
     c.peers.push(PeerConfig {
         name: "web".into(),
         id: NodeId::parse(ID_B).unwrap(),
         addr: "web.example.net:7400".into(),
+        location: Some("web-dc".into()),
     });
     let c = with_token(c, "admin", "0123456789abcdef0123", &[Scope::Admin]);
     let c = with_token(
@@ -176,6 +178,40 @@ fn bad_values_are_rejected() {
     assert!(err("name = \"a\"\n[api]\nbody_bytes_max = 10\n").contains("body_bytes_max"));
     assert!(err("name = \"a\"\n[loyalty]\npoints_per_unit = 9999999\n").contains("points_per_unit"));
     assert!(err("name = \"a\n").starts_with("line 1"));
+}
+
+#[test]
+fn administrators_and_peer_locations_are_checked() {
+    let peer = |name: &str, id: &str, loc: &str| {
+        format!("[[peers]]\nname = \"{name}\"\nid = \"{id}\"\naddr = \"1.2.3.4:1\"\nlocation = \"{loc}\"\n")
+    };
+    let ok = format!(
+        "name = \"a\"\nadministrators = [\"a\", \"b\", \"{ID_B}\"]\n{}",
+        peer("b", ID_A, "b-dc")
+    );
+    let c = Config::from_toml_str(&ok).unwrap();
+    assert_eq!(c.peers[0].location.as_deref(), Some("b-dc"));
+    assert_eq!(
+        c.administrator_id("b", None),
+        Some(NodeId::parse(ID_A).unwrap())
+    );
+    assert_eq!(
+        c.administrator_id(ID_B, None),
+        Some(NodeId::parse(ID_B).unwrap())
+    );
+    let e = err(&format!(
+        "name = \"a\"\nadministrators = [\"nobody\"]\n{}",
+        peer("b", ID_A, "b-dc")
+    ));
+    assert!(e.contains("administrators[0]"), "{e}");
+    let e = err(&format!("name = \"a\"\n{}", peer("b", ID_A, "a")));
+    assert!(e.contains("own location"), "{e}");
+    let e = err(&format!(
+        "name = \"a\"\n{}{}",
+        peer("b", ID_A, "x"),
+        peer("c", ID_B, "x")
+    ));
+    assert!(e.contains("peers[1].location"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,245 @@
+//! Who may write what (DESIGN §7, "Authorship is proved, not claimed"):
+//! the bindings the operator made (names and locations to node ids), the
+//! administrators whose retirements count, and the budgets that keep a peer
+//! from erasing every customer or filling customers' key sets.
+//!
+//! Validation (`validate::check_op`) consults an [`AuthView`]: a change is
+//! applied only if its author owns every key it writes and every record it
+//! writes names that author; a directory entry never claims a name or a
+//! location the receiver's operator bound to another node; a retirement needs
+//! an administrator (when the operator named any) and a successor the chain
+//! knows. Refusals start with [`UNAUTHORIZED`] and are counted under
+//! `storemesh_rejected_changes_total{reason="unauthorized"}`.
+//!
+//! What this does not do yet: prove the author. A change's author is still
+//! the actor id it carries (see README, "What a stolen node can do").
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::ids::{NodeInfo, NodeTag};
+use crate::views::Views;
+
+/// Prefix of every validation error that is an authorization refusal.
+pub const UNAUTHORIZED: &str = "unauthorized: ";
+
+/// Customers a single peer may newly mark erased per budget window. An
+/// honest erasure is an operator's act for one customer at a time; a peer
+/// sending more is held back (the key-store sync offers them again later),
+/// so a hostile node cannot erase every customer at once.
+pub const PEER_ERASURES_PER_WINDOW_MAX: u32 = 500;
+/// Keys a single peer may add per budget window to customers that already
+/// have keys here. Honest additions happen only when two nodes created one
+/// customer concurrently (one extra key); a peer that adds many is filling
+/// customers' key sets (refused past `crypto::KEYS_PER_CUSTOMER_MAX`).
+pub const PEER_KEY_ADDITIONS_PER_WINDOW_MAX: u32 = 500;
+/// The budget window: one hour.
+pub const PEER_BUDGET_WINDOW_MS: u64 = 3_600_000;
+/// Peers whose budgets are tracked at most (configured peers are far fewer).
+pub const PEER_BUDGETS_MAX: usize = 1024;
+
+/// Names and locations bound to node ids by the operator's configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Bindings {
+    /// name → node (own name, configured peers).
+    pub names: BTreeMap<String, NodeTag>,
+    /// location → node (own location, configured peers' `location`).
+    pub locations: BTreeMap<String, NodeTag>,
+    by_tag_name: BTreeMap<NodeTag, String>,
+    by_tag_location: BTreeMap<NodeTag, String>,
+}
+
+impl Bindings {
+    /// Binds `name` to `tag`. The first binding of a name or a tag wins
+    /// (the configuration refuses duplicates; this keeps the map exact).
+    pub fn bind_name(&mut self, name: &str, tag: NodeTag) {
+        if self.names.contains_key(name) || self.by_tag_name.contains_key(&tag) {
+            return;
+        }
+        self.names.insert(name.to_string(), tag);
+        self.by_tag_name.insert(tag, name.to_string());
+    }
+
+    pub fn bind_location(&mut self, location: &str, tag: NodeTag) {
+        if self.locations.contains_key(location) || self.by_tag_location.contains_key(&tag) {
+            return;
+        }
+        self.locations.insert(location.to_string(), tag);
+        self.by_tag_location.insert(tag, location.to_string());
+    }
+
+    pub fn name_of(&self, tag: NodeTag) -> Option<&str> {
+        self.by_tag_name.get(&tag).map(String::as_str)
+    }
+
+    pub fn has_name(&self, tag: NodeTag) -> bool {
+        self.by_tag_name.contains_key(&tag)
+    }
+
+    pub fn has_location(&self, tag: NodeTag) -> bool {
+        self.by_tag_location.contains_key(&tag)
+    }
+
+    /// Why `author`'s directory entry `info` is refused here, if it is: it
+    /// claims a name or a location the operator bound to another node. (An
+    /// entry that names its own node otherwise than the operator did is
+    /// applied but does not count: `Views::name_of` answers the binding.)
+    pub fn check_directory_entry(&self, author: NodeTag, info: &NodeInfo) -> Result<(), String> {
+        if let Some(t) = self.names.get(&info.name) {
+            if *t != author {
+                return Err(format!(
+                    "{UNAUTHORIZED}directory entry claims the name {:?}, bound here to another node",
+                    info.name
+                ));
+            }
+        }
+        if let Some(loc) = &info.location {
+            if let Some(t) = self.locations.get(loc) {
+                if *t != author {
+                    return Err(format!(
+                        "{UNAUTHORIZED}directory entry claims the location {loc:?}, bound here to another node"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Operator's authority beyond the bindings.
+#[derive(Clone, Debug, Default)]
+pub struct Authority {
+    /// Nodes whose retirements this node accepts; `None`: the operator named
+    /// none, and any member's retirement counts (the v1 behaviour, kept so a
+    /// mesh set up with `init`, `peer add` and `run` alone can retire nodes).
+    pub administrators: Option<BTreeSet<NodeTag>>,
+    budgets: HashMap<NodeTag, PeerBudget>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PeerBudget {
+    window_start_ms: u64,
+    erasures: u32,
+    key_additions: u32,
+}
+
+/// What a peer's key-store entry would do here (for its budget).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyStoreAct {
+    Erase,
+    AddKeys(u32),
+}
+
+impl Authority {
+    /// Takes `act` from `peer`'s budget; `false`: over budget, refuse it.
+    pub fn spend(&mut self, peer: NodeTag, act: KeyStoreAct, now_ms: u64) -> bool {
+        if !self.budgets.contains_key(&peer) && self.budgets.len() >= PEER_BUDGETS_MAX {
+            // Sessions exist only for configured peers; this is a safety net.
+            self.budgets.clear();
+        }
+        let b = self.budgets.entry(peer).or_default();
+        if now_ms.saturating_sub(b.window_start_ms) >= PEER_BUDGET_WINDOW_MS
+            || now_ms < b.window_start_ms
+        {
+            *b = PeerBudget {
+                window_start_ms: now_ms,
+                ..PeerBudget::default()
+            };
+        }
+        match act {
+            KeyStoreAct::Erase => {
+                if b.erasures >= PEER_ERASURES_PER_WINDOW_MAX {
+                    return false;
+                }
+                b.erasures += 1;
+            }
+            KeyStoreAct::AddKeys(n) => {
+                if b.key_additions.saturating_add(n) > PEER_KEY_ADDITIONS_PER_WINDOW_MAX {
+                    return false;
+                }
+                b.key_additions += n;
+            }
+        }
+        true
+    }
+}
+
+/// What validation needs to know about the chain to authorize a change.
+#[derive(Clone, Copy)]
+pub struct AuthView<'a> {
+    pub own: NodeTag,
+    pub views: &'a Views,
+    pub authority: &'a Authority,
+}
+
+impl AuthView<'_> {
+    /// Whether `tag` is a member this node knows: itself, a configured peer,
+    /// or a node with a directory entry (`in_message`: entries arriving in
+    /// the same message), and not retired.
+    pub fn is_member(&self, tag: NodeTag, in_message: &BTreeSet<NodeTag>) -> bool {
+        let known = tag == self.own
+            || self.views.bound.has_name(tag)
+            || self.views.nodes.contains_key(&tag)
+            || in_message.contains(&tag);
+        known && !self.views.retired.contains_key(&tag)
+    }
+
+    /// A retirement of `retired` to `successor` written by `author`.
+    pub fn check_retirement(
+        &self,
+        author: NodeTag,
+        retired: NodeTag,
+        successor: NodeTag,
+        in_message: &BTreeSet<NodeTag>,
+    ) -> Result<(), String> {
+        if let Some(admins) = &self.authority.administrators {
+            if !admins.contains(&author) {
+                return Err(format!(
+                    "{UNAUTHORIZED}retirement written by {author}, not an administrator here"
+                ));
+            }
+        }
+        if successor == retired {
+            return Err(format!("{UNAUTHORIZED}a node can not succeed itself"));
+        }
+        if !self.is_member(successor, in_message) {
+            return Err(format!(
+                "{UNAUTHORIZED}retirement names a successor {successor} that is no member here"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A close of reservation `id` (created by `creator`) written by
+    /// `author`: only the fulfilling node (or its successor) closes one. A
+    /// close that arrives before its reservation is let through (the
+    /// fulfiller is not known yet).
+    pub fn check_reservation_close(
+        &self,
+        author: NodeTag,
+        id: &str,
+        creator: &str,
+    ) -> Result<(), String> {
+        let fulfiller = self
+            .views
+            .reservations
+            .get(id)
+            .and_then(|m| m.get(creator))
+            .and_then(|r| r.fulfil_by);
+        match fulfiller {
+            Some(f) if self.views.resolve(f) != self.views.resolve(author) => Err(format!(
+                "{UNAUTHORIZED}{author} closes reservation {id:?}, which another node fulfils"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A record written by `author` that names `node` as its writer.
+    pub fn check_record_node(&self, author: NodeTag, node: &str) -> Result<(), String> {
+        match self.views.tag_of(node) {
+            Some(t) if t != author => Err(format!(
+                "{UNAUTHORIZED}record by {author} names another node ({node:?}) as its writer"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
