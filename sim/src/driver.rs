@@ -730,7 +730,7 @@ fn quiet(w: &World) -> bool {
     if w.net.in_flight() > 0
         || w.nodes
             .iter()
-            .any(|n| !n.cmds.is_empty() || !n.parked.is_empty())
+            .any(|n| !n.cmds.is_empty() || n.life.as_ref().is_some_and(|l| l.node.parked_len() > 0))
         || w.clients.reqs.iter().any(|r| r.outstanding())
     {
         return false;
@@ -744,7 +744,7 @@ fn quiet(w: &World) -> bool {
     }
     let roots: Vec<[u8; 32]> = members
         .iter()
-        .filter_map(|i| w.nodes[*i].life.as_ref().map(|l| l.engine.digest_root()))
+        .filter_map(|i| w.nodes[*i].life.as_ref().map(|l| l.engine().digest_root()))
         .collect();
     roots.windows(2).all(|p| p[0] == p[1])
 }
@@ -772,7 +772,7 @@ fn not_quiet_reason(w: &World) -> String {
                 format!(
                     "{}={}",
                     w.nodes[*i].name,
-                    &hex::encode(l.engine.digest_root())[..8]
+                    &hex::encode(l.engine().digest_root())[..8]
                 )
             })
         })

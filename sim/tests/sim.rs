@@ -97,16 +97,6 @@ fn self_test_finds_grant_in_other_bucket() {
 }
 
 #[test]
-fn self_test_finds_ack_before_commit() {
-    assert_found(Bug::AckBeforeCommit);
-}
-
-#[test]
-fn self_test_finds_push_before_commit() {
-    assert_found(Bug::PushBeforeCommit);
-}
-
-#[test]
 fn self_test_finds_idem_outside_txn() {
     assert_found(Bug::IdemOutsideTxn);
 }
