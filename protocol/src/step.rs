@@ -269,7 +269,7 @@ impl<T> NodeLoop<T> {
                     if self.conns.insert(peer, conn).is_some() {
                         self.engine.peer_down(peer);
                     }
-                    tracing::info!(peer = %peer.hex(), "peer connected");
+                    tracing::debug!(peer = %peer.hex(), "session started");
                     let states = store.sync_states(&peer).unwrap_or_default();
                     self.engine.peer_up_with_digest(peer, states, digest, now);
                 }

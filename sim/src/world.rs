@@ -656,6 +656,9 @@ impl World {
                 let now = self.clock(i);
                 // redb refuses everything after an I/O error: the store is reopened too.
                 life.store = store;
+                // The checkers look at the reopened engine as at a new one.
+                life.seen.clear();
+                life.alarms_seen = 0;
                 let disk = self.nodes[i].disk.clone();
                 let mut storage = SimStorage::new(&life.store, disk, self.bug, None);
                 life.node.replace_engine(engine, &mut storage, now);
