@@ -128,6 +128,8 @@ pub struct Failed<T> {
 }
 
 /// The outcome of one step.
+// One per batch, moved once: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Step<T> {
     Committed(Committed<T>),
