@@ -80,8 +80,10 @@ pub struct LoopConfig {
 pub type Reply<T> = (T, Result<OpReply, OpError>);
 
 /// What a committed batch releases. Only [`NodeLoop::step`] builds one, after
-/// [`Storage::commit`] returned `Ok` (or the batch was empty).
+/// [`Storage::commit`] returned `Ok` (or the batch was empty):
+/// `#[non_exhaustive]` keeps other crates from building one.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Committed<T> {
     /// Answers to the clients, in the order the operations were decided.
     pub replies: Vec<Reply<T>>,
@@ -98,7 +100,6 @@ pub struct Committed<T> {
     /// When the driver must wake the loop with [`Input::Wake`] at the latest
     /// (the earliest parked-sale deadline or reservation expiry), if ever.
     pub next_wake_ms: Option<u64>,
-    _sealed: (),
 }
 
 /// Why a batch was not committed.
@@ -357,7 +358,6 @@ impl<T> NodeLoop<T> {
             hello_digest,
             disconnect,
             next_wake_ms: self.next_wake_ms(),
-            _sealed: (),
         })
     }
 
