@@ -37,6 +37,10 @@ pub struct RunReport {
     /// `X->S` and how often the successor spent inherited rights, when a
     /// node was retired.
     pub retirement: Option<String>,
+    /// Connections started from a hello with the peer's digest (production's
+    /// `peer_up_with_digest`), and retired peers' keys revoked.
+    pub digest_hellos: u64,
+    pub revocations: u64,
 }
 
 impl RunReport {
@@ -661,6 +665,8 @@ impl Driver {
                     w.nodes[x].name, w.nodes[s].name, w.check.successor_spends
                 )
             }),
+            digest_hellos: w.digest_hellos,
+            revocations: w.revocations,
         }
     }
 }
@@ -834,6 +840,8 @@ pub fn run_seed(seed: u64, opts: &Options) -> RunReport {
                 converge_ms: 0,
                 lost_with_history: 0,
                 retirement: None,
+                digest_hellos: 0,
+                revocations: 0,
             };
         }
     };

@@ -266,6 +266,10 @@ pub struct World {
     pub commits: u64,
     /// A node being drained for retirement: clients send it nothing new.
     pub draining: Option<usize>,
+    /// Connections that started from a hello carrying the peer's digest.
+    pub digest_hellos: u64,
+    /// Retired peers' keys revoked by some node (`Committed::revoke`).
+    pub revocations: u64,
 }
 
 fn node_id_from(rng: &mut StdRng) -> NodeId {
@@ -369,6 +373,8 @@ impl World {
             faults_active: true,
             commits: 0,
             draining: None,
+            digest_hellos: 0,
+            revocations: 0,
         };
         for i in 0..n {
             w.check
@@ -1108,6 +1114,7 @@ impl World {
                     return Err(v);
                 }
                 for peer in &c.revoke {
+                    self.revocations += 1;
                     life.revoked.insert(*peer);
                     let item = format!("revoke {i} {} t={}", peer.hex(), self.now_ms);
                     self.trace(item.as_bytes());
@@ -1199,6 +1206,7 @@ impl World {
                 digest,
             } => {
                 life.conns.insert(peer, (from, conn));
+                self.digest_hellos += u64::from(digest.is_some());
                 Input::PeerUp { peer, conn, digest }
             }
             NetEv::Down { peer, conn } => {
