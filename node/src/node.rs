@@ -35,6 +35,9 @@ pub const BATCH_OPS_MAX: usize = 2048;
 /// The engine is woken for a deadline at most this often (a clock that
 /// reads a deadline as still ahead cannot make the timer spin).
 pub const WAKE_MIN_MS: u64 = 5;
+/// With nothing to wake for, the wake timer only waits for the engine's next
+/// answer; this is how long it sleeps between looks (any length works).
+const WAKE_IDLE: Duration = Duration::from_secs(3600);
 /// Commands waiting for the engine thread, at most (backpressure on HTTP).
 pub const CMD_QUEUE_MAX: usize = 8192;
 /// The data file is rewritten after a customer erasure at most this often
@@ -513,7 +516,7 @@ async fn wake_timer(
                 tokio::time::sleep(Duration::from_millis(ms))
             }
             // Nothing to wake for: wait for the next change only.
-            None => tokio::time::sleep(Duration::from_secs(3600)),
+            None => tokio::time::sleep(WAKE_IDLE),
         };
         tokio::select! {
             changed = next.changed() => {

@@ -156,9 +156,8 @@ pub struct NodeLoop<T> {
     frame_hook: Option<fn(NodeId)>,
 }
 
-/// Operations answered in one step, at most, beyond which replies are still
-/// returned (this bounds nothing the caller did not send): documentation of the
-/// expected size for the preallocation only.
+/// Initial capacity of a step's reply list: a hint, not a limit (a step
+/// answers at most what its caller put in, which the driver bounds).
 const REPLIES_PREALLOC: usize = 64;
 
 impl<T> NodeLoop<T> {
