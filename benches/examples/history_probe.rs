@@ -57,6 +57,7 @@ fn main() {
     if args.get(1).map(|s| s.as_str()) == Some("restart") {
         let t = Instant::now();
         let store = Store::open(&probe_path("storemesh-probe.redb")).unwrap();
+        println!("store open: {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
         for d in store.load_docs().unwrap() {
             let (r, t1) = (rss_mib(), Instant::now());

@@ -3,9 +3,12 @@
 //! The engine runs on one dedicated OS thread. Everything that changes state —
 //! client operations, frames from peers, peer up/down, anti-entropy ticks —
 //! arrives as a [`Cmd`] on one bounded channel. The thread drains up to
-//! [`BATCH_OPS_MAX`] commands, executes them, commits ONE redb transaction
-//! (`Durability::Immediate`), and only then answers the callers, publishes the
-//! changed rows to readers and hands frames to the transport.
+//! [`BATCH_OPS_MAX`] commands and runs them as one
+//! [`storemesh_protocol::step::NodeLoop::step`] (the same function the
+//! simulator runs): it executes them, commits ONE redb transaction
+//! (`Durability::Immediate`) through [`NodeStorage`], and only the committed
+//! outcome lets the thread answer the callers, publish the changed rows to
+//! readers and hand frames to the transport.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use storemesh_protocol::engine::{Engine, EngineConfig, Policy};
 use storemesh_protocol::ids::NodeId;
-use storemesh_protocol::ops::{Op, OpError, OpReply};
-use storemesh_protocol::rebalance::Submit;
+use storemesh_protocol::ops::{IdemRecord, Op, OpError, OpReply};
+use storemesh_protocol::step::{Failure, Input, LoopConfig, NodeLoop, Step, Storage, StorageError};
 use storemesh_protocol::views::StockRow;
 use storemesh_protocol::wire::{Hello, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
@@ -29,8 +32,12 @@ use crate::transport::{PeerEntry, Transport, TransportConfig, TransportEvent};
 
 /// Commands drained into one group commit, at most.
 pub const BATCH_OPS_MAX: usize = 2048;
-/// Period of the wake-up that decides parked sales (deadline resolution).
-pub const WAKE_MS: u64 = 20;
+/// The engine is woken for a deadline at most this often (a clock that
+/// reads a deadline as still ahead cannot make the timer spin).
+pub const WAKE_MIN_MS: u64 = 5;
+/// With nothing to wake for, the wake timer only waits for the engine's next
+/// answer; this is how long it sleeps between looks (any length works).
+const WAKE_IDLE: Duration = Duration::from_secs(3600);
 /// Commands waiting for the engine thread, at most (backpressure on HTTP).
 pub const CMD_QUEUE_MAX: usize = 8192;
 /// The data file is rewritten after a customer erasure at most this often
@@ -318,20 +325,14 @@ impl NodeHandle {
                 }
             }
         }));
-        // Deadlines of sales waiting for a grant are checked this often.
-        let wake_tx = cmd_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut iv = tokio::time::interval(Duration::from_millis(WAKE_MS));
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                iv.tick().await;
-                // A full queue means the engine is busy and will look anyway.
-                match wake_tx.try_send(Cmd::Wake) {
-                    Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    _ => continue,
-                }
-            }
-        }));
+        // Parked sales' deadlines and reservations' expiry: the engine says
+        // when it must be woken next (`Committed::next_wake_ms`).
+        let (wake_tx, wake_rx) = tokio::sync::watch::channel(None);
+        tasks.push(tokio::spawn(wake_timer(
+            shared.clone(),
+            wake_rx,
+            cmd_tx.clone(),
+        )));
         // Anti-entropy ticks.
         let tick_tx = cmd_tx.clone();
         let every = Duration::from_millis(cfg.sync.anti_entropy_ms.max(100));
@@ -350,7 +351,7 @@ impl NodeHandle {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let engine_thread = std::thread::Builder::new()
             .name(format!("engine-{}", cfg.name))
-            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx))
+            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx, wake_tx))
             .context("cannot start the engine thread")?;
         // Serve HTTP at once: reads come from the persisted view while the
         // documents load; writes wait in the queue until the engine is ready.
@@ -453,10 +454,101 @@ pub fn peer_entry(p: &PeerConfig) -> Option<PeerEntry> {
     }
 }
 
-type Pending = (
-    oneshot::Sender<Result<OpReply, OpError>>,
-    Result<OpReply, OpError>,
-);
+/// A caller's answer channel: the loop's reply token.
+type Reply = oneshot::Sender<Result<OpReply, OpError>>;
+
+/// The redb store as the loop's storage (commit times go to the metrics).
+struct NodeStorage<'a> {
+    store: &'a Store,
+    metrics: &'a Metrics,
+    /// Time of the last commit (logged with batches that carry sync traffic).
+    commit_us: u64,
+}
+
+impl Storage for NodeStorage<'_> {
+    fn idem(&mut self, key: &str) -> Result<Option<IdemRecord>, StorageError> {
+        self.store
+            .idem(key)
+            .map_err(|e| StorageError(format!("{e:#}")))
+    }
+
+    fn sync_states(&mut self, peer: &NodeId) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.store
+            .sync_states(peer)
+            .map_err(|e| StorageError(format!("{e:#}")))
+    }
+
+    fn commit(&mut self, batch: &storemesh_protocol::Batch) -> Result<(), StorageError> {
+        let t = Instant::now();
+        let r = self.store.commit(batch);
+        let us = t.elapsed().as_micros() as u64;
+        self.commit_us = us;
+        let m = self.metrics;
+        m.commits.fetch_add(1, Ordering::Relaxed);
+        m.commit_us_total.fetch_add(us, Ordering::Relaxed);
+        m.commit_us_last.store(us, Ordering::Relaxed);
+        r.map_err(|e| {
+            m.commit_failures.fetch_add(1, Ordering::Relaxed);
+            StorageError(format!("{e:#}"))
+        })
+    }
+}
+
+fn loop_config(cfg: &Config) -> LoopConfig {
+    LoopConfig {
+        deadline_ms: cfg.rebalance.deadline_ms,
+        allocation: cfg
+            .allocation
+            .iter()
+            .map(|a| storemesh_protocol::rebalance::AllocationRule {
+                to: a.to.clone(),
+                share_percent: a.share_percent,
+                max_units: a.max_units,
+            })
+            .collect(),
+        peers: cfg.peers.iter().map(|p| p.id).collect(),
+    }
+}
+
+/// Sends `Cmd::Wake` when the loop asked to be woken (`Committed::next_wake_ms`,
+/// node clock): a parked sale's deadline or a reservation's expiry.
+async fn wake_timer(
+    shared: Arc<Shared>,
+    mut next: tokio::sync::watch::Receiver<Option<u64>>,
+    wake_tx: mpsc::Sender<Cmd>,
+) {
+    loop {
+        let at = *next.borrow_and_update();
+        let sleep = match at {
+            Some(at) => {
+                let ms = at.saturating_sub(shared.now_ms()).max(WAKE_MIN_MS);
+                tokio::time::sleep(Duration::from_millis(ms))
+            }
+            // Nothing to wake for: wait for the next change only.
+            None => tokio::time::sleep(WAKE_IDLE),
+        };
+        tokio::select! {
+            changed = next.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = sleep => {
+                if at.is_none() {
+                    continue;
+                }
+                // A full queue means the engine is busy and will look anyway.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = wake_tx.try_send(Cmd::Wake) {
+                    break;
+                }
+                // Wait for the engine's next answer before sleeping again.
+                if next.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
 
 fn engine_loop(
     shared: Arc<Shared>,
@@ -464,53 +556,49 @@ fn engine_loop(
     transport: Transport,
     mut rx: mpsc::Receiver<Cmd>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
+    wake: tokio::sync::watch::Sender<Option<u64>>,
 ) {
     let cfg = shared.cfg.clone();
-    let mut engine = match open_engine(&cfg, shared.node_id, &store) {
+    let engine = match open_engine(&cfg, shared.node_id, &store) {
         Ok(e) => e,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
+    let seq_max = shared.read.read().map(|r| r.seq_max).unwrap_or(0);
+    let mut node: NodeLoop<Reply> = NodeLoop::new(engine, loop_config(&cfg), seq_max);
+    #[cfg(feature = "failpoints")]
+    node.set_frame_hook(failpoints::on_frame);
+    let mut storage = NodeStorage {
+        store: &store,
+        metrics: &shared.metrics,
+        commit_us: 0,
+    };
     // Persist what opening produced (the directory entry) before serving.
-    let mut first = engine.flush(shared.now_ms());
-    number_rows(&shared, &mut first);
-    if let Err(e) = store.commit(&first) {
-        let _ = ready.send(Err(e.context("cannot write to the database")));
-        return;
+    match node.step(&mut storage, Vec::new(), shared.now_ms()) {
+        Step::Committed(c) => {
+            publish(&shared, node.engine(), &c.batch.rows);
+            // Our hellos carry the digest of what is durable, so that an
+            // in-sync reconnect is the two hellos and nothing else.
+            transport.set_hello_digest(node.hello_digest());
+            let _ = wake.send(c.next_wake_ms);
+        }
+        Step::Failed(f) => {
+            let _ = ready.send(Err(anyhow::anyhow!(
+                "cannot write to the database: {:?}",
+                f.cause
+            )));
+            return;
+        }
     }
-    engine.committed(shared.now_ms());
-    publish(&shared, &engine, &first.rows);
-    // Our hellos carry the digest of what is durable, so that an in-sync
-    // reconnect is the two hellos and nothing else.
-    let mut hello_digest = engine.hello_digest();
-    transport.set_hello_digest(Some(hello_digest));
     {
         let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
         r.ready = true;
     }
     let _ = ready.send(Ok(()));
-    // Current connection per peer (PeerDown of an older connection is ignored).
-    let mut conns: HashMap<NodeId, u64> = HashMap::new();
     let mut shutdown_ack: Option<oneshot::Sender<()>> = None;
-    // Callers of sales parked while rights are requested from peers.
-    let mut parked: HashMap<u64, oneshot::Sender<Result<OpReply, OpError>>> = HashMap::new();
-    let mut revoked: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
-    let deadline_ms = cfg.rebalance.deadline_ms;
-    let allocation: Vec<storemesh_protocol::rebalance::AllocationRule> = cfg
-        .allocation
-        .iter()
-        .map(|a| storemesh_protocol::rebalance::AllocationRule {
-            to: a.to.clone(),
-            share_percent: a.share_percent,
-            max_units: a.max_units,
-        })
-        .collect();
     let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
-    // Peer input refused outside the engine's own count (protocol
-    // violations, panics) and by engines replaced since start.
-    let mut node_rejected: BTreeMap<&'static str, u64> = BTreeMap::new();
     // A customer erasure committed since the last rewrite of the data file.
     let mut scrub_due = false;
     let mut last_scrub: Option<Instant> = None;
@@ -527,224 +615,151 @@ fn engine_loop(
             }
         }
         let now = shared.now_ms();
-        let mut pending: Vec<Pending> = Vec::new();
+        let mut inputs: Vec<Input<Reply>> = Vec::with_capacity(cmds.len());
         let mut queries: Vec<Query> = Vec::new();
+        // Inbound budget of the frames in this batch, given back once applied.
+        let mut budgets: Vec<crate::transport::FrameBudget> = Vec::new();
         let mut n_ops = 0u64;
         let mut n_frames_in = 0u64;
-        // Time spent applying peers' frames, flushing and committing: logged
-        // (debug) for batches with sync traffic, to see where a heal's time goes.
-        let mut net_us = 0u64;
-        let mut commit_us = 0u64;
-        // Set when applying a peer's frame panicked: the engine's memory may
-        // hold half a change, so nothing of this batch is committed and the
-        // engine is reopened from disk (the commit-failure path).
-        let mut poisoned = false;
         let started = Instant::now();
         for c in cmds.drain(..) {
             match c {
                 Cmd::Op(op, reply) => {
                     n_ops += 1;
-                    // The idempotency record is read first: a storage error must
-                    // not look like "never seen" and let a retry apply twice.
-                    let prior = match op.client_key().map(|k| store.idem(&k)) {
-                        Some(Err(e)) => {
-                            tracing::error!(error = %format!("{e:#}"), "cannot read an idempotency record");
-                            let msg = "storage error reading the request's earlier result; retry"
-                                .to_string();
-                            pending.push((reply, Err(OpError::Unavailable(msg))));
-                            continue;
-                        }
-                        Some(Ok(r)) => r,
-                        None => None,
-                    };
-                    let idem = |_: &str| prior.clone();
-                    match engine.submit(op, now, deadline_ms, &idem) {
-                        Submit::Done(r) => pending.push((reply, r)),
-                        Submit::Parked(ticket) => {
-                            parked.insert(ticket, reply);
-                        }
-                    }
+                    inputs.push(Input::Op(op, reply));
                 }
-                Cmd::Wake => {}
+                Cmd::Wake => inputs.push(Input::Wake),
                 Cmd::Query(q) => queries.push(q),
-                Cmd::Net(ev) => {
-                    n_frames_in += u64::from(matches!(ev, TransportEvent::Frame { .. }));
-                    if poisoned {
-                        // The engine is reopened after this batch; frames
-                        // until then are dropped (the sessions restart).
-                        continue;
+                Cmd::Net(ev) => match ev {
+                    TransportEvent::PeerUp {
+                        peer,
+                        conn_id,
+                        name,
+                        hello,
+                    } => {
+                        tracing::info!(peer = %name, "peer connected");
+                        inputs.push(Input::PeerUp {
+                            peer,
+                            conn: conn_id,
+                            digest: hello.digest,
+                        });
                     }
-                    let t = Instant::now();
-                    if let Some((peer, what)) = on_net(
-                        &mut engine,
-                        &store,
-                        &transport,
-                        &shared,
-                        &mut conns,
-                        &mut node_rejected,
-                        ev,
-                        now,
-                    ) {
-                        poisoned = true;
-                        *node_rejected.entry("panic").or_default() += 1;
-                        let name = shared
-                            .cfg
-                            .peer_by_id(&peer)
-                            .map_or_else(|| peer.hex(), |p| p.name.clone());
-                        tracing::error!(peer = %name, panic = %what, "applying a peer's message panicked; blocking the peer and reloading documents from disk");
-                        transport.set_blocked(peer, true);
-                        conns.remove(&peer);
-                        let mut f = shared.fault.write().unwrap_or_else(|p| p.into_inner());
-                        *f = Some(format!(
-                            "a message from peer {name} made the engine fail ({what}); the peer is blocked until this node restarts"
-                        ));
+                    TransportEvent::PeerDown {
+                        peer,
+                        conn_id,
+                        reason,
+                    } => {
+                        tracing::debug!(peer = %peer.hex(), reason, "connection ended");
+                        inputs.push(Input::PeerDown {
+                            peer,
+                            conn: conn_id,
+                        });
                     }
-                    net_us += t.elapsed().as_micros() as u64;
-                }
-                Cmd::Tick => engine.tick(now),
+                    TransportEvent::Frame {
+                        peer,
+                        conn_id,
+                        body,
+                        budget,
+                    } => {
+                        n_frames_in += 1;
+                        budgets.push(budget);
+                        inputs.push(Input::Frame {
+                            peer,
+                            conn: conn_id,
+                            body,
+                        });
+                    }
+                    TransportEvent::Refused {
+                        addr,
+                        node_id,
+                        reason,
+                    } => {
+                        tracing::warn!(%addr, node_id = node_id.as_deref().unwrap_or("?"), reason, "connection refused");
+                    }
+                },
+                Cmd::Tick => inputs.push(Input::Tick),
                 Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
             }
         }
-        // Grants that arrived in this batch may let parked sales through.
-        for (ticket, r) in engine.poll_parked(now, &|k| store.idem(k).ok().flatten()) {
-            if let Some(reply) = parked.remove(&ticket) {
-                pending.push((reply, r));
-            }
-        }
-        engine.allocate(&allocation, now);
-        engine.expire_reservations(now);
-        let t_flush = Instant::now();
-        let mut batch = if poisoned {
-            storemesh_protocol::Batch::default()
-        } else {
-            engine.flush(now)
-        };
-        let flush_us = t_flush.elapsed().as_micros() as u64;
-        number_rows(&shared, &mut batch);
-        let ok = if poisoned {
-            false
-        } else if batch.is_empty() {
-            true
-        } else {
-            let t = Instant::now();
-            let r = store.commit(&batch);
-            let us = t.elapsed().as_micros() as u64;
-            commit_us = us;
-            shared.metrics.commits.fetch_add(1, Ordering::Relaxed);
-            shared
-                .metrics
-                .commit_us_total
-                .fetch_add(us, Ordering::Relaxed);
-            shared.metrics.commit_us_last.store(us, Ordering::Relaxed);
-            match r {
-                Ok(()) => true,
-                Err(e) => {
-                    shared
-                        .metrics
-                        .commit_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %format!("{e:#}"), "commit failed; reloading documents from disk");
-                    false
-                }
-            }
-        };
         shared
             .metrics
             .batch_ops_last
             .store(n_ops, Ordering::Relaxed);
-        if ok {
-            if batch
-                .keys
-                .iter()
-                .any(|(_, e)| matches!(e, storemesh_protocol::crypto::KeyEntry::Erased))
-            {
-                scrub_due = true;
-            }
-            engine.committed(now);
-            publish(&shared, &engine, &batch.rows);
-            if !batch.is_empty() {
-                let d = engine.hello_digest();
-                if d != hello_digest {
-                    hello_digest = d;
+        storage.commit_us = 0;
+        match node.step(&mut storage, inputs, now) {
+            Step::Committed(c) => {
+                drop(budgets);
+                for (peer, _) in &c.disconnect {
+                    // Drop the connection; the supervisor dials again with backoff.
+                    transport.reconnect(*peer, "protocol violation");
+                }
+                if c.batch
+                    .keys
+                    .iter()
+                    .any(|(_, e)| matches!(e, storemesh_protocol::crypto::KeyEntry::Erased))
+                {
+                    scrub_due = true;
+                }
+                publish(&shared, node.engine(), &c.batch.rows);
+                if let Some(d) = c.hello_digest {
                     transport.set_hello_digest(Some(d));
                 }
-            }
-            for (tx, r) in pending {
-                let _ = tx.send(r);
-            }
-            let mut overflowed: Vec<NodeId> = Vec::new();
-            let outgoing = engine.take_outgoing();
-            if n_frames_in > 0 || !outgoing.is_empty() {
-                tracing::debug!(
-                    ops = n_ops,
-                    frames_in = n_frames_in,
-                    frames_out = outgoing.len(),
-                    docs_written = batch.docs.len(),
-                    took_us = started.elapsed().as_micros() as u64,
-                    net_us,
-                    flush_us,
-                    commit_us,
-                    "engine batch with sync traffic"
-                );
-            }
-            for (peer, frame) in outgoing {
-                if overflowed.contains(&peer) {
-                    continue;
+                for (tx, r) in c.replies {
+                    let _ = tx.send(r);
                 }
-                match transport.send(peer, frame) {
-                    Ok(()) => {}
-                    // A lost sync frame would leave the peer's session waiting (or a
-                    // split message corrupt): drop the connection, start clean.
-                    Err(crate::transport::SendError::QueueFull) => {
-                        tracing::warn!(peer = %peer.hex(), "outbound queue full; reconnecting the peer");
-                        overflowed.push(peer);
-                        transport.reconnect(peer, "outbound queue full");
+                if n_frames_in > 0 || !c.frames.is_empty() {
+                    tracing::debug!(
+                        ops = n_ops,
+                        frames_in = n_frames_in,
+                        frames_out = c.frames.len(),
+                        docs_written = c.batch.docs.len(),
+                        took_us = started.elapsed().as_micros() as u64,
+                        commit_us = storage.commit_us,
+                        "engine batch with sync traffic"
+                    );
+                }
+                send_frames(&transport, c.frames);
+                for peer in c.revoke {
+                    transport.revoke(peer);
+                }
+                let _ = wake.send(c.next_wake_ms);
+            }
+            Step::Failed(f) => {
+                drop(budgets);
+                for (peer, _) in &f.disconnect {
+                    transport.reconnect(*peer, "protocol violation");
+                }
+                match &f.cause {
+                    Failure::Storage(e) => {
+                        tracing::error!(error = %e, "commit failed; reloading documents from disk");
+                    }
+                    Failure::Panic { peer, what } => {
+                        let name = shared
+                            .cfg
+                            .peer_by_id(peer)
+                            .map_or_else(|| peer.hex(), |p| p.name.clone());
+                        tracing::error!(peer = %name, panic = %what, "applying a peer's message panicked; blocking the peer and reloading documents from disk");
+                        transport.set_blocked(*peer, true);
+                        let mut fault = shared.fault.write().unwrap_or_else(|p| p.into_inner());
+                        *fault = Some(format!(
+                            "a message from peer {name} made the engine fail ({what}); the peer is blocked until this node restarts"
+                        ));
+                    }
+                }
+                for (tx, r) in f.replies {
+                    let _ = tx.send(r);
+                }
+                // The in-memory documents may hold changes that never reached disk.
+                match open_engine(&cfg, shared.node_id, &store) {
+                    Ok(e) => {
+                        node.replace_engine(e, &mut storage, now);
+                        transport.set_hello_digest(node.hello_digest());
+                        let _ = wake.send(node.next_wake_ms());
                     }
                     Err(e) => {
-                        tracing::debug!(peer = %peer.hex(), error = %e, "frame not sent; the peer is gone")
+                        tracing::error!(error = %format!("{e:#}"), "cannot reload documents; stopping the engine");
+                        break;
                     }
-                }
-            }
-        } else {
-            for (tx, r) in pending {
-                let _ = tx.send(match r {
-                    Ok(_) => Err(OpError::Unavailable(
-                        "the write could not be made durable (storage error); retry".into(),
-                    )),
-                    Err(e) => Err(e),
-                });
-            }
-            // The in-memory documents may hold changes that never reached disk.
-            match open_engine(&cfg, shared.node_id, &store) {
-                Ok(e) => {
-                    for (k, v) in &engine.stats.rejected_by_reason {
-                        *node_rejected.entry(k).or_default() += v;
-                    }
-                    engine = e;
-                    hello_digest = engine.hello_digest();
-                    transport.set_hello_digest(Some(hello_digest));
-                    // Sales that waited for rights belonged to the old engine.
-                    for (_, reply) in parked.drain() {
-                        let _ =
-                            reply.send(Err(OpError::Unavailable("storage error; retry".into())));
-                    }
-                    for peer in conns.keys() {
-                        let states = store.sync_states(peer).unwrap_or_default();
-                        engine.peer_up(*peer, states, now);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot reload documents; stopping the engine");
-                    break;
-                }
-            }
-        }
-        // A retired node's key is refused from now on.
-        for tag in engine.retired_tags() {
-            for p in shared.cfg.peers.iter().filter(|p| p.id.tag() == tag) {
-                if revoked.insert(p.id) {
-                    tracing::warn!(peer = %p.name, "peer was retired; refusing its key");
-                    transport.revoke(p.id);
                 }
             }
         }
@@ -765,19 +780,17 @@ fn engine_loop(
                 }
             }
         }
-        sync_stats(&shared, &engine);
+        sync_stats(&shared, node.engine());
         {
-            let mut all: BTreeMap<String, u64> = node_rejected
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
+            let all: BTreeMap<String, u64> = node
+                .rejected()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
                 .collect();
-            for (k, v) in &engine.stats.rejected_by_reason {
-                *all.entry(k.to_string()).or_default() += v;
-            }
             *shared.rejected.write().unwrap_or_else(|p| p.into_inner()) = all;
         }
         for q in queries {
-            q(&engine);
+            q(node.engine());
         }
         if let Some(ack) = shutdown_ack.take() {
             let _ = ack.send(());
@@ -785,112 +798,31 @@ fn engine_loop(
         }
     }
     // Persist sync states of connections still open.
-    for peer in engine.connected_peers() {
-        engine.peer_down(peer);
-    }
-    let batch = engine.flush(shared.now_ms());
-    if !batch.is_empty() {
-        if let Err(e) = store.commit(&batch) {
-            tracing::warn!(error = %format!("{e:#}"), "final commit failed");
-        }
+    if let Err(e) = node.close(&mut storage, shared.now_ms()) {
+        tracing::warn!(error = %e, "final commit failed");
     }
 }
 
-/// Applies one transport event. Returns the peer and the panic message when
-/// applying the peer's frame panicked (the engine must then be reopened).
-#[allow(clippy::too_many_arguments)]
-fn on_net(
-    engine: &mut Engine,
-    store: &Store,
-    transport: &Transport,
-    shared: &Shared,
-    conns: &mut HashMap<NodeId, u64>,
-    rejected: &mut BTreeMap<&'static str, u64>,
-    ev: TransportEvent,
-    now: u64,
-) -> Option<(NodeId, String)> {
-    match ev {
-        TransportEvent::PeerUp {
-            peer,
-            conn_id,
-            name,
-            hello,
-        } => {
-            if conns.insert(peer, conn_id).is_some() {
-                engine.peer_down(peer);
-            }
-            tracing::info!(peer = %name, "peer connected");
-            let states = store.sync_states(&peer).unwrap_or_default();
-            engine.peer_up_with_digest(peer, states, hello.digest, now);
+/// Hands committed frames to the transport. A lost sync frame would leave the
+/// peer's session waiting (or a split message corrupt): a peer whose queue is
+/// full is reconnected and gets nothing more of this batch.
+fn send_frames(transport: &Transport, frames: Vec<(NodeId, Vec<u8>)>) {
+    let mut overflowed: Vec<NodeId> = Vec::new();
+    for (peer, frame) in frames {
+        if overflowed.contains(&peer) {
+            continue;
         }
-        TransportEvent::PeerDown {
-            peer,
-            conn_id,
-            reason,
-        } => {
-            if conns.get(&peer) == Some(&conn_id) {
-                conns.remove(&peer);
-                engine.peer_down(peer);
-                tracing::info!(peer = %peer.hex(), reason, "peer disconnected");
+        match transport.send(peer, frame) {
+            Ok(()) => {}
+            Err(crate::transport::SendError::QueueFull) => {
+                tracing::warn!(peer = %peer.hex(), "outbound queue full; reconnecting the peer");
+                overflowed.push(peer);
+                transport.reconnect(peer, "outbound queue full");
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer.hex(), error = %e, "frame not sent; the peer is gone")
             }
         }
-        TransportEvent::Frame {
-            peer,
-            conn_id,
-            body,
-            budget: _budget,
-        } => {
-            if conns.get(&peer) != Some(&conn_id) {
-                return None;
-            }
-            // The last line of defence: input that got past validation and
-            // made Automerge (or our code) panic must not kill the engine
-            // thread. The engine may be half-way through a change, so the
-            // caller reopens it from disk; the peer is blocked.
-            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                #[cfg(feature = "failpoints")]
-                failpoints::on_frame(peer);
-                engine.receive(peer, &body, now)
-            }));
-            match received {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
-                    *rejected.entry("protocol_violation").or_default() += 1;
-                    // Drop the connection; the supervisor dials again with backoff.
-                    transport.reconnect(peer, "protocol violation");
-                    conns.remove(&peer);
-                    engine.peer_down(peer);
-                }
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    return Some((peer, what));
-                }
-            }
-        }
-        TransportEvent::Refused {
-            addr,
-            node_id,
-            reason,
-        } => {
-            tracing::warn!(%addr, node_id = node_id.as_deref().unwrap_or("?"), reason, "connection refused");
-        }
-    }
-    let _ = shared;
-    None
-}
-
-/// Gives every changed row of a batch the next change-feed sequence number
-/// (persisted with the row, so cursors survive restarts).
-fn number_rows(shared: &Shared, batch: &mut storemesh_protocol::Batch) {
-    let mut next = shared.read.read().map(|r| r.seq_max).unwrap_or(0);
-    for (_, row) in batch.rows.iter_mut() {
-        next += 1;
-        row.seq = next;
     }
 }
 

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod rebalance;
 pub mod reservations;
 pub mod retail;
+pub mod step;
 pub mod sync;
 pub mod testkit;
 pub mod time;

@@ -201,6 +201,16 @@ impl Engine {
         cands.first().map(|(l, _)| (*l).clone())
     }
 
+    /// Client keys of the parked operations (their idempotency records are
+    /// read before `poll_parked`).
+    pub fn parked_keys(&self) -> Vec<String> {
+        self.rebalancer
+            .parked
+            .iter()
+            .filter_map(|p| p.op.client_key())
+            .collect()
+    }
+
     /// The earliest deadline of a parked operation (the shell wakes up then).
     pub fn next_deadline(&self) -> Option<u64> {
         self.rebalancer.parked.iter().map(|p| p.deadline_ms).min()

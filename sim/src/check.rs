@@ -217,7 +217,7 @@ impl World {
         // its whole document (all of this node's later records, for a
         // records document) — a full count of a large store once did that.
         if let Some(life) = self.nodes[i].life.as_ref() {
-            let buckets = life.engine.config().buckets;
+            let buckets = life.engine().config().buckets;
             for w in &batch.docs {
                 // A snapshot (the chunks folded, e.g. after a large change)
                 // holds the whole document: all of it is checked.
@@ -253,7 +253,7 @@ impl World {
                 return Ok(());
             };
             let check = &mut self.check;
-            let views = &life.engine.views;
+            let views = &life.node.engine().views;
             if views.alarms.len() != life.alarms_seen {
                 life.alarms_seen = views.alarms.len();
                 for (key, alarm) in &views.alarms {
@@ -317,9 +317,9 @@ impl World {
             for ((p, l), _) in &batch.rows {
                 // The row as the view holds it must equal the row read back
                 // from its ledger document.
-                let doc_id = life.engine.ledger_doc_id(*p, l).encode();
+                let doc_id = life.engine().ledger_doc_id(*p, l).encode();
                 let fresh = life
-                    .engine
+                    .engine()
                     .doc(&doc_id)
                     .map(|d| read_entry(d, *p, None))
                     .unwrap_or_default();
@@ -373,9 +373,9 @@ impl World {
                 }
                 // The committing node judged its own sales and grants by the
                 // retirements it knew: by its own view it never spent below zero.
-                let me = life.engine.tag();
+                let me = life.engine().tag();
                 if !views.retired.is_empty() && check.retired_to.values().any(|s| *s == me) {
-                    let own = life.engine.node_rights(entry, me);
+                    let own = life.engine().node_rights(entry, me);
                     let (allow, forked) = check.allowance_of(check.resolve(me), *p, l);
                     if entry.rights(me) < 0 && own >= 0 {
                         check.successor_spends += 1;
@@ -425,7 +425,7 @@ impl World {
         let Some(life) = &self.nodes[i].life else {
             return Ok(());
         };
-        let e = &life.engine;
+        let e = &life.engine();
         let (v, r) = (flat_views(e), flat_recomputed(e));
         if v != r {
             return Err(self.violation(
@@ -475,7 +475,7 @@ impl World {
                 if !r
                     .rec_docs
                     .iter()
-                    .any(|d| life.engine.record_in_month(d, &rk).is_some())
+                    .any(|d| life.engine().record_in_month(d, &rk).is_some())
                 {
                     return Err(self.violation(
                         "acked-write-durable",
@@ -497,7 +497,7 @@ impl World {
         let Some(&first) = members.first() else {
             return Ok(());
         };
-        let engine = |i: usize| self.nodes[i].life.as_ref().map(|l| &l.engine);
+        let engine = |i: usize| self.nodes[i].life.as_ref().map(|l| l.engine());
         let Some(e0) = engine(first) else {
             return Err(self.violation(
                 "liveness",

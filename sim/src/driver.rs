@@ -37,6 +37,10 @@ pub struct RunReport {
     /// `X->S` and how often the successor spent inherited rights, when a
     /// node was retired.
     pub retirement: Option<String>,
+    /// Connections started from a hello with the peer's digest (production's
+    /// `peer_up_with_digest`), and retired peers' keys revoked.
+    pub digest_hellos: u64,
+    pub revocations: u64,
 }
 
 impl RunReport {
@@ -670,6 +674,8 @@ impl Driver {
                     w.nodes[x].name, w.nodes[s].name, w.check.successor_spends
                 )
             }),
+            digest_hellos: w.digest_hellos,
+            revocations: w.revocations,
         }
     }
 }
@@ -739,7 +745,7 @@ fn quiet(w: &World) -> bool {
     if w.net.in_flight() > 0
         || w.nodes
             .iter()
-            .any(|n| !n.cmds.is_empty() || !n.parked.is_empty())
+            .any(|n| !n.cmds.is_empty() || n.life.as_ref().is_some_and(|l| l.node.parked_len() > 0))
         || w.clients.reqs.iter().any(|r| r.outstanding())
     {
         return false;
@@ -753,7 +759,7 @@ fn quiet(w: &World) -> bool {
     }
     let roots: Vec<[u8; 32]> = members
         .iter()
-        .filter_map(|i| w.nodes[*i].life.as_ref().map(|l| l.engine.digest_root()))
+        .filter_map(|i| w.nodes[*i].life.as_ref().map(|l| l.engine().digest_root()))
         .collect();
     roots.windows(2).all(|p| p[0] == p[1])
 }
@@ -781,7 +787,7 @@ fn not_quiet_reason(w: &World) -> String {
                 format!(
                     "{}={}",
                     w.nodes[*i].name,
-                    &hex::encode(l.engine.digest_root())[..8]
+                    &hex::encode(l.engine().digest_root())[..8]
                 )
             })
         })
@@ -843,6 +849,8 @@ pub fn run_seed(seed: u64, opts: &Options) -> RunReport {
                 converge_ms: 0,
                 lost_with_history: 0,
                 retirement: None,
+                digest_hellos: 0,
+                revocations: 0,
             };
         }
     };

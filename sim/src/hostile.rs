@@ -75,7 +75,7 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
             && w.nodes[p]
                 .life
                 .as_ref()
-                .is_some_and(|l| l.engine.connected_peers().contains(&hid))
+                .is_some_and(|l| l.engine().connected_peers().contains(&hid))
     }) else {
         return Ok(false);
     };
@@ -103,8 +103,7 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
     let Some(life) = w.nodes[p].life.as_mut() else {
         return Ok(false);
     };
-    let e = &mut life.engine;
-    let mesh = e.document_bytes("mesh");
+    let mesh = life.engine().document_bytes("mesh");
     let retirement = serde_json::json!({"successor": made_up.tag().hex()}).to_string();
     let info =
         serde_json::json!({"name": p_name, "location": p_loc, "role": "store", "policy": "strict"})
@@ -126,7 +125,7 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         ),
         (
             rec_doc.clone(),
-            e.document_bytes(&rec_doc),
+            life.engine().document_bytes(&rec_doc),
             rec_key.clone(),
             record,
         ),
@@ -148,7 +147,8 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         quantity: 1,
         hops_left: REQUEST_HOPS_MAX,
     }));
-    let before = e
+    let before = life
+        .engine()
         .stats
         .rejected_by_reason
         .get(REJECT_UNAUTHORIZED)
@@ -158,10 +158,11 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         let Ok(f) = encode_frame(m) else {
             return Ok(false);
         };
-        if let Err(err) = e.receive(hid, &f[4..], now) {
+        if let Err(err) = life.node.receive_between_steps(hid, &f[4..], now) {
             return Err(violation(w, format!("forged frame broke the link: {err}")));
         }
     }
+    let e = life.engine();
     let refused = e
         .stats
         .rejected_by_reason

@@ -19,6 +19,8 @@ pub enum NetEv {
         peer: NodeId,
         from: usize,
         conn: u64,
+        /// What the peer's hello says about its committed state.
+        digest: Option<storemesh_protocol::wire::HelloDigest>,
     },
     Down {
         peer: NodeId,

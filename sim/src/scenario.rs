@@ -664,8 +664,8 @@ fn snapshot_heads(w: &World) -> BTreeMap<String, BTreeSet<ChangeHash>> {
     let mut out: BTreeMap<String, BTreeSet<ChangeHash>> = BTreeMap::new();
     for n in &w.nodes {
         if let Some(l) = &n.life {
-            for (id, _) in l.engine.documents() {
-                if let Some(h) = l.engine.heads_of(&id) {
+            for (id, _) in l.engine().documents() {
+                if let Some(h) = l.engine().heads_of(&id) {
                     out.entry(id).or_default().extend(h);
                 }
             }
@@ -681,8 +681,8 @@ fn has_all(w: &World, i: usize, target: &BTreeMap<String, BTreeSet<ChangeHash>>)
     target.iter().all(|(doc, hashes)| {
         // A ledger epoch this node moved on from: its writers carried their
         // cells into the newer one (the invariants check the numbers).
-        l.engine.is_retired_epoch(doc)
-            || l.engine
+        l.engine().is_retired_epoch(doc)
+            || l.engine()
                 .doc(doc)
                 .is_some_and(|d| hashes.iter().all(|h| d.get_change_by_hash(h).is_some()))
     })
@@ -1005,13 +1005,13 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
     report.trace_hash = w.trace_hash();
 
     // Per node figures from the (converged) views and the clients.
-    let Some(e) = w.nodes[0].life.as_ref().map(|l| &l.engine) else {
+    let Some(e) = w.nodes[0].life.as_ref().map(|l| l.engine()) else {
         return Ok(());
     };
     for n in &w.nodes {
         if let Some(l) = &n.life {
-            report.epochs_started += l.engine.stats.epochs_started;
-            report.epochs_joined += l.engine.stats.epochs_joined;
+            report.epochs_started += l.engine().stats.epochs_started;
+            report.epochs_joined += l.engine().stats.epochs_joined;
         }
     }
     for (i, n) in sc.nodes.iter().enumerate() {
@@ -1125,7 +1125,7 @@ impl World {
     pub fn shelf(&self, p: u64, loc: &str) -> i64 {
         let mut all = storemesh_protocol::ledger::StockEntry::default();
         for n in &self.nodes {
-            if let Some(e) = n.life.as_ref().and_then(|l| l.engine.views.entry(p, loc)) {
+            if let Some(e) = n.life.as_ref().and_then(|l| l.engine().views.entry(p, loc)) {
                 all.merge(e);
             }
         }
@@ -1142,7 +1142,7 @@ impl World {
     /// allocation is for — while the rest of that stale view it cannot
     /// confirm and does not offer.
     pub fn shown_in_stock(&self, i: usize, p: u64) -> i64 {
-        let Some(engine) = self.nodes[i].life.as_ref().map(|l| &l.engine) else {
+        let Some(engine) = self.nodes[i].life.as_ref().map(|l| l.engine()) else {
             return 0;
         };
         let heard = engine.last_heard_by_location();

@@ -83,7 +83,7 @@ impl World {
         self.nodes[i]
             .life
             .as_ref()
-            .map(|l| l.engine.rights(p, loc))
+            .map(|l| l.engine().rights(p, loc))
             .unwrap_or(0)
     }
 
@@ -91,7 +91,7 @@ impl World {
         self.nodes[i]
             .life
             .as_ref()
-            .and_then(|l| l.engine.views.entry(p, loc).map(|e| e.on_hand()))
+            .and_then(|l| l.engine().views.entry(p, loc).map(|e| e.on_hand()))
             .unwrap_or(0)
     }
 

@@ -1,17 +1,21 @@
 //! The simulated mesh: nodes (production `Engine` + production `Store` over a
 //! `SimDisk`), the network, the clients, simulated time and the schedule.
 //!
-//! Every node runs a copy of the production request path (`node::engine_loop`):
-//! drain the command channel in arrival order (frames, peer events, requests:
-//! `Engine::submit`, which parks a sale short of rights while rights are
-//! requested) → `poll_parked` → `allocate` → `expire_reservations` → ONE flush
-//! and commit per node per tick → answer the callers and release frames only
-//! after the commit succeeded; after a failed commit answer 503 (parked sales
-//! too) and reopen the engine from the store, keeping the connections.
+//! Every node runs production's loop body, `storemesh_protocol::step::NodeLoop::step`
+//! (as `node::node::engine_loop` does): the command channel is drained in
+//! arrival order into the step's inputs (peer events with the peer's hello
+//! digest, frames, requests), and the step executes them, retries parked sales,
+//! allocates, expires reservations, numbers rows, flushes and commits ONE batch
+//! through [`SimStorage`] (the production `Store` over a `SimDisk`, where the
+//! planned crashes strike). Answers, frames and revoked keys exist only in the
+//! step's `Committed` outcome; after a failed commit the step answers 503
+//! (parked sales too) and the engine is reopened from the store, keeping the
+//! connections.
 //!
 //! Simulated time advances in ticks; a node runs one pass per tick when it has
-//! commands, an anti-entropy tick is due, or sales are parked (production wakes
-//! every 20 ms). Frames sent in a tick arrive in a later one.
+//! commands, an anti-entropy tick is due, or the step's `next_wake_ms` (a
+//! parked sale's deadline, a reservation's expiry) has come, as production's
+//! wake timer does. Frames sent in a tick arrive in a later one.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -23,8 +27,9 @@ use storemesh_node::store::Store;
 use storemesh_protocol::engine::{Batch, Engine, EngineConfig, Policy};
 use storemesh_protocol::ids::{ActorKey, NodeId, NodeTag};
 use storemesh_protocol::layout::{month_of, DocId};
-use storemesh_protocol::ops::{OpError, OpReply};
-use storemesh_protocol::rebalance::{AllocationRule, Submit};
+use storemesh_protocol::ops::{IdemRecord, OpError, OpReply};
+use storemesh_protocol::rebalance::AllocationRule;
+use storemesh_protocol::step::{Failure, Input, LoopConfig, NodeLoop, Step, Storage, StorageError};
 
 use crate::check::{Checker, Violation};
 use crate::client::{Clients, ReplyCheck};
@@ -49,13 +54,99 @@ pub const IMAGES_MAX: usize = 3;
 
 /// One process lifetime of a node.
 pub struct Life {
-    pub engine: Engine,
+    /// Production's loop around the engine (parked callers, row numbering,
+    /// revoked keys, hello digest).
+    pub node: NodeLoop<usize>,
     pub store: Store,
-    /// Current connection per peer identity: (simulator index, connection id).
+    /// Where frames go (the transport's view): current connection per peer
+    /// identity: (simulator index, connection id).
     pub conns: BTreeMap<NodeId, (usize, u64)>,
+    /// Peer identities whose key this process refuses (retired nodes).
+    pub revoked: std::collections::BTreeSet<NodeId>,
     /// Cell values seen after commits in this life (owned cells never decrease).
     pub seen: BTreeMap<(u64, String, ActorKey, u8, NodeTag), u64>,
     pub alarms_seen: usize,
+}
+
+impl Life {
+    pub fn engine(&self) -> &Engine {
+        self.node.engine()
+    }
+}
+
+/// The production `Store` (over the node's `SimDisk`) as the loop's storage;
+/// a planned crash or failure strikes the commit it is armed for.
+pub struct SimStorage<'a> {
+    store: &'a Store,
+    disk: SimDisk,
+    bug: Option<Bug>,
+    plan: Option<CrashPlan>,
+    /// Whether a commit came (and with it the planned fault).
+    used: bool,
+}
+
+impl<'a> SimStorage<'a> {
+    fn new(store: &'a Store, disk: SimDisk, bug: Option<Bug>, plan: Option<CrashPlan>) -> Self {
+        SimStorage {
+            store,
+            disk,
+            bug,
+            plan,
+            used: false,
+        }
+    }
+}
+
+impl Storage for SimStorage<'_> {
+    fn idem(&mut self, key: &str) -> Result<Option<IdemRecord>, StorageError> {
+        self.store
+            .idem(key)
+            .map_err(|e| StorageError(format!("{e:#}")))
+    }
+
+    fn sync_states(&mut self, peer: &NodeId) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.store
+            .sync_states(peer)
+            .map_err(|e| StorageError(format!("{e:#}")))
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StorageError> {
+        let plan = if self.used { None } else { self.plan };
+        self.used = true;
+        let disk = &self.disk;
+        match plan {
+            Some(CrashPlan::BeforeCommit) => disk.crash(),
+            Some(CrashPlan::MidCommit(n)) => disk.crash_after_ios(n),
+            Some(CrashPlan::FailSync) => disk.fail_next_syncs(1),
+            _ => {}
+        }
+        let result = commit_store(self.store, self.bug, batch);
+        if !disk.is_crashed() {
+            // A planned fault that did not strike this commit is disarmed: it
+            // must not hit the reopen path or a later, unrelated batch.
+            match plan {
+                Some(CrashPlan::MidCommit(_)) => disk.crash_after_ios(u64::MAX),
+                Some(CrashPlan::FailSync) => disk.fail_next_syncs(0),
+                _ => {}
+            }
+        }
+        result.map_err(|e| StorageError(format!("{e:#}")))
+    }
+}
+
+/// `Store::commit` of the batch — or, with the planted bug, the batch and
+/// its idempotency records in two transactions.
+fn commit_store(store: &Store, bug: Option<Bug>, batch: &Batch) -> anyhow::Result<()> {
+    if bug == Some(Bug::IdemOutsideTxn) && !batch.idem.is_empty() {
+        let mut main = batch.clone();
+        let idem = std::mem::take(&mut main.idem);
+        store.commit(&main)?;
+        return store.commit(&Batch {
+            idem,
+            ..Batch::default()
+        });
+    }
+    store.commit(batch)
 }
 
 /// One entry of a node's command channel.
@@ -84,8 +175,6 @@ pub struct SimNode {
     pub life: Option<Life>,
     /// The engine thread's command channel: frames, peer events, requests.
     pub cmds: VecDeque<Cmd>,
-    /// Parked sales waiting for rights: engine ticket → request.
-    pub parked: BTreeMap<u64, usize>,
     pub paused_until_ms: u64,
     pub next_ae_ms: u64,
     pub kick: bool,
@@ -179,6 +268,10 @@ pub struct World {
     pub commits: u64,
     /// A node being drained for retirement: clients send it nothing new.
     pub draining: Option<usize>,
+    /// Connections that started from a hello carrying the peer's digest.
+    pub digest_hellos: u64,
+    /// Retired peers' keys revoked by some node (`Committed::revoke`).
+    pub revocations: u64,
 }
 
 fn node_id_from(rng: &mut StdRng) -> NodeId {
@@ -228,7 +321,6 @@ impl World {
                 disk: SimDisk::new(),
                 life: None,
                 cmds: VecDeque::new(),
-                parked: BTreeMap::new(),
                 paused_until_ms: 0,
                 next_ae_ms: 0,
                 kick: false,
@@ -283,6 +375,8 @@ impl World {
             faults_active: true,
             commits: 0,
             draining: None,
+            digest_hellos: 0,
+            revocations: 0,
         };
         for i in 0..n {
             w.check
@@ -364,7 +458,8 @@ impl World {
 
     // ---- process lifetimes ----
 
-    fn open_life(&mut self, i: usize) -> Result<Life, String> {
+    /// Opens node `i`'s store and engine from its disk, as `node::open_engine` does.
+    fn open_engine(&mut self, i: usize) -> Result<(Store, Engine), String> {
         let store = Store::open_backend(self.nodes[i].disk.clone())
             .map_err(|e| format!("store does not open: {e:#}"))?;
         let incarnation: [u8; 4] = self.rng.gen();
@@ -410,10 +505,30 @@ impl World {
         engine.finish_open();
         let actor = engine.actor();
         self.nodes[i].incarnations.push((actor, self.now_ms));
+        Ok((store, engine))
+    }
+
+    /// A new process of node `i`: the production loop around its engine.
+    fn open_life(&mut self, i: usize) -> Result<Life, String> {
+        let (store, engine) = self.open_engine(i)?;
+        // Change-feed numbers continue from the persisted rows (as `NodeHandle::start`).
+        let seq_max = store
+            .load_rows()
+            .map_err(|e| format!("rows do not load: {e:#}"))?
+            .iter()
+            .map(|(_, r)| r.seq)
+            .max()
+            .unwrap_or(0);
+        let cfg = LoopConfig {
+            deadline_ms: self.setup.deadline_ms,
+            allocation: self.setup.allocation.clone(),
+            peers: self.nodes[i].peers_cfg.iter().map(|(_, id)| *id).collect(),
+        };
         Ok(Life {
-            engine,
+            node: NodeLoop::new(engine, cfg, seq_max),
             store,
             conns: BTreeMap::new(),
+            revoked: Default::default(),
             seen: BTreeMap::new(),
             alarms_seen: 0,
         })
@@ -432,19 +547,21 @@ impl World {
             )
         })?;
         let now = self.clock(i);
-        let mut batch = life.engine.flush(now);
-        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Err(e) = life.store.commit(&batch) {
-            return Err(self.violation(
-                "recovery",
-                format!(
-                    "node {} cannot write its first batch after start: {e:#}",
-                    self.nodes[i].name
-                ),
-            ));
-        }
-        life.engine.committed(now);
-        let _ = life.engine.take_outgoing();
+        let disk = self.nodes[i].disk.clone();
+        let mut storage = SimStorage::new(&life.store, disk, self.bug, None);
+        let batch = match life.node.step(&mut storage, Vec::new(), now) {
+            // No session is up yet: the first batch has no frames and no answers.
+            Step::Committed(c) => c.batch,
+            Step::Failed(f) => {
+                return Err(self.violation(
+                    "recovery",
+                    format!(
+                        "node {} cannot write its first batch after start: {:?}",
+                        self.nodes[i].name, f.cause
+                    ),
+                ));
+            }
+        };
         self.nodes[i].life = Some(life);
         self.nodes[i].kick = true;
         self.observe_commit(i, &batch)?;
@@ -472,7 +589,11 @@ impl World {
 
     fn power_cut(&mut self, i: usize, lost: Vec<usize>) {
         self.nodes[i].disk.crash();
-        self.nodes[i].life = None;
+        let parked = self.nodes[i]
+            .life
+            .take()
+            .map(|mut l| l.node.take_parked())
+            .unwrap_or_default();
 
         self.nodes[i].crash_plan = None;
         self.nodes[i].stats.crashes += 1;
@@ -484,7 +605,7 @@ impl World {
                 Cmd::Net(_) => None,
             })
             .collect();
-        rids.extend(std::mem::take(&mut self.nodes[i].parked).into_values());
+        rids.extend(parked);
         rids.extend(lost);
         for rid in rids {
             self.lose_delivery(rid);
@@ -542,21 +663,21 @@ impl World {
         self.check_restart(i)
     }
 
-    /// After failed commit (storage error, the disk still alive): answer, then
-    /// reload the engine from what the store holds, keeping the connections.
-    fn reopen_node(
-        &mut self,
-        i: usize,
-        conns: BTreeMap<NodeId, (usize, u64)>,
-    ) -> Result<(), Violation> {
-        match self.open_life(i) {
-            Ok(mut life) => {
+    /// After failed commit (storage error, the disk still alive): reload the
+    /// engine from what the store holds, keeping the loop and its connections
+    /// (as `node::engine_loop` does).
+    fn reopen_node(&mut self, i: usize, mut life: Life) -> Result<(), Violation> {
+        match self.open_engine(i) {
+            Ok((store, engine)) => {
                 let now = self.clock(i);
-                for (peer, c) in conns {
-                    let states = life.store.sync_states(&peer).unwrap_or_default();
-                    life.engine.peer_up(peer, states, now);
-                    life.conns.insert(peer, c);
-                }
+                // redb refuses everything after an I/O error: the store is reopened too.
+                life.store = store;
+                // The checkers look at the reopened engine as at a new one.
+                life.seen.clear();
+                life.alarms_seen = 0;
+                let disk = self.nodes[i].disk.clone();
+                let mut storage = SimStorage::new(&life.store, disk, self.bug, None);
+                life.node.replace_engine(engine, &mut storage, now);
                 self.nodes[i].life = Some(life);
                 self.nodes[i].kick = true;
                 self.nodes[i].dirty = true;
@@ -564,6 +685,7 @@ impl World {
             }
             Err(_) if self.nodes[i].disk.is_crashed() => {
                 // The power went while reopening: an ordinary crash.
+                drop(life);
                 self.crash_node(i, Vec::new());
                 Ok(())
             }
@@ -602,10 +724,14 @@ impl World {
             if n.life.is_none() || n.retired || self.now_ms < n.paused_until_ms {
                 continue;
             }
-            // Production wakes the engine every `WAKE_MS` (20 ms) while sales
-            // are parked; a tick is at least that long.
-            let parked_due = !n.parked.is_empty();
-            if n.kick || !n.cmds.is_empty() || self.now_ms >= n.next_ae_ms || parked_due {
+            // Production's wake timer: a parked sale's deadline or a
+            // reservation's expiry has come (on the node's clock).
+            let wake_due = n
+                .life
+                .as_ref()
+                .and_then(|l| l.node.next_wake_ms())
+                .is_some_and(|at| self.clock(i) >= at);
+            if n.kick || !n.cmds.is_empty() || self.now_ms >= n.next_ae_ms || wake_due {
                 self.process(i)?;
             }
         }
@@ -664,6 +790,16 @@ impl World {
         {
             return false;
         }
+        // A revoked key is refused at the handshake.
+        let refuses = |x: usize, y: usize| {
+            self.nodes[x]
+                .life
+                .as_ref()
+                .is_some_and(|l| l.revoked.contains(&self.nodes[y].cfg.node_id))
+        };
+        if refuses(a, b) || refuses(b, a) {
+            return false;
+        }
         let (ia, ib) = (self.nodes[a].identity, self.nodes[b].identity);
         for &(x, y) in self.net.conns.keys() {
             for (me, other_id, other) in [(a, ib, b), (b, ia, a)] {
@@ -699,15 +835,25 @@ impl World {
             }
             let conn = self.net.open(a, b);
             let (ida, idb) = (self.nodes[a].cfg.node_id, self.nodes[b].cfg.node_id);
+            // Each hello carries the digest of what its sender has committed.
+            let digest = |x: usize| {
+                self.nodes[x]
+                    .life
+                    .as_ref()
+                    .and_then(|l| l.node.hello_digest())
+            };
+            let (da, db) = (digest(a), digest(b));
             self.nodes[a].cmds.push_back(Cmd::Net(NetEv::Up {
                 peer: idb,
                 from: b,
                 conn,
+                digest: db,
             }));
             self.nodes[b].cmds.push_back(Cmd::Net(NetEv::Up {
                 peer: ida,
                 from: a,
                 conn,
+                digest: da,
             }));
         }
     }
@@ -893,7 +1039,9 @@ impl World {
 
     // ---- the request path ----
 
-    /// One pass of the node's engine loop: drain, execute, one commit, release.
+    /// One pass of the node's engine loop: drain the channel into the inputs
+    /// of production's `NodeLoop::step` (execute, one commit), then release
+    /// what the committed outcome holds.
     fn process(&mut self, i: usize) -> Result<(), Violation> {
         let now = self.clock(i);
         let Some(mut life) = self.nodes[i].life.take() else {
@@ -903,260 +1051,201 @@ impl World {
         // Commands in arrival order, as the production engine thread drains its channel.
         let n_cmds = self.nodes[i].cmds.len().min(BATCH_OPS_MAX);
         let cmds: Vec<Cmd> = self.nodes[i].cmds.drain(..n_cmds).collect();
-        let tag = self.nodes[i].cfg.node_id.tag();
-        let deadline_ms = self.setup.deadline_ms;
-        let mut pending: Vec<(usize, Result<OpReply, OpError>)> = Vec::new();
+        let mut inputs: Vec<Input<usize>> = Vec::with_capacity(n_cmds + 1);
+        let mut has_ops = life.node.parked_len() > 0;
         for cmd in cmds {
             match cmd {
-                Cmd::Net(ev) => {
-                    if let Err(v) = self.on_net(i, &mut life, ev, now) {
+                Cmd::Net(ev) => match self.net_input(&mut life, ev) {
+                    Ok(Some(input)) => inputs.push(input),
+                    Ok(None) => {}
+                    Err(v) => {
                         self.nodes[i].life = Some(life);
                         return Err(v);
                     }
-                }
+                },
                 Cmd::Op(rid) => {
-                    let op = self.clients.reqs[rid].op.clone();
-                    // As production: the idempotency record is read first, and a
-                    // storage error answers 503 instead of looking like "never seen".
-                    let prior = match op.client_key().map(|k| life.store.idem(&k)) {
-                        Some(Err(_)) => {
-                            pending.push((
-                                rid,
-                                Err(OpError::Unavailable(
-                                    "storage error reading the request's earlier result; retry"
-                                        .into(),
-                                )),
-                            ));
-                            continue;
-                        }
-                        Some(Ok(r)) => r,
-                        None => None,
-                    };
-                    let idem = |_: &str| prior.clone();
-                    match life.engine.submit(op, now, deadline_ms, &idem) {
-                        Submit::Done(r) => pending.push((rid, r)),
-                        Submit::Parked(ticket) => {
-                            // A new ticket replaces an orphan with the same number,
-                            // whose caller then sees its channel closed (a 503).
-                            if let Some(old) = self.nodes[i].parked.insert(ticket, rid) {
-                                pending.push((
-                                    old,
-                                    Err(OpError::Unavailable("the node is shutting down".into())),
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Grants that arrived in this batch may let parked sales through.
-        let store = &life.store;
-        for (ticket, r) in life
-            .engine
-            .poll_parked(now, &|k| store.idem(k).ok().flatten())
-        {
-            if let Some(rid) = self.nodes[i].parked.remove(&ticket) {
-                pending.push((rid, r));
-            }
-        }
-        life.engine.allocate(&self.setup.allocation, now);
-        life.engine.expire_reservations(now);
-        for (rid, r) in &pending {
-            if r.is_ok() {
-                // The month's first part: checkers look the record up in
-                // every part of that month (`Engine::record_in_month`).
-                let doc = DocId::Records {
-                    tag,
-                    month: month_of(now),
-                    part: 0,
-                }
-                .encode();
-                let docs = &mut self.clients.reqs[*rid].rec_docs;
-                if !docs.contains(&doc) {
-                    docs.push(doc);
+                    has_ops = true;
+                    inputs.push(Input::Op(self.clients.reqs[rid].op.clone(), rid));
                 }
             }
         }
         if self.now_ms >= self.nodes[i].next_ae_ms {
-            life.engine.tick(now);
+            inputs.push(Input::Tick);
             self.nodes[i].next_ae_ms = self.now_ms + self.setup.anti_entropy_ms;
         }
-        let mut batch = life.engine.flush(now);
-        // The engine drains its idempotency records from a HashMap; the order
-        // changes the redb I/O sequence, so the simulator sorts it to stay
-        // deterministic (the content is the same).
-        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
-        let has_ops = !pending.is_empty();
-
-        // Planted bugs that release effects before the commit.
-        if self.bug == Some(Bug::AckBeforeCommit) {
-            for (rid, r) in std::mem::take(&mut pending) {
-                self.answer(rid, r)?;
-            }
-        }
-        let mut pushed = false;
-        if self.bug == Some(Bug::PushBeforeCommit) && !batch.is_empty() {
-            life.engine.committed(now);
-            let frames = life.engine.take_outgoing();
-            self.send_frames(i, frames, &life.conns.clone());
-            pushed = true;
-        }
-
-        let plan = if has_ops && !batch.is_empty() && self.faults_active {
+        // A planned crash strikes the next commit of a batch with client operations.
+        let plan = if has_ops && self.faults_active {
             self.nodes[i].crash_plan.take()
         } else {
             None
         };
         let disk = self.nodes[i].disk.clone();
-        match plan {
-            Some(CrashPlan::BeforeCommit) => disk.crash(),
-            Some(CrashPlan::MidCommit(n)) => disk.crash_after_ios(n),
-            Some(CrashPlan::FailSync) => disk.fail_next_syncs(1),
-            _ => {}
-        }
-        let result = if batch.is_empty() {
-            Ok(())
+        let mut storage = SimStorage::new(&life.store, disk.clone(), self.bug, plan);
+        let step = life.node.step(&mut storage, inputs, now);
+        let plan = if storage.used {
+            plan
         } else {
-            self.commit(&life.store, &batch)
+            // No commit came: the plan waits for the next one.
+            self.nodes[i].crash_plan = plan;
+            None
         };
-        if !disk.is_crashed() {
-            // A planned fault that did not strike this commit is disarmed: it
-            // must not hit the reopen path or a later, unrelated batch.
-            match plan {
-                Some(CrashPlan::MidCommit(_)) => disk.crash_after_ios(u64::MAX),
-                Some(CrashPlan::FailSync) => disk.fail_next_syncs(0),
-                _ => {}
-            }
-        }
-        match result {
-            Ok(()) => {
-                if !batch.is_empty() {
+        match step {
+            Step::Committed(c) => {
+                let ok: Vec<usize> = c
+                    .replies
+                    .iter()
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|(rid, _)| *rid)
+                    .collect();
+                self.note_records(i, &ok, now);
+                if !c.batch.is_empty() {
                     self.commits += 1;
                     self.nodes[i].stats.commits += 1;
                 }
                 if plan == Some(CrashPlan::AfterCommit) {
                     // Durable, but the power goes before any answer or frame leaves.
                     self.fire(FaultKind::CrashAfterCommit);
+                    let mut lost: Vec<usize> = c.replies.into_iter().map(|(rid, _)| rid).collect();
+                    lost.extend(life.node.take_parked());
                     drop(life);
-                    let lost = pending.into_iter().map(|(rid, _)| rid).collect();
                     self.crash_node(i, lost);
                     return Ok(());
                 }
-                if !pushed {
-                    life.engine.committed(now);
+                if let Some((peer, e)) = c.disconnect.first() {
+                    let from = self.tag_name(peer.tag()).unwrap_or_default();
+                    let v = self.violation(
+                        "protocol",
+                        format!(
+                            "node {} refused a frame from honest peer {from}: {e}",
+                            self.nodes[i].name
+                        ),
+                    );
+                    self.nodes[i].life = Some(life);
+                    return Err(v);
                 }
-                let frames = life.engine.take_outgoing();
+                for peer in &c.revoke {
+                    self.revocations += 1;
+                    life.revoked.insert(*peer);
+                    let item = format!("revoke {i} {} t={}", peer.hex(), self.now_ms);
+                    self.trace(item.as_bytes());
+                }
                 let conns = life.conns.clone();
                 let item = format!(
                     "commit {i} t={} {}",
                     self.now_ms,
-                    hex::encode(life.engine.digest_root())
+                    hex::encode(life.engine().digest_root())
                 );
                 self.trace(item.as_bytes());
                 self.nodes[i].life = Some(life);
-                for (rid, r) in pending {
+                for (rid, r) in c.replies {
                     self.answer(rid, r)?;
                 }
-                self.send_frames(i, frames, &conns);
-                if !batch.is_empty() {
-                    self.observe_commit(i, &batch)?;
+                self.send_frames(i, c.frames, &conns);
+                if !c.batch.is_empty() {
+                    self.observe_commit(i, &c.batch)?;
                 }
                 Ok(())
             }
-            Err(_) if disk.is_crashed() => {
-                self.fire(match plan {
-                    Some(CrashPlan::BeforeCommit) => FaultKind::CrashBeforeCommit,
-                    _ => FaultKind::CrashMidCommit,
-                });
-                drop(life);
-                let lost = pending.into_iter().map(|(rid, _)| rid).collect();
-                self.crash_node(i, lost);
-                Ok(())
-            }
-            Err(_) => {
+            Step::Failed(f) => {
+                let in_doubt: Vec<usize> = f.in_doubt.iter().map(|k| f.replies[*k].0).collect();
+                self.note_records(i, &in_doubt, now);
+                if let Failure::Panic { peer, what } = &f.cause {
+                    let from = self.tag_name(peer.tag()).unwrap_or_default();
+                    let v = self.violation(
+                        "protocol",
+                        format!(
+                            "node {} panicked applying a frame from honest peer {from}: {what}",
+                            self.nodes[i].name
+                        ),
+                    );
+                    self.nodes[i].life = Some(life);
+                    return Err(v);
+                }
+                if disk.is_crashed() {
+                    self.fire(match plan {
+                        Some(CrashPlan::BeforeCommit) => FaultKind::CrashBeforeCommit,
+                        _ => FaultKind::CrashMidCommit,
+                    });
+                    drop(life);
+                    let lost = f.replies.into_iter().map(|(rid, _)| rid).collect();
+                    self.crash_node(i, lost);
+                    return Ok(());
+                }
                 self.fire(FaultKind::FailingCommit);
                 self.nodes[i].stats.commit_failures += 1;
                 let item = format!("commit-failed {i} t={}", self.now_ms);
                 self.trace(item.as_bytes());
-                let conns = std::mem::take(&mut life.conns);
-                // redb refuses everything after an I/O error: drop it, answer, reopen.
-                drop(life);
-                // Sales that waited for rights belonged to the old engine.
-                let parked: Vec<usize> = std::mem::take(&mut self.nodes[i].parked)
-                    .into_values()
-                    .collect();
-                for rid in parked {
-                    pending.push((
-                        rid,
-                        Err(OpError::Unavailable("storage error; retry".into())),
-                    ));
-                }
-                for (rid, r) in pending {
-                    let r = match r {
-                        Ok(_) => Err(OpError::Unavailable(
-                            "the write could not be made durable (storage error); retry".into(),
-                        )),
-                        Err(e) => Err(e),
-                    };
+                // The step answers 503 (parked sales too); the engine is reopened.
+                for (rid, r) in f.replies {
                     self.answer(rid, r)?;
                 }
-                self.reopen_node(i, conns)
+                self.reopen_node(i, life)
             }
         }
     }
 
-    /// `Store::commit` of the batch — or, with the planted bug, the batch and
-    /// its idempotency records in two transactions.
-    fn commit(&self, store: &Store, batch: &Batch) -> anyhow::Result<()> {
-        if self.bug == Some(Bug::IdemOutsideTxn) && !batch.idem.is_empty() {
-            let mut main = batch.clone();
-            let idem = std::mem::take(&mut main.idem);
-            store.commit(&main)?;
-            return store.commit(&Batch {
-                idem,
-                ..Batch::default()
-            });
+    /// Requests answered OK at `now`: their record is in that month's
+    /// documents (checkers look it up in every part of the month,
+    /// `Engine::record_in_month`).
+    fn note_records(&mut self, i: usize, rids: &[usize], now: u64) {
+        if rids.is_empty() {
+            return;
         }
-        store.commit(batch)
+        let doc = DocId::Records {
+            tag: self.nodes[i].cfg.node_id.tag(),
+            month: month_of(now),
+            part: 0,
+        }
+        .encode();
+        for rid in rids {
+            let docs = &mut self.clients.reqs[*rid].rec_docs;
+            if !docs.contains(&doc) {
+                docs.push(doc.clone());
+            }
+        }
     }
 
-    fn on_net(&mut self, i: usize, life: &mut Life, ev: NetEv, now: u64) -> Result<(), Violation> {
-        match ev {
-            NetEv::Up { peer, from, conn } => {
-                if life.conns.insert(peer, (from, conn)).is_some() {
-                    life.engine.peer_down(peer);
-                }
-                let states = life.store.sync_states(&peer).unwrap_or_default();
-                life.engine.peer_up(peer, states, now);
+    /// One network event as a step input; the routing table (`Life::conns`)
+    /// follows the connections as the transport's does.
+    fn net_input(&mut self, life: &mut Life, ev: NetEv) -> Result<Option<Input<usize>>, Violation> {
+        Ok(Some(match ev {
+            NetEv::Up {
+                peer,
+                from,
+                conn,
+                digest,
+            } => {
+                life.conns.insert(peer, (from, conn));
+                self.digest_hellos += u64::from(digest.is_some());
+                Input::PeerUp { peer, conn, digest }
             }
             NetEv::Down { peer, conn } => {
                 if life.conns.get(&peer).map(|c| c.1) == Some(conn) {
                     life.conns.remove(&peer);
-                    life.engine.peer_down(peer);
                 }
+                Input::PeerDown { peer, conn }
             }
-            NetEv::Frame { peer, conn, bytes } => {
+            NetEv::Frame {
+                peer,
+                conn,
+                mut bytes,
+            } => {
                 if life.conns.get(&peer).map(|c| c.1) != Some(conn) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if bytes.len() < 4 {
                     return Err(
                         self.violation("protocol", "a frame shorter than its length prefix".into())
                     );
                 }
-                if let Err(e) = life.engine.receive(peer, &bytes[4..], now) {
-                    let from = self.tag_name(peer.tag()).unwrap_or_default();
-                    return Err(self.violation(
-                        "protocol",
-                        format!(
-                            "node {} refused a frame from honest peer {from}: {e}",
-                            self.nodes[i].name
-                        ),
-                    ));
+                bytes.drain(..4);
+                Input::Frame {
+                    peer,
+                    conn,
+                    body: bytes,
                 }
             }
-        }
-        Ok(())
+        }))
     }
 
     // ---- destructive faults that need the whole world ----
@@ -1201,7 +1290,7 @@ impl World {
                 && n.life.as_ref().is_some_and(|l| {
                     r.rec_docs
                         .iter()
-                        .any(|d| l.engine.record_in_month(d, &key).is_some())
+                        .any(|d| l.engine().record_in_month(d, &key).is_some())
                 })
         })
     }
@@ -1225,7 +1314,6 @@ impl World {
             disk: SimDisk::from_image(image),
             life: None,
             cmds: VecDeque::new(),
-            parked: BTreeMap::new(),
             paused_until_ms: 0,
             next_ae_ms: self.now_ms,
             kick: false,
@@ -1301,11 +1389,11 @@ impl World {
         };
         let tag = self.nodes[x].cfg.node_id.tag();
         let empty = automerge::Automerge::new();
-        for (id, _) in lx.engine.documents() {
-            let Some(dx) = lx.engine.doc(&id) else {
+        for (id, _) in lx.engine().documents() {
+            let Some(dx) = lx.engine().doc(&id) else {
                 continue;
             };
-            let missing = lj.engine.doc(&id).unwrap_or(&empty).get_changes_added(dx);
+            let missing = lj.engine().doc(&id).unwrap_or(&empty).get_changes_added(dx);
             if missing.iter().any(|c| {
                 ActorKey::from_bytes(c.actor_id().to_bytes()).is_some_and(|a| a.tag() == tag)
             }) {

@@ -1,0 +1,510 @@
+//! One pass of a node's engine loop, sans-IO: the group commit.
+//!
+//! Production (`node::node::engine_loop`) and the simulator (`sim::world::World::process`)
+//! both run [`NodeLoop::step`]: given the inputs of one batch (client operations
+//! with an opaque reply token, connection events, peers' frames, anti-entropy
+//! ticks) and `now`, it executes them in arrival order, retries the sales parked
+//! while rights are requested, allocates, expires reservations, flushes, numbers
+//! the changed rows for the change feed, commits the batch through the
+//! [`Storage`] trait, and only then hands out what may leave the node.
+//!
+//! Release before commit cannot be written: replies, frames for peers, rows to
+//! publish and keys to revoke exist only in a [`Committed`], which only
+//! `step` can build and only after [`Storage::commit`] returned `Ok`. When the
+//! commit fails (or applying a peer's frame panicked) the step returns a
+//! [`Failed`] that holds error replies only; the driver then reopens the engine
+//! from its store ([`NodeLoop::replace_engine`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::engine::{Batch, Engine};
+use crate::ids::NodeId;
+use crate::ops::{IdemRecord, Op, OpError, OpReply};
+use crate::rebalance::{AllocationRule, Submit};
+use crate::wire::HelloDigest;
+
+/// A storage error, as the storage layer described it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StorageError(pub String);
+
+/// What the loop needs from durable storage (the node's redb `Store`, over a
+/// real file or the simulator's disk).
+pub trait Storage {
+    /// The idempotency record of a client key. An error is an error: it must
+    /// never read as "never seen", or a retry would apply twice.
+    fn idem(&mut self, key: &str) -> Result<Option<IdemRecord>, StorageError>;
+    /// Sync states persisted for a peer (what it has, per document).
+    fn sync_states(&mut self, peer: &NodeId) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+    /// Writes one batch atomically and durably. Called only with a non-empty batch.
+    fn commit(&mut self, batch: &Batch) -> Result<(), StorageError>;
+}
+
+/// One input of a batch, in arrival order.
+#[derive(Debug)]
+pub enum Input<T> {
+    /// A client operation; its result is released with `token` after the commit.
+    Op(Op, T),
+    /// A connection to `peer` is up; `digest` is what its hello said.
+    PeerUp {
+        peer: NodeId,
+        conn: u64,
+        digest: Option<HelloDigest>,
+    },
+    /// Connection `conn` to `peer` ended (ignored unless it is the current one).
+    PeerDown { peer: NodeId, conn: u64 },
+    /// One frame body (without the length prefix) from `peer` over `conn`.
+    Frame {
+        peer: NodeId,
+        conn: u64,
+        body: Vec<u8>,
+    },
+    /// The anti-entropy timer fired.
+    Tick,
+    /// A timer fired (`Committed::next_wake_ms`): deadlines are looked at.
+    Wake,
+}
+
+/// Settings of the loop that are not the engine's.
+#[derive(Clone, Debug, Default)]
+pub struct LoopConfig {
+    /// How long a strict sale short of rights waits for a grant (0: never parks).
+    pub deadline_ms: u64,
+    /// Allocation rules applied to the own location after every batch.
+    pub allocation: Vec<AllocationRule>,
+    /// Configured peers: the ones whose key is revoked once they are retired.
+    pub peers: Vec<NodeId>,
+}
+
+/// A client's answer, released with its token.
+pub type Reply<T> = (T, Result<OpReply, OpError>);
+
+/// What a committed batch releases. Only [`NodeLoop::step`] builds one, after
+/// [`Storage::commit`] returned `Ok` (or the batch was empty):
+/// `#[non_exhaustive]` keeps other crates from building one.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Committed<T> {
+    /// Answers to the clients, in the order the operations were decided.
+    pub replies: Vec<Reply<T>>,
+    /// Frames for peers (length-prefixed, as the transport writes them), in order.
+    pub frames: Vec<(NodeId, Vec<u8>)>,
+    /// The batch as it was committed (rows carry their change-feed numbers).
+    pub batch: Batch,
+    /// Retired peers whose key must be refused from now on (each once).
+    pub revoke: Vec<NodeId>,
+    /// The digest hellos carry from now on, when it changed.
+    pub hello_digest: Option<HelloDigest>,
+    /// Peers that broke the protocol: their connection is dropped.
+    pub disconnect: Vec<(NodeId, String)>,
+    /// When the driver must wake the loop with [`Input::Wake`] at the latest
+    /// (the earliest parked-sale deadline or reservation expiry), if ever.
+    pub next_wake_ms: Option<u64>,
+}
+
+/// Why a batch was not committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// `Storage::commit` failed.
+    Storage(StorageError),
+    /// Applying a frame from `peer` panicked: the engine may hold half a
+    /// change. Nothing of the batch was committed; the peer must be blocked.
+    Panic { peer: NodeId, what: String },
+}
+
+/// A batch that did not commit: nothing is released, every caller gets an
+/// error (the parked sales too). The driver must reopen the engine from its
+/// store and hand it to [`NodeLoop::replace_engine`].
+#[derive(Debug)]
+pub struct Failed<T> {
+    pub cause: Failure,
+    /// Error answers only (an operation that had succeeded answers 503).
+    pub replies: Vec<Reply<T>>,
+    /// Indices in `replies` of operations that had succeeded before the
+    /// failure: their effect may or may not be durable (a crash in the
+    /// middle of the commit).
+    pub in_doubt: Vec<usize>,
+    /// Peers that broke the protocol in this batch: their connection is dropped.
+    pub disconnect: Vec<(NodeId, String)>,
+}
+
+/// The outcome of one step.
+// One per batch, moved once: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Step<T> {
+    Committed(Committed<T>),
+    Failed(Failed<T>),
+}
+
+/// The loop's state around the engine: connections, parked callers,
+/// change-feed numbering, revoked keys, the hello digest.
+pub struct NodeLoop<T> {
+    engine: Engine,
+    cfg: LoopConfig,
+    /// Current connection id per peer (a `PeerDown` of an older one is ignored).
+    conns: BTreeMap<NodeId, u64>,
+    /// Callers of sales parked while rights are requested: ticket → token.
+    parked: BTreeMap<u64, T>,
+    revoked: BTreeSet<NodeId>,
+    /// Last change-feed number given to a row.
+    seq_max: u64,
+    hello_digest: Option<HelloDigest>,
+    /// Peer input refused outside the engine's count (protocol violations,
+    /// panics) and by engines replaced since start.
+    rejected: BTreeMap<&'static str, u64>,
+    frame_hook: Option<fn(NodeId)>,
+}
+
+/// Initial capacity of a step's reply list: a hint, not a limit (a step
+/// answers at most what its caller put in, which the driver bounds).
+const REPLIES_PREALLOC: usize = 64;
+
+impl<T> NodeLoop<T> {
+    /// A loop around an opened engine. `seq_max` is the highest change-feed
+    /// number persisted (rows numbered from there on). Run one `step` with no
+    /// inputs before serving: it persists what opening produced.
+    pub fn new(engine: Engine, cfg: LoopConfig, seq_max: u64) -> NodeLoop<T> {
+        NodeLoop {
+            engine,
+            cfg,
+            conns: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            revoked: BTreeSet::new(),
+            seq_max,
+            hello_digest: None,
+            rejected: BTreeMap::new(),
+            frame_hook: None,
+        }
+    }
+
+    /// The engine, for reads between steps.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Applies one peer frame between steps (the simulator's hostile member
+    /// checks what the engine refuses). Whatever it changes is persisted,
+    /// and whatever it queues for peers released, only by the next step's
+    /// commit, like everything else.
+    pub fn receive_between_steps(
+        &mut self,
+        peer: NodeId,
+        body: &[u8],
+        now: u64,
+    ) -> Result<(), String> {
+        self.engine.receive(peer, body, now)
+    }
+
+    /// A hook run before every peer frame is applied, inside the panic guard
+    /// (test fault injection).
+    pub fn set_frame_hook(&mut self, hook: fn(NodeId)) {
+        self.frame_hook = Some(hook);
+    }
+
+    /// The digest hellos carry (of committed state), once the first step committed.
+    pub fn hello_digest(&self) -> Option<HelloDigest> {
+        self.hello_digest
+    }
+
+    /// Peers with a current connection.
+    pub fn connections(&self) -> &BTreeMap<NodeId, u64> {
+        &self.conns
+    }
+
+    /// Peer input refused, by reason: the loop's own count plus the engine's.
+    pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
+        let mut all = self.rejected.clone();
+        for (k, v) in &self.engine.stats.rejected_by_reason {
+            *all.entry(k).or_default() += v;
+        }
+        all
+    }
+
+    /// Callers still waiting for a parked sale.
+    pub fn parked_len(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Takes the tokens of the parked sales (their process is gone: a crash).
+    pub fn take_parked(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.parked).into_values().collect()
+    }
+
+    /// After a failed step: the engine reopened from the store replaces the
+    /// old one (returned), and the connections still open start new sessions.
+    pub fn replace_engine<S: Storage>(
+        &mut self,
+        engine: Engine,
+        store: &mut S,
+        now: u64,
+    ) -> Engine {
+        let old = std::mem::replace(&mut self.engine, engine);
+        for (k, v) in &old.stats.rejected_by_reason {
+            *self.rejected.entry(k).or_default() += v;
+        }
+        let peers: Vec<NodeId> = self.conns.keys().copied().collect();
+        for peer in peers {
+            let states = store.sync_states(&peer).unwrap_or_default();
+            self.engine.peer_up(peer, states, now);
+        }
+        self.hello_digest = Some(self.engine.hello_digest());
+        old
+    }
+
+    /// At shutdown: ends every session and persists their sync states.
+    pub fn close<S: Storage>(mut self, store: &mut S, now: u64) -> Result<(), StorageError> {
+        for peer in self.engine.connected_peers() {
+            self.engine.peer_down(peer);
+        }
+        let batch = self.engine.flush(now);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        store.commit(&batch)
+    }
+
+    /// One batch: execute `inputs` in order, then parked sales, allocation and
+    /// expiry; flush, number rows, commit; release only after the commit.
+    pub fn step<S: Storage>(&mut self, store: &mut S, inputs: Vec<Input<T>>, now: u64) -> Step<T> {
+        let mut replies: Vec<Reply<T>> = Vec::with_capacity(REPLIES_PREALLOC.min(inputs.len()));
+        let mut disconnect: Vec<(NodeId, String)> = Vec::new();
+        // Set when applying a peer's frame panicked: the engine's memory may
+        // hold half a change, so nothing of this batch is committed.
+        let mut poisoned: Option<(NodeId, String)> = None;
+        for input in inputs {
+            match input {
+                Input::Op(op, token) => self.submit(store, op, token, now, &mut replies),
+                Input::Frame { .. } | Input::PeerUp { .. } | Input::PeerDown { .. }
+                    if poisoned.is_some() =>
+                {
+                    // The engine is reopened after this batch; the sessions restart.
+                }
+                Input::PeerUp { peer, conn, digest } => {
+                    if self.conns.insert(peer, conn).is_some() {
+                        self.engine.peer_down(peer);
+                    }
+                    tracing::debug!(peer = %peer.hex(), "session started");
+                    let states = store.sync_states(&peer).unwrap_or_default();
+                    self.engine.peer_up_with_digest(peer, states, digest, now);
+                }
+                Input::PeerDown { peer, conn } => {
+                    if self.conns.get(&peer) == Some(&conn) {
+                        self.conns.remove(&peer);
+                        self.engine.peer_down(peer);
+                        tracing::info!(peer = %peer.hex(), "peer disconnected");
+                    }
+                }
+                Input::Frame { peer, conn, body } => {
+                    if self.conns.get(&peer) != Some(&conn) {
+                        continue;
+                    }
+                    match self.receive(peer, &body, now) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %peer.hex(), error = %e, "protocol violation; disconnecting the peer");
+                            *self.rejected.entry("protocol_violation").or_default() += 1;
+                            self.conns.remove(&peer);
+                            self.engine.peer_down(peer);
+                            disconnect.push((peer, e));
+                        }
+                        Err(what) => {
+                            *self.rejected.entry("panic").or_default() += 1;
+                            self.conns.remove(&peer);
+                            poisoned = Some((peer, what));
+                        }
+                    }
+                }
+                Input::Tick => self.engine.tick(now),
+                Input::Wake => {}
+            }
+        }
+        if let Some((peer, what)) = poisoned {
+            return Step::Failed(self.fail(Failure::Panic { peer, what }, replies, disconnect));
+        }
+        // Grants that arrived in this batch may let parked sales through.
+        self.poll_parked(store, now, &mut replies);
+        self.engine.allocate(&self.cfg.allocation, now);
+        self.engine.expire_reservations(now);
+        let mut batch = self.engine.flush(now);
+        // The engine drains its idempotency records from a hash map: sorted,
+        // the storage I/O sequence is the same on every run (the simulator).
+        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
+        let seq_before = self.seq_max;
+        for (_, row) in batch.rows.iter_mut() {
+            self.seq_max += 1;
+            row.seq = self.seq_max;
+        }
+        if !batch.is_empty() {
+            if let Err(e) = store.commit(&batch) {
+                self.seq_max = seq_before;
+                return Step::Failed(self.fail(Failure::Storage(e), replies, disconnect));
+            }
+        }
+        // Durable: from here on effects may leave the node.
+        self.engine.committed(now);
+        let frames = self.engine.take_outgoing();
+        let mut hello_digest = None;
+        if !batch.is_empty() || self.hello_digest.is_none() {
+            let d = self.engine.hello_digest();
+            if self.hello_digest != Some(d) {
+                self.hello_digest = Some(d);
+                hello_digest = Some(d);
+            }
+        }
+        // A retired node's key is refused from now on.
+        let mut revoke = Vec::new();
+        for tag in self.engine.retired_tags() {
+            for p in self.cfg.peers.iter().filter(|p| p.tag() == tag) {
+                if self.revoked.insert(*p) {
+                    tracing::warn!(peer = %p.hex(), "peer was retired; refusing its key");
+                    revoke.push(*p);
+                }
+            }
+        }
+        Step::Committed(Committed {
+            replies,
+            frames,
+            batch,
+            revoke,
+            hello_digest,
+            disconnect,
+            next_wake_ms: self.next_wake_ms(),
+        })
+    }
+
+    /// The earliest time the loop has something to decide without input.
+    pub fn next_wake_ms(&self) -> Option<u64> {
+        let parked = self.engine.next_deadline();
+        let expiry = self.engine.views.expiring.iter().next().map(|e| e.0);
+        match (parked, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn submit<S: Storage>(
+        &mut self,
+        store: &mut S,
+        op: Op,
+        token: T,
+        now: u64,
+        replies: &mut Vec<Reply<T>>,
+    ) {
+        // The idempotency record is read first: a storage error must not look
+        // like "never seen" and let a retry apply twice.
+        let prior = match op.client_key().map(|k| store.idem(&k)) {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot read an idempotency record");
+                let msg = "storage error reading the request's earlier result; retry";
+                replies.push((token, Err(OpError::Unavailable(msg.into()))));
+                return;
+            }
+            Some(Ok(r)) => r,
+            None => None,
+        };
+        let idem = |_: &str| prior.clone();
+        match self.engine.submit(op, now, self.cfg.deadline_ms, &idem) {
+            Submit::Done(r) => replies.push((token, r)),
+            Submit::Parked(ticket) => {
+                // A new ticket replaces an orphan with the same number (an
+                // engine replaced since): that caller gets the shutdown answer.
+                if let Some(old) = self.parked.insert(ticket, token) {
+                    replies.push((
+                        old,
+                        Err(OpError::Unavailable("the node is shutting down".into())),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Retries parked sales. Their idempotency records are read through the
+    /// store first; when a read fails they stay parked until a later step.
+    fn poll_parked<S: Storage>(&mut self, store: &mut S, now: u64, replies: &mut Vec<Reply<T>>) {
+        let keys = self.engine.parked_keys();
+        if keys.is_empty() {
+            return;
+        }
+        let mut records: BTreeMap<String, IdemRecord> = BTreeMap::new();
+        for k in keys {
+            match store.idem(&k) {
+                Ok(Some(r)) => {
+                    records.insert(k, r);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read an idempotency record; parked sales wait");
+                    return;
+                }
+            }
+        }
+        let idem = |k: &str| records.get(k).cloned();
+        for (ticket, r) in self.engine.poll_parked(now, &idem) {
+            if let Some(token) = self.parked.remove(&ticket) {
+                replies.push((token, r));
+            }
+        }
+    }
+
+    /// Applies a peer's frame behind a panic guard: `Err` holds the panic's
+    /// message (the last line of defence against input that got past
+    /// validation and made Automerge, or our code, panic).
+    fn receive(
+        &mut self,
+        peer: NodeId,
+        body: &[u8],
+        now: u64,
+    ) -> Result<Result<(), String>, String> {
+        let hook = self.frame_hook;
+        let engine = &mut self.engine;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(h) = hook {
+                h(peer);
+            }
+            engine.receive(peer, body, now)
+        }))
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into())
+        })
+    }
+
+    fn fail(
+        &mut self,
+        cause: Failure,
+        replies: Vec<Reply<T>>,
+        disconnect: Vec<(NodeId, String)>,
+    ) -> Failed<T> {
+        let mut out = Vec::with_capacity(replies.len() + self.parked.len());
+        let mut in_doubt = Vec::new();
+        for (i, (token, r)) in replies.into_iter().enumerate() {
+            let r = match r {
+                Ok(_) => {
+                    in_doubt.push(i);
+                    Err(OpError::Unavailable(
+                        "the write could not be made durable (storage error); retry".into(),
+                    ))
+                }
+                Err(e) => Err(e),
+            };
+            out.push((token, r));
+        }
+        // Sales that waited for rights belong to the engine being replaced.
+        for token in std::mem::take(&mut self.parked).into_values() {
+            out.push((
+                token,
+                Err(OpError::Unavailable("storage error; retry".into())),
+            ));
+        }
+        Failed {
+            cause,
+            replies: out,
+            in_doubt,
+            disconnect,
+        }
+    }
+}
