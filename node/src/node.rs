@@ -101,6 +101,10 @@ pub struct Metrics {
     pub sync_bytes_out_by_kind: [AtomicU64; storemesh_protocol::sync::MSG_KINDS.len()],
     pub rejected_messages: AtomicU64,
     pub forks_detected: AtomicU64,
+    pub epochs_started: AtomicU64,
+    pub epochs_joined: AtomicU64,
+    pub cold_parts: AtomicU64,
+    pub cold_part_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub commit_us_total: AtomicU64,
     pub commit_us_last: AtomicU64,
@@ -879,6 +883,12 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
     m.rejected_messages
         .store(s.rejected_messages, Ordering::Relaxed);
     m.forks_detected.store(s.forks_detected, Ordering::Relaxed);
+    m.epochs_started.store(s.epochs_started, Ordering::Relaxed);
+    m.epochs_joined.store(s.epochs_joined, Ordering::Relaxed);
+    let (cold, cold_bytes) = engine.cold_parts();
+    m.cold_parts.store(cold as u64, Ordering::Relaxed);
+    m.cold_part_bytes
+        .store(cold_bytes as u64, Ordering::Relaxed);
     let (requests, grants) = engine.rebalance_stats();
     m.rebalance_requests.store(requests, Ordering::Relaxed);
     m.rebalance_grants.store(grants, Ordering::Relaxed);

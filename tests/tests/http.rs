@@ -173,6 +173,14 @@ async fn errors_follow_the_contract() {
     let r = http.get(url("/metrics")).send().await.unwrap();
     let text = r.text().await.unwrap();
     assert!(text.contains("storemesh_operations_total"));
+    // History bounding (issue 14): nothing cut or cooled on a fresh node.
+    for line in [
+        "storemesh_ledger_epochs_started_total 0\n",
+        "storemesh_ledger_epochs_joined_total 0\n",
+        "storemesh_records_parts_cold 0\n",
+    ] {
+        assert!(text.contains(line), "{line} missing from {text}");
+    }
     // One line per sync message kind (nothing sent: this node has no peers).
     for kind in storemesh_protocol::sync::MSG_KINDS {
         let line = format!("storemesh_sync_bytes_out_by_kind_total{{kind=\"{kind}\"}} 0\n");

@@ -96,6 +96,30 @@ pub(super) async fn metrics(State(sh): S) -> Response {
         m.forks_detected.load(Ordering::Relaxed),
     );
     line(
+        "ledger_epochs_started_total",
+        "counter",
+        "Ledger epochs this node started as a location's owner (history cuts).",
+        m.epochs_started.load(Ordering::Relaxed),
+    );
+    line(
+        "ledger_epochs_joined_total",
+        "counter",
+        "Moves of this node to a newer ledger epoch another node started.",
+        m.epochs_joined.load(Ordering::Relaxed),
+    );
+    line(
+        "records_parts_cold",
+        "gauge",
+        "Closed records parts held as saved bytes instead of live documents.",
+        m.cold_parts.load(Ordering::Relaxed),
+    );
+    line(
+        "records_parts_cold_bytes",
+        "gauge",
+        "Bytes of the closed records parts held cold.",
+        m.cold_part_bytes.load(Ordering::Relaxed),
+    );
+    line(
         "redb_commits_total",
         "counter",
         "Group commits.",
