@@ -419,7 +419,7 @@ struct Writer {
     seen: Arc<Mutex<Seen>>,
     /// The engine's sale feed position read up to (`None`: look at every
     /// sale held, at start and after falling behind the bounded feed).
-    sale_seq: Option<u64>,
+    sale_seq: Option<storemesh_protocol::engine::SaleFeedPos>,
     wants: HashSet<EventKind>,
 }
 
@@ -435,6 +435,8 @@ struct Pass {
     entries: Vec<Value>,
     feed_to: u64,
     seen: Vec<(String, String)>,
+    /// The sale feed position to read from next, once this pass is written.
+    sale_seq: Option<Option<storemesh_protocol::engine::SaleFeedPos>>,
 }
 
 impl Writer {
@@ -487,6 +489,7 @@ impl Writer {
             entries: Vec::new(),
             feed_to: self.feed,
             seen: Vec::new(),
+            sale_seq: None,
         };
         let mut more = false;
         if budget > 0 && self.wants.contains(&EventKind::Stock) {
@@ -523,24 +526,32 @@ impl Writer {
                     match sale_seq.map(|s| (s, e.sales_since(s))) {
                         _ if !want_sales => {}
                         Some((_, Some(feed))) => {
-                            for (seq, id) in feed {
+                            for (pos, id) in feed {
                                 if seen.sales.contains(id) {
                                     continue;
                                 }
                                 if sales.len() >= left {
                                     complete = false;
-                                    next_seq = Some(seq);
+                                    next_seq = Some(pos);
                                     break;
                                 }
                                 let rec = e.sale_doc(id).and_then(|(d, k)| e.record(&d, &k));
-                                if let Some(rec) = rec {
-                                    sales.push((id.to_string(), rec));
+                                match rec {
+                                    Some(rec) => sales.push((id.to_string(), rec)),
+                                    // Noted but not readable: look at every
+                                    // sale next time rather than pass it by.
+                                    None => {
+                                        complete = false;
+                                        next_seq = None;
+                                        break;
+                                    }
                                 }
                             }
                         }
-                        // First pass, or the feed moved on past what this
-                        // writer read: every sale held, unseen ones only.
-                        _ => e.for_each_sale(|id, rec| {
+                        // First pass, the feed moved on past what this
+                        // writer read, or the engine was reopened: every
+                        // sale held, unseen ones only (parsed only then).
+                        _ => e.for_each_sale(|id, json| {
                             if seen.sales.contains(id) {
                                 return true;
                             }
@@ -549,7 +560,9 @@ impl Writer {
                                 next_seq = None;
                                 return false;
                             }
-                            sales.push((id.to_string(), rec));
+                            if let Ok(rec) = serde_json::from_str(json) {
+                                sales.push((id.to_string(), rec));
+                            }
                             true
                         }),
                     }
@@ -574,7 +587,8 @@ impl Writer {
                 })
                 .await;
             if let Some((mut sales, alarms, next_seq, complete)) = found {
-                self.sale_seq = next_seq;
+                // Taken over only once this pass is in the journal.
+                pass.sale_seq = Some(next_seq);
                 more |= !complete;
                 // Several new sales in one pass go out in the order they happened.
                 sales.sort_by(|a, b| {
@@ -637,6 +651,9 @@ impl Writer {
         }
         self.next += n;
         self.feed = feed_to;
+        if let Some(seq) = pass.sale_seq {
+            self.sale_seq = seq;
+        }
         let reg = &self.shared.webhooks;
         reg.journal_last.store(self.next - 1, Ordering::Relaxed);
         reg.feed_copied.store(self.feed, Ordering::Relaxed);

@@ -196,13 +196,17 @@ fn closed_parts_go_cold_and_history_still_answers() {
         .unwrap();
     commit(&mut e, &store, NOW_MS + 50);
     let mut all = Vec::new();
-    e.for_each_sale(|id, v| {
+    e.for_each_sale(|id, json| {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["sale_id"], id);
         all.push(id.to_string());
         true
     });
     all.sort();
     assert_eq!(all.len(), 30, "{all:?}");
+    // The feed of noted sales: positions of this engine only.
+    let pos = e.sale_feed_next();
+    assert_eq!(e.sales_since(pos).map(|f| f.count()), Some(0));
     let cold_before = e.cold_parts().0;
     e.for_each_sale(|_, _| true);
     assert_eq!(
@@ -214,6 +218,14 @@ fn closed_parts_go_cold_and_history_still_answers() {
 
     // Restart: closed parts are cold right after opening; lookups answer.
     let mut e = open(&store, [0, 0, 0, 2]);
+    assert!(
+        e.sales_since(pos).is_none(),
+        "a position of the engine before the restart is not this engine's"
+    );
+    assert_eq!(
+        e.sales_since(e.sale_feed_next()).map(|f| f.count()),
+        Some(0)
+    );
     e.set_records_per_part(4);
     let (cold, _) = e.cold_parts();
     assert!(cold >= 7, "closed parts cold after a restart: {cold}");

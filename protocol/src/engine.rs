@@ -142,6 +142,13 @@ impl Batch {
     }
 }
 
+/// A position in an engine's feed of noted sales (see `Engine::sales_since`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaleFeedPos {
+    engine: ActorKey,
+    seq: u64,
+}
+
 /// Sale ids kept in the feed of recently noted sales (webhooks read it);
 /// about 60 bytes each, so at most ~4 MiB whatever the history.
 pub const SALE_FEED_MAX: usize = 65_536;
@@ -289,6 +296,14 @@ fn hex_heads(h: &[ChangeHash]) -> Vec<String> {
 /// chunk by chunk as they always did. Chunk by chunk is also the fallback if
 /// the one-pass load refuses the bytes (e.g. a chunk repeating earlier changes).
 pub fn load_parts(parts: &[Vec<u8>]) -> Result<Automerge, automerge::AutomergeError> {
+    load_parts_one_pass(parts).map(|(d, _)| d)
+}
+
+/// [`load_parts`], and whether the parts' bytes loaded in one pass (only
+/// then can they stand for the document's saved form).
+pub fn load_parts_one_pass(
+    parts: &[Vec<u8>],
+) -> Result<(Automerge, bool), automerge::AutomergeError> {
     let chunk_by_chunk = || -> Result<Automerge, automerge::AutomergeError> {
         let mut doc = Automerge::new();
         for p in parts {
@@ -297,7 +312,7 @@ pub fn load_parts(parts: &[Vec<u8>]) -> Result<Automerge, automerge::AutomergeEr
         Ok(doc)
     };
     if parts.len() as u64 > CHUNKS_PER_SNAPSHOT_MAX + 1 {
-        return chunk_by_chunk();
+        return chunk_by_chunk().map(|d| (d, false));
     }
     let total: usize = parts.iter().map(Vec::len).sum();
     let mut all = Vec::with_capacity(total);
@@ -305,10 +320,10 @@ pub fn load_parts(parts: &[Vec<u8>]) -> Result<Automerge, automerge::AutomergeEr
         all.extend_from_slice(p);
     }
     match Automerge::load(&all) {
-        Ok(doc) => Ok(doc),
+        Ok(doc) => Ok((doc, true)),
         Err(one_pass) => {
             tracing::warn!(error = %one_pass, "one-pass document load refused; loading chunk by chunk");
-            chunk_by_chunk()
+            chunk_by_chunk().map(|d| (d, false))
         }
     }
 }
@@ -585,12 +600,14 @@ impl Engine {
         }
         let snapshot_bytes = parts.first().map_or(0, |p| p.len() as u64);
         let chunk_bytes: u64 = parts.iter().skip(1).map(|p| p.len() as u64).sum();
-        let doc = load_parts(parts).map_err(|e| format!("document {id}: {e}"))?;
+        let (doc, one_pass) =
+            load_parts_one_pass(parts).map_err(|e| format!("document {id}: {e}"))?;
         let doc = doc.with_actor(self.actor.automerge());
         let heads = doc.get_heads();
         // A records part may be closed (cooled after `finish_open`): keep the
-        // bytes it was loaded from, so cooling it costs no `save()`.
-        let doc = if matches!(doc_id, DocId::Records { .. }) {
+        // bytes it was loaded from, so cooling it costs no `save()` — only if
+        // they load as they are (else cooling saves the document anew).
+        let doc = if matches!(doc_id, DocId::Records { .. }) && one_pass {
             crate::lazydoc::LazyDoc::with_saved(doc, parts.concat())
         } else {
             crate::lazydoc::LazyDoc::new(doc)
@@ -2293,34 +2310,43 @@ impl Engine {
         self.sale_feed_next += 1;
     }
 
-    /// Sale ids noted since `from` (a value of [`Engine::sale_feed_next`]),
-    /// in the order this process noted them; `None` when some of them have
-    /// left the bounded feed (read them with [`Engine::for_each_sale`]).
-    pub fn sales_since(&self, from: u64) -> Option<impl Iterator<Item = (u64, &str)>> {
+    /// Sale ids noted since `from` (a value of [`Engine::sale_feed_next`]
+    /// of this very engine), in the order it noted them; `None` when some of
+    /// them left the bounded feed, or `from` is another engine's position (a
+    /// reopened engine numbers its sales anew): read them with
+    /// [`Engine::for_each_sale`] then.
+    pub fn sales_since(
+        &self,
+        from: SaleFeedPos,
+    ) -> Option<impl Iterator<Item = (SaleFeedPos, &str)>> {
         let front = self
             .sale_feed
             .front()
             .map_or(self.sale_feed_next, |(s, _)| *s);
-        if from < front {
+        if from.engine != self.actor || from.seq < front || from.seq > self.sale_feed_next {
             return None;
         }
-        let skip = (from - front) as usize;
+        let skip = (from.seq - front) as usize;
+        let engine = self.actor;
         Some(
             self.sale_feed
                 .iter()
                 .skip(skip)
-                .map(|(s, id)| (*s, id.as_str())),
+                .map(move |(s, id)| (SaleFeedPos { engine, seq: *s }, id.as_str())),
         )
     }
 
-    /// The sequence number the next noted sale gets.
-    pub fn sale_feed_next(&self) -> u64 {
-        self.sale_feed_next
+    /// The position the next noted sale gets.
+    pub fn sale_feed_next(&self) -> SaleFeedPos {
+        SaleFeedPos {
+            engine: self.actor,
+            seq: self.sale_feed_next,
+        }
     }
 
-    /// Every sale record held, part by part, without keeping cold parts
-    /// loaded; `f` returns false to stop.
-    pub fn for_each_sale(&self, mut f: impl FnMut(&str, serde_json::Value) -> bool) {
+    /// Every sale record held, part by part, as (id, JSON text), without
+    /// keeping cold parts loaded; `f` returns false to stop.
+    pub fn for_each_sale(&self, mut f: impl FnMut(&str, &str) -> bool) {
         let prefix = format!("{}/", RecordKind::Sale.prefix());
         for slot in self.docs.values() {
             if !matches!(slot.id, DocId::Records { .. }) {
@@ -2332,10 +2358,10 @@ impl Engine {
                         break;
                     };
                     let value: automerge::Value<'static> = item.value.into();
-                    let Some(v) = value.as_str().and_then(|j| serde_json::from_str(j).ok()) else {
+                    let Some(json) = value.as_str() else {
                         continue;
                     };
-                    if !f(id, v) {
+                    if !f(id, json) {
                         return false;
                     }
                 }

@@ -139,6 +139,18 @@ impl Engine {
             if epoch >= crate::layout::LEDGER_EPOCH_MAX {
                 continue;
             }
+            // A count's lines are booked against the view as of their
+            // `counted_at`, read from the epoch's heads log, which a new
+            // epoch starts empty: no cut while a count session is open there.
+            let counting = self
+                .views
+                .count_sessions
+                .values()
+                .flat_map(|m| m.values())
+                .any(|c| c.location == location && c.finished.is_none());
+            if counting {
+                continue;
+            }
             if self.epoch_full(id) {
                 due.push((location, bucket, epoch));
             }

@@ -124,8 +124,17 @@ impl LazyDoc {
             let Some(s) = &self.saved else {
                 return Automerge::new();
             };
-            match Automerge::load(&s.bytes) {
-                Ok(d) => d.with_actor(s.actor.clone()),
+            let loaded = Automerge::load(&s.bytes).or_else(|_| {
+                let mut d = Automerge::new();
+                d.load_incremental(&s.bytes).map(|_| d)
+            });
+            match loaded {
+                Ok(d) if d.get_heads() == s.heads => d.with_actor(s.actor.clone()),
+                Ok(_) => {
+                    debug_assert!(false, "a cold document reloads with other heads");
+                    tracing::error!("a cold document reloads with other heads; it is empty until synced again");
+                    Automerge::new().with_actor(s.actor.clone())
+                }
                 Err(e) => {
                     // The bytes are this process's own save of a document it
                     // held: failing to load them is a bug, not input.
