@@ -274,6 +274,8 @@ pub struct Stats {
     /// Ledger epochs this node started (as a location's owner) or moved to.
     pub epochs_started: u64,
     pub epochs_joined: u64,
+    /// Cells carried from late changes to an older ledger epoch.
+    pub late_cells_carried: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {

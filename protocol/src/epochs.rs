@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use automerge::{ReadDoc, ScalarValue, ROOT};
 
 use crate::engine::Engine;
-use crate::ids::product_bucket;
+use crate::ids::{product_bucket, ActorKey};
 use crate::layout::{ledger_carried_key, DocId, LedgerField};
 use crate::views::read_entry;
 
@@ -189,6 +189,100 @@ impl Engine {
         self.epochs.insert((location.clone(), bucket), epoch);
         self.switch_epoch(&location, bucket, held, epoch, now_ms);
         self.stats.epochs_joined += 1;
+    }
+
+    /// Changes to a ledger epoch this node moved on from: their writer may
+    /// never carry them forward itself (a store that pushed its offline
+    /// sales and then died), so the cells they raise above this node's view
+    /// are carried into the epoch held, like a switch does. Only a writer's
+    /// own live cells (or carried ones) count; nothing else of the change is
+    /// applied, and a malformed or oversized chunk carries nothing.
+    pub(crate) fn carry_late_changes(&mut self, doc: &str, chunks: &[&[u8]], now_ms: u64) {
+        let Ok(DocId::Ledger {
+            location, bucket, ..
+        }) = DocId::parse(doc, self.cfg.buckets)
+        else {
+            return;
+        };
+        let mut budget = crate::inflate::INFLATED_BYTES_MAX;
+        let mut best: std::collections::BTreeMap<(u64, ActorKey, String), (LedgerField, u64)> =
+            std::collections::BTreeMap::new();
+        for c in chunks {
+            if crate::inflate::check_inflation(c, &mut budget).is_err() {
+                return;
+            }
+            let Ok(changes) = crate::validate::changes_in_chunk(c) else {
+                return;
+            };
+            for ch in changes {
+                let Some(author) = ActorKey::from_bytes(ch.actor_id().to_bytes()) else {
+                    continue;
+                };
+                for op in ch.decode().operations {
+                    let (automerge::legacy::ObjectId::Root, automerge::legacy::Key::Map(k)) =
+                        (&op.obj, &op.key)
+                    else {
+                        continue;
+                    };
+                    let automerge::legacy::OpType::Put(v) = &op.action else {
+                        continue;
+                    };
+                    let Ok((p, actor, field, carried)) = crate::layout::parse_ledger_any(k) else {
+                        continue;
+                    };
+                    if (!carried && actor != author)
+                        || product_bucket(p, self.cfg.buckets) != bucket
+                    {
+                        continue;
+                    }
+                    let Some(n) =
+                        crate::validate::scalar_u64(v).filter(|n| *n <= crate::ids::CELL_MAX)
+                    else {
+                        continue;
+                    };
+                    let e = best
+                        .entry((p, actor, crate::layout::ledger_key(p, actor, field)))
+                        .or_insert((field, 0));
+                    e.1 = e.1.max(n);
+                }
+            }
+        }
+        let current = DocId::Ledger {
+            location: location.clone(),
+            bucket,
+            epoch: self.ledger_epoch(&location, bucket),
+        };
+        let mut keys = BTreeSet::new();
+        let mut own_above = 0;
+        for ((p, actor, _), (field, n)) in best {
+            let have = self
+                .views
+                .entry(p, &location)
+                .map(|e| e.actor(actor))
+                .unwrap_or_default();
+            let held = match field {
+                LedgerField::Received => have.received,
+                LedgerField::Removed => have.removed,
+                LedgerField::Granted(t) => have.granted.get(&t).copied().unwrap_or(0),
+            };
+            if n > held {
+                own_above += usize::from(actor.tag() == self.tag);
+                let k = ledger_carried_key(p, actor, field);
+                self.put(current.clone(), k.clone(), ScalarValue::Uint(n));
+                keys.insert(k);
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let id = current.encode();
+        tracing::info!(doc, into = %id, cells = keys.len(), "carried cells of late changes to an older ledger epoch");
+        self.commit_pending_writes(&id, now_ms);
+        self.recompute_keys(&id, &keys);
+        self.stats.late_cells_carried += keys.len() as u64;
+        if own_above > 0 {
+            self.record_fork(&id, own_above, now_ms);
+        }
     }
 
     /// Carried cells among `keys` of ledger document `doc` that belong to

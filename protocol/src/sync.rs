@@ -1027,7 +1027,18 @@ impl Engine {
     ) -> Result<(), String> {
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
         if self.is_retired_epoch(doc) {
-            // An older ledger epoch: its writers carry it forward.
+            // An older ledger epoch: what its changes raise is carried into
+            // the epoch held (their writer may never do it itself).
+            let chunks: Vec<Vec<u8>> = if fallback {
+                vec![data.to_vec()]
+            } else {
+                match amsync::Message::decode(data) {
+                    Ok(m) => m.changes.iter().map(|c| c.to_vec()).collect(),
+                    Err(_) => Vec::new(),
+                }
+            };
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            self.carry_late_changes(doc, &refs, now_ms);
             return Ok(());
         }
         // This batch's own writes go into the document first, so that the views
@@ -1204,6 +1215,7 @@ impl Engine {
         }
         let doc_id = DocId::parse(doc, self.cfg.buckets)?;
         if self.is_retired_epoch(doc) {
+            self.carry_late_changes(doc, &[data], now_ms);
             return Ok(());
         }
         let mut inflate_budget = crate::inflate::INFLATED_BYTES_MAX;

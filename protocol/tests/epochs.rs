@@ -140,3 +140,54 @@ fn a_node_cut_off_past_many_epochs_loses_no_sale() {
         "the web shop's rights after its offline sales"
     );
 }
+
+/// A node that pushes changes to an epoch the others moved on from, and is
+/// never heard from again, still has its sales counted: the receiver carries
+/// the cells those changes raise into the epoch it holds (review finding of
+/// the epochs change: dropping them lost the sales for good).
+#[test]
+fn late_changes_to_an_old_epoch_are_carried_by_their_receiver() {
+    let mut m = TestMesh::new(3, 4);
+    m.full_mesh();
+    for n in &mut m.nodes {
+        n.engine.set_epoch_ops_max(8);
+    }
+    m.execute(0, testkit::receipt("r1", "loc0", &[(P, 1000)]))
+        .unwrap();
+    m.commit(0);
+    m.execute(0, grant("g1", P, "loc0", "n2", 200)).unwrap();
+    m.commit(0);
+    m.settle();
+    m.disconnect(2, 0);
+    m.disconnect(2, 1);
+    for i in 0..40 {
+        sell(&mut m, 0, &format!("a{i}"), "loc0", 1);
+        sell(&mut m, 2, &format!("w{i}"), "loc0", 2);
+        m.settle();
+    }
+    let b = storemesh_protocol::ids::product_bucket(P, 4);
+    assert!(m.nodes[1].engine.ledger_epoch("loc0", b) > m.nodes[2].engine.ledger_epoch("loc0", b));
+    // Node 2 comes back to node 1 only long enough to push one more sale,
+    // then is gone for good: node 1 never answers it.
+    m.connect(2, 1);
+    sell(&mut m, 2, "w-last", "loc0", 2);
+    let frames = m.links.get(&(2, 1)).map_or(0, |q| q.len());
+    assert!(frames > 0, "node 2 pushed its sale");
+    m.deliver(2, 1, frames);
+    m.disconnect(2, 1);
+    assert!(m.nodes[1].engine.stats.late_cells_carried > 0);
+    // Node 1 and the owner agree on every unit node 2 sold (41 sales of 2).
+    m.settle();
+    for i in 0..2 {
+        let e = &m.nodes[i].engine;
+        let entry = e.views.entry(P, "loc0").unwrap();
+        assert_eq!(entry.on_hand(), 1000 - 40 - 82, "node {i}");
+        let n2 = m.nodes[2].engine.config().node_id.tag();
+        assert_eq!(entry.rights(n2), 200 - 82, "node {i}: node 2's rights");
+    }
+    assert_eq!(
+        m.nodes[0].engine.documents(),
+        m.nodes[1].engine.documents(),
+        "the two live nodes hold the same documents"
+    );
+}
