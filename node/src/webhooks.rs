@@ -419,7 +419,7 @@ struct Writer {
     seen: Arc<Mutex<Seen>>,
     /// The engine's sale feed position read up to (`None`: look at every
     /// sale held, at start and after falling behind the bounded feed).
-    sale_seq: Option<storemesh_protocol::engine::SaleFeedPos>,
+    sale_seq: Option<storemesh_protocol::history::SaleFeedPos>,
     wants: HashSet<EventKind>,
 }
 
@@ -436,7 +436,7 @@ struct Pass {
     feed_to: u64,
     seen: Vec<(String, String)>,
     /// The sale feed position to read from next, once this pass is written.
-    sale_seq: Option<Option<storemesh_protocol::engine::SaleFeedPos>>,
+    sale_seq: Option<Option<storemesh_protocol::history::SaleFeedPos>>,
 }
 
 impl Writer {

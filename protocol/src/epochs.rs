@@ -394,4 +394,18 @@ impl Engine {
             .unwrap_or_default();
         self.recompute_keys(&new_id, &keys);
     }
+
+    /// Drops a document this node moved on from (an older ledger epoch):
+    /// memory, sessions and, with the next batch, disk.
+    pub(crate) fn retire_doc(&mut self, id: &str) {
+        if let Some(slot) = self.docs.remove(id) {
+            self.digest.toggle(id, slot.digest_part);
+        }
+        self.dirty_docs.remove(id);
+        self.changed_docs.remove(id);
+        self.push_sources.remove(id);
+        self.pending_sync_states.retain(|(_, d, _)| d != id);
+        self.forget_doc_sessions(id);
+        self.pending_retired.push(id.to_string());
+    }
 }

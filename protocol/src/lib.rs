@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod engine;
 pub mod epochs;
 pub mod fuzz;
+pub mod history;
 pub mod ids;
 pub mod inflate;
 pub mod layout;

@@ -983,16 +983,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Drops a document this node moved on from (an older ledger epoch):
-    /// memory, sessions and, with the next batch, disk.
-    pub(crate) fn retire_doc(&mut self, id: &str) {
-        if let Some(slot) = self.docs.remove(id) {
-            self.digest.toggle(id, slot.digest_part);
-        }
-        self.dirty_docs.remove(id);
-        self.changed_docs.remove(id);
-        self.push_sources.remove(id);
-        self.pending_sync_states.retain(|(_, d, _)| d != id);
+    /// Forgets every peer session's state of a document this node dropped.
+    pub(crate) fn forget_doc_sessions(&mut self, id: &str) {
         for s in self.sessions.values_mut() {
             s.docs.remove(id);
             s.stored.remove(id);
@@ -1003,7 +995,6 @@ impl Engine {
         self.catchup.leaders.remove(id);
         self.catchup.deferred.remove(id);
         self.catchup.wanted.remove(id);
-        self.pending_retired.push(id.to_string());
     }
 
     fn ensure_doc(&mut self, id: &str) -> Result<(), String> {

@@ -19,6 +19,23 @@ fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
     })
 }
 
+/// Three nodes in a full mesh, epochs cut after `ops` operations; the owner
+/// (node 0) received 1,000 units of `P` at loc0 and granted `q` to `to`.
+fn mesh_with_grant(ops: u64, to: &str, q: u64) -> TestMesh {
+    let mut m = TestMesh::new(3, 4);
+    m.full_mesh();
+    for n in &mut m.nodes {
+        n.engine.set_epoch_ops_max(ops);
+    }
+    m.execute(0, testkit::receipt("r1", "loc0", &[(P, 1000)]))
+        .unwrap();
+    m.commit(0);
+    m.execute(0, grant("g1", P, "loc0", to, q)).unwrap();
+    m.commit(0);
+    m.settle();
+    m
+}
+
 fn sell(m: &mut TestMesh, node: usize, id: &str, loc: &str, q: u64) {
     m.execute(node, testkit::sale(id, Some(loc), &[(P, q)]))
         .unwrap_or_else(|e| panic!("sale {id} at node {node}: {e:?}"));
@@ -56,17 +73,7 @@ fn check_same(m: &TestMesh, loc: &str, on_hand: i64) {
 
 #[test]
 fn owner_cuts_epochs_and_every_node_follows() {
-    let mut m = TestMesh::new(3, 4);
-    m.full_mesh();
-    for n in &mut m.nodes {
-        n.engine.set_epoch_ops_max(10);
-    }
-    m.execute(0, testkit::receipt("r1", "loc0", &[(P, 1000)]))
-        .unwrap();
-    m.commit(0);
-    m.execute(0, grant("g1", P, "loc0", "n1", 100)).unwrap();
-    m.commit(0);
-    m.settle();
+    let mut m = mesh_with_grant(10, "n1", 100);
     for i in 0..40 {
         sell(&mut m, 0, &format!("a{i}"), "loc0", 1);
         if i % 3 == 0 {
@@ -99,17 +106,7 @@ fn owner_cuts_epochs_and_every_node_follows() {
 
 #[test]
 fn a_node_cut_off_past_many_epochs_loses_no_sale() {
-    let mut m = TestMesh::new(3, 4);
-    m.full_mesh();
-    for n in &mut m.nodes {
-        n.engine.set_epoch_ops_max(8);
-    }
-    m.execute(0, testkit::receipt("r1", "loc0", &[(P, 1000)]))
-        .unwrap();
-    m.commit(0);
-    m.execute(0, grant("g1", P, "loc0", "n2", 200)).unwrap();
-    m.commit(0);
-    m.settle();
+    let mut m = mesh_with_grant(8, "n2", 200);
     // Node 2 (a web shop selling loc0's units on its rights) is cut off;
     // the owner sells and cuts many epochs meanwhile; node 1 follows.
     m.disconnect(2, 0);
@@ -147,17 +144,7 @@ fn a_node_cut_off_past_many_epochs_loses_no_sale() {
 /// the epochs change: dropping them lost the sales for good).
 #[test]
 fn late_changes_to_an_old_epoch_are_carried_by_their_receiver() {
-    let mut m = TestMesh::new(3, 4);
-    m.full_mesh();
-    for n in &mut m.nodes {
-        n.engine.set_epoch_ops_max(8);
-    }
-    m.execute(0, testkit::receipt("r1", "loc0", &[(P, 1000)]))
-        .unwrap();
-    m.commit(0);
-    m.execute(0, grant("g1", P, "loc0", "n2", 200)).unwrap();
-    m.commit(0);
-    m.settle();
+    let mut m = mesh_with_grant(8, "n2", 200);
     m.disconnect(2, 0);
     m.disconnect(2, 1);
     for i in 0..40 {
