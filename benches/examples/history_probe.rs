@@ -61,8 +61,9 @@ fn main() {
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
         for d in store.load_docs().unwrap() {
             let (r, t1) = (rss_mib(), Instant::now());
-            e.load_doc(&d.id, &d.parts, d.heads_log.clone()).unwrap();
-            if d.id.starts_with("rec") || d.id.ends_with("/1") || d.id.ends_with("/2") {
+            e.load_doc_with_index(&d.id, &d.parts, d.heads_log.clone(), d.index.as_deref())
+                .unwrap();
+            if std::env::var_os("PROBE_VERBOSE").is_some() {
                 println!(
                     "  {} parts {} bytes {} +{:.0} MiB {:?}",
                     d.id,
@@ -76,9 +77,27 @@ fn main() {
         println!("restart: docs {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
         e.finish_open();
         println!(
-            "restart: + views {:?} rss {:.0} MiB",
+            "restart: + views {:?} rss {:.0} MiB, {} parts opened from their index",
             t.elapsed(),
-            rss_mib()
+            rss_mib(),
+            e.stats.parts_opened_indexed
+        );
+        // As the node's loop does after a start: batches write the indexes
+        // of parts that had none (the next restart opens them unread).
+        let t = Instant::now();
+        loop {
+            let b = e.flush(storemesh_benches::fixtures::NOW_MS);
+            if b.is_empty() {
+                break;
+            }
+            store.commit(&b).unwrap();
+            e.committed(storemesh_benches::fixtures::NOW_MS);
+            let _ = e.take_outgoing();
+        }
+        println!(
+            "indexes written: {} in {:?}",
+            e.stats.parts_indexed,
+            t.elapsed()
         );
         return;
     }
@@ -223,7 +242,8 @@ fn main() {
             .sum::<usize>()
     );
     for d in stored {
-        e.load_doc(&d.id, &d.parts, d.heads_log).unwrap();
+        e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
+            .unwrap();
     }
     let t_load = t.elapsed();
     e.finish_open();

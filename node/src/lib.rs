@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod http;
 pub mod https;
+mod idemcodec;
 pub mod identity;
 pub mod node;
 pub mod server;

@@ -227,7 +227,7 @@ fn open_engine(cfg: &Config, node_id: NodeId, store: &Store) -> anyhow::Result<E
     );
     for d in store.load_docs().context("cannot load documents")? {
         engine
-            .load_doc(&d.id, &d.parts, d.heads_log)
+            .load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
             .map_err(|e| anyhow::anyhow!("stored document {} is damaged: {e}", d.id))?;
     }
     engine.finish_open();

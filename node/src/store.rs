@@ -8,11 +8,14 @@
 //! | `doc_chunks`    | (doc, seq)               | bytes; seq 0 = snapshot      |
 //! | `doc_heads`     | doc                      | `Vec<String>` (hex heads)    |
 //! | `rows`          | (product, location)      | [`StockRow`]                 |
-//! | `idem`          | client key               | [`IdemRecord`]               |
+//! | `idem2`         | client key               | [`IdemRecord`], compact (`idemcodec`) |
+//! | `idem`          | client key               | [`IdemRecord`] of older releases (read only) |
 //! | `heads_log`     | (doc, ms)                | `Vec<String>`; newest 512/doc|
 //! | `heads_log_len` | doc                      | u64 entries in `heads_log`   |
 //! | `sync_states`   | (peer hex, doc)          | bytes                        |
 //! | `meta`          | key                      | bytes                        |
+//! | `customer_keys` | customer                 | key-store entry              |
+//! | `part_index`    | doc (a closed records part) | `history::PartIndex` of its snapshot |
 //!
 //! A failed commit leaves nothing of its batch (redb's transaction is dropped
 //! uncommitted). redb refuses every further operation after an I/O error, so a
@@ -20,7 +23,7 @@
 //! whenever it finds itself closed); a store over a custom backend must be
 //! reopened by its owner.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -39,11 +42,18 @@ use storemesh_protocol::views::StockRow;
 const DOC_CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
 const ROWS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("rows");
+/// Idempotency records written before `idem2` (read, never written).
 const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idem");
+/// Idempotency records in their compact form (`crate::idemcodec`).
+const IDEM2: TableDefinition<&str, &[u8]> = TableDefinition::new("idem2");
 const HEADS_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("heads_log");
 const HEADS_LOG_LEN: TableDefinition<&str, u64> = TableDefinition::new("heads_log_len");
 const SYNC_STATES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_states");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Closed records parts: document → its index (`history::PartIndex`),
+/// valid for exactly the document's stored snapshot: a batch that writes
+/// the document without a new index drops it.
+const PART_INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("part_index");
 /// The customer key store: customer → keys or erased (overwritten in place, so
 /// an erased customer's key is gone from the live data).
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_keys");
@@ -54,11 +64,13 @@ const SCRUB_TABLES: &[&str] = &[
     "doc_heads",
     "rows",
     "idem",
+    "idem2",
     "heads_log",
     "heads_log_len",
     "sync_states",
     "meta",
     "customer_keys",
+    "part_index",
 ];
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -93,6 +105,8 @@ pub struct StoredDoc {
     pub parts: Vec<Vec<u8>>,
     /// (ms, hex heads), oldest first.
     pub heads_log: Vec<(u64, Vec<String>)>,
+    /// A closed records part's index (`Engine::load_indexed_part`).
+    pub index: Option<Vec<u8>>,
 }
 
 /// Commit counters for metrics.
@@ -196,10 +210,12 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(DOC_HEADS)?;
         tx.open_table(ROWS)?;
         tx.open_table(IDEM)?;
+        tx.open_table(IDEM2)?;
         tx.open_table(HEADS_LOG)?;
         tx.open_table(HEADS_LOG_LEN)?;
         tx.open_table(SYNC_STATES)?;
         tx.open_table(KEYS)?;
+        tx.open_table(PART_INDEX)?;
         let mut meta = tx.open_table(META)?;
         let existing = meta.get(SCHEMA_KEY)?.map(|v| v.value().to_vec());
         match existing {
@@ -258,6 +274,20 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             }
         }
 
+        // An index describes one stored form of its part: any other write of
+        // the part drops it (the engine indexes the part again once closed).
+        let mut part_index = tx.open_table(PART_INDEX)?;
+        let indexed: BTreeSet<&str> = batch.part_indexes.iter().map(|(d, _)| d.as_str()).collect();
+        for w in &batch.docs {
+            let (DocWrite::Snapshot { doc, .. } | DocWrite::Chunk { doc, .. }) = w;
+            if !indexed.contains(doc.as_str()) {
+                part_index.remove(doc.as_str())?;
+            }
+        }
+        for (doc, index) in &batch.part_indexes {
+            part_index.insert(doc.as_str(), index.as_slice())?;
+        }
+
         let mut heads = tx.open_table(DOC_HEADS)?;
         for (doc, h) in &batch.heads {
             heads.insert(doc.as_str(), encode(h)?.as_slice())?;
@@ -268,9 +298,10 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             rows.insert((*p, loc.as_str()), encode(row)?.as_slice())?;
         }
 
-        let mut idem = tx.open_table(IDEM)?;
+        let mut idem = tx.open_table(IDEM2)?;
         for (k, rec) in &batch.idem {
-            idem.insert(k.as_str(), encode(rec)?.as_slice())?;
+            let bytes = crate::idemcodec::encode(rec).context("encoding an idempotency record")?;
+            idem.insert(k.as_str(), bytes.as_slice())?;
         }
 
         let mut log = tx.open_table(HEADS_LOG)?;
@@ -328,6 +359,7 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             heads.remove(d)?;
             log.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
             lens.remove(d)?;
+            part_index.remove(d)?;
             sync.retain(|(_, doc), _| doc != d)?;
         }
     }
@@ -412,11 +444,13 @@ impl Store {
             copy_table(&rt, &wt, DOC_HEADS)?;
             copy_table(&rt, &wt, ROWS)?;
             copy_table(&rt, &wt, IDEM)?;
+            copy_table(&rt, &wt, IDEM2)?;
             copy_table(&rt, &wt, HEADS_LOG)?;
             copy_table(&rt, &wt, HEADS_LOG_LEN)?;
             copy_table(&rt, &wt, SYNC_STATES)?;
             copy_table(&rt, &wt, META)?;
             copy_table(&rt, &wt, KEYS)?;
+            copy_table(&rt, &wt, PART_INDEX)?;
             wt.commit()?;
         }
         // Swap: close the old file (it holds the lock), rename the new one
@@ -494,6 +528,7 @@ impl Store {
                         id: id.to_string(),
                         parts: Vec::new(),
                         heads_log: Vec::new(),
+                        index: None,
                     });
                 }
                 let Some(d) = docs.last_mut() else { continue };
@@ -513,6 +548,18 @@ impl Store {
                     d.parts.push(Vec::new());
                 }
                 d.parts.push(v.value().to_vec());
+            }
+            match tx.open_table(PART_INDEX) {
+                Ok(t) => {
+                    for item in t.iter()? {
+                        let (k, v) = item?;
+                        if let Ok(i) = docs.binary_search_by(|d| d.id.as_str().cmp(k.value())) {
+                            docs[i].index = Some(v.value().to_vec());
+                        }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
             }
             let log = tx.open_table(HEADS_LOG)?;
             let mut i = 0usize;
@@ -587,6 +634,12 @@ impl Store {
     pub fn idem(&self, key: &str) -> Result<Option<IdemRecord>> {
         self.with_db(|db| {
             let tx = db.begin_read()?;
+            let t = tx.open_table(IDEM2)?;
+            if let Some(v) = t.get(key)? {
+                return crate::idemcodec::decode(v.value())
+                    .map(Some)
+                    .map_err(|e| anyhow!("corrupt idempotency record {key}: {e}"));
+            }
             let t = tx.open_table(IDEM)?;
             let v = t.get(key)?;
             v.map(|v| decode(v.value(), || format!("idempotency record {key}")))
@@ -667,6 +720,77 @@ mod tests {
                 body: format!("{{\"n\":{n}}}"),
             },
         }
+    }
+
+    /// A part index belongs to exactly the stored form it was written with:
+    /// any later write of the document without a new index drops it, and so
+    /// does retiring the document.
+    #[test]
+    fn a_part_index_lives_only_as_long_as_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("n.redb")).unwrap();
+        let doc = "rec/aa/202612/0";
+        let index_of = |store: &Store| {
+            store
+                .load_docs()
+                .unwrap()
+                .into_iter()
+                .find(|d| d.id == doc)
+                .and_then(|d| d.index)
+        };
+        store
+            .commit(&Batch {
+                docs: vec![DocWrite::Snapshot {
+                    doc: doc.into(),
+                    bytes: b"snap".to_vec(),
+                }],
+                part_indexes: vec![(doc.into(), b"idx".to_vec())],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(index_of(&store), Some(b"idx".to_vec()));
+        // Another document's write leaves it.
+        store
+            .commit(&Batch {
+                docs: vec![chunk("mesh", 1, b"m")],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(index_of(&store), Some(b"idx".to_vec()));
+        // A chunk of this part (a late change) drops it.
+        store
+            .commit(&Batch {
+                docs: vec![chunk(doc, 1, b"late")],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(index_of(&store), None);
+        // Indexed again, then retired: gone with the document.
+        store
+            .commit(&Batch {
+                docs: vec![DocWrite::Snapshot {
+                    doc: doc.into(),
+                    bytes: b"snap2".to_vec(),
+                }],
+                part_indexes: vec![(doc.into(), b"idx2".to_vec())],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(index_of(&store), Some(b"idx2".to_vec()));
+        store
+            .commit(&Batch {
+                retired: vec![doc.into()],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert!(store.load_docs().unwrap().iter().all(|d| d.id != doc));
+        let tx = store.with_db(|db| Ok(db.begin_read()?)).unwrap();
+        assert!(tx
+            .open_table(PART_INDEX)
+            .unwrap()
+            .get(doc)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -882,6 +1006,7 @@ mod tests {
             heads: vec![("mesh".into(), vec!["x".into()])],
             keys: vec![],
             retired: vec![],
+            part_indexes: vec![("mesh".into(), vec![1])],
         };
         let err = store.commit(&bad).unwrap_err();
         assert!(

@@ -11,7 +11,8 @@ const NOW_MS: u64 = 1_795_773_600_000;
 fn open(store: &Store, incarnation: [u8; 4]) -> Engine {
     let mut e = Engine::new(testkit::config(0, 8), incarnation);
     for d in store.load_docs().unwrap() {
-        e.load_doc(&d.id, &d.parts, d.heads_log).unwrap();
+        e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
+            .unwrap();
     }
     e.finish_open();
     e
@@ -214,10 +215,18 @@ fn closed_parts_go_cold_and_history_still_answers() {
         cold_before,
         "a whole-history scan loads nothing for good"
     );
+    // Cooled closed parts were written as one snapshot with their index.
+    assert!(e.stats.parts_indexed >= 6, "{}", e.stats.parts_indexed);
     drop(e);
 
-    // Restart: closed parts are cold right after opening; lookups answer.
+    // Restart: closed parts are cold right after opening, opened from their
+    // index without being read; lookups answer.
     let mut e = open(&store, [0, 0, 0, 2]);
+    assert!(
+        e.stats.parts_opened_indexed >= 6,
+        "closed parts opened from their index: {}",
+        e.stats.parts_opened_indexed
+    );
     assert!(
         e.sales_since(pos).is_none(),
         "a position of the engine before the restart is not this engine's"

@@ -128,6 +128,11 @@ pub struct Batch {
     /// Documents to delete with everything stored about them (ledger epochs
     /// this node moved on from), after the writes above.
     pub retired: Vec<String>,
+    /// Closed records parts: (document, encoded `history::PartIndex`), each
+    /// with a `DocWrite::Snapshot` of the part in this batch. A stored index
+    /// belongs to exactly the stored snapshot: the store drops a document's
+    /// index whenever a batch writes the document without one.
+    pub part_indexes: Vec<(String, Vec<u8>)>,
 }
 
 impl Batch {
@@ -139,6 +144,7 @@ impl Batch {
             && self.sync_states.is_empty()
             && self.keys.is_empty()
             && self.retired.is_empty()
+            && self.part_indexes.is_empty()
     }
 }
 
@@ -191,6 +197,19 @@ pub struct Engine {
     /// Documents dropped since the last flush (older ledger epochs), deleted
     /// from disk by the next batch.
     pub(crate) pending_retired: Vec<String>,
+    /// Closed records parts whose index is to be persisted with their
+    /// snapshot by the next flushes: id → (heads, encoded `PartIndex`).
+    pub(crate) pending_part_indexes: BTreeMap<String, (Vec<ChangeHash>, Vec<u8>)>,
+    /// Records parts whose stored form is exactly a snapshot with its
+    /// persisted index (written since: the store dropped the index).
+    pub(crate) indexed_parts: std::collections::HashSet<String>,
+    /// Encoded indexes of parts loaded cold at start-up, replayed into the
+    /// views by `finish_open` instead of reading the parts (kept encoded:
+    /// about a quarter of the decoded entries' memory).
+    pub(crate) index_replay: HashMap<String, Vec<u8>>,
+    /// Set until `finish_open` ends: sales noted while opening are history,
+    /// not news for the sale feed (a reopened engine's feed starts empty).
+    pub(crate) opening: bool,
     /// Recently noted sales (sequence, id), at most [`crate::history::SALE_FEED_MAX`].
     pub(crate) sale_feed: VecDeque<(u64, String)>,
     pub(crate) sale_feed_next: u64,
@@ -260,6 +279,10 @@ pub struct Stats {
     pub bundled_changes_out: u64,
     /// Closed records parts cooled (again) since start.
     pub parts_cooled: u64,
+    /// Closed records parts opened from their persisted index at start-up
+    /// (not read), and part indexes written since start.
+    pub parts_opened_indexed: u64,
+    pub parts_indexed: u64,
     /// Ledger epochs this node started (as a location's owner) or moved to.
     pub epochs_started: u64,
     pub epochs_joined: u64,
@@ -337,6 +360,10 @@ impl Engine {
             epochs: HashMap::new(),
             epoch_ops_max: crate::epochs::EPOCH_OPS_MIN,
             pending_retired: Vec::new(),
+            pending_part_indexes: BTreeMap::new(),
+            indexed_parts: Default::default(),
+            index_replay: HashMap::new(),
+            opening: true,
             sale_feed: VecDeque::new(),
             sale_feed_next: 0,
             undo: None,
@@ -646,11 +673,21 @@ impl Engine {
     /// publishes this node's directory entry.
     pub fn finish_open(&mut self) {
         let ids: Vec<String> = self.docs.keys().cloned().collect();
+        let latest = self.latest_parts();
         for id in ids {
+            if let Some(bytes) = self.index_replay.remove(&id) {
+                // A closed part loaded cold with its index: its records
+                // are noted from the index, the part itself stays unread.
+                self.replay_part_index(&id, &bytes);
+                continue;
+            }
             self.recompute_doc_all(&id);
             // Records parts were loaded cold (see `load_doc`): each is read
             // here once, one at a time, and cooled again at no cost, so a
             // restart never holds every part at once.
+            // A closed part read here for the first time since it closed
+            // gets its index, so the next start reads it no more.
+            self.index_closed_part(&id, &latest);
             if let Some(slot) = self.docs.get_mut(&id) {
                 if matches!(slot.id, DocId::Records { .. }) && slot.doc.has_saved() {
                     slot.doc.cool();
@@ -675,6 +712,7 @@ impl Engine {
         }
         // Views are built: closed parts go cold (their loaded bytes are kept).
         self.cool_closed_parts(0);
+        self.opening = false;
     }
 
     pub(crate) fn slot(&mut self, id: &DocId) -> &mut Slot {
@@ -859,7 +897,7 @@ impl Engine {
 
     /// Notes a stored records document of this node (at start-up), so that new
     /// records continue in the month's last part.
-    fn note_own_records_part(&mut self, month: u32, part: u32, records: usize) {
+    pub(crate) fn note_own_records_part(&mut self, month: u32, part: u32, records: usize) {
         let e = self.records_parts.entry(month).or_insert((0, 0));
         if part > e.0 || (part == e.0 && records > e.1) {
             *e = (part, records);
@@ -1939,6 +1977,7 @@ impl Engine {
             if heads == slot.persisted {
                 continue;
             }
+            self.indexed_parts.remove(&id);
             let chunk = slot.doc.save_after(&slot.persisted);
             // The push after the commit carries the same bytes; nobody to push
             // to (or too large for one frame: offered through a session) → none.
@@ -1989,6 +2028,7 @@ impl Engine {
             self.digest.toggle(&id, part);
             self.changed_docs.insert(id, push);
         }
+        self.flush_part_indexes(&mut batch);
         for (p, l) in std::mem::take(&mut self.pending_rows) {
             let row = self.row(p, &l);
             batch.rows.push(((p, l), row));

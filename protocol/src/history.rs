@@ -11,6 +11,109 @@ use crate::ids::{ActorKey, NodeTag};
 use crate::layout::{self, DocId, RecordKind};
 use crate::views::Alarm;
 
+/// Closed records parts whose index and snapshot one batch writes at most:
+/// an upgraded node indexing its whole history spreads it over batches of a
+/// few MiB.
+pub const PART_INDEXES_PER_BATCH: usize = 32;
+
+/// Most records are sales without a customer: all they index is their id
+/// (`note_record`), and a part's index keeps only their key.
+fn id_only(kind: RecordKind, json: &str) -> bool {
+    kind == RecordKind::Sale && !json.contains("\"customer")
+}
+
+/// What a closed records part contributes to the views (DESIGN §7, "history
+/// indexes in redb"), stored beside the part's snapshot so that a start
+/// notes its records without reading the part into Automerge: every record
+/// key with its JSON, the JSON left out (empty) where only the key counts.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct PartIndex {
+    version: u8,
+    /// The heads of the snapshot it describes.
+    heads: Vec<[u8; 32]>,
+    /// Keys of the part (records written by its writer).
+    keys: u32,
+    entries: Vec<(String, String)>,
+}
+
+/// [`PartIndex`] read in place (same encoding), for replaying its entries
+/// without an allocation per record.
+#[derive(serde::Deserialize)]
+struct PartIndexRef<'a> {
+    version: u8,
+    #[allow(dead_code)]
+    heads: Vec<[u8; 32]>,
+    #[allow(dead_code)]
+    keys: u32,
+    #[serde(borrow)]
+    entries: Vec<(&'a str, &'a str)>,
+}
+
+impl Engine {
+    /// Notes the records of a part from its encoded index (`finish_open`).
+    pub(crate) fn replay_part_index(&mut self, doc: &str, bytes: &[u8]) {
+        match postcard::from_bytes::<PartIndexRef>(bytes) {
+            Ok(i) if i.version == PartIndex::VERSION => {
+                for (key, json) in i.entries {
+                    self.note_record(doc, key, json);
+                }
+            }
+            _ => tracing::error!(
+                doc,
+                "a records part index decoded at load does not decode again"
+            ),
+        }
+    }
+}
+
+impl PartIndex {
+    const VERSION: u8 = 1;
+
+    fn of(doc: &automerge::Automerge, heads: &[automerge::ChangeHash]) -> PartIndex {
+        let mut keys = 0u32;
+        let mut entries = Vec::new();
+        for k in doc.keys(ROOT) {
+            keys = keys.saturating_add(1);
+            let Some(json) = doc
+                .get(ROOT, k.as_str())
+                .ok()
+                .flatten()
+                .and_then(|(v, _)| v.as_str().map(str::to_string))
+            else {
+                continue;
+            };
+            let keep = match layout::parse_record_key(&k) {
+                Ok((kind, _)) if id_only(kind, &json) => String::new(),
+                _ => json,
+            };
+            entries.push((k, keep));
+        }
+        PartIndex {
+            version: Self::VERSION,
+            heads: heads.iter().map(|h| h.0).collect(),
+            keys,
+            entries,
+        }
+    }
+
+    fn heads(&self) -> Vec<automerge::ChangeHash> {
+        self.heads
+            .iter()
+            .map(|h| automerge::ChangeHash(*h))
+            .collect()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<PartIndex> {
+        postcard::from_bytes::<PartIndex>(bytes)
+            .ok()
+            .filter(|i| i.version == Self::VERSION)
+    }
+}
+
 /// A position in an engine's feed of noted sales (see `Engine::sales_since`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SaleFeedPos {
@@ -31,13 +134,7 @@ impl Engine {
     /// stalls the loop; parts that still hold their loaded bytes are free.
     /// Returns the number of parts cooled.
     pub fn cool_closed_parts(&mut self, saves_max: usize) -> usize {
-        let mut latest: HashMap<NodeTag, (u32, u32)> = HashMap::new();
-        for slot in self.docs.values() {
-            if let DocId::Records { tag, month, part } = slot.id {
-                let e = latest.entry(tag).or_insert((month, part));
-                *e = (*e).max((month, part));
-            }
-        }
+        let latest = self.latest_parts();
         let (mut cooled, mut saves) = (0, 0);
         for (id, slot) in self.docs.iter_mut() {
             let DocId::Records { tag, month, part } = slot.id else {
@@ -61,11 +158,159 @@ impl Engine {
                 }
                 saves += 1;
             }
+            if !self.indexed_parts.contains(id) && !self.pending_part_indexes.contains_key(id) {
+                let heads = slot.doc.heads();
+                let index = PartIndex::of(&slot.doc, &heads);
+                self.pending_part_indexes
+                    .insert(id.clone(), (heads, index.encode()));
+            }
             slot.doc.cool();
             cooled += 1;
         }
         self.stats.parts_cooled += cooled as u64;
         cooled
+    }
+
+    /// The latest (month, part) of every writer's records parts held here.
+    pub(crate) fn latest_parts(&self) -> HashMap<NodeTag, (u32, u32)> {
+        let mut latest: HashMap<NodeTag, (u32, u32)> = HashMap::new();
+        for slot in self.docs.values() {
+            if let DocId::Records { tag, month, part } = slot.id {
+                let e = latest.entry(tag).or_insert((month, part));
+                *e = (*e).max((month, part));
+            }
+        }
+        latest
+    }
+
+    /// Queues the index of records part `id` if it is closed (per `latest`),
+    /// persisted as it is, and has none stored: the next flush writes the
+    /// part as one snapshot with it.
+    pub(crate) fn index_closed_part(&mut self, id: &str, latest: &HashMap<NodeTag, (u32, u32)>) {
+        if self.indexed_parts.contains(id)
+            || self.pending_part_indexes.contains_key(id)
+            || self.dirty_docs.contains(id)
+        {
+            return;
+        }
+        let Some(slot) = self.docs.get(id) else {
+            return;
+        };
+        let DocId::Records { tag, month, part } = slot.id else {
+            return;
+        };
+        if latest.get(&tag) == Some(&(month, part))
+            || !slot.puts.is_empty()
+            || !slot.dels.is_empty()
+            || slot.persisted != slot.doc.heads()
+        {
+            return;
+        }
+        let heads = slot.persisted.clone();
+        let index = PartIndex::of(&slot.doc, &heads).encode();
+        self.pending_part_indexes
+            .insert(id.to_string(), (heads, index));
+    }
+
+    /// Moves queued part indexes into `batch`, each with a snapshot of its
+    /// part (the stored form an index describes), at most
+    /// [`PART_INDEXES_PER_BATCH`] per batch. A part written since its index
+    /// was made is skipped: the next cooling indexes it again.
+    pub(crate) fn flush_part_indexes(&mut self, batch: &mut crate::engine::Batch) {
+        let mut taken = 0;
+        while taken < PART_INDEXES_PER_BATCH {
+            let Some((id, (heads, index))) = self.pending_part_indexes.pop_first() else {
+                break;
+            };
+            let Some(slot) = self.docs.get_mut(&id) else {
+                continue;
+            };
+            if slot.persisted != heads || slot.doc.heads() != heads || self.dirty_docs.contains(&id)
+            {
+                continue;
+            }
+            let bytes = slot.doc.save();
+            slot.snapshot_bytes = bytes.len() as u64;
+            slot.chunk_bytes = 0;
+            slot.next_chunk = 1;
+            batch.docs.push(crate::engine::DocWrite::Snapshot {
+                doc: id.clone(),
+                bytes,
+            });
+            batch.part_indexes.push((id.clone(), index));
+            self.indexed_parts.insert(id);
+            self.stats.parts_indexed += 1;
+            taken += 1;
+        }
+    }
+
+    /// Loads one stored document at start-up: a closed records part with
+    /// its index cold (`load_indexed_part`), anything else by `load_doc`.
+    pub fn load_doc_with_index(
+        &mut self,
+        id: &str,
+        parts: &[Vec<u8>],
+        heads_log: Vec<(u64, Vec<String>)>,
+        index: Option<&[u8]>,
+    ) -> Result<(), String> {
+        if let Some(index) = index {
+            if self.load_indexed_part(id, parts, index) {
+                return Ok(());
+            }
+        }
+        self.load_doc(id, parts, heads_log)
+    }
+
+    /// Loads closed records part `id` cold from its stored snapshot and
+    /// index (see [`PartIndex`]): nothing of it is read into Automerge; its
+    /// records are noted from the index by `finish_open`. `false` when the
+    /// index does not apply (not a records part, chunks after the snapshot,
+    /// an index this release cannot read): load the part the usual way.
+    pub fn load_indexed_part(&mut self, id: &str, parts: &[Vec<u8>], index: &[u8]) -> bool {
+        let Ok(doc_id @ DocId::Records { .. }) = DocId::parse(id, self.cfg.buckets) else {
+            return false;
+        };
+        let [snapshot] = parts else {
+            return false;
+        };
+        if snapshot.is_empty() {
+            return false;
+        }
+        let bytes = index;
+        let Some(index) = PartIndex::decode(bytes) else {
+            tracing::warn!(doc = %id, "unreadable records part index; reading the part");
+            return false;
+        };
+        let heads = index.heads();
+        if let DocId::Records { tag, month, part } = &doc_id {
+            if *tag == self.tag {
+                self.note_own_records_part(*month, *part, index.keys as usize);
+            }
+        }
+        let digest_part = crate::sync::doc_digest(id, &heads);
+        self.digest.toggle(id, digest_part);
+        let doc =
+            crate::lazydoc::LazyDoc::cold(snapshot.clone(), self.actor.automerge(), heads.clone());
+        self.docs.insert(
+            id.to_string(),
+            crate::engine::Slot {
+                id: doc_id,
+                doc,
+                persisted: heads,
+                snapshot_bytes: snapshot.len() as u64,
+                chunk_bytes: 0,
+                next_chunk: 1,
+                heads_log: Default::default(),
+                puts: Vec::new(),
+                dels: Vec::new(),
+                digest_part,
+                seqs: Default::default(),
+            },
+        );
+        self.indexed_parts.insert(id.to_string());
+        self.stats.parts_opened_indexed += 1;
+        self.index_replay.insert(id.to_string(), bytes.to_vec());
+        true
     }
 
     /// Closed records parts held cold, and their saved bytes.
@@ -81,9 +326,7 @@ impl Engine {
         let Ok((kind, id)) = layout::parse_record_key(key) else {
             return;
         };
-        // Most records are sales without a customer: all they index is their
-        // id, and parsing them is most of a restart's scan of the history.
-        if kind == RecordKind::Sale && !json.contains("\"customer") {
+        if id_only(kind, json) {
             self.note_sale_id(id, doc, key);
             return;
         }
@@ -174,6 +417,9 @@ impl Engine {
     }
 
     fn feed_sale(&mut self, id: &str) {
+        if self.opening {
+            return;
+        }
         if self.sale_feed.len() >= SALE_FEED_MAX {
             self.sale_feed.pop_front();
         }

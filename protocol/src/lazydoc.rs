@@ -50,6 +50,20 @@ impl LazyDoc {
         }
     }
 
+    /// A cold document from bytes known to load with `heads` (a closed
+    /// part's persisted snapshot, see `history::PartIndex`): nothing is
+    /// loaded until something reads it.
+    pub fn cold(bytes: Vec<u8>, actor: ActorId, heads: Vec<ChangeHash>) -> LazyDoc {
+        LazyDoc {
+            live: OnceCell::new(),
+            saved: Some(Saved {
+                bytes,
+                actor,
+                heads,
+            }),
+        }
+    }
+
     /// Whether cooling needs no `save()`.
     pub fn has_saved(&self) -> bool {
         self.saved.is_some()

@@ -499,7 +499,7 @@ impl World {
             .map_err(|e| format!("documents do not load: {e:#}"))?;
         for d in docs {
             engine
-                .load_doc(&d.id, &d.parts, d.heads_log)
+                .load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
                 .map_err(|e| format!("stored document {} is damaged: {e}", d.id))?;
         }
         engine.finish_open();

@@ -1,0 +1,265 @@
+//! The stored form of idempotency records (issue 14: disk per sale).
+//!
+//! Every write keeps its reply for replays, so a year of sales keeps a year
+//! of replies. As JSON with its 32-byte hash a sale's record took ~160 bytes,
+//! more than half of a store node's file. Stored here instead: the hash, the
+//! status, and the body as typed values — keys the API uses as one byte,
+//! integers as varints — about a quarter of the JSON. A body is stored typed
+//! only when it re-serialises to exactly the same bytes (checked at every
+//! write); anything else (floats, escapes, whitespace) is kept as its JSON,
+//! so a replay always returns the first answer byte for byte.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+use storemesh_protocol::ops::{IdemRecord, OpReply};
+
+/// Object keys of the API's replies, stored as their index (≤ 255 entries;
+/// append only: stored records refer to positions).
+const KNOWN_KEYS: &[&str] = &[
+    "sale_id",
+    "lines",
+    "product_id",
+    "stock_level",
+    "available",
+    "error",
+    "message",
+    "return_id",
+    "receipt_id",
+    "transfer_id",
+    "reservation_id",
+    "adjustment_id",
+    "count_id",
+    "grant_id",
+    "location",
+    "quantity",
+    "status",
+    "customer_id",
+    "points",
+    "balance",
+    "id",
+    "from",
+    "to",
+    "sku",
+    "lines_counted",
+    "collisions",
+];
+
+/// A JSON value with its object keys in their original order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Compact {
+    Null,
+    Bool(bool),
+    U(u64),
+    I(i64),
+    S(String),
+    A(Vec<Compact>),
+    O(Vec<(Key, Compact)>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Key {
+    Known(u8),
+    Other(String),
+}
+
+impl Key {
+    fn of(s: String) -> Key {
+        match KNOWN_KEYS.iter().position(|k| *k == s) {
+            Some(i) => Key::Known(i as u8),
+            None => Key::Other(s),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Known(i) => KNOWN_KEYS.get(*i as usize).copied().unwrap_or(""),
+            Key::Other(s) => s,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+enum Body {
+    Json(String),
+    Typed(Compact),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    hash: [u8; 32],
+    status: u16,
+    body: Body,
+}
+
+/// Encodes a record for the `idem2` table.
+pub fn encode(rec: &IdemRecord) -> Result<Vec<u8>, postcard::Error> {
+    let body = match typed(&rec.reply.body) {
+        Some(c) => Body::Typed(c),
+        None => Body::Json(rec.reply.body.clone()),
+    };
+    postcard::to_stdvec(&Stored {
+        hash: rec.body_hash,
+        status: rec.reply.status,
+        body,
+    })
+}
+
+/// Decodes a record of the `idem2` table.
+pub fn decode(bytes: &[u8]) -> Result<IdemRecord, String> {
+    let s: Stored = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+    let body = match s.body {
+        Body::Json(j) => j,
+        Body::Typed(c) => serde_json::to_string(&Out(&c)).map_err(|e| e.to_string())?,
+    };
+    Ok(IdemRecord {
+        body_hash: s.hash,
+        reply: OpReply {
+            status: s.status,
+            body,
+        },
+    })
+}
+
+/// The typed form of `json`, only if it gives back exactly these bytes.
+fn typed(json: &str) -> Option<Compact> {
+    let In(c) = serde_json::from_str::<In>(json).ok()?;
+    let again = serde_json::to_string(&Out(&c)).ok()?;
+    (again == json).then_some(c)
+}
+
+/// Parses JSON keeping object keys in order; floats are refused (kept as JSON).
+struct In(Compact);
+
+impl<'de> Deserialize<'de> for In {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<In, D::Error> {
+        d.deserialize_any(InVisitor).map(In)
+    }
+}
+
+struct InVisitor;
+
+impl<'de> Visitor<'de> for InVisitor {
+    type Value = Compact;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON without floats")
+    }
+    fn visit_unit<E>(self) -> Result<Compact, E> {
+        Ok(Compact::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Compact, E> {
+        Ok(Compact::Bool(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Compact, E> {
+        Ok(Compact::U(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Compact, E> {
+        Ok(Compact::I(v))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Compact, E> {
+        Err(E::custom("float"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Compact, E> {
+        Ok(Compact::S(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Compact, E> {
+        Ok(Compact::S(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Compact, A::Error> {
+        let mut v = Vec::new();
+        while let Some(In(x)) = a.next_element::<In>()? {
+            v.push(x);
+        }
+        Ok(Compact::A(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Compact, A::Error> {
+        let mut v = Vec::new();
+        while let Some((k, In(x))) = a.next_entry::<String, In>()? {
+            v.push((Key::of(k), x));
+        }
+        Ok(Compact::O(v))
+    }
+}
+
+/// Writes a typed body back as JSON, keys in their stored order.
+struct Out<'a>(&'a Compact);
+
+impl Serialize for Out<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Compact::Null => s.serialize_unit(),
+            Compact::Bool(b) => s.serialize_bool(*b),
+            Compact::U(u) => s.serialize_u64(*u),
+            Compact::I(i) => s.serialize_i64(*i),
+            Compact::S(x) => s.serialize_str(x),
+            Compact::A(v) => {
+                let mut seq = s.serialize_seq(Some(v.len()))?;
+                for x in v {
+                    seq.serialize_element(&Out(x))?;
+                }
+                seq.end()
+            }
+            Compact::O(v) => {
+                let mut map = s.serialize_map(Some(v.len()))?;
+                for (k, x) in v {
+                    map.serialize_entry(k.as_str(), &Out(x))?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(body: &str) -> IdemRecord {
+        IdemRecord {
+            body_hash: [7; 32],
+            reply: OpReply {
+                status: 201,
+                body: body.to_string(),
+            },
+        }
+    }
+
+    #[test]
+    fn replies_come_back_byte_for_byte() {
+        for body in [
+            r#"{"lines":[{"available":49,"product_id":12345,"stock_level":50}],"sale_id":"s-1"}"#,
+            r#"{"sale_id":"s-1","lines":[{"product_id":1,"stock_level":-3,"available":0}]}"#,
+            r#"{"error":"insufficient_stock","message":"only 2 left \u00e9 \"q\""}"#,
+            r#"{"x":1.5,"y":[true,false,null]}"#,
+            r#"{ "spaced": 1 }"#,
+            "",
+            "not json",
+            r#"{"unknown_key":{"deep":[1,2,{"a":"b"}]},"n":18446744073709551615,"m":-9223372036854775808}"#,
+        ] {
+            let r = rec(body);
+            let bytes = encode(&r).unwrap();
+            assert_eq!(decode(&bytes).unwrap(), r, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_sale_reply_is_a_fraction_of_its_json() {
+        let body = r#"{"lines":[{"available":49,"product_id":12345,"stock_level":50}],"sale_id":"s-000123"}"#;
+        let r = rec(body);
+        let typed = encode(&r).unwrap().len();
+        let json = postcard::to_stdvec(&r).unwrap().len();
+        assert!(
+            typed + body.len() / 2 < json,
+            "typed {typed} B, JSON {json} B"
+        );
+    }
+
+    #[test]
+    fn garbage_does_not_decode_as_a_record() {
+        assert!(decode(&[0xff, 0xff, 0xff]).is_err());
+        assert!(decode(&[]).is_err());
+    }
+}
