@@ -75,6 +75,10 @@ pub struct Scenario {
     pub peaks: Vec<ScPeak>,
     #[serde(default)]
     pub partitions: Vec<ScPartition>,
+    /// A node's disk image copied at `backup_at_h` (a backup) and put back
+    /// at `restore_at_h`: the node restarts from the old image.
+    #[serde(default)]
+    pub restores: Vec<ScRestore>,
     /// How long a sale short of rights waits for a grant from a peer
     /// (`[rebalance] deadline_ms` of the node config; 0 turns rebalancing off).
     #[serde(default = "rebalance_deadline")]
@@ -252,6 +256,14 @@ pub struct ScPartition {
     pub for_h: f64,
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScRestore {
+    pub node: String,
+    pub backup_at_h: f64,
+    pub restore_at_h: f64,
+}
+
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, String> {
         let text = std::fs::read_to_string(path)
@@ -414,6 +426,10 @@ impl Scenario {
         for a in &mut sc.allocations {
             a.at_h *= f;
         }
+        for r in &mut sc.restores {
+            r.backup_at_h *= f;
+            r.restore_at_h *= f;
+        }
         sc.restock.retain(|r| r.every_h < hours);
         sc
     }
@@ -437,6 +453,8 @@ enum Ev {
     Allocate(usize),
     PartitionStart(usize),
     PartitionEnd(usize),
+    Backup(usize),
+    Restore(usize),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -471,6 +489,10 @@ pub struct ScenarioReport {
     /// Ledger epochs owners started, and moves of other nodes to them.
     pub epochs_started: u64,
     pub epochs_joined: u64,
+    /// Old images put back (`[[restores]]`), and forks of a node's own
+    /// history detected (and merged exactly) by the nodes.
+    pub restores: u64,
+    pub forks_detected: u64,
     pub trace_hash: String,
     /// Rebalancing deadline of this run (0: off).
     pub deadline_ms: u64,
@@ -640,6 +662,13 @@ impl ScenarioReport {
                 self.epochs_started, self.epochs_joined
             );
         }
+        if self.restores > 0 {
+            let _ = writeln!(
+                s,
+                "restored backups: {} | forks of a node's own history detected: {}",
+                self.restores, self.forks_detected
+            );
+        }
         match &self.violation {
             None => {
                 let _ = writeln!(s, "invariants: all held");
@@ -712,6 +741,8 @@ fn run_once(sc: &Scenario, seed: u64) -> ScenarioReport {
         heals: Vec::new(),
         final_converge_s: 0.0,
         epochs_started: 0,
+        restores: 0,
+        forks_detected: 0,
         epochs_joined: 0,
         oversold_strict_units: 0,
         trace_hash: String::new(),
@@ -858,6 +889,20 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
         ));
     }
 
+    for (k, r) in sc.restores.iter().enumerate() {
+        put(
+            start + (r.backup_at_h * HOUR_MS) as u64,
+            Ev::Backup(k),
+            &mut timeline,
+        );
+        put(
+            start + (r.restore_at_h * HOUR_MS) as u64,
+            Ev::Restore(k),
+            &mut timeline,
+        );
+    }
+    let mut backups: BTreeMap<usize, (u64, Vec<u8>)> = BTreeMap::new();
+
     let products: Vec<u64> = product_list.iter().map(|p| p.id).collect();
     let popularity = Popularity::new(products.len(), sc.zipf);
     let mut watches: Vec<(usize, ConvergeWatch)> = Vec::new();
@@ -965,6 +1010,23 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                     }
                 }
             }
+            Ev::Backup(k) => {
+                let i = idx(&sc.restores[k].node);
+                w.take_image(i);
+                if let Some(img) = w.nodes[i].images.last().cloned() {
+                    backups.insert(k, img);
+                }
+            }
+            Ev::Restore(k) => {
+                let i = idx(&sc.restores[k].node);
+                if let Some(img) = backups.remove(&k) {
+                    if w.nodes[i].life.is_some() {
+                        w.crash_node(i, Vec::new());
+                        w.nodes[i].restart_image = Some(img);
+                        report.restores += 1;
+                    }
+                }
+            }
             Ev::PartitionEnd(k) => {
                 let p = &sc.partitions[k];
                 let set: Vec<usize> = p.nodes.iter().map(|n| idx(n)).collect();
@@ -1012,6 +1074,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
         if let Some(l) = &n.life {
             report.epochs_started += l.engine().stats.epochs_started;
             report.epochs_joined += l.engine().stats.epochs_joined;
+            report.forks_detected += l.engine().stats.forks_detected;
         }
     }
     for (i, n) in sc.nodes.iter().enumerate() {

@@ -148,6 +148,15 @@ fn every_scenario_file_runs_and_keeps_the_invariants() {
             "{}: nothing was sold",
             f.display()
         );
+        // A restored old image is always recognised as a fork of its node's
+        // own history (and merged exactly: the invariants above).
+        assert!(
+            r.forks_detected >= r.restores,
+            "{}: {} restores, {} forks detected: {text}",
+            f.display(),
+            r.restores,
+            r.forks_detected
+        );
         assert!(
             r.nodes
                 .iter()
