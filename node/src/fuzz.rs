@@ -518,6 +518,31 @@ pub fn check_answer(
     Ok(())
 }
 
+/// Mutates one part of a request only — its target line or its body — so
+/// that the rest stays valid and the input gets past routing and parsing.
+fn mutate_part(rng: &mut Rng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
+    let line_end = input
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(input.len());
+    if rng.below(3) == 0 && line_end > 1 {
+        // The target line (path and query), flags kept.
+        let mut out = vec![input[0]];
+        let mut target = mutate(rng, &input[1..line_end], corpus);
+        target.retain(|b| *b != b'\n');
+        out.extend_from_slice(&target);
+        out.extend_from_slice(&input[line_end..]);
+        return out;
+    }
+    let body_at = input
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map_or(input.len(), |i| i + 2);
+    let mut out = input[..body_at].to_vec();
+    out.extend_from_slice(&mutate(rng, &input[body_at..], corpus));
+    out
+}
+
 /// Runs `target` for `execs` mutated inputs from `seed`, catching panics;
 /// `regressions` run first, unmutated (as `storemesh_protocol::fuzz::run`).
 pub fn run(target: &str, seed: u64, execs: u64, regressions: &[Vec<u8>]) -> RunStats {
@@ -544,7 +569,11 @@ pub fn run(target: &str, seed: u64, execs: u64, regressions: &[Vec<u8>]) -> RunS
             Some(i) => i,
             None => {
                 let base = corpus[rng.below(corpus.len())].clone();
-                mutate(&mut rng, &base, &corpus)
+                if target == "http" && rng.below(2) == 0 {
+                    mutate_part(&mut rng, &base, &corpus)
+                } else {
+                    mutate(&mut rng, &base, &corpus)
+                }
             }
         };
         stats.execs += 1;
