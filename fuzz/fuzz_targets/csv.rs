@@ -4,6 +4,6 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    storemesh_node::fuzz::exec_csv(data);
+fuzz_target!(init: storemesh_fuzz::init(), |data: &[u8]| {
+    storemesh_fuzz::guarded(|| storemesh_node::fuzz::exec_csv(data));
 });

@@ -10,8 +10,8 @@ use storemesh_node::fuzz::HttpHarness;
 
 static HARNESS: OnceLock<Mutex<HttpHarness>> = OnceLock::new();
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: storemesh_fuzz::init(), |data: &[u8]| {
     let h = HARNESS.get_or_init(|| Mutex::new(HttpHarness::new().expect("the node starts")));
     let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-    h.exec(data);
+    storemesh_fuzz::guarded(|| h.exec(data));
 });

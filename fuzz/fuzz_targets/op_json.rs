@@ -9,8 +9,8 @@ use storemesh_protocol::fuzz::Harness;
 
 static HARNESS: OnceLock<Mutex<Harness>> = OnceLock::new();
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: storemesh_fuzz::init(), |data: &[u8]| {
     let h = HARNESS.get_or_init(|| Mutex::new(Harness::new()));
     let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-    h.exec("op_json", data);
+    storemesh_fuzz::guarded(|| h.exec("op_json", data));
 });
