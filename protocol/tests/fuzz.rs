@@ -107,3 +107,17 @@ fn a_change_in_a_non_canonical_encoding_is_refused() {
         "the change was refused: no document was made for it"
     );
 }
+
+/// Found by the coverage-guided `change` target: a change whose op names a
+/// predecessor by an actor index the change does not list made Automerge's
+/// decoder panic inside validation (`change.rs`, `unwrap()` on `None`).
+#[test]
+fn a_change_naming_an_unknown_actor_is_refused() {
+    let input = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/change/crash-5c536928df7b9235c3afffc1ed5422ea0cb16ab4"),
+    )
+    .unwrap();
+    // Before the fix this panicked; the harness's own catch is not involved.
+    fuzz::Harness::new().exec("change", &input);
+}
