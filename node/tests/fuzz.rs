@@ -102,6 +102,21 @@ fn a_wrong_method_on_the_dashboard_routes_is_a_json_405() {
     }
 }
 
+/// Found by the coverage-guided `http` target: a path segment that is not
+/// UTF-8 once percent-decoded was refused by axum's extractor with a
+/// plain-text 400 (`Invalid URL: Invalid UTF-8 in `id``), not JSON.
+#[test]
+fn a_path_segment_that_is_not_utf8_is_a_json_400() {
+    let mut h = fuzz::HttpHarness::new().unwrap();
+    for path in [
+        "/api/customers/a%88b",
+        "/api/sales/%ff",
+        "/api/products/%c3%28",
+    ] {
+        h.exec(&fuzz::encode_request(0, path, &[], ""));
+    }
+}
+
 #[test]
 fn the_request_decoder_reads_the_seeds_back() {
     for s in fuzz::http_seeds() {
