@@ -81,6 +81,9 @@ pub fn wrap(api: Router, shared: Arc<Shared>) -> Router {
     let own = Router::new()
         .route("/", get(page))
         .route("/api/dashboard", get(summary))
+        // As the API's routes: a wrong method is a JSON 405, not an empty one
+        // (found by the `http` fuzz target).
+        .method_not_allowed_fallback(crate::api::method_not_allowed)
         .with_state((shared.clone(), rates.clone()));
     api.merge(own)
         .layer(axum::middleware::from_fn_with_state((shared, rates), count))

@@ -8,6 +8,7 @@ pub mod config;
 pub mod csvio;
 pub mod dashboard;
 pub mod demo;
+pub mod fuzz;
 pub mod http;
 pub mod https;
 mod idemcodec;

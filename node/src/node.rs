@@ -41,8 +41,104 @@ const WAKE_IDLE: Duration = Duration::from_secs(3600);
 /// Commands waiting for the engine thread, at most (backpressure on HTTP).
 pub const CMD_QUEUE_MAX: usize = 8192;
 /// The data file is rewritten after a customer erasure at most this often
-/// (`Store::scrub` copies the whole file: about a second per 100 MB).
+/// (the copy reads and writes the whole file: about a second per 100 MB, on
+/// a thread of its own — see [`Scrub`]).
 pub const SCRUB_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A rewrite of the data file in progress (after a customer erasure, so that
+/// the erased key's bytes leave the file's freed pages). The engine thread
+/// takes a snapshot ([`Store::scrub_begin`]), a thread of its own copies it
+/// into a fresh file while the engine keeps answering and committing (the
+/// store keeps those batches), and once the copy is done the engine thread
+/// replays them into it and swaps the files ([`Store::scrub_finish`]): the
+/// engine waits only for the replay and the swap, not for the copy.
+struct Scrub {
+    thread: std::thread::JoinHandle<anyhow::Result<crate::store::ScrubCopy>>,
+    started: Instant,
+}
+
+impl Scrub {
+    fn start(store: &Store, cmd: mpsc::Sender<Cmd>) -> anyhow::Result<Scrub> {
+        let job = store.scrub_begin()?;
+        let thread = std::thread::Builder::new()
+            .name("scrub".into())
+            .spawn(move || {
+                #[cfg(feature = "failpoints")]
+                failpoints::scrub_gate();
+                let r = job.copy();
+                // A wake-up only: with a full queue the engine is busy and
+                // looks after its next batch anyway.
+                let _ = cmd.try_send(Cmd::ScrubCopied);
+                r
+            });
+        match thread {
+            Ok(thread) => Ok(Scrub {
+                thread,
+                started: Instant::now(),
+            }),
+            Err(e) => {
+                store.scrub_clear();
+                Err(e).context("cannot start the thread that rewrites the data file")
+            }
+        }
+    }
+
+    /// Finishes the rewrite if its copy is done: `Ok(another_due)`, else
+    /// the rewrite back.
+    fn finish_if_copied(self, store: &Store) -> Result<bool, Scrub> {
+        if !self.thread.is_finished() {
+            return Err(self);
+        }
+        let copied = self.started.elapsed();
+        let copy = match self.thread.join() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                store.scrub_clear();
+                tracing::error!(error = %format!("{e:#}"), "cannot copy the data file after an erasure; trying again later");
+                return Ok(true);
+            }
+            Err(_) => {
+                store.scrub_clear();
+                tracing::error!("the copy of the data file panicked; trying again later");
+                return Ok(true);
+            }
+        };
+        let t = Instant::now();
+        match store.scrub_finish(copy) {
+            Ok(crate::store::ScrubOutcome::Done {
+                replayed,
+                erased_meanwhile,
+            }) => {
+                tracing::info!(
+                    copy_ms = copied.as_millis() as u64,
+                    swap_ms = t.elapsed().as_millis() as u64,
+                    replayed,
+                    "data file rewritten after a customer erasure"
+                );
+                #[cfg(feature = "failpoints")]
+                failpoints::scrub_done();
+                Ok(erased_meanwhile)
+            }
+            Ok(crate::store::ScrubOutcome::Abandoned(why)) => {
+                tracing::warn!(reason = %why, "rewrite of the data file given up; trying again later");
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot rewrite the data file after an erasure; trying again later");
+                Ok(true)
+            }
+        }
+    }
+
+    /// Stops the copy (shutdown): the snapshot must not outlive the store.
+    fn cancel(self, store: &Store) {
+        store.scrub_abandon("the node is stopping");
+        #[cfg(feature = "failpoints")]
+        failpoints::release_scrub();
+        let _ = self.thread.join();
+        store.scrub_clear();
+    }
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -60,6 +156,8 @@ pub enum Cmd {
     Tick,
     /// Wakes the engine to decide parked sales whose deadline passed.
     Wake,
+    /// Wakes the engine: the copy of a data-file rewrite finished.
+    ScrubCopied,
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -606,6 +704,7 @@ fn engine_loop(
     // A customer erasure committed since the last rewrite of the data file.
     let mut scrub_due = false;
     let mut last_scrub: Option<Instant> = None;
+    let mut scrub: Option<Scrub> = None;
     loop {
         cmds.clear();
         let Some(first) = rx.blocking_recv() else {
@@ -633,6 +732,8 @@ fn engine_loop(
                     inputs.push(Input::Op(op, reply));
                 }
                 Cmd::Wake => inputs.push(Input::Wake),
+                // Looked at after the batch.
+                Cmd::ScrubCopied => {}
                 Cmd::Query(q) => queries.push(q),
                 Cmd::Net(ev) => match ev {
                     TransportEvent::PeerUp {
@@ -769,16 +870,20 @@ fn engine_loop(
         }
         // An erased customer's key must not survive in the file's freed
         // pages: rewrite the file once the answers are out (at most every
-        // SCRUB_INTERVAL, so a stream of erasures cannot stall the engine).
-        if scrub_due && last_scrub.is_none_or(|t| t.elapsed() >= SCRUB_INTERVAL) {
+        // SCRUB_INTERVAL). The copy runs on its own thread; this thread
+        // only starts it and, once it is done, replays and swaps.
+        if let Some(s) = scrub.take() {
+            match s.finish_if_copied(&store) {
+                Ok(again) => scrub_due |= again,
+                Err(s) => scrub = Some(s),
+            }
+        }
+        if scrub.is_none() && scrub_due && last_scrub.is_none_or(|t| t.elapsed() >= SCRUB_INTERVAL)
+        {
             scrub_due = false;
             last_scrub = Some(Instant::now());
-            let t = Instant::now();
-            match store.scrub() {
-                Ok(()) => tracing::info!(
-                    took_ms = t.elapsed().as_millis() as u64,
-                    "data file rewritten after a customer erasure"
-                ),
+            match Scrub::start(&store, shared.cmd.clone()) {
+                Ok(s) => scrub = Some(s),
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "cannot rewrite the data file after an erasure")
                 }
@@ -800,6 +905,9 @@ fn engine_loop(
             let _ = ack.send(());
             break;
         }
+    }
+    if let Some(s) = scrub.take() {
+        s.cancel(&store);
     }
     // Persist sync states of connections still open.
     if let Err(e) = node.close(&mut storage, shared.now_ms()) {
@@ -914,7 +1022,8 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
 /// Automerge assertion on unforeseen input would, to show the node survives it.
 #[cfg(feature = "failpoints")]
 pub mod failpoints {
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Condvar, Mutex};
 
     use storemesh_protocol::ids::NodeId;
 
@@ -925,6 +1034,46 @@ pub mod failpoints {
         *PANIC_ON_FRAME_FROM
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(peer);
+    }
+
+    static SCRUB_HOLD: Mutex<bool> = Mutex::new(false);
+    static SCRUB_HELD: AtomicU64 = AtomicU64::new(0);
+    static SCRUB_DONE: AtomicU64 = AtomicU64::new(0);
+    static SCRUB_CV: Condvar = Condvar::new();
+
+    /// While on, a data-file rewrite that starts waits before its copy
+    /// (every node of this process), so a test can work during it.
+    pub fn hold_scrub(on: bool) {
+        *SCRUB_HOLD.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        SCRUB_CV.notify_all();
+    }
+
+    /// Rewrites that reached the hold so far.
+    pub fn scrubs_held() -> u64 {
+        SCRUB_HELD.load(Ordering::SeqCst)
+    }
+
+    /// Rewrites that swapped the file in so far.
+    pub fn scrubs_done() -> u64 {
+        SCRUB_DONE.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn release_scrub() {
+        hold_scrub(false);
+    }
+
+    pub(crate) fn scrub_gate() {
+        let mut on = SCRUB_HOLD.lock().unwrap_or_else(|p| p.into_inner());
+        if *on {
+            SCRUB_HELD.fetch_add(1, Ordering::SeqCst);
+        }
+        while *on {
+            on = SCRUB_CV.wait(on).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub(crate) fn scrub_done() {
+        SCRUB_DONE.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn on_frame(peer: NodeId) {

@@ -1,6 +1,10 @@
 //! The long fuzz run: `cargo run --release -p storemesh-protocol --example fuzz -- [TARGET|all] [EXECS] [SEED]`.
 //! Prints executions and crashes per target; every crash's input is kept in
 //! `protocol/fuzz/regressions/<target>/` (replayed by `tests/fuzz.rs` in CI).
+//!
+//! `... --example fuzz -- seeds DIR` writes every target's seed inputs to
+//! `DIR/<target>/` instead (the coverage-guided run's starting corpus,
+//! kept in `fuzz/seeds/`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,6 +16,18 @@ fn main() {
     let which = args.first().map(String::as_str).unwrap_or("all");
     let execs: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let seed: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+    if which == "seeds" {
+        let dir = PathBuf::from(args.get(1).expect("seeds DIR"));
+        let h = fuzz::Harness::new();
+        for target in fuzz::TARGETS {
+            let d = dir.join(target);
+            std::fs::create_dir_all(&d).expect("seed dir");
+            for (i, s) in h.seeds(target).iter().enumerate() {
+                std::fs::write(d.join(format!("seed-{i:03}")), s).expect("write seed");
+            }
+        }
+        return;
+    }
     std::panic::set_hook(Box::new(|_| {}));
     let targets: Vec<&str> = if which == "all" {
         fuzz::TARGETS.to_vec()

@@ -169,7 +169,27 @@ pub fn validate_changes(
             verdict.own_changes_from_elsewhere += 1;
         }
         verdict.authors.insert(author.tag());
-        let expanded = change.decode();
+        // Decoding unwraps actor indices that a peer's bytes may leave
+        // dangling (an op's pred naming an actor the change does not list;
+        // found by the coverage-guided `change` fuzz target): a panic there
+        // is a malformed change, refused like any other.
+        let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()))
+            .map_err(|_| {
+            "change cannot be decoded (an op names an unknown actor)".to_string()
+        })?;
+        // Automerge keeps a change under the hash of the bytes it arrived
+        // in but writes it out (`save_after`, sync) re-encoded from its
+        // decoded form: a change in a non-canonical encoding (found by the
+        // coverage-guided `receive` fuzz target: a value column run-length
+        // coded another way) would be stored and forwarded under another
+        // hash than the one in the document's graph, so memory and disk
+        // disagree after a restart. Only canonical changes are accepted.
+        let reencoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Change::from(expanded.clone()).hash()
+        }));
+        if reencoded.ok() != Some(change.hash()) {
+            return Err("change is not in Automerge's canonical encoding".into());
+        }
         check_op_ids(
             doc,
             seqs,

@@ -86,3 +86,38 @@ fn replay() {
     let input = std::fs::read(path).expect("input file");
     fuzz::Harness::new().exec(target, &input);
 }
+
+/// Found by the coverage-guided `receive` target: a change whose value
+/// column is run-length coded another way than Automerge writes it. Automerge
+/// applied it under the hash of its bytes but wrote it out (`save_after`)
+/// re-encoded, under another hash (a debug build panicked in Automerge's own
+/// cross-check; a release build stored a change its graph does not know).
+/// Validation now refuses changes that do not re-encode to themselves.
+#[test]
+fn a_change_in_a_non_canonical_encoding_is_refused() {
+    let input = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/receive/crash-1dc93efbbe8f761273103fea6525555685ea406b"),
+    )
+    .unwrap();
+    let mut h = fuzz::Harness::new();
+    h.exec("receive", &input);
+    assert!(
+        h.mesh.nodes[0].engine.heads_of("ledger/l1oc/3").is_none(),
+        "the change was refused: no document was made for it"
+    );
+}
+
+/// Found by the coverage-guided `change` target: a change whose op names a
+/// predecessor by an actor index the change does not list made Automerge's
+/// decoder panic inside validation (`change.rs`, `unwrap()` on `None`).
+#[test]
+fn a_change_naming_an_unknown_actor_is_refused() {
+    let input = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/change/crash-5c536928df7b9235c3afffc1ed5422ea0cb16ab4"),
+    )
+    .unwrap();
+    // Before the fix this panicked; the harness's own catch is not involved.
+    fuzz::Harness::new().exec("change", &input);
+}

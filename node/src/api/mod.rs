@@ -105,10 +105,51 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
 }
 
-async fn method_not_allowed() -> Response {
+/// Bytes of a plain-text error body turned into JSON, at most (axum's
+/// extractor rejections are a line of text).
+const PLAIN_ERROR_BYTES_MAX: usize = 4096;
+
+/// Every error answer is JSON (CONTRACT: `{"error","message"}`), also the
+/// ones axum's extractors write as plain text before a handler runs — a path
+/// segment that is not UTF-8 once percent-decoded answered `400 Invalid URL:
+/// Invalid UTF-8 in `id`` (found by the `http` fuzz target).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), PLAIN_ERROR_BYTES_MAX)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    error(status, code, message)
+}
+
+pub(crate) async fn method_not_allowed() -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
