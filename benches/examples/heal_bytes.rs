@@ -109,6 +109,8 @@ fn main() {
     let mut by_kind = vec![(0usize, 0usize, [0usize; 3], 0usize); MSG_KINDS.len()];
     let (mut changes_b, mut heads_b, mut need_b, mut sync_data_b, mut n_sync_changes) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut bloom_b, mut last_sync_b, mut n_bloom, mut n_empty) = (0usize, 0usize, 0usize, 0usize);
+    let mut doc_names_b = 0usize;
     let mut per_link = std::collections::BTreeMap::<(usize, usize), usize>::new();
     for (a, b, f) in &frames {
         let p = payload(&f[4..]);
@@ -122,12 +124,22 @@ fn main() {
         }
         e.3 += p.len();
         *per_link.entry((*a, *b)).or_default() += f.len();
-        if let Msg::Sync { data, .. } = &msg {
+        if let Msg::Sync { data, doc } = &msg {
             sync_data_b += data.len();
+            doc_names_b += doc.len();
             if let Ok(sm) = automerge::sync::Message::decode(data) {
                 changes_b += sm.changes.iter().map(|c| c.len()).sum::<usize>();
                 heads_b += 32 * sm.heads.len();
                 need_b += 32 * sm.need.len();
+                for h in &sm.have {
+                    let b = h.bloom.to_bytes().len();
+                    bloom_b += b;
+                    n_bloom += usize::from(b > 0);
+                    last_sync_b += 32 * h.last_sync.len();
+                }
+                if sm.changes.is_empty() && sm.need.is_empty() {
+                    n_empty += 1;
+                }
                 if !sm.changes.is_empty() {
                     n_sync_changes += 1;
                 }
@@ -153,6 +165,9 @@ fn main() {
     println!(
         "  sync data {sync_data_b} B: change chunks {changes_b} B in {n_sync_changes} messages, heads {heads_b} B, need {need_b} B, the rest (have/Bloom, framing) {} B",
         sync_data_b - changes_b - heads_b - need_b
+    );
+    println!(
+        "  of the rest: Bloom filters {bloom_b} B ({n_bloom} non-empty), have.last_sync {last_sync_b} B; document names {doc_names_b} B; sync messages without changes or needs: {n_empty}"
     );
     for ((a, b), v) in per_link {
         println!("  n{a} -> n{b}: {v} B");

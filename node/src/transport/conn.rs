@@ -421,6 +421,29 @@ pub(super) enum DialError {
     /// Something answered and the dial failed anyway (refused, wrong node,
     /// bad hello, ...): the next dial waits the full back-off.
     Failed(String),
+    /// Another dial of the same peer finished its handshake first; this one
+    /// closed before its hello.
+    Sibling,
+}
+
+/// The right of one of a peer's pending dials to send its hello: the first
+/// whose handshake finishes holds it until it ends, the others close. Two
+/// dials of one side that both reached the peer would make it replace the
+/// first connection by the second (same dialer), after announcing it.
+pub(super) struct HelloClaim(Arc<AtomicBool>);
+
+impl HelloClaim {
+    fn take(flag: &Arc<AtomicBool>) -> Option<HelloClaim> {
+        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| HelloClaim(flag.clone()))
+    }
+}
+
+impl Drop for HelloClaim {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Display for DialError {
@@ -428,6 +451,7 @@ impl std::fmt::Display for DialError {
         match self {
             DialError::Unanswered => f.write_str("no answer within the connect timeout"),
             DialError::Failed(why) => f.write_str(why),
+            DialError::Sibling => f.write_str("another dial reached the peer first"),
         }
     }
 }
@@ -446,6 +470,7 @@ pub(super) async fn dial(
     peer: NodeId,
     addr: SocketAddr,
     handshaken: Arc<AtomicBool>,
+    claim: Arc<AtomicBool>,
 ) -> Result<(), DialError> {
     let inner = &inner;
     let started = Instant::now();
@@ -462,6 +487,13 @@ pub(super) async fn dial(
             return Err(format!("handshake failed: {e}").into());
         }
         Ok(Ok(c)) => c,
+    };
+    let Some(_claim) = HelloClaim::take(&claim) else {
+        conn.close(
+            VarInt::from_u32(CLOSE_DUPLICATE),
+            b"another dial answered first",
+        );
+        return Err(DialError::Sibling);
     };
     handshaken.store(true, Ordering::Relaxed);
     let Some(tls_id) = peer_node_id(&conn) else {
@@ -751,6 +783,8 @@ pub(super) async fn supervise(
     // connection): the fast redial window counts from here.
     let mut silent_since = Instant::now();
     let mut dials: VecDeque<PendingDial> = VecDeque::with_capacity(DIALS_IN_FLIGHT_MAX);
+    // Held by the one pending dial past its handshake (`HelloClaim`).
+    let claim = Arc::new(AtomicBool::new(false));
     loop {
         match inner.status(peer) {
             PeerStatus::Shutdown => return,
@@ -784,14 +818,24 @@ pub(super) async fn supervise(
             silent_since = Instant::now();
             next_dial = Instant::now() + backoff.connection_ended(since.elapsed(), jitter());
         }
-        if Instant::now() >= next_dial {
+        if claim.load(Ordering::Acquire) {
+            // A dial reached the peer and runs its hello: the link answers,
+            // so no new dial starts while it lasts.
+            next_dial = next_dial.max(Instant::now() + REDIAL_INTERVAL_MAX);
+        } else if Instant::now() >= next_dial {
             if dials.len() >= DIALS_IN_FLIGHT_MAX {
                 dials.pop_front();
             }
             inner.dials_started.fetch_add(1, Ordering::Relaxed);
             let handshaken = Arc::new(AtomicBool::new(false));
             dials.push_back(PendingDial {
-                dial: Box::pin(dial(inner.clone(), peer, addr, handshaken.clone())),
+                dial: Box::pin(dial(
+                    inner.clone(),
+                    peer,
+                    addr,
+                    handshaken.clone(),
+                    claim.clone(),
+                )),
                 handshaken,
             });
             next_dial = Instant::now()
@@ -808,6 +852,7 @@ pub(super) async fn supervise(
             r = next_finished(&mut dials) => match r {
                 // Registered (or another connection was): the loop sees it.
                 Ok(()) => {}
+                Err(DialError::Sibling) => {}
                 Err(DialError::Unanswered) => {
                     debug!(peer = %peer, %addr, pending = dials.len(), backoff = ?backoff.current(), "dial unanswered");
                 }
