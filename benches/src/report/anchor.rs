@@ -581,7 +581,7 @@ pub async fn run(mode: Mode) -> Result<Section> {
          and cuts store-c's link (both directions) for the partition and the idle reconnect. \
          Sync settings: keep-alive 500 ms, idle timeout 2 s (so that a cut link is noticed), \
          dialling as configured by default (reconnect back-off 200 ms–10 s, connect timeout 2 s; \
-         a peer that does not answer is dialled again at least every 250 ms, \
+         after a dial that got no answer the next starts within 250 ms, \
          `transport::REDIAL_INTERVAL_MAX`), anti-entropy tick 10 min (none falls into a measured \
          window). Phase 1: each store receives 50 units of products 1..=10,000 at its own \
          location (20 receipts of 500 lines), then all nodes converge. Phase 2: store-c cut off; \
@@ -610,11 +610,9 @@ pub async fn run(mode: Mode) -> Result<Section> {
         "Heal timing: counted from the moment the link comes back (the relays stop \
          dropping), what a store sees; the anchor's clock starts at `adapter.connect()`, \
          which opens a socket at once. storemesh's time includes the wait until a dial \
-         crosses the healed link: while a peer does not answer, the node starts a new \
-         dial at least every 250 ms and keeps the earlier ones pending (at most 4), \
-         instead of letting a dial sent into the cut link wait for QUIC's Initial \
-         retransmission (about 1 s, then 2 s, ...). The time from the new connection's \
-         first datagram is given too.\n",
+         crosses the healed link: a dial sent into the cut link is abandoned after the \
+         connect timeout and the next starts within 250 ms. The time from the new \
+         connection's first datagram is given too.\n",
     );
     if have_anchor {
         let pairs_line: Vec<String> = ours

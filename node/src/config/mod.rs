@@ -349,17 +349,18 @@ pub struct SyncConfig {
     /// How often a connected pair compares summaries even without news.
     pub anti_entropy_ms: u64,
     /// First reconnect delay after a lost connection; doubles up to the max.
-    /// While a peer does not answer, a new dial starts at least every
-    /// `transport::REDIAL_INTERVAL_MAX` (for `transport::FAST_REDIAL_WINDOW`).
+    /// While a peer does not answer, the next dial starts at most
+    /// `transport::REDIAL_INTERVAL_MAX` after an unanswered one (for
+    /// `transport::FAST_REDIAL_WINDOW`).
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     /// QUIC keep-alive interval; must be below the idle timeout.
     pub keep_alive_ms: u64,
     /// A connection silent this long is considered lost.
     pub idle_timeout_ms: u64,
-    /// One dial waits at most this long for the peer's answer; newer dials
-    /// start alongside it (see `reconnect_min_ms`), so a healed link is
-    /// found without waiting out QUIC's retransmission back-off.
+    /// One dial's handshake is abandoned after this long and started afresh
+    /// (within `transport::REDIAL_INTERVAL_MAX`), so a healed link is found
+    /// without waiting out QUIC's retransmission back-off.
     pub connect_timeout_ms: u64,
 }
 

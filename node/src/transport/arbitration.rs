@@ -107,9 +107,8 @@ impl Backoff {
         wait
     }
 
-    /// A dial started and got no answer yet; the peer has not answered for
-    /// `silent_for`. The wait before the next dial starts (alongside the
-    /// pending ones): the back-off grows as after a failure, but while
+    /// A dial got no answer; the peer has not answered for `silent_for`. The
+    /// wait before the next dial: the back-off grows as after a failure, but while
     /// `silent_for` is under `window` the wait is at most `cap` (scaled by the
     /// same jitter, so two sides that lost each other do not dial in lock step).
     pub(super) fn unanswered(

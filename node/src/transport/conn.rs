@@ -2,9 +2,8 @@
 //! registration under the one-connection-per-pair rule, the reader and writer
 //! tasks of a live connection and the per-peer dial supervisor.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
@@ -141,8 +140,6 @@ impl Inner {
             note: note.clone(),
         });
         let predecessor = slot.last_done.replace(done_rx);
-        // The supervisor stops starting dials now that the peer answered.
-        slot.wake.notify_one();
         Decision::Accept(
             Registration {
                 predecessor,
@@ -412,97 +409,32 @@ fn their_hello(
         .inspect_err(|e| inner.bad_hello(conn, addr, peer, e))
 }
 
-/// Why a dial did not register a connection.
-#[derive(Debug)]
-pub(super) enum DialError {
-    /// Nothing answered within the connect timeout (a cut link, a host that
-    /// is down): the next dial follows the redial cadence.
-    Unanswered,
-    /// Something answered and the dial failed anyway (refused, wrong node,
-    /// bad hello, ...): the next dial waits the full back-off.
-    Failed(String),
-    /// Another dial of the same peer finished its handshake first; this one
-    /// closed before its hello.
-    Sibling,
-}
+/// The error of a dial that got no answer within the connect timeout.
+const UNANSWERED: &str = "no answer within the connect timeout";
 
-/// The right of one of a peer's pending dials to send its hello: the first
-/// whose handshake finishes holds it until it ends, the others close. Two
-/// dials of one side that both reached the peer would make it replace the
-/// first connection by the second (same dialer), after announcing it.
-pub(super) struct HelloClaim(Arc<AtomicBool>);
-
-impl HelloClaim {
-    fn take(flag: &Arc<AtomicBool>) -> Option<HelloClaim> {
-        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .ok()
-            .map(|_| HelloClaim(flag.clone()))
-    }
-}
-
-impl Drop for HelloClaim {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-impl std::fmt::Display for DialError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DialError::Unanswered => f.write_str("no answer within the connect timeout"),
-            DialError::Failed(why) => f.write_str(why),
-            DialError::Sibling => f.write_str("another dial reached the peer first"),
-        }
-    }
-}
-
-impl From<String> for DialError {
-    fn from(why: String) -> DialError {
-        DialError::Failed(why)
-    }
-}
-
-/// Dials `peer` and runs the hello. `Ok` once the connection is registered, or
-/// when another connection to the peer registered while this dial's
-/// handshake ran (the dial is then dropped before its hello).
-pub(super) async fn dial(
-    inner: Arc<Inner>,
-    peer: NodeId,
-    addr: SocketAddr,
-    handshaken: Arc<AtomicBool>,
-    claim: Arc<AtomicBool>,
-) -> Result<(), DialError> {
-    let inner = &inner;
-    let started = Instant::now();
+/// Dials `peer` and runs the hello. `Ok` once the connection is registered.
+pub(super) async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), String> {
     let connecting = inner
         .endpoint
         .connect(addr, SERVER_NAME)
         .map_err(|e| format!("cannot dial: {e}"))?;
     // Dropping the `Connecting` on timeout abandons that handshake.
     let conn = match timeout(inner.connect_timeout, connecting).await {
-        Err(_) => return Err(DialError::Unanswered),
-        Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(DialError::Unanswered),
+        Err(_) => return Err(UNANSWERED.into()),
+        Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(UNANSWERED.into()),
         Ok(Err(e)) => {
             inner.handshake_failed(addr, &e);
-            return Err(format!("handshake failed: {e}").into());
+            return Err(format!("handshake failed: {e}"));
         }
         Ok(Ok(c)) => c,
     };
-    let Some(_claim) = HelloClaim::take(&claim) else {
-        conn.close(
-            VarInt::from_u32(CLOSE_DUPLICATE),
-            b"another dial answered first",
-        );
-        return Err(DialError::Sibling);
-    };
-    handshaken.store(true, Ordering::Relaxed);
     let Some(tls_id) = peer_node_id(&conn) else {
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"no peer certificate");
-        return Err("no peer certificate".to_string().into());
+        return Err("no peer certificate".into());
     };
     if !negotiated_alpn_ok(&conn) {
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"wrong ALPN");
-        return Err("wrong ALPN".to_string().into());
+        return Err("wrong ALPN".into());
     }
     if tls_id != peer {
         let reason = format!("expected node {peer} at {addr} but node {tls_id} answered");
@@ -512,31 +444,14 @@ pub(super) async fn dial(
             b"unexpected node id",
         );
         inner.emit_refused(addr, Some(tls_id), reason.clone());
-        return Err(reason.into());
+        return Err(reason);
     }
-    {
-        let st = inner.lock();
-        let slot = st.peers.get(&peer);
-        // The handshake may have outlived a block or a retirement (a dial to an
-        // absent peer retries its handshake for seconds): do not let the peer see a
-        // hello it would take for an accepted connection.
-        if slot.is_none_or(PeerSlot::refused) {
-            drop(st);
-            conn.close(VarInt::from_u32(CLOSE_BLOCKED), b"blocked");
-            return Err("the peer was blocked while the handshake ran"
-                .to_string()
-                .into());
-        }
-        // Another connection registered while this handshake ran (the peer's
-        // own dial, or one of our earlier dials still pending when the link
-        // healed): that one is new too, so replacing it would only make both
-        // sides drop a connection whose sync has started. Leave before the
-        // hello, which the peer would take for a connection to arbitrate.
-        if slot.is_some_and(|s| s.live.as_ref().is_some_and(|l| l.since >= started)) {
-            drop(st);
-            conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"already connected");
-            return Ok(());
-        }
+    // The handshake may have outlived a block or a retirement (a dial to an
+    // absent peer retries its handshake for seconds): do not let the peer see a
+    // hello it would take for an accepted connection.
+    if inner.lock().peers.get(&peer).is_none_or(PeerSlot::refused) {
+        conn.close(VarInt::from_u32(CLOSE_BLOCKED), b"blocked");
+        return Err("the peer was blocked while the handshake ran".into());
     }
     let hello = timeout(HELLO_TIMEOUT, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(FrameError::Conn)?;
@@ -549,7 +464,7 @@ pub(super) async fn dial(
     let (send, recv, body) = match hello {
         Err(_) => {
             conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"hello timed out");
-            return Err("hello timed out".to_string().into());
+            return Err("hello timed out".into());
         }
         Ok(Err(e)) => {
             let cause = match conn.close_reason() {
@@ -558,11 +473,11 @@ pub(super) async fn dial(
                     FrameError::Conn(ce) => ce,
                     other => {
                         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"no hello");
-                        return Err(format!("no hello: {other}").into());
+                        return Err(format!("no hello: {other}"));
                     }
                 },
             };
-            return Err(inner.dial_rejected(addr, peer, &cause).into());
+            return Err(inner.dial_rejected(addr, peer, &cause));
         }
         Ok(Ok(x)) => x,
     };
@@ -739,37 +654,7 @@ pub(super) async fn run_writer(
 // ---------------------------------------------------------------------------
 // Supervisor
 
-/// A pending dial, polled by its peer's supervisor task (not spawned: only
-/// one of them can finish, and so register, per poll).
-struct PendingDial {
-    dial: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DialError>> + Send>>,
-    /// Its QUIC handshake finished (from then on it is never dropped).
-    handshaken: Arc<AtomicBool>,
-}
-
-/// Polls the pending dials, oldest first; the first to finish is removed and
-/// its result returned. Pending forever when there are none.
-async fn next_finished(dials: &mut VecDeque<PendingDial>) -> Result<(), DialError> {
-    std::future::poll_fn(|cx| {
-        for i in 0..dials.len() {
-            if let std::task::Poll::Ready(r) = dials[i].dial.as_mut().poll(cx) {
-                dials.remove(i);
-                return std::task::Poll::Ready(r);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
 /// Dials `peer` while it is configured, unblocked and not connected.
-///
-/// A dial that gets no answer is not waited out: the next one starts after
-/// the back-off, capped at `REDIAL_INTERVAL_MAX` while the peer has been
-/// silent for less than `FAST_REDIAL_WINDOW`, and the earlier ones keep
-/// waiting alongside (at most `DIALS_IN_FLIGHT_MAX`, the oldest abandoned
-/// first). So at most one dial starts per interval, and the first Initial
-/// packet that crosses a healed link brings the connection up.
 pub(super) async fn supervise(
     inner: Arc<Inner>,
     peer: NodeId,
@@ -782,34 +667,19 @@ pub(super) async fn supervise(
     // Since when the peer has not answered (start-up, or the end of the last
     // connection): the fast redial window counts from here.
     let mut silent_since = Instant::now();
-    let mut dials: VecDeque<PendingDial> = VecDeque::with_capacity(DIALS_IN_FLIGHT_MAX);
-    // Held by the one pending dial past its handshake (`HelloClaim`).
-    let claim = Arc::new(AtomicBool::new(false));
     loop {
         match inner.status(peer) {
             PeerStatus::Shutdown => return,
             PeerStatus::Blocked => {
-                dials.clear();
                 backoff.reset();
                 next_dial = Instant::now();
                 up_since = None;
-                silent_since = Instant::now();
                 wake.notified().await;
                 continue;
             }
             PeerStatus::Connected(since) => {
                 up_since = Some(since);
-                // The link answered: abandon the dials still in their
-                // handshake (each would otherwise retransmit its Initial and
-                // make the peer run a TLS handshake for nothing). A dial past
-                // its handshake finishes on its own (it leaves before its
-                // hello, see `dial`): dropping one whose hello was sent would
-                // close a connection the peer may have registered instead.
-                dials.retain(|d| d.handshaken.load(Ordering::Relaxed));
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = next_finished(&mut dials) => {}
-                }
+                wake.notified().await;
                 continue;
             }
             PeerStatus::Idle => {}
@@ -818,52 +688,30 @@ pub(super) async fn supervise(
             silent_since = Instant::now();
             next_dial = Instant::now() + backoff.connection_ended(since.elapsed(), jitter());
         }
-        if claim.load(Ordering::Acquire) {
-            // A dial reached the peer and runs its hello: the link answers,
-            // so no new dial starts while it lasts.
-            next_dial = next_dial.max(Instant::now() + REDIAL_INTERVAL_MAX);
-        } else if Instant::now() >= next_dial {
-            if dials.len() >= DIALS_IN_FLIGHT_MAX {
-                dials.pop_front();
+        if Instant::now() < next_dial {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_dial) => {}
+                _ = wake.notified() => {}
             }
-            inner.dials_started.fetch_add(1, Ordering::Relaxed);
-            let handshaken = Arc::new(AtomicBool::new(false));
-            dials.push_back(PendingDial {
-                dial: Box::pin(dial(
-                    inner.clone(),
-                    peer,
-                    addr,
-                    handshaken.clone(),
-                    claim.clone(),
-                )),
-                handshaken,
-            });
-            next_dial = Instant::now()
-                + backoff.unanswered(
+            continue;
+        }
+        inner.dials_started.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = dial(&inner, peer, addr).await {
+            // No answer at all (a cut link, a host that is down): dial again
+            // soon, so that a healed link is noticed at once; an answer that
+            // refused gets the full back-off.
+            let wait = if e == UNANSWERED {
+                backoff.unanswered(
                     silent_since.elapsed(),
                     FAST_REDIAL_WINDOW,
                     REDIAL_INTERVAL_MAX,
                     jitter(),
-                );
-        }
-        tokio::select! {
-            _ = tokio::time::sleep_until(next_dial) => {}
-            _ = wake.notified() => {}
-            r = next_finished(&mut dials) => match r {
-                // Registered (or another connection was): the loop sees it.
-                Ok(()) => {}
-                Err(DialError::Sibling) => {}
-                Err(DialError::Unanswered) => {
-                    debug!(peer = %peer, %addr, pending = dials.len(), backoff = ?backoff.current(), "dial unanswered");
-                }
-                Err(DialError::Failed(e)) => {
-                    // The peer answered and the dial failed: back off fully,
-                    // whatever the redial cadence says.
-                    let wait = backoff.fail(jitter());
-                    debug!(peer = %peer, %addr, error = %e, retry_in = ?wait, "dial failed");
-                    next_dial = next_dial.max(Instant::now() + wait);
-                }
-            },
+                )
+            } else {
+                backoff.fail(jitter())
+            };
+            debug!(peer = %peer, %addr, error = %e, retry_in = ?wait, backoff = ?backoff.current(), "dial failed");
+            next_dial = Instant::now() + wait;
         }
     }
 }

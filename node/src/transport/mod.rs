@@ -23,12 +23,11 @@
 //!   are refused loudly. Before refusing, the old connection is probed; if it no
 //!   longer answers (the peer restarted) the newcomer replaces it.
 //! * One supervisor task per configured peer dials with exponential backoff and
-//!   jitter while the peer is not connected. A peer that does not answer is
-//!   dialled again at least every [`REDIAL_INTERVAL_MAX`] (for
-//!   [`FAST_REDIAL_WINDOW`] after it stopped answering) while the earlier dials
-//!   keep waiting, so a healed link is noticed at once instead of after QUIC's
-//!   Initial retransmission back-off; a peer that answers with a refusal gets
-//!   the full configured back-off.
+//!   jitter while the peer is not connected. A dial that gets no answer is
+//!   followed by the next within [`REDIAL_INTERVAL_MAX`] (for
+//!   [`FAST_REDIAL_WINDOW`] after the peer stopped answering), so a healed link
+//!   is noticed within the connect timeout plus that interval; a peer that
+//!   answers with a refusal gets the full configured back-off.
 //!
 //! Events per peer are totally ordered: a connection's `PeerUp`, its `Frame`s and
 //! its `PeerDown` come in that order, and the next connection's `PeerUp` only after
@@ -98,25 +97,19 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// and (after the reconnect delay) started afresh.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// While a configured peer does not answer, a new dial starts at least this
-/// often (the back-off between unanswered dials is capped here), and the
-/// dials before it keep waiting alongside (`DIALS_IN_FLIGHT_MAX`). A dial sent
-/// into a cut link would otherwise retransmit its Initial packet only on
-/// QUIC's back-off (about 1 s, 2 s, 4 s, …) and the next dial wait out the
-/// reconnect delay: a healed link was noticed seconds late. Now it is noticed
-/// within this interval plus a round trip. Cost, per unreachable peer: one
-/// Initial packet (~1.2 KB) per interval, about 5 KB/s.
+/// While a configured peer does not answer (a dial got no answer within the
+/// connect timeout), the next dial starts at most this long after the last
+/// one ended (the back-off between unanswered dials is capped here), instead
+/// of after a reconnect delay that grew to `reconnect_max`: a healed link is
+/// noticed within the connect timeout plus this interval. Cost, per
+/// unreachable peer: one Initial packet (~1.2 KB) per dial.
 pub const REDIAL_INTERVAL_MAX: Duration = Duration::from_millis(250);
-/// How long after a peer stopped answering the redial interval stays capped
-/// at `REDIAL_INTERVAL_MAX`; afterwards unanswered dials follow the configured
+/// How long after a peer stopped answering the redial wait stays capped at
+/// `REDIAL_INTERVAL_MAX`; afterwards unanswered dials follow the configured
 /// back-off (up to `reconnect_max`), so a peer that is gone for good (switched
-/// off, not yet retired) costs a dial per `reconnect_max`, not 5 KB/s forever.
+/// off, not yet retired) costs a dial per `reconnect_max`, not one per
+/// connect timeout forever.
 pub const FAST_REDIAL_WINDOW: Duration = Duration::from_secs(600);
-/// Dials of one peer waiting for an answer at once, at most: a new one starts
-/// every redial interval while older ones still wait (a slow link's handshake
-/// may take longer than the interval; each also ends at the connect timeout).
-/// When one more would start, the oldest is abandoned.
-pub const DIALS_IN_FLIGHT_MAX: usize = 4;
 
 /// Time allowed for the QUIC/TLS handshake of an incoming connection.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -184,8 +177,9 @@ pub struct TransportConfig {
     pub reconnect_max: Duration,
     /// How long one dial's handshake may take. A dial sent into a cut link
     /// only retransmits its Initial packet on QUIC's exponential back-off
-    /// (1 s, 2 s, 4 s, ...); newer dials start alongside it every
-    /// `REDIAL_INTERVAL_MAX`, and this bounds how long it stays pending.
+    /// (1 s, 2 s, 4 s, ...), so after the link heals it could wait seconds for
+    /// its next packet; abandoning it and dialling afresh (within
+    /// `REDIAL_INTERVAL_MAX`) bounds that wait.
     pub connect_timeout: Duration,
 }
 

@@ -1028,11 +1028,11 @@ async fn a_healed_link_is_noticed_at_once_without_a_dial_storm() {
         // A cut connection is noticed after 1 s of silence.
         c.keep_alive = Duration::from_millis(200);
         c.idle_timeout = Duration::from_secs(1);
-        // The defaults a store runs with: a long reconnect back-off and a
-        // connect timeout longer than QUIC's first Initial retransmission.
+        // The default reconnect back-off (up to 15 s between dials without
+        // the redial cap), and a connect timeout of 500 ms (`sync.connect_timeout_ms`).
         c.reconnect_min = DEFAULT_RECONNECT_MIN;
         c.reconnect_max = DEFAULT_RECONNECT_MAX;
-        c.connect_timeout = DEFAULT_CONNECT_TIMEOUT;
+        c.connect_timeout = Duration::from_millis(500);
         c
     };
     let ca = timings(config(&ia, "a", 1, vec![entry("b", &ib, to_b.addr)]));
@@ -1046,9 +1046,8 @@ async fn a_healed_link_is_noticed_at_once_without_a_dial_storm() {
     to_a.set_cut(true);
     a.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
     b.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
-    // Hold the cut long enough for the old back-off (doubling from 250 ms up
-    // to 15 s, each dial waiting out a 2 s connect timeout) to leave gaps of
-    // seconds between Initial packets.
+    // Hold the cut long enough for the uncapped back-off (doubling from
+    // 250 ms up to 15 s after each unanswered dial) to leave gaps of seconds.
     let held = Duration::from_secs(4);
     let dials_before = [a.t.dials_started(), b.t.dials_started()];
     tokio::time::sleep(held).await;
@@ -1056,9 +1055,9 @@ async fn a_healed_link_is_noticed_at_once_without_a_dial_storm() {
         a.t.dials_started() - dials_before[0],
         b.t.dials_started() - dials_before[1],
     ];
-    // No storm: at most one dial per half the capped interval (the jitter's
-    // lower bound) per peer, plus the first.
-    let most = (held.as_millis() / (REDIAL_INTERVAL_MAX.as_millis() / 2)) as u64 + 2;
+    // No storm: one dial at a time, each lasting the connect timeout (500 ms)
+    // before the next starts: at most one per 500 ms per peer, plus the first.
+    let most = (held.as_millis() / 500) as u64 + 2;
     for (n, name) in dials_cut.iter().zip(["a", "b"]) {
         assert!(
             (2..=most).contains(n),
@@ -1080,8 +1079,9 @@ async fn a_healed_link_is_noticed_at_once_without_a_dial_storm() {
         "healed link noticed after {waited:?}; dials during the {held:?} cut: a {}, b {}",
         dials_cut[0], dials_cut[1]
     );
-    // The next Initial crosses within REDIAL_INTERVAL_MAX (250 ms); the
-    // handshake and hello take a few round trips. Generous for 2 busy cores.
+    // The next Initial crosses within the connect timeout plus
+    // REDIAL_INTERVAL_MAX (750 ms); the handshake and hello take a few round
+    // trips. Generous for 2 busy cores.
     assert!(
         waited < Duration::from_millis(1500),
         "the connection came up {waited:?} after the link healed"
