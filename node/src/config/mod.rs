@@ -349,6 +349,9 @@ pub struct SyncConfig {
     /// How often a connected pair compares summaries even without news.
     pub anti_entropy_ms: u64,
     /// First reconnect delay after a lost connection; doubles up to the max.
+    /// While a peer does not answer, the next dial starts at most
+    /// `transport::REDIAL_INTERVAL_MAX` after an unanswered one (for
+    /// `transport::FAST_REDIAL_WINDOW`).
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     /// QUIC keep-alive interval; must be below the idle timeout.
@@ -356,8 +359,8 @@ pub struct SyncConfig {
     /// A connection silent this long is considered lost.
     pub idle_timeout_ms: u64,
     /// One dial's handshake is abandoned after this long and started afresh
-    /// (after the reconnect delay), so a healed link is found without waiting
-    /// out QUIC's retransmission back-off.
+    /// (within `transport::REDIAL_INTERVAL_MAX`), so a healed link is found
+    /// without waiting out QUIC's retransmission back-off.
     pub connect_timeout_ms: u64,
 }
 

@@ -107,6 +107,25 @@ impl Backoff {
         wait
     }
 
+    /// A dial got no answer; the peer has not answered for `silent_for`. The
+    /// wait before the next dial: the back-off grows as after a failure, but while
+    /// `silent_for` is under `window` the wait is at most `cap` (scaled by the
+    /// same jitter, so two sides that lost each other do not dial in lock step).
+    pub(super) fn unanswered(
+        &mut self,
+        silent_for: Duration,
+        window: Duration,
+        cap: Duration,
+        jitter: f64,
+    ) -> Duration {
+        let wait = self.fail(jitter);
+        if silent_for < window {
+            wait.min(cap.mul_f64(jitter.clamp(JITTER_MIN, JITTER_MAX)))
+        } else {
+            wait
+        }
+    }
+
     /// A connection that was up for `lived` ended: the wait before dialling
     /// again (zero after a stable connection, which also resets the back-off).
     pub(super) fn connection_ended(&mut self, lived: Duration, jitter: f64) -> Duration {
@@ -252,5 +271,33 @@ mod tests {
         );
         assert_eq!(b.current(), min);
         assert_eq!(b.fail(JITTER_MIN), min / 2);
+    }
+
+    #[test]
+    fn unanswered_dials_restart_at_the_capped_interval_only_inside_the_window() {
+        let min = Duration::from_millis(200);
+        let max = Duration::from_secs(10);
+        let cap = Duration::from_millis(250);
+        let window = Duration::from_secs(600);
+        let mut b = Backoff::new(min, max);
+        let inside: Vec<Duration> = (0..6)
+            .map(|_| b.unanswered(Duration::from_secs(1), window, cap, JITTER_MAX))
+            .collect();
+        assert_eq!(
+            inside,
+            [200, 250, 250, 250, 250, 250].map(Duration::from_millis)
+        );
+        // The back-off itself kept growing: past the window it applies.
+        assert_eq!(
+            b.unanswered(window, window, cap, JITTER_MAX),
+            Duration::from_secs(10)
+        );
+        // Jitter scales the capped wait too (never below half the cap).
+        assert_eq!(
+            b.unanswered(Duration::ZERO, window, cap, JITTER_MIN),
+            cap / 2
+        );
+        // A failure with an answer still gets the full back-off.
+        assert_eq!(b.fail(JITTER_MAX), max);
     }
 }

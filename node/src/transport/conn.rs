@@ -409,6 +409,9 @@ fn their_hello(
         .inspect_err(|e| inner.bad_hello(conn, addr, peer, e))
 }
 
+/// The error of a dial that got no answer within the connect timeout.
+const UNANSWERED: &str = "no answer within the connect timeout";
+
 /// Dials `peer` and runs the hello. `Ok` once the connection is registered.
 pub(super) async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<(), String> {
     let connecting = inner
@@ -417,7 +420,8 @@ pub(super) async fn dial(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> 
         .map_err(|e| format!("cannot dial: {e}"))?;
     // Dropping the `Connecting` on timeout abandons that handshake.
     let conn = match timeout(inner.connect_timeout, connecting).await {
-        Err(_) => return Err("handshake timed out".into()),
+        Err(_) => return Err(UNANSWERED.into()),
+        Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(UNANSWERED.into()),
         Ok(Err(e)) => {
             inner.handshake_failed(addr, &e);
             return Err(format!("handshake failed: {e}"));
@@ -660,6 +664,9 @@ pub(super) async fn supervise(
     let mut backoff = Backoff::new(inner.reconnect_min, inner.reconnect_max);
     let mut next_dial = Instant::now();
     let mut up_since: Option<Instant> = None;
+    // Since when the peer has not answered (start-up, or the end of the last
+    // connection): the fast redial window counts from here.
+    let mut silent_since = Instant::now();
     loop {
         match inner.status(peer) {
             PeerStatus::Shutdown => return,
@@ -678,6 +685,7 @@ pub(super) async fn supervise(
             PeerStatus::Idle => {}
         }
         if let Some(since) = up_since.take() {
+            silent_since = Instant::now();
             next_dial = Instant::now() + backoff.connection_ended(since.elapsed(), jitter());
         }
         if Instant::now() < next_dial {
@@ -687,9 +695,23 @@ pub(super) async fn supervise(
             }
             continue;
         }
+        inner.dials_started.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = dial(&inner, peer, addr).await {
-            debug!(peer = %peer, %addr, error = %e, retry_in = ?backoff.current(), "dial failed");
-            next_dial = Instant::now() + backoff.fail(jitter());
+            // No answer at all (a cut link, a host that is down): dial again
+            // soon, so that a healed link is noticed at once; an answer that
+            // refused gets the full back-off.
+            let wait = if e == UNANSWERED {
+                backoff.unanswered(
+                    silent_since.elapsed(),
+                    FAST_REDIAL_WINDOW,
+                    REDIAL_INTERVAL_MAX,
+                    jitter(),
+                )
+            } else {
+                backoff.fail(jitter())
+            };
+            debug!(peer = %peer, %addr, error = %e, retry_in = ?wait, backoff = ?backoff.current(), "dial failed");
+            next_dial = Instant::now() + wait;
         }
     }
 }

@@ -956,3 +956,144 @@ fn rejected_keys_are_found_in_handshake_errors() {
         None
     );
 }
+
+/// A UDP relay for one client that can cut the link: while cut it reads and
+/// drops every datagram, both ways (like a dead network path: no ICMP, no
+/// answer). Counts the datagrams it dropped.
+struct CutRelay {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CutRelay {
+    async fn start(target: SocketAddr) -> CutRelay {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (c, d) = (cut.clone(), dropped.clone());
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut b1) => {
+                        if c.load(Ordering::SeqCst) {
+                            d.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        client = Some(from);
+                        let _ = back.send_to(&b1[..n], target).await;
+                    }
+                    Ok((n, _)) = back.recv_from(&mut b2) => {
+                        if c.load(Ordering::SeqCst) {
+                            d.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Some(to) = client {
+                            let _ = front.send_to(&b2[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        CutRelay {
+            addr,
+            cut,
+            dropped,
+            task,
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_link_is_noticed_at_once_without_a_dial_storm() {
+    logs();
+    let (ia, ib) = (
+        Identity::generate("a").unwrap(),
+        Identity::generate("b").unwrap(),
+    );
+    let (sa, sb) = (bind(), bind());
+    // Each side dials the other through its own relay; the test cuts both.
+    let to_b = CutRelay::start(sb.local_addr().unwrap()).await;
+    let to_a = CutRelay::start(sa.local_addr().unwrap()).await;
+    let timings = |mut c: TransportConfig| {
+        // A cut connection is noticed after 1 s of silence.
+        c.keep_alive = Duration::from_millis(200);
+        c.idle_timeout = Duration::from_secs(1);
+        // The default reconnect back-off (up to 15 s between dials without
+        // the redial cap), and a connect timeout of 500 ms (`sync.connect_timeout_ms`).
+        c.reconnect_min = DEFAULT_RECONNECT_MIN;
+        c.reconnect_max = DEFAULT_RECONNECT_MAX;
+        c.connect_timeout = Duration::from_millis(500);
+        c
+    };
+    let ca = timings(config(&ia, "a", 1, vec![entry("b", &ib, to_b.addr)]));
+    let cb = timings(config(&ib, "b", 2, vec![entry("a", &ia, to_a.addr)]));
+    let mut a = start("a", ca, sa).await;
+    let mut b = start("b", cb, sb).await;
+    a.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
+    b.wait_for("up", |e| matches!(e, PeerUp { .. })).await;
+
+    to_b.set_cut(true);
+    to_a.set_cut(true);
+    a.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
+    b.wait_for("down", |e| matches!(e, PeerDown { .. })).await;
+    // Hold the cut long enough for the uncapped back-off (doubling from
+    // 250 ms up to 15 s after each unanswered dial) to leave gaps of seconds.
+    let held = Duration::from_secs(4);
+    let dials_before = [a.t.dials_started(), b.t.dials_started()];
+    tokio::time::sleep(held).await;
+    let dials_cut = [
+        a.t.dials_started() - dials_before[0],
+        b.t.dials_started() - dials_before[1],
+    ];
+    // No storm: one dial at a time, each lasting the connect timeout (500 ms)
+    // before the next starts: at most one per 500 ms per peer, plus the first.
+    let most = (held.as_millis() / 500) as u64 + 2;
+    for (n, name) in dials_cut.iter().zip(["a", "b"]) {
+        assert!(
+            (2..=most).contains(n),
+            "{name} started {n} dials during a {held:?} cut (expected 2..={most})"
+        );
+    }
+    assert!(
+        to_a.dropped.load(Ordering::Relaxed) > 0 && to_b.dropped.load(Ordering::Relaxed) > 0,
+        "no dial reached the cut link"
+    );
+
+    let healed = Instant::now();
+    to_b.set_cut(false);
+    to_a.set_cut(false);
+    a.wait_for("up again", |e| matches!(e, PeerUp { .. })).await;
+    b.wait_for("up again", |e| matches!(e, PeerUp { .. })).await;
+    let waited = healed.elapsed();
+    eprintln!(
+        "healed link noticed after {waited:?}; dials during the {held:?} cut: a {}, b {}",
+        dials_cut[0], dials_cut[1]
+    );
+    // The next Initial crosses within the connect timeout plus
+    // REDIAL_INTERVAL_MAX (750 ms); the handshake and hello take a few round
+    // trips. Generous for 2 busy cores.
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the connection came up {waited:?} after the link healed"
+    );
+    settle(&mut a, &mut b).await;
+    a.t.send(ib.node_id, text_frame("after the heal")).unwrap();
+    expect_text(&mut b, ia.node_id, "after the heal").await;
+    // Connected: no further dials start.
+    let dials_up = [a.t.dials_started(), b.t.dials_started()];
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(dials_up, [a.t.dials_started(), b.t.dials_started()]);
+    tokio::join!(a.t.shutdown(), b.t.shutdown());
+    to_a.task.abort();
+    to_b.task.abort();
+}
