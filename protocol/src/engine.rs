@@ -900,6 +900,8 @@ impl Engine {
             LedgerField::Received => &mut cells.received,
             LedgerField::Removed => &mut cells.removed,
             LedgerField::Granted(to) => cells.granted.entry(to).or_default(),
+            LedgerField::Held(to) => cells.held.entry(to).or_default(),
+            LedgerField::Released => &mut cells.released,
         };
         let new = cell
             .checked_add(add)

@@ -90,6 +90,11 @@ pub fn read_entry<D: ReadDoc>(
                     let g = c.granted.entry(to).or_default();
                     *g = (*g).max(n);
                 }
+                LedgerField::Held(to) => {
+                    let g = c.held.entry(to).or_default();
+                    *g = (*g).max(n);
+                }
+                LedgerField::Released => c.released = c.released.max(n),
             }
         }
     }
@@ -310,6 +315,11 @@ pub struct ReservationView {
     pub closed: Option<String>,
     /// True once the creating node's record has arrived.
     pub known: bool,
+    /// The ledger hold written with the reservation (protocol 6): its
+    /// writer, and per product the writer's held cell once it includes this
+    /// reservation. `None` for a reservation recorded before holds were in
+    /// the ledger (its record alone holds its units).
+    pub hold: Option<(crate::ids::ActorKey, BTreeMap<u64, u64>)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -200,6 +200,10 @@ fn cell_list(entry: &StockEntry) -> Vec<(ActorKey, u8, NodeTag, u64)> {
         for (to, q) in &c.granted {
             out.push((*a, 2, *to, *q));
         }
+        for (to, q) in &c.held {
+            out.push((*a, 3, *to, *q));
+        }
+        out.push((*a, 4, NodeTag([0; 6]), c.released));
     }
     out
 }
