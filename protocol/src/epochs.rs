@@ -280,10 +280,11 @@ impl Engine {
         let id = current.encode();
         tracing::info!(doc, into = %id, cells = keys.len(), "carried cells of late changes to an older ledger epoch");
         self.commit_pending_writes(&id, now_ms);
+        let before = self.rights_of_keys(&id, &keys);
         self.recompute_keys(&id, &keys);
         self.stats.late_cells_carried += keys.len() as u64;
         if own_above > 0 {
-            self.record_fork(&id, own_above, now_ms);
+            self.record_fork(&id, own_above, &before, now_ms);
         }
     }
 

@@ -131,3 +131,183 @@ fn a_reservation_fulfilled_by_its_creator_holds_and_releases() {
     assert_eq!(m.nodes[0].engine.rights(5, "loc0"), 10);
     assert_eq!(m.nodes[1].engine.reserved_at(5, "loc0"), 0);
 }
+
+fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
+    let mut d: Vec<(String, i64)> = m.nodes[i]
+        .engine
+        .views
+        .alarms
+        .values()
+        .filter(|a| a.kind == "deficit")
+        .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
+        .collect();
+    d.sort();
+    d
+}
+
+fn count(id: &str, loc: &str, lines: &[(u64, u64)]) -> Op {
+    Op::Count(Count {
+        count_id: id.into(),
+        location: loc.into(),
+        lines: lines
+            .iter()
+            .map(|(p, c)| CountLine {
+                product_id: *p,
+                counted: *c,
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
+    Op::Grant(Grant {
+        grant_id: id.into(),
+        product_id: p,
+        location: loc.into(),
+        to: to.into(),
+        quantity: q,
+        ..Default::default()
+    })
+}
+
+/// Finding 4: after an old deficit (a count found 5 missing, later restocked),
+/// a fork's shortfall of up to that size was never recorded (the old
+/// deficit "covered" it). A fork's deficit is its own event's shortfall,
+/// and a cloned data directory that ran live records it once, not on both
+/// branches.
+#[test]
+fn a_fork_deficit_is_not_masked_by_an_earlier_one_and_recorded_once() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(9, 10)]))
+        .unwrap();
+    m.execute(0, grant("g1", 9, "loc0", "n1", 10)).unwrap();
+    m.commit(0);
+    // A count finds 5 missing: n0's rights go to -5, a deficit of 5.
+    m.execute(0, count("c1", "loc0", &[(9, 5)])).unwrap();
+    m.commit(0);
+    // Restocked: n0 holds 15.
+    m.execute(0, testkit::receipt("r2", "loc0", &[(9, 20)]))
+        .unwrap();
+    m.commit(0);
+    m.settle();
+    assert_eq!(deficits(&m, 1), vec![("n0".into(), 5)]);
+    // (The deficit also asked n1 for rights back.)
+    let rights = m.nodes[0].engine.rights(9, "loc0");
+    assert!(rights >= 15, "{rights}");
+    // n0's data directory runs twice; each branch sells all but 3.
+    let sell = (rights - 3) as u64;
+    let short = rights - 6;
+    m.disconnect(0, 1);
+    m.disconnect(0, 2);
+    let copy = m.clone_node(0, [9, 9, 9, 9]);
+    m.execute(0, testkit::sale("a", Some("loc0"), &[(9, sell)]))
+        .unwrap();
+    m.commit(0);
+    m.execute(copy, testkit::sale("b", Some("loc0"), &[(9, sell)]))
+        .unwrap();
+    m.commit(copy);
+    // The copy's sale reaches n2; then the original comes back.
+    m.connect(copy, 2);
+    m.settle();
+    m.disconnect(copy, 2);
+    m.connect(0, 1);
+    m.connect(0, 2);
+    m.settle();
+    // A new shortfall of rights − 2 × sell, whatever was recorded before.
+    assert_eq!(
+        deficits(&m, 1),
+        vec![("n0".into(), 5), ("n0".into(), short)],
+        "the fork's deficit"
+    );
+    // The copy comes back too (the original off: one identity per link in
+    // this test mesh) and detects the same fork: still one deficit.
+    m.disconnect(0, 1);
+    m.disconnect(0, 2);
+    m.connect(copy, 1);
+    m.connect(copy, 2);
+    m.settle();
+    assert!(m.nodes[copy].engine.stats.forks_detected > 0);
+    for i in [0, 1, 2, copy] {
+        assert_eq!(
+            deficits(&m, i),
+            vec![("n0".into(), 5), ("n0".into(), short)],
+            "node {i}"
+        );
+    }
+}
+
+/// A retirement's shortfall is not masked by the successor's earlier,
+/// unrelated deficit on the same product either.
+#[test]
+fn a_retirement_deficit_is_not_masked_by_an_earlier_one() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(42, 10)]))
+        .unwrap();
+    m.execute(0, grant("g1", 42, "loc0", "n1", 5)).unwrap();
+    m.execute(0, grant("g2", 42, "loc0", "n2", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    // n2's earlier, unrelated deficit: its data directory ran twice and
+    // both branches sold 4 of its 5.
+    let n2copy = m.clone_node(2, [7, 7, 7, 7]);
+    m.disconnect(0, 2);
+    m.disconnect(1, 2);
+    m.execute(2, testkit::sale("x1", Some("loc0"), &[(42, 4)]))
+        .unwrap();
+    m.commit(2);
+    m.execute(n2copy, testkit::sale("x2", Some("loc0"), &[(42, 4)]))
+        .unwrap();
+    m.commit(n2copy);
+    m.connect(n2copy, 2);
+    m.settle();
+    m.disconnect(n2copy, 2);
+    // n2 recorded its fork's deficit of 3 (5 − 8).
+    assert_eq!(deficits(&m, 2), vec![("n2".into(), 3)]);
+    // n0 grants n2 another 5 (n2: 2) once they are together again.
+    m.connect(0, 2);
+    m.connect(1, 2);
+    m.settle();
+    m.execute(0, testkit::receipt("r2", "loc0", &[(42, 5)]))
+        .unwrap();
+    m.execute(0, grant("g3", 42, "loc0", "n2", 5)).unwrap();
+    m.commit(0);
+    m.settle();
+    assert_eq!(m.nodes[2].engine.rights(42, "loc0"), 2);
+    // n1 is cut off and sells 4 of its 5; it is retired with n2 as
+    // successor, and its sale arrives only later.
+    m.disconnect(0, 1);
+    m.disconnect(1, 2);
+    m.execute(1, testkit::sale("late", Some("loc0"), &[(42, 4)]))
+        .unwrap();
+    m.commit(1);
+    m.execute(
+        0,
+        Op::Retire {
+            node: "n1".into(),
+            successor: "n2".into(),
+        },
+    )
+    .unwrap();
+    m.commit(0);
+    m.settle();
+    // The successor sells what it inherited and had: 2 + 5 = 7.
+    assert_eq!(m.nodes[2].engine.rights(42, "loc0"), 7);
+    m.execute(2, testkit::sale("s7", Some("loc0"), &[(42, 7)]))
+        .unwrap();
+    m.commit(2);
+    m.settle();
+    // n1's late sale of 4 arrives: n2's rights go to −4, a new shortfall of
+    // 4 (the earlier deficit of 3 was another event).
+    m.connect(0, 1);
+    m.settle();
+    assert_eq!(
+        deficits(&m, 0),
+        vec![("n2".into(), 3), ("n2".into(), 4)],
+        "the retirement's deficit"
+    );
+}
