@@ -747,7 +747,7 @@ impl Engine {
     /// refuses would block the replication of the whole document (every
     /// later record of this node, for a records document), so the operation
     /// is refused instead, before anything of it is committed.
-    fn check_op_writes(&self) -> Result<(), OpError> {
+    pub(crate) fn check_op_writes(&self) -> Result<(), OpError> {
         let Some(u) = &self.undo else { return Ok(()) };
         if self.faults.unchecked_large_records {
             return Ok(());
@@ -780,6 +780,29 @@ impl Engine {
     }
 
     /// Undoes everything a refused operation wrote (see `OpUndo`).
+    /// Runs an engine-internal operation all or nothing, like `execute` runs
+    /// a client's: checked as a peer would, rolled back on any error.
+    pub(crate) fn atomically(
+        &mut self,
+        f: impl FnOnce(&mut Engine) -> Result<(), OpError>,
+    ) -> Result<(), OpError> {
+        if self.undo.is_some() {
+            return Err(OpError::BadRequest("nested engine operation".into()));
+        }
+        self.undo = Some(OpUndo::default());
+        let result = f(self).and_then(|()| self.check_op_writes());
+        let undo = self.undo.take().unwrap_or_default();
+        match &result {
+            Ok(()) => {
+                for (doc, key, json) in &undo.records {
+                    self.note_record(doc, key, json);
+                }
+            }
+            Err(_) => self.roll_back(undo),
+        }
+        result
+    }
+
     fn roll_back(&mut self, u: OpUndo) {
         for (id, (puts, dels)) in u.marks {
             if let Some(slot) = self.docs.get_mut(&id) {

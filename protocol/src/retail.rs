@@ -660,6 +660,7 @@ impl Engine {
             RecordKind::Reservation | RecordKind::ReservationClose => {
                 self.note_reservation(kind, id, v)
             }
+            RecordKind::Import => self.note_import(v),
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();

@@ -291,6 +291,10 @@ pub struct Views {
     /// count id → node that took it → count session (and finished counts),
     /// from the records; two nodes may have used one id while apart.
     pub count_sessions: HashMap<String, BTreeMap<String, crate::counts::CountSession>>,
+    /// import id → importing node → what it booked where (`imports.rs`).
+    pub imports: HashMap<String, BTreeMap<String, crate::imports::ImportSeen>>,
+    /// Import ids noted since the last `Engine::settle_ownerless_imports`.
+    pub imports_pending: BTreeSet<String>,
     /// Locations declared with `POST /api/locations` (the `mesh` document).
     pub declared: BTreeMap<String, crate::layout::DeclaredLocation>,
 }

@@ -311,3 +311,84 @@ fn a_retirement_deficit_is_not_masked_by_an_earlier_one() {
         "the retirement's deficit"
     );
 }
+
+fn import(id: &str, rows: &[(&str, &str, u64)], full: bool) -> Op {
+    Op::ImportCounts(ImportCounts {
+        import_id: id.into(),
+        rows: rows
+            .iter()
+            .enumerate()
+            .map(|(k, (sku, loc, n))| ImportRow {
+                line: k as u64 + 2,
+                sku: (*sku).into(),
+                title: None,
+                location: (*loc).into(),
+                on_hand: *n,
+            })
+            .collect(),
+        scope: full.then_some(CountScope::Full),
+    })
+}
+
+/// Finding 3: two nodes importing the same counts at a location no node owns
+/// (a warehouse's opening balances) while apart each added the units. One
+/// import id at one ownerless location is one count: booked once, by the
+/// first importer; the others reverse their rows when they see it. Rows at a
+/// node's own location are untouched.
+#[test]
+fn an_import_at_an_ownerless_location_is_counted_once() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    // Stock the warehouse had before: 4 of "a" (a full import zeroes "old").
+    let first = import("opening-0", &[("a", "wh", 4), ("old", "wh", 6)], false);
+    assert_eq!(m.execute(0, first).unwrap().status, 201);
+    m.commit(0);
+    m.settle();
+    for a in 0..3 {
+        for b in a + 1..3 {
+            m.disconnect(a, b);
+        }
+    }
+    // Nodes 1 and 2 import the same file while apart; node 1 also books
+    // its own location.
+    let rows = [("a", "wh", 10), ("b", "wh", 3), ("a", "loc1", 2)];
+    assert_eq!(
+        m.execute(1, import("opening", &rows, true)).unwrap().status,
+        201
+    );
+    m.commit(1);
+    let rows2 = [("a", "wh", 10), ("b", "wh", 3)];
+    assert_eq!(
+        m.execute(2, import("opening", &rows2, true))
+            .unwrap()
+            .status,
+        201
+    );
+    m.commit(2);
+    m.full_mesh();
+    m.settle();
+    // Once more: the reversal is booked and travels.
+    for i in 0..3 {
+        m.commit(i);
+    }
+    m.settle();
+    let pid = |sku: &str| storemesh_protocol::ids::product_id_for_sku(sku);
+    for i in 0..3 {
+        let e = &m.nodes[i].engine;
+        let at = |sku: &str, l: &str| e.totals(pid(sku), Some(l)).map(|t| t.0).unwrap_or(0);
+        assert_eq!(at("a", "wh"), 10, "node {i}: counted once");
+        assert_eq!(at("b", "wh"), 3, "node {i}");
+        assert_eq!(at("old", "wh"), 0, "node {i}: zeroed once");
+        assert_eq!(at("a", "loc1"), 2, "node {i}: an own location's rows stay");
+    }
+    // A retry of the reversal adds nothing.
+    for i in 0..3 {
+        m.commit(i);
+    }
+    m.settle();
+    assert_eq!(
+        m.nodes[0].engine.totals(pid("a"), Some("wh")).unwrap().0,
+        10
+    );
+}
