@@ -75,6 +75,12 @@ pub struct Checker {
     /// Commits at which a successor's own cells had spent rights it inherited
     /// (its unresolved rights below zero): the retirement was exercised.
     pub successor_spends: u64,
+    /// (node name, product, location) → the total by which that node's
+    /// rights fell below zero in its views, commit by commit (`books.rs`).
+    pub shortfalls: BTreeMap<(String, u64, String), i64>,
+    /// (node index, product, location) → how far below zero its rights
+    /// were at its last commit that changed the row.
+    pub last_neg: BTreeMap<(usize, u64, String), i64>,
 }
 
 impl Checker {
@@ -216,6 +222,8 @@ impl World {
         batch: &Batch,
     ) -> Result<(), crate::check::Violation> {
         let mut problem: Option<(&'static str, String)> = None;
+        let rows: Vec<(u64, String)> = batch.rows.iter().map(|(k, _)| k.clone()).collect();
+        self.note_shortfalls(i, &rows);
         // Every change this commit wrote passes the per-op validation a
         // peer applies: one refused change would block the replication of
         // its whole document (all of this node's later records, for a
@@ -620,6 +628,9 @@ impl World {
         }
         self.check_exactly_once(e0)?;
         self.check_reservations(e0)?;
+        self.check_transfers(e0)?;
+        self.check_deficits_per_event(e0)?;
+        self.check_ownerless_imports(e0)?;
         for r in &self.clients.reqs {
             if r.outstanding() {
                 return Err(self.violation(
@@ -873,6 +884,8 @@ impl World {
                         | RecordKind::CountZero
                         | RecordKind::Grant
                         | RecordKind::Reservation
+                        | RecordKind::Transfer
+                        | RecordKind::TransferReceipt
                 ) {
                     continue;
                 }
@@ -906,6 +919,28 @@ impl World {
                     else {
                         continue;
                     };
+                    // Transfers leave `from` (the sender's removal) and
+                    // arrive at `to` (the receiver's, units received only).
+                    if kind == RecordKind::Transfer {
+                        let from = json["from"].as_str().unwrap_or("").to_string();
+                        for l in json["lines"].as_array().into_iter().flatten() {
+                            let p = l["product_id"].as_u64().unwrap_or(0);
+                            expected.entry((actor, p, from.clone())).or_default().1 +=
+                                l["quantity"].as_u64().unwrap_or(0);
+                        }
+                        continue;
+                    }
+                    if kind == RecordKind::TransferReceipt {
+                        let to = json["to"].as_str().unwrap_or("").to_string();
+                        for l in json["lines"].as_array().into_iter().flatten() {
+                            let p = l["product_id"].as_u64().unwrap_or(0);
+                            let q = l["received"].as_u64().unwrap_or(0);
+                            if q > 0 {
+                                expected.entry((actor, p, to.clone())).or_default().0 += q;
+                            }
+                        }
+                        continue;
+                    }
                     let loc = json["location"].as_str().unwrap_or("").to_string();
                     let mut add = |p: u64, f: &mut dyn FnMut(&mut Cells)| {
                         f(expected.entry((actor, p, loc.clone())).or_default());
