@@ -1059,7 +1059,9 @@ impl Engine {
                 m.iter()
                     .filter(|(_, e)| {
                         e.cells.keys().any(|a| a.tag() == retired)
-                            || e.cells.values().any(|c| c.granted.contains_key(&retired))
+                            || e.cells.values().any(|c| {
+                                c.granted.contains_key(&retired) || c.held.contains_key(&retired)
+                            })
                     })
                     .map(move |(l, _)| (*p, l.clone()))
             })

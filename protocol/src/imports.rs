@@ -5,9 +5,10 @@
 //! relative to the importing node's view; two nodes importing the same file
 //! (one import id) while apart each applied the whole correction, so the
 //! units were added twice. As for transfers into such a location (booked
-//! only by the sending node), one node's booking stands: of the nodes that
-//! imported the id at the location, the first by (import time, node name) —
-//! every node sees the same records, so all agree on it. Every later node,
+//! only by the sending node), one node's booking stands: an import booked
+//! after another node's import of the id (its record names those it saw) is
+//! never it; of the imports booked apart, the first by (import time, node
+//! name) — every node sees the same records, so all agree on it. Every later node,
 //! once it sees the first's import record, reverses its own rows there: one
 //! count record per page of up to `ops::LINES_MAX` lines (`<id>.<loc>.undo<k>`,
 //! read like any count), plus a marker (`imp/<id>.<loc>.undone`), all in one
@@ -25,6 +26,10 @@ use crate::ops::{OpError, LINES_MAX};
 /// import's own limit; this bounds the scan for them.
 const IMPORT_PAGES_MAX: usize = 10_000;
 
+/// Other importers an import record names as booked before it, at most
+/// (a chain has far fewer nodes).
+pub const SEEN_MAX: usize = 256;
+
 /// What a node knows of one node's import of an id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImportSeen {
@@ -33,6 +38,8 @@ pub struct ImportSeen {
     pub locations: BTreeSet<String>,
     /// Locations where this node's booking was reversed.
     pub undone: BTreeSet<String>,
+    /// Nodes whose import of the id this one was booked after.
+    pub seen: BTreeSet<String>,
 }
 
 impl Engine {
@@ -61,6 +68,13 @@ impl Engine {
                 .take(LINES_MAX)
                 .filter_map(|l| l["location"].as_str().map(str::to_string))
                 .collect();
+            e.seen = v["seen"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(SEEN_MAX)
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect();
         }
         self.views.imports_pending.insert(id.to_string());
     }
@@ -85,11 +99,22 @@ impl Engine {
                 .filter(|l| !mine.undone.contains(*l))
                 .filter(|l| **l != self.cfg.location && self.views.owner_of(l).is_none())
                 .filter(|l| {
-                    all.iter()
+                    // Booked after seeing another's import: not the first.
+                    // Of the imports that saw none (booked apart), the first
+                    // by (time, node name) stands: clocks may disagree, but
+                    // every node picks the same one.
+                    let at_l: Vec<(&String, &ImportSeen)> = all
+                        .iter()
                         .filter(|(_, s)| s.at_ms != 0 && s.locations.contains(*l))
-                        .map(|(n, s)| (s.at_ms, n.as_str()))
-                        .min()
-                        .is_some_and(|first| first.1 != self.cfg.name)
+                        .collect();
+                    let saw_other = |s: &ImportSeen| at_l.iter().any(|(n, _)| s.seen.contains(*n));
+                    saw_other(mine)
+                        || at_l
+                            .iter()
+                            .filter(|(_, s)| !saw_other(s))
+                            .map(|(n, s)| (s.at_ms, n.as_str()))
+                            .min()
+                            .is_some_and(|first| first.1 != self.cfg.name)
                 })
                 .cloned()
                 .collect();

@@ -75,12 +75,6 @@ pub struct Checker {
     /// Commits at which a successor's own cells had spent rights it inherited
     /// (its unresolved rights below zero): the retirement was exercised.
     pub successor_spends: u64,
-    /// (node name, product, location) → the total by which that node's
-    /// rights fell below zero in its views, commit by commit (`books.rs`).
-    pub shortfalls: BTreeMap<(String, u64, String), i64>,
-    /// (node index, product, location) → how far below zero its rights
-    /// were at its last commit that changed the row.
-    pub last_neg: BTreeMap<(usize, u64, String), i64>,
 }
 
 impl Checker {
@@ -222,8 +216,6 @@ impl World {
         batch: &Batch,
     ) -> Result<(), crate::check::Violation> {
         let mut problem: Option<(&'static str, String)> = None;
-        let rows: Vec<(u64, String)> = batch.rows.iter().map(|(k, _)| k.clone()).collect();
-        self.note_shortfalls(i, &rows);
         // Every change this commit wrote passes the per-op validation a
         // peer applies: one refused change would block the replication of
         // its whole document (all of this node's later records, for a

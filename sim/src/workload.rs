@@ -443,7 +443,7 @@ impl World {
         if !arriving.is_empty() && self.rng.gen_bool(0.6) {
             let (id, from, lines) = arriving[self.rng.gen_range(0..arriving.len())].clone();
             let mut body = json!({"transfer_id": id, "from": from});
-            if self.rng.gen_bool(0.3) {
+            if lines.first().is_some_and(|l| l.1 > 1) && self.rng.gen_bool(0.3) {
                 // One unit short on the first line: recorded shrinkage.
                 let got: Vec<Value> = lines
                     .iter()
