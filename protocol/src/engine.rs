@@ -2233,7 +2233,14 @@ impl Engine {
                 continue;
             };
             let after = self.node_rights(e, self.tag);
-            let new_short = after.saturating_neg().max(0) - b.saturating_neg().max(0);
+            // The event's own shortfall; and never less than what is short
+            // and not covered by any deficit yet (an earlier event's record
+            // may have been lost with a restored disk).
+            let new_short = (after.saturating_neg().max(0) - b.saturating_neg().max(0)).max(
+                after
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit_total(*p, l)),
+            );
             if new_short > 0 {
                 shortfalls.push((*p, l.clone(), new_short, after, self.own_writers_digest(e)));
             }
@@ -2333,6 +2340,10 @@ impl Engine {
                     let name = self.views.name_of(t);
                     short -= theirs.min(self.recorded_deficit_of(&name, *p, l));
                 }
+                let uncovered = after
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit_total(*p, l));
+                let short = short.max(uncovered);
                 if short > 0 {
                     shortfalls.push((*p, l.clone(), short, after));
                 }
@@ -2345,6 +2356,24 @@ impl Engine {
             );
             self.write_deficit(&id, p, &location, d, "retired", now_ms);
         }
+    }
+
+    /// Units of deficit recorded on (product, location) by this node or by a
+    /// retired node whose rights passed to it.
+    fn recorded_deficit_total(&self, product: u64, location: &str) -> i64 {
+        let me = self.tag;
+        let mut names: BTreeSet<String> = self
+            .views
+            .nodes
+            .keys()
+            .filter(|t| **t != me && self.views.resolve(**t) == me)
+            .map(|t| self.views.name_of(*t))
+            .collect();
+        names.insert(self.cfg.name.clone());
+        names
+            .iter()
+            .map(|n| self.recorded_deficit_of(n, product, location))
+            .fold(0i64, i64::saturating_add)
     }
 
     /// Units of deficit recorded on (product, location) by the node `name`.

@@ -83,6 +83,7 @@ impl Engine {
     /// another node's import of the same id came first.
     pub fn settle_ownerless_imports(&mut self, now_ms: u64) {
         let pending = std::mem::take(&mut self.views.imports_pending);
+        let mut later = Vec::new();
         for id in pending {
             let Some(all) = self.views.imports.get(&id) else {
                 continue;
@@ -91,6 +92,15 @@ impl Engine {
                 continue;
             };
             if mine.at_ms == 0 {
+                continue;
+            }
+            // Its records are read back from the documents: an import of this
+            // very batch is not in them until the flush; the next batch does it.
+            if self
+                .own_record(RecordKind::Import, &id, mine.at_ms)
+                .is_none()
+            {
+                later.push(id);
                 continue;
             }
             let due: Vec<String> = mine
@@ -125,6 +135,7 @@ impl Engine {
                 }
             }
         }
+        self.views.imports_pending.extend(later);
     }
 
     /// This node's own record `kind/id`, written in the month of `at_ms`.
