@@ -2246,14 +2246,27 @@ impl Engine {
             }
         }
         for (p, location, d, after, writers) in shortfalls {
-            let id = layout::part_id(
+            let mut id = layout::part_id(
                 &format!("{cause}.{location}.{p}"),
                 &format!(".{writers}.{}", after.unsigned_abs()),
             );
-            // The other branch's record of this very event arrived first.
+            let mut d = d;
             let key = (format!("deficit/{id}"), self.cfg.name.clone());
             if self.views.alarms.contains_key(&key) {
-                continue;
+                // The other branch's record of this very event arrived
+                // first; or an earlier event ended at the same rights: then
+                // only what no deficit covers yet, under an id of its own.
+                let uncovered = after
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit_total(p, &location));
+                if uncovered <= 0 {
+                    continue;
+                }
+                d = uncovered;
+                id = layout::part_id(
+                    &format!("{cause}.{location}.{p}"),
+                    &format!(".{writers}.{}.{now_ms}", after.unsigned_abs()),
+                );
             }
             self.write_deficit(&id, p, &location, d, cause, now_ms);
         }
