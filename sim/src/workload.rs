@@ -35,6 +35,9 @@ pub fn grant(body: Value) -> Op {
     Op::Grant(parse("grant", body))
 }
 
+/// A transfer a node may receive: (id, from, lines as (product, quantity)).
+type Arriving = (String, String, Vec<(u64, u64)>);
+
 /// The location no node owns that the workload imports opening balances at.
 pub const OWNERLESS: &str = "wh";
 /// The counts of the warehouse's opening file, per row: on hand 20, 25, 30.
@@ -425,7 +428,7 @@ impl World {
                 _ => None,
             })
             .collect();
-        let arriving: Vec<(String, String, Vec<(u64, u64)>)> = self
+        let arriving: Vec<Arriving> = self
             .clients
             .reqs
             .iter()
