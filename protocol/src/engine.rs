@@ -309,6 +309,10 @@ fn hex_heads(h: &[ChangeHash]) -> Vec<String> {
 /// by chunk (a month of 120,000 sale records: 62 s and 17 GiB), so they load
 /// chunk by chunk as they always did. Chunk by chunk is also the fallback if
 /// the one-pass load refuses the bytes (e.g. a chunk repeating earlier changes).
+/// This node's rights per (product, location) before an event (see
+/// `Engine::record_event_deficits`).
+pub type RightsBefore = BTreeMap<(u64, String), i64>;
+
 pub fn load_parts(parts: &[Vec<u8>]) -> Result<Automerge, automerge::AutomergeError> {
     load_parts_one_pass(parts).map(|(d, _)| d)
 }
@@ -781,7 +785,7 @@ impl Engine {
     /// refuses would block the replication of the whole document (every
     /// later record of this node, for a records document), so the operation
     /// is refused instead, before anything of it is committed.
-    fn check_op_writes(&self) -> Result<(), OpError> {
+    pub(crate) fn check_op_writes(&self) -> Result<(), OpError> {
         let Some(u) = &self.undo else { return Ok(()) };
         if self.faults.unchecked_large_records {
             return Ok(());
@@ -814,6 +818,29 @@ impl Engine {
     }
 
     /// Undoes everything a refused operation wrote (see `OpUndo`).
+    /// Runs an engine-internal operation all or nothing, like `execute` runs
+    /// a client's: checked as a peer would, rolled back on any error.
+    pub(crate) fn atomically(
+        &mut self,
+        f: impl FnOnce(&mut Engine) -> Result<(), OpError>,
+    ) -> Result<(), OpError> {
+        if self.undo.is_some() {
+            return Err(OpError::BadRequest("nested engine operation".into()));
+        }
+        self.undo = Some(OpUndo::default());
+        let result = f(self).and_then(|()| self.check_op_writes());
+        let undo = self.undo.take().unwrap_or_default();
+        match &result {
+            Ok(()) => {
+                for (doc, key, json) in &undo.records {
+                    self.note_record(doc, key, json);
+                }
+            }
+            Err(_) => self.roll_back(undo),
+        }
+        result
+    }
+
     fn roll_back(&mut self, u: OpUndo) {
         for (id, (puts, dels)) in u.marks {
             if let Some(slot) = self.docs.get_mut(&id) {
@@ -938,6 +965,8 @@ impl Engine {
             LedgerField::Received => &mut cells.received,
             LedgerField::Removed => &mut cells.removed,
             LedgerField::Granted(to) => cells.granted.entry(to).or_default(),
+            LedgerField::Held(to) => cells.held.entry(to).or_default(),
+            LedgerField::Released => &mut cells.released,
         };
         let new = cell
             .checked_add(add)
@@ -1068,7 +1097,9 @@ impl Engine {
                 m.iter()
                     .filter(|(_, e)| {
                         e.cells.keys().any(|a| a.tag() == retired)
-                            || e.cells.values().any(|c| c.granted.contains_key(&retired))
+                            || e.cells.values().any(|c| {
+                                c.granted.contains_key(&retired) || c.held.contains_key(&retired)
+                            })
                     })
                     .map(move |(l, _)| (*p, l.clone()))
             })
@@ -2182,116 +2213,228 @@ impl Engine {
         self.recompute_keys(id, &keys);
     }
 
-    /// Records a detected fork of this node's own history and any deficit it left.
-    pub(crate) fn record_fork(&mut self, doc: &str, changes: usize, now_ms: u64) {
+    /// Records a detected fork of this node's own history and any deficit it
+    /// left: the shortfall the merged changes caused on the rows of `before`
+    /// (this node's rights there before they were applied).
+    pub(crate) fn record_fork(
+        &mut self,
+        doc: &str,
+        changes: usize,
+        before: &RightsBefore,
+        now_ms: u64,
+    ) {
         self.stats.forks_detected += 1;
         tracing::error!(doc, changes, "fork of this node's own history detected (restored backup or copied data directory); totals merged exactly");
         let id = format!("{}.{}", doc.replace('/', "."), now_ms);
         let rec = serde_json::json!({"node": self.cfg.name, "doc": doc, "changes": changes, "at_ms": now_ms});
         self.write_record(RecordKind::Fork, &id, rec, now_ms);
         // The merged branches may have spent the same rights twice.
-        self.record_deficits(doc, "fork", now_ms);
+        self.record_event_deficits(before, "fork", now_ms);
     }
 
-    /// Records, for every product of ledger document `doc` on which this node's
-    /// rights (a retired predecessor's included) are below zero, the shortfall
-    /// not yet covered by this node's earlier deficit records. Used when a fork
-    /// of this node's history is merged, and when a retired predecessor's
-    /// changes arrive after its rights passed to this node: either may have
-    /// spent rights that were spent again elsewhere.
-    pub(crate) fn record_deficits(&mut self, doc: &str, cause: &str, now_ms: u64) {
-        let Some(slot) = self.docs.get(doc) else {
-            return;
+    /// This node's rights (a retired predecessor's included) on the rows of
+    /// ledger document `doc` that `keys` touch, as the views hold them now:
+    /// taken before changes are applied, so that the shortfall they cause is
+    /// told apart from earlier ones.
+    pub(crate) fn rights_of_keys(&self, doc: &str, keys: &BTreeSet<String>) -> RightsBefore {
+        let mut out = RightsBefore::new();
+        let Ok(DocId::Ledger { location, .. }) = DocId::parse(doc, self.cfg.buckets) else {
+            return out;
         };
-        let DocId::Ledger { location, .. } = &slot.id else {
-            return;
-        };
-        let location = location.clone();
-        let rows: Vec<(u64, String)> = self
-            .views
-            .stock
-            .iter()
-            .filter(|(p, m)| {
-                m.contains_key(&location) && self.ledger_doc(**p, &location).encode() == doc
-            })
-            .map(|(p, _)| (*p, location.clone()))
-            .collect();
-        self.record_shortfalls(rows, cause, now_ms);
+        for k in keys {
+            if let Ok((p, _, _, _)) = layout::parse_ledger_any(k) {
+                out.entry((p, location.clone())).or_insert_with(|| {
+                    self.views
+                        .entry(p, &location)
+                        .map(|e| self.node_rights(e, self.tag))
+                        .unwrap_or(0)
+                });
+            }
+        }
+        out
     }
 
-    /// After a retirement that passed rights to this node became known: records
-    /// the shortfalls on every row that holds an inherited writer's cells (its
-    /// branches may have spent the same rights twice, and it can no longer
-    /// record that itself).
-    pub(crate) fn record_inherited_deficits(&mut self, now_ms: u64) {
-        let me = self.tag;
-        let rows: Vec<(u64, String)> = self
-            .views
-            .stock
-            .iter()
-            .flat_map(|(p, m)| m.iter().map(move |(l, e)| (*p, l, e)))
-            .filter(|(_, _, e)| {
-                e.cells
-                    .keys()
-                    .any(|a| a.tag() != me && self.views.resolve(a.tag()) == me)
-            })
-            .map(|(p, l, _)| (p, l.clone()))
-            .collect();
-        self.record_shortfalls(rows, "retired", now_ms);
-    }
-
-    /// Writes a deficit record for each of `rows` where this node's rights are
-    /// below zero by more than it has already recorded.
-    fn record_shortfalls(&mut self, rows: Vec<(u64, String)>, cause: &str, now_ms: u64) {
-        let mut shortfalls: Vec<(u64, String, i64)> = rows
-            .into_iter()
-            .filter_map(|(p, l)| {
-                let e = self.views.stock.get(&p)?.get(&l)?;
-                let short = self
-                    .node_rights(e, self.tag)
+    /// One shortfall event, one deficit: for each row of `before`, the units
+    /// this node's rights went below zero since (`max(0, -after) -
+    /// max(0, -before)`), never masked by deficits recorded for earlier
+    /// events. The record's id is the same on every branch of a cloned node
+    /// that merges the same changes (the row, the writers of this node's tag
+    /// on it, the rights after), so two branches detecting one fork record
+    /// one deficit.
+    pub(crate) fn record_event_deficits(
+        &mut self,
+        before: &RightsBefore,
+        cause: &str,
+        now_ms: u64,
+    ) {
+        let mut shortfalls = Vec::new();
+        for ((p, l), b) in before {
+            let Some(e) = self.views.entry(*p, l) else {
+                continue;
+            };
+            let after = self.node_rights(e, self.tag);
+            // The event's own shortfall; and never less than what is short
+            // and not covered by any deficit yet (an earlier event's record
+            // may have been lost with a restored disk).
+            let new_short = (after.saturating_neg().max(0) - b.saturating_neg().max(0)).max(
+                after
                     .saturating_neg()
-                    .saturating_sub(self.recorded_deficit(p, &l));
-                (short > 0).then_some((p, l, short))
-            })
-            .collect();
-        shortfalls.sort_unstable();
-        for (p, location, d) in shortfalls {
-            tracing::warn!(
-                location = %location,
-                product = p,
-                deficit = d,
-                cause,
-                "rights below zero recorded as a deficit"
+                    .saturating_sub(self.recorded_deficit_total(*p, l)),
             );
-            let rec = serde_json::json!({"node": self.cfg.name, "location": location, "product_id": p, "deficit": d, "cause": cause, "at_ms": now_ms});
-            // One record per location and product: a fork detected in several
-            // documents at once must not overwrite its deficits.
-            self.write_record(
-                RecordKind::Deficit,
-                &format!("{cause}.{location}.{p}.{now_ms}"),
-                rec,
-                now_ms,
+            if new_short > 0 {
+                shortfalls.push((*p, l.clone(), new_short, after, self.own_writers_digest(e)));
+            }
+        }
+        for (p, location, d, after, writers) in shortfalls {
+            let mut id = layout::part_id(
+                &format!("{cause}.{location}.{p}"),
+                &format!(".{writers}.{}", after.unsigned_abs()),
             );
+            let mut d = d;
+            let key = (format!("deficit/{id}"), self.cfg.name.clone());
+            if self.views.alarms.contains_key(&key) {
+                // The other branch's record of this very event arrived
+                // first; or an earlier event ended at the same rights: then
+                // only what no deficit covers yet, under an id of its own.
+                let uncovered = after
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit_total(p, &location));
+                if uncovered <= 0 {
+                    continue;
+                }
+                d = uncovered;
+                id = layout::part_id(
+                    &format!("{cause}.{location}.{p}"),
+                    &format!(".{writers}.{}.{now_ms}", after.unsigned_abs()),
+                );
+            }
+            self.write_deficit(&id, p, &location, d, cause, now_ms);
+        }
+    }
+
+    /// A short digest of the incarnations of this node's tag (and of retired
+    /// nodes it succeeds) that wrote cells of an entry.
+    fn own_writers_digest(&self, e: &StockEntry) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for a in e.cells.keys() {
+            if self.views.resolve(a.tag()) == self.tag {
+                h.update(a.hex().as_bytes());
+            }
+        }
+        hex::encode(&h.finalize()[..6])
+    }
+
+    fn write_deficit(
+        &mut self,
+        id: &str,
+        p: u64,
+        location: &str,
+        d: i64,
+        cause: &str,
+        now_ms: u64,
+    ) {
+        tracing::warn!(
+            location = %location,
+            product = p,
+            deficit = d,
+            cause,
+            "rights below zero recorded as a deficit"
+        );
+        let rec = serde_json::json!({"node": self.cfg.name, "location": location, "product_id": p, "deficit": d, "cause": cause, "at_ms": now_ms});
+        self.write_record(RecordKind::Deficit, id, rec, now_ms);
+    }
+
+    /// After a retirement that passed rights to this node became known
+    /// (`retired_before`: the retirements known until then): records the
+    /// shortfall the inheritance causes on every row that holds an inherited
+    /// writer's cells — its branches may have spent the same rights twice,
+    /// and it can no longer record that itself. The shortfall is the event's
+    /// own: what this node's rights fell below zero by, less what it was
+    /// short already and what the retired node was short and recorded itself.
+    pub(crate) fn record_inherited_deficits(
+        &mut self,
+        retired_before: &BTreeMap<NodeTag, NodeTag>,
+        now_ms: u64,
+    ) {
+        let me = self.tag;
+        let old = |t: NodeTag| {
+            let mut t = t;
+            for _ in 0..16 {
+                match retired_before.get(&t) {
+                    Some(next) if *next != t => t = *next,
+                    _ => break,
+                }
+            }
+            t
+        };
+        let mut shortfalls = Vec::new();
+        for (p, m) in &self.views.stock {
+            for (l, e) in m {
+                // Writers that were not this node's before and are now.
+                let mut inherited: Vec<NodeTag> = e
+                    .cells
+                    .keys()
+                    .map(|a| a.tag())
+                    .chain(e.cells.values().flat_map(|c| c.granted.keys().copied()))
+                    .filter(|t| old(*t) != me && self.views.resolve(*t) == me)
+                    .map(old)
+                    .collect();
+                if inherited.is_empty() {
+                    continue;
+                }
+                inherited.sort();
+                inherited.dedup();
+                let after = self.node_rights(e, me);
+                let mine_before = e.rights_in(me, &old);
+                let mut short = after.saturating_neg().max(0) - mine_before.saturating_neg().max(0);
+                for t in inherited {
+                    let theirs = e.rights_in(t, &old).saturating_neg().max(0);
+                    let name = self.views.name_of(t);
+                    short -= theirs.min(self.recorded_deficit_of(&name, *p, l));
+                }
+                let uncovered = after
+                    .saturating_neg()
+                    .saturating_sub(self.recorded_deficit_total(*p, l));
+                let short = short.max(uncovered);
+                if short > 0 {
+                    shortfalls.push((*p, l.clone(), short, after));
+                }
+            }
+        }
+        for (p, location, d, after) in shortfalls {
+            let id = layout::part_id(
+                &format!("retired.{location}.{p}"),
+                &format!(".{}", after.unsigned_abs()),
+            );
+            self.write_deficit(&id, p, &location, d, "retired", now_ms);
         }
     }
 
     /// Units of deficit recorded on (product, location) by this node or by a
     /// retired node whose rights passed to it.
-    fn recorded_deficit(&self, product: u64, location: &str) -> i64 {
+    fn recorded_deficit_total(&self, product: u64, location: &str) -> i64 {
         let me = self.tag;
-        let names: BTreeSet<&str> = std::iter::once(self.cfg.name.as_str())
-            .chain(
-                self.views
-                    .nodes
-                    .iter()
-                    .filter(|(t, _)| **t != me && self.views.resolve(**t) == me)
-                    .map(|(_, info)| info.name.as_str()),
-            )
+        let mut names: BTreeSet<String> = self
+            .views
+            .nodes
+            .keys()
+            .filter(|t| **t != me && self.views.resolve(**t) == me)
+            .map(|t| self.views.name_of(*t))
             .collect();
+        names.insert(self.cfg.name.clone());
+        names
+            .iter()
+            .map(|n| self.recorded_deficit_of(n, product, location))
+            .fold(0i64, i64::saturating_add)
+    }
+
+    /// Units of deficit recorded on (product, location) by the node `name`.
+    fn recorded_deficit_of(&self, name: &str, product: u64, location: &str) -> i64 {
         self.views
             .alarms
             .values()
-            .filter(|a| a.kind == "deficit" && names.contains(a.node.as_str()))
+            .filter(|a| a.kind == "deficit" && a.node == name)
             .filter(|a| {
                 a.record["product_id"].as_u64() == Some(product)
                     && a.record["location"].as_str() == Some(location)

@@ -264,6 +264,8 @@ impl Engine {
                 LedgerField::Received => have.received,
                 LedgerField::Removed => have.removed,
                 LedgerField::Granted(t) => have.granted.get(&t).copied().unwrap_or(0),
+                LedgerField::Held(t) => have.held.get(&t).copied().unwrap_or(0),
+                LedgerField::Released => have.released,
             };
             if n > held {
                 own_above += usize::from(actor.tag() == self.tag);
@@ -278,10 +280,11 @@ impl Engine {
         let id = current.encode();
         tracing::info!(doc, into = %id, cells = keys.len(), "carried cells of late changes to an older ledger epoch");
         self.commit_pending_writes(&id, now_ms);
+        let before = self.rights_of_keys(&id, &keys);
         self.recompute_keys(&id, &keys);
         self.stats.late_cells_carried += keys.len() as u64;
         if own_above > 0 {
-            self.record_fork(&id, own_above, now_ms);
+            self.record_fork(&id, own_above, &before, now_ms);
         }
     }
 
@@ -316,7 +319,11 @@ impl Engine {
                     || c.removed > v.removed
                     || c.granted
                         .iter()
-                        .any(|(t, q)| *q > v.granted.get(t).copied().unwrap_or(0));
+                        .any(|(t, q)| *q > v.granted.get(t).copied().unwrap_or(0))
+                    || c.held
+                        .iter()
+                        .any(|(t, q)| *q > v.held.get(t).copied().unwrap_or(0))
+                    || c.released > v.released;
                 n += usize::from(above);
             }
         }
@@ -370,6 +377,18 @@ impl Engine {
                                 *q,
                             ));
                         }
+                    }
+                    for (t, q) in &c.held {
+                        if *q > h.held.get(t).copied().unwrap_or(0) {
+                            carried
+                                .push((ledger_carried_key(*p, *actor, LedgerField::Held(*t)), *q));
+                        }
+                    }
+                    if c.released > h.released {
+                        carried.push((
+                            ledger_carried_key(*p, *actor, LedgerField::Released),
+                            c.released,
+                        ));
                     }
                 }
             }

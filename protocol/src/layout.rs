@@ -4,7 +4,7 @@
 //! | document | id | keys (root map) | writer |
 //! |---|---|---|---|
 //! | mesh directory | `mesh` | `<tag>/info` = JSON [`NodeInfo`] | the node `<tag>` |
-//! | ledger | `ledger/<location>/<bucket>` | `<product>/<actor>/r`, `/d`, `/g/<to-tag>` = uint | the actor |
+//! | ledger | `ledger/<location>/<bucket>` | `<product>/<actor>/r`, `/d`, `/g/<to-tag>`, `/h/<to-tag>` (held for reservations), `/u` (released) = uint | the actor |
 //! | records | `rec/<tag>/<yyyymm>` | `<kind>/<client id>` = JSON record | the node `<tag>` |
 //! | customers | `cust/<bucket>` | `<customer>/p/<field>` (any node), `<customer>/<actor>/e` and `/s` (loyalty earned/spent, the actor), `<customer>/x` (erased, any node) | see left |
 //!
@@ -150,6 +150,12 @@ pub enum LedgerField {
     Received,
     Removed,
     Granted(NodeTag),
+    /// Units this actor reserved for node `to` (written in the change that
+    /// grants them, so a reservation's hold is never apart from its units).
+    Held(NodeTag),
+    /// Units of reservations this actor closed (fulfilled, cancelled,
+    /// expired): released from the holds on its node.
+    Released,
 }
 
 pub fn ledger_key(product: u64, actor: ActorKey, field: LedgerField) -> String {
@@ -157,6 +163,8 @@ pub fn ledger_key(product: u64, actor: ActorKey, field: LedgerField) -> String {
         LedgerField::Received => format!("{product}/{}/r", actor.hex()),
         LedgerField::Removed => format!("{product}/{}/d", actor.hex()),
         LedgerField::Granted(to) => format!("{product}/{}/g/{to}", actor.hex()),
+        LedgerField::Held(to) => format!("{product}/{}/h/{to}", actor.hex()),
+        LedgerField::Released => format!("{product}/{}/u", actor.hex()),
     }
 }
 
@@ -213,6 +221,10 @@ pub fn parse_ledger_key(key: &str) -> Result<(u64, ActorKey, LedgerField), Strin
         (Some("g"), Some(to), None) => LedgerField::Granted(
             NodeTag::parse(to).ok_or_else(|| format!("bad grantee in ledger key {key:?}"))?,
         ),
+        (Some("h"), Some(to), None) => LedgerField::Held(
+            NodeTag::parse(to).ok_or_else(|| format!("bad holder in ledger key {key:?}"))?,
+        ),
+        (Some("u"), None, None) => LedgerField::Released,
         _ => return Err(format!("bad field in ledger key {key:?}")),
     };
     Ok((product, actor, field))
@@ -558,6 +570,8 @@ mod tests {
             LedgerField::Received,
             LedgerField::Removed,
             LedgerField::Granted(NodeTag([3; 6])),
+            LedgerField::Held(NodeTag([4; 6])),
+            LedgerField::Released,
         ] {
             let k = ledger_key(123, a, f);
             assert_eq!(parse_ledger_key(&k).unwrap(), (123, a, f));

@@ -20,6 +20,13 @@ pub struct ActorCells {
     pub removed: u64,
     /// Sell-rights this actor handed to other nodes (cumulative per receiver).
     pub granted: BTreeMap<NodeTag, u64>,
+    /// Units this actor reserved for a node (cumulative per holder): they
+    /// stay in that node's rights but it may not sell them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held: BTreeMap<NodeTag, u64>,
+    /// Units of reservations this actor closed, released from its node's holds.
+    #[serde(default)]
+    pub released: u64,
 }
 
 impl ActorCells {
@@ -31,6 +38,11 @@ impl ActorCells {
             let e = self.granted.entry(*to).or_default();
             *e = (*e).max(*q);
         }
+        for (to, q) in &other.held {
+            let e = self.held.entry(*to).or_default();
+            *e = (*e).max(*q);
+        }
+        self.released = self.released.max(other.released);
     }
     fn granted_total(&self) -> i128 {
         self.granted.values().map(|q| i128::from(*q)).sum()
@@ -83,6 +95,40 @@ impl StockEntry {
             }
         }
         clamp_i64(v)
+    }
+
+    /// Units held for open reservations of `node` (what it may not sell of
+    /// its rights): `Σ held[→V] − Σ released[V]`, with retired nodes' holds
+    /// passed to their successors like their rights. Never below 0 (two
+    /// branches of a forked node releasing one reservation twice must not
+    /// free another's units as a negative hold).
+    pub fn held_in(&self, node: NodeTag, resolve: &dyn Fn(NodeTag) -> NodeTag) -> i64 {
+        let mut v: i128 = 0;
+        for (actor, c) in &self.cells {
+            if resolve(actor.tag()) == node {
+                v -= i128::from(c.released);
+            }
+            for (to, q) in &c.held {
+                if resolve(*to) == node {
+                    v += i128::from(*q);
+                }
+            }
+        }
+        clamp_i64(v.max(0))
+    }
+
+    /// Units held for open reservations of every node, as [`held_in`](Self::held_in).
+    pub fn held_total(&self, resolve: &dyn Fn(NodeTag) -> NodeTag) -> i64 {
+        let mut nodes: Vec<NodeTag> = Vec::new();
+        for c in self.cells.values() {
+            nodes.extend(c.held.keys().map(|t| resolve(*t)));
+        }
+        nodes.sort();
+        nodes.dedup();
+        nodes
+            .into_iter()
+            .map(|n| self.held_in(n, resolve))
+            .fold(0i64, i64::saturating_add)
     }
 
     /// Rights of every node that appears in the entry.

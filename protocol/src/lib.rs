@@ -14,6 +14,7 @@ pub mod epochs;
 pub mod fuzz;
 pub mod history;
 pub mod ids;
+pub mod imports;
 pub mod inflate;
 pub mod layout;
 pub mod lazydoc;

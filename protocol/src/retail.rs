@@ -620,7 +620,19 @@ impl Engine {
             }
             summary.push(entry);
         }
-        let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "at_ms": now_ms});
+        // The other nodes' imports of this id this one was booked after
+        // (`imports.rs`: it is not the first, whatever the clocks say).
+        let seen: Vec<String> = self
+            .views
+            .imports
+            .get(&imp.import_id)
+            .into_iter()
+            .flatten()
+            .filter(|(n, s)| **n != self.cfg.name && s.at_ms != 0)
+            .map(|(n, _)| n.clone())
+            .take(crate::imports::SEEN_MAX)
+            .collect();
+        let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "seen": seen, "at_ms": now_ms});
         self.write_record(RecordKind::Import, &imp.import_id, record, now_ms);
         Ok(Engine::reply(
             201,
@@ -660,6 +672,7 @@ impl Engine {
             RecordKind::Reservation | RecordKind::ReservationClose => {
                 self.note_reservation(kind, id, v)
             }
+            RecordKind::Import => self.note_import(v),
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();

@@ -326,6 +326,7 @@ impl<T> NodeLoop<T> {
         self.poll_parked(store, now, &mut replies);
         self.engine.allocate(&self.cfg.allocation, now);
         self.engine.expire_reservations(now);
+        self.engine.settle_ownerless_imports(now);
         let mut batch = self.engine.flush(now);
         // The engine drains its idempotency records from a hash map: sorted,
         // the storage I/O sequence is the same on every run (the simulator).

@@ -1322,19 +1322,26 @@ impl Engine {
             .authors
             .iter()
             .any(|t| *t != self.tag && self.views.resolve(*t) == self.tag);
-        let retirements = self.views.retired.len();
+        let retired_before = self.views.retired.clone();
+        // This node's rights before the changes: a deficit is the shortfall
+        // they cause, not one an earlier event caused (or recorded).
+        let rights_before = if own > 0 || inherited {
+            self.rights_of_keys(doc, &verdict.keys)
+        } else {
+            Default::default()
+        };
         // The first changes of a newer ledger epoch: move to it before any
         // view is read from it (carries this node's view forward).
         self.maybe_switch_epoch(doc, now_ms);
         self.recompute_keys(doc, &verdict.keys);
         if own > 0 {
-            self.record_fork(doc, own, now_ms);
+            self.record_fork(doc, own, &rights_before, now_ms);
         } else if inherited {
-            self.record_deficits(doc, "retired", now_ms);
+            self.record_event_deficits(&rights_before, "retired", now_ms);
         }
         // A retirement that arrives after the retired node's changes.
-        if self.views.retired.len() != retirements {
-            self.record_inherited_deficits(now_ms);
+        if self.views.retired != retired_before {
+            self.record_inherited_deficits(&retired_before, now_ms);
         }
     }
 

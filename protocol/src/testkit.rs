@@ -145,6 +145,8 @@ impl TestMesh {
     pub fn commit(&mut self, i: usize) {
         let now = self.now_ms;
         let node = &mut self.nodes[i];
+        // As the node loop's step does before its flush.
+        node.engine.settle_ownerless_imports(now);
         let batch = node.engine.flush(now);
         for (k, r) in batch.idem {
             node.idem.insert(k, r);

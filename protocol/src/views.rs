@@ -90,6 +90,11 @@ pub fn read_entry<D: ReadDoc>(
                     let g = c.granted.entry(to).or_default();
                     *g = (*g).max(n);
                 }
+                LedgerField::Held(to) => {
+                    let g = c.held.entry(to).or_default();
+                    *g = (*g).max(n);
+                }
+                LedgerField::Released => c.released = c.released.max(n),
             }
         }
     }
@@ -286,6 +291,10 @@ pub struct Views {
     /// count id → node that took it → count session (and finished counts),
     /// from the records; two nodes may have used one id while apart.
     pub count_sessions: HashMap<String, BTreeMap<String, crate::counts::CountSession>>,
+    /// import id → importing node → what it booked where (`imports.rs`).
+    pub imports: HashMap<String, BTreeMap<String, crate::imports::ImportSeen>>,
+    /// Import ids noted since the last `Engine::settle_ownerless_imports`.
+    pub imports_pending: BTreeSet<String>,
     /// Locations declared with `POST /api/locations` (the `mesh` document).
     pub declared: BTreeMap<String, crate::layout::DeclaredLocation>,
 }
@@ -310,6 +319,11 @@ pub struct ReservationView {
     pub closed: Option<String>,
     /// True once the creating node's record has arrived.
     pub known: bool,
+    /// The ledger hold written with the reservation (protocol 6): its
+    /// writer, and per product the writer's held cell once it includes this
+    /// reservation. `None` for a reservation recorded before holds were in
+    /// the ledger (its record alone holds its units).
+    pub hold: Option<(crate::ids::ActorKey, BTreeMap<u64, u64>)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 /// at the hello instead.
 /// 5: ledger epochs (`ledger/<location>/<bucket>/<epoch>`, carried `b/…`
 /// cells): version 4 would refuse both.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: reservation holds in the ledger (`<product>/<actor>/h/<to>`, `/u`),
+/// written with the reservation's grant: version 5 would refuse them.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Version byte at the start of every frame payload.
 pub const FRAME_VERSION: u8 = 1;
 /// Version byte of a frame whose payload is DEFLATE-compressed.

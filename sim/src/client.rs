@@ -30,6 +30,15 @@ pub enum Kind {
     CountPage,
     /// `POST /api/counts/{id}/finish` (the id is the count id).
     CountFinish,
+    /// `POST /api/transfers` (the id is the transfer id; ids may collide
+    /// between nodes on purpose).
+    Transfer,
+    /// `POST /api/transfers/{id}/receive` (a receipt of colliding ids gets
+    /// its own key, so no record key is known in advance).
+    TransferReceive,
+    /// `storemesh import counts` (the id is the import id; two nodes import
+    /// the same file at a location no node owns).
+    ImportCounts,
 }
 
 impl Kind {
@@ -44,7 +53,10 @@ impl Kind {
             Kind::Reserve => Some("rsv"),
             Kind::ReservationFulfil => Some("sale"),
             Kind::ReservationCancel => Some("rsc"),
-            Kind::CustomerPut
+            Kind::Transfer => Some("trf"),
+            Kind::ImportCounts => Some("imp"),
+            Kind::TransferReceive
+            | Kind::CustomerPut
             | Kind::CustomerErase
             | Kind::Redeem
             | Kind::Retire

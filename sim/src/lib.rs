@@ -9,6 +9,7 @@
 //! - [`scenario`]: a described scenario (topology, rates, partition schedule);
 //! - [`selftest`]: planted bugs the checkers must find.
 
+pub mod books;
 pub mod check;
 pub mod client;
 pub mod driver;

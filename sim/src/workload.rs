@@ -35,6 +35,16 @@ pub fn grant(body: Value) -> Op {
     Op::Grant(parse("grant", body))
 }
 
+/// A transfer a node may receive: (id, from, lines as (product, quantity)).
+type Arriving = (String, String, Vec<(u64, u64)>);
+
+/// The location no node owns that the workload imports opening balances at.
+pub const OWNERLESS: &str = "wh";
+/// The counts of the warehouse's opening file, per row: on hand 20, 25, 30.
+pub fn ownerless_counts() -> [u64; 3] {
+    [20, 25, 30]
+}
+
 /// The catalogue and people a workload draws from.
 pub struct Catalogue {
     pub products: Vec<u64>,
@@ -271,6 +281,8 @@ impl World {
                     c,
                 )
             }
+            92..=95 => self.random_transfer_op(cat, i, &own, &targets),
+            96 if self.rng.gen_bool(0.3) => self.ownerless_import_op(),
             _ => {
                 let id = cat.fresh_id("p");
                 let c = cat.customers[self.rng.gen_range(0..cat.customers.len())].clone();
@@ -372,18 +384,121 @@ impl World {
         } else {
             others[self.rng.gen_range(0..others.len())].clone()
         };
-        let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+        // One or two products: a reservation across ledger documents (buckets).
+        let mut ps = cat.products.clone();
+        ps.shuffle(&mut self.rng);
+        let n = self.rng.gen_range(1..=2).min(ps.len());
+        let lines: Vec<Value> = ps[..n]
+            .iter()
+            .map(|p| json!({"product_id": p, "quantity": self.rng.gen_range(1..=3)}))
+            .collect();
         // Expiry is judged by the fulfilling node's clock, which may be hours
         // off this node's (clock faults): some expire at once, some never.
         let expires = self.clock(i) + self.rng.gen_range(500..60_000);
         let body = json!({"reservation_id": id, "location": loc, "fulfil_by": fulfil_by,
             "expires_at": format_rfc3339_ms(expires),
-            "lines": [{"product_id": p, "quantity": self.rng.gen_range(1..=3)}]});
+            "lines": lines});
         let mut body = body;
         if self.rng.gen_bool(0.3) {
             body["customer_id"] = json!(cat.customers[self.rng.gen_range(0..cat.customers.len())]);
         }
         (Kind::Reserve, Op::Reserve(parse("reservation", body)), id)
+    }
+
+    /// A transfer from node `i`'s location to another node's, with an id
+    /// from a small pool shared by every node now and then (two nodes apart
+    /// create the same id: both must stay exact), or — at the destination —
+    /// the receipt of one, sometimes short (shrinkage).
+    fn random_transfer_op(
+        &mut self,
+        cat: &mut Catalogue,
+        i: usize,
+        own: &str,
+        targets: &[String],
+    ) -> (Kind, Op, String) {
+        let receiving: std::collections::BTreeSet<(String, String)> = self
+            .clients
+            .reqs
+            .iter()
+            .filter(|r| r.node == i)
+            .filter_map(|r| match &r.op {
+                Op::TransferReceive(t) => {
+                    Some((t.transfer_id.clone(), t.from.clone().unwrap_or_default()))
+                }
+                _ => None,
+            })
+            .collect();
+        let arriving: Vec<Arriving> = self
+            .clients
+            .reqs
+            .iter()
+            .filter(|r| r.first_ok.is_some())
+            .filter_map(|r| match &r.op {
+                Op::Transfer(t) if t.to == own => Some((
+                    t.transfer_id.clone(),
+                    t.from.clone(),
+                    t.lines.iter().map(|l| (l.product_id, l.quantity)).collect(),
+                )),
+                _ => None,
+            })
+            .filter(|(id, from, _)| !receiving.contains(&(id.clone(), from.clone())))
+            .collect();
+        if !arriving.is_empty() && self.rng.gen_bool(0.6) {
+            let (id, from, lines) = arriving[self.rng.gen_range(0..arriving.len())].clone();
+            let mut body = json!({"transfer_id": id, "from": from});
+            if lines.first().is_some_and(|l| l.1 > 1) && self.rng.gen_bool(0.3) {
+                // One unit short on the first line: recorded shrinkage.
+                let got: Vec<Value> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (p, q))| {
+                        json!({"product_id": p, "quantity": if k == 0 { q - 1 } else { *q }})
+                    })
+                    .collect();
+                body["lines"] = json!(got);
+            }
+            let op = Op::TransferReceive(parse("transfer receipt", body));
+            return (Kind::TransferReceive, op, id);
+        }
+        let id = if self.rng.gen_bool(0.3) {
+            format!("tc-{}", self.rng.gen_range(0..4))
+        } else {
+            cat.fresh_id("tr")
+        };
+        let to = if targets.is_empty() {
+            own.to_string()
+        } else {
+            targets[self.rng.gen_range(0..targets.len())].clone()
+        };
+        let p = cat.products[self.rng.gen_range(0..cat.products.len())];
+        let r = self.peek_rights(i, p, own).max(0) as u64;
+        let q = self.rng.gen_range(1..=(r / 2).max(1));
+        let body = json!({"transfer_id": id, "from": own, "to": to,
+            "lines": [{"product_id": p, "quantity": q}]});
+        (Kind::Transfer, Op::Transfer(parse("transfer", body)), id)
+    }
+
+    /// Opening balances of the warehouse (`wh`, a location no node owns):
+    /// every node that imports uses the same file and import id, so two
+    /// nodes apart book the same count; it must count once.
+    fn ownerless_import_op(&mut self) -> (Kind, Op, String) {
+        let rows: Vec<storemesh_protocol::ops::ImportRow> = ownerless_counts()
+            .iter()
+            .enumerate()
+            .map(|(k, n)| storemesh_protocol::ops::ImportRow {
+                line: k as u64 + 2,
+                sku: format!("sim-wh-{k}"),
+                title: None,
+                location: OWNERLESS.into(),
+                on_hand: *n,
+            })
+            .collect();
+        let op = Op::ImportCounts(storemesh_protocol::ops::ImportCounts {
+            import_id: "wh-opening".into(),
+            rows,
+            scope: None,
+        });
+        (Kind::ImportCounts, op, "wh-opening".into())
     }
 
     fn random_sale(

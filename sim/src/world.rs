@@ -1198,9 +1198,24 @@ impl World {
         }
         .encode();
         for rid in rids {
+            // A request reusing an earlier request's key at this node (the
+            // same import file imported again) is answered from that one's
+            // idempotency record: its record is where the earlier one wrote
+            // it, maybe in an earlier month of this node's clock.
+            let r = &self.clients.reqs[*rid];
+            let earlier: Vec<String> = match &r.key {
+                Some(k) if r.conflict_probe_of.is_none() => self.clients.reqs[..*rid]
+                    .iter()
+                    .filter(|o| o.node == i && o.key.as_ref() == Some(k))
+                    .flat_map(|o| o.rec_docs.iter().cloned())
+                    .collect(),
+                _ => Vec::new(),
+            };
             let docs = &mut self.clients.reqs[*rid].rec_docs;
-            if !docs.contains(&doc) {
-                docs.push(doc.clone());
+            for d in earlier.into_iter().chain(std::iter::once(doc.clone())) {
+                if !docs.contains(&d) {
+                    docs.push(d);
+                }
             }
         }
     }
