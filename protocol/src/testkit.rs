@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::engine::{Engine, EngineConfig, Policy};
 use crate::ids::NodeId;
-use crate::ops::{IdemRecord, Op, OpError, OpReply, QtyLine, Receipt, Sale, SaleLine};
+use crate::ops::{
+    Count, CountLine, Grant, IdemRecord, Op, OpError, OpReply, QtyLine, Receipt, Sale, SaleLine,
+};
 
 /// A receipt of `lines` (product, quantity) at `location`.
 pub fn receipt(id: &str, location: &str, lines: &[(u64, u64)]) -> Op {
@@ -21,6 +23,34 @@ pub fn receipt(id: &str, location: &str, lines: &[(u64, u64)]) -> Op {
                 quantity: *q,
             })
             .collect(),
+        ..Default::default()
+    })
+}
+
+/// A count of `lines` (product, counted) at `location`.
+pub fn count(id: &str, loc: &str, lines: &[(u64, u64)]) -> Op {
+    Op::Count(Count {
+        count_id: id.into(),
+        location: loc.into(),
+        lines: lines
+            .iter()
+            .map(|(p, c)| CountLine {
+                product_id: *p,
+                counted: *c,
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// A grant of `q` units of product `p` at `loc` to node `to`.
+pub fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
+    Op::Grant(Grant {
+        grant_id: id.into(),
+        product_id: p,
+        location: loc.into(),
+        to: to.into(),
+        quantity: q,
         ..Default::default()
     })
 }

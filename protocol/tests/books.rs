@@ -6,36 +6,10 @@ use automerge::{Automerge, ScalarValue, ROOT};
 use storemesh_protocol::ids::{product_bucket, CELL_MAX};
 use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
 use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::{self, TestMesh};
+use storemesh_protocol::testkit::{self, count, grant, TestMesh};
 use storemesh_protocol::Engine;
 
 const NOW: u64 = 1_795_773_600_000;
-
-fn count(id: &str, loc: &str, lines: &[(u64, u64)]) -> Op {
-    Op::Count(Count {
-        count_id: id.into(),
-        location: loc.into(),
-        lines: lines
-            .iter()
-            .map(|(p, c)| CountLine {
-                product_id: *p,
-                counted: *c,
-            })
-            .collect(),
-        ..Default::default()
-    })
-}
-
-fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
-    Op::Grant(Grant {
-        grant_id: id.into(),
-        product_id: p,
-        location: loc.into(),
-        to: to.into(),
-        quantity: q,
-        ..Default::default()
-    })
-}
 
 fn deficits(e: &Engine) -> Vec<i64> {
     e.views

@@ -3,7 +3,7 @@
 //! counts imported at a location no node owns counted once.
 
 use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::{self, TestMesh};
+use storemesh_protocol::testkit::{self, count, grant, TestMesh};
 
 fn reserve(id: &str, loc: &str, lines: &[(u64, u64)], by: &str, expires_at_ms: u64) -> Op {
     Op::Reserve(Reserve {
@@ -143,32 +143,6 @@ fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
         .collect();
     d.sort();
     d
-}
-
-fn count(id: &str, loc: &str, lines: &[(u64, u64)]) -> Op {
-    Op::Count(Count {
-        count_id: id.into(),
-        location: loc.into(),
-        lines: lines
-            .iter()
-            .map(|(p, c)| CountLine {
-                product_id: *p,
-                counted: *c,
-            })
-            .collect(),
-        ..Default::default()
-    })
-}
-
-fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
-    Op::Grant(Grant {
-        grant_id: id.into(),
-        product_id: p,
-        location: loc.into(),
-        to: to.into(),
-        quantity: q,
-        ..Default::default()
-    })
 }
 
 /// Finding 4: after an old deficit (a count found 5 missing, later restocked),
