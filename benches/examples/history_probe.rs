@@ -59,21 +59,24 @@ fn main() {
         let store = Store::open(&probe_path("storemesh-probe.redb")).unwrap();
         println!("store open: {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
-        for d in store.load_docs().unwrap() {
-            let (r, t1) = (rss_mib(), Instant::now());
-            e.load_doc_with_index(&d.id, &d.parts, d.heads_log.clone(), d.index.as_deref())
-                .unwrap();
-            if std::env::var_os("PROBE_VERBOSE").is_some() {
-                println!(
-                    "  {} parts {} bytes {} +{:.0} MiB {:?}",
-                    d.id,
-                    d.parts.len(),
-                    d.parts.iter().map(|p| p.len()).sum::<usize>(),
-                    rss_mib() - r,
-                    t1.elapsed()
-                );
-            }
-        }
+        store
+            .for_each_doc(|d| {
+                let (r, t1) = (rss_mib(), Instant::now());
+                e.load_doc_with_index(&d.id, &d.parts, d.heads_log.clone(), d.index.as_deref())
+                    .unwrap();
+                if std::env::var_os("PROBE_VERBOSE").is_some() {
+                    println!(
+                        "  {} parts {} bytes {} +{:.0} MiB {:?}",
+                        d.id,
+                        d.parts.len(),
+                        d.parts.iter().map(|p| p.len()).sum::<usize>(),
+                        rss_mib() - r,
+                        t1.elapsed()
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
         println!("restart: docs {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
         e.finish_open();
         println!(
@@ -81,6 +84,12 @@ fn main() {
             t.elapsed(),
             rss_mib(),
             e.stats.parts_opened_indexed
+        );
+        let (cold, cold_bytes) = e.cold_parts();
+        println!(
+            "sale index: {} sales in {} bytes; cold parts {cold} holding {cold_bytes} bytes",
+            e.views.sales.len(),
+            e.views.sales.entry_bytes()
         );
         // As the node's loop does after a start: batches write the indexes
         // of parts that had none (the next restart opens them unread).

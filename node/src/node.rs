@@ -323,11 +323,13 @@ fn open_engine(cfg: &Config, node_id: NodeId, store: &Store) -> anyhow::Result<E
             .load_keys()
             .context("cannot load the customer key store")?,
     );
-    for d in store.load_docs().context("cannot load documents")? {
-        engine
-            .load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
-            .map_err(|e| anyhow::anyhow!("stored document {} is damaged: {e}", d.id))?;
-    }
+    store
+        .for_each_doc(|d| {
+            engine
+                .load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
+                .map_err(|e| anyhow::anyhow!("stored document {} is damaged: {e}", d.id))
+        })
+        .context("cannot load documents")?;
     engine.finish_open();
     Ok(engine)
 }

@@ -387,8 +387,7 @@ impl Engine {
     fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
         let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
         let Some((old_doc, _)) = self.sale_doc(id) else {
-            // The hash slot is free or held by another id.
-            self.views.sales.set(id, doc, false);
+            self.views.sales.add(id, doc);
             self.feed_sale(id);
             return;
         };
@@ -396,6 +395,7 @@ impl Engine {
             return;
         }
         self.feed_sale(id);
+        self.views.sales.add(id, doc);
         let replace = if tag_of(&old_doc) == tag_of(doc) {
             true
         } else {
@@ -410,10 +410,8 @@ impl Engine {
             let mine = |d: &str| tag_of(d).as_deref() == Some(own.as_str());
             mine(doc) || (!mine(&old_doc) && doc < old_doc.as_str())
         };
-        if replace {
-            let slot_is_id = self.views.sales.hashed(id) == Some(old_doc.as_str());
-            self.views.sales.set(id, doc, slot_is_id);
-        }
+        let first = if replace { doc } else { old_doc.as_str() };
+        self.views.sales.prefer(id, first);
     }
 
     fn feed_sale(&mut self, id: &str) {
