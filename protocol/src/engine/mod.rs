@@ -230,7 +230,7 @@ pub struct Engine {
     /// Where this batch's new changes per document came from: decides which
     /// peers the push after the commit goes to.
     pub(crate) push_sources: BTreeMap<String, crate::sync::PushSource>,
-    /// Catch-up coordination (see `sync::Engine::defer_for_leader`).
+    /// Catch-up coordination (see `Engine::defer_for_leader` in `sync/session.rs`).
     pub(crate) catchup: crate::sync::Catchup,
     /// Documents with pending writes or received changes (what `flush` looks at).
     pub(crate) dirty_docs: BTreeSet<String>,
