@@ -1,0 +1,152 @@
+//! Group commit: `Engine::flush` assembles the `Batch` to persist,
+//! `Engine::committed` releases what waited for it and
+//! `Engine::take_outgoing` hands over the frames for peers.
+
+use automerge::{ReadDoc, ROOT};
+
+use super::{
+    hex_heads, Batch, DocWrite, Engine, CHUNKS_PER_SNAPSHOT_MAX, HEADS_LOG_MAX,
+    SNAPSHOT_CHUNK_FACTOR, SNAPSHOT_FLOOR_BYTES,
+};
+use crate::ids::NodeId;
+use crate::layout::{self, CustomerKey, DocId};
+
+impl Engine {
+    /// Commits the pending writes of every document as one Automerge change per
+    /// document and returns everything the shell must persist atomically.
+    pub fn flush(&mut self, now_ms: u64) -> Batch {
+        let mut batch = Batch::default();
+        // Erased customers whose profile came back from an offline peer are scrubbed again.
+        let customers: Vec<String> = std::mem::take(&mut self.pending_customers)
+            .into_iter()
+            .collect();
+        for c in &customers {
+            let doc_id = self.customer_doc(c);
+            if let Some(slot) = self.docs.get(&doc_id.encode()) {
+                let erased = slot
+                    .doc
+                    .get(
+                        ROOT,
+                        CustomerKey::Erased {
+                            customer: c.clone(),
+                        }
+                        .encode(),
+                    )
+                    .ok()
+                    .flatten()
+                    .is_some();
+                if erased {
+                    let present: Vec<String> = layout::PROFILE_FIELDS
+                        .iter()
+                        .map(|f| {
+                            CustomerKey::Profile {
+                                customer: c.clone(),
+                                field: (*f).into(),
+                            }
+                            .encode()
+                        })
+                        .filter(|k| slot.doc.get(ROOT, k.as_str()).ok().flatten().is_some())
+                        .collect();
+                    self.dirty_docs.insert(doc_id.encode());
+                    let s = self.slot(&doc_id);
+                    for k in present {
+                        if !s.dels.contains(&k) {
+                            s.dels.push(k);
+                        }
+                    }
+                }
+            }
+        }
+        let dirty = self.dirty_docs.clone();
+        self.cut_full_epochs(&dirty, now_ms);
+        let ids: Vec<String> = std::mem::take(&mut self.dirty_docs).into_iter().collect();
+        for id in ids {
+            // One Automerge change per document for the whole batch.
+            self.commit_pending_writes(&id, now_ms);
+            self.dirty_docs.remove(&id);
+            let Some(slot) = self.docs.get_mut(&id) else {
+                continue;
+            };
+            let heads = slot.doc.get_heads();
+            if heads == slot.persisted {
+                continue;
+            }
+            self.indexed_parts.remove(&id);
+            let chunk = slot.doc.save_after(&slot.persisted);
+            // The push after the commit carries the same bytes; nobody to push
+            // to (or too large for one frame: offered through a session) → none.
+            let push = if !self.sessions.is_empty() && chunk.len() <= crate::wire::CHUNK_BYTES_MAX {
+                chunk.clone()
+            } else {
+                Vec::new()
+            };
+            let fold_at = slot
+                .snapshot_bytes
+                .saturating_mul(SNAPSHOT_CHUNK_FACTOR)
+                .max(SNAPSHOT_FLOOR_BYTES);
+            if slot.chunk_bytes + chunk.len() as u64 > fold_at
+                || slot.next_chunk >= CHUNKS_PER_SNAPSHOT_MAX
+            {
+                let bytes = slot.doc.save();
+                slot.snapshot_bytes = bytes.len() as u64;
+                slot.chunk_bytes = 0;
+                slot.next_chunk = 1;
+                batch.docs.push(DocWrite::Snapshot {
+                    doc: id.clone(),
+                    bytes,
+                });
+            } else {
+                slot.chunk_bytes += chunk.len() as u64;
+                let seq = slot.next_chunk.max(1);
+                slot.next_chunk = seq + 1;
+                batch.docs.push(DocWrite::Chunk {
+                    doc: id.clone(),
+                    seq,
+                    bytes: chunk,
+                });
+            }
+            if matches!(slot.id, DocId::Ledger { .. }) {
+                slot.heads_log.push_back((now_ms, heads.clone()));
+                while slot.heads_log.len() > HEADS_LOG_MAX {
+                    slot.heads_log.pop_front();
+                }
+                batch
+                    .heads_log
+                    .push((id.clone(), now_ms, hex_heads(&heads)));
+            }
+            batch.heads.push((id.clone(), hex_heads(&heads)));
+            slot.persisted = heads.clone();
+            let part = crate::sync::doc_digest(&id, &heads);
+            let old = std::mem::replace(&mut slot.digest_part, part);
+            self.digest.toggle(&id, old);
+            self.digest.toggle(&id, part);
+            self.changed_docs.insert(id, push);
+        }
+        self.flush_part_indexes(&mut batch);
+        for (p, l) in std::mem::take(&mut self.pending_rows) {
+            let row = self.row(p, &l);
+            batch.rows.push(((p, l), row));
+        }
+        batch.idem = self.pending_idem.drain().collect();
+        batch.retired = std::mem::take(&mut self.pending_retired);
+        batch.sync_states = std::mem::take(&mut self.pending_sync_states);
+        batch.keys = std::mem::take(&mut self.pending_keys).into_iter().collect();
+        self.keys_to_push.extend(batch.keys.iter().cloned());
+        batch
+    }
+
+    /// The batch returned by the last `flush` is durable: release the pushes to peers.
+    pub fn committed(&mut self, now_ms: u64) {
+        let changed = std::mem::take(&mut self.changed_docs);
+        self.push_docs(changed, now_ms);
+        self.push_sources.clear();
+    }
+
+    pub fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    pub(crate) fn queue_sync_state(&mut self, peer: NodeId, doc: String, state: Vec<u8>) {
+        self.pending_sync_states.push((peer, doc, state));
+    }
+}
