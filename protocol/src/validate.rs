@@ -137,8 +137,7 @@ pub fn validate_changes(
     // each new change's ops with their predecessors, checked after the loop
     // (a predecessor may be in a change that sorts later).
     let mut msg_ops: HashMap<(ActorId, u64), String> = HashMap::new();
-    let mut preds_to_check: Vec<(ChangeHash, Vec<(String, Vec<automerge::legacy::OpId>)>)> =
-        Vec::new();
+    let mut preds_to_check: Vec<(ChangeHash, Vec<KeyPreds>)> = Vec::new();
     // The previous new change, if by the same actor: the next must follow it.
     let mut prev: Option<(&ActorId, u64)> = None;
     // The previous new change's highest op counter (same actor as `prev`).
@@ -257,6 +256,9 @@ pub fn validate_changes(
     }
     Ok(verdict)
 }
+
+/// An op's key and the ops it names as overwritten.
+type KeyPreds = (String, Vec<automerge::legacy::OpId>);
 
 /// The document's changes a new change of the message builds on: its
 /// dependencies in the document, and those of its ancestors in the message.
