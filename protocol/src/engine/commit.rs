@@ -11,6 +11,11 @@ use super::{
 use crate::ids::NodeId;
 use crate::layout::{self, CustomerKey, DocId};
 
+/// Documents up to which a debug build compares every document's heads with
+/// its persisted heads after each flush (a scan of all of them: bounded so
+/// that tests with many documents stay fast).
+const DEBUG_HEADS_SCAN_DOCS_MAX: usize = 4096;
+
 impl Engine {
     /// Commits the pending writes of every document as one Automerge change per
     /// document and returns everything the shell must persist atomically.
@@ -122,8 +127,31 @@ impl Engine {
             self.digest.toggle(&id, part);
             self.changed_docs.insert(id, push);
         }
+        // Invariant (DESIGN §5.2, nothing is lost between memory and disk):
+        // after a flush every document's persisted heads equal its heads — a
+        // change merged or written without marking its document dirty would
+        // stay out of the batch and be lost at the next restart. A scan of
+        // every document, so only up to `DEBUG_HEADS_SCAN_DOCS_MAX` of them.
+        if cfg!(debug_assertions) && self.docs.len() <= DEBUG_HEADS_SCAN_DOCS_MAX {
+            for (id, slot) in &self.docs {
+                debug_assert!(
+                    slot.doc.heads() == slot.persisted,
+                    "invariant persisted-heads: {id} has changes no batch holds after a flush"
+                );
+            }
+        }
         self.flush_part_indexes(&mut batch);
         for (p, l) in std::mem::take(&mut self.pending_rows) {
+            // Invariant (DESIGN §5.5, views are true): for every row this
+            // batch touched, the rights of all holders sum to what is on
+            // hand (grants move rights between holders, never create them).
+            debug_assert!(
+                self.views.entry(p, &l).is_none_or(|e| {
+                    let sum: i128 = e.rights_by_node().values().map(|v| i128::from(*v)).sum();
+                    sum == i128::from(e.on_hand())
+                }),
+                "invariant rights-sum: Σ rights ≠ on hand for product {p} at {l}"
+            );
             let row = self.row(p, &l);
             batch.rows.push(((p, l), row));
         }
@@ -132,17 +160,27 @@ impl Engine {
         batch.sync_states = std::mem::take(&mut self.pending_sync_states);
         batch.keys = std::mem::take(&mut self.pending_keys).into_iter().collect();
         self.keys_to_push.extend(batch.keys.iter().cloned());
+        self.awaiting_commit |= !self.changed_docs.is_empty();
         batch
     }
 
     /// The batch returned by the last `flush` is durable: release the pushes to peers.
     pub fn committed(&mut self, now_ms: u64) {
+        self.awaiting_commit = false;
         let changed = std::mem::take(&mut self.changed_docs);
         self.push_docs(changed, now_ms);
         self.push_sources.clear();
     }
 
+    /// The frames queued for peers. Only after `committed`: a frame may carry
+    /// the changes of the last flush, which must be durable before a peer
+    /// can hold them.
     pub fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
+        // Invariant (DESIGN §5.2, nothing leaves the node before its commit).
+        debug_assert!(
+            !self.awaiting_commit,
+            "invariant push-after-commit: frames taken between a flush and its commit"
+        );
         std::mem::take(&mut self.outbox)
     }
 

@@ -223,6 +223,9 @@ pub struct Engine {
     pub(crate) digest: Digest,
     pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
+    /// Set by a `flush` that wrote documents, cleared by `committed`: while
+    /// set, nothing may be taken for peers (`take_outgoing` asserts it).
+    pub(crate) awaiting_commit: bool,
     /// Documents whose heads changed in the last flush, with the raw changes
     /// since their previous persisted heads (empty: no peer was connected, or too large to push; such a
     /// document is offered through sync sessions instead).
@@ -386,6 +389,7 @@ impl Engine {
             digest: Digest::default(),
             sessions: BTreeMap::new(),
             outbox: Vec::new(),
+            awaiting_commit: false,
             changed_docs: BTreeMap::new(),
             push_sources: BTreeMap::new(),
             catchup: crate::sync::Catchup::default(),
