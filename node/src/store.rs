@@ -1531,15 +1531,14 @@ mod tests {
                         pending.push((key, p, delta));
                     }
                 }
-                let batch = eng.flush(now);
-                let res = match fault {
+                let res = eng.commit(now, |batch| match fault {
                     Fault::BeforeCommit(at) if b == at => {
                         disk.crash();
-                        store.commit(&batch)
+                        store.commit(batch)
                     }
                     Fault::FailedSync(at) if b == at => {
                         disk.fail_next_syncs(1);
-                        let r = store.commit(&batch);
+                        let r = store.commit(batch);
                         assert!(r.is_err(), "a commit whose fsync failed must fail");
                         // Its pages reached the disk's cache but were never made durable.
                         assert!(
@@ -1550,12 +1549,11 @@ mod tests {
                         disk.crash();
                         r
                     }
-                    _ => store.commit(&batch),
-                };
+                    _ => store.commit(batch),
+                });
                 match res {
-                    Ok(()) => {
+                    Ok(_) => {
                         ledger.acked.extend(pending);
-                        eng.committed(now);
                     }
                     Err(_) => {
                         ledger.failed.extend(pending);
@@ -1609,8 +1607,7 @@ mod tests {
             now += 1;
             eng.execute(sale(&format!("s{i}"), 42, 1), now, &|_| None)
                 .unwrap();
-            store.commit(&eng.flush(now)).unwrap();
-            eng.committed(now);
+            eng.commit(now, |b| store.commit(b)).unwrap();
         }
         drop(eng);
         drop(store);

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::engine::{Batch, Engine};
+use crate::engine::{Batch, Engine, Released};
 use crate::ids::NodeId;
 use crate::ops::{IdemRecord, Op, OpError, OpReply};
 use crate::rebalance::{AllocationRule, Submit};
@@ -332,53 +332,43 @@ impl<T> NodeLoop<T> {
         self.engine.allocate(&self.cfg.allocation, now);
         self.engine.expire_reservations(now);
         self.engine.settle_ownerless_imports(now);
-        let mut batch = self.engine.flush(now);
-        // The engine drains its idempotency records from a hash map: sorted,
-        // the storage I/O sequence is the same on every run (the simulator).
-        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
-        // Invariant (DESIGN §5.4, exactly once): an operation's idempotency
-        // record is committed in the same batch as its effects, so that a
-        // retry after a crash finds the record exactly when the effect is
-        // durable.
-        if cfg!(debug_assertions) {
-            let recorded: BTreeSet<&str> = batch.idem.iter().map(|(k, _)| k.as_str()).collect();
-            for k in &idem_due {
-                debug_assert!(
-                    recorded.contains(k.as_str()),
-                    "invariant exactly-once: an operation succeeded without its idempotency record in its batch"
-                );
+        let seq_max = &mut self.seq_max;
+        let persisted = self.engine.commit(now, |batch| {
+            // The engine drains its idempotency records from a hash map: sorted,
+            // the storage I/O sequence is the same on every run (the simulator).
+            batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
+            // Invariant (DESIGN §5.4, exactly once): an operation's idempotency
+            // record is committed in the same batch as its effects, so that a
+            // retry after a crash finds the record exactly when the effect is
+            // durable.
+            if cfg!(debug_assertions) {
+                let recorded: BTreeSet<&str> =
+                    batch.idem.iter().map(|(k, _)| k.as_str()).collect();
+                for k in &idem_due {
+                    debug_assert!(
+                        recorded.contains(k.as_str()),
+                        "invariant exactly-once: an operation succeeded without its idempotency record in its batch"
+                    );
+                }
             }
-        }
-        let seq_before = self.seq_max;
-        for (_, row) in batch.rows.iter_mut() {
-            self.seq_max += 1;
-            row.seq = self.seq_max;
-        }
-        if !batch.is_empty() {
-            if let Err(e) = store.commit(&batch) {
-                self.seq_max = seq_before;
-                return Step::Failed(self.fail(Failure::Storage(e), replies, disconnect));
+            // Rows are numbered for the change feed only if the batch commits.
+            let mut seq = *seq_max;
+            for (_, row) in batch.rows.iter_mut() {
+                seq += 1;
+                row.seq = seq;
             }
-        }
-        // Invariant (DESIGN §5.2): the heads the batch persisted for each
-        // document are the document's heads in memory (what peers will be
-        // told this node has is what is on disk).
-        if cfg!(debug_assertions) {
-            for (id, heads) in &batch.heads {
-                let held: Option<Vec<String>> = self
-                    .engine
-                    .docs
-                    .get(id)
-                    .map(|s| s.doc.heads().iter().map(|h| hex::encode(h.0)).collect());
-                debug_assert!(
-                    held.as_ref() == Some(heads),
-                    "invariant persisted-heads: committed heads of {id} differ from the document's"
-                );
+            if !batch.is_empty() {
+                store.commit(batch)?;
             }
-        }
-        // Durable: from here on effects may leave the node.
-        self.engine.committed(now);
-        let frames = self.engine.take_outgoing();
+            *seq_max = seq;
+            Ok(())
+        });
+        // `Engine::commit` released the frames only after `store.commit`
+        // returned `Ok`: from here on effects may leave the node.
+        let Released { batch, frames, .. } = match persisted {
+            Ok(r) => r,
+            Err(e) => return Step::Failed(self.fail(Failure::Storage(e), replies, disconnect)),
+        };
         let mut hello_digest = None;
         if !batch.is_empty() || self.hello_digest.is_none() {
             let d = self.engine.hello_digest();

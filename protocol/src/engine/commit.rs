@@ -11,6 +11,16 @@ use super::{
 use crate::ids::NodeId;
 use crate::layout::{self, CustomerKey, DocId};
 
+/// What [`Engine::commit`] releases once its batch is durable.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Released {
+    /// The batch as it was persisted.
+    pub batch: Batch,
+    /// Frames for peers (length-prefixed, as the transport writes them), in order.
+    pub frames: Vec<(NodeId, Vec<u8>)>,
+}
+
 /// Documents up to which a debug build compares every document's heads with
 /// its persisted heads after each flush (a scan of all of them: bounded so
 /// that tests with many documents stay fast).
@@ -126,6 +136,7 @@ impl Engine {
             self.digest.toggle(&id, old);
             self.digest.toggle(&id, part);
             self.changed_docs.insert(id, push);
+            self.awaiting_commit = true;
         }
         // Invariant (DESIGN §5.2, nothing is lost between memory and disk):
         // after a flush every document's persisted heads equal its heads — a
@@ -160,12 +171,42 @@ impl Engine {
         batch.sync_states = std::mem::take(&mut self.pending_sync_states);
         batch.keys = std::mem::take(&mut self.pending_keys).into_iter().collect();
         self.keys_to_push.extend(batch.keys.iter().cloned());
-        self.awaiting_commit |= !self.changed_docs.is_empty();
         batch
     }
 
-    /// The batch returned by the last `flush` is durable: release the pushes to peers.
-    pub fn committed(&mut self, now_ms: u64) {
+    /// The whole commit sequence, in the only order that is safe: flush,
+    /// hand the batch to `persist` (which may still number or sort it, and
+    /// returns `Ok` only once it is durable), then release the pushes to
+    /// peers and return them with the batch. On `Err` nothing is released:
+    /// the engine's memory is ahead of the disk, and the caller reopens the
+    /// engine from its store (as `step::NodeLoop::step` does).
+    pub fn commit<E>(
+        &mut self,
+        now_ms: u64,
+        persist: impl FnOnce(&mut Batch) -> Result<(), E>,
+    ) -> Result<Released, E> {
+        let mut batch = self.flush(now_ms);
+        persist(&mut batch)?;
+        // Invariant (DESIGN §5.2): the heads the batch persisted for each
+        // document are the document's heads in memory (what peers will be
+        // told this node has is what is on disk).
+        if cfg!(debug_assertions) {
+            for (id, heads) in &batch.heads {
+                let held = self.docs.get(id).map(|s| hex_heads(&s.doc.heads()));
+                debug_assert!(
+                    held.as_ref() == Some(heads),
+                    "invariant persisted-heads: committed heads of {id} differ from the document's"
+                );
+            }
+        }
+        self.committed(now_ms);
+        let frames = self.take_outgoing();
+        Ok(Released { batch, frames })
+    }
+
+    /// The batch returned by the last `flush` is durable: release the pushes
+    /// to peers. Only through `commit` (or the in-memory test mesh).
+    pub(crate) fn committed(&mut self, now_ms: u64) {
         self.awaiting_commit = false;
         let changed = std::mem::take(&mut self.changed_docs);
         self.push_docs(changed, now_ms);
@@ -175,7 +216,7 @@ impl Engine {
     /// The frames queued for peers. Only after `committed`: a frame may carry
     /// the changes of the last flush, which must be durable before a peer
     /// can hold them.
-    pub fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
+    pub(crate) fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
         // Invariant (DESIGN §5.2, nothing leaves the node before its commit).
         debug_assert!(
             !self.awaiting_commit,

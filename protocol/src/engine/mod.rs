@@ -29,6 +29,8 @@ mod open;
 mod recompute;
 mod rows;
 
+pub use commit::Released;
+
 /// Drops null members, recursively. A record travels to every node and stays in
 /// every history; an absent member reads as null (`value.get(..)` is `None`,
 /// `value[..]` is `Null`), so the nulls are bytes that say nothing.
