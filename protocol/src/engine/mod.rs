@@ -24,6 +24,8 @@ mod deficits;
 mod docs;
 mod execute;
 mod inspect;
+#[cfg(all(test, debug_assertions))]
+mod invariant_tests;
 mod nodes;
 mod open;
 mod recompute;
