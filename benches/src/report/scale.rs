@@ -270,8 +270,17 @@ pub async fn run(mode: Mode) -> Result<Section> {
     let tmp = tempfile::Builder::new()
         .prefix("storemesh-bench-scale-")
         .tempdir()?;
+    // With `STOREMESH_BENCH_KEEP=1` the data directories and node logs stay.
+    let (_tmp, root) = if std::env::var_os("STOREMESH_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("  scale row: keeping {}", kept.display());
+        (None, kept)
+    } else {
+        let p = tmp.path().to_path_buf();
+        (Some(tmp), p)
+    };
     let dirs = make_mesh(
-        tmp.path(),
+        &root,
         &[
             ("hq", Role::Store, Policy::Strict),
             ("fresh", Role::Store, Policy::Strict),
