@@ -305,6 +305,7 @@ fn check_preds(
 ) -> Result<(), String> {
     let refused = || format!("an op on {key:?} overwrites an op of another key");
     let is = |e: &automerge::ObjId, p: &automerge::legacy::OpId| matches!(e, automerge::ObjId::Id(c, a, _) if *c == p.counter() && a == p.actor());
+    let mut current: Option<Vec<automerge::ObjId>> = None;
     let mut visible: Option<Vec<automerge::ObjId>> = None;
     for p in preds {
         if let Some(k) = msg_ops.get(&(p.actor().clone(), p.counter())) {
@@ -314,8 +315,17 @@ fn check_preds(
             continue;
         }
         // Fast path: the op is a current value of the key.
-        let current = doc.get_all(ROOT, key).map_err(|e| e.to_string())?;
-        if current.iter().any(|(_, e)| is(e, p)) {
+        let cur = match &current {
+            Some(c) => c,
+            None => current.insert(
+                doc.get_all(ROOT, key)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect(),
+            ),
+        };
+        if cur.iter().any(|e| is(e, p)) {
             continue;
         }
         let vis = match &visible {

@@ -2,21 +2,10 @@
 //! documents and the real sync protocol, no persistence.
 
 use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::{self, sale, TestMesh};
+use storemesh_protocol::testkit::{self, grant, sale, TestMesh};
 
 fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
     testkit::receipt(id, loc, &[(p, q)])
-}
-
-fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
-    Op::Grant(Grant {
-        grant_id: id.into(),
-        product_id: p,
-        location: loc.into(),
-        to: to.into(),
-        quantity: q,
-        ..Default::default()
-    })
 }
 
 #[test]
