@@ -13,6 +13,7 @@ pub mod http;
 pub mod https;
 mod idemcodec;
 pub mod identity;
+pub mod memory;
 pub mod node;
 pub mod server;
 pub mod simdisk;

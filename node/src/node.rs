@@ -243,6 +243,9 @@ impl NodeHandle {
             wake_rx,
             cmd_tx.clone(),
         )));
+        // Free heap memory back to the system (issue 14: memory bounded
+        // while the node runs, not only after a restart).
+        tasks.push(tokio::spawn(crate::memory::trim_periodically()));
         // Anti-entropy ticks.
         let tick_tx = cmd_tx.clone();
         let every = Duration::from_millis(cfg.sync.anti_entropy_ms.max(100));
