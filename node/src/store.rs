@@ -872,6 +872,16 @@ impl Store {
         })
     }
 
+    /// The stored snapshot (seq 0) of document `doc`, if any.
+    pub fn doc_snapshot(&self, doc: &str) -> Result<Option<Vec<u8>>> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(DOC_CHUNKS)?;
+            let v = t.get((doc, 0u64))?.map(|v| v.value().to_vec());
+            Ok(v.filter(|b| !b.is_empty()))
+        })
+    }
+
     /// The idempotency record of a client key.
     pub fn idem(&self, key: &str) -> Result<Option<IdemRecord>> {
         self.with_db(|db| {
@@ -943,6 +953,14 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The engine reads cold closed records parts back from here
+/// (`Engine::set_part_archive`) instead of holding their bytes.
+impl storemesh_protocol::lazydoc::PartArchive for Store {
+    fn snapshot(&self, doc: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+        self.doc_snapshot(doc).map_err(|e| format!("{e:#}"))
     }
 }
 
