@@ -56,9 +56,13 @@ fn main() {
     }
     if args.get(1).map(|s| s.as_str()) == Some("restart") {
         let t = Instant::now();
-        let store = Store::open(&probe_path("storemesh-probe.redb")).unwrap();
+        let store = std::sync::Arc::new(Store::open(&probe_path("storemesh-probe.redb")).unwrap());
         println!("store open: {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
+        // As `storemesh run` opens it (PROBE_HELD=1: cold parts hold their bytes).
+        if std::env::var_os("PROBE_HELD").is_none() {
+            e.set_part_archive(store.clone());
+        }
         store
             .for_each_doc(|d| {
                 let (r, t1) = (rss_mib(), Instant::now());

@@ -293,6 +293,9 @@ impl NodeHandle {
             transport.shutdown().await;
             return Err(e);
         }
+        // Loading read every stored document once; what it freed goes back
+        // to the system now, not at the first periodic trim.
+        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
         let webhooks = match crate::webhooks::start(dir, shared.clone()) {
             Ok(w) => w,
             Err(e) => {
