@@ -174,7 +174,7 @@ fn count_session_recount_and_partial_finish() {
             }),
         )
         .unwrap();
-    assert_eq!(r.status, 201);
+    assert_eq!(r.kind, ReplyKind::Created);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v["lines_counted"], 2);
     assert_eq!(v["products_zeroed"], 0);

@@ -19,7 +19,7 @@ fn rec(n: u8) -> IdemRecord {
     IdemRecord {
         body_hash: [n; 32],
         reply: OpReply {
-            status: 201,
+            kind: storemesh_protocol::ops::ReplyKind::Created,
             body: format!("{{\"n\":{n}}}"),
         },
     }
