@@ -251,7 +251,7 @@ fn an_overdraft_reclaims_rights_from_peers() {
     assert!(m.nodes[0]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .any(|a| a.kind == "overdraft"));
     // The web shop handed 2 of its 3 back.
@@ -347,7 +347,7 @@ fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
     m.nodes[i]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .filter(|a| a.kind == "deficit")
         .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
@@ -510,7 +510,7 @@ fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
     assert_eq!(
         m.nodes[2]
             .engine
-            .node_rights(&m.nodes[2].engine.views.stock[&42]["loc0"], m.id(2).tag()),
+            .node_rights(&m.nodes[2].engine.views.stock()[&42]["loc0"], m.id(2).tag()),
         -3
     );
     for i in [0, 2] {

@@ -13,7 +13,7 @@ const NOW: u64 = 1_795_773_600_000;
 
 fn deficits(e: &Engine) -> Vec<i64> {
     e.views
-        .alarms
+        .alarms()
         .values()
         .filter(|a| a.kind == "deficit")
         .map(|a| a.record["deficit"].as_i64().unwrap_or(0))

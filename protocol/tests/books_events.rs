@@ -136,7 +136,7 @@ fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
     let mut d: Vec<(String, i64)> = m.nodes[i]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .filter(|a| a.kind == "deficit")
         .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
