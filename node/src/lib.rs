@@ -13,6 +13,7 @@ pub mod fuzz;
 pub mod http;
 pub mod https;
 pub mod identity;
+pub mod memory;
 pub mod node;
 pub mod server;
 pub mod transport;

@@ -109,9 +109,11 @@ pub fn db_path(dir: &Path) -> PathBuf {
 }
 
 /// Opens an engine from the store: loads every document, rebuilds the views.
-fn open_engine(cfg: &Config, node_id: NodeId, store: &Store) -> anyhow::Result<Engine> {
+fn open_engine(cfg: &Config, node_id: NodeId, store: &Arc<Store>) -> anyhow::Result<Engine> {
     let mut engine = Engine::new(engine_config(cfg, node_id), rand::random());
     engine.set_entropy(rand::random());
+    // Cold closed records parts are read back from the store on demand.
+    engine.set_part_archive(store.clone());
     for p in &cfg.peers {
         engine.add_configured_peer(&p.name, p.id);
         if let Some(loc) = &p.location {
@@ -146,7 +148,7 @@ impl NodeHandle {
         let cfg = Config::load(dir)?;
         let identity = Identity::load(dir)?;
         let node_id = identity.node_id;
-        let store = Store::open(&db_path(dir))?;
+        let store = Arc::new(Store::open(&db_path(dir))?);
         match store.get_meta("node_id")? {
             Some(v) if v != node_id.hex().as_bytes() => anyhow::bail!(
                 "the database in {} belongs to another node identity; refusing to start",
@@ -243,6 +245,9 @@ impl NodeHandle {
             wake_rx,
             cmd_tx.clone(),
         )));
+        // Free heap memory back to the system (issue 14: memory bounded
+        // while the node runs, not only after a restart).
+        tasks.push(tokio::spawn(crate::memory::trim_periodically()));
         // Anti-entropy ticks.
         let tick_tx = cmd_tx.clone();
         let every = Duration::from_millis(cfg.sync.anti_entropy_ms.max(100));
@@ -385,7 +390,7 @@ fn loop_config(cfg: &Config) -> LoopConfig {
 
 fn engine_loop(
     shared: Arc<Shared>,
-    store: Store,
+    store: Arc<Store>,
     transport: Transport,
     mut rx: mpsc::Receiver<Cmd>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,

@@ -169,7 +169,21 @@ impl Engine {
             let DocId::Records { tag, month, part } = slot.id else {
                 continue;
             };
-            if slot.doc.is_cold() || self.dirty_docs.contains(id) {
+            if slot.doc.is_cold() {
+                // Its stored form is exactly a committed snapshot with these
+                // heads (an indexed part, flushed in an earlier step): the
+                // bytes can be read back from there.
+                if let Some(a) = &self.part_archive {
+                    if self.indexed_parts.contains(id)
+                        && slot.persisted == slot.doc.heads()
+                        && slot.doc.store_away(id, a)
+                    {
+                        self.stats.parts_stored_away += 1;
+                    }
+                }
+                continue;
+            }
+            if self.dirty_docs.contains(id) {
                 continue;
             }
             if latest.get(&tag) == Some(&(month, part)) {
@@ -329,8 +343,19 @@ impl Engine {
         }
         let digest_part = crate::sync::doc_digest(id, &heads);
         self.digest.toggle(id, digest_part);
-        let doc =
-            crate::lazydoc::LazyDoc::cold(snapshot.clone(), self.actor.automerge(), heads.clone());
+        let doc = match &self.part_archive {
+            Some(a) => crate::lazydoc::LazyDoc::stored(
+                id,
+                a.clone(),
+                self.actor.automerge(),
+                heads.clone(),
+            ),
+            None => crate::lazydoc::LazyDoc::cold(
+                snapshot.clone(),
+                self.actor.automerge(),
+                heads.clone(),
+            ),
+        };
         self.docs.insert(
             id.to_string(),
             crate::engine::Slot {

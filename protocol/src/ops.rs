@@ -886,8 +886,23 @@ impl OpReply {
 /// What a replayed request is compared against: a hash of its canonical body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdemRecord {
+    /// SHA-256 of the body; storage may keep only its first
+    /// [`IDEM_HASH_BYTES`] (the rest then reads as zeros).
     pub body_hash: [u8; 32],
     pub reply: OpReply,
+}
+
+/// Bytes of a body hash that tell two request bodies apart: a 128-bit
+/// prefix of SHA-256 (a year of a store's records keeps 16 bytes per write
+/// fewer on disk; finding a second body with the same prefix takes 2^128
+/// tries).
+pub const IDEM_HASH_BYTES: usize = 16;
+
+impl IdemRecord {
+    /// Whether a request whose body hashes to `hash` is the one recorded.
+    pub fn same_body(&self, hash: &[u8; 32]) -> bool {
+        self.body_hash[..IDEM_HASH_BYTES] == hash[..IDEM_HASH_BYTES]
+    }
 }
 
 /// Canonical hash of an operation for idempotency comparison: SHA-256 of its

@@ -623,6 +623,12 @@ pub struct SaleIndex {
     name_ix: HashMap<String, u32>,
     /// `fingerprint << 24 | document`, sorted, without duplicates.
     sorted: Vec<u64>,
+    /// `starts[b]`: the first position in `sorted` whose entry's top
+    /// [`SALE_INDEX_BUCKET_BITS`] are ≥ `b` (one more slot at the end), so
+    /// that a lookup searches ~`len / 65,536` entries instead of the whole
+    /// array: at a start every stored sale is looked up once, and a binary
+    /// search of millions of entries was 40 % of a restart.
+    starts: Vec<u32>,
     /// Entries added since the last merge into `sorted`.
     recent: std::collections::BTreeSet<u64>,
     preferred: HashMap<String, u32>,
@@ -636,8 +642,12 @@ const SALE_INDEX_DOC_BITS: u32 = 24;
 const SALE_INDEX_DOC_MASK: u64 = (1 << SALE_INDEX_DOC_BITS) - 1;
 
 /// Pairs kept in `recent` before they are merged into the sorted array
-/// (the merge copies the array: ~8 bytes per sale every 65,536 sales).
+/// (the merge moves the array's entries in place every 65,536 sales).
 const SALE_INDEX_RECENT_MAX: usize = 65_536;
+
+/// Top bits of an entry that pick its bucket in `starts` (256 KiB of
+/// offsets, whatever the history).
+const SALE_INDEX_BUCKET_BITS: u32 = 16;
 
 impl SaleIndex {
     /// The id's fingerprint, shifted into place (the low 24 bits zero).
@@ -662,8 +672,11 @@ impl SaleIndex {
         let fp = self.fingerprint(id);
         let first = self.preferred.get(id).copied();
         let last = fp | SALE_INDEX_DOC_MASK;
-        let lo = self.sorted.partition_point(|e| *e < fp);
-        let from_sorted = self.sorted[lo..].iter().take_while(move |e| **e <= last);
+        let from_sorted = self
+            .bucket(fp)
+            .iter()
+            .skip_while(move |e| **e < fp)
+            .take_while(move |e| **e <= last);
         let from_recent = self.recent.range(fp..=last);
         let docs = from_sorted
             .chain(from_recent)
@@ -686,7 +699,7 @@ impl SaleIndex {
             return;
         }
         let entry = self.fingerprint(id) | u64::from(d);
-        if self.sorted.binary_search(&entry).is_ok() || !self.recent.insert(entry) {
+        if self.bucket(entry).binary_search(&entry).is_ok() || !self.recent.insert(entry) {
             return;
         }
         if self.recent.len() >= SALE_INDEX_RECENT_MAX {
@@ -701,29 +714,62 @@ impl SaleIndex {
         self.preferred.insert(id.to_string(), d);
     }
 
-    fn merge(&mut self) {
-        let recent = std::mem::take(&mut self.recent);
-        let mut out = Vec::with_capacity(self.sorted.len() + recent.len());
-        let mut a = std::mem::take(&mut self.sorted).into_iter().peekable();
-        let mut b = recent.into_iter().peekable();
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x <= y => a.next(),
-                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, None) => break,
-            };
-            out.extend(next);
+    /// The entries of `sorted` in the bucket of `entry` (sorted).
+    fn bucket(&self, entry: u64) -> &[u64] {
+        let b = (entry >> (64 - SALE_INDEX_BUCKET_BITS)) as usize;
+        match (self.starts.get(b), self.starts.get(b + 1)) {
+            (Some(&lo), Some(&hi)) => self.sorted.get(lo as usize..hi as usize).unwrap_or(&[]),
+            // Before the first merge, `starts` is empty: so is `sorted`.
+            _ => &self.sorted,
         }
-        debug_assert!(out.windows(2).all(|w| w[0] < w[1]), "sale index sorted");
-        self.sorted = out;
+    }
+
+    /// Merges `recent` into `sorted` in place, from the back (no second
+    /// array: at millions of sales a copy was tens of MiB to allocate and
+    /// zero at every merge), and rebuilds `starts`.
+    fn merge(&mut self) {
+        let recent: Vec<u64> = std::mem::take(&mut self.recent).into_iter().collect();
+        let n = self.sorted.len();
+        // Exact: a doubling growth would hold up to 8 spare bytes per sale.
+        self.sorted.reserve_exact(recent.len());
+        self.sorted.resize(n + recent.len(), 0);
+        let (mut i, mut j, mut k) = (n, recent.len(), self.sorted.len());
+        while j > 0 {
+            k -= 1;
+            if i > 0 && self.sorted[i - 1] > recent[j - 1] {
+                self.sorted[k] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[k] = recent[j - 1];
+                j -= 1;
+            }
+        }
+        debug_assert!(
+            self.sorted.windows(2).all(|w| w[0] < w[1]),
+            "sale index sorted"
+        );
+        let buckets = 1usize << SALE_INDEX_BUCKET_BITS;
+        self.starts.clear();
+        self.starts.reserve_exact(buckets + 1);
+        let mut at = 0usize;
+        for b in 0..buckets {
+            while self
+                .sorted
+                .get(at)
+                .is_some_and(|e| ((e >> (64 - SALE_INDEX_BUCKET_BITS)) as usize) < b)
+            {
+                at += 1;
+            }
+            self.starts.push(at as u32);
+        }
+        self.starts.push(self.sorted.len() as u32);
     }
 
     /// Heap bytes the index holds for its entries (its names and exact
     /// maps aside): what grows with the number of sales.
     pub fn entry_bytes(&self) -> usize {
         // A B-tree set holds up to 11 entries per node of ~100 bytes.
-        self.sorted.capacity() * 8 + self.recent.len() * 16
+        self.sorted.capacity() * 8 + self.recent.len() * 16 + self.starts.capacity() * 4
     }
 
     /// (id, document) pairs held.

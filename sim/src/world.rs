@@ -58,7 +58,8 @@ pub struct Life {
     /// Production's loop around the engine (parked callers, row numbering,
     /// revoked keys, hello digest).
     pub node: NodeLoop<usize>,
-    pub store: Store,
+    /// Shared with the engine, which reads cold records parts back from it.
+    pub store: std::sync::Arc<Store>,
     /// Where frames go (the transport's view): current connection per peer
     /// identity: (simulator index, connection id).
     pub conns: BTreeMap<NodeId, (usize, u64)>,
@@ -467,13 +468,15 @@ impl World {
     // ---- process lifetimes ----
 
     /// Opens node `i`'s store and engine from its disk, as `node::open_engine` does.
-    fn open_engine(&mut self, i: usize) -> Result<(Store, Engine), String> {
+    fn open_engine(&mut self, i: usize) -> Result<(std::sync::Arc<Store>, Engine), String> {
         let store = Store::open_backend(self.nodes[i].disk.clone())
             .map_err(|e| format!("store does not open: {e:#}"))?;
+        let store = std::sync::Arc::new(store);
         let incarnation: [u8; 4] = self.rng.gen();
         let node = &self.nodes[i];
         let mut engine = Engine::new(node.cfg.clone(), incarnation);
         engine.set_entropy(self.rng.gen());
+        engine.set_part_archive(store.clone());
         // Small records parts in most seeds, so that months roll over into
         // new parts under every fault (production: RECORDS_PER_PART_MAX).
         // Derived from the seed, not drawn, so the event stream is unchanged.

@@ -8,8 +8,8 @@
 //! | `doc_chunks`    | (doc, seq)               | bytes; seq 0 = snapshot      |
 //! | `doc_heads`     | doc                      | `Vec<String>` (hex heads)    |
 //! | `rows`          | (product, location)      | [`StockRow`]                 |
-//! | `idem2`         | client key               | [`IdemRecord`], compact (`idemcodec`) |
-//! | `idem`          | client key               | [`IdemRecord`] of older releases (read only) |
+//! | `idem3`         | client key               | [`IdemRecord`], compact, 16-byte hash, id elided (`idemcodec`) |
+//! | `idem2`, `idem` | client key               | [`IdemRecord`] of older releases (read only) |
 //! | `heads_log`     | (doc, ms)                | `Vec<String>`; newest 512/doc|
 //! | `heads_log_len` | doc                      | u64 entries in `heads_log`   |
 //! | `sync_states`   | (peer hex, doc)          | bytes                        |
@@ -44,8 +44,10 @@ const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads"
 const ROWS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("rows");
 /// Idempotency records written before `idem2` (read, never written).
 const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idem");
-/// Idempotency records in their compact form (`crate::idemcodec`).
+/// Idempotency records in the compact form of earlier releases (read, never written).
 const IDEM2: TableDefinition<&str, &[u8]> = TableDefinition::new("idem2");
+/// Idempotency records as written now (`crate::idemcodec::encode3`).
+const IDEM3: TableDefinition<&str, &[u8]> = TableDefinition::new("idem3");
 const HEADS_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("heads_log");
 const HEADS_LOG_LEN: TableDefinition<&str, u64> = TableDefinition::new("heads_log_len");
 const SYNC_STATES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_states");
@@ -65,6 +67,7 @@ const SCRUB_TABLES: &[&str] = &[
     "rows",
     "idem",
     "idem2",
+    "idem3",
     "heads_log",
     "heads_log_len",
     "sync_states",
@@ -254,6 +257,7 @@ impl ScrubJob {
             copy_table(&rt, &wt, ROWS, c)?;
             copy_table(&rt, &wt, IDEM, c)?;
             copy_table(&rt, &wt, IDEM2, c)?;
+            copy_table(&rt, &wt, IDEM3, c)?;
             copy_table(&rt, &wt, HEADS_LOG, c)?;
             copy_table(&rt, &wt, HEADS_LOG_LEN, c)?;
             copy_table(&rt, &wt, SYNC_STATES, c)?;
@@ -348,6 +352,7 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(ROWS)?;
         tx.open_table(IDEM)?;
         tx.open_table(IDEM2)?;
+        tx.open_table(IDEM3)?;
         tx.open_table(HEADS_LOG)?;
         tx.open_table(HEADS_LOG_LEN)?;
         tx.open_table(SYNC_STATES)?;
@@ -435,9 +440,10 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             rows.insert((*p, loc.as_str()), encode(row)?.as_slice())?;
         }
 
-        let mut idem = tx.open_table(IDEM2)?;
+        let mut idem = tx.open_table(IDEM3)?;
         for (k, rec) in &batch.idem {
-            let bytes = crate::idemcodec::encode(rec).context("encoding an idempotency record")?;
+            let bytes =
+                crate::idemcodec::encode3(k, rec).context("encoding an idempotency record")?;
             idem.insert(k.as_str(), bytes.as_slice())?;
         }
 
@@ -866,10 +872,26 @@ impl Store {
         })
     }
 
+    /// The stored snapshot (seq 0) of document `doc`, if any.
+    pub fn doc_snapshot(&self, doc: &str) -> Result<Option<Vec<u8>>> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(DOC_CHUNKS)?;
+            let v = t.get((doc, 0u64))?.map(|v| v.value().to_vec());
+            Ok(v.filter(|b| !b.is_empty()))
+        })
+    }
+
     /// The idempotency record of a client key.
     pub fn idem(&self, key: &str) -> Result<Option<IdemRecord>> {
         self.with_db(|db| {
             let tx = db.begin_read()?;
+            let t = tx.open_table(IDEM3)?;
+            if let Some(v) = t.get(key)? {
+                return crate::idemcodec::decode3(key, v.value())
+                    .map(Some)
+                    .map_err(|e| anyhow!("corrupt idempotency record {key}: {e}"));
+            }
             let t = tx.open_table(IDEM2)?;
             if let Some(v) = t.get(key)? {
                 return crate::idemcodec::decode(v.value())
@@ -937,6 +959,14 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The engine reads cold closed records parts back from here
+/// (`Engine::set_part_archive`) instead of holding their bytes.
+impl storemesh_protocol::lazydoc::PartArchive for Store {
+    fn snapshot(&self, doc: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+        self.doc_snapshot(doc).map_err(|e| format!("{e:#}"))
     }
 }
 

@@ -32,8 +32,7 @@ impl Engine {
             .as_ref()
             .and_then(|k| self.pending_idem.get(k).cloned().or_else(|| idem(k)))
             .map(|rec| {
-                let same =
-                    rec.body_hash == hash || rec.body_hash == crate::ops::op_hash_legacy(&op);
+                let same = rec.same_body(&hash) || rec.same_body(&crate::ops::op_hash_legacy(&op));
                 (rec, same)
             });
         let mut op = op;
