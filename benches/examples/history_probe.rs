@@ -92,8 +92,8 @@ fn main() {
         let (cold, cold_bytes) = e.cold_parts();
         println!(
             "sale index: {} sales in {} bytes; cold parts {cold} holding {cold_bytes} bytes",
-            e.views.sales.len(),
-            e.views.sales.entry_bytes()
+            e.views.sales().len(),
+            e.views.sales().entry_bytes()
         );
         // As the node's loop does after a start: batches write the indexes
         // of parts that had none (the next restart opens them unread).
@@ -193,15 +193,13 @@ fn main() {
         "cold records parts {cold} ({cold_bytes} bytes); epochs started {}",
         e.stats.epochs_started
     );
-    let v = &e.views;
-    println!(
-        "views: sales {} purchases {} buyers {} returned {} stock {}",
-        v.sales.len(),
-        v.purchases.len(),
-        v.buyers.len(),
-        v.returned.len(),
-        v.stock.len()
-    );
+    let sizes: Vec<String> = e
+        .views
+        .index_sizes()
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    println!("views: {}", sizes.join(" "));
     for (id, heads) in e.documents().iter().take(3) {
         println!("doc {id} heads {}", heads.len());
     }

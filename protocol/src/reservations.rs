@@ -151,7 +151,7 @@ impl Engine {
             self.touch_row(*p, &r.location);
         }
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"reservation_id": r.reservation_id, "location": r.location, "fulfil_by": r.fulfil_by, "expires_at": r.expires_at, "status": "open", "lines": lines_json}),
         ))
     }
@@ -245,7 +245,7 @@ impl Engine {
         self.write_record(RecordKind::Sale, &sale_id, sale, now_ms);
         self.close_reservation(id, &creator, &v, "fulfilled", now_ms)?;
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"reservation_id": id, "status": "fulfilled", "sale_id": sale_id}),
         ))
     }
@@ -259,7 +259,7 @@ impl Engine {
         let (creator, v) = self.open_reservation_of_mine(id)?;
         self.close_reservation(id, &creator, &v, status, now_ms)?;
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"reservation_id": id, "status": status}),
         ))
     }

@@ -13,7 +13,7 @@ const NOW: u64 = 1_795_773_600_000;
 
 fn deficits(e: &Engine) -> Vec<i64> {
     e.views
-        .alarms
+        .alarms()
         .values()
         .filter(|a| a.kind == "deficit")
         .map(|a| a.record["deficit"].as_i64().unwrap_or(0))
@@ -174,7 +174,7 @@ fn count_session_recount_and_partial_finish() {
             }),
         )
         .unwrap();
-    assert_eq!(r.status, 201);
+    assert_eq!(r.kind, ReplyKind::Created);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v["lines_counted"], 2);
     assert_eq!(v["products_zeroed"], 0);

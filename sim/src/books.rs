@@ -177,7 +177,7 @@ impl World {
     /// simulator cannot follow every shortfall as it happens.)
     pub fn check_deficits_per_event(&self, e: &Engine) -> Result<(), Violation> {
         let mut recorded: BTreeMap<(String, u64, String), i64> = BTreeMap::new();
-        for a in e.views.alarms.values().filter(|a| a.kind == "deficit") {
+        for a in e.views.alarms().values().filter(|a| a.kind == "deficit") {
             let p = a.record["product_id"].as_u64().unwrap_or(0);
             let l = a.record["location"].as_str().unwrap_or("").to_string();
             *recorded.entry((a.node.clone(), p, l)).or_default() +=
@@ -210,7 +210,7 @@ impl World {
             if d > taken {
                 let ids: Vec<String> = e
                     .views
-                    .alarms
+                    .alarms()
                     .values()
                     .filter(|a| a.kind == "deficit" && a.node == node)
                     .filter(|a| a.record["product_id"].as_u64() == Some(p))
@@ -235,7 +235,7 @@ impl World {
     /// reverse its booking).
     pub fn check_ownerless_imports(&self, e: &Engine) -> Result<(), Violation> {
         let loc = crate::workload::OWNERLESS;
-        let Some(importers) = e.views.imports.get("wh-opening") else {
+        let Some(importers) = e.views.imports().get("wh-opening") else {
             return Ok(());
         };
         let members: BTreeSet<&str> = self
@@ -266,7 +266,7 @@ impl World {
         for (k, want) in counts.iter().enumerate() {
             let Some(p) = e
                 .views
-                .by_sku
+                .by_sku()
                 .get(&format!("sim-wh-{k}"))
                 .and_then(|s| s.first())
             else {

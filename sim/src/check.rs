@@ -141,7 +141,7 @@ type Flat = BTreeMap<(u64, String), StockEntry>;
 
 fn flat_views(e: &Engine) -> Flat {
     let mut out = Flat::new();
-    for (p, m) in &e.views.stock {
+    for (p, m) in e.views.stock() {
         for (l, entry) in m {
             if !entry.cells.is_empty() {
                 out.insert((*p, l.clone()), entry.clone());
@@ -259,9 +259,9 @@ impl World {
             };
             let check = &mut self.check;
             let views = &life.node.engine().views;
-            if views.alarms.len() != life.alarms_seen {
-                life.alarms_seen = views.alarms.len();
-                for (key, alarm) in &views.alarms {
+            if views.alarms().len() != life.alarms_seen {
+                life.alarms_seen = views.alarms().len();
+                for (key, alarm) in views.alarms() {
                     // A record is one per key in one month's documents: a
                     // node restored from an old image may write a record
                     // under the key of one it lost (a count page numbered
@@ -388,7 +388,7 @@ impl World {
                 // The committing node judged its own sales and grants by the
                 // retirements it knew: by its own view it never spent below zero.
                 let me = life.engine().tag();
-                if !views.retired.is_empty() && check.retired_to.values().any(|s| *s == me) {
+                if !views.retired().is_empty() && check.retired_to.values().any(|s| *s == me) {
                     let own = life.engine().node_rights(entry, me);
                     let (allow, forked) = check.allowance_of(check.resolve(me), *p, l);
                     if entry.rights(me) < 0 && own >= 0 {
@@ -581,14 +581,14 @@ impl World {
                     ),
                 ));
             }
-            if e.views.customers != e0.views.customers {
+            if e.views.customers() != e0.views.customers() {
                 return Err(self.violation(
                     "convergence",
                     format!("customer views of {} and {} differ", names(first), names(i)),
                 ));
             }
-            let ka: Vec<_> = e.views.alarms.keys().collect();
-            let kb: Vec<_> = e0.views.alarms.keys().collect();
+            let ka: Vec<_> = e.views.alarms().keys().collect();
+            let kb: Vec<_> = e0.views.alarms().keys().collect();
             if ka != kb {
                 return Err(self.violation(
                     "convergence",
@@ -651,7 +651,7 @@ impl World {
     fn check_final_oversell(&self, i: usize, e: &Engine) -> Result<(), Violation> {
         let mut rows: Vec<(&u64, &String, &StockEntry)> = e
             .views
-            .stock
+            .stock()
             .iter()
             .flat_map(|(p, m)| m.iter().map(move |(l, en)| (p, l, en)))
             .collect();
@@ -711,7 +711,7 @@ impl World {
                 .collect();
             for c in customers {
                 let fresh = read_customer(doc, &c, keys.get(&c));
-                let view = e.views.customers.get(&c).cloned().unwrap_or_default();
+                let view = e.views.customers().get(&c).cloned().unwrap_or_default();
                 if fresh != view && !(fresh.is_empty() && view.is_empty()) {
                     return Err(self.violation(
                         "views-true",

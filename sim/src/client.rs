@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_node::api::outcome as http;
+use storemesh_protocol::ops::{Op, OpError, OpReply, ReplyKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -196,7 +197,7 @@ impl Clients {
                     }
                     Some(first) => {
                         let same = first.body == reply.body
-                            && (reply.status == 200 || reply.status == first.status);
+                            && (reply.kind == ReplyKind::Ok || reply.kind == first.kind);
                         // After a restore the node may legitimately not know it any more.
                         if same || r.idem_lost {
                             ReplyCheck::Fine
@@ -205,9 +206,9 @@ impl Clients {
                                 "replay of {} at node {} answered {} {} but the first answer was {} {}",
                                 r.key.as_deref().unwrap_or("?"),
                                 r.node,
-                                reply.status,
+                                http::reply_status(reply.kind).as_u16(),
                                 reply.body,
-                                first.status,
+                                http::reply_status(first.kind).as_u16(),
                                 first.body
                             ))
                         }
@@ -215,7 +216,7 @@ impl Clients {
                 }
             }
             Err(e) => {
-                if e.status() == 503 {
+                if matches!(e, OpError::Unavailable(_)) {
                     if r.first_ok.is_none() && !r.abandoned {
                         let rid = r.rid;
                         self.schedule_retry(rid, retry_at_ms);
@@ -227,12 +228,12 @@ impl Clients {
                         "replay of {} at node {} answered {} ({}) but the first answer was a success",
                         r.key.as_deref().unwrap_or("?"),
                         r.node,
-                        e.code(),
-                        e.body()
+                        http::error_code(e),
+                        http::error_body(e)
                     ));
                 }
                 if r.first_ok.is_none() {
-                    r.final_err = Some(e.code().to_string());
+                    r.final_err = Some(http::error_code(e).to_string());
                     if let Some(at) = r.retry_at_ms.take() {
                         self.retries.remove(&(at, rid));
                     }

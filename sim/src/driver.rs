@@ -41,6 +41,8 @@ pub struct RunReport {
     /// `peer_up_with_digest`), and retired peers' keys revoked.
     pub digest_hellos: u64,
     pub revocations: u64,
+    /// Connections both sides dialled at once, settled by `arbitrate`.
+    pub crossing_dials: u64,
 }
 
 impl RunReport {
@@ -676,6 +678,7 @@ impl Driver {
             }),
             digest_hellos: w.digest_hellos,
             revocations: w.revocations,
+            crossing_dials: w.crossing_dials,
         }
     }
 }
@@ -851,6 +854,7 @@ pub fn run_seed(seed: u64, opts: &Options) -> RunReport {
                 retirement: None,
                 digest_hellos: 0,
                 revocations: 0,
+                crossing_dials: 0,
             };
         }
     };

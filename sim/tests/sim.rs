@@ -32,6 +32,8 @@ fn a_sweep_of_seeds_passes_every_invariant() {
         );
         // The node loop's reconnect path: hellos carry the committed digest.
         assert!(r.digest_hellos > 0, "seed {seed}: no digest hello");
+        // Production's connection arbitration, on both sides of crossing dials.
+        assert!(r.crossing_dials > 0, "seed {seed}: no crossing dials");
     }
 }
 

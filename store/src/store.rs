@@ -900,8 +900,14 @@ impl Store {
             }
             let t = tx.open_table(IDEM)?;
             let v = t.get(key)?;
-            v.map(|v| decode(v.value(), || format!("idempotency record {key}")))
-                .transpose()
+            v.map(|v| {
+                decode::<crate::idemcodec::LegacyRecord>(v.value(), || {
+                    format!("idempotency record {key}")
+                })?
+                .typed()
+                .map_err(|e| anyhow!("corrupt idempotency record {key}: {e}"))
+            })
+            .transpose()
         })
     }
 

@@ -19,7 +19,7 @@ fn rec(n: u8) -> IdemRecord {
     IdemRecord {
         body_hash: [n; 32],
         reply: OpReply {
-            status: 201,
+            kind: storemesh_protocol::ops::ReplyKind::Created,
             body: format!("{{\"n\":{n}}}"),
         },
     }
@@ -42,7 +42,7 @@ fn idempotency_records_of_earlier_releases_still_replay() {
     let sale_reply = IdemRecord {
         body_hash: [3; 32],
         reply: OpReply {
-            status: 201,
+            kind: storemesh_protocol::ops::ReplyKind::Created,
             body: r#"{"sale_id":"0f8fad5b-d9cb-469f-a165-70867728950e","lines":[{"product_id":12345,"stock_level":50,"available":49}]}"#.into(),
         },
     };
@@ -54,7 +54,10 @@ fn idempotency_records_of_earlier_releases_still_replay() {
                 let v2 = crate::idemcodec::encode(&sale_reply)?;
                 t.insert("sale/old-2", v2.as_slice())?;
                 let mut t = tx.open_table(IDEM)?;
-                t.insert("sale/old-1", postcard::to_stdvec(&rec(4))?.as_slice())?;
+                // As those releases wrote it: the reply's HTTP status as a number.
+                let old = rec(4);
+                let v1 = postcard::to_stdvec(&(old.body_hash, 201u16, old.reply.body))?;
+                t.insert("sale/old-1", v1.as_slice())?;
             }
             tx.commit()?;
             Ok(())

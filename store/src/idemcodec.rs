@@ -14,7 +14,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
-use storemesh_protocol::ops::{IdemRecord, OpReply, IDEM_HASH_BYTES};
+use storemesh_protocol::ops::{IdemRecord, OpReply, ReplyKind, IDEM_HASH_BYTES};
 
 /// Object keys of the API's replies, stored as their index (≤ 255 entries;
 /// append only: stored records refer to positions).
@@ -90,11 +90,55 @@ enum Body {
     Typed(Compact),
 }
 
+/// The stored record. `status` is the HTTP status the request was first
+/// answered with (`ReplyKind` as 201 or 200): records written before the
+/// core returned typed outcomes hold the same number, so they decode the same.
 #[derive(Serialize, Deserialize)]
 struct Stored {
     hash: [u8; 32],
     status: u16,
     body: Body,
+}
+
+/// A reply as the `idem` table of older releases stored it (postcard of the
+/// core's reply when it still held an HTTP status).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct LegacyRecord {
+    body_hash: [u8; 32],
+    status: u16,
+    body: String,
+}
+
+impl LegacyRecord {
+    /// The typed record; an error for a status no release stored.
+    pub(crate) fn typed(self) -> Result<IdemRecord, String> {
+        Ok(IdemRecord {
+            body_hash: self.body_hash,
+            reply: OpReply {
+                kind: kind_of(self.status)?,
+                body: self.body,
+            },
+        })
+    }
+}
+
+/// The stored number of a reply kind: the HTTP status the API answers it
+/// with (`node/src/api/outcome.rs`), which is what records held before the
+/// core's replies were typed. Fixed: stored records refer to these numbers.
+fn status_of(kind: ReplyKind) -> u16 {
+    match kind {
+        ReplyKind::Created => 201,
+        ReplyKind::Ok => 200,
+    }
+}
+
+/// The kind of a stored status; an error for a number no release stored.
+fn kind_of(status: u16) -> Result<ReplyKind, String> {
+    match status {
+        201 => Ok(ReplyKind::Created),
+        200 => Ok(ReplyKind::Ok),
+        _ => Err(format!("unknown reply status {status}")),
+    }
 }
 
 /// The `idem3` form: the hash's first [`IDEM_HASH_BYTES`] and the body
@@ -138,7 +182,7 @@ pub fn encode3(key: &str, rec: &IdemRecord) -> Result<Vec<u8>, postcard::Error> 
     hash.copy_from_slice(&rec.body_hash[..IDEM_HASH_BYTES]);
     postcard::to_stdvec(&Stored3 {
         hash,
-        status: rec.reply.status,
+        status: status_of(rec.reply.kind),
         body,
     })
 }
@@ -159,7 +203,7 @@ pub fn decode3(key: &str, bytes: &[u8]) -> Result<IdemRecord, String> {
     Ok(IdemRecord {
         body_hash,
         reply: OpReply {
-            status: s.status,
+            kind: kind_of(s.status)?,
             body,
         },
     })
@@ -175,7 +219,7 @@ pub fn encode(rec: &IdemRecord) -> Result<Vec<u8>, postcard::Error> {
     };
     postcard::to_stdvec(&Stored {
         hash: rec.body_hash,
-        status: rec.reply.status,
+        status: status_of(rec.reply.kind),
         body,
     })
 }
@@ -190,7 +234,7 @@ pub fn decode(bytes: &[u8]) -> Result<IdemRecord, String> {
     Ok(IdemRecord {
         body_hash: s.hash,
         reply: OpReply {
-            status: s.status,
+            kind: kind_of(s.status)?,
             body,
         },
     })
@@ -296,7 +340,7 @@ mod tests {
         IdemRecord {
             body_hash: [7; 32],
             reply: OpReply {
-                status: 201,
+                kind: ReplyKind::Created,
                 body: body.to_string(),
             },
         }
@@ -330,6 +374,69 @@ mod tests {
             typed + body.len() / 2 < json,
             "typed {typed} B, JSON {json} B"
         );
+    }
+
+    /// A record as the release before typed outcomes wrote it (the same
+    /// `Stored` layout, its status number written by hand) replays the same
+    /// status and body byte for byte.
+    #[test]
+    fn records_written_with_a_status_number_replay_the_same() {
+        let body =
+            r#"{"lines":[{"available":49,"product_id":12345,"stock_level":50}],"sale_id":"s-1"}"#;
+        for (status, kind) in [(201u16, ReplyKind::Created), (200, ReplyKind::Ok)] {
+            let old = postcard::to_stdvec(&Stored {
+                hash: [3; 32],
+                status,
+                body: Body::Typed(typed(body).unwrap()),
+            })
+            .unwrap();
+            let rec = decode(&old).unwrap();
+            assert_eq!(rec.body_hash, [3; 32]);
+            assert_eq!(rec.reply.kind, kind);
+            assert_eq!(rec.reply.body, body);
+            assert_eq!(status_of(rec.reply.kind), status);
+            // Written again by this release: the same bytes.
+            assert_eq!(encode(&rec).unwrap(), old);
+        }
+        // A status no release stored is a corrupt record, not a guess.
+        let odd = postcard::to_stdvec(&Stored {
+            hash: [3; 32],
+            status: 202,
+            body: Body::Json("{}".into()),
+        })
+        .unwrap();
+        assert!(decode(&odd).is_err());
+    }
+
+    /// The `idem` table of older releases: postcard of `{body_hash,
+    /// reply: {status, body}}`.
+    #[test]
+    fn legacy_table_records_decode_typed() {
+        #[derive(Serialize)]
+        struct OldReply {
+            status: u16,
+            body: String,
+        }
+        #[derive(Serialize)]
+        struct OldRecord {
+            body_hash: [u8; 32],
+            reply: OldReply,
+        }
+        let bytes = postcard::to_stdvec(&OldRecord {
+            body_hash: [9; 32],
+            reply: OldReply {
+                status: 201,
+                body: r#"{"sale_id":"s-9"}"#.into(),
+            },
+        })
+        .unwrap();
+        let rec = postcard::from_bytes::<LegacyRecord>(&bytes)
+            .unwrap()
+            .typed()
+            .unwrap();
+        assert_eq!(rec.body_hash, [9; 32]);
+        assert_eq!(rec.reply.kind, ReplyKind::Created);
+        assert_eq!(rec.reply.body, r#"{"sale_id":"s-9"}"#);
     }
 
     #[test]
