@@ -357,7 +357,12 @@ impl Engine {
         for (p, q) in &lines {
             self.bump(*p, &r.location, LedgerField::Received, *q)?;
         }
-        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "at_ms": now_ms});
+        // At a location no node owns, one delivery recorded by several nodes
+        // is booked once (`imports.rs`): the record names the other nodes'
+        // receipts of this id this one was booked after.
+        let seen = (r.location != self.cfg.location && self.views.owner_of(&r.location).is_none())
+            .then(|| self.bookings_seen(&crate::imports::receipt_key(&r.receipt_id)));
+        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "seen": seen, "at_ms": now_ms});
         self.write_record(RecordKind::Receipt, &r.receipt_id, record, now_ms);
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Self::reply(

@@ -105,6 +105,17 @@ pub struct Faults {
     /// Count pages carry a record over the size a peer accepts, and the
     /// engine does not check its writes with a peer's validation.
     pub unchecked_large_records: bool,
+    /// A received transfer still counts as in transit to its destination.
+    pub received_in_transit: bool,
+    /// A count records the node's whole negative balance as a deficit at
+    /// every count (v1), not the shortfall its own line causes.
+    pub deficit_whole_balance: bool,
+    /// Bookings at a location no node owns are never reversed: two nodes
+    /// recording one delivery or import both keep it.
+    pub skip_ownerless_settle: bool,
+    /// A sale id another node used too is not listed as a collision: the
+    /// newer sale hides the other from lookups and returns.
+    pub unlisted_sale_collisions: bool,
 }
 
 /// One document write of a batch.
