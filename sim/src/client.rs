@@ -39,6 +39,8 @@ pub enum Kind {
     /// `storemesh import counts` (the id is the import id; two nodes import
     /// the same file at a location no node owns).
     ImportCounts,
+    /// `POST /api/locations` (the id is the location).
+    DeclareLocation,
 }
 
 impl Kind {
@@ -60,7 +62,8 @@ impl Kind {
             | Kind::CustomerErase
             | Kind::Redeem
             | Kind::Retire
-            | Kind::CountPage => None,
+            | Kind::CountPage
+            | Kind::DeclareLocation => None,
         }
     }
 }
