@@ -744,7 +744,9 @@ impl World {
         // Per (reservation id, creating node): two nodes apart may have used
         // one id (each closed under its own key, naming its creator).
         let mut opened: BTreeMap<(String, String), (Option<NodeTag>, u64)> = BTreeMap::new();
-        let mut closes: BTreeMap<(String, String), Vec<(NodeTag, String, u64)>> = BTreeMap::new();
+        // (reservation id, creator) → closes: (closing writer, status, at).
+        type Closes = BTreeMap<(String, String), Vec<(NodeTag, String, u64)>>;
+        let mut closes: Closes = BTreeMap::new();
         for (id, _) in e.documents() {
             if !id.starts_with("rec/") {
                 continue;
