@@ -80,7 +80,9 @@ fn a_seed_retires_a_node_and_replays() {
 }
 
 /// Seeds tried per planted bug in the test (the CLI tries `selftest::SEEDS_MAX`).
-const SELFTEST_SEEDS: u64 = 8;
+/// 16: with the exact-books workloads in the mix, `idem-outside-txn` is
+/// first caught at seed 12 (it was within 8 before).
+const SELFTEST_SEEDS: u64 = 16;
 
 fn assert_found(bug: Bug) {
     let r = selftest::find(bug, &Options::default(), SELFTEST_SEEDS);
