@@ -149,7 +149,19 @@ impl World {
                     "lines": [{"product_id": p, "counted": counted}]});
                 (Kind::Count, count(body), id)
             }
-            // One delivery to the warehouse recorded by any node.
+            // One delivery to the warehouse recorded by any node, once per
+            // node (a second request of it at one node is a client retry).
+            _ if self
+                .clients
+                .reqs
+                .iter()
+                .any(|r| r.node == i && r.kind == Kind::Receipt && r.id == OWNERLESS_DELIVERY) =>
+            {
+                let id = format!("sc-{}", self.rng.gen_range(0..POOL_IDS));
+                let body = json!({"sale_id": id, "location": own, "currency": "EUR",
+                    "lines": [{"product_id": p, "quantity": 1, "unit_price": 500}]});
+                (Kind::Sale, sale(body), id)
+            }
             _ => {
                 let lines: Vec<serde_json::Value> = ownerless_delivery()
                     .iter()
