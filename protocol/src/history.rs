@@ -41,9 +41,7 @@ pub struct PartIndex {
 #[derive(serde::Deserialize)]
 struct PartIndexRef<'a> {
     version: u8,
-    #[allow(dead_code)]
     heads: Vec<[u8; 32]>,
-    #[allow(dead_code)]
     keys: u32,
     #[serde(borrow)]
     entries: Vec<(&'a str, &'a str)>,
@@ -52,8 +50,12 @@ struct PartIndexRef<'a> {
 impl Engine {
     /// Notes the records of a part from its encoded index (`finish_open`).
     pub(crate) fn replay_part_index(&mut self, doc: &str, bytes: &[u8]) {
-        match postcard::from_bytes::<PartIndexRef>(bytes) {
-            Ok(i) if i.version == PartIndex::VERSION => {
+        let plain = PartIndex::plain(bytes);
+        match plain
+            .as_deref()
+            .and_then(|b| postcard::from_bytes::<PartIndexRef>(b).ok())
+        {
+            Some(i) if i.version == PartIndex::VERSION => {
                 for (key, json) in i.entries {
                     self.note_record(doc, key, json);
                 }
@@ -65,6 +67,15 @@ impl Engine {
         }
     }
 }
+
+/// First byte of a stored index that is DEFLATE-compressed (the rest is the
+/// compressed postcard form, whose own first byte is the version, 1).
+/// Record keys and ids repeat from record to record: compressed, an index
+/// takes a fraction of the bytes, on disk and while a start holds it.
+const INDEX_DEFLATED: u8 = 0xD1;
+/// Most a stored index may inflate to: a part's records at their largest
+/// (`RECORDS_PER_PART_MAX` records of up to 64 KiB) and their keys.
+const INDEX_INFLATED_MAX: u64 = (layout::RECORDS_PER_PART_MAX as u64) * (65 << 10);
 
 impl PartIndex {
     const VERSION: u8 = 1;
@@ -96,19 +107,37 @@ impl PartIndex {
         }
     }
 
-    fn heads(&self) -> Vec<automerge::ChangeHash> {
-        self.heads
-            .iter()
-            .map(|h| automerge::ChangeHash(*h))
-            .collect()
+    /// The stored form: the postcard encoding, DEFLATE-compressed.
+    pub fn encode(&self) -> Vec<u8> {
+        let plain = postcard::to_stdvec(self).unwrap_or_default();
+        let mut z =
+            flate2::write::DeflateEncoder::new(vec![INDEX_DEFLATED], flate2::Compression::fast());
+        match std::io::Write::write_all(&mut z, &plain).and_then(|()| z.finish()) {
+            Ok(out) => out,
+            Err(_) => plain,
+        }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).unwrap_or_default()
+    /// The postcard form of stored index bytes (inflated when compressed;
+    /// releases before compression stored it plain). `None` when it does not
+    /// inflate within [`INDEX_INFLATED_MAX`].
+    fn plain(bytes: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+        use std::io::Read;
+        match bytes.split_first() {
+            Some((&INDEX_DEFLATED, z)) => {
+                let mut out = Vec::new();
+                flate2::read::DeflateDecoder::new(z)
+                    .take(INDEX_INFLATED_MAX + 1)
+                    .read_to_end(&mut out)
+                    .ok()?;
+                (out.len() as u64 <= INDEX_INFLATED_MAX).then_some(std::borrow::Cow::Owned(out))
+            }
+            _ => Some(std::borrow::Cow::Borrowed(bytes)),
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Option<PartIndex> {
-        postcard::from_bytes::<PartIndex>(bytes)
+        postcard::from_bytes::<PartIndex>(&Self::plain(bytes)?)
             .ok()
             .filter(|i| i.version == Self::VERSION)
     }
@@ -277,11 +306,22 @@ impl Engine {
             return false;
         }
         let bytes = index;
-        let Some(index) = PartIndex::decode(bytes) else {
+        // Read in place: the entries are noted from the bytes by
+        // `finish_open`, not allocated here.
+        let plain = PartIndex::plain(bytes);
+        let Some(index) = plain
+            .as_deref()
+            .and_then(|b| postcard::from_bytes::<PartIndexRef>(b).ok())
+            .filter(|i| i.version == PartIndex::VERSION)
+        else {
             tracing::warn!(doc = %id, "unreadable records part index; reading the part");
             return false;
         };
-        let heads = index.heads();
+        let heads: Vec<automerge::ChangeHash> = index
+            .heads
+            .iter()
+            .map(|h| automerge::ChangeHash(*h))
+            .collect();
         if let DocId::Records { tag, month, part } = &doc_id {
             if *tag == self.tag {
                 self.note_own_records_part(*month, *part, index.keys as usize);
@@ -556,5 +596,41 @@ impl Engine {
             std::cmp::Reverse(v.get("at_ms").and_then(|t| t.as_u64()).unwrap_or(0))
         });
         out
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    /// The stored form is compressed, decodes to what was encoded, and an
+    /// index stored plain by an earlier release still decodes.
+    #[test]
+    fn a_part_index_is_stored_compressed_and_plain_ones_still_read() {
+        let index = PartIndex {
+            version: PartIndex::VERSION,
+            heads: vec![[7; 32]],
+            keys: 2048,
+            entries: (0..2048)
+                .map(|i| (format!("sale/s-{}", 100_000 + i), String::new()))
+                .collect(),
+        };
+        let plain = postcard::to_stdvec(&index).unwrap();
+        let stored = index.encode();
+        assert_eq!(stored[0], INDEX_DEFLATED);
+        assert!(
+            stored.len() * 2 < plain.len(),
+            "compressed {} of {} bytes",
+            stored.len(),
+            plain.len()
+        );
+        for bytes in [&stored, &plain] {
+            let back = PartIndex::decode(bytes).expect("decodes");
+            assert_eq!(back.heads, index.heads);
+            assert_eq!(back.keys, 2048);
+            assert_eq!(back.entries, index.entries);
+        }
+        // Garbage after the marker is refused, not a panic.
+        assert!(PartIndex::decode(&[INDEX_DEFLATED, 1, 2, 3]).is_none());
     }
 }

@@ -100,13 +100,7 @@ impl Engine {
                 .take(LINES_MAX)
                 .filter_map(|l| l["location"].as_str().map(str::to_string))
                 .collect();
-            e.seen = v["seen"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .take(SEEN_MAX)
-                .filter_map(|n| n.as_str().map(str::to_string))
-                .collect();
+            e.seen = seen_of(v);
         }
         self.views.imports_pending.insert(id.to_string());
     }
@@ -132,13 +126,7 @@ impl Engine {
         e.at_ms = v["at_ms"].as_u64().unwrap_or(0);
         e.locations = BTreeSet::from([location.to_string()]);
         e.lines = summed_lines(v);
-        e.seen = v["seen"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .take(SEEN_MAX)
-            .filter_map(|n| n.as_str().map(str::to_string))
-            .collect();
+        e.seen = seen_of(v);
         self.views.imports_pending.insert(key);
     }
 
@@ -324,4 +312,15 @@ impl Engine {
             Ok(())
         })
     }
+}
+
+/// The other nodes' bookings a record names as seen (from peers: bounded).
+fn seen_of(v: &serde_json::Value) -> BTreeSet<String> {
+    v["seen"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(SEEN_MAX)
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect()
 }

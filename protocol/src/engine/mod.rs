@@ -24,10 +24,14 @@ mod deficits;
 mod docs;
 mod execute;
 mod inspect;
+#[cfg(all(test, debug_assertions))]
+mod invariant_tests;
 mod nodes;
 mod open;
 mod recompute;
 mod rows;
+
+pub use commit::Released;
 
 /// Drops null members, recursively. A record travels to every node and stays in
 /// every history; an absent member reads as null (`value.get(..)` is `None`,
@@ -234,6 +238,9 @@ pub struct Engine {
     pub(crate) digest: Digest,
     pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
+    /// Set by a `flush` that wrote documents, cleared by `committed`: while
+    /// set, nothing may be taken for peers (`take_outgoing` asserts it).
+    pub(crate) awaiting_commit: bool,
     /// Documents whose heads changed in the last flush, with the raw changes
     /// since their previous persisted heads (empty: no peer was connected, or too large to push; such a
     /// document is offered through sync sessions instead).
@@ -397,6 +404,7 @@ impl Engine {
             digest: Digest::default(),
             sessions: BTreeMap::new(),
             outbox: Vec::new(),
+            awaiting_commit: false,
             changed_docs: BTreeMap::new(),
             push_sources: BTreeMap::new(),
             catchup: crate::sync::Catchup::default(),
