@@ -4,7 +4,7 @@
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ScalarValue, ROOT};
 use storemesh_protocol::ids::{product_bucket, CELL_MAX};
-use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
+use storemesh_protocol::layout::{ledger_key, DocId, LedgerField, RecordKind};
 use storemesh_protocol::ops::*;
 use storemesh_protocol::testkit::{self, count, grant, TestMesh};
 use storemesh_protocol::Engine;
@@ -432,4 +432,65 @@ fn colliding_sale_ids_are_both_kept() {
         staff_id: None,
     });
     m.execute(1, ret).unwrap();
+}
+
+/// Colliding sale ids where the other node's sale arrives while this node's
+/// own sale of the id is still unflushed in the open batch (a frame received
+/// between an operation and the batch's commit): both are listed at both
+/// nodes. Before, the own sale was not seen in its document yet, the
+/// arriving one was indexed as the id's only sale, and the lookup listed no
+/// collision (simulator seed 113, checker `colliding-ids`).
+#[test]
+fn a_sale_id_collision_arriving_in_the_open_batch_is_listed() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 5)]))
+        .unwrap();
+    m.execute(1, testkit::receipt("r1", "loc1", &[(2, 5)]))
+        .unwrap();
+    m.commit(0);
+    m.commit(1);
+    m.settle();
+    m.disconnect(0, 1);
+    m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
+    m.commit(1);
+    m.connect(0, 1);
+    // n0 sells s-1; before its batch commits, n1's records arrive.
+    m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
+    let tag1 = format!("rec/{}/", m.nodes[1].engine.tag());
+    let key = storemesh_protocol::layout::record_key(RecordKind::Sale, "s-1");
+    let has_n1_records = |e: &Engine| {
+        e.documents()
+            .iter()
+            .any(|(d, _)| d.starts_with(&tag1) && e.record(d, &key).is_some())
+    };
+    for _ in 0..20 {
+        if has_n1_records(&m.nodes[0].engine) {
+            break;
+        }
+        m.deliver_into_open_batch(1, 0);
+        let id0 = m.id(0);
+        for (_, frame) in m.take_frames_of_open_batch(0) {
+            let now = 1_795_773_700_000;
+            m.nodes[1].engine.receive(id0, &frame[4..], now).unwrap();
+            m.commit(1);
+        }
+    }
+    assert!(
+        has_n1_records(&m.nodes[0].engine),
+        "n1's sale s-1 reached n0 inside its open batch"
+    );
+    m.commit(0);
+    m.settle();
+    for (i, own_product) in [(0usize, 1u64), (1, 2)] {
+        let e = &m.nodes[i].engine;
+        let v = e.sale_json("s-1").unwrap();
+        assert_eq!(v["lines"][0]["product_id"], own_product, "n{i}: {v}");
+        assert_eq!(
+            v["collisions"].as_array().map(|a| a.len()),
+            Some(1),
+            "n{i}: {v}"
+        );
+    }
 }
