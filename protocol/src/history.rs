@@ -451,7 +451,7 @@ impl Engine {
     /// refer to it), else the first by document; all are kept.
     fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
         let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
-        let Some((old_doc, _)) = self.sale_doc(id) else {
+        let Some(old_doc) = self.noted_sale_doc(id, key) else {
             self.views.sales.add(id, doc);
             self.feed_sale(id);
             return;
@@ -479,6 +479,25 @@ impl Engine {
         };
         let first = if replace { doc } else { old_doc.as_str() };
         self.views.sales.prefer(id, first);
+    }
+
+    /// The document `note_sale_id` compares a newly noted sale of `id`
+    /// with: as [`Engine::sale_doc`], but a sale this node wrote in the open
+    /// batch counts although it is still a pending put of its document (a
+    /// peer's sale of the id that arrives before the batch commits is then
+    /// a collision, not the id's only sale). Pending puts are read only for
+    /// a candidate document that does not hold the key yet.
+    fn noted_sale_doc(&self, id: &str, key: &str) -> Option<String> {
+        self.views
+            .sales
+            .candidates(id)
+            .find(|d| {
+                self.docs.get(*d).is_some_and(|s| {
+                    s.doc.get(ROOT, key).ok().flatten().is_some()
+                        || s.puts.iter().any(|(k, _)| k == key)
+                })
+            })
+            .map(str::to_string)
     }
 
     fn feed_sale(&mut self, id: &str) {

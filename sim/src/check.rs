@@ -633,6 +633,8 @@ impl World {
         self.check_transfers(e0)?;
         self.check_deficits_per_event(e0)?;
         self.check_ownerless_imports(e0)?;
+        self.check_ownerless_receipts(e0)?;
+        self.check_colliding_ids(e0)?;
         for r in &self.clients.reqs {
             if r.outstanding() {
                 return Err(self.violation(
@@ -739,8 +741,12 @@ impl World {
     /// successor) closes one, at most once, and it expires one only when its
     /// own clock has reached the expiry time.
     fn check_reservations(&self, e: &Engine) -> Result<(), Violation> {
-        let mut opened: BTreeMap<String, (Option<NodeTag>, u64)> = BTreeMap::new();
-        let mut closes: BTreeMap<String, Vec<(NodeTag, String, u64)>> = BTreeMap::new();
+        // Per (reservation id, creating node): two nodes apart may have used
+        // one id (each closed under its own key, naming its creator).
+        let mut opened: BTreeMap<(String, String), (Option<NodeTag>, u64)> = BTreeMap::new();
+        // (reservation id, creator) → closes: (closing writer, status, at).
+        type Closes = BTreeMap<(String, String), Vec<(NodeTag, String, u64)>>;
+        let mut closes: Closes = BTreeMap::new();
         for (id, _) in e.documents() {
             if !id.starts_with("rec/") {
                 continue;
@@ -766,16 +772,28 @@ impl World {
                     ) else {
                         continue;
                     };
+                    let rid = json["reservation_id"].as_str().unwrap_or(rid).to_string();
                     if kind == RecordKind::Reservation {
+                        let creator = json["node"].as_str().unwrap_or("").to_string();
                         opened.insert(
-                            rid.to_string(),
+                            (rid, creator),
                             (
                                 json["fulfil_by_tag"].as_str().and_then(NodeTag::parse),
                                 json["expires_at_ms"].as_u64().unwrap_or(0),
                             ),
                         );
                     } else {
-                        closes.entry(rid.to_string()).or_default().push((
+                        // A close from before closes named the creator: the
+                        // one reservation of the id.
+                        let creator = match json["creator"].as_str() {
+                            Some(c) => c.to_string(),
+                            None => opened
+                                .keys()
+                                .find(|(r, _)| *r == rid)
+                                .map(|(_, c)| c.clone())
+                                .unwrap_or_default(),
+                        };
+                        closes.entry((rid, creator)).or_default().push((
                             writer.tag(),
                             json["status"].as_str().unwrap_or("").to_string(),
                             json["at_ms"].as_u64().unwrap_or(0),
@@ -813,7 +831,7 @@ impl World {
                 return Err(self.violation(
                     "reservations",
                     format!(
-                        "reservation {rid} (fulfilled by {}) expired at {expires} but is still open at {now} by the clock of {}, which acts for it: its units stay held",
+                        "reservation {rid:?} (fulfilled by {}) expired at {expires} but is still open at {now} by the clock of {}, which acts for it: its units stay held",
                         self.check.name_of(*by),
                         self.nodes[i].name
                     ),
@@ -824,7 +842,7 @@ impl World {
             let Some((Some(by), expires)) = opened.get(rid) else {
                 return Err(self.violation(
                     "reservations",
-                    format!("reservation {rid} was closed but its reservation record is missing"),
+                    format!("reservation {rid:?} was closed but its reservation record is missing"),
                 ));
             };
             for (w, status, at) in cs {
@@ -832,7 +850,7 @@ impl World {
                     return Err(self.violation(
                         "reservations",
                         format!(
-                            "reservation {rid} was closed ({status}) by {}, not by its fulfilling node {}",
+                            "reservation {rid:?} was closed ({status}) by {}, not by its fulfilling node {}",
                             self.check.names.get(w).cloned().unwrap_or_else(|| w.hex()),
                             self.check.names.get(by).cloned().unwrap_or_else(|| by.hex())
                         ),
@@ -841,14 +859,14 @@ impl World {
                 if status == "expired" && at < expires {
                     return Err(self.violation(
                         "reservations",
-                        format!("reservation {rid} expired at {at} by its node's clock, before its expiry time {expires}"),
+                        format!("reservation {rid:?} expired at {at} by its node's clock, before its expiry time {expires}"),
                     ));
                 }
             }
             if cs.len() > 1 && !cs.iter().all(|(w, _, _)| forked(w)) {
                 return Err(self.violation(
                     "reservations",
-                    format!("reservation {rid} was closed {} times: {cs:?}", cs.len()),
+                    format!("reservation {rid:?} was closed {} times: {cs:?}", cs.len()),
                 ));
             }
         }

@@ -40,6 +40,8 @@ pub enum Kind {
     /// `storemesh import counts` (the id is the import id; two nodes import
     /// the same file at a location no node owns).
     ImportCounts,
+    /// `POST /api/locations` (the id is the location).
+    DeclareLocation,
 }
 
 impl Kind {
@@ -61,7 +63,8 @@ impl Kind {
             | Kind::CustomerErase
             | Kind::Redeem
             | Kind::Retire
-            | Kind::CountPage => None,
+            | Kind::CountPage
+            | Kind::DeclareLocation => None,
         }
     }
 }
@@ -104,6 +107,12 @@ impl Request {
         !self.abandoned && (self.in_flight > 0 || self.retry_at_ms.is_some())
     }
     pub fn record_key(&self) -> Option<String> {
+        // The close of a reservation id from the shared pool (`books.rs`)
+        // has its own key when the id collided (`<id>@<creator>`): not
+        // known in advance.
+        if self.kind == Kind::ReservationCancel && self.id.starts_with("rc-") {
+            return None;
+        }
         self.kind
             .record_prefix()
             .map(|p| format!("{p}/{}", self.id))

@@ -216,6 +216,19 @@ impl Driver {
             let r = new_request(&self.w, i, Kind::Receipt, op, id);
             self.w.submit_new(r);
         }
+        // The warehouse: a location no node owns (deliveries, opening counts).
+        let op = storemesh_protocol::ops::Op::DeclareLocation(
+            serde_json::from_value(serde_json::json!({"location": workload::OWNERLESS}))
+                .expect("a valid declaration"),
+        );
+        let r = new_request(
+            &self.w,
+            0,
+            Kind::DeclareLocation,
+            op,
+            workload::OWNERLESS.into(),
+        );
+        self.w.submit_new(r);
         let t = self.w.now_ms + 500;
         self.w.advance_to(t)?;
         let web = self.d.webshop;

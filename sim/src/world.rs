@@ -496,6 +496,10 @@ impl World {
             Some(Bug::PerLineCheck) => engine.faults.per_line_check = true,
             Some(Bug::GrantInOtherBucket) => engine.faults.grant_in_other_bucket = true,
             Some(Bug::UncheckedLargeRecords) => engine.faults.unchecked_large_records = true,
+            Some(Bug::ReceivedInTransit) => engine.faults.received_in_transit = true,
+            Some(Bug::DeficitWholeBalance) => engine.faults.deficit_whole_balance = true,
+            Some(Bug::SkipOwnerlessSettle) => engine.faults.skip_ownerless_settle = true,
+            Some(Bug::UnlistedSaleCollisions) => engine.faults.unlisted_sale_collisions = true,
             _ => {}
         }
         for (name, id) in &node.peers_cfg {
