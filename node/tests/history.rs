@@ -135,6 +135,27 @@ fn sell(e: &mut Engine, store: &Store, from: usize, to: usize) {
     }
 }
 
+/// A fresh node connected to `e` receives sales `s0..s{n}` and ends with
+/// the same documents and heads.
+fn a_fresh_node_receives_every_sale(e: Engine, n: usize) {
+    let mut m = testkit::TestMesh::new(2, 8);
+    m.nodes[0].engine = e;
+    m.now_ms = NOW_MS + 400;
+    m.connect(0, 1);
+    m.settle();
+    for i in 0..n {
+        assert!(
+            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
+            "sale s{i} reached the fresh node"
+        );
+    }
+    assert_eq!(
+        m.nodes[1].engine.documents(),
+        m.nodes[0].engine.documents(),
+        "same documents and heads"
+    );
+}
+
 fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_protocol::ops::Op {
     use storemesh_protocol::ops::{Disposition, Op, Return, ReturnLine};
     Op::Return(Return {
@@ -251,22 +272,7 @@ fn closed_parts_go_cold_and_history_still_answers() {
     assert!(e.cold_parts().0 >= 7);
 
     // A fresh node gets every record from the node with cold parts.
-    let mut m = testkit::TestMesh::new(2, 8);
-    m.nodes[0].engine = e;
-    m.now_ms = NOW_MS + 400;
-    m.connect(0, 1);
-    m.settle();
-    for i in 0..30 {
-        assert!(
-            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
-            "sale s{i} reached the fresh node"
-        );
-    }
-    assert_eq!(
-        m.nodes[1].engine.documents(),
-        m.nodes[0].engine.documents(),
-        "same documents and heads"
-    );
+    a_fresh_node_receives_every_sale(e, 30);
 }
 
 /// With the store as the engine's part archive (as `storemesh run` opens
@@ -350,22 +356,7 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
     let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 60, &|_| None);
     assert!(again.is_err(), "s3 was returned whole: {again:?}");
     // A fresh node gets every record from the node whose parts are stored.
-    let mut m = testkit::TestMesh::new(2, 8);
-    m.nodes[0].engine = e;
-    m.now_ms = NOW_MS + 400;
-    m.connect(0, 1);
-    m.settle();
-    for i in 0..30 {
-        assert!(
-            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
-            "sale s{i} reached the fresh node"
-        );
-    }
-    assert_eq!(
-        m.nodes[1].engine.documents(),
-        m.nodes[0].engine.documents(),
-        "same documents and heads"
-    );
+    a_fresh_node_receives_every_sale(e, 30);
 }
 
 /// Ledger epochs through the real redb file: the owner's cuts delete the
