@@ -9,7 +9,19 @@ use storemesh_protocol::testkit;
 const NOW_MS: u64 = 1_795_773_600_000;
 
 fn open(store: &Store, incarnation: [u8; 4]) -> Engine {
+    open_with(store, incarnation, None)
+}
+
+/// `open`, with cold parts read back from `archive` when given (as `run` opens).
+fn open_with(
+    store: &Store,
+    incarnation: [u8; 4],
+    archive: Option<std::sync::Arc<Store>>,
+) -> Engine {
     let mut e = Engine::new(testkit::config(0, 8), incarnation);
+    if let Some(a) = archive {
+        e.set_part_archive(a);
+    }
     for d in store.load_docs().unwrap() {
         e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
             .unwrap();
@@ -285,13 +297,7 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let open_archived = |incarnation: [u8; 4]| {
-        let mut e = Engine::new(testkit::config(0, 8), incarnation);
-        e.set_part_archive(store.clone());
-        for d in store.load_docs().unwrap() {
-            e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
-                .unwrap();
-        }
-        e.finish_open();
+        let mut e = open_with(&store, incarnation, Some(store.clone()));
         e.set_records_per_part(4);
         e
     };
