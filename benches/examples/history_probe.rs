@@ -146,6 +146,12 @@ fn main() {
     let store = Store::open(&path).unwrap();
     let cfg = testkit::config(0, 64);
     let mut e = Engine::new(cfg.clone(), [0, 1, 2, 3]);
+    if let Some(k) = std::env::var("PROBE_OPS_PER_KEY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        e.set_epoch_ops_per_key(k);
+    }
     e.finish_open();
     let loc = e.config().location.clone();
     let all: Vec<u64> = (1..=products).collect();

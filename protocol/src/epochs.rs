@@ -31,12 +31,21 @@ use crate::views::read_entry;
 /// Operations an epoch of a ledger document holds, at least, before its
 /// owner starts the next one.
 pub const EPOCH_OPS_MIN: u64 = 1024;
-/// ... and at most this many per key it holds: a cut carries one operation
-/// per cell, so history stays within a few times the state it describes.
-/// Automerge keeps ~175 bytes per operation in memory (measured on the store
-/// workload), so a store's 64 documents of 20,000 products hold at most
-/// ~2,500 operations each (~27 MiB) whatever the number of sales.
-pub const EPOCH_OPS_PER_KEY: u64 = 4;
+/// ... and more than this many per key it holds: a cut carries one
+/// operation per cell, so history stays within twice the state it describes.
+/// Automerge keeps ~175 bytes per operation in memory on the store workload
+/// (one change of about one op per document and group commit). A store's 64
+/// documents of 20,000 products (~936 keys each: two carried cells per
+/// product and the live ones) then hold at most ~1,900 operations each. At 4
+/// per key, a restart of 300,000 sales (probe, same machine, back to back)
+/// held 91 MiB after loading the documents and 120 MiB when ready; at 2, 59
+/// and 91 MiB — for one cut every ~1,200 sales of a document instead of
+/// every ~4,000 (row 8 at 1.8M sales: epoch 7).
+pub const EPOCH_OPS_PER_KEY: u64 = 2;
+
+/// Most operations after which a ledger document's keys are counted again
+/// to decide a cut (see `Engine::epoch_full`).
+const EPOCH_KEYS_RECOUNT: u64 = 256;
 
 impl Engine {
     /// The epoch of a location's ledger bucket this node holds (0 if none).
@@ -63,14 +72,36 @@ impl Engine {
         self.epoch_ops_max = ops.max(1);
     }
 
-    /// Whether an epoch's history is due for a cut.
-    fn epoch_full(&self, id: &str) -> bool {
+    /// Sets the operations per key past which an epoch is cut (see
+    /// [`EPOCH_OPS_PER_KEY`]; at least 2: a cut itself writes one per cell).
+    pub fn set_epoch_ops_per_key(&mut self, ops: u64) {
+        self.epoch_ops_per_key = ops.max(2);
+    }
+
+    /// Whether an epoch's history is due for a cut. A document's keys are
+    /// counted again only after a quarter of their number in operations, at
+    /// most [`EPOCH_KEYS_RECOUNT`] (counting walks the document: it was 5 % of
+    /// a sale's cost, checked at every flush); in between, each operation
+    /// since the count is taken to have added a key, so a cut may come a
+    /// little late, never early.
+    fn epoch_full(&mut self, id: &str) -> bool {
         let ops = self.ops_of(id);
         if ops <= self.epoch_ops_max {
             return false;
         }
-        let keys = self.docs.get(id).map_or(0, |s| s.doc.length(ROOT) as u64);
-        ops > keys.saturating_mul(EPOCH_OPS_PER_KEY)
+        let keys = match self.epoch_keys.get(id) {
+            Some(&(at, keys))
+                if ops >= at && ops - at < (keys / 4).clamp(1, EPOCH_KEYS_RECOUNT) =>
+            {
+                keys + (ops - at)
+            }
+            _ => {
+                let keys = self.docs.get(id).map_or(0, |s| s.doc.length(ROOT) as u64);
+                self.epoch_keys.insert(id.to_string(), (ops, keys));
+                keys
+            }
+        };
+        ops > keys.saturating_mul(self.epoch_ops_per_key)
     }
 
     /// Whether `doc` is an epoch of a ledger document older than the one held
@@ -422,6 +453,7 @@ impl Engine {
         }
         self.dirty_docs.remove(id);
         self.changed_docs.remove(id);
+        self.epoch_keys.remove(id);
         self.push_sources.remove(id);
         self.pending_sync_states.retain(|(_, d, _)| d != id);
         self.forget_doc_sessions(id);

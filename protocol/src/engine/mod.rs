@@ -216,6 +216,11 @@ pub struct Engine {
     /// Ledger epoch held per (location, bucket) (see `epochs`).
     pub(crate) epochs: HashMap<(String, u32), u32>,
     pub(crate) epoch_ops_max: u64,
+    /// Operations per key past which an epoch is cut (see [`crate::epochs::EPOCH_OPS_PER_KEY`]).
+    pub(crate) epoch_ops_per_key: u64,
+    /// Per ledger document: (its operations, its keys) when its keys were
+    /// last counted (counting them walks the document; see `epoch_full`).
+    pub(crate) epoch_keys: HashMap<String, (u64, u64)>,
     /// Documents dropped since the last flush (older ledger epochs), deleted
     /// from disk by the next batch.
     pub(crate) pending_retired: Vec<String>,
@@ -394,6 +399,8 @@ impl Engine {
         let mut e = Engine {
             epochs: HashMap::new(),
             epoch_ops_max: crate::epochs::EPOCH_OPS_MIN,
+            epoch_ops_per_key: crate::epochs::EPOCH_OPS_PER_KEY,
+            epoch_keys: HashMap::new(),
             pending_retired: Vec::new(),
             pending_part_indexes: BTreeMap::new(),
             indexed_parts: Default::default(),
