@@ -603,17 +603,19 @@ impl Views {
 /// sale id → the records documents that may hold `sale/<id>` (DESIGN §7:
 /// history lookups without a map entry per sale in memory).
 ///
-/// Each sale is one 64-bit entry (a 40-bit fingerprint of its id above the
-/// 24-bit index of its document in a table of names): 8 bytes per sale, in
-/// a sorted array that
-/// recent sales reach in merges, so that no hash table's spare capacity
-/// grows with the history (the 64-bit hash table this replaces cost ~27
-/// bytes per sale at 2,000,000 sales). A fingerprint may stand for more
-/// than one id (at 2,000,000 sales a new id matches one with probability
-/// 2·10⁻⁶): every document under it is a candidate, and the engine
-/// checks the document for the id's key ([`crate::engine::Engine::sale_doc`]).
-/// An id found in more than one document (two nodes apart from each other
-/// used it) has the document to look up first kept exactly in `preferred`.
+/// Each sale is one entry: a 40-bit keyed fingerprint of its id and the
+/// 16-bit index of its document in a table of names. Entries sit in a sorted
+/// array cut into 65,536 buckets by the fingerprint's top 16 bits, so an
+/// entry is stored in 5 bytes without them; recent sales reach the array in
+/// merges, and no hash table's spare capacity grows with the history (the
+/// 64-bit hash table this replaces cost ~27 bytes per sale at 2,000,000
+/// sales, the 8-byte array before this one 8). A fingerprint may stand for
+/// more than one id (at 2,000,000 sales a new id matches one with
+/// probability 2·10⁻⁶): every document under it is a candidate, and the
+/// engine checks the document for the id's key
+/// ([`crate::engine::Engine::sale_doc`]). An id found in more than one
+/// document (two nodes apart from each other used it) has the document to
+/// look up first kept exactly in `preferred`.
 #[derive(Default)]
 pub struct SaleIndex {
     /// Random keys per process: placement never shows outside, and ids
@@ -621,19 +623,18 @@ pub struct SaleIndex {
     keys: std::collections::hash_map::RandomState,
     names: Vec<String>,
     name_ix: HashMap<String, u32>,
-    /// `fingerprint << 24 | document`, sorted, without duplicates.
-    sorted: Vec<u64>,
-    /// `starts[b]`: the first position in `sorted` whose entry's top
-    /// [`SALE_INDEX_BUCKET_BITS`] are ≥ `b` (one more slot at the end), so
-    /// that a lookup searches ~`len / 65,536` entries instead of the whole
-    /// array: at a start every stored sale is looked up once, and a binary
-    /// search of millions of entries was 40 % of a restart.
+    /// The entries (`fingerprint | document`, see [`SaleIndex::entry`])
+    /// without their bucket bits ([`pack`]), sorted, without duplicates.
+    sorted: Vec<Packed>,
+    /// `starts[b]`: the first position in `sorted` of bucket `b` (one more
+    /// slot at the end), so that a lookup searches ~`len / 65,536` entries
+    /// and an entry's bucket need not be stored.
     starts: Vec<u32>,
     /// Entries added since the last merge into `sorted`.
     recent: std::collections::BTreeSet<u64>,
     preferred: HashMap<String, u32>,
-    /// Sales in documents whose index does not fit 24 bits (a node would
-    /// have to hold 16 million records documents), kept exactly.
+    /// Sales in documents whose index does not fit 16 bits (a node would
+    /// have to hold 65,536 records parts, ~130 million sales), kept exactly.
     overflow: HashMap<String, Vec<u32>>,
     /// During a start ([`SaleIndex::begin_bulk`]): entries collected
     /// unchecked, sorted once at its end. Looking each stored sale up before
@@ -641,9 +642,11 @@ pub struct SaleIndex {
     bulk: Option<Vec<u64>>,
 }
 
-/// Bits of an entry that name the document.
-const SALE_INDEX_DOC_BITS: u32 = 24;
-const SALE_INDEX_DOC_MASK: u64 = (1 << SALE_INDEX_DOC_BITS) - 1;
+/// An entry's fingerprint bits (the top 40 of 64).
+const SALE_INDEX_FP_MASK: u64 = !0xFF_FFFF;
+/// Largest document index an entry holds (the low 16 bits; bits 16..24 are
+/// zero).
+const SALE_INDEX_DOC_MAX: u64 = 0xFFFF;
 
 /// Pairs kept in `recent` before they are merged into the sorted array
 /// (the merge moves the array's entries in place every 65,536 sales).
@@ -652,12 +655,31 @@ const SALE_INDEX_RECENT_MAX: usize = 65_536;
 /// Top bits of an entry that pick its bucket in `starts` (256 KiB of
 /// offsets, whatever the history).
 const SALE_INDEX_BUCKET_BITS: u32 = 16;
+const SALE_INDEX_BUCKETS: usize = 1 << SALE_INDEX_BUCKET_BITS;
+
+/// An entry without its bucket: fingerprint bits 24..48, document bits 0..16,
+/// big-endian, so that the packed entries of one bucket sort as the entries.
+type Packed = [u8; 5];
+
+fn bucket_of(entry: u64) -> usize {
+    (entry >> (64 - SALE_INDEX_BUCKET_BITS)) as usize
+}
+
+fn pack(entry: u64) -> Packed {
+    let b = entry.to_be_bytes();
+    [b[2], b[3], b[4], b[6], b[7]]
+}
+
+fn unpack(bucket: usize, p: Packed) -> u64 {
+    u64::from_be_bytes([0, 0, p[0], p[1], p[2], 0, p[3], p[4]])
+        | ((bucket as u64) << (64 - SALE_INDEX_BUCKET_BITS))
+}
 
 impl SaleIndex {
-    /// The id's fingerprint, shifted into place (the low 24 bits zero).
+    /// The id's fingerprint (the low 24 bits zero).
     fn fingerprint(&self, id: &str) -> u64 {
         use std::hash::BuildHasher;
-        self.keys.hash_one(id) << SALE_INDEX_DOC_BITS
+        self.keys.hash_one(id) & SALE_INDEX_FP_MASK
     }
 
     fn intern(&mut self, doc: &str) -> u32 {
@@ -675,16 +697,18 @@ impl SaleIndex {
     pub fn candidates(&self, id: &str) -> impl Iterator<Item = &str> {
         let fp = self.fingerprint(id);
         let first = self.preferred.get(id).copied();
-        let last = fp | SALE_INDEX_DOC_MASK;
+        let last = fp | SALE_INDEX_DOC_MAX;
+        let b = bucket_of(fp);
         let from_sorted = self
-            .bucket(fp)
+            .bucket(b)
             .iter()
-            .skip_while(move |e| **e < fp)
-            .take_while(move |e| **e <= last);
-        let from_recent = self.recent.range(fp..=last);
+            .map(move |p| unpack(b, *p))
+            .skip_while(move |e| *e < fp)
+            .take_while(move |e| *e <= last);
+        let from_recent = self.recent.range(fp..=last).copied();
         let docs = from_sorted
             .chain(from_recent)
-            .map(|e| (e & SALE_INDEX_DOC_MASK) as u32)
+            .map(|e| (e & SALE_INDEX_DOC_MAX) as u32)
             .chain(self.overflow.get(id).into_iter().flatten().copied());
         first
             .into_iter()
@@ -695,7 +719,7 @@ impl SaleIndex {
     /// Notes that `doc` holds a sale of `id`.
     pub fn add(&mut self, id: &str, doc: &str) {
         let d = self.intern(doc);
-        if u64::from(d) > SALE_INDEX_DOC_MASK {
+        if u64::from(d) > SALE_INDEX_DOC_MAX {
             let docs = self.overflow.entry(id.to_string()).or_default();
             if !docs.contains(&d) {
                 docs.push(d);
@@ -707,7 +731,12 @@ impl SaleIndex {
             bulk.push(entry);
             return;
         }
-        if self.bucket(entry).binary_search(&entry).is_ok() || !self.recent.insert(entry) {
+        if self
+            .bucket(bucket_of(entry))
+            .binary_search(&pack(entry))
+            .is_ok()
+            || !self.recent.insert(entry)
+        {
             return;
         }
         if self.recent.len() >= SALE_INDEX_RECENT_MAX {
@@ -739,24 +768,22 @@ impl SaleIndex {
         let Some(mut all) = self.bulk.take() else {
             return Vec::new();
         };
-        all.append(&mut self.sorted);
+        all.extend(self.entries());
         all.extend(std::mem::take(&mut self.recent));
         all.sort_unstable();
         all.dedup();
-        // Exact: the collecting vector grew by doubling.
-        all.shrink_to_fit();
         let mut shared = Vec::new();
         let mut i = 0;
         while i < all.len() {
-            let fp = all[i] & !SALE_INDEX_DOC_MASK;
+            let fp = all[i] & SALE_INDEX_FP_MASK;
             let n = all[i..]
                 .iter()
-                .take_while(|e| *e & !SALE_INDEX_DOC_MASK == fp)
+                .take_while(|e| *e & SALE_INDEX_FP_MASK == fp)
                 .count();
             if n > 1 {
                 let mut docs: Vec<String> = all[i..i + n]
                     .iter()
-                    .filter_map(|e| self.names.get((e & SALE_INDEX_DOC_MASK) as usize))
+                    .filter_map(|e| self.names.get((e & SALE_INDEX_DOC_MAX) as usize))
                     .cloned()
                     .collect();
                 docs.sort();
@@ -764,8 +791,11 @@ impl SaleIndex {
             }
             i += n;
         }
-        self.sorted = all;
-        self.rebuild_starts();
+        // Exact capacity: the collecting vector grew by doubling.
+        let mut sorted = Vec::with_capacity(all.len());
+        sorted.extend(all.iter().map(|e| pack(*e)));
+        self.starts = starts_of(&all);
+        self.sorted = sorted;
         shared
     }
 
@@ -782,67 +812,79 @@ impl SaleIndex {
         self.preferred.insert(id.to_string(), d);
     }
 
-    /// The entries of `sorted` in the bucket of `entry` (sorted).
-    fn bucket(&self, entry: u64) -> &[u64] {
-        let b = (entry >> (64 - SALE_INDEX_BUCKET_BITS)) as usize;
+    /// The packed entries of `sorted` in bucket `b` (sorted).
+    fn bucket(&self, b: usize) -> &[Packed] {
         match (self.starts.get(b), self.starts.get(b + 1)) {
             (Some(&lo), Some(&hi)) => self.sorted.get(lo as usize..hi as usize).unwrap_or(&[]),
             // Before the first merge, `starts` is empty: so is `sorted`.
-            _ => &self.sorted,
+            _ => &[],
         }
     }
 
-    /// Merges `recent` into `sorted` in place, from the back (no second
-    /// array: at millions of sales a copy was tens of MiB to allocate and
-    /// zero at every merge), and rebuilds `starts`.
+    /// The entries of `sorted`, in order.
+    fn entries(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..SALE_INDEX_BUCKETS).flat_map(move |b| self.bucket(b).iter().map(move |p| unpack(b, *p)))
+    }
+
+    /// Merges `recent` into `sorted` in place, from the back, bucket by
+    /// bucket (no second array: at millions of sales a copy was tens of MiB
+    /// to allocate and zero at every merge), and moves `starts`.
     fn merge(&mut self) {
         let recent: Vec<u64> = std::mem::take(&mut self.recent).into_iter().collect();
-        let n = self.sorted.len();
-        // Exact: a doubling growth would hold up to 8 spare bytes per sale.
-        self.sorted.reserve_exact(recent.len());
-        self.sorted.resize(n + recent.len(), 0);
-        let (mut i, mut j, mut k) = (n, recent.len(), self.sorted.len());
-        while j > 0 {
-            k -= 1;
-            if i > 0 && self.sorted[i - 1] > recent[j - 1] {
-                self.sorted[k] = self.sorted[i - 1];
-                i -= 1;
-            } else {
-                self.sorted[k] = recent[j - 1];
-                j -= 1;
-            }
+        if self.starts.is_empty() {
+            self.starts = vec![0; SALE_INDEX_BUCKETS + 1];
         }
+        let n = self.sorted.len();
+        // Exact: a doubling growth would hold up to 5 spare bytes per sale.
+        self.sorted.reserve_exact(recent.len());
+        self.sorted.resize(n + recent.len(), [0; 5]);
+        let (mut j, mut k) = (recent.len(), self.sorted.len());
+        // The old end of the bucket at hand (`starts[b + 1]` already moved).
+        let mut old_hi = n;
+        for b in (0..SALE_INDEX_BUCKETS).rev() {
+            let lo = self.starts[b] as usize;
+            let mut i = old_hi;
+            old_hi = lo;
+            while j > 0 && bucket_of(recent[j - 1]) == b {
+                let r = pack(recent[j - 1]);
+                k -= 1;
+                if i > lo && self.sorted[i - 1] > r {
+                    self.sorted[k] = self.sorted[i - 1];
+                    i -= 1;
+                } else {
+                    self.sorted[k] = r;
+                    j -= 1;
+                }
+            }
+            // The bucket's older entries left: moved up as one block.
+            let left = i - lo;
+            if k != i {
+                self.sorted.copy_within(lo..i, k - left);
+            }
+            k -= left;
+            // Every bucket before this one moves up by the recent entries
+            // still to place (all in lower buckets).
+            self.starts[b] = k as u32;
+            debug_assert_eq!(
+                k,
+                lo + j,
+                "sale index merge: bucket {b} lands after the rest"
+            );
+        }
+        self.starts[SALE_INDEX_BUCKETS] = self.sorted.len() as u32;
         debug_assert!(
-            self.sorted.windows(2).all(|w| w[0] < w[1]),
+            self.entries()
+                .zip(self.entries().skip(1))
+                .all(|(a, b)| a < b),
             "sale index sorted"
         );
-        self.rebuild_starts();
-    }
-
-    /// Rebuilds `starts` from `sorted`.
-    fn rebuild_starts(&mut self) {
-        let buckets = 1usize << SALE_INDEX_BUCKET_BITS;
-        self.starts.clear();
-        self.starts.reserve_exact(buckets + 1);
-        let mut at = 0usize;
-        for b in 0..buckets {
-            while self
-                .sorted
-                .get(at)
-                .is_some_and(|e| ((e >> (64 - SALE_INDEX_BUCKET_BITS)) as usize) < b)
-            {
-                at += 1;
-            }
-            self.starts.push(at as u32);
-        }
-        self.starts.push(self.sorted.len() as u32);
     }
 
     /// Heap bytes the index holds for its entries (its names and exact
     /// maps aside): what grows with the number of sales.
     pub fn entry_bytes(&self) -> usize {
         // A B-tree set holds up to 11 entries per node of ~100 bytes.
-        self.sorted.capacity() * 8
+        self.sorted.capacity() * std::mem::size_of::<Packed>()
             + self.recent.len() * 16
             + self.starts.capacity() * 4
             + self.bulk.as_ref().map_or(0, |b| b.capacity() * 8)
@@ -859,6 +901,20 @@ impl SaleIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// `starts` (see [`SaleIndex`]) of a sorted list of entries.
+fn starts_of(sorted: &[u64]) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(SALE_INDEX_BUCKETS + 1);
+    let mut at = 0usize;
+    for b in 0..SALE_INDEX_BUCKETS {
+        while sorted.get(at).is_some_and(|e| bucket_of(*e) < b) {
+            at += 1;
+        }
+        starts.push(at as u32);
+    }
+    starts.push(sorted.len() as u32);
+    starts
 }
 
 #[cfg(test)]
@@ -880,7 +936,9 @@ mod tests {
         ix.add("s-5", "rec/a/202606");
         assert_eq!(ix.len() as u64, n);
         assert!(ix.sorted.len() >= 3 * SALE_INDEX_RECENT_MAX, "merged");
-        assert!(ix.sorted.windows(2).all(|w| w[0] < w[1]));
+        let all: Vec<u64> = ix.entries().collect();
+        assert_eq!(all.len(), ix.sorted.len());
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
         for i in (0..n).step_by(997) {
             let want = format!("rec/a/2026{:02}", i % 12 + 1);
             let found: Vec<&str> = ix.candidates(&format!("s-{i}")).collect();
