@@ -648,6 +648,9 @@ const SALE_INDEX_FP_MASK: u64 = !0xFF_FFFF;
 /// zero).
 const SALE_INDEX_DOC_MAX: u64 = 0xFFFF;
 
+/// Entries a bulk load collects before it sorts them into the array (2 MiB).
+const SALE_INDEX_BULK_CHUNK: usize = 262_144;
+
 /// Pairs kept in `recent` before they are merged into the sorted array
 /// (the merge moves the array's entries in place every 65,536 sales).
 const SALE_INDEX_RECENT_MAX: usize = 65_536;
@@ -729,6 +732,9 @@ impl SaleIndex {
         let entry = self.fingerprint(id) | u64::from(d);
         if let Some(bulk) = self.bulk.as_mut() {
             bulk.push(entry);
+            if bulk.len() >= SALE_INDEX_BULK_CHUNK {
+                self.merge_bulk_chunk();
+            }
             return;
         }
         if self
@@ -745,11 +751,11 @@ impl SaleIndex {
     }
 
     /// Starts a bulk load (a start notes every stored sale once): from now
-    /// on [`SaleIndex::add`] collects entries unchecked and
-    /// [`SaleIndex::candidates`] does not see them until
-    /// [`SaleIndex::end_bulk`].
+    /// on [`SaleIndex::add`] collects entries unchecked, and
+    /// [`SaleIndex::candidates`] may miss them until [`SaleIndex::end_bulk`].
     pub fn begin_bulk(&mut self) {
         if self.bulk.is_none() {
+            self.merge();
             self.bulk = Some(Vec::new());
         }
     }
@@ -765,38 +771,48 @@ impl SaleIndex {
     /// where one id may be held twice (or two ids share a fingerprint),
     /// which the caller settles as [`SaleIndex::add`]'s callers do one by one.
     pub fn end_bulk(&mut self) -> Vec<(u64, Vec<String>)> {
-        let Some(mut all) = self.bulk.take() else {
+        if self.bulk.is_none() {
             return Vec::new();
-        };
-        all.extend(self.entries());
-        all.extend(std::mem::take(&mut self.recent));
-        all.sort_unstable();
-        all.dedup();
-        let mut shared = Vec::new();
-        let mut i = 0;
-        while i < all.len() {
-            let fp = all[i] & SALE_INDEX_FP_MASK;
-            let n = all[i..]
-                .iter()
-                .take_while(|e| *e & SALE_INDEX_FP_MASK == fp)
-                .count();
-            if n > 1 {
-                let mut docs: Vec<String> = all[i..i + n]
-                    .iter()
-                    .filter_map(|e| self.names.get((e & SALE_INDEX_DOC_MAX) as usize))
-                    .cloned()
-                    .collect();
-                docs.sort();
-                shared.push((fp, docs));
-            }
-            i += n;
         }
-        // Exact capacity: the collecting vector grew by doubling.
-        let mut sorted = Vec::with_capacity(all.len());
-        sorted.extend(all.iter().map(|e| pack(*e)));
-        self.starts = starts_of(&all);
-        self.sorted = sorted;
+        self.merge_bulk_chunk();
+        self.bulk = None;
+        let mut shared: Vec<(u64, Vec<String>)> = Vec::new();
+        let mut last: Option<u64> = None;
+        for e in self.entries() {
+            let fp = e & SALE_INDEX_FP_MASK;
+            let name = || self.names.get((e & SALE_INDEX_DOC_MAX) as usize).cloned();
+            if last.is_some_and(|l| l & SALE_INDEX_FP_MASK == fp) {
+                match shared.last_mut() {
+                    Some((f, docs)) if *f == fp => docs.extend(name()),
+                    _ => {
+                        let prev = last.and_then(|l| {
+                            self.names.get((l & SALE_INDEX_DOC_MAX) as usize).cloned()
+                        });
+                        shared.push((fp, prev.into_iter().chain(name()).collect()));
+                    }
+                }
+            }
+            last = Some(e);
+        }
+        for (_, docs) in shared.iter_mut() {
+            docs.sort();
+        }
         shared
+    }
+
+    /// Sorts the bulk entries collected so far into `sorted` (at most
+    /// [`SALE_INDEX_BULK_CHUNK`] of them wait unsorted: a start never holds
+    /// a second copy of the index).
+    fn merge_bulk_chunk(&mut self) {
+        let Some(mut chunk) = self.bulk.as_mut().map(std::mem::take) else {
+            return;
+        };
+        chunk.sort_unstable();
+        chunk.dedup();
+        chunk.retain(|e| self.bucket(bucket_of(*e)).binary_search(&pack(*e)).is_err());
+        self.merge_sorted(&chunk);
+        chunk.clear();
+        self.bulk = Some(chunk);
     }
 
     /// Whether `id` has the fingerprint `fp` (as [`SaleIndex::end_bulk`]
@@ -831,6 +847,14 @@ impl SaleIndex {
     /// to allocate and zero at every merge), and moves `starts`.
     fn merge(&mut self) {
         let recent: Vec<u64> = std::mem::take(&mut self.recent).into_iter().collect();
+        self.merge_sorted(&recent);
+    }
+
+    /// Merges entries (sorted, none of them in `sorted` yet) as [`SaleIndex::merge`].
+    fn merge_sorted(&mut self, recent: &[u64]) {
+        if recent.is_empty() {
+            return;
+        }
         if self.starts.is_empty() {
             self.starts = vec![0; SALE_INDEX_BUCKETS + 1];
         }
@@ -903,20 +927,6 @@ impl SaleIndex {
     }
 }
 
-/// `starts` (see [`SaleIndex`]) of a sorted list of entries.
-fn starts_of(sorted: &[u64]) -> Vec<u32> {
-    let mut starts = Vec::with_capacity(SALE_INDEX_BUCKETS + 1);
-    let mut at = 0usize;
-    for b in 0..SALE_INDEX_BUCKETS {
-        while sorted.get(at).is_some_and(|e| bucket_of(*e) < b) {
-            at += 1;
-        }
-        starts.push(at as u32);
-    }
-    starts.push(sorted.len() as u32);
-    starts
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -964,17 +974,14 @@ mod tests {
         let mut ix = SaleIndex::default();
         ix.add("before", "rec/a/202601");
         ix.begin_bulk();
-        let n = SALE_INDEX_RECENT_MAX as u64 + 5;
+        // More than one chunk; s-3 held twice (two nodes used it), s-7 noted
+        // twice in one document, in different chunks.
+        let n = SALE_INDEX_BULK_CHUNK as u64 + 5;
+        ix.add("s-7", "rec/a/202608");
         for i in 0..n {
             ix.add(&format!("s-{i}"), &format!("rec/a/2026{:02}", i % 12 + 1));
         }
-        // Held twice (two nodes used it), and noted twice in one document.
         ix.add("s-3", "rec/b/202604");
-        ix.add("s-7", "rec/a/202608");
-        assert!(
-            ix.candidates("s-9").next().is_none(),
-            "unseen until the end"
-        );
         let shared = ix.end_bulk();
         assert!(!ix.in_bulk());
         assert_eq!(ix.len() as u64, n + 2);
