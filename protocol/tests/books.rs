@@ -399,29 +399,44 @@ fn two_stocked_nodes_apart() -> TestMesh {
     m
 }
 
-/// Colliding sale ids: each node looks up its own sale (returns against it
-/// are checked against the right lines), both are listed.
-#[test]
-fn colliding_sale_ids_are_both_kept() {
-    let mut m = two_stocked_nodes_apart();
+/// Both nodes sell `s-1` while apart (n0 2 of product 1, n1 3 of product
+/// 2), then meet.
+fn both_sell_s1_then_meet(m: &mut TestMesh) {
     m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
     m.commit(0);
     m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
     m.commit(1);
     m.connect(0, 1);
     m.settle();
+}
+
+/// Node `i` (or a copy of it) looks `s-1` up as its own sale of
+/// `own_product` and lists the other node's as its one collision.
+fn sees_own_s1_and_the_collision(e: &Engine, i: usize, own_product: u64) {
+    let v = e.sale_json("s-1").unwrap();
+    assert_eq!(v["lines"][0]["product_id"], own_product, "n{i}: {v}");
+    assert_eq!(
+        v["collisions"].as_array().map(|a| a.len()),
+        Some(1),
+        "n{i}: {v}"
+    );
+    let listed: Vec<serde_json::Value> = e
+        .id_collisions()
+        .into_iter()
+        .filter(|c| c["id"] == "s-1")
+        .collect();
+    assert_eq!(listed.len(), 1, "n{i}");
+    assert_eq!(listed[0]["nodes"], serde_json::json!(["n0", "n1"]));
+}
+
+/// Colliding sale ids: each node looks up its own sale (returns against it
+/// are checked against the right lines), both are listed.
+#[test]
+fn colliding_sale_ids_are_both_kept() {
+    let mut m = two_stocked_nodes_apart();
+    both_sell_s1_then_meet(&mut m);
     for (i, own_product) in [(0usize, 1u64), (1, 2)] {
-        let e = &m.nodes[i].engine;
-        let v = e.sale_json("s-1").unwrap();
-        assert_eq!(v["lines"][0]["product_id"], own_product, "{v}");
-        assert_eq!(v["collisions"].as_array().map(|a| a.len()), Some(1), "{v}");
-        let c: Vec<serde_json::Value> = e
-            .id_collisions()
-            .into_iter()
-            .filter(|c| c["id"] == "s-1")
-            .collect();
-        assert_eq!(c.len(), 1);
-        assert_eq!(c[0]["nodes"], serde_json::json!(["n0", "n1"]));
+        sees_own_s1_and_the_collision(&m.nodes[i].engine, i, own_product);
     }
     // A return at n1 against s-1 is checked against n1's sale (3 of product 2).
     let ret = Op::Return(Return {
@@ -452,29 +467,11 @@ fn colliding_sale_ids_are_settled_again_at_a_restart() {
         m.execute(i, testkit::sale(&format!("u-{n}"), None, &[(p, 1)]))
             .unwrap();
     }
-    m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
-    m.commit(0);
-    m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
-    m.commit(1);
-    m.connect(0, 1);
-    m.settle();
+    both_sell_s1_then_meet(&mut m);
     for (i, own_product) in [(0usize, 1u64), (1, 2)] {
         let c = m.clone_node(i, [7, 7, 7, i as u8]);
         let e = &m.nodes[c].engine;
-        let v = e.sale_json("s-1").unwrap();
-        assert_eq!(v["lines"][0]["product_id"], own_product, "n{i}: {v}");
-        assert_eq!(
-            v["collisions"].as_array().map(|a| a.len()),
-            Some(1),
-            "n{i}: {v}"
-        );
-        let listed: Vec<serde_json::Value> = e
-            .id_collisions()
-            .into_iter()
-            .filter(|c| c["id"] == "s-1")
-            .collect();
-        assert_eq!(listed.len(), 1, "n{i}");
-        assert_eq!(listed[0]["nodes"], serde_json::json!(["n0", "n1"]));
+        sees_own_s1_and_the_collision(e, i, own_product);
         assert_eq!(
             e.views.sales().len(),
             m.nodes[i].engine.views.sales().len(),
@@ -527,14 +524,7 @@ fn a_sale_id_collision_arriving_in_the_open_batch_is_listed() {
     m.commit(0);
     m.settle();
     for (i, own_product) in [(0usize, 1u64), (1, 2)] {
-        let e = &m.nodes[i].engine;
-        let v = e.sale_json("s-1").unwrap();
-        assert_eq!(v["lines"][0]["product_id"], own_product, "n{i}: {v}");
-        assert_eq!(
-            v["collisions"].as_array().map(|a| a.len()),
-            Some(1),
-            "n{i}: {v}"
-        );
+        sees_own_s1_and_the_collision(&m.nodes[i].engine, i, own_product);
     }
 }
 
