@@ -341,6 +341,13 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
     let mut e = open_archived([0, 0, 0, 2]);
     let (cold, held) = e.cold_parts();
     assert!(cold >= 7, "closed parts cold after a restart: {cold}");
+    // Their indexes were read back from the store to be replayed, not held
+    // from the load, and no part had to be read whole instead.
+    assert_eq!(
+        e.stats.part_indexes_read_back, e.stats.parts_opened_indexed,
+        "every part opened from its index replayed it from the store"
+    );
+    assert!(e.stats.part_indexes_read_back >= 6);
     // Only the open part (the latest, loaded from its chunks, not indexed)
     // is held: one part's bytes, whatever the history.
     let open_part = e

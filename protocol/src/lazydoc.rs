@@ -22,6 +22,12 @@ use automerge::{ActorId, Automerge, ChangeHash};
 pub trait PartArchive: Send + Sync {
     /// The stored snapshot of document `doc` (`None`: none stored).
     fn snapshot(&self, doc: &str) -> Result<Option<Vec<u8>>, String>;
+    /// The stored index of records part `doc` (`None`: none stored), read
+    /// again by a start instead of holding every part's index at once.
+    fn part_index(&self, doc: &str) -> Result<Option<Vec<u8>>, String> {
+        let _ = doc;
+        Ok(None)
+    }
 }
 
 /// The document a failed read of a cold part shows meanwhile.

@@ -968,6 +968,15 @@ impl storemesh_protocol::lazydoc::PartArchive for Store {
     fn snapshot(&self, doc: &str) -> std::result::Result<Option<Vec<u8>>, String> {
         self.doc_snapshot(doc).map_err(|e| format!("{e:#}"))
     }
+
+    fn part_index(&self, doc: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(PART_INDEX)?;
+            Ok(t.get(doc)?.map(|v| v.value().to_vec()))
+        })
+        .map_err(|e| format!("{e:#}"))
+    }
 }
 
 #[cfg(test)]

@@ -319,6 +319,9 @@ pub struct Stats {
     /// Cold parts whose bytes were dropped from memory once their stored
     /// snapshot was known to match (read back from the part archive).
     pub parts_stored_away: u64,
+    /// Records part indexes a start read back from the part archive to
+    /// replay them (instead of holding them all from the load).
+    pub part_indexes_read_back: u64,
     /// Ledger epochs this node started (as a location's owner) or moved to.
     pub epochs_started: u64,
     pub epochs_joined: u64,

@@ -106,8 +106,18 @@ impl Engine {
             if let Some(bytes) = self.index_replay.remove(&id) {
                 // A closed part loaded cold with its index: its records
                 // are noted from the index, the part itself stays unread.
-                self.replay_part_index(&id, &bytes);
-                continue;
+                let bytes = match (bytes.is_empty(), &self.part_archive) {
+                    (true, Some(a)) => a.part_index(&id).ok().flatten(),
+                    _ => Some(bytes),
+                };
+                if let Some(bytes) = bytes.filter(|b| !b.is_empty()) {
+                    if self.part_archive.is_some() {
+                        self.stats.part_indexes_read_back += 1;
+                    }
+                    self.replay_part_index(&id, &bytes);
+                    continue;
+                }
+                tracing::warn!(doc = %id, "a records part's index could not be read again; reading the part");
             }
             self.recompute_doc_all(&id);
             // Records parts were loaded cold (see `load_doc`): each is read
