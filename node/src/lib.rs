@@ -15,6 +15,7 @@ mod idemcodec;
 pub mod identity;
 pub mod node;
 pub mod server;
+pub mod signing;
 pub mod simdisk;
 pub mod store;
 pub mod transport;

@@ -57,6 +57,16 @@ const PART_INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("part_inde
 /// The customer key store: customer → keys or erased (overwritten in place, so
 /// an erased customer's key is gone from the live data).
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_keys");
+/// Batch certificates (`signing::Cert`): id → 4-byte LE count of the
+/// documents linked to it, then the postcard certificate. Deleted when the
+/// last document linked to it is (a retired ledger epoch).
+const CERTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("certs");
+/// (document, certificate id) → (): which certificates cover a document's
+/// changes (read when a peer needs changes no longer certified in memory).
+const DOC_CERTS: TableDefinition<(&str, &[u8]), ()> = TableDefinition::new("doc_certs");
+/// Introductions received from peers: (member id, introducer key) →
+/// postcard `Introduction` (signature verified again at load).
+const INTROS: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("introductions");
 
 /// Every table `Store::scrub` copies (a file holding another is not scrubbed).
 const SCRUB_TABLES: &[&str] = &[
@@ -71,6 +81,9 @@ const SCRUB_TABLES: &[&str] = &[
     "meta",
     "customer_keys",
     "part_index",
+    "certs",
+    "doc_certs",
+    "introductions",
 ];
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -260,6 +273,9 @@ impl ScrubJob {
             copy_table(&rt, &wt, META, c)?;
             copy_table(&rt, &wt, KEYS, c)?;
             copy_table(&rt, &wt, PART_INDEX, c)?;
+            copy_table(&rt, &wt, CERTS, c)?;
+            copy_table(&rt, &wt, DOC_CERTS, c)?;
+            copy_table(&rt, &wt, INTROS, c)?;
             wt.commit()?;
         }
         drop(rt);
@@ -353,6 +369,9 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(SYNC_STATES)?;
         tx.open_table(KEYS)?;
         tx.open_table(PART_INDEX)?;
+        tx.open_table(CERTS)?;
+        tx.open_table(DOC_CERTS)?;
+        tx.open_table(INTROS)?;
         let mut meta = tx.open_table(META)?;
         let existing = meta.get(SCHEMA_KEY)?.map(|v| v.value().to_vec());
         match existing {
@@ -383,6 +402,25 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 /// Writes a whole batch in one transaction and commits it durably.
+/// Adds `delta` to a stored certificate's count of linked documents; at 0
+/// the certificate is deleted.
+fn cert_refs(certs: &mut redb::Table<&[u8], &[u8]>, id: &[u8; 32], delta: i64) -> Result<()> {
+    let Some(mut v) = certs.get(id.as_slice())?.map(|v| v.value().to_vec()) else {
+        return Ok(());
+    };
+    if v.len() < 4 {
+        bail!("corrupt certificate record {}", hex::encode(id));
+    }
+    let n = i64::from(u32::from_le_bytes([v[0], v[1], v[2], v[3]])) + delta;
+    if n <= 0 && delta < 0 {
+        certs.remove(id.as_slice())?;
+        return Ok(());
+    }
+    v[..4].copy_from_slice(&(n.clamp(0, i64::from(u32::MAX)) as u32).to_le_bytes());
+    certs.insert(id.as_slice(), v.as_slice())?;
+    Ok(())
+}
+
 fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
     let mut tx = db.begin_write()?;
     tx.set_durability(Durability::Immediate)?;
@@ -488,10 +526,50 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             keys.insert(customer.as_str(), bytes.as_slice())?;
         }
 
+        let mut certs = tx.open_table(CERTS)?;
+        let mut doc_certs = tx.open_table(DOC_CERTS)?;
+        for c in &batch.certs {
+            let id = c.id();
+            if certs.get(id.as_slice())?.is_none() {
+                let mut v = 0u32.to_le_bytes().to_vec();
+                v.extend(encode(c)?);
+                certs.insert(id.as_slice(), v.as_slice())?;
+            }
+        }
+        for (doc, id) in &batch.cert_links {
+            if doc_certs
+                .insert((doc.as_str(), id.as_slice()), ())?
+                .is_none()
+            {
+                cert_refs(&mut certs, id, 1)?;
+            }
+        }
+        let mut intros = tx.open_table(INTROS)?;
+        for i in &batch.intros {
+            intros.insert(
+                (i.member.as_slice(), i.by_key.as_slice()),
+                encode(i)?.as_slice(),
+            )?;
+        }
+
         // Documents the engine moved on from (older ledger epochs): every
         // stored trace, in the same transaction as the epoch that replaces them.
         for d in &batch.retired {
             let d = d.as_str();
+            let linked: Vec<Vec<u8>> = doc_certs
+                .range((d, &[][..])..)?
+                .map_while(|e| {
+                    e.ok()
+                        .filter(|(k, _)| k.value().0 == d)
+                        .map(|(k, _)| k.value().1.to_vec())
+                })
+                .collect();
+            for id in linked {
+                doc_certs.remove((d, id.as_slice()))?;
+                if let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) {
+                    cert_refs(&mut certs, &id, -1)?;
+                }
+            }
             chunks.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
             heads.remove(d)?;
             log.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
@@ -505,6 +583,63 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
 }
 
 impl Store {
+    /// Every stored certificate linked to `doc`.
+    pub fn doc_certs(&self, doc: &str) -> Result<Vec<storemesh_protocol::signing::Cert>> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let links = tx.open_table(DOC_CERTS)?;
+            let certs = tx.open_table(CERTS)?;
+            let mut out = Vec::new();
+            for e in links.range((doc, &[][..])..)? {
+                let (k, _) = e?;
+                let (d, id) = k.value();
+                if d != doc {
+                    break;
+                }
+                let Some(v) = certs.get(id)? else {
+                    continue;
+                };
+                let v = v.value();
+                if v.len() < 4 {
+                    bail!("corrupt certificate record in {doc}");
+                }
+                out.push(decode(&v[4..], || format!("certificate of {doc}"))?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Bytes and count of the stored certificates (figures, tests).
+    pub fn cert_figures(&self) -> Result<(u64, u64, u64)> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let certs = tx.open_table(CERTS)?;
+            let links = tx.open_table(DOC_CERTS)?;
+            let mut bytes = 0u64;
+            let mut n = 0u64;
+            for e in certs.iter()? {
+                let (k, v) = e?;
+                n += 1;
+                bytes += (k.value().len() + v.value().len()) as u64;
+            }
+            Ok((n, bytes, redb::ReadableTableMetadata::len(&links)?))
+        })
+    }
+
+    /// Every stored introduction (verified again by the engine).
+    pub fn load_intros(&self) -> Result<Vec<storemesh_protocol::signing::Introduction>> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(INTROS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (_, v) = item?;
+                out.push(decode(v.value(), || "introduction".to_string())?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Opens the node's data file, creating it (and its directory) if missing.
     /// A file held by another process, or damaged, gives an error that says so.
     pub fn open(path: &Path) -> Result<Store> {
@@ -1246,6 +1381,7 @@ mod tests {
             keys: vec![],
             retired: vec![],
             part_indexes: vec![("mesh".into(), vec![1])],
+            ..Default::default()
         };
         let err = store.commit(&bad).unwrap_err();
         assert!(

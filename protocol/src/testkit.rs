@@ -95,6 +95,17 @@ pub fn node_id(i: usize) -> NodeId {
     NodeId(b)
 }
 
+/// The signature scheme of the in-memory mesh (deterministic).
+pub fn scheme() -> crate::signing::KeyedHashScheme {
+    crate::signing::KeyedHashScheme::new([0x5e; 32])
+}
+
+/// Makes `e` sign with its own key of [`scheme`] and verify its peers'.
+pub fn sign(e: &mut Engine) {
+    let id = e.config().node_id;
+    e.set_signing(Box::new(scheme().signer(id)), Box::new(scheme()));
+}
+
 pub fn config(i: usize, buckets: u32) -> EngineConfig {
     EngineConfig {
         node_id: node_id(i),
@@ -110,11 +121,23 @@ pub fn config(i: usize, buckets: u32) -> EngineConfig {
 
 impl TestMesh {
     pub fn new(n: usize, buckets: u32) -> TestMesh {
+        TestMesh::with_configured(n, buckets, |_, _| true)
+    }
+
+    /// A mesh in which node `i` has node `j` in its configuration only if
+    /// `configured(i, j)` (e.g. a hub topology: stores know only the hub).
+    /// Every node signs its changes and verifies its peers'.
+    pub fn with_configured(
+        n: usize,
+        buckets: u32,
+        configured: impl Fn(usize, usize) -> bool,
+    ) -> TestMesh {
         let mut nodes = Vec::new();
         for i in 0..n {
             let mut e = Engine::new(config(i, buckets), [i as u8, 1, 2, 3]);
+            sign(&mut e);
             for j in 0..n {
-                if j != i {
+                if j != i && configured(i, j) {
                     e.add_configured_peer(&format!("n{j}"), node_id(j));
                 }
             }
@@ -153,12 +176,14 @@ impl TestMesh {
     pub fn clone_node(&mut self, i: usize, incarnation: [u8; 4]) -> usize {
         let src = &self.nodes[i].engine;
         let mut e = Engine::new(src.config().clone(), incarnation);
+        sign(&mut e);
         for (id, _) in src.documents() {
             if let Some(bytes) = src.document_bytes(&id) {
                 e.load_doc(&id, &[bytes], Vec::new())
                     .expect("a saved document loads");
             }
         }
+        e.load_certs(src.held_certs());
         for j in 0..self.nodes.len() {
             if self.id(j) != self.id(i) {
                 let name = self.nodes[j].engine.config().name.clone();

@@ -51,7 +51,19 @@ fn a_reservation_s_units_are_never_free_at_the_fulfilling_node() {
         let q = m.links.get_mut(&(0, 1)).unwrap();
         assert!(q.len() >= 2, "the reservation travels in several documents");
         if reversed {
-            q.make_contiguous().reverse();
+            // The documents in reverse order; the batch certificate that
+            // covers them stays ahead of them, as on any one link.
+            let (mut certs, mut docs): (Vec<Vec<u8>>, Vec<Vec<u8>>) = q.drain(..).partition(|f| {
+                matches!(
+                    storemesh_protocol::wire::decode_frame::<storemesh_protocol::sync::Msg>(
+                        &f[4..]
+                    ),
+                    Ok(storemesh_protocol::sync::Msg::Certs { .. })
+                )
+            });
+            docs.reverse();
+            certs.extend(docs);
+            q.extend(certs);
         }
         while m.deliver(0, 1, 1) == 1 {
             let e1 = &m.nodes[1].engine;

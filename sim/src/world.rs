@@ -57,7 +57,8 @@ pub struct Life {
     /// Production's loop around the engine (parked callers, row numbering,
     /// revoked keys, hello digest).
     pub node: NodeLoop<usize>,
-    pub store: Store,
+    /// Shared with the engine's certificate archive (reads only).
+    pub store: std::sync::Arc<Store>,
     /// Where frames go (the transport's view): current connection per peer
     /// identity: (simulator index, connection id).
     pub conns: BTreeMap<NodeId, (usize, u64)>,
@@ -459,9 +460,10 @@ impl World {
     // ---- process lifetimes ----
 
     /// Opens node `i`'s store and engine from its disk, as `node::open_engine` does.
-    fn open_engine(&mut self, i: usize) -> Result<(Store, Engine), String> {
+    fn open_engine(&mut self, i: usize) -> Result<(std::sync::Arc<Store>, Engine), String> {
         let store = Store::open_backend(self.nodes[i].disk.clone())
             .map_err(|e| format!("store does not open: {e:#}"))?;
+        let store = std::sync::Arc::new(store);
         let incarnation: [u8; 4] = self.rng.gen();
         let node = &self.nodes[i];
         let mut engine = Engine::new(node.cfg.clone(), incarnation);
@@ -487,9 +489,20 @@ impl World {
             Some(Bug::UncheckedLargeRecords) => engine.faults.unchecked_large_records = true,
             _ => {}
         }
+        // Signing keys derived from the seed (deterministic runs).
+        let scheme = crate::world::signing_scheme(self.seed);
+        engine.set_signing(Box::new(scheme.signer(node.cfg.node_id)), Box::new(scheme));
         for (name, id) in &node.peers_cfg {
             engine.add_configured_peer(name, *id);
         }
+        engine.load_intros(
+            store
+                .load_intros()
+                .map_err(|e| format!("introductions do not load: {e:#}"))?,
+        );
+        engine.set_cert_archive(Box::new(storemesh_node::signing::StoreArchive(
+            store.clone(),
+        )));
         let keys = store
             .load_keys()
             .map_err(|e| format!("the customer key store does not load: {e:#}"))?;
@@ -1466,4 +1479,13 @@ impl World {
     pub fn seed_rng(seed: u64) -> StdRng {
         StdRng::seed_from_u64(seed)
     }
+}
+
+/// The simulated chain's signature scheme: every node's key derived from the
+/// seed (`signing::KeyedHashScheme`), so a seed replays byte for byte.
+pub fn signing_scheme(seed: u64) -> storemesh_protocol::signing::KeyedHashScheme {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&seed.to_le_bytes());
+    k[8..16].copy_from_slice(b"sim-keys");
+    storemesh_protocol::signing::KeyedHashScheme::new(k)
 }

@@ -285,3 +285,30 @@ fn saved_regression_seeds_pass() {
         );
     }
 }
+
+/// Issue 16 finding 1: some seed among the first ones has a hostile member
+/// write as another member (signed with its own key, and unsigned); every
+/// honest receiver refuses both (`hostile-impersonate`, checked in
+/// `hostile::forge`), the seed keeps every invariant and replays.
+#[test]
+fn a_seed_has_a_member_write_as_another_and_is_refused() {
+    let opts = small(200);
+    let mut fired = 0;
+    for seed in 1..=40 {
+        let r = run_seed(seed, &opts);
+        assert!(
+            r.ok(),
+            "{}\nreplay: storemesh-sim --seed {seed} --events 200",
+            r.verdict(None)
+        );
+        fired += r
+            .fired
+            .get(&FaultKind::HostileImpersonate)
+            .copied()
+            .unwrap_or(0);
+        if fired >= 3 {
+            break;
+        }
+    }
+    assert!(fired >= 1, "no seed fired hostile-impersonate");
+}

@@ -59,7 +59,10 @@ impl Engine {
                 let _ = tx.delete(ROOT, k);
             }
         }
-        tx.commit_with(CommitOptions::default().with_time((now_ms / 1000) as i64));
+        let hash = tx
+            .commit_with(CommitOptions::default().with_time((now_ms / 1000) as i64))
+            .0;
+        self.note_own_change(id, hash);
         self.dirty_docs.insert(id.to_string());
         self.push_sources.entry(id.to_string()).or_default().local = true;
     }

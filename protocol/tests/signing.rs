@@ -1,0 +1,309 @@
+//! Issue 16, finding 1: signed authorship through `Engine::receive`.
+//! A change is applied only when a batch certificate by the node its actor
+//! id names lists it and
+//! that node is a member here (own, configured, or introduced by a member);
+//! hubs forward the author's certificate and introduction, so stores behind a
+//! hub verify each other's changes.
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ROOT};
+use storemesh_protocol::ids::{product_bucket, ActorKey, NodeId};
+use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
+use storemesh_protocol::signing::{certify_chunk, Cert, Introduction, KeyedHashScheme};
+use storemesh_protocol::sync::Msg;
+use storemesh_protocol::testkit::{self, TestMesh};
+use storemesh_protocol::wire::encode_frame;
+
+const BUCKETS: u32 = 8;
+
+fn rejected(m: &TestMesh, i: usize, reason: &str) -> u64 {
+    m.nodes[i]
+        .engine
+        .stats
+        .rejected_by_reason
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
+}
+
+fn send(m: &mut TestMesh, to: usize, from: NodeId, msg: &Msg) -> Result<(), String> {
+    let frame = encode_frame(msg).unwrap();
+    m.now_ms += 1;
+    let now = m.now_ms;
+    m.nodes[to].engine.receive(from, &frame[4..], now)
+}
+
+fn ledger_doc(location: &str, product: u64) -> String {
+    DocId::Ledger {
+        location: location.into(),
+        bucket: product_bucket(product, BUCKETS),
+        epoch: 0,
+    }
+    .encode()
+}
+
+/// A change by `actor` that says it received `n` units of product 5.
+fn receipt_change(actor: ActorKey, n: u64) -> Vec<u8> {
+    let mut d = Automerge::new().with_actor(actor.automerge());
+    let mut tx = d.transaction();
+    tx.put(ROOT, ledger_key(5, actor, LedgerField::Received), n)
+        .unwrap();
+    tx.commit();
+    d.get_last_local_change().unwrap().raw_bytes().to_vec()
+}
+
+/// Node 1 (a member, holding its own key) writes as node 2: signed with its
+/// own key, unsigned, and with node 2's public key but its own secret. All
+/// three refused as `bad_signature`, nothing applied; node 1 writing as
+/// itself is applied.
+#[test]
+fn a_member_can_not_write_as_another_member() {
+    let mut m = TestMesh::new(3, BUCKETS);
+    m.full_mesh();
+    m.settle();
+    let doc = ledger_doc("loc0", 5);
+    let victim = ActorKey::new(testkit::node_id(2).tag(), [9, 9, 9, 9]);
+    let forger = testkit::node_id(1);
+    let own_key = testkit::scheme().signer(forger);
+    for (i, how) in ["self-signed", "unsigned", "victim's key"]
+        .iter()
+        .enumerate()
+    {
+        let c = receipt_change(victim, 1000 + i as u64);
+        let mut cert = certify_chunk(&own_key, &c).unwrap();
+        let certs: Vec<Cert> = match *how {
+            "unsigned" => vec![],
+            "victim's key" => {
+                cert.key = testkit::node_id(2).0.to_vec();
+                vec![cert]
+            }
+            _ => vec![cert],
+        };
+        send(
+            &mut m,
+            0,
+            forger,
+            &Msg::Certs {
+                certs,
+                intros: vec![],
+            },
+        )
+        .unwrap();
+        let push = Msg::Push {
+            doc: doc.clone(),
+            data: c,
+            seen: vec![],
+        };
+        send(&mut m, 0, forger, &push).unwrap();
+        m.commit(0);
+        assert_eq!(rejected(&m, 0, "bad_signature"), i as u64 + 1, "{how}");
+    }
+    assert_eq!(
+        m.nodes[0].engine.totals(5, Some("loc0")),
+        None,
+        "nothing applied"
+    );
+    // Written as itself, signed by itself: applied.
+    let own = ActorKey::new(forger.tag(), [9, 9, 9, 9]);
+    let c = receipt_change(own, 7);
+    send(
+        &mut m,
+        0,
+        forger,
+        &Msg::Certs {
+            certs: vec![certify_chunk(&own_key, &c).unwrap()],
+            intros: vec![],
+        },
+    )
+    .unwrap();
+    send(
+        &mut m,
+        0,
+        forger,
+        &Msg::Push {
+            doc: doc.clone(),
+            data: c,
+            seen: vec![],
+        },
+    )
+    .unwrap();
+    m.commit(0);
+    assert_eq!(m.nodes[0].engine.totals(5, Some("loc0")).unwrap().0, 7);
+    assert_eq!(rejected(&m, 0, "bad_signature"), 3);
+}
+
+/// A node nobody introduced: refused as `unknown_author`, even signed by
+/// itself; an introduction signed by a non-member admits nobody; one signed
+/// by a configured peer admits the node.
+#[test]
+fn only_a_member_introduces_a_member() {
+    let mut m = TestMesh::new(2, BUCKETS);
+    m.full_mesh();
+    m.settle();
+    let doc = ledger_doc("loc0", 5);
+    let stranger = NodeId([0x33; 32]);
+    let scheme: KeyedHashScheme = testkit::scheme();
+    let stranger_key = scheme.signer(stranger);
+    let c = receipt_change(ActorKey::new(stranger.tag(), [1, 1, 1, 1]), 50);
+    let cert = certify_chunk(&stranger_key, &c).unwrap();
+    let push = |m: &mut TestMesh, intros: Vec<Introduction>| {
+        let peer = testkit::node_id(1);
+        send(
+            m,
+            0,
+            peer,
+            &Msg::Certs {
+                certs: vec![cert.clone()],
+                intros,
+            },
+        )
+        .unwrap();
+        send(
+            m,
+            0,
+            peer,
+            &Msg::Push {
+                doc: doc.clone(),
+                data: c.clone(),
+                seen: vec![],
+            },
+        )
+        .unwrap();
+        m.commit(0);
+    };
+    push(&mut m, vec![]);
+    assert_eq!(rejected(&m, 0, "unknown_author"), 1);
+    // The stranger introduces itself: not a member's introduction.
+    push(&mut m, vec![Introduction::make(&stranger_key, stranger)]);
+    assert_eq!(rejected(&m, 0, "unknown_author"), 2);
+    assert_eq!(m.nodes[0].engine.totals(5, Some("loc0")), None);
+    // Node 1 (configured at node 0) introduces it: admitted.
+    let by_1 = Introduction::make(&scheme.signer(testkit::node_id(1)), stranger);
+    push(&mut m, vec![by_1]);
+    assert_eq!(rejected(&m, 0, "unknown_author"), 2);
+    assert_eq!(m.nodes[0].engine.totals(5, Some("loc0")).unwrap().0, 50);
+}
+
+/// Hub topology: stores 1 and 2 have only the hub (node 0) configured and
+/// never peer with each other. A receipt and a sale at store 1 reach store 2
+/// through the hub, signed by store 1 and verified by store 2 (which accepts
+/// store 1 through the hub's introduction).
+#[test]
+fn stores_behind_a_hub_verify_each_others_changes() {
+    let mut m = TestMesh::with_configured(3, BUCKETS, |i, j| i == 0 || j == 0);
+    m.connect(0, 1);
+    m.connect(0, 2);
+    m.settle();
+    m.execute(1, testkit::receipt("r1", "loc1", &[(5, 10)]))
+        .unwrap();
+    m.commit(1);
+    m.settle();
+    m.execute(1, testkit::sale("s1", Some("loc1"), &[(5, 3)]))
+        .unwrap();
+    m.commit(1);
+    m.settle();
+    assert_eq!(m.nodes[2].engine.totals(5, Some("loc1")).unwrap().0, 7);
+    assert!(m.nodes[2].engine.members().accepts(&testkit::node_id(1)));
+    for i in 0..3 {
+        assert_eq!(rejected(&m, i, "bad_signature"), 0, "node {i}");
+        assert_eq!(rejected(&m, i, "unknown_author"), 0, "node {i}");
+    }
+    // And the other way round.
+    m.execute(2, testkit::receipt("r2", "loc2", &[(5, 4)]))
+        .unwrap();
+    m.commit(2);
+    m.settle();
+    assert_eq!(m.nodes[1].engine.totals(5, Some("loc2")).unwrap().0, 4);
+}
+
+/// One signature per commit batch: a batch of 64 sales over many ledger
+/// documents makes one certificate listing every change it made (one per
+/// document), and a receiver checks that certificate's signature once for
+/// all of them.
+#[test]
+fn a_batch_is_certified_once_and_verified_once() {
+    let mut m = TestMesh::new(2, BUCKETS);
+    m.full_mesh();
+    m.settle();
+    let lines: Vec<(u64, u64)> = (1..=16).map(|p| (p, 100)).collect();
+    m.execute(0, testkit::receipt("r", "loc0", &lines)).unwrap();
+    m.commit(0);
+    m.settle();
+    let verified_before = m.nodes[1].engine.stats.certs_verified;
+    for i in 0..64u64 {
+        m.execute(
+            0,
+            testkit::sale(&format!("s{i}"), Some("loc0"), &[(1 + i % 16, 1)]),
+        )
+        .unwrap();
+    }
+    let held_before: std::collections::HashSet<Vec<[u8; 32]>> = m.nodes[0]
+        .engine
+        .held_certs()
+        .into_iter()
+        .map(|(_, c)| c.hashes)
+        .collect();
+    m.commit(0);
+    let new: std::collections::HashSet<Vec<[u8; 32]>> = m.nodes[0]
+        .engine
+        .held_certs()
+        .into_iter()
+        .map(|(_, c)| c.hashes)
+        .filter(|h| !held_before.contains(h))
+        .collect();
+    assert_eq!(new.len(), 1, "one certificate for the batch");
+    let listed = new.iter().next().unwrap().len();
+    assert!(
+        listed > 2,
+        "it lists one change per document written, several here: {listed}"
+    );
+    m.settle();
+    assert_eq!(
+        m.nodes[1].engine.stats.certs_verified - verified_before,
+        1,
+        "the receiver verified the batch's certificate once"
+    );
+    for p in 1..=16u64 {
+        assert_eq!(
+            m.nodes[1].engine.totals(p, Some("loc0")).map(|t| t.0),
+            m.nodes[0].engine.totals(p, Some("loc0")).map(|t| t.0),
+            "product {p}"
+        );
+    }
+    assert_eq!(rejected(&m, 1, "bad_signature"), 0);
+}
+
+/// A certificate by the right node that does not list the change (a change
+/// slipped into a frame after a genuine certificate of other changes) is
+/// refused as unsigned.
+#[test]
+fn a_change_its_certificate_does_not_list_is_refused() {
+    let mut m = TestMesh::new(2, BUCKETS);
+    m.full_mesh();
+    m.settle();
+    let doc = ledger_doc("loc0", 5);
+    let peer = testkit::node_id(1);
+    let key = testkit::scheme().signer(peer);
+    let listed = receipt_change(ActorKey::new(peer.tag(), [4, 4, 4, 4]), 3);
+    let unlisted = receipt_change(ActorKey::new(peer.tag(), [5, 5, 5, 5]), 9);
+    let cert = certify_chunk(&key, &listed).unwrap();
+    send(
+        &mut m,
+        0,
+        peer,
+        &Msg::Certs {
+            certs: vec![cert],
+            intros: vec![],
+        },
+    )
+    .unwrap();
+    let push = Msg::Push {
+        doc: doc.clone(),
+        data: unlisted,
+        seen: vec![],
+    };
+    send(&mut m, 0, peer, &push).unwrap();
+    m.commit(0);
+    assert_eq!(rejected(&m, 0, "bad_signature"), 1);
+    assert_eq!(m.nodes[0].engine.totals(5, Some("loc0")), None);
+}
