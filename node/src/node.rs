@@ -202,6 +202,10 @@ pub struct Metrics {
     pub epochs_started: AtomicU64,
     pub epochs_joined: AtomicU64,
     pub cold_parts: AtomicU64,
+    /// Batch certificates held in memory, their bytes, and signatures checked.
+    pub certs_held: AtomicU64,
+    pub certs_held_bytes: AtomicU64,
+    pub certs_verified: AtomicU64,
     pub cold_part_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub commit_us_total: AtomicU64,
@@ -1037,6 +1041,11 @@ fn sync_stats(shared: &Shared, engine: &Engine) {
     m.epochs_joined.store(s.epochs_joined, Ordering::Relaxed);
     let (cold, cold_bytes) = engine.cold_parts();
     m.cold_parts.store(cold as u64, Ordering::Relaxed);
+    let certs = engine.cert_figures();
+    m.certs_held.store(certs.held as u64, Ordering::Relaxed);
+    m.certs_held_bytes
+        .store(certs.held_bytes as u64, Ordering::Relaxed);
+    m.certs_verified.store(s.certs_verified, Ordering::Relaxed);
     m.cold_part_bytes
         .store(cold_bytes as u64, Ordering::Relaxed);
     let (requests, grants) = engine.rebalance_stats();

@@ -8,8 +8,15 @@ use storemesh_protocol::testkit;
 
 const NOW_MS: u64 = 1_795_773_600_000;
 
-fn open(store: &Store, incarnation: [u8; 4]) -> Engine {
+/// Opens node 0's engine from `store`, signing its batches (the test
+/// mesh's scheme) and reading stored certificates back from `store`, as
+/// `node.rs::open_engine` does.
+fn open(store: &std::sync::Arc<Store>, incarnation: [u8; 4]) -> Engine {
     let mut e = Engine::new(testkit::config(0, 8), incarnation);
+    testkit::sign(&mut e);
+    e.set_cert_archive(Box::new(storemesh_node::signing::StoreArchive(
+        store.clone(),
+    )));
     for d in store.load_docs().unwrap() {
         e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
             .unwrap();
@@ -28,7 +35,7 @@ fn commit(e: &mut Engine, store: &Store, now: u64) {
 #[test]
 fn records_roll_over_into_parts_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.set_records_per_part(3);
     e.execute(
@@ -92,7 +99,7 @@ fn records_roll_over_into_parts_and_survive_a_restart() {
 #[test]
 fn chunks_are_folded_into_a_snapshot_by_count() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.execute(
         testkit::receipt("r1", "loc0", &[(7, 100_000)]),
@@ -163,7 +170,7 @@ fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_pro
 #[test]
 fn closed_parts_go_cold_and_history_still_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.set_records_per_part(4);
     e.execute(
@@ -255,6 +262,8 @@ fn closed_parts_go_cold_and_history_still_answers() {
 
     // A fresh node gets every record from the node with cold parts.
     let mut m = testkit::TestMesh::new(2, 8);
+    // The fresh node is a member here (its changes are verified).
+    e.add_configured_peer("n1", testkit::node_id(1));
     m.nodes[0].engine = e;
     m.now_ms = NOW_MS + 400;
     m.connect(0, 1);
@@ -278,7 +287,7 @@ fn closed_parts_go_cold_and_history_still_answers() {
 #[test]
 fn ledger_epochs_replace_history_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.set_epoch_ops_max(40);
     e.execute(

@@ -325,6 +325,8 @@ struct HeldCert {
 #[derive(Default)]
 pub(crate) struct CertBook {
     held: HashMap<CertId, HeldCert>,
+    /// `Cert::bytes` of everything in `held`.
+    held_bytes: usize,
     by_doc: HashMap<String, Vec<CertId>>,
     pending: HashMap<CertId, PendingCert>,
     pending_hashes: HashMap<[u8; 32], CertId>,
@@ -357,11 +359,15 @@ impl CertBook {
             return false;
         }
         list.push(id);
+        let bytes = &mut self.held_bytes;
         self.held
             .entry(id)
-            .or_insert_with(|| HeldCert {
-                cert: cert.clone(),
-                docs: 0,
+            .or_insert_with(|| {
+                *bytes += cert.bytes();
+                HeldCert {
+                    cert: cert.clone(),
+                    docs: 0,
+                }
             })
             .docs += 1;
         true
@@ -373,7 +379,9 @@ impl CertBook {
             if let Some(h) = self.held.get_mut(&id) {
                 h.docs = h.docs.saturating_sub(1);
                 if h.docs == 0 {
-                    self.held.remove(&id);
+                    if let Some(h) = self.held.remove(&id) {
+                        self.held_bytes = self.held_bytes.saturating_sub(h.cert.bytes());
+                    }
                 }
             }
         }
@@ -506,7 +514,7 @@ impl Engine {
     pub fn cert_figures(&self) -> CertFigures {
         CertFigures {
             held: self.certs.held.len(),
-            held_bytes: self.certs.held.values().map(|h| h.cert.bytes()).sum(),
+            held_bytes: self.certs.held_bytes,
             docs: self.certs.by_doc.len(),
             pending: self.certs.pending.len(),
             pending_hashes: self.certs.pending_hashes.len(),

@@ -75,8 +75,49 @@ pub fn sale(id: &str, location: Option<&str>, lines: &[(u64, u64)]) -> Op {
     })
 }
 
+/// An in-memory stand-in for the node's redb certificate tables: what the
+/// batches stored, read back by the engine when memory lacks it.
+#[derive(Clone, Default)]
+pub struct MemArchive(
+    pub std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<crate::signing::Cert>>>>,
+);
+
+impl MemArchive {
+    /// Stores a committed batch's certificates under their documents.
+    pub fn store(&self, batch: &crate::engine::Batch) {
+        let by_id: HashMap<crate::signing::CertId, &crate::signing::Cert> =
+            batch.certs.iter().map(|c| (c.id(), c)).collect();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (doc, id) in &batch.cert_links {
+            let cert = by_id
+                .get(id)
+                .map(|c| (*c).clone())
+                .or_else(|| m.values().flatten().find(|c| c.id() == *id).cloned());
+            if let Some(c) = cert {
+                let list = m.entry(doc.clone()).or_default();
+                if !list.contains(&c) {
+                    list.push(c);
+                }
+            }
+        }
+        for d in &batch.retired {
+            m.remove(d);
+        }
+    }
+}
+
+impl crate::signing::CertArchive for MemArchive {
+    fn doc_certs(&self, doc: &str) -> Vec<crate::signing::Cert> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(doc).cloned().unwrap_or_default()
+    }
+}
+
 pub struct TestNode {
     pub engine: Engine,
+    /// Where this node's certificates are "stored" (`None`: it keeps them
+    /// all in memory).
+    pub archive: Option<MemArchive>,
     /// Idempotency records that reached "disk".
     pub idem: HashMap<String, IdemRecord>,
 }
@@ -145,6 +186,7 @@ impl TestMesh {
             nodes.push(TestNode {
                 engine: e,
                 idem: HashMap::new(),
+                archive: None,
             });
         }
         let mut m = TestMesh {
@@ -192,7 +234,11 @@ impl TestMesh {
         }
         e.finish_open();
         let idem = self.nodes[i].idem.clone();
-        self.nodes.push(TestNode { engine: e, idem });
+        self.nodes.push(TestNode {
+            engine: e,
+            idem,
+            archive: None,
+        });
         self.nodes.len() - 1
     }
 
@@ -203,6 +249,9 @@ impl TestMesh {
         // As the node loop's step does before its flush.
         node.engine.settle_ownerless_imports(now);
         let batch = node.engine.flush(now);
+        if let Some(a) = &node.archive {
+            a.store(&batch);
+        }
         for (k, r) in batch.idem {
             node.idem.insert(k, r);
         }
@@ -331,6 +380,29 @@ impl TestMesh {
             }
         }
         panic!("mesh did not settle after 10,000 rounds");
+    }
+
+    /// Gives node `i` a certificate archive: from now on it keeps in memory
+    /// only the certificates of its live documents, as the node does.
+    pub fn use_archive(&mut self, i: usize) {
+        let a = MemArchive::default();
+        a.store(&crate::engine::Batch {
+            certs: self.nodes[i]
+                .engine
+                .held_certs()
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect(),
+            cert_links: self.nodes[i]
+                .engine
+                .held_certs()
+                .into_iter()
+                .map(|(d, c)| (d, c.id()))
+                .collect(),
+            ..Default::default()
+        });
+        self.nodes[i].engine.set_cert_archive(Box::new(a.clone()));
+        self.nodes[i].archive = Some(a);
     }
 
     pub fn full_mesh(&mut self) {

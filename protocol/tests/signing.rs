@@ -307,3 +307,51 @@ fn a_change_its_certificate_does_not_list_is_refused() {
     assert_eq!(rejected(&m, 0, "bad_signature"), 1);
     assert_eq!(m.nodes[0].engine.totals(5, Some("loc0")), None);
 }
+
+/// Memory stays bounded: a records part that closes and goes cold drops its
+/// certificates from memory (they stay in the archive), and a node that
+/// joins later still receives every change of the cold parts with its
+/// certificate (read back from the archive) and refuses nothing.
+#[test]
+fn cold_parts_leave_memory_and_their_certificates_are_read_back() {
+    let mut m = TestMesh::new(3, BUCKETS);
+    m.use_archive(0);
+    m.nodes[0].engine.set_records_per_part(2);
+    m.connect(0, 1);
+    m.settle();
+    m.execute(0, testkit::receipt("r", "loc0", &[(5, 1000)]))
+        .unwrap();
+    m.commit(0);
+    for i in 0..20u64 {
+        m.execute(0, testkit::sale(&format!("s{i}"), Some("loc0"), &[(5, 1)]))
+            .unwrap();
+        m.commit(0);
+    }
+    m.settle();
+    let before = m.nodes[0].engine.cert_figures();
+    let cooled = m.nodes[0].engine.cool_closed_parts(usize::MAX);
+    let after = m.nodes[0].engine.cert_figures();
+    assert!(cooled >= 5, "closed parts went cold: {cooled}");
+    assert_eq!(
+        after.docs,
+        before.docs - cooled,
+        "a cold part keeps no certificate in memory ({before:?} → {after:?})"
+    );
+    // A batch's certificate also covers its ledger change, whose epoch is
+    // live: it stays while any document it covers is live.
+    assert!(after.held <= before.held);
+    // Node 2 joins now: it gets the cold parts' changes, certified.
+    m.connect(0, 2);
+    m.settle();
+    assert_eq!(rejected(&m, 2, "bad_signature"), 0);
+    assert_eq!(rejected(&m, 2, "unknown_author"), 0);
+    assert_eq!(
+        m.nodes[2].engine.totals(5, Some("loc0")).map(|t| t.0),
+        Some(980)
+    );
+    assert_eq!(
+        m.nodes[2].engine.digest_root(),
+        m.nodes[0].engine.digest_root(),
+        "node 2 holds every document of node 0"
+    );
+}
