@@ -355,3 +355,47 @@ fn cold_parts_leave_memory_and_their_certificates_are_read_back() {
         "node 2 holds every document of node 0"
     );
 }
+
+/// Upgrade from protocol 6: history written before signing has no
+/// certificate. The node certifies its own earlier changes at its first
+/// signed start (`certify_own_history`); a node that never saw that history
+/// then receives all of it, certified, and refuses nothing. Without that
+/// step the same history is refused as uncertified.
+#[test]
+fn history_written_before_signing_is_certified_by_its_owner_at_upgrade() {
+    for certify in [false, true] {
+        // Protocol 6: node 0 writes without signing.
+        let mut old = storemesh_protocol::engine::Engine::new(testkit::config(0, BUCKETS), [0, 0, 0, 1]);
+        old.finish_open();
+        old.execute(testkit::receipt("r", "loc0", &[(5, 50), (6, 60)]), 1_000, &|_| None)
+            .unwrap();
+        let _ = old.flush(1_000);
+        old.execute(testkit::sale("s", Some("loc0"), &[(5, 2)]), 2_000, &|_| None)
+            .unwrap();
+        let _ = old.flush(2_000);
+        // Protocol 7: the same data, opened by a signing engine.
+        let mut m = TestMesh::new(2, BUCKETS);
+        let mut e = storemesh_protocol::engine::Engine::new(testkit::config(0, BUCKETS), [0, 0, 0, 2]);
+        testkit::sign(&mut e);
+        e.add_configured_peer("n1", testkit::node_id(1));
+        for (id, _) in old.documents() {
+            e.load_doc(&id, &[old.document_bytes(&id).unwrap()], Vec::new())
+                .unwrap();
+        }
+        if certify {
+            assert!(e.certify_own_history() >= 3, "receipt, sale, directory entry");
+        }
+        e.finish_open();
+        m.nodes[0].engine = e;
+        m.full_mesh();
+        m.settle();
+        let got = m.nodes[1].engine.totals(5, Some("loc0")).map(|t| t.0);
+        if certify {
+            assert_eq!(got, Some(48), "the upgraded history reached node 1");
+            assert_eq!(rejected(&m, 1, "bad_signature"), 0);
+        } else {
+            assert_eq!(got, None, "uncertified history is refused");
+            assert!(rejected(&m, 1, "bad_signature") > 0);
+        }
+    }
+}
