@@ -332,6 +332,9 @@ pub(crate) struct CertBook {
     pending_hashes: HashMap<[u8; 32], CertId>,
     /// Own changes committed since the last flush (document, hash).
     own_new: Vec<(String, [u8; 32])>,
+    /// Peers sent a message with some of `own_new` in this batch, and the
+    /// outbox position of the first: the batch's certificate goes there.
+    await_own: Vec<(NodeId, usize)>,
     /// Certificates and links new since the last flush: persisted with it.
     unsaved: Vec<Cert>,
     unsaved_links: Vec<(String, CertId)>,
@@ -460,6 +463,14 @@ impl CertBook {
         }
         out
     }
+}
+
+/// The certificates a sync message needs (`Engine::chunk_certs`).
+#[derive(Default)]
+pub(crate) struct ChunkCerts {
+    certs: Vec<Cert>,
+    /// It carries changes of this batch, certified only at the flush.
+    own_pending: bool,
 }
 
 /// Figures of the certificate book (metrics, tests, README).
@@ -639,6 +650,7 @@ impl Engine {
         if self.certs.flushes % 16 == 0 {
             self.certs.expire_pending();
         }
+        let mut own_certs = Vec::new();
         if let Some(signing) = &self.signing {
             let own = std::mem::take(&mut self.certs.own_new);
             for part in own.chunks(CERT_HASHES_MAX) {
@@ -661,7 +673,37 @@ impl Engine {
                         .or_default()
                         .insert(id);
                 }
+                own_certs.push(c.clone());
                 self.certs.unsaved.push(c);
+            }
+        }
+        // Messages queued in this batch that carry its own changes: the
+        // certificate goes just ahead of the first one to each peer (last
+        // positions first, so earlier ones stay valid).
+        let mut awaiting = std::mem::take(&mut self.certs.await_own);
+        awaiting.sort_by_key(|(_, pos)| std::cmp::Reverse(*pos));
+        for (peer, pos) in awaiting {
+            if own_certs.is_empty() {
+                break;
+            }
+            let msg = crate::sync::Msg::Certs {
+                certs: own_certs.clone(),
+                intros: Vec::new(),
+            };
+            match crate::wire::encode_frame(&msg) {
+                Ok(f) => {
+                    self.stats.sync_messages_out += 1;
+                    self.stats.sync_bytes_out += f.len() as u64;
+                    if let Some(b) = self.stats.sync_bytes_out_by_kind.get_mut(msg.kind_index()) {
+                        *b += f.len() as u64;
+                    }
+                    for c in &own_certs {
+                        self.certs.sent.insert((peer, c.id()), self.certs.flushes);
+                    }
+                    let at = pos.min(self.outbox.len());
+                    self.outbox.insert(at, (peer, f));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a certificate frame"),
             }
         }
         batch.certs = std::mem::take(&mut self.certs.unsaved);
@@ -846,10 +888,11 @@ impl Engine {
 
     /// The certificates of the changes in `chunks` of `doc` (a sync message
     /// or fallback about to be sent; every certificate of the document for a
-    /// whole-document chunk). Sent with [`Engine::send_certs`] just before.
-    pub(crate) fn chunk_certs(&self, doc: &str, chunks: &[&[u8]]) -> Vec<Cert> {
+    /// whole-document chunk). Sent with [`Engine::send_chunk_certs`] just
+    /// before the message.
+    pub(crate) fn chunk_certs(&self, doc: &str, chunks: &[&[u8]]) -> ChunkCerts {
         if self.signing.is_none() {
-            return Vec::new();
+            return ChunkCerts::default();
         }
         let mut hashes = Vec::new();
         let mut whole_doc = false;
@@ -865,9 +908,29 @@ impl Engine {
             }
         }
         if hashes.is_empty() && !whole_doc {
-            return Vec::new();
+            return ChunkCerts::default();
         }
-        self.certs_covering(doc, (!whole_doc).then_some(&hashes[..]))
+        // This batch's own changes (committed before a peer's changes were
+        // merged) are certified only at the flush.
+        let own_pending = self
+            .certs
+            .own_new
+            .iter()
+            .any(|(d, h)| d == doc && (whole_doc || hashes.contains(h)));
+        ChunkCerts {
+            certs: self.certs_covering(doc, (!whole_doc).then_some(&hashes[..])),
+            own_pending,
+        }
+    }
+
+    /// Sends what [`Engine::chunk_certs`] found; if the message carries this
+    /// batch's own changes, the batch's certificate is put ahead of it at
+    /// the flush (frames leave only after the commit).
+    pub(crate) fn send_chunk_certs(&mut self, peer: NodeId, c: ChunkCerts) {
+        self.send_certs(peer, c.certs);
+        if c.own_pending && !self.certs.await_own.iter().any(|(p, _)| *p == peer) {
+            self.certs.await_own.push((peer, self.outbox.len()));
+        }
     }
 
     /// A `Msg::Certs` frame: introductions verified and kept, certificates

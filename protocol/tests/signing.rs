@@ -365,17 +365,25 @@ fn cold_parts_leave_memory_and_their_certificates_are_read_back() {
 fn history_written_before_signing_is_certified_by_its_owner_at_upgrade() {
     for certify in [false, true] {
         // Protocol 6: node 0 writes without signing.
-        let mut old = storemesh_protocol::engine::Engine::new(testkit::config(0, BUCKETS), [0, 0, 0, 1]);
+        let mut old =
+            storemesh_protocol::engine::Engine::new(testkit::config(0, BUCKETS), [0, 0, 0, 1]);
         old.finish_open();
-        old.execute(testkit::receipt("r", "loc0", &[(5, 50), (6, 60)]), 1_000, &|_| None)
-            .unwrap();
+        old.execute(
+            testkit::receipt("r", "loc0", &[(5, 50), (6, 60)]),
+            1_000,
+            &|_| None,
+        )
+        .unwrap();
         let _ = old.flush(1_000);
-        old.execute(testkit::sale("s", Some("loc0"), &[(5, 2)]), 2_000, &|_| None)
-            .unwrap();
+        old.execute(testkit::sale("s", Some("loc0"), &[(5, 2)]), 2_000, &|_| {
+            None
+        })
+        .unwrap();
         let _ = old.flush(2_000);
         // Protocol 7: the same data, opened by a signing engine.
         let mut m = TestMesh::new(2, BUCKETS);
-        let mut e = storemesh_protocol::engine::Engine::new(testkit::config(0, BUCKETS), [0, 0, 0, 2]);
+        let mut e =
+            storemesh_protocol::engine::Engine::new(testkit::config(0, BUCKETS), [0, 0, 0, 2]);
         testkit::sign(&mut e);
         e.add_configured_peer("n1", testkit::node_id(1));
         for (id, _) in old.documents() {
@@ -383,7 +391,10 @@ fn history_written_before_signing_is_certified_by_its_owner_at_upgrade() {
                 .unwrap();
         }
         if certify {
-            assert!(e.certify_own_history() >= 3, "receipt, sale, directory entry");
+            assert!(
+                e.certify_own_history() >= 3,
+                "receipt, sale, directory entry"
+            );
         }
         e.finish_open();
         m.nodes[0].engine = e;
@@ -398,4 +409,46 @@ fn history_written_before_signing_is_certified_by_its_owner_at_upgrade() {
             assert!(rejected(&m, 1, "bad_signature") > 0);
         }
     }
+}
+
+/// A sync reply that carries changes this node made in the same batch (its
+/// pending writes go into the document before a peer's changes are merged)
+/// gets the batch's certificate ahead of it at the flush: while two nodes
+/// catch up with each other and keep writing, neither refuses anything.
+#[test]
+fn a_sync_reply_with_this_batch_s_own_changes_carries_their_certificate() {
+    let mut m = TestMesh::new(2, BUCKETS);
+    m.connect(0, 1);
+    m.settle();
+    m.disconnect(0, 1);
+    for i in 0..2 {
+        m.execute(i, testkit::receipt(&format!("r{i}"), "loc0", &[(5, 10)]))
+            .unwrap();
+        m.commit(i);
+    }
+    m.connect(0, 1);
+    for round in 0..200u64 {
+        // Each node writes to the shared ledger document, then takes in what
+        // the other sent, in the same open batch.
+        for (a, b) in [(0, 1), (1, 0)] {
+            m.execute(
+                b,
+                testkit::receipt(&format!("x{round}-{b}"), "loc0", &[(5, 1)]),
+            )
+            .unwrap();
+            m.deliver_into_open_batch(a, b);
+            m.commit(b);
+        }
+        if m.links.values().all(|q| q.is_empty()) {
+            break;
+        }
+    }
+    m.settle();
+    for i in 0..2 {
+        assert_eq!(rejected(&m, i, "bad_signature"), 0, "node {i}");
+    }
+    assert_eq!(
+        m.nodes[0].engine.totals(5, Some("loc0")).map(|t| t.0),
+        m.nodes[1].engine.totals(5, Some("loc0")).map(|t| t.0)
+    );
 }

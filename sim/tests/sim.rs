@@ -80,7 +80,9 @@ fn a_seed_retires_a_node_and_replays() {
 }
 
 /// Seeds tried per planted bug in the test (the CLI tries `selftest::SEEDS_MAX`).
-const SELFTEST_SEEDS: u64 = 8;
+/// (16: a planted bug's manifestation depends on the seed's network draws;
+/// with signed changes `idem-outside-txn` is first found at seed 12.)
+const SELFTEST_SEEDS: u64 = 16;
 
 fn assert_found(bug: Bug) {
     let r = selftest::find(bug, &Options::default(), SELFTEST_SEEDS);
@@ -138,7 +140,12 @@ fn every_scenario_file_runs_and_keeps_the_invariants() {
         let sc = scenario::Scenario::load(f).unwrap_or_else(|e| panic!("{e}"));
         // A long scenario (`partitioned-day`) runs in full with
         // `storemesh-sim --scenario` in release; here a few minutes of it.
-        let sc = if sc.long { sc.shortened(0.05) } else { sc };
+        // At least long enough for about ten sales at the scenario's rates:
+        // with fewer, whether a short run sells at all is down to the
+        // seed's draws (offline-horizon sells 14 an hour in all).
+        let rate: f64 = sc.nodes.iter().map(|n| n.sales_per_hour).sum();
+        let hours = (10.0 / rate.max(1.0)).max(0.05);
+        let sc = if sc.long { sc.shortened(hours) } else { sc };
         let r = scenario::run(&sc, sc.seed);
         let text = r.render();
         eprintln!("{text}");

@@ -240,14 +240,14 @@ impl Engine {
                 let certs = self.chunk_certs(doc, &[&data]);
                 sess.finished = true;
                 self.put_session(peer, doc, sess);
-                self.send_certs(peer, certs);
+                self.send_chunk_certs(peer, certs);
                 self.send_big(peer, doc, data, true);
                 return;
             }
         }
         let data = msg.encode();
         self.put_session(peer, doc, sess);
-        self.send_certs(peer, certs);
+        self.send_chunk_certs(peer, certs);
         self.send_big(peer, doc, data, false);
         if !self.catchup.leaders.contains_key(doc) && self.session_brings(peer, doc) {
             let now = self.catchup.now_ms;
