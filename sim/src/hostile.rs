@@ -261,6 +261,9 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
             ),
         ));
     }
+    if let Some(life) = w.nodes[p].life.as_mut() {
+        life.impersonations_received += IMPERSONATIONS;
+    }
     w.fire(FaultKind::HostileForge);
     w.fire(FaultKind::HostileImpersonate);
     let item = format!("hostile {h} -> {p} t={now}");

@@ -67,6 +67,10 @@ pub struct Life {
     /// Cell values seen after commits in this life (owned cells never decrease).
     pub seen: BTreeMap<(u64, String, ActorKey, u8, NodeTag), u64>,
     pub alarms_seen: usize,
+    /// Changes a hostile member wrote as another member and sent to this
+    /// engine (`hostile-impersonate`): exactly these may be refused as
+    /// uncertified or by an unknown author (invariant `authorship`).
+    pub impersonations_received: u64,
 }
 
 impl Life {
@@ -544,6 +548,7 @@ impl World {
             revoked: Default::default(),
             seen: BTreeMap::new(),
             alarms_seen: 0,
+            impersonations_received: 0,
         })
     }
 
@@ -688,6 +693,7 @@ impl World {
                 // The checkers look at the reopened engine as at a new one.
                 life.seen.clear();
                 life.alarms_seen = 0;
+                life.impersonations_received = 0;
                 let disk = self.nodes[i].disk.clone();
                 let mut storage = SimStorage::new(&life.store, disk, self.bug, None);
                 life.node.replace_engine(engine, &mut storage, now);
