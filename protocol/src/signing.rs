@@ -647,7 +647,7 @@ impl Engine {
     /// made (several only past `CERT_HASHES_MAX`), and what to persist.
     pub(crate) fn certify_batch(&mut self, batch: &mut crate::engine::Batch) {
         self.certs.flushes += 1;
-        if self.certs.flushes % 16 == 0 {
+        if self.certs.flushes.is_multiple_of(16) {
             self.certs.expire_pending();
         }
         let mut own_certs = Vec::new();
