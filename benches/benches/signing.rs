@@ -16,7 +16,8 @@ use storemesh_benches::fixtures::{apply, receipt, sale, NOW_MS, STOCK};
 use storemesh_node::identity::Identity;
 use storemesh_node::signing::{NodeSigner, NodeVerifier};
 use storemesh_node::store::Store;
-use storemesh_protocol::engine::Engine;
+use storemesh_protocol::engine::{Batch, Engine};
+use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::signing::{ChangeSigner, ChangeVerifier};
 use storemesh_protocol::testkit;
 
@@ -33,9 +34,20 @@ fn engine(id: &Identity, i: usize, signed: bool) -> Engine {
         );
     }
     e.finish_open();
-    let _ = e.flush(NOW_MS);
-    e.committed(NOW_MS);
+    commit(&mut e, NOW_MS, |_| {});
     e
+}
+
+/// `Engine::commit` with `persist` run on the batch (never fails here);
+/// returns the frames released for peers.
+fn commit(e: &mut Engine, now_ms: u64, persist: impl FnOnce(&Batch)) -> Vec<(NodeId, Vec<u8>)> {
+    match e.commit(now_ms, |b| {
+        persist(b);
+        Ok::<(), std::convert::Infallible>(())
+    }) {
+        Ok(r) => r.frames,
+        Err(never) => match never {},
+    }
 }
 
 fn stocked(id: &Identity, signed: bool) -> Engine {
@@ -74,16 +86,13 @@ fn signing(c: &mut Criterion) {
         let all: Vec<u64> = (1..=PRODUCTS).collect();
         e.execute(receipt("rcv", "loc0", &all, STOCK), NOW_MS, &|_| None)
             .unwrap();
-        store.commit(&e.flush(NOW_MS)).unwrap();
-        e.committed(NOW_MS);
+        commit(&mut e, NOW_MS, |b| store.commit(b).unwrap());
         g.bench_function(format!("sale_commit/{name}"), |b| {
             b.iter(|| {
                 n += 1;
                 e.execute(sale(&format!("c{n}"), 1 + n % PRODUCTS), NOW_MS, &|_| None)
                     .unwrap();
-                let batch = e.flush(NOW_MS);
-                store.commit(&batch).unwrap();
-                e.committed(NOW_MS);
+                commit(&mut e, NOW_MS, |b| store.commit(b).unwrap());
             })
         });
         g.bench_function(format!("batch_of_64_commit/{name}"), |b| {
@@ -93,9 +102,7 @@ fn signing(c: &mut Criterion) {
                     e.execute(sale(&format!("b{n}"), 1 + n % PRODUCTS), NOW_MS, &|_| None)
                         .unwrap();
                 }
-                let batch = e.flush(NOW_MS);
-                store.commit(&batch).unwrap();
-                e.committed(NOW_MS);
+                commit(&mut e, NOW_MS, |b| store.commit(b).unwrap());
             })
         });
         // Node A sells, node B applies A's push (and checks its certificate).
@@ -107,12 +114,8 @@ fn signing(c: &mut Criterion) {
         bb.peer_up(id.node_id, Vec::new(), NOW_MS);
         let exchange = |a: &mut Engine, bb: &mut Engine| {
             for _ in 0..64 {
-                let _ = a.flush(NOW_MS);
-                a.committed(NOW_MS);
-                let _ = bb.flush(NOW_MS);
-                bb.committed(NOW_MS);
-                let to_b = a.take_outgoing();
-                let to_a = bb.take_outgoing();
+                let to_b = commit(a, NOW_MS, |_| {});
+                let to_a = commit(bb, NOW_MS, |_| {});
                 if to_b.is_empty() && to_a.is_empty() {
                     break;
                 }

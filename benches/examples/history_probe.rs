@@ -95,13 +95,18 @@ fn main() {
         // of parts that had none (the next restart opens them unread).
         let t = Instant::now();
         loop {
-            let b = e.flush(storemesh_benches::fixtures::NOW_MS);
-            if b.is_empty() {
+            let r = e
+                .commit(storemesh_benches::fixtures::NOW_MS, |b| {
+                    if b.is_empty() {
+                        Ok(())
+                    } else {
+                        store.commit(b)
+                    }
+                })
+                .unwrap();
+            if r.batch.is_empty() {
                 break;
             }
-            store.commit(&b).unwrap();
-            e.committed(storemesh_benches::fixtures::NOW_MS);
-            let _ = e.take_outgoing();
         }
         println!(
             "indexes written: {} in {:?}",
@@ -161,10 +166,7 @@ fn main() {
         e.execute(sale(&format!("s-{i}"), p), now, &|_| None)
             .unwrap();
         if (i + 1) % per_commit == 0 {
-            let b = e.flush(now);
-            store.commit(&b).unwrap();
-            e.committed(now);
-            let _ = e.take_outgoing();
+            e.commit(now, |b| store.commit(b)).unwrap();
         }
         // The node's timer ticks (cooling closed records parts) every ~100 ms.
         if (i + 1) % 512 == 0 {

@@ -15,8 +15,7 @@ pub fn engine(buckets: u32) -> Engine {
     let mut e = Engine::new(testkit::config(0, buckets), [0, 1, 2, 3]);
     e.add_configured_peer("n1", testkit::node_id(1));
     e.finish_open();
-    let _ = e.flush(NOW_MS);
-    e.committed(NOW_MS);
+    let _ = e.commit(NOW_MS, |_| Ok::<(), std::convert::Infallible>(()));
     e
 }
 
@@ -59,9 +58,10 @@ pub fn sale(id: &str, product: u64) -> Op {
 pub fn apply(e: &mut Engine, op: Op, now_ms: u64) -> Batch {
     e.execute(op, now_ms, &|_| None)
         .expect("operation accepted");
-    let b = e.flush(now_ms);
-    e.committed(now_ms);
-    b
+    match e.commit(now_ms, |_| Ok::<(), std::convert::Infallible>(())) {
+        Ok(r) => r.batch,
+        Err(never) => match never {},
+    }
 }
 
 /// Receives `STOCK` units of products `1..=n` at the engine's own location,

@@ -6,12 +6,6 @@ use std::time::Duration;
 
 use storemesh_node::cli;
 
-/// Memory a start reads and frees (stored documents and part indexes) goes
-/// back to the system instead of staying in the C allocator's per-thread
-/// arenas (issue 14: resident memory after a restart).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// How long blocking tasks get to finish once the command has returned.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -10,18 +10,17 @@
 //! outcome lets the thread answer the callers, publish the changed rows to
 //! readers and hand frames to the transport.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use storemesh_protocol::engine::{Engine, EngineConfig, Policy};
 use storemesh_protocol::ids::NodeId;
-use storemesh_protocol::ops::{IdemRecord, Op, OpError, OpReply};
-use storemesh_protocol::step::{Failure, Input, LoopConfig, NodeLoop, Step, Storage, StorageError};
-use storemesh_protocol::views::StockRow;
+use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_protocol::step::{Failure, Input, LoopConfig, NodeLoop, Step};
 use storemesh_protocol::wire::{Hello, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,6 +28,16 @@ use crate::config::{Config, PeerConfig};
 use crate::identity::Identity;
 use crate::store::Store;
 use crate::transport::{PeerEntry, Transport, TransportConfig, TransportEvent};
+
+mod adapters;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
+mod scrub;
+mod state;
+
+use adapters::{publish, send_frames, sync_stats, wake_timer, NodeStorage};
+use scrub::Scrub;
+pub use state::{Metrics, PeerStatus, ReadState, Shared};
 
 /// Commands drained into one group commit, at most.
 pub const BATCH_OPS_MAX: usize = 2048;
@@ -44,101 +53,6 @@ pub const CMD_QUEUE_MAX: usize = 8192;
 /// (the copy reads and writes the whole file: about a second per 100 MB, on
 /// a thread of its own — see [`Scrub`]).
 pub const SCRUB_INTERVAL: Duration = Duration::from_secs(60);
-
-/// A rewrite of the data file in progress (after a customer erasure, so that
-/// the erased key's bytes leave the file's freed pages). The engine thread
-/// takes a snapshot ([`Store::scrub_begin`]), a thread of its own copies it
-/// into a fresh file while the engine keeps answering and committing (the
-/// store keeps those batches), and once the copy is done the engine thread
-/// replays them into it and swaps the files ([`Store::scrub_finish`]): the
-/// engine waits only for the replay and the swap, not for the copy.
-struct Scrub {
-    thread: std::thread::JoinHandle<anyhow::Result<crate::store::ScrubCopy>>,
-    started: Instant,
-}
-
-impl Scrub {
-    fn start(store: &Store, cmd: mpsc::Sender<Cmd>) -> anyhow::Result<Scrub> {
-        let job = store.scrub_begin()?;
-        let thread = std::thread::Builder::new()
-            .name("scrub".into())
-            .spawn(move || {
-                #[cfg(feature = "failpoints")]
-                failpoints::scrub_gate();
-                let r = job.copy();
-                // A wake-up only: with a full queue the engine is busy and
-                // looks after its next batch anyway.
-                let _ = cmd.try_send(Cmd::ScrubCopied);
-                r
-            });
-        match thread {
-            Ok(thread) => Ok(Scrub {
-                thread,
-                started: Instant::now(),
-            }),
-            Err(e) => {
-                store.scrub_clear();
-                Err(e).context("cannot start the thread that rewrites the data file")
-            }
-        }
-    }
-
-    /// Finishes the rewrite if its copy is done: `Ok(another_due)`, else
-    /// the rewrite back.
-    fn finish_if_copied(self, store: &Store) -> Result<bool, Scrub> {
-        if !self.thread.is_finished() {
-            return Err(self);
-        }
-        let copied = self.started.elapsed();
-        let copy = match self.thread.join() {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                store.scrub_clear();
-                tracing::error!(error = %format!("{e:#}"), "cannot copy the data file after an erasure; trying again later");
-                return Ok(true);
-            }
-            Err(_) => {
-                store.scrub_clear();
-                tracing::error!("the copy of the data file panicked; trying again later");
-                return Ok(true);
-            }
-        };
-        let t = Instant::now();
-        match store.scrub_finish(copy) {
-            Ok(crate::store::ScrubOutcome::Done {
-                replayed,
-                erased_meanwhile,
-            }) => {
-                tracing::info!(
-                    copy_ms = copied.as_millis() as u64,
-                    swap_ms = t.elapsed().as_millis() as u64,
-                    replayed,
-                    "data file rewritten after a customer erasure"
-                );
-                #[cfg(feature = "failpoints")]
-                failpoints::scrub_done();
-                Ok(erased_meanwhile)
-            }
-            Ok(crate::store::ScrubOutcome::Abandoned(why)) => {
-                tracing::warn!(reason = %why, "rewrite of the data file given up; trying again later");
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot rewrite the data file after an erasure; trying again later");
-                Ok(true)
-            }
-        }
-    }
-
-    /// Stops the copy (shutdown): the snapshot must not outlive the store.
-    fn cancel(self, store: &Store) {
-        store.scrub_abandon("the node is stopping");
-        #[cfg(feature = "failpoints")]
-        failpoints::release_scrub();
-        let _ = self.thread.join();
-        store.scrub_clear();
-    }
-}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -159,118 +73,6 @@ pub enum Cmd {
     /// Wakes the engine: the copy of a data-file rewrite finished.
     ScrubCopied,
     Shutdown(oneshot::Sender<()>),
-}
-
-/// What HTTP readers see: committed state only.
-#[derive(Default)]
-pub struct ReadState {
-    pub rows: HashMap<u64, BTreeMap<String, StockRow>>,
-    /// location → (owner node name, policy, IANA time zone).
-    pub locations: BTreeMap<String, (String, String, String)>,
-    /// location → unix ms this node last heard from that location's node.
-    pub last_heard: BTreeMap<String, u64>,
-    pub synced: bool,
-    pub ready: bool,
-    pub as_of_ms: u64,
-    /// Change feed: node-local sequence → (product, location) whose latest change it is.
-    pub by_seq: BTreeMap<u64, (u64, String)>,
-    pub seq_max: u64,
-}
-
-/// Per-peer figures for `/api/peers` and metrics.
-#[derive(Clone, Debug, Default)]
-pub struct PeerStatus {
-    pub connected: bool,
-    pub synced: bool,
-    pub last_sync_ms: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-#[derive(Default)]
-pub struct Metrics {
-    pub ops_ok: AtomicU64,
-    pub ops_refused: AtomicU64,
-    pub sync_messages_in: AtomicU64,
-    pub sync_messages_out: AtomicU64,
-    pub sync_bytes_in: AtomicU64,
-    pub sync_bytes_out: AtomicU64,
-    /// `sync_bytes_out` by message kind (`storemesh_protocol::sync::MSG_KINDS`).
-    pub sync_bytes_out_by_kind: [AtomicU64; storemesh_protocol::sync::MSG_KINDS.len()],
-    pub rejected_messages: AtomicU64,
-    pub forks_detected: AtomicU64,
-    pub epochs_started: AtomicU64,
-    pub epochs_joined: AtomicU64,
-    pub cold_parts: AtomicU64,
-    /// Batch certificates held in memory, their bytes, and signatures checked.
-    pub certs_held: AtomicU64,
-    pub certs_held_bytes: AtomicU64,
-    pub certs_verified: AtomicU64,
-    pub cold_part_bytes: AtomicU64,
-    pub commits: AtomicU64,
-    pub commit_us_total: AtomicU64,
-    pub commit_us_last: AtomicU64,
-    pub commit_failures: AtomicU64,
-    pub refused_connections: AtomicU64,
-    pub batch_ops_last: AtomicU64,
-    pub rebalance_requests: AtomicU64,
-    pub rebalance_grants: AtomicU64,
-    pub allocation_grants: AtomicU64,
-}
-
-pub struct Shared {
-    pub cfg: Config,
-    pub node_id: NodeId,
-    pub read: RwLock<ReadState>,
-    pub peers: RwLock<BTreeMap<NodeId, PeerStatus>>,
-    pub cmd: mpsc::Sender<Cmd>,
-    pub metrics: Metrics,
-    pub shutting_down: AtomicBool,
-    /// Live change events for `GET /api/inventory/stream` (committed rows).
-    pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
-    /// Status of the `[[webhooks]]` (cursor, lag, last error).
-    pub webhooks: crate::webhooks::Registry,
-    /// What the HTTP accept loop counts (`crate::http`).
-    pub http: Arc<crate::http::HttpStats>,
-    /// Set when the engine caught a fault it could not apply (a panic on a
-    /// peer's input): `/healthz` then answers `"status":"degraded"` with it.
-    pub fault: RwLock<Option<String>>,
-    /// Peer input refused, by reason (`storemesh_rejected_changes_total`).
-    pub rejected: RwLock<BTreeMap<String, u64>>,
-}
-
-impl Shared {
-    /// This node's clock: the host clock plus the configured `clock_offset_ms`.
-    pub fn now_ms(&self) -> u64 {
-        now_ms().saturating_add_signed(self.cfg.clock_offset_ms)
-    }
-
-    /// Runs an operation through the engine thread; answered after its commit.
-    pub async fn execute(&self, op: Op) -> Result<OpReply, OpError> {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return Err(OpError::Unavailable("the node is shutting down".into()));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.cmd
-            .send(Cmd::Op(op, tx))
-            .await
-            .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?;
-        rx.await
-            .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?
-    }
-
-    /// Runs a read-only closure on the engine thread between batches.
-    pub async fn query<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Engine) -> T + Send + 'static,
-    ) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        let q: Query = Box::new(move |e| {
-            let _ = tx.send(f(e));
-        });
-        self.cmd.send(Cmd::Query(q)).await.ok()?;
-        rx.await.ok()
-    }
 }
 
 /// A started node (used by `run`, the demo and the end-to-end tests).
@@ -599,43 +401,6 @@ pub fn peer_entry(p: &PeerConfig) -> Option<PeerEntry> {
 /// A caller's answer channel: the loop's reply token.
 type Reply = oneshot::Sender<Result<OpReply, OpError>>;
 
-/// The redb store as the loop's storage (commit times go to the metrics).
-struct NodeStorage<'a> {
-    store: &'a Store,
-    metrics: &'a Metrics,
-    /// Time of the last commit (logged with batches that carry sync traffic).
-    commit_us: u64,
-}
-
-impl Storage for NodeStorage<'_> {
-    fn idem(&mut self, key: &str) -> Result<Option<IdemRecord>, StorageError> {
-        self.store
-            .idem(key)
-            .map_err(|e| StorageError(format!("{e:#}")))
-    }
-
-    fn sync_states(&mut self, peer: &NodeId) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        self.store
-            .sync_states(peer)
-            .map_err(|e| StorageError(format!("{e:#}")))
-    }
-
-    fn commit(&mut self, batch: &storemesh_protocol::Batch) -> Result<(), StorageError> {
-        let t = Instant::now();
-        let r = self.store.commit(batch);
-        let us = t.elapsed().as_micros() as u64;
-        self.commit_us = us;
-        let m = self.metrics;
-        m.commits.fetch_add(1, Ordering::Relaxed);
-        m.commit_us_total.fetch_add(us, Ordering::Relaxed);
-        m.commit_us_last.store(us, Ordering::Relaxed);
-        r.map_err(|e| {
-            m.commit_failures.fetch_add(1, Ordering::Relaxed);
-            StorageError(format!("{e:#}"))
-        })
-    }
-}
-
 fn loop_config(cfg: &Config) -> LoopConfig {
     LoopConfig {
         deadline_ms: cfg.rebalance.deadline_ms,
@@ -649,46 +414,6 @@ fn loop_config(cfg: &Config) -> LoopConfig {
             })
             .collect(),
         peers: cfg.peers.iter().map(|p| p.id).collect(),
-    }
-}
-
-/// Sends `Cmd::Wake` when the loop asked to be woken (`Committed::next_wake_ms`,
-/// node clock): a parked sale's deadline or a reservation's expiry.
-async fn wake_timer(
-    shared: Arc<Shared>,
-    mut next: tokio::sync::watch::Receiver<Option<u64>>,
-    wake_tx: mpsc::Sender<Cmd>,
-) {
-    loop {
-        let at = *next.borrow_and_update();
-        let sleep = match at {
-            Some(at) => {
-                let ms = at.saturating_sub(shared.now_ms()).max(WAKE_MIN_MS);
-                tokio::time::sleep(Duration::from_millis(ms))
-            }
-            // Nothing to wake for: wait for the next change only.
-            None => tokio::time::sleep(WAKE_IDLE),
-        };
-        tokio::select! {
-            changed = next.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-            _ = sleep => {
-                if at.is_none() {
-                    continue;
-                }
-                // A full queue means the engine is busy and will look anyway.
-                if let Err(mpsc::error::TrySendError::Closed(_)) = wake_tx.try_send(Cmd::Wake) {
-                    break;
-                }
-                // Wait for the engine's next answer before sleeping again.
-                if next.changed().await.is_err() {
-                    break;
-                }
-            }
-        }
     }
 }
 
@@ -958,186 +683,5 @@ fn engine_loop(
     // Persist sync states of connections still open.
     if let Err(e) = node.close(&mut storage, shared.now_ms()) {
         tracing::warn!(error = %e, "final commit failed");
-    }
-}
-
-/// Hands committed frames to the transport. A lost sync frame would leave the
-/// peer's session waiting (or a split message corrupt): a peer whose queue is
-/// full is reconnected and gets nothing more of this batch.
-fn send_frames(transport: &Transport, frames: Vec<(NodeId, Vec<u8>)>) {
-    let mut overflowed: Vec<NodeId> = Vec::new();
-    for (peer, frame) in frames {
-        if overflowed.contains(&peer) {
-            continue;
-        }
-        match transport.send(peer, frame) {
-            Ok(()) => {}
-            Err(crate::transport::SendError::QueueFull) => {
-                tracing::warn!(peer = %peer.hex(), "outbound queue full; reconnecting the peer");
-                overflowed.push(peer);
-                transport.reconnect(peer, "outbound queue full");
-            }
-            Err(e) => {
-                tracing::debug!(peer = %peer.hex(), error = %e, "frame not sent; the peer is gone")
-            }
-        }
-    }
-}
-
-/// Publishes committed rows and derived state to HTTP readers.
-fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), StockRow)]) {
-    let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
-    let mut events = Vec::with_capacity(rows.len());
-    for ((p, l), row) in rows {
-        let old = r.rows.entry(*p).or_default().insert(l.clone(), *row);
-        if let Some(old) = old {
-            r.by_seq.remove(&old.seq);
-        }
-        r.by_seq.insert(row.seq, (*p, l.clone()));
-        r.seq_max = r.seq_max.max(row.seq);
-        events.push((*p, l.clone(), *row));
-    }
-    if !events.is_empty() {
-        let _ = shared.changes.send(events);
-    }
-    r.locations = engine
-        .views
-        .nodes
-        .values()
-        .filter_map(|i| {
-            let tz = i.timezone.clone().unwrap_or_else(|| "UTC".into());
-            i.location
-                .clone()
-                .map(|l| (l, (i.name.clone(), i.policy.clone(), tz)))
-        })
-        .collect();
-    r.last_heard = engine.last_heard_by_location();
-    r.synced = r.synced || engine.synced_with_any() || shared.cfg.peers.is_empty();
-    r.as_of_ms = shared.now_ms();
-}
-
-fn sync_stats(shared: &Shared, engine: &Engine) {
-    let s = &engine.stats;
-    let m = &shared.metrics;
-    m.ops_ok.store(s.ops_ok, Ordering::Relaxed);
-    m.ops_refused.store(s.ops_refused, Ordering::Relaxed);
-    m.sync_messages_in
-        .store(s.sync_messages_in, Ordering::Relaxed);
-    m.sync_messages_out
-        .store(s.sync_messages_out, Ordering::Relaxed);
-    m.sync_bytes_in.store(s.sync_bytes_in, Ordering::Relaxed);
-    m.sync_bytes_out.store(s.sync_bytes_out, Ordering::Relaxed);
-    for (a, v) in m
-        .sync_bytes_out_by_kind
-        .iter()
-        .zip(s.sync_bytes_out_by_kind)
-    {
-        a.store(v, Ordering::Relaxed);
-    }
-    m.rejected_messages
-        .store(s.rejected_messages, Ordering::Relaxed);
-    m.forks_detected.store(s.forks_detected, Ordering::Relaxed);
-    m.epochs_started.store(s.epochs_started, Ordering::Relaxed);
-    m.epochs_joined.store(s.epochs_joined, Ordering::Relaxed);
-    let (cold, cold_bytes) = engine.cold_parts();
-    m.cold_parts.store(cold as u64, Ordering::Relaxed);
-    let certs = engine.cert_figures();
-    m.certs_held.store(certs.held as u64, Ordering::Relaxed);
-    m.certs_held_bytes
-        .store(certs.held_bytes as u64, Ordering::Relaxed);
-    m.certs_verified.store(s.certs_verified, Ordering::Relaxed);
-    m.cold_part_bytes
-        .store(cold_bytes as u64, Ordering::Relaxed);
-    let (requests, grants) = engine.rebalance_stats();
-    m.rebalance_requests.store(requests, Ordering::Relaxed);
-    m.rebalance_grants.store(grants, Ordering::Relaxed);
-    m.allocation_grants
-        .store(engine.allocation_grants(), Ordering::Relaxed);
-    let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
-    for (id, st) in peers.iter_mut() {
-        match engine.session(id) {
-            Some(sess) => {
-                st.connected = true;
-                st.synced = sess.synced;
-                st.last_sync_ms = sess.last_heard_ms;
-                st.bytes_in = sess.bytes_in;
-                st.bytes_out = sess.bytes_out;
-            }
-            None => st.connected = false,
-        }
-    }
-}
-
-/// Test-only fault injection (cargo feature `failpoints`, enabled by the
-/// end-to-end tests only): makes applying a peer's next frame panic, as an
-/// Automerge assertion on unforeseen input would, to show the node survives it.
-#[cfg(feature = "failpoints")]
-pub mod failpoints {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Condvar, Mutex};
-
-    use storemesh_protocol::ids::NodeId;
-
-    static PANIC_ON_FRAME_FROM: Mutex<Option<NodeId>> = Mutex::new(None);
-
-    /// The next frame from `peer` (at any node of this process) panics.
-    pub fn panic_on_next_frame_from(peer: NodeId) {
-        *PANIC_ON_FRAME_FROM
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(peer);
-    }
-
-    static SCRUB_HOLD: Mutex<bool> = Mutex::new(false);
-    static SCRUB_HELD: AtomicU64 = AtomicU64::new(0);
-    static SCRUB_DONE: AtomicU64 = AtomicU64::new(0);
-    static SCRUB_CV: Condvar = Condvar::new();
-
-    /// While on, a data-file rewrite that starts waits before its copy
-    /// (every node of this process), so a test can work during it.
-    pub fn hold_scrub(on: bool) {
-        *SCRUB_HOLD.lock().unwrap_or_else(|p| p.into_inner()) = on;
-        SCRUB_CV.notify_all();
-    }
-
-    /// Rewrites that reached the hold so far.
-    pub fn scrubs_held() -> u64 {
-        SCRUB_HELD.load(Ordering::SeqCst)
-    }
-
-    /// Rewrites that swapped the file in so far.
-    pub fn scrubs_done() -> u64 {
-        SCRUB_DONE.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn release_scrub() {
-        hold_scrub(false);
-    }
-
-    pub(crate) fn scrub_gate() {
-        let mut on = SCRUB_HOLD.lock().unwrap_or_else(|p| p.into_inner());
-        if *on {
-            SCRUB_HELD.fetch_add(1, Ordering::SeqCst);
-        }
-        while *on {
-            on = SCRUB_CV.wait(on).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    pub(crate) fn scrub_done() {
-        SCRUB_DONE.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub(crate) fn on_frame(peer: NodeId) {
-        let mut armed = PANIC_ON_FRAME_FROM
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if *armed == Some(peer) {
-            *armed = None;
-            drop(armed);
-            panic!(
-                "failpoint: applying a frame from peer {} panicked",
-                peer.hex()
-            );
-        }
     }
 }

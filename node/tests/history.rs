@@ -26,10 +26,7 @@ fn open(store: &std::sync::Arc<Store>, incarnation: [u8; 4]) -> Engine {
 }
 
 fn commit(e: &mut Engine, store: &Store, now: u64) {
-    let b = e.flush(now);
-    store.commit(&b).unwrap();
-    e.committed(now);
-    let _ = e.take_outgoing();
+    e.commit(now, |b| store.commit(b)).unwrap();
 }
 
 #[test]

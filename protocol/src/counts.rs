@@ -146,7 +146,10 @@ impl Engine {
         let after = self.rights_raw(product, location);
         // One shortfall event, one deficit: a product already at -5 that a
         // later count leaves at -5 has no new shortfall.
-        let new_short = after.saturating_neg().max(0) - before.saturating_neg().max(0);
+        let mut new_short = after.saturating_neg().max(0) - before.saturating_neg().max(0);
+        if self.faults.deficit_whole_balance {
+            new_short = after.saturating_neg().max(0);
+        }
         if new_short > 0 {
             self.reclaim(product, location, new_short as u64, now_ms);
             let rec = serde_json::json!({"count_id": deficit_id, "node": self.cfg.name, "location": location, "product_id": product, "deficit": new_short, "at_ms": now_ms});

@@ -451,8 +451,10 @@ impl Engine {
                 .sale_collisions
                 .entry(id.to_string())
                 .or_default();
-            c.insert((old_doc.clone(), key.to_string()));
-            c.insert((doc.to_string(), key.to_string()));
+            if !self.faults.unlisted_sale_collisions {
+                c.insert((old_doc.clone(), key.to_string()));
+                c.insert((doc.to_string(), key.to_string()));
+            }
             let own = self.tag.hex();
             let mine = |d: &str| tag_of(d).as_deref() == Some(own.as_str());
             mine(doc) || (!mine(&old_doc) && doc < old_doc.as_str())

@@ -1,19 +1,28 @@
-//! Count imports at a location no node owns: one physical count, one accounting.
+//! Bookings at a location no node owns: one physical event, one accounting.
 //!
 //! `import counts` may book rows at a location without a node of its own (a
-//! warehouse: opening balances). A count sets on hand to what was counted,
+//! warehouse: opening balances), and any node may record a receipt there (a
+//! delivery to the warehouse). A count sets on hand to what was counted,
 //! relative to the importing node's view; two nodes importing the same file
 //! (one import id) while apart each applied the whole correction, so the
-//! units were added twice. As for transfers into such a location (booked
-//! only by the sending node), one node's booking stands: an import booked
-//! after another node's import of the id (its record names those it saw) is
-//! never it; of the imports booked apart, the first by (import time, node
-//! name) — every node sees the same records, so all agree on it. Every later node,
-//! once it sees the first's import record, reverses its own rows there: one
-//! count record per page of up to `ops::LINES_MAX` lines (`<id>.<loc>.undo<k>`,
-//! read like any count), plus a marker (`imp/<id>.<loc>.undone`), all in one
-//! operation. Run once per batch for the imports noted since
-//! (`Engine::settle_ownerless_imports`).
+//! units were added twice — and two nodes recording one delivery (one
+//! receipt id, the same lines) each added its units. As for transfers into
+//! such a location (booked only by the sending node), one node's booking
+//! stands: a booking made after another node's booking of the id (its record
+//! names those it saw) is never it; of the bookings made apart, the first by
+//! (time, node name) — every node sees the same records, so all agree on it.
+//! Every later node, once it sees the first's record, reverses its own rows
+//! there: one count record per page of up to `ops::LINES_MAX` lines
+//! (`<id>.<loc>.undo<k>`, read like any count), plus a marker
+//! (`imp/<id>.<loc>.undone`), all in one operation. Run once per batch for
+//! the ids noted since (`Engine::settle_ownerless_imports`).
+//!
+//! Imports and receipts share the index (`Views::imports`): an import under
+//! its id, a receipt under `rcv/<receipt_id>` (client ids have no `/`, so
+//! the two never meet), its reversal's records under `rcv~<receipt_id>`.
+//! Two receipts of one id are one delivery only with the same lines (per
+//! product); with other lines they are two operations that collided while
+//! apart, and both stand (CONTRACT v2).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,7 +39,15 @@ const IMPORT_PAGES_MAX: usize = 10_000;
 /// (a chain has far fewer nodes).
 pub const SEEN_MAX: usize = 256;
 
-/// What a node knows of one node's import of an id.
+/// Prefix of a receipt's key in the index (`Views::imports`).
+const RECEIPT_KEY: &str = "rcv/";
+
+/// The index key of receipt `id`.
+pub fn receipt_key(id: &str) -> String {
+    format!("{RECEIPT_KEY}{id}")
+}
+
+/// What a node knows of one node's import (or receipt) of an id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImportSeen {
     pub at_ms: u64,
@@ -40,6 +57,21 @@ pub struct ImportSeen {
     pub undone: BTreeSet<String>,
     /// Nodes whose import of the id this one was booked after.
     pub seen: BTreeSet<String>,
+    /// A receipt's units per product (empty for an import): receipts of one
+    /// id are one delivery only when these are equal.
+    pub lines: BTreeMap<u64, u64>,
+}
+
+/// Units per product of a record's `lines` (bounded: records come from peers).
+fn summed_lines(v: &serde_json::Value) -> BTreeMap<u64, u64> {
+    let mut out: BTreeMap<u64, u64> = BTreeMap::new();
+    for l in v["lines"].as_array().into_iter().flatten().take(LINES_MAX) {
+        let e = out
+            .entry(l["product_id"].as_u64().unwrap_or(0))
+            .or_default();
+        *e = e.saturating_add(l["quantity"].as_u64().unwrap_or(0));
+    }
+    out
 }
 
 impl Engine {
@@ -68,20 +100,57 @@ impl Engine {
                 .take(LINES_MAX)
                 .filter_map(|l| l["location"].as_str().map(str::to_string))
                 .collect();
-            e.seen = v["seen"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .take(SEEN_MAX)
-                .filter_map(|n| n.as_str().map(str::to_string))
-                .collect();
+            e.seen = seen_of(v);
         }
         self.views.imports_pending.insert(id.to_string());
     }
 
-    /// Reverses this node's rows of imports at locations no node owns where
-    /// another node's import of the same id came first.
+    /// Indexes a receipt record at a location no node owns (as far as this
+    /// node knows now; the settling checks again).
+    pub(crate) fn note_receipt(&mut self, v: &serde_json::Value) {
+        let (Some(id), Some(location)) = (v["receipt_id"].as_str(), v["location"].as_str()) else {
+            return;
+        };
+        if self.views.owner_of(location).is_some() {
+            return;
+        }
+        let node = v["node"].as_str().unwrap_or("").to_string();
+        let key = receipt_key(id);
+        let e = self
+            .views
+            .imports
+            .entry(key.clone())
+            .or_default()
+            .entry(node)
+            .or_default();
+        e.at_ms = v["at_ms"].as_u64().unwrap_or(0);
+        e.locations = BTreeSet::from([location.to_string()]);
+        e.lines = summed_lines(v);
+        e.seen = seen_of(v);
+        self.views.imports_pending.insert(key);
+    }
+
+    /// The other nodes' bookings of index key `key` this node has seen: a
+    /// booking made now comes after them (it is not the first, whatever the
+    /// clocks say).
+    pub(crate) fn bookings_seen(&self, key: &str) -> Vec<String> {
+        self.views
+            .imports
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter(|(n, s)| **n != self.cfg.name && s.at_ms != 0)
+            .map(|(n, _)| n.clone())
+            .take(SEEN_MAX)
+            .collect()
+    }
+
+    /// Reverses this node's rows of imports and receipts at locations no
+    /// node owns where another node's booking of the same id came first.
     pub fn settle_ownerless_imports(&mut self, now_ms: u64) {
+        if self.faults.skip_ownerless_settle {
+            return;
+        }
         let pending = std::mem::take(&mut self.views.imports_pending);
         let mut later = Vec::new();
         for id in pending {
@@ -96,13 +165,15 @@ impl Engine {
             }
             // Its records are read back from the documents: an import of this
             // very batch is not in them until the flush; the next batch does it.
-            if self
-                .own_record(RecordKind::Import, &id, mine.at_ms)
-                .is_none()
-            {
+            let receipt = id.strip_prefix(RECEIPT_KEY);
+            let own = match receipt {
+                Some(r) => self.own_record(RecordKind::Receipt, r, mine.at_ms),
+                None => self.own_record(RecordKind::Import, &id, mine.at_ms),
+            };
+            let Some(own) = own else {
                 later.push(id);
                 continue;
-            }
+            };
             let due: Vec<String> = mine
                 .locations
                 .iter()
@@ -116,6 +187,7 @@ impl Engine {
                     let at_l: Vec<(&String, &ImportSeen)> = all
                         .iter()
                         .filter(|(_, s)| s.at_ms != 0 && s.locations.contains(*l))
+                        .filter(|(_, s)| s.lines == mine.lines)
                         .collect();
                     let saw_other = |s: &ImportSeen| at_l.iter().any(|(n, _)| s.seen.contains(*n));
                     saw_other(mine)
@@ -130,8 +202,15 @@ impl Engine {
                 .collect();
             let at_ms = mine.at_ms;
             for l in due {
-                if let Err(e) = self.undo_import_at(&id, &l, at_ms, now_ms) {
-                    tracing::warn!(import = %id, location = %l, error = ?e, "import at an ownerless location not reversed");
+                let deltas = match receipt {
+                    Some(_) => summed_lines(&own)
+                        .into_iter()
+                        .map(|(p, q)| (p, i64::try_from(q).unwrap_or(i64::MAX)))
+                        .collect(),
+                    None => self.import_deltas(&id, &l, at_ms),
+                };
+                if let Err(e) = self.undo_booking_at(&id, &l, deltas, now_ms) {
+                    tracing::warn!(id = %id, location = %l, error = ?e, "booking at an ownerless location not reversed");
                 }
             }
         }
@@ -186,22 +265,22 @@ impl Engine {
         out
     }
 
-    /// Reverses this node's rows of import `id` at `location`, all or nothing.
-    fn undo_import_at(
+    /// Reverses `deltas` (product → units) that this node's booking `key`
+    /// (an import id, or a receipt's `rcv/<id>`) applied at `location`, all
+    /// or nothing.
+    fn undo_booking_at(
         &mut self,
-        id: &str,
+        key: &str,
         location: &str,
-        at_ms: u64,
+        deltas: BTreeMap<u64, i64>,
         now_ms: u64,
     ) -> Result<(), OpError> {
-        let deltas: Vec<(u64, i64)> = self
-            .import_deltas(id, location, at_ms)
-            .into_iter()
-            .filter(|(_, d)| *d != 0)
-            .collect();
+        let deltas: Vec<(u64, i64)> = deltas.into_iter().filter(|(_, d)| *d != 0).collect();
+        // Record ids have no `/`: a receipt's reversal is under `rcv~<id>`.
+        let base = key.replacen('/', "~", 1);
         self.atomically(|e| {
             for (k, page) in deltas.chunks(LINES_MAX).enumerate() {
-                let count_id = part_id(id, &format!(".{location}.undo{k}"));
+                let count_id = part_id(&base, &format!(".{location}.undo{k}"));
                 let mut lines = Vec::with_capacity(page.len());
                 for (p, d) in page {
                     // The opposite correction: from basis |d| to 0, or from 0 to |d|.
@@ -213,18 +292,35 @@ impl Engine {
                     let delta = e.count_line(&count_id, location, *p, counted, basis, now_ms)?;
                     lines.push(serde_json::json!({"product_id": p, "counted": counted, "basis": basis, "delta": delta}));
                 }
-                let rec = serde_json::json!({"count_id": count_id, "node": e.cfg.name, "location": location, "lines": lines, "undoes_import": id, "at_ms": now_ms});
+                let undoes = if key.starts_with(RECEIPT_KEY) {
+                    "undoes_receipt"
+                } else {
+                    "undoes_import"
+                };
+                let mut rec = serde_json::json!({"count_id": count_id, "node": e.cfg.name, "location": location, "lines": lines, "at_ms": now_ms});
+                rec[undoes] = key.trim_start_matches(RECEIPT_KEY).into();
                 e.write_record(RecordKind::Count, &count_id, rec, now_ms);
             }
-            let rec = serde_json::json!({"import_id": id, "node": e.cfg.name, "undoes": location, "at_ms": now_ms});
+            let rec = serde_json::json!({"import_id": key, "node": e.cfg.name, "undoes": location, "at_ms": now_ms});
             e.write_record(
                 RecordKind::Import,
-                &part_id(id, &format!(".{location}.undone")),
+                &part_id(&base, &format!(".{location}.undone")),
                 rec,
                 now_ms,
             );
-            tracing::info!(import = %id, location = %location, products = deltas.len(), "import at a location no node owns was booked first by another node: reversed here");
+            tracing::info!(id = %key, location = %location, products = deltas.len(), "booking at a location no node owns was made first by another node: reversed here");
             Ok(())
         })
     }
+}
+
+/// The other nodes' bookings a record names as seen (from peers: bounded).
+fn seen_of(v: &serde_json::Value) -> BTreeSet<String> {
+    v["seen"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(SEEN_MAX)
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect()
 }

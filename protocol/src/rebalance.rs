@@ -404,6 +404,12 @@ impl Engine {
             return Ok(());
         }
         self.bump(req.product_id, &req.location, LedgerField::Granted(to), q)?;
+        // Invariant (DESIGN §5.3): a grant answering a request gives at most
+        // the rights this node holds.
+        debug_assert!(
+            self.rights(req.product_id, &req.location) >= 0,
+            "invariant no-oversell: grant {grant_id} left negative rights"
+        );
         let to_name = self.views.name_of(to);
         let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": req.location, "product_id": req.product_id, "to": to_name, "to_tag": to.hex(), "quantity": q, "rebalance": true, "at_ms": now_ms});
         self.write_record(RecordKind::Grant, &grant_id, record, now_ms);
@@ -496,6 +502,12 @@ impl Engine {
                 if self.bump(p, &own, LedgerField::Granted(to), q).is_err() {
                     continue;
                 }
+                // Invariant (DESIGN §5.3): an allocation grants at most the
+                // rights this node holds.
+                debug_assert!(
+                    self.rights(p, &own) >= 0,
+                    "invariant no-oversell: allocation {grant_id} left negative rights"
+                );
                 let record = serde_json::json!({"grant_id": grant_id, "node": self.cfg.name, "location": own, "product_id": p, "to": rule.to, "to_tag": to.hex(), "quantity": q, "allocation": true, "at_ms": now_ms});
                 self.write_record(RecordKind::Grant, &grant_id, record, now_ms);
                 self.rebalancer.allocation_grants += 1;

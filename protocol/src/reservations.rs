@@ -133,6 +133,13 @@ impl Engine {
                 .unwrap_or(0);
             through.push(serde_json::json!([p, cell]));
         }
+        // Invariant (DESIGN §5.3): a reservation holds at most the rights
+        // this node had (checked above, per product over the summed lines).
+        debug_assert!(
+            lines.keys().all(|p| self.rights(*p, &r.location) >= 0),
+            "invariant no-oversell: reservation {} left negative rights",
+            r.reservation_id
+        );
         let lines_json: Vec<serde_json::Value> = lines
             .iter()
             .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))

@@ -622,16 +622,7 @@ impl Engine {
         }
         // The other nodes' imports of this id this one was booked after
         // (`imports.rs`: it is not the first, whatever the clocks say).
-        let seen: Vec<String> = self
-            .views
-            .imports
-            .get(&imp.import_id)
-            .into_iter()
-            .flatten()
-            .filter(|(n, s)| **n != self.cfg.name && s.at_ms != 0)
-            .map(|(n, _)| n.clone())
-            .take(crate::imports::SEEN_MAX)
-            .collect();
+        let seen = self.bookings_seen(&imp.import_id);
         let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "seen": seen, "at_ms": now_ms});
         self.write_record(RecordKind::Import, &imp.import_id, record, now_ms);
         Ok(Engine::reply(
@@ -649,7 +640,9 @@ impl Engine {
                 ids.iter()
                     .filter_map(|id| self.views.transfers.get(id))
                     .flat_map(|m| m.values())
-                    .filter(|t| !t.received && t.to == location)
+                    .filter(|t| {
+                        (!t.received || self.faults.received_in_transit) && t.to == location
+                    })
                     .map(|t| {
                         i64::try_from(t.sent.get(&product).copied().unwrap_or(0))
                             .unwrap_or(i64::MAX)
@@ -673,6 +666,7 @@ impl Engine {
                 self.note_reservation(kind, id, v)
             }
             RecordKind::Import => self.note_import(v),
+            RecordKind::Receipt => self.note_receipt(v),
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();

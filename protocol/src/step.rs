@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::engine::{Batch, Engine};
+use crate::engine::{Batch, Engine, Released};
 use crate::ids::NodeId;
 use crate::ops::{IdemRecord, Op, OpError, OpReply};
 use crate::rebalance::{AllocationRule, Submit};
@@ -272,9 +272,14 @@ impl<T> NodeLoop<T> {
         // Set when applying a peer's frame panicked: the engine's memory may
         // hold half a change, so nothing of this batch is committed.
         let mut poisoned: Option<(NodeId, String)> = None;
+        // Client keys of operations that succeeded in this step with no
+        // record in storage: their records must be in this step's batch.
+        let mut idem_due: Vec<String> = Vec::new();
         for input in inputs {
             match input {
-                Input::Op(op, token) => self.submit(store, op, token, now, &mut replies),
+                Input::Op(op, token) => {
+                    self.submit(store, op, token, now, &mut replies, &mut idem_due)
+                }
                 Input::Frame { .. } | Input::PeerUp { .. } | Input::PeerDown { .. }
                     if poisoned.is_some() =>
                 {
@@ -327,24 +332,43 @@ impl<T> NodeLoop<T> {
         self.engine.allocate(&self.cfg.allocation, now);
         self.engine.expire_reservations(now);
         self.engine.settle_ownerless_imports(now);
-        let mut batch = self.engine.flush(now);
-        // The engine drains its idempotency records from a hash map: sorted,
-        // the storage I/O sequence is the same on every run (the simulator).
-        batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
-        let seq_before = self.seq_max;
-        for (_, row) in batch.rows.iter_mut() {
-            self.seq_max += 1;
-            row.seq = self.seq_max;
-        }
-        if !batch.is_empty() {
-            if let Err(e) = store.commit(&batch) {
-                self.seq_max = seq_before;
-                return Step::Failed(self.fail(Failure::Storage(e), replies, disconnect));
+        let seq_max = &mut self.seq_max;
+        let persisted = self.engine.commit(now, |batch| {
+            // The engine drains its idempotency records from a hash map: sorted,
+            // the storage I/O sequence is the same on every run (the simulator).
+            batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
+            // Invariant (DESIGN §5.4, exactly once): an operation's idempotency
+            // record is committed in the same batch as its effects, so that a
+            // retry after a crash finds the record exactly when the effect is
+            // durable.
+            if cfg!(debug_assertions) {
+                let recorded: BTreeSet<&str> =
+                    batch.idem.iter().map(|(k, _)| k.as_str()).collect();
+                for k in &idem_due {
+                    debug_assert!(
+                        recorded.contains(k.as_str()),
+                        "invariant exactly-once: an operation succeeded without its idempotency record in its batch"
+                    );
+                }
             }
-        }
-        // Durable: from here on effects may leave the node.
-        self.engine.committed(now);
-        let frames = self.engine.take_outgoing();
+            // Rows are numbered for the change feed only if the batch commits.
+            let mut seq = *seq_max;
+            for (_, row) in batch.rows.iter_mut() {
+                seq += 1;
+                row.seq = seq;
+            }
+            if !batch.is_empty() {
+                store.commit(batch)?;
+            }
+            *seq_max = seq;
+            Ok(())
+        });
+        // `Engine::commit` released the frames only after `store.commit`
+        // returned `Ok`: from here on effects may leave the node.
+        let Released { batch, frames, .. } = match persisted {
+            Ok(r) => r,
+            Err(e) => return Step::Failed(self.fail(Failure::Storage(e), replies, disconnect)),
+        };
         let mut hello_digest = None;
         if !batch.is_empty() || self.hello_digest.is_none() {
             let d = self.engine.hello_digest();
@@ -391,6 +415,7 @@ impl<T> NodeLoop<T> {
         token: T,
         now: u64,
         replies: &mut Vec<Reply<T>>,
+        idem_due: &mut Vec<String>,
     ) {
         // The idempotency record is read first: a storage error must not look
         // like "never seen" and let a retry apply twice.
@@ -405,8 +430,19 @@ impl<T> NodeLoop<T> {
             None => None,
         };
         let idem = |_: &str| prior.clone();
+        // Only debug builds check the records (see `step`).
+        let key = if cfg!(debug_assertions) {
+            op.client_key()
+        } else {
+            None
+        };
         match self.engine.submit(op, now, self.cfg.deadline_ms, &idem) {
-            Submit::Done(r) => replies.push((token, r)),
+            Submit::Done(r) => {
+                if let (Ok(_), Some(k), None) = (&r, key, &prior) {
+                    idem_due.push(k);
+                }
+                replies.push((token, r))
+            }
             Submit::Parked(ticket) => {
                 // A new ticket replaces an orphan with the same number (an
                 // engine replaced since): that caller gets the shutdown answer.

@@ -365,6 +365,13 @@ impl TestMesh {
         frames.len()
     }
 
+    /// Takes node `i`'s frames for peers without committing its open batch,
+    /// for sans-IO tests of what those frames carry (a node never does this:
+    /// `Engine::commit` releases frames only once the batch is durable).
+    pub fn take_frames_of_open_batch(&mut self, i: usize) -> Vec<(NodeId, Vec<u8>)> {
+        self.nodes[i].engine.take_outgoing()
+    }
+
     /// Delivers everything until no frame is in flight (bounded).
     pub fn settle(&mut self) -> usize {
         let mut total = 0;

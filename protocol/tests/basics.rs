@@ -2,21 +2,10 @@
 //! documents and the real sync protocol, no persistence.
 
 use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::{self, sale, TestMesh};
+use storemesh_protocol::testkit::{self, grant, sale, TestMesh};
 
 fn receipt(id: &str, loc: &str, p: u64, q: u64) -> Op {
     testkit::receipt(id, loc, &[(p, q)])
-}
-
-fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
-    Op::Grant(Grant {
-        grant_id: id.into(),
-        product_id: p,
-        location: loc.into(),
-        to: to.into(),
-        quantity: q,
-        ..Default::default()
-    })
 }
 
 #[test]
@@ -287,7 +276,7 @@ fn a_frame_inside_an_open_batch_keeps_the_batch_s_own_writes() {
     for _ in 0..4 {
         m.deliver_into_open_batch(1, 0);
         // node 0's replies go out without its batch committing (sans-IO test only).
-        for (peer, f) in m.nodes[0].engine.take_outgoing() {
+        for (peer, f) in m.take_frames_of_open_batch(0) {
             assert_eq!(peer, m.id(1));
             let (now, id0) = (m.now_ms, m.id(0));
             m.nodes[1].engine.receive(id0, &f[4..], now).unwrap();

@@ -378,3 +378,90 @@ fn an_import_at_an_ownerless_location_is_counted_once() {
         10
     );
 }
+
+fn declare(loc: &str) -> Op {
+    Op::DeclareLocation(DeclareLocation {
+        location: loc.into(),
+        ..Default::default()
+    })
+}
+
+/// Finding 3, receipts: two nodes recording one delivery (the same receipt
+/// id and lines) into a location no node owns while apart each added its
+/// units. It is booked once, by the first; the other reverses its rows when
+/// it sees the first's record. A node recording it again after seeing the
+/// first's record reverses too; a receipt id used for two different
+/// deliveries (other lines) while apart is a collision: both stand.
+#[test]
+fn a_receipt_at_an_ownerless_location_is_counted_once() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    assert_eq!(m.execute(0, declare("wh")).unwrap().status, 201);
+    m.commit(0);
+    m.settle();
+    for a in 0..3 {
+        for b in a + 1..3 {
+            m.disconnect(a, b);
+        }
+    }
+    // Nodes 1 and 2 record the same delivery while apart.
+    for i in [1, 2] {
+        let r = testkit::receipt("d-1", "wh", &[(7, 10), (8, 4), (7, 1)]);
+        assert_eq!(m.execute(i, r).unwrap().status, 201);
+        m.commit(i);
+    }
+    // Nodes 0 and 1 use one id for two different deliveries.
+    let r = testkit::receipt("d-2", "wh", &[(9, 5)]);
+    assert_eq!(m.execute(0, r).unwrap().status, 201);
+    m.commit(0);
+    let r = testkit::receipt("d-2", "wh", &[(9, 3)]);
+    assert_eq!(m.execute(1, r).unwrap().status, 201);
+    m.commit(1);
+    m.full_mesh();
+    m.settle();
+    // Node 0 records d-1 too, having seen the others' records.
+    let r = testkit::receipt("d-1", "wh", &[(7, 11), (8, 4)]);
+    assert_eq!(m.execute(0, r).unwrap().status, 201);
+    m.commit(0);
+    m.settle();
+    // Once more: the reversals are booked and travel.
+    for i in 0..3 {
+        m.commit(i);
+    }
+    m.settle();
+    for i in 0..3 {
+        let e = &m.nodes[i].engine;
+        let at = |p: u64| e.totals(p, Some("wh")).map(|t| t.0).unwrap_or(0);
+        assert_eq!(at(7), 11, "node {i}: one delivery, counted once");
+        assert_eq!(at(8), 4, "node {i}");
+        assert_eq!(at(9), 8, "node {i}: two deliveries under one id, both");
+    }
+    // The first's units stay its own; the others hold nothing there.
+    assert_eq!(m.nodes[1].engine.rights(7, "wh"), 11);
+    assert_eq!(m.nodes[2].engine.rights(7, "wh"), 0);
+    assert_eq!(m.nodes[0].engine.rights(7, "wh"), 0);
+    // A retry of a receipt or of a reversal adds nothing.
+    let r = testkit::receipt("d-1", "wh", &[(7, 10), (8, 4), (7, 1)]);
+    m.execute(2, r).unwrap();
+    for i in 0..3 {
+        m.commit(i);
+    }
+    m.settle();
+    for i in 0..3 {
+        let e = &m.nodes[i].engine;
+        assert_eq!(e.totals(7, Some("wh")).unwrap().0, 11, "node {i}");
+    }
+    // A receipt at a node's own location is untouched by all this.
+    for i in [1, 2] {
+        let r = testkit::receipt("d-3", &format!("loc{i}"), &[(7, 2)]);
+        assert_eq!(m.execute(i, r).unwrap().status, 201);
+        m.commit(i);
+    }
+    m.settle();
+    for i in 0..3 {
+        let e = &m.nodes[i].engine;
+        assert_eq!(e.totals(7, Some("loc1")).unwrap().0, 2, "node {i}");
+        assert_eq!(e.totals(7, Some("loc2")).unwrap().0, 2, "node {i}");
+    }
+}

@@ -3,21 +3,9 @@
 //! carries its own cells forward; a node cut off while the owner cut many
 //! times comes back and every one of its sales counts exactly.
 
-use storemesh_protocol::ops::*;
-use storemesh_protocol::testkit::{self, TestMesh};
+use storemesh_protocol::testkit::{self, grant, TestMesh};
 
 const P: u64 = 7;
-
-fn grant(id: &str, p: u64, loc: &str, to: &str, q: u64) -> Op {
-    Op::Grant(Grant {
-        grant_id: id.into(),
-        product_id: p,
-        location: loc.into(),
-        to: to.into(),
-        quantity: q,
-        ..Default::default()
-    })
-}
 
 /// Three nodes in a full mesh, epochs cut after `ops` operations; the owner
 /// (node 0) received 1,000 units of `P` at loc0 and granted `q` to `to`.

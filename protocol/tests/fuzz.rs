@@ -121,3 +121,25 @@ fn a_change_naming_an_unknown_actor_is_refused() {
     // Before the fix this panicked; the harness's own catch is not involved.
     fuzz::Harness::new().exec("change", &input);
 }
+
+/// Found by the coverage-guided `change` target (seed 7, 2.8 million
+/// executions): a change whose put named an op of another key as the value
+/// it overwrites passed validation and was applied; the document could then
+/// no longer be saved (Automerge's change collector asserts,
+/// `collector.rs:299`), so the next commit panicked. It is refused now.
+#[test]
+fn a_change_overwriting_an_op_of_another_key_is_refused() {
+    let input = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/change/crash-pred-of-another-key"),
+    )
+    .unwrap();
+    let mut h = fuzz::Harness::new();
+    let before = h.mesh.nodes[0].engine.stats.rejected_messages;
+    // Before the fix this panicked in the commit after the push.
+    h.exec("change", &input);
+    assert!(
+        h.mesh.nodes[0].engine.stats.rejected_messages > before,
+        "the change was refused"
+    );
+}

@@ -30,25 +30,44 @@ impl Mesh {
         links: &[(usize, usize)],
         tweak: impl Fn(usize, &mut Config),
     ) -> Mesh {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dirs = make_mesh(tmp.path(), nodes, links).expect("mesh config");
-        for (i, (dir, _)) in dirs.iter().enumerate() {
-            let mut cfg = Config::load(dir).expect("config written by make_mesh");
-            tweak(i, &mut cfg);
-            cfg.save(dir).expect("config saved");
-        }
-        let mut handles = Vec::new();
-        let mut clients = Vec::new();
-        for (dir, token) in &dirs {
-            let h = NodeHandle::start(dir).await.expect("node starts");
-            clients.push(Client::new(h.http_addr, token));
-            handles.push(Some(h));
-        }
-        Mesh {
-            tmp,
-            dirs,
-            nodes: handles,
-            clients,
+        // `make_mesh` picks free ports before the nodes bind them; another
+        // process may take one in between (seen while benchmarks ran beside
+        // the tests). The mesh is then made again on fresh ports.
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 0;
+        'mesh: loop {
+            attempt += 1;
+            let tmp = tempfile::tempdir().expect("temp dir");
+            let dirs = make_mesh(tmp.path(), nodes, links).expect("mesh config");
+            for (i, (dir, _)) in dirs.iter().enumerate() {
+                let mut cfg = Config::load(dir).expect("config written by make_mesh");
+                tweak(i, &mut cfg);
+                cfg.save(dir).expect("config saved");
+            }
+            let mut handles = Vec::new();
+            let mut clients = Vec::new();
+            for (dir, token) in &dirs {
+                match NodeHandle::start(dir).await {
+                    Ok(h) => {
+                        clients.push(Client::new(h.http_addr, token));
+                        handles.push(Some(h));
+                    }
+                    Err(e) if attempt < ATTEMPTS && format!("{e:#}").contains("address in use") => {
+                        eprintln!("mesh start: {e:#}; making the mesh again on other ports");
+                        for h in handles.into_iter().flatten() {
+                            h.shutdown().await;
+                        }
+                        continue 'mesh;
+                    }
+                    Err(e) => panic!("node starts: {e:?}"),
+                }
+            }
+            return Mesh {
+                tmp,
+                dirs,
+                nodes: handles,
+                clients,
+            };
         }
     }
 

@@ -35,9 +35,8 @@ const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 const STOCK: u64 = 1_000;
 
 fn flush(e: &mut Engine, now: u64) {
-    let _ = e.flush(now);
-    e.committed(now);
-    let _ = e.take_outgoing();
+    // Nothing is persisted here: the figures are of memory and documents.
+    let _ = e.commit(now, |_| Ok::<(), std::convert::Infallible>(()));
 }
 
 /// Documents by id with their `save()` bytes.
@@ -271,8 +270,17 @@ pub async fn run(mode: Mode) -> Result<Section> {
     let tmp = tempfile::Builder::new()
         .prefix("storemesh-bench-scale-")
         .tempdir()?;
+    // With `STOREMESH_BENCH_KEEP=1` the data directories and node logs stay.
+    let (_tmp, root) = if std::env::var_os("STOREMESH_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("  scale row: keeping {}", kept.display());
+        (None, kept)
+    } else {
+        let p = tmp.path().to_path_buf();
+        (Some(tmp), p)
+    };
     let dirs = make_mesh(
-        tmp.path(),
+        &root,
         &[
             ("hq", Role::Store, Policy::Strict),
             ("fresh", Role::Store, Policy::Strict),

@@ -11,6 +11,21 @@ use super::{
 use crate::ids::NodeId;
 use crate::layout::{self, CustomerKey, DocId};
 
+/// What [`Engine::commit`] releases once its batch is durable.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Released {
+    /// The batch as it was persisted.
+    pub batch: Batch,
+    /// Frames for peers (length-prefixed, as the transport writes them), in order.
+    pub frames: Vec<(NodeId, Vec<u8>)>,
+}
+
+/// Documents up to which a debug build compares every document's heads with
+/// its persisted heads after each flush (a scan of all of them: bounded so
+/// that tests with many documents stay fast).
+const DEBUG_HEADS_SCAN_DOCS_MAX: usize = 4096;
+
 impl Engine {
     /// Commits the pending writes of every document as one Automerge change per
     /// document and returns everything the shell must persist atomically.
@@ -121,9 +136,33 @@ impl Engine {
             self.digest.toggle(&id, old);
             self.digest.toggle(&id, part);
             self.changed_docs.insert(id, push);
+            self.awaiting_commit = true;
+        }
+        // Invariant (DESIGN §5.2, nothing is lost between memory and disk):
+        // after a flush every document's persisted heads equal its heads — a
+        // change merged or written without marking its document dirty would
+        // stay out of the batch and be lost at the next restart. A scan of
+        // every document, so only up to `DEBUG_HEADS_SCAN_DOCS_MAX` of them.
+        if cfg!(debug_assertions) && self.docs.len() <= DEBUG_HEADS_SCAN_DOCS_MAX {
+            for (id, slot) in &self.docs {
+                debug_assert!(
+                    slot.doc.heads() == slot.persisted,
+                    "invariant persisted-heads: {id} has changes no batch holds after a flush"
+                );
+            }
         }
         self.flush_part_indexes(&mut batch);
         for (p, l) in std::mem::take(&mut self.pending_rows) {
+            // Invariant (DESIGN §5.5, views are true): for every row this
+            // batch touched, the rights of all holders sum to what is on
+            // hand (grants move rights between holders, never create them).
+            debug_assert!(
+                self.views.entry(p, &l).is_none_or(|e| {
+                    let sum: i128 = e.rights_by_node().values().map(|v| i128::from(*v)).sum();
+                    sum == i128::from(e.on_hand())
+                }),
+                "invariant rights-sum: Σ rights ≠ on hand for product {p} at {l}"
+            );
             let row = self.row(p, &l);
             batch.rows.push(((p, l), row));
         }
@@ -136,14 +175,54 @@ impl Engine {
         batch
     }
 
-    /// The batch returned by the last `flush` is durable: release the pushes to peers.
-    pub fn committed(&mut self, now_ms: u64) {
+    /// The whole commit sequence, in the only order that is safe: flush,
+    /// hand the batch to `persist` (which may still number or sort it, and
+    /// returns `Ok` only once it is durable), then release the pushes to
+    /// peers and return them with the batch. On `Err` nothing is released:
+    /// the engine's memory is ahead of the disk, and the caller reopens the
+    /// engine from its store (as `step::NodeLoop::step` does).
+    pub fn commit<E>(
+        &mut self,
+        now_ms: u64,
+        persist: impl FnOnce(&mut Batch) -> Result<(), E>,
+    ) -> Result<Released, E> {
+        let mut batch = self.flush(now_ms);
+        persist(&mut batch)?;
+        // Invariant (DESIGN §5.2): the heads the batch persisted for each
+        // document are the document's heads in memory (what peers will be
+        // told this node has is what is on disk).
+        if cfg!(debug_assertions) {
+            for (id, heads) in &batch.heads {
+                let held = self.docs.get(id).map(|s| hex_heads(&s.doc.heads()));
+                debug_assert!(
+                    held.as_ref() == Some(heads),
+                    "invariant persisted-heads: committed heads of {id} differ from the document's"
+                );
+            }
+        }
+        self.committed(now_ms);
+        let frames = self.take_outgoing();
+        Ok(Released { batch, frames })
+    }
+
+    /// The batch returned by the last `flush` is durable: release the pushes
+    /// to peers. Only through `commit` (or the in-memory test mesh).
+    pub(crate) fn committed(&mut self, now_ms: u64) {
+        self.awaiting_commit = false;
         let changed = std::mem::take(&mut self.changed_docs);
         self.push_docs(changed, now_ms);
         self.push_sources.clear();
     }
 
-    pub fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
+    /// The frames queued for peers. Only after `committed`: a frame may carry
+    /// the changes of the last flush, which must be durable before a peer
+    /// can hold them.
+    pub(crate) fn take_outgoing(&mut self) -> Vec<(NodeId, Vec<u8>)> {
+        // Invariant (DESIGN §5.2, nothing leaves the node before its commit).
+        debug_assert!(
+            !self.awaiting_commit,
+            "invariant push-after-commit: frames taken between a flush and its commit"
+        );
         std::mem::take(&mut self.outbox)
     }
 

@@ -48,8 +48,20 @@ impl Engine {
         }
         let puts = std::mem::take(&mut slot.puts);
         let dels = std::mem::take(&mut slot.dels);
+        let is_ledger = matches!(slot.id, DocId::Ledger { .. });
         let mut tx = slot.doc.transaction();
         for (k, v) in puts {
+            // Invariant (DESIGN §5.6, owned cells are cumulative): a ledger
+            // cell this node writes never goes down. A lower value would be
+            // refused by every peer (`validate::check_op`), blocking the
+            // replication of the whole document; the simulator's
+            // "owned-cells" checker sees it only after the commit.
+            if cfg!(debug_assertions) && is_ledger {
+                debug_assert!(
+                    own_cell_not_lowered(&tx, self.actor, &k, &v),
+                    "invariant owned-cells: {id} cell {k:?} would go down to {v:?}"
+                );
+            }
             if let Err(e) = tx.put(ROOT, k, v) {
                 tracing::error!(doc = %id, error = %e, "document put failed");
             }
@@ -59,9 +71,29 @@ impl Engine {
                 let _ = tx.delete(ROOT, k);
             }
         }
-        let hash = tx
-            .commit_with(CommitOptions::default().with_time((now_ms / 1000) as i64))
-            .0;
+        let (hash, _) = tx.commit_with(CommitOptions::default().with_time((now_ms / 1000) as i64));
+        // Invariant (no change of ours blocks its own replication): the
+        // change this node just wrote passes the per-op validation a peer
+        // applies on receipt. Operations are checked before they commit
+        // (`check_op_writes`); this also covers engine-internal writes
+        // (deficits, carried cells, scrubbing). Skipped under the planted
+        // faults that break it on purpose for the simulator's checkers.
+        if cfg!(debug_assertions)
+            && !self.faults.unchecked_large_records
+            && !self.faults.grant_in_other_bucket
+        {
+            if let Some(change) = hash.and_then(|h| slot.doc.get_change_by_hash(&h)) {
+                let checked = crate::validate::check_changes_as_peer(
+                    &slot.id,
+                    std::slice::from_ref(&change),
+                    self.cfg.buckets,
+                );
+                debug_assert!(
+                    checked.is_ok(),
+                    "invariant peer-validation: {id} got a change of ours that peers refuse: {checked:?}"
+                );
+            }
+        }
         self.note_own_change(id, hash);
         self.dirty_docs.insert(id.to_string());
         self.push_sources.entry(id.to_string()).or_default().local = true;
@@ -304,4 +336,28 @@ impl Engine {
             },
         );
     }
+}
+
+/// Whether writing `value` under `key` leaves an own live ledger cell at
+/// least as high as the document holds it (other keys: always true).
+fn own_cell_not_lowered(
+    doc: &impl ReadDoc,
+    actor: crate::ids::ActorKey,
+    key: &str,
+    value: &ScalarValue,
+) -> bool {
+    let Ok((_, writer, _)) = crate::layout::parse_ledger_key(key) else {
+        return true;
+    };
+    if writer != actor {
+        return true;
+    }
+    let old = match doc.get(ROOT, key) {
+        Ok(Some((automerge::Value::Scalar(v), _))) => match v.as_ref() {
+            ScalarValue::Uint(u) => *u,
+            _ => return true,
+        },
+        _ => return true,
+    };
+    matches!(value, ScalarValue::Uint(new) if *new >= old)
 }

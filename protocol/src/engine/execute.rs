@@ -271,6 +271,21 @@ impl Engine {
             self.bump(*p, &location, LedgerField::Removed, *q)?;
             units += q;
         }
+        // Invariant (DESIGN §5.3, no oversell): a sale that neither the
+        // location's relaxed policy nor `override` allows to overdraw leaves
+        // this node's rights at the location at zero or above, per product
+        // (checked over the summed lines, against this batch's overlay).
+        // The planted faults that break it are the simulator checker's proof.
+        if !relaxed && !self.faults.skip_rights_check && !self.faults.per_line_check {
+            for p in lines.keys() {
+                debug_assert!(
+                    self.rights(*p, &location) >= 0,
+                    "invariant no-oversell: sale {} left rights of product {p} at {location} at {}",
+                    s.sale_id,
+                    self.rights(*p, &location)
+                );
+            }
+        }
         // Money in minor units: a line's own total if the till gave one, else
         // unit price × quantity − discount + tax; the sale's total if given,
         // else the lines' minus the sale's discount plus its tax.
@@ -357,7 +372,12 @@ impl Engine {
         for (p, q) in &lines {
             self.bump(*p, &r.location, LedgerField::Received, *q)?;
         }
-        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "at_ms": now_ms});
+        // At a location no node owns, one delivery recorded by several nodes
+        // is booked once (`imports.rs`): the record names the other nodes'
+        // receipts of this id this one was booked after.
+        let seen = (r.location != self.cfg.location && self.views.owner_of(&r.location).is_none())
+            .then(|| self.bookings_seen(&crate::imports::receipt_key(&r.receipt_id)));
+        let record = serde_json::json!({"receipt_id": r.receipt_id, "node": self.cfg.name, "location": r.location, "lines": r.lines, "supplier": r.supplier, "purchase_order_id": r.purchase_order_id, "occurred_at": r.occurred_at, "register_id": r.register_id, "staff_id": r.staff_id, "seen": seen, "at_ms": now_ms});
         self.write_record(RecordKind::Receipt, &r.receipt_id, record, now_ms);
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Self::reply(
@@ -505,6 +525,13 @@ impl Engine {
             LedgerField::Granted(to),
             g.quantity,
         )?;
+        // Invariant (DESIGN §5.3): a grant never gives away more rights than
+        // this node holds (grants are strict, whatever the policy).
+        debug_assert!(
+            self.faults.skip_rights_check || self.rights(g.product_id, &g.location) >= 0,
+            "invariant no-oversell: grant {} left negative rights",
+            g.grant_id
+        );
         let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "to_tag": to.hex(), "quantity": g.quantity, "occurred_at": g.occurred_at, "register_id": g.register_id, "staff_id": g.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Grant, &g.grant_id, record, now_ms);
         Ok(Self::reply(

@@ -24,10 +24,14 @@ mod deficits;
 mod docs;
 mod execute;
 mod inspect;
+#[cfg(all(test, debug_assertions))]
+mod invariant_tests;
 mod nodes;
 mod open;
 mod recompute;
 mod rows;
+
+pub use commit::Released;
 
 /// Drops null members, recursively. A record travels to every node and stays in
 /// every history; an absent member reads as null (`value.get(..)` is `None`,
@@ -105,6 +109,17 @@ pub struct Faults {
     /// Count pages carry a record over the size a peer accepts, and the
     /// engine does not check its writes with a peer's validation.
     pub unchecked_large_records: bool,
+    /// A received transfer still counts as in transit to its destination.
+    pub received_in_transit: bool,
+    /// A count records the node's whole negative balance as a deficit at
+    /// every count (v1), not the shortfall its own line causes.
+    pub deficit_whole_balance: bool,
+    /// Bookings at a location no node owns are never reversed: two nodes
+    /// recording one delivery or import both keep it.
+    pub skip_ownerless_settle: bool,
+    /// A sale id another node used too is not listed as a collision: the
+    /// newer sale hides the other from lookups and returns.
+    pub unlisted_sale_collisions: bool,
 }
 
 /// One document write of a batch.
@@ -234,6 +249,9 @@ pub struct Engine {
     pub(crate) digest: Digest,
     pub(crate) sessions: BTreeMap<NodeId, PeerSession>,
     pub(crate) outbox: Vec<(NodeId, Vec<u8>)>,
+    /// Set by a `flush` that wrote documents, cleared by `committed`: while
+    /// set, nothing may be taken for peers (`take_outgoing` asserts it).
+    pub(crate) awaiting_commit: bool,
     /// Documents whose heads changed in the last flush, with the raw changes
     /// since their previous persisted heads (empty: no peer was connected, or too large to push; such a
     /// document is offered through sync sessions instead).
@@ -407,6 +425,7 @@ impl Engine {
             digest: Digest::default(),
             sessions: BTreeMap::new(),
             outbox: Vec::new(),
+            awaiting_commit: false,
             changed_docs: BTreeMap::new(),
             push_sources: BTreeMap::new(),
             catchup: crate::sync::Catchup::default(),

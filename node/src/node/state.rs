@@ -1,0 +1,127 @@
+//! What the node shares between the engine thread and HTTP: committed read
+//! state, peer figures, metrics, and the command channel to the engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use storemesh_protocol::engine::Engine;
+use storemesh_protocol::ids::NodeId;
+use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_protocol::views::StockRow;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{now_ms, Cmd, Query};
+use crate::config::Config;
+
+/// What HTTP readers see: committed state only.
+#[derive(Default)]
+pub struct ReadState {
+    pub rows: HashMap<u64, BTreeMap<String, StockRow>>,
+    /// location → (owner node name, policy, IANA time zone).
+    pub locations: BTreeMap<String, (String, String, String)>,
+    /// location → unix ms this node last heard from that location's node.
+    pub last_heard: BTreeMap<String, u64>,
+    pub synced: bool,
+    pub ready: bool,
+    pub as_of_ms: u64,
+    /// Change feed: node-local sequence → (product, location) whose latest change it is.
+    pub by_seq: BTreeMap<u64, (u64, String)>,
+    pub seq_max: u64,
+}
+
+/// Per-peer figures for `/api/peers` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStatus {
+    pub connected: bool,
+    pub synced: bool,
+    pub last_sync_ms: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub ops_ok: AtomicU64,
+    pub ops_refused: AtomicU64,
+    pub sync_messages_in: AtomicU64,
+    pub sync_messages_out: AtomicU64,
+    pub sync_bytes_in: AtomicU64,
+    pub sync_bytes_out: AtomicU64,
+    /// `sync_bytes_out` by message kind (`storemesh_protocol::sync::MSG_KINDS`).
+    pub sync_bytes_out_by_kind: [AtomicU64; storemesh_protocol::sync::MSG_KINDS.len()],
+    pub rejected_messages: AtomicU64,
+    pub forks_detected: AtomicU64,
+    pub epochs_started: AtomicU64,
+    pub epochs_joined: AtomicU64,
+    pub cold_parts: AtomicU64,
+    /// Batch certificates held in memory, their bytes, and signatures checked.
+    pub certs_held: AtomicU64,
+    pub certs_held_bytes: AtomicU64,
+    pub certs_verified: AtomicU64,
+    pub cold_part_bytes: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_us_total: AtomicU64,
+    pub commit_us_last: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub batch_ops_last: AtomicU64,
+    pub rebalance_requests: AtomicU64,
+    pub rebalance_grants: AtomicU64,
+    pub allocation_grants: AtomicU64,
+}
+
+pub struct Shared {
+    pub cfg: Config,
+    pub node_id: NodeId,
+    pub read: RwLock<ReadState>,
+    pub peers: RwLock<BTreeMap<NodeId, PeerStatus>>,
+    pub cmd: mpsc::Sender<Cmd>,
+    pub metrics: Metrics,
+    pub shutting_down: AtomicBool,
+    /// Live change events for `GET /api/inventory/stream` (committed rows).
+    pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
+    /// Status of the `[[webhooks]]` (cursor, lag, last error).
+    pub webhooks: crate::webhooks::Registry,
+    /// What the HTTP accept loop counts (`crate::http`).
+    pub http: Arc<crate::http::HttpStats>,
+    /// Set when the engine caught a fault it could not apply (a panic on a
+    /// peer's input): `/healthz` then answers `"status":"degraded"` with it.
+    pub fault: RwLock<Option<String>>,
+    /// Peer input refused, by reason (`storemesh_rejected_changes_total`).
+    pub rejected: RwLock<BTreeMap<String, u64>>,
+}
+
+impl Shared {
+    /// This node's clock: the host clock plus the configured `clock_offset_ms`.
+    pub fn now_ms(&self) -> u64 {
+        now_ms().saturating_add_signed(self.cfg.clock_offset_ms)
+    }
+
+    /// Runs an operation through the engine thread; answered after its commit.
+    pub async fn execute(&self, op: Op) -> Result<OpReply, OpError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(OpError::Unavailable("the node is shutting down".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Op(op, tx))
+            .await
+            .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?;
+        rx.await
+            .map_err(|_| OpError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// Runs a read-only closure on the engine thread between batches.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let q: Query = Box::new(move |e| {
+            let _ = tx.send(f(e));
+        });
+        self.cmd.send(Cmd::Query(q)).await.ok()?;
+        rx.await.ok()
+    }
+}
