@@ -735,6 +735,41 @@ impl Engine {
         }
     }
 
+    /// This engine replaces `old`, reopened from storage after a failed
+    /// commit while the connections stay up (`NodeLoop::replace_engine`).
+    /// Peers send a certificate, and an introduction, once per connection:
+    /// they will not send again what `old` received over those connections.
+    /// So the certificates `old` held ahead of their changes move here (they
+    /// are verified when a change needs them, as on receipt), and so do the
+    /// introductions it verified (stored with the next batch: the failed one
+    /// may have held them).
+    pub(crate) fn adopt_received_certs(&mut self, old: &mut Engine) {
+        if self.signing.is_none() {
+            return;
+        }
+        let mut pending: Vec<PendingCert> = std::mem::take(&mut old.certs.pending)
+            .into_values()
+            .collect();
+        // Oldest first, so that a bounded book keeps the newest.
+        pending.sort_by_key(|p| p.at_flush);
+        for p in pending {
+            self.certs.hold_pending(p.cert);
+        }
+        let own = self.cfg.node_id;
+        for (member, list) in std::mem::take(&mut old.certs.intros) {
+            for (by, intro) in list {
+                if by == own {
+                    // Made again from the configuration at every start.
+                    continue;
+                }
+                if self.certs.add_intro(by, intro.clone()) {
+                    self.members.add_introduction(by, member);
+                    self.certs.unsaved_intros.push(intro);
+                }
+            }
+        }
+    }
+
     /// A peer's connection is up: introductions go to it again.
     pub(crate) fn certs_peer_up(&mut self, peer: NodeId) {
         self.certs.intro_sent.retain(|(p, _)| *p != peer);

@@ -452,3 +452,153 @@ fn a_sync_reply_with_this_batch_s_own_changes_carries_their_certificate() {
         m.nodes[1].engine.totals(5, Some("loc0")).map(|t| t.0)
     );
 }
+
+// ---- an engine reopened under live connections (seed 147) ----
+
+use storemesh_protocol::engine::{Batch, Engine};
+use storemesh_protocol::ops::IdemRecord;
+use storemesh_protocol::step::{Input, LoopConfig, NodeLoop, Step, Storage, StorageError};
+
+/// The step's storage, in memory; `fail_commit` makes the next commits fail
+/// (the driver then reopens the engine, keeping its connections).
+#[derive(Default)]
+struct MemStorage {
+    idem: std::collections::BTreeMap<String, IdemRecord>,
+    fail_commit: bool,
+}
+
+impl Storage for MemStorage {
+    fn idem(&mut self, key: &str) -> Result<Option<IdemRecord>, StorageError> {
+        Ok(self.idem.get(key).cloned())
+    }
+
+    fn sync_states(&mut self, _peer: &NodeId) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StorageError> {
+        if self.fail_commit {
+            return Err(StorageError("disk full".into()));
+        }
+        for (k, r) in &batch.idem {
+            self.idem.insert(k.clone(), r.clone());
+        }
+        Ok(())
+    }
+}
+
+/// A signing engine of node `i` with the other of nodes 0 and 1 configured.
+fn signed_engine(i: usize, incarnation: u8) -> Engine {
+    let mut e = Engine::new(testkit::config(i, BUCKETS), [incarnation; 4]);
+    testkit::sign(&mut e);
+    let j = 1 - i;
+    e.add_configured_peer(&format!("n{j}"), testkit::node_id(j));
+    e.finish_open();
+    e
+}
+
+/// Runs one step; the frames it released, or `None` if its commit failed.
+fn step(
+    node: &mut NodeLoop<u32>,
+    store: &mut MemStorage,
+    inputs: Vec<Input<u32>>,
+    now: u64,
+) -> Option<Vec<Vec<u8>>> {
+    match node.step(store, inputs, now) {
+        Step::Committed(c) => Some(c.frames.into_iter().map(|(_, f)| f).collect()),
+        Step::Failed(_) => None,
+    }
+}
+
+fn frames_in(from: usize, frames: Vec<Vec<u8>>) -> Vec<Input<u32>> {
+    frames
+        .into_iter()
+        .map(|f| Input::Frame {
+            peer: testkit::node_id(from),
+            conn: 1,
+            body: f[4..].to_vec(),
+        })
+        .collect()
+}
+
+/// A node whose commit failed reopens its engine from storage and keeps its
+/// connections (`NodeLoop::replace_engine`, as the node and the simulator
+/// do). Its peer does not know: it sent the certificate of its batch over
+/// that connection once and re-offers the changes without it. Before the
+/// fix, the reopened engine had lost the certificate (held in memory ahead
+/// of its changes) and refused the peer's honest changes as
+/// `bad_signature` (simulator seed 147, invariant `authorship`).
+#[test]
+fn an_engine_reopened_under_live_connections_keeps_what_peers_sent_over_them() {
+    let mut stores = [MemStorage::default(), MemStorage::default()];
+    let mut nodes: Vec<NodeLoop<u32>> = (0..2)
+        .map(|i| NodeLoop::new(signed_engine(i, 1), LoopConfig::default(), 0))
+        .collect();
+    let mut now = 1_795_773_600_000u64;
+    let mut inbox: [Vec<Input<u32>>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..2 {
+        inbox[i].push(Input::PeerUp {
+            peer: testkit::node_id(1 - i),
+            conn: 1,
+            digest: None,
+        });
+    }
+    // Node 0 writes; node 1 takes in the certificate and the changes in a
+    // batch whose commit fails, then reopens and syncs over the same link.
+    inbox[0].push(Input::Op(
+        testkit::receipt("r1", "loc0", &[(5, 10), (6, 3)]),
+        1,
+    ));
+    let mut failed_once = false;
+    for _round in 0..200 {
+        if inbox.iter().all(Vec::is_empty) {
+            break;
+        }
+        for i in 0..2 {
+            now += 5;
+            let inputs = std::mem::take(&mut inbox[i]);
+            let carries_certs = i == 1
+                && inputs.iter().any(|x| {
+                    matches!(x, Input::Frame { body, .. }
+                        if storemesh_protocol::wire::decode_frame::<Msg>(body)
+                            .is_ok_and(|m| matches!(m, Msg::Certs { .. })))
+                });
+            if carries_certs && !failed_once {
+                failed_once = true;
+                stores[1].fail_commit = true;
+            }
+            match step(&mut nodes[i], &mut stores[i], inputs, now) {
+                Some(out) => inbox[1 - i].extend(frames_in(i, out)),
+                None => {
+                    stores[i].fail_commit = false;
+                    nodes[i].replace_engine(signed_engine(i, 2), &mut stores[i], now);
+                    // The reopened engine's session start goes out with its next step.
+                    if let Some(out) = step(&mut nodes[i], &mut stores[i], Vec::new(), now) {
+                        inbox[1 - i].extend(frames_in(i, out));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failed_once,
+        "the test must fail a commit that took in certificates"
+    );
+    let refused = nodes[1].rejected();
+    assert_eq!(
+        refused.get("bad_signature").copied().unwrap_or(0),
+        0,
+        "node 1 refused node 0's honest changes: {refused:?}"
+    );
+    for p in [5, 6] {
+        assert_eq!(
+            nodes[1].engine().totals(p, Some("loc0")).map(|t| t.0),
+            nodes[0].engine().totals(p, Some("loc0")).map(|t| t.0),
+            "product {p}"
+        );
+    }
+    assert_eq!(
+        nodes[1].engine().totals(5, Some("loc0")).map(|t| t.0),
+        Some(10)
+    );
+}
