@@ -536,8 +536,8 @@ fn an_engine_reopened_under_live_connections_keeps_what_peers_sent_over_them() {
         .collect();
     let mut now = 1_795_773_600_000u64;
     let mut inbox: [Vec<Input<u32>>; 2] = [Vec::new(), Vec::new()];
-    for i in 0..2 {
-        inbox[i].push(Input::PeerUp {
+    for (i, queue) in inbox.iter_mut().enumerate() {
+        queue.push(Input::PeerUp {
             peer: testkit::node_id(1 - i),
             conn: 1,
             digest: None,
