@@ -56,9 +56,13 @@ fn main() {
     }
     if args.get(1).map(|s| s.as_str()) == Some("restart") {
         let t = Instant::now();
-        let store = Store::open(&probe_path("storemesh-probe.redb")).unwrap();
+        let store = std::sync::Arc::new(Store::open(&probe_path("storemesh-probe.redb")).unwrap());
         println!("store open: {:?} rss {:.0} MiB", t.elapsed(), rss_mib());
         let mut e = Engine::new(testkit::config(0, 64), [9, 9, 9, 7]);
+        // As `storemesh run` opens it (PROBE_HELD=1: cold parts hold their bytes).
+        if std::env::var_os("PROBE_HELD").is_none() {
+            e.set_part_archive(store.clone());
+        }
         store
             .for_each_doc(|d| {
                 let (r, t1) = (rss_mib(), Instant::now());
@@ -88,8 +92,8 @@ fn main() {
         let (cold, cold_bytes) = e.cold_parts();
         println!(
             "sale index: {} sales in {} bytes; cold parts {cold} holding {cold_bytes} bytes",
-            e.views.sales.len(),
-            e.views.sales.entry_bytes()
+            e.views.sales().len(),
+            e.views.sales().entry_bytes()
         );
         // As the node's loop does after a start: batches write the indexes
         // of parts that had none (the next restart opens them unread).
@@ -189,15 +193,13 @@ fn main() {
         "cold records parts {cold} ({cold_bytes} bytes); epochs started {}",
         e.stats.epochs_started
     );
-    let v = &e.views;
-    println!(
-        "views: sales {} purchases {} buyers {} returned {} stock {}",
-        v.sales.len(),
-        v.purchases.len(),
-        v.buyers.len(),
-        v.returned.len(),
-        v.stock.len()
-    );
+    let sizes: Vec<String> = e
+        .views
+        .index_sizes()
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    println!("views: {}", sizes.join(" "));
     for (id, heads) in e.documents().iter().take(3) {
         println!("doc {id} heads {}", heads.len());
     }

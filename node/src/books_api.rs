@@ -107,7 +107,7 @@ pub(crate) async fn check_write(
             let id = reservation_id.clone();
             sh.query(move |e| {
                 e.views
-                    .reservations
+                    .reservations()
                     .get(&id)
                     .map(|m| m.values().map(|r| r.location.clone()).collect::<Vec<_>>())
             })
@@ -228,13 +228,13 @@ pub(crate) async fn locations_get(State(sh): S, headers: HeaderMap) -> Response 
         .query(|e| {
             let mut v: Vec<serde_json::Value> = e
                 .views
-                .nodes
+                .nodes()
                 .values()
                 .filter_map(|i| {
                     Some(json!({"location": i.location.clone()?, "timezone": i.timezone, "owner": i.name, "declared": false}))
                 })
                 .collect();
-            v.extend(e.views.declared.values().map(|d| {
+            v.extend(e.views.declared().values().map(|d| {
                 json!({"location": d.location, "timezone": d.timezone, "owner": d.owner, "declared": true})
             }));
             v

@@ -1,5 +1,6 @@
-//! storemesh node: the IO shell around the sans-IO core — redb storage, QUIC
-//! transport, HTTP API, configuration, identity, CLI and the demo.
+//! storemesh node: the IO shell around the sans-IO core — QUIC transport,
+//! HTTP API, configuration, identity, CLI and the demo — over the redb store
+//! of the `storemesh-store` crate (re-exported as `store` and `simdisk`).
 
 pub mod api;
 mod books_api;
@@ -11,12 +12,14 @@ pub mod demo;
 pub mod fuzz;
 pub mod http;
 pub mod https;
-mod idemcodec;
 pub mod identity;
+pub mod memory;
 pub mod node;
 pub mod server;
 pub mod signing;
-pub mod simdisk;
-pub mod store;
 pub mod transport;
 pub mod webhooks;
+
+// Storage lives in its own crate (`storemesh-store`), shared with the
+// simulator; re-exported under its old paths.
+pub use storemesh_store::{simdisk, store};

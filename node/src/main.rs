@@ -10,6 +10,7 @@ use storemesh_node::cli;
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
+    storemesh_node::memory::tune_allocator();
     cli::install_panic_hook();
     let args = match cli::parse() {
         Ok(args) => args,

@@ -125,6 +125,8 @@ fn open_engine(
         Box::new(crate::signing::NodeVerifier),
     );
     engine.set_cert_archive(Box::new(crate::signing::StoreArchive(store.clone())));
+    // Cold closed records parts are read back from the store on demand.
+    engine.set_part_archive(store.clone());
     for p in &cfg.peers {
         engine.add_configured_peer(&p.name, p.id);
         if let Some(loc) = &p.location {
@@ -176,7 +178,7 @@ impl NodeHandle {
         let cfg = Config::load(dir)?;
         let identity = Identity::load(dir)?;
         let node_id = identity.node_id;
-        let store = Store::open(&db_path(dir))?;
+        let store = Arc::new(Store::open(&db_path(dir))?);
         match store.get_meta("node_id")? {
             Some(v) if v != node_id.hex().as_bytes() => anyhow::bail!(
                 "the database in {} belongs to another node identity; refusing to start",
@@ -277,6 +279,9 @@ impl NodeHandle {
             wake_rx,
             cmd_tx.clone(),
         )));
+        // Free heap memory back to the system (issue 14: memory bounded
+        // while the node runs, not only after a restart).
+        tasks.push(tokio::spawn(crate::memory::trim_periodically()));
         // Anti-entropy ticks.
         let tick_tx = cmd_tx.clone();
         let every = Duration::from_millis(cfg.sync.anti_entropy_ms.max(100));
@@ -322,6 +327,9 @@ impl NodeHandle {
             transport.shutdown().await;
             return Err(e);
         }
+        // Loading read every stored document once; what it freed goes back
+        // to the system now, not at the first periodic trim.
+        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
         let webhooks = match crate::webhooks::start(dir, shared.clone()) {
             Ok(w) => w,
             Err(e) => {
@@ -419,7 +427,7 @@ fn loop_config(cfg: &Config) -> LoopConfig {
 
 fn engine_loop(
     shared: Arc<Shared>,
-    store: Store,
+    store: Arc<Store>,
     transport: Transport,
     mut rx: mpsc::Receiver<Cmd>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,

@@ -568,7 +568,7 @@ impl Writer {
                     }
                     let mut alarms: Vec<(String, Value)> = Vec::new();
                     if want_alarms {
-                        for ((kid, node), a) in &e.views.alarms {
+                        for ((kid, node), a) in e.views.alarms() {
                             let key = format!("{kid}@{node}");
                             if seen.alarms.contains(&key) {
                                 continue;

@@ -278,6 +278,105 @@ fn closed_parts_go_cold_and_history_still_answers() {
     );
 }
 
+/// With the store as the engine's part archive (as `storemesh run` opens
+/// it), cold closed parts hold no bytes in memory once their snapshot is
+/// committed: lookups, returns and a fresh peer read them back from the real
+/// redb file, before and after a restart.
+#[test]
+fn cold_parts_are_read_back_from_the_store_instead_of_held() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
+    let open_archived = |incarnation: [u8; 4]| {
+        let mut e = Engine::new(testkit::config(0, 8), incarnation);
+        e.set_part_archive(store.clone());
+        for d in store.load_docs().unwrap() {
+            e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
+                .unwrap();
+        }
+        e.finish_open();
+        e.set_records_per_part(4);
+        e
+    };
+    let mut e = open_archived([0, 0, 0, 1]);
+    e.execute(
+        testkit::receipt("r1", "loc0", &[(7, 1000), (8, 1000), (9, 1000)]),
+        NOW_MS,
+        &|_| None,
+    )
+    .unwrap();
+    commit(&mut e, &store, NOW_MS);
+    sell(&mut e, &store, 0, 30);
+    // Ticks cool the closed parts; their snapshots are committed with their
+    // indexes; a later tick lets their bytes go.
+    for t in 0..12 {
+        e.tick(NOW_MS + 200 + t);
+        commit(&mut e, &store, NOW_MS + 200 + t);
+    }
+    let (cold, held) = e.cold_parts();
+    assert_eq!(cold, 7, "every closed part is cold");
+    assert_eq!(held, 0, "no cold part's bytes are held in memory");
+    assert!(
+        e.stats.parts_stored_away >= 7,
+        "{}",
+        e.stats.parts_stored_away
+    );
+    let s0 = e.sale_json("s0").expect("sale s0 read back from the store");
+    assert_eq!(s0["sale_id"], "s0");
+    e.execute(return_of("ret-1", "s3", 7, 2), NOW_MS + 50, &|_| None)
+        .unwrap();
+    commit(&mut e, &store, NOW_MS + 50);
+    let mut n = 0;
+    e.for_each_sale(|_, _| {
+        n += 1;
+        true
+    });
+    assert_eq!(n, 30);
+    drop(e);
+
+    // Restart: closed parts open cold with nothing held.
+    let mut e = open_archived([0, 0, 0, 2]);
+    let (cold, held) = e.cold_parts();
+    assert!(cold >= 7, "closed parts cold after a restart: {cold}");
+    // Only the open part (the latest, loaded from its chunks, not indexed)
+    // is held: one part's bytes, whatever the history.
+    let open_part = e
+        .documents()
+        .into_iter()
+        .map(|(d, _)| d)
+        .filter(|d| d.starts_with("rec/"))
+        .max_by_key(|d| (d.len(), d.clone()))
+        .unwrap();
+    let open_bytes = e.document_bytes(&open_part).unwrap().len();
+    assert!(
+        held <= open_bytes,
+        "{held} bytes held after a restart; the open part {open_part} is {open_bytes}"
+    );
+    for i in 0..30 {
+        let s = e.sale_json(&format!("s{i}")).expect("sale after restart");
+        assert_eq!(s["sale_id"], format!("s{i}"));
+    }
+    let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 60, &|_| None);
+    assert!(again.is_err(), "s3 was returned whole: {again:?}");
+    // A fresh node gets every record from the node whose parts are stored.
+    let mut m = testkit::TestMesh::new(2, 8);
+    m.nodes[0].engine = e;
+    m.now_ms = NOW_MS + 400;
+    m.connect(0, 1);
+    m.settle();
+    for i in 0..30 {
+        assert!(
+            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
+            "sale s{i} reached the fresh node"
+        );
+    }
+    assert_eq!(
+        m.nodes[1].engine.documents(),
+        m.nodes[0].engine.documents(),
+        "same documents and heads"
+    );
+}
+
 /// Ledger epochs through the real redb file: the owner's cuts delete the
 /// older epoch in the same commit, a restart loads the current epoch only
 /// and finds every unit, and the held history stays bounded.

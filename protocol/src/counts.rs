@@ -316,7 +316,7 @@ impl Engine {
             now_ms,
         );
         Ok(Engine::reply(
-            200,
+            crate::ops::ReplyKind::Ok,
             serde_json::json!({"count_id": c.count_id, "location": c.location, "lines_received": c.lines.len(), "status": "open", "page": next_page, "lines_counted": prior.len()}),
         ))
     }
@@ -350,7 +350,7 @@ impl Engine {
                 if let Some(m) = body.as_object_mut() {
                     m.remove("scope");
                 }
-                return Ok(Engine::reply(200, body));
+                return Ok(Engine::reply(crate::ops::ReplyKind::Ok, body));
             }
             return Err(OpError::IdConflict(format!(
                 "count {} was finished with scope {}",
@@ -373,7 +373,7 @@ impl Engine {
         rec["pages"] = s.pages.len().into();
         rec["at_ms"] = now_ms.into();
         self.write_record(RecordKind::Count, &f.count_id, rec, now_ms);
-        Ok(Engine::reply(201, body))
+        Ok(Engine::reply(crate::ops::ReplyKind::Created, body))
     }
 
     /// Indexes count records (pages, finishes, one-shot counts).

@@ -170,7 +170,21 @@ impl Engine {
             let DocId::Records { tag, month, part } = slot.id else {
                 continue;
             };
-            if slot.doc.is_cold() || self.dirty_docs.contains(id) {
+            if slot.doc.is_cold() {
+                // Its stored form is exactly a committed snapshot with these
+                // heads (an indexed part, flushed in an earlier step): the
+                // bytes can be read back from there.
+                if let Some(a) = &self.part_archive {
+                    if self.indexed_parts.contains(id)
+                        && slot.persisted == slot.doc.heads()
+                        && slot.doc.store_away(id, a)
+                    {
+                        self.stats.parts_stored_away += 1;
+                    }
+                }
+                continue;
+            }
+            if self.dirty_docs.contains(id) {
                 continue;
             }
             if latest.get(&tag) == Some(&(month, part)) {
@@ -336,8 +350,19 @@ impl Engine {
         }
         let digest_part = crate::sync::doc_digest(id, &heads);
         self.digest.toggle(id, digest_part);
-        let doc =
-            crate::lazydoc::LazyDoc::cold(snapshot.clone(), self.actor.automerge(), heads.clone());
+        let doc = match &self.part_archive {
+            Some(a) => crate::lazydoc::LazyDoc::stored(
+                id,
+                a.clone(),
+                self.actor.automerge(),
+                heads.clone(),
+            ),
+            None => crate::lazydoc::LazyDoc::cold(
+                snapshot.clone(),
+                self.actor.automerge(),
+                heads.clone(),
+            ),
+        };
         self.docs.insert(
             id.to_string(),
             crate::engine::Slot {
@@ -433,7 +458,7 @@ impl Engine {
     /// refer to it), else the first by document; all are kept.
     fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
         let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
-        let Some((old_doc, _)) = self.sale_doc(id) else {
+        let Some(old_doc) = self.noted_sale_doc(id, key) else {
             self.views.sales.add(id, doc);
             self.feed_sale(id);
             return;
@@ -461,6 +486,25 @@ impl Engine {
         };
         let first = if replace { doc } else { old_doc.as_str() };
         self.views.sales.prefer(id, first);
+    }
+
+    /// The document `note_sale_id` compares a newly noted sale of `id`
+    /// with: as [`Engine::sale_doc`], but a sale this node wrote in the open
+    /// batch counts although it is still a pending put of its document (a
+    /// peer's sale of the id that arrives before the batch commits is then
+    /// a collision, not the id's only sale). Pending puts are read only for
+    /// a candidate document that does not hold the key yet.
+    fn noted_sale_doc(&self, id: &str, key: &str) -> Option<String> {
+        self.views
+            .sales
+            .candidates(id)
+            .find(|d| {
+                self.docs.get(*d).is_some_and(|s| {
+                    s.doc.get(ROOT, key).ok().flatten().is_some()
+                        || s.puts.iter().any(|(k, _)| k == key)
+                })
+            })
+            .map(str::to_string)
     }
 
     fn feed_sale(&mut self, id: &str) {

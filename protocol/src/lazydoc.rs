@@ -11,8 +11,24 @@
 
 use std::cell::OnceCell;
 use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, OnceLock};
 
 use automerge::{ActorId, Automerge, ChangeHash};
+
+/// Where a cold part's bytes are read back from when they are not held in
+/// memory (issue 14: memory independent of history). The node reads the
+/// part's stored snapshot from redb; the simulator the same store over its
+/// disk.
+pub trait PartArchive: Send + Sync {
+    /// The stored snapshot of document `doc` (`None`: none stored).
+    fn snapshot(&self, doc: &str) -> Result<Option<Vec<u8>>, String>;
+}
+
+/// The document a failed read of a cold part shows meanwhile.
+fn empty() -> &'static Automerge {
+    static EMPTY: OnceLock<Automerge> = OnceLock::new();
+    EMPTY.get_or_init(Automerge::new)
+}
 
 pub struct LazyDoc {
     live: OnceCell<Automerge>,
@@ -23,9 +39,32 @@ pub struct LazyDoc {
 }
 
 struct Saved {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     actor: ActorId,
     heads: Vec<ChangeHash>,
+}
+
+/// A cold document's bytes: held, or stored and read back on demand.
+enum Bytes {
+    Held(Vec<u8>),
+    /// The document's stored snapshot loads with the saved heads; nothing of
+    /// it is in memory.
+    Stored {
+        doc: String,
+        archive: Arc<dyn PartArchive>,
+    },
+}
+
+impl Saved {
+    /// The bytes, read back if stored.
+    fn read(&self) -> Result<Vec<u8>, String> {
+        match &self.bytes {
+            Bytes::Held(b) => Ok(b.clone()),
+            Bytes::Stored { doc, archive } => archive
+                .snapshot(doc)?
+                .ok_or_else(|| format!("no stored snapshot of {doc}")),
+        }
+    }
 }
 
 impl LazyDoc {
@@ -42,7 +81,7 @@ impl LazyDoc {
         let saved = Saved {
             actor: doc.get_actor().clone(),
             heads: doc.get_heads(),
-            bytes,
+            bytes: Bytes::Held(bytes),
         };
         LazyDoc {
             live: OnceCell::from(doc),
@@ -57,10 +96,50 @@ impl LazyDoc {
         LazyDoc {
             live: OnceCell::new(),
             saved: Some(Saved {
-                bytes,
+                bytes: Bytes::Held(bytes),
                 actor,
                 heads,
             }),
+        }
+    }
+
+    /// A cold document whose bytes are `doc`'s snapshot in `archive`,
+    /// known to load with `heads`: nothing of it is held in memory.
+    pub fn stored(
+        doc: &str,
+        archive: Arc<dyn PartArchive>,
+        actor: ActorId,
+        heads: Vec<ChangeHash>,
+    ) -> LazyDoc {
+        LazyDoc {
+            live: OnceCell::new(),
+            saved: Some(Saved {
+                bytes: Bytes::Stored {
+                    doc: doc.to_string(),
+                    archive,
+                },
+                actor,
+                heads,
+            }),
+        }
+    }
+
+    /// Lets a cold document forget its held bytes: the caller knows that
+    /// `doc`'s snapshot in `archive` loads with the same heads. `false` (and
+    /// nothing changes) when the document is not cold or already stored.
+    pub fn store_away(&mut self, doc: &str, archive: &Arc<dyn PartArchive>) -> bool {
+        if !self.is_cold() {
+            return false;
+        }
+        match &mut self.saved {
+            Some(s) if matches!(s.bytes, Bytes::Held(_)) => {
+                s.bytes = Bytes::Stored {
+                    doc: doc.to_string(),
+                    archive: archive.clone(),
+                };
+                true
+            }
+            _ => false,
         }
     }
 
@@ -69,9 +148,12 @@ impl LazyDoc {
         self.saved.is_some()
     }
 
-    /// Bytes held for the saved form (0 when none).
+    /// Bytes held in memory for the saved form (0 when none or stored).
     pub fn saved_len(&self) -> usize {
-        self.saved.as_ref().map_or(0, |s| s.bytes.len())
+        match self.saved.as_ref().map(|s| &s.bytes) {
+            Some(Bytes::Held(b)) => b.len(),
+            _ => 0,
+        }
     }
 
     pub fn is_cold(&self) -> bool {
@@ -85,12 +167,15 @@ impl LazyDoc {
             return 0;
         };
         let saved = self.saved.take().unwrap_or_else(|| Saved {
-            bytes: doc.save(),
+            bytes: Bytes::Held(doc.save()),
             actor: doc.get_actor().clone(),
             heads: doc.get_heads(),
         });
         debug_assert_eq!(saved.heads, doc.get_heads(), "saved bytes are stale");
-        let n = saved.bytes.len();
+        let n = match &saved.bytes {
+            Bytes::Held(b) => b.len(),
+            Bytes::Stored { .. } => 0,
+        };
         self.saved = Some(saved);
         self.live = OnceCell::new();
         n
@@ -113,10 +198,14 @@ impl LazyDoc {
         }
     }
 
-    /// Bytes of the whole document (its saved bytes when cold).
+    /// Bytes of the whole document (its saved bytes when cold; read back
+    /// when stored — empty, with an error logged, if the read fails).
     pub fn save(&self) -> Vec<u8> {
         match (self.live.get(), &self.saved) {
-            (None, Some(s)) => s.bytes.clone(),
+            (None, Some(s)) => s.read().unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a cold document's stored bytes cannot be read");
+                Vec::new()
+            }),
             _ => self.load().save(),
         }
     }
@@ -127,20 +216,36 @@ impl LazyDoc {
         if let Some(d) = self.live.get() {
             return f(d);
         }
-        match self.saved.as_ref().map(|s| Automerge::load(&s.bytes)) {
+        match self.saved.as_ref().map(|s| {
+            s.read()
+                .and_then(|b| Automerge::load(&b).map_err(|e| e.to_string()))
+        }) {
             Some(Ok(d)) => f(&d),
             _ => f(&Automerge::new()),
         }
     }
 
     fn load(&self) -> &Automerge {
+        if let Some(d) = self.live.get() {
+            return d;
+        }
+        // A stored part that cannot be read back (a failing disk) reads as
+        // empty this time and stays cold: the next reader tries again.
+        let bytes = match self.saved.as_ref().map(Saved::read) {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "a cold document's stored bytes cannot be read");
+                return empty();
+            }
+            None => Vec::new(),
+        };
         self.live.get_or_init(|| {
             let Some(s) = &self.saved else {
                 return Automerge::new();
             };
-            let loaded = Automerge::load(&s.bytes).or_else(|_| {
+            let loaded = Automerge::load(&bytes).or_else(|_| {
                 let mut d = Automerge::new();
-                d.load_incremental(&s.bytes).map(|_| d)
+                d.load_incremental(&bytes).map(|_| d)
             });
             match loaded {
                 Ok(d) if d.get_heads() == s.heads => d.with_actor(s.actor.clone()),
@@ -171,6 +276,12 @@ impl Deref for LazyDoc {
 impl DerefMut for LazyDoc {
     fn deref_mut(&mut self) -> &mut Automerge {
         self.load();
+        if self.live.get().is_none() {
+            // Its stored bytes could not be read: writing to an empty stand-in
+            // would lose the part. The engine's last line (a caught panic
+            // reopens it from the store) takes over.
+            panic!("a cold records part cannot be read back from storage for a write");
+        }
         self.saved = None;
         match self.live.get_mut() {
             Some(d) => d,
@@ -227,5 +338,55 @@ mod tests {
         let mut l = LazyDoc::with_saved(l2, bytes.clone());
         assert_eq!(l.cool(), bytes.len());
         assert_eq!(l.save(), bytes);
+    }
+
+    /// An archive whose reads fail until `ok` is set.
+    struct Flaky {
+        bytes: Vec<u8>,
+        ok: std::sync::atomic::AtomicBool,
+    }
+
+    impl PartArchive for Flaky {
+        fn snapshot(&self, _doc: &str) -> Result<Option<Vec<u8>>, String> {
+            if self.ok.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(Some(self.bytes.clone()))
+            } else {
+                Err("disk read failed".into())
+            }
+        }
+    }
+
+    /// A stored document holds no bytes; a failed read shows an empty
+    /// document and leaves it cold (the next read tries again); a write
+    /// cannot go to the empty stand-in.
+    #[test]
+    fn a_stored_document_is_read_back_and_a_failed_read_loses_nothing() {
+        let d = doc_with(6);
+        let (heads, actor) = (d.get_heads(), d.get_actor().clone());
+        let flaky = Arc::new(Flaky {
+            bytes: d.save(),
+            ok: false.into(),
+        });
+        let archive: Arc<dyn PartArchive> = flaky.clone();
+        let mut l = LazyDoc::cold(d.save(), actor.clone(), heads.clone());
+        assert!(l.saved_len() > 0);
+        assert!(l.store_away("rec/x/202612", &archive));
+        assert_eq!(l.saved_len(), 0, "nothing held once stored away");
+        assert_eq!(l.heads(), heads, "heads without a read");
+        assert_eq!(l.length(ROOT), 0, "a failed read shows an empty document");
+        assert!(l.is_cold(), "and keeps it cold");
+        assert!(l.save().is_empty());
+        let write = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = l.transaction();
+        }));
+        assert!(write.is_err(), "no write to the empty stand-in");
+        flaky.ok.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut l = LazyDoc::stored("rec/x/202612", archive, actor, heads.clone());
+        assert_eq!(l.get(ROOT, "k5").unwrap().unwrap().0.as_u64(), Some(5));
+        assert_eq!(l.heads(), heads);
+        let mut tx = l.transaction();
+        tx.put(ROOT, "k6", 6u64).unwrap();
+        tx.commit();
+        assert_eq!(l.length(ROOT), 7);
     }
 }

@@ -6,6 +6,7 @@
 //! crate runs it over redb and QUIC; the `sim` crate runs it over a simulated
 //! network and disk.
 
+pub mod arbitration;
 pub mod authority;
 pub mod counts;
 pub mod crypto;

@@ -827,83 +827,82 @@ pub struct ShortLine {
     pub available: i64,
 }
 
-/// Why an operation was refused. Maps 1:1 to CONTRACT.md error codes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Why an operation was refused. The API layer (`node/src/api/errors.rs`)
+/// maps each variant to its HTTP status and CONTRACT.md's JSON error body;
+/// the core only says what went wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum OpError {
+    /// The request is malformed or breaks a limit.
+    #[error("bad request: {0}")]
     BadRequest(String),
+    /// A referenced product, customer, count, reservation or node is unknown.
+    #[error("not found: {0}")]
     NotFound(String),
+    /// Lines this node cannot sell from the rights it holds.
+    #[error("insufficient stock on {} line(s)", .0.len())]
     InsufficientStock(Vec<ShortLine>),
+    /// A client id was used before with a different body.
+    #[error("id conflict: {0}")]
     IdConflict(String),
+    /// The location or record belongs to another node.
+    #[error("not owner: {0}")]
     NotOwner(String),
+    /// The node cannot serve the request now (retry later).
+    #[error("unavailable: {0}")]
     Unavailable(String),
-    /// Another 409 with its own code (`over_return`, `sku_conflict`, …).
-    Conflict {
-        code: String,
-        message: String,
-    },
+    /// Another refusal with its own code (`over_return`, `sku_conflict`, …).
+    #[error("{code}: {message}")]
+    Conflict { code: String, message: String },
 }
 
-impl OpError {
-    pub fn status(&self) -> u16 {
-        match self {
-            OpError::BadRequest(_) => 400,
-            OpError::NotFound(_) => 404,
-            OpError::InsufficientStock(_)
-            | OpError::IdConflict(_)
-            | OpError::NotOwner(_)
-            | OpError::Conflict { .. } => 409,
-            OpError::Unavailable(_) => 503,
-        }
-    }
-    pub fn code(&self) -> &'static str {
-        match self {
-            OpError::BadRequest(_) => "bad_request",
-            OpError::NotFound(_) => "not_found",
-            OpError::InsufficientStock(_) => "insufficient_stock",
-            OpError::IdConflict(_) => "id_conflict",
-            OpError::NotOwner(_) => "not_owner",
-            OpError::Unavailable(_) => "unavailable",
-            OpError::Conflict { .. } => "conflict",
-        }
-    }
-    /// The JSON error body of CONTRACT.md.
-    pub fn body(&self) -> serde_json::Value {
-        if let OpError::Conflict { code, message } = self {
-            return serde_json::json!({ "error": code, "message": message });
-        }
-        let mut v = serde_json::json!({ "error": self.code() });
-        let message = match self {
-            OpError::BadRequest(m)
-            | OpError::NotFound(m)
-            | OpError::IdConflict(m)
-            | OpError::NotOwner(m)
-            | OpError::Unavailable(m) => m.clone(),
-            OpError::Conflict { message, .. } => message.clone(),
-            OpError::InsufficientStock(lines) => {
-                v["lines"] = serde_json::to_value(lines).unwrap_or_default();
-                format!(
-                    "{} line(s) cannot be sold from the rights this node holds",
-                    lines.len()
-                )
-            }
-        };
-        v["message"] = serde_json::Value::String(message);
-        v
-    }
+/// What a successful operation did; the API layer maps it to HTTP
+/// (`Created` → 201, `Ok` → 200).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReplyKind {
+    /// The operation wrote something new.
+    Created,
+    /// The operation succeeded without creating anything: an update, a
+    /// repeat of a finished step, or the replay of an earlier request.
+    Ok,
 }
 
-/// A successful result: HTTP status and JSON body (stored for replays).
+/// A successful result: what it did and its JSON body (stored for replays).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpReply {
-    pub status: u16,
+    pub kind: ReplyKind,
     pub body: String,
+}
+
+impl OpReply {
+    /// The same answer given again to a retry: a replay creates nothing.
+    pub fn replayed(self) -> OpReply {
+        OpReply {
+            kind: ReplyKind::Ok,
+            body: self.body,
+        }
+    }
 }
 
 /// What a replayed request is compared against: a hash of its canonical body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdemRecord {
+    /// SHA-256 of the body; storage may keep only its first
+    /// [`IDEM_HASH_BYTES`] (the rest then reads as zeros).
     pub body_hash: [u8; 32],
     pub reply: OpReply,
+}
+
+/// Bytes of a body hash that tell two request bodies apart: a 128-bit
+/// prefix of SHA-256 (a year of a store's records keeps 16 bytes per write
+/// fewer on disk; finding a second body with the same prefix takes 2^128
+/// tries).
+pub const IDEM_HASH_BYTES: usize = 16;
+
+impl IdemRecord {
+    /// Whether a request whose body hashes to `hash` is the one recorded.
+    pub fn same_body(&self, hash: &[u8; 32]) -> bool {
+        self.body_hash[..IDEM_HASH_BYTES] == hash[..IDEM_HASH_BYTES]
+    }
 }
 
 /// Canonical hash of an operation for idempotency comparison: SHA-256 of its

@@ -77,19 +77,39 @@ impl Engine {
     /// Whether this node sees the reservation's hold in the ledger (always
     /// true for a reservation held by its record alone).
     fn hold_visible(&self, v: &ReservationView) -> bool {
+        v.hold.is_none() || v.lines.keys().all(|p| self.line_hold_visible(v, *p))
+    }
+
+    /// Whether this node sees the ledger hold of product `p`'s line (a
+    /// product's cells are in one ledger document, so a line's hold is
+    /// there whole or not at all).
+    fn line_hold_visible(&self, v: &ReservationView, p: u64) -> bool {
         let (Some((actor, through)), Some(to)) = (&v.hold, v.fulfil_by) else {
             return v.hold.is_none();
         };
-        through.iter().all(|(p, n)| {
-            let have = self
-                .views
-                .entry(*p, &v.location)
-                .and_then(|e| e.cells.get(actor))
-                .and_then(|c| c.held.get(&to))
-                .copied()
-                .unwrap_or(0);
-            have >= *n
-        })
+        let Some(n) = through.get(&p) else {
+            return true;
+        };
+        let have = self
+            .views
+            .entry(p, &v.location)
+            .and_then(|e| e.cells.get(actor))
+            .and_then(|c| c.held.get(&to))
+            .copied()
+            .unwrap_or(0);
+        have >= *n
+    }
+
+    /// Whether node `name` recorded a fork of its own history (a restored
+    /// backup or a copied data directory): changes it wrote before may be
+    /// lost for good, a reservation's ledger hold among them.
+    fn forked_node(&self, name: &str) -> bool {
+        let from = ("fork/".to_string(), String::new());
+        self.views
+            .alarms
+            .range(from..)
+            .take_while(|((k, _), _)| k.starts_with("fork/"))
+            .any(|((_, n), _)| n == name)
     }
 
     pub(crate) fn reserve(&mut self, r: Reserve, now_ms: u64) -> Result<OpReply, OpError> {
@@ -151,7 +171,7 @@ impl Engine {
             self.touch_row(*p, &r.location);
         }
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"reservation_id": r.reservation_id, "location": r.location, "fulfil_by": r.fulfil_by, "expires_at": r.expires_at, "status": "open", "lines": lines_json}),
         ))
     }
@@ -245,7 +265,7 @@ impl Engine {
         self.write_record(RecordKind::Sale, &sale_id, sale, now_ms);
         self.close_reservation(id, &creator, &v, "fulfilled", now_ms)?;
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"reservation_id": id, "status": "fulfilled", "sale_id": sale_id}),
         ))
     }
@@ -259,7 +279,7 @@ impl Engine {
         let (creator, v) = self.open_reservation_of_mine(id)?;
         self.close_reservation(id, &creator, &v, status, now_ms)?;
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"reservation_id": id, "status": status}),
         ))
     }
@@ -273,8 +293,16 @@ impl Engine {
         now_ms: u64,
     ) -> Result<(), OpError> {
         // The hold ends with the close, in the ledger documents of its units.
+        // An expiry releases only the lines whose hold this node sees (all of
+        // them, but for a hold partly lost with a fork of its creator, see
+        // `expire_reservations`): releasing units never held would make
+        // stock available that is not there.
         if v.hold.is_some() {
             for (p, q) in &v.lines {
+                if status == "expired" && !self.line_hold_visible(v, *p) {
+                    tracing::warn!(reservation = %id, product = p, "expired without releasing a line whose hold never arrived (lost with a fork of its creator)");
+                    continue;
+                }
                 self.bump(*p, &v.location, LedgerField::Released, *q)?;
             }
         }
@@ -330,7 +358,12 @@ impl Engine {
     /// Expires this node's open reservations whose time has come, by its own clock.
     pub fn expire_reservations(&mut self, now_ms: u64) -> usize {
         let top = String::from("\u{10ffff}");
-        // A reservation whose hold has not arrived yet waits (it stays due).
+        // A reservation whose hold has not arrived yet waits (it stays due),
+        // unless its creator's history forked: the missing part of the hold
+        // may have been lost with it for good (its record reached peers, the
+        // ledger change of one of its products did not, and the restored
+        // node no longer has it). It expires then, releasing the lines whose
+        // hold is seen; the others never held anything here.
         let mut due: Vec<(String, String, ReservationView)> = self
             .views
             .expiring
@@ -340,7 +373,7 @@ impl Engine {
                 (v.known
                     && v.closed.is_none()
                     && self.fulfils_for(v.fulfil_by)
-                    && self.hold_visible(v))
+                    && (self.hold_visible(v) || self.forked_node(creator)))
                 .then(|| (id.clone(), creator.clone(), v.clone()))
             })
             .collect();

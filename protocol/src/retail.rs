@@ -179,7 +179,7 @@ impl Engine {
         let products: BTreeSet<u64> = a.lines.iter().map(|l| l.product_id).collect();
         let out: Vec<serde_json::Value> = products.iter().map(|p| self.line_json(*p)).collect();
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "lines": out}),
         ))
     }
@@ -216,7 +216,7 @@ impl Engine {
         self.write_record(RecordKind::Transfer, &t.transfer_id, record, now_ms);
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"transfer_id": t.transfer_id, "from": t.from, "to": t.to, "status": "in_transit", "lines": out}),
         ))
     }
@@ -345,7 +345,7 @@ impl Engine {
         let record = serde_json::json!({"transfer_id": t.transfer_id, "node": self.cfg.name, "sender": sender, "from": tv.from, "to": tv.to, "lines": out, "occurred_at": t.occurred_at, "register_id": t.register_id, "staff_id": t.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::TransferReceipt, &record_id, record, now_ms);
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"transfer_id": t.transfer_id, "from": tv.from, "to": tv.to, "status": "received", "lines": out}),
         ))
     }
@@ -508,7 +508,7 @@ impl Engine {
         }
         self.views.set_product(product, view.clone());
         Ok(Engine::reply(
-            200,
+            crate::ops::ReplyKind::Ok,
             serde_json::json!({"product_id": product, "sku": view.sku, "barcodes": view.barcodes, "external_ids": view.external_ids, "name": view.name}),
         ))
     }
@@ -626,7 +626,7 @@ impl Engine {
         let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "seen": seen, "at_ms": now_ms});
         self.write_record(RecordKind::Import, &imp.import_id, record, now_ms);
         Ok(Engine::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"import_id": imp.import_id, "rows": imp.rows.len(), "locations": summary}),
         ))
     }

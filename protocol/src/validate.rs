@@ -115,9 +115,29 @@ fn read_uleb(b: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-/// Why a message was refused when one of its changes depends on changes the
-/// receiver lacks (and the message does not carry).
-pub const MISSING_DEPS: &str = "change depends on changes this node does not have";
+/// Why `validate_changes` refused a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// One of its changes depends on changes the receiver lacks (and the
+    /// message does not carry): the sender is behind or ahead, not hostile.
+    #[error("change depends on changes this node does not have")]
+    MissingDeps,
+    /// A change breaks a rule of the layout or of the mesh's authority.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for Refusal {
+    fn from(s: String) -> Refusal {
+        Refusal::Invalid(s)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(s: &str) -> Refusal {
+        Refusal::Invalid(s.to_string())
+    }
+}
 
 /// What validation learned about a set of new changes.
 #[derive(Debug, Default)]
@@ -139,7 +159,7 @@ pub fn validate_changes(
     own_tag: NodeTag,
     buckets: u32,
     auth: Option<AuthView<'_>>,
-) -> Result<Verdict, String> {
+) -> Result<Verdict, Refusal> {
     let mut verdict = Verdict::default();
     // Nodes whose directory entries arrive in this very message (a
     // retirement may name a successor whose entry travels with it).
@@ -182,7 +202,7 @@ pub fn validate_changes(
         // without this check (a peer could lower a cell by reordering).
         for dep in change.deps() {
             if !in_message.contains_key(dep) && doc.get_change_meta_by_hash(dep).is_none() {
-                return Err(MISSING_DEPS.into());
+                return Err(Refusal::MissingDeps);
             }
         }
         let prev_max_op = match prev {
@@ -259,10 +279,10 @@ pub fn validate_changes(
                 // never written by Automerge and broke encoding the document
                 // again (found by the `change_fields` fuzz target).
                 automerge::legacy::OpType::Delete if op.pred.is_empty() => {
-                    return Err(format!("change deletes {key:?} without naming what"));
+                    return Err(format!("change deletes {key:?} without naming what").into());
                 }
                 automerge::legacy::OpType::Delete => None,
-                _ => return Err(format!("change uses an unsupported operation on {key:?}")),
+                _ => return Err(format!("change uses an unsupported operation on {key:?}").into()),
             };
             check_op(
                 doc_id,

@@ -227,76 +227,78 @@ pub struct Alarm {
     pub record: serde_json::Value,
 }
 
-/// All materialized views of one node.
+/// All materialized views of one node. Its maps are private to the core
+/// (the engine keeps them); other crates read them through the query
+/// methods below, read-only.
 #[derive(Default)]
 pub struct Views {
     /// product → location → cells.
-    pub stock: HashMap<u64, BTreeMap<String, StockEntry>>,
+    pub(crate) stock: HashMap<u64, BTreeMap<String, StockEntry>>,
     /// Node directory from the mesh document.
-    pub nodes: BTreeMap<NodeTag, NodeInfo>,
-    pub customers: HashMap<String, CustomerView>,
-    pub by_email: HashMap<String, BTreeSet<String>>,
-    pub by_phone: HashMap<String, BTreeSet<String>>,
+    pub(crate) nodes: BTreeMap<NodeTag, NodeInfo>,
+    pub(crate) customers: HashMap<String, CustomerView>,
+    pub(crate) by_email: HashMap<String, BTreeSet<String>>,
+    pub(crate) by_phone: HashMap<String, BTreeSet<String>>,
     /// customer pseudonym (records written before pseudonyms: the id) →
     /// (records document, record key) of its purchases.
-    pub purchases: HashMap<String, BTreeSet<(String, String)>>,
+    pub(crate) purchases: HashMap<String, BTreeSet<(String, String)>>,
     /// Customer pseudonym (keyed hash of the id under one of its keys, as
     /// sale records hold it) → customer id, for every key in the key store.
-    pub pseudonyms: HashMap<String, String>,
+    pub(crate) pseudonyms: HashMap<String, String>,
     /// sale id → (records document, key): for lookups by the return desk.
     /// When two nodes used one id, this node's own sale, else the first by
     /// document name; the others are in `sale_collisions`.
-    pub sales: SaleIndex,
+    pub(crate) sales: SaleIndex,
     /// Keys of this node's own grant records (`grt/<id>`): answering a rights
     /// request twice is refused by them after a restart.
-    pub own_grants: std::collections::HashSet<String>,
+    pub(crate) own_grants: std::collections::HashSet<String>,
     /// sale id → every (records document, key) holding a sale of that id,
     /// for ids that more than one node used.
-    pub sale_collisions: HashMap<String, BTreeSet<(String, String)>>,
+    pub(crate) sale_collisions: HashMap<String, BTreeSet<(String, String)>>,
     /// (kind/id, node) → alarm.
-    pub alarms: BTreeMap<(String, String), Alarm>,
+    pub(crate) alarms: BTreeMap<(String, String), Alarm>,
     /// Names of configured peers, known before their directory entry arrives.
-    pub configured: BTreeMap<String, NodeTag>,
+    pub(crate) configured: BTreeMap<String, NodeTag>,
     /// Names and locations bound to node ids by this node's operator (its
     /// own name and location, its configured peers): a peer's directory
     /// entry never overrides them (`crate::authority`).
-    pub bound: crate::authority::Bindings,
+    pub(crate) bound: crate::authority::Bindings,
     /// The product catalogue.
-    pub products: HashMap<u64, ProductView>,
-    pub by_sku: HashMap<String, BTreeSet<u64>>,
-    pub by_barcode: HashMap<String, BTreeSet<u64>>,
+    pub(crate) products: HashMap<u64, ProductView>,
+    pub(crate) by_sku: HashMap<String, BTreeSet<u64>>,
+    pub(crate) by_barcode: HashMap<String, BTreeSet<u64>>,
     /// transfer id → sending node's name → what was sent and whether it was
     /// received. Ids are chain-wide, but two nodes apart from each other may
     /// use one id for two transfers: both stay in effect exactly.
-    pub transfers: HashMap<String, BTreeMap<String, TransferView>>,
+    pub(crate) transfers: HashMap<String, BTreeMap<String, TransferView>>,
     /// destination location → transfer ids (for `incoming`).
-    pub transfers_to: HashMap<String, BTreeSet<String>>,
+    pub(crate) transfers_to: HashMap<String, BTreeSet<String>>,
     /// original sale id → product → units returned against it.
-    pub returned: HashMap<String, BTreeMap<u64, u64>>,
+    pub(crate) returned: HashMap<String, BTreeMap<u64, u64>>,
     /// location → (records document, key) of its adjustments.
-    pub adjustments: HashMap<String, BTreeSet<(String, String)>>,
+    pub(crate) adjustments: HashMap<String, BTreeSet<(String, String)>>,
     /// Retired node → its successor (from the mesh document).
-    pub retired: BTreeMap<NodeTag, NodeTag>,
+    pub(crate) retired: BTreeMap<NodeTag, NodeTag>,
     /// reservation id → creating node's name → reservation (two nodes apart
     /// may have used one id: both hold their units).
-    pub reservations: HashMap<String, BTreeMap<String, ReservationView>>,
+    pub(crate) reservations: HashMap<String, BTreeMap<String, ReservationView>>,
     /// Open reservations ordered by expiry: (expires_at_ms, id). Expiry
     /// reads the due ones from the front instead of scanning every
     /// reservation ever made.
-    pub expiring: BTreeSet<(u64, String, String)>,
+    pub(crate) expiring: BTreeSet<(u64, String, String)>,
     /// (product, location, fulfilling node) → units held by open reservations.
-    pub reserved: HashMap<(u64, String, NodeTag), i64>,
+    pub(crate) reserved: HashMap<(u64, String, NodeTag), i64>,
     /// product → purchases naming a customer: (at_ms, customer, location, sale id).
-    pub buyers: HashMap<u64, BTreeSet<(u64, String, String, String)>>,
+    pub(crate) buyers: HashMap<u64, BTreeSet<(u64, String, String, String)>>,
     /// count id → node that took it → count session (and finished counts),
     /// from the records; two nodes may have used one id while apart.
-    pub count_sessions: HashMap<String, BTreeMap<String, crate::counts::CountSession>>,
+    pub(crate) count_sessions: HashMap<String, BTreeMap<String, crate::counts::CountSession>>,
     /// import id → importing node → what it booked where (`imports.rs`).
-    pub imports: HashMap<String, BTreeMap<String, crate::imports::ImportSeen>>,
+    pub(crate) imports: HashMap<String, BTreeMap<String, crate::imports::ImportSeen>>,
     /// Import ids noted since the last `Engine::settle_ownerless_imports`.
-    pub imports_pending: BTreeSet<String>,
+    pub(crate) imports_pending: BTreeSet<String>,
     /// Locations declared with `POST /api/locations` (the `mesh` document).
-    pub declared: BTreeMap<String, crate::layout::DeclaredLocation>,
+    pub(crate) declared: BTreeMap<String, crate::layout::DeclaredLocation>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +360,90 @@ pub fn read_product(doc: &Automerge, product: u64) -> ProductView {
         }
     }
     v
+}
+
+/// Read-only queries for the API, the simulator's checkers and tests.
+impl Views {
+    /// Product → location → cells.
+    pub fn stock(&self) -> &HashMap<u64, BTreeMap<String, StockEntry>> {
+        &self.stock
+    }
+    /// The node directory (from the mesh document).
+    pub fn nodes(&self) -> &BTreeMap<NodeTag, NodeInfo> {
+        &self.nodes
+    }
+    /// Customer id → its view.
+    pub fn customers(&self) -> &HashMap<String, CustomerView> {
+        &self.customers
+    }
+    /// One customer's view.
+    pub fn customer(&self, id: &str) -> Option<&CustomerView> {
+        self.customers.get(id)
+    }
+    /// Normalised email → customer ids.
+    pub fn by_email(&self) -> &HashMap<String, BTreeSet<String>> {
+        &self.by_email
+    }
+    /// Normalised phone → customer ids.
+    pub fn by_phone(&self) -> &HashMap<String, BTreeSet<String>> {
+        &self.by_phone
+    }
+    /// Sale id → where its record is.
+    pub fn sales(&self) -> &SaleIndex {
+        &self.sales
+    }
+    /// (kind/id, node) → alarm.
+    pub fn alarms(&self) -> &BTreeMap<(String, String), Alarm> {
+        &self.alarms
+    }
+    /// One product's catalogue entry.
+    pub fn product(&self, id: u64) -> Option<&ProductView> {
+        self.products.get(&id)
+    }
+    /// The product catalogue.
+    pub fn products(&self) -> &HashMap<u64, ProductView> {
+        &self.products
+    }
+    /// SKU → products.
+    pub fn by_sku(&self) -> &HashMap<String, BTreeSet<u64>> {
+        &self.by_sku
+    }
+    /// Barcode → products.
+    pub fn by_barcode(&self) -> &HashMap<String, BTreeSet<u64>> {
+        &self.by_barcode
+    }
+    /// Location → (records document, key) of its adjustments.
+    pub fn adjustments(&self) -> &HashMap<String, BTreeSet<(String, String)>> {
+        &self.adjustments
+    }
+    /// Retired node → its successor.
+    pub fn retired(&self) -> &BTreeMap<NodeTag, NodeTag> {
+        &self.retired
+    }
+    /// Reservation id → creating node's name → reservation.
+    pub fn reservations(&self) -> &HashMap<String, BTreeMap<String, ReservationView>> {
+        &self.reservations
+    }
+    /// Import id → importing node → what it booked where.
+    pub fn imports(&self) -> &HashMap<String, BTreeMap<String, crate::imports::ImportSeen>> {
+        &self.imports
+    }
+    /// Locations declared with `POST /api/locations`.
+    pub fn declared(&self) -> &BTreeMap<String, crate::layout::DeclaredLocation> {
+        &self.declared
+    }
+    /// Entries of the indexes that grow with the history (memory probes):
+    /// sales, customers with purchases, products with named buyers, sales
+    /// with returns, products with stock.
+    pub fn index_sizes(&self) -> [(&'static str, usize); 5] {
+        [
+            ("sales", self.sales.len()),
+            ("purchases", self.purchases.len()),
+            ("buyers", self.buyers.len()),
+            ("returned", self.returned.len()),
+            ("stock", self.stock.len()),
+        ]
+    }
 }
 
 impl Views {
@@ -537,6 +623,12 @@ pub struct SaleIndex {
     name_ix: HashMap<String, u32>,
     /// `fingerprint << 24 | document`, sorted, without duplicates.
     sorted: Vec<u64>,
+    /// `starts[b]`: the first position in `sorted` whose entry's top
+    /// [`SALE_INDEX_BUCKET_BITS`] are ≥ `b` (one more slot at the end), so
+    /// that a lookup searches ~`len / 65,536` entries instead of the whole
+    /// array: at a start every stored sale is looked up once, and a binary
+    /// search of millions of entries was 40 % of a restart.
+    starts: Vec<u32>,
     /// Entries added since the last merge into `sorted`.
     recent: std::collections::BTreeSet<u64>,
     preferred: HashMap<String, u32>,
@@ -550,8 +642,12 @@ const SALE_INDEX_DOC_BITS: u32 = 24;
 const SALE_INDEX_DOC_MASK: u64 = (1 << SALE_INDEX_DOC_BITS) - 1;
 
 /// Pairs kept in `recent` before they are merged into the sorted array
-/// (the merge copies the array: ~8 bytes per sale every 65,536 sales).
+/// (the merge moves the array's entries in place every 65,536 sales).
 const SALE_INDEX_RECENT_MAX: usize = 65_536;
+
+/// Top bits of an entry that pick its bucket in `starts` (256 KiB of
+/// offsets, whatever the history).
+const SALE_INDEX_BUCKET_BITS: u32 = 16;
 
 impl SaleIndex {
     /// The id's fingerprint, shifted into place (the low 24 bits zero).
@@ -576,8 +672,11 @@ impl SaleIndex {
         let fp = self.fingerprint(id);
         let first = self.preferred.get(id).copied();
         let last = fp | SALE_INDEX_DOC_MASK;
-        let lo = self.sorted.partition_point(|e| *e < fp);
-        let from_sorted = self.sorted[lo..].iter().take_while(move |e| **e <= last);
+        let from_sorted = self
+            .bucket(fp)
+            .iter()
+            .skip_while(move |e| **e < fp)
+            .take_while(move |e| **e <= last);
         let from_recent = self.recent.range(fp..=last);
         let docs = from_sorted
             .chain(from_recent)
@@ -600,7 +699,7 @@ impl SaleIndex {
             return;
         }
         let entry = self.fingerprint(id) | u64::from(d);
-        if self.sorted.binary_search(&entry).is_ok() || !self.recent.insert(entry) {
+        if self.bucket(entry).binary_search(&entry).is_ok() || !self.recent.insert(entry) {
             return;
         }
         if self.recent.len() >= SALE_INDEX_RECENT_MAX {
@@ -615,29 +714,62 @@ impl SaleIndex {
         self.preferred.insert(id.to_string(), d);
     }
 
-    fn merge(&mut self) {
-        let recent = std::mem::take(&mut self.recent);
-        let mut out = Vec::with_capacity(self.sorted.len() + recent.len());
-        let mut a = std::mem::take(&mut self.sorted).into_iter().peekable();
-        let mut b = recent.into_iter().peekable();
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x <= y => a.next(),
-                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, None) => break,
-            };
-            out.extend(next);
+    /// The entries of `sorted` in the bucket of `entry` (sorted).
+    fn bucket(&self, entry: u64) -> &[u64] {
+        let b = (entry >> (64 - SALE_INDEX_BUCKET_BITS)) as usize;
+        match (self.starts.get(b), self.starts.get(b + 1)) {
+            (Some(&lo), Some(&hi)) => self.sorted.get(lo as usize..hi as usize).unwrap_or(&[]),
+            // Before the first merge, `starts` is empty: so is `sorted`.
+            _ => &self.sorted,
         }
-        debug_assert!(out.windows(2).all(|w| w[0] < w[1]), "sale index sorted");
-        self.sorted = out;
+    }
+
+    /// Merges `recent` into `sorted` in place, from the back (no second
+    /// array: at millions of sales a copy was tens of MiB to allocate and
+    /// zero at every merge), and rebuilds `starts`.
+    fn merge(&mut self) {
+        let recent: Vec<u64> = std::mem::take(&mut self.recent).into_iter().collect();
+        let n = self.sorted.len();
+        // Exact: a doubling growth would hold up to 8 spare bytes per sale.
+        self.sorted.reserve_exact(recent.len());
+        self.sorted.resize(n + recent.len(), 0);
+        let (mut i, mut j, mut k) = (n, recent.len(), self.sorted.len());
+        while j > 0 {
+            k -= 1;
+            if i > 0 && self.sorted[i - 1] > recent[j - 1] {
+                self.sorted[k] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[k] = recent[j - 1];
+                j -= 1;
+            }
+        }
+        debug_assert!(
+            self.sorted.windows(2).all(|w| w[0] < w[1]),
+            "sale index sorted"
+        );
+        let buckets = 1usize << SALE_INDEX_BUCKET_BITS;
+        self.starts.clear();
+        self.starts.reserve_exact(buckets + 1);
+        let mut at = 0usize;
+        for b in 0..buckets {
+            while self
+                .sorted
+                .get(at)
+                .is_some_and(|e| ((e >> (64 - SALE_INDEX_BUCKET_BITS)) as usize) < b)
+            {
+                at += 1;
+            }
+            self.starts.push(at as u32);
+        }
+        self.starts.push(self.sorted.len() as u32);
     }
 
     /// Heap bytes the index holds for its entries (its names and exact
     /// maps aside): what grows with the number of sales.
     pub fn entry_bytes(&self) -> usize {
         // A B-tree set holds up to 11 entries per node of ~100 bytes.
-        self.sorted.capacity() * 8 + self.recent.len() * 16
+        self.sorted.capacity() * 8 + self.recent.len() * 16 + self.starts.capacity() * 4
     }
 
     /// (id, document) pairs held.

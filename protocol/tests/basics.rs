@@ -32,7 +32,7 @@ fn receipt_sale_grant_and_convergence() {
     m.commit(0);
     m.settle();
     let ok = m.execute(1, sale("s1", Some("loc0"), &[(42, 3)])).unwrap();
-    assert_eq!(ok.status, 201);
+    assert_eq!(ok.kind, ReplyKind::Created);
     m.commit(1);
     // Lines of one product are added up before the check: 1 + 1 > 1 left.
     let err = m
@@ -43,7 +43,7 @@ fn receipt_sale_grant_and_convergence() {
     );
     // Replay returns the first result with 200; a different body is a conflict.
     let again = m.execute(1, sale("s1", Some("loc0"), &[(42, 3)])).unwrap();
-    assert_eq!(again.status, 200);
+    assert_eq!(again.kind, ReplyKind::Ok);
     assert_eq!(again.body, ok.body);
     assert!(matches!(
         m.execute(1, sale("s1", Some("loc0"), &[(42, 2)])),
@@ -251,7 +251,7 @@ fn an_overdraft_reclaims_rights_from_peers() {
     assert!(m.nodes[0]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .any(|a| a.kind == "overdraft"));
     // The web shop handed 2 of its 3 back.
@@ -347,7 +347,7 @@ fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
     m.nodes[i]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .filter(|a| a.kind == "deficit")
         .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
@@ -360,7 +360,7 @@ fn retire_at_n0(m: &mut TestMesh, node: &str, successor: &str) {
         node: node.into(),
         successor: successor.into(),
     };
-    assert_eq!(m.execute(0, op).unwrap().status, 201);
+    assert_eq!(m.execute(0, op).unwrap().kind, ReplyKind::Created);
     m.commit(0);
     m.settle();
 }
@@ -407,7 +407,7 @@ fn a_retired_node_s_reservations_pass_to_its_successor() {
             },
         )
         .unwrap();
-    assert_eq!(f.status, 201);
+    assert_eq!(f.kind, ReplyKind::Created);
     assert_eq!(m.nodes[2].engine.expire_reservations(soon - 1), 0);
     assert_eq!(m.nodes[2].engine.expire_reservations(soon), 1);
     m.commit(2);
@@ -510,7 +510,7 @@ fn a_retired_node_s_late_sales_leave_a_deficit_at_its_successor() {
     assert_eq!(
         m.nodes[2]
             .engine
-            .node_rights(&m.nodes[2].engine.views.stock[&42]["loc0"], m.id(2).tag()),
+            .node_rights(&m.nodes[2].engine.views.stock()[&42]["loc0"], m.id(2).tag()),
         -3
     );
     for i in [0, 2] {
@@ -582,9 +582,16 @@ fn a_retry_with_a_different_amount_is_an_id_conflict() {
         op
     };
     let first = with(&|s| s.discount = Some(500));
-    assert_eq!(m.execute(0, first.clone()).unwrap().status, 201);
+    assert_eq!(
+        m.execute(0, first.clone()).unwrap().kind,
+        ReplyKind::Created
+    );
     m.commit(0);
-    assert_eq!(m.execute(0, first).unwrap().status, 200, "a true retry");
+    assert_eq!(
+        m.execute(0, first).unwrap().kind,
+        ReplyKind::Ok,
+        "a true retry"
+    );
     for other in [
         with(&|s| s.tax = Some(500)),
         with(&|s| s.total = Some(500)),

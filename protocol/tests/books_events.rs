@@ -95,7 +95,7 @@ fn a_reservation_s_units_are_never_free_at_the_fulfilling_node() {
                 },
             )
             .unwrap();
-        assert_eq!(f.status, 201);
+        assert_eq!(f.kind, ReplyKind::Created);
         m.commit(1);
         m.settle();
         for i in 0..2 {
@@ -148,7 +148,7 @@ fn deficits(m: &TestMesh, i: usize) -> Vec<(String, i64)> {
     let mut d: Vec<(String, i64)> = m.nodes[i]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .filter(|a| a.kind == "deficit")
         .map(|a| (a.node.clone(), a.record["deficit"].as_i64().unwrap_or(0)))
@@ -328,7 +328,7 @@ fn an_import_at_an_ownerless_location_is_counted_once() {
     m.settle();
     // Stock the warehouse had before: 4 of "a" (a full import zeroes "old").
     let first = import("opening-0", &[("a", "wh", 4), ("old", "wh", 6)], false);
-    assert_eq!(m.execute(0, first).unwrap().status, 201);
+    assert_eq!(m.execute(0, first).unwrap().kind, ReplyKind::Created);
     m.commit(0);
     m.settle();
     for a in 0..3 {
@@ -340,16 +340,14 @@ fn an_import_at_an_ownerless_location_is_counted_once() {
     // its own location.
     let rows = [("a", "wh", 10), ("b", "wh", 3), ("a", "loc1", 2)];
     assert_eq!(
-        m.execute(1, import("opening", &rows, true)).unwrap().status,
-        201
+        m.execute(1, import("opening", &rows, true)).unwrap().kind,
+        ReplyKind::Created
     );
     m.commit(1);
     let rows2 = [("a", "wh", 10), ("b", "wh", 3)];
     assert_eq!(
-        m.execute(2, import("opening", &rows2, true))
-            .unwrap()
-            .status,
-        201
+        m.execute(2, import("opening", &rows2, true)).unwrap().kind,
+        ReplyKind::Created
     );
     m.commit(2);
     m.full_mesh();
@@ -397,7 +395,10 @@ fn a_receipt_at_an_ownerless_location_is_counted_once() {
     let mut m = TestMesh::new(3, 8);
     m.full_mesh();
     m.settle();
-    assert_eq!(m.execute(0, declare("wh")).unwrap().status, 201);
+    assert_eq!(
+        m.execute(0, declare("wh")).unwrap().kind,
+        ReplyKind::Created
+    );
     m.commit(0);
     m.settle();
     for a in 0..3 {
@@ -408,21 +409,21 @@ fn a_receipt_at_an_ownerless_location_is_counted_once() {
     // Nodes 1 and 2 record the same delivery while apart.
     for i in [1, 2] {
         let r = testkit::receipt("d-1", "wh", &[(7, 10), (8, 4), (7, 1)]);
-        assert_eq!(m.execute(i, r).unwrap().status, 201);
+        assert_eq!(m.execute(i, r).unwrap().kind, ReplyKind::Created);
         m.commit(i);
     }
     // Nodes 0 and 1 use one id for two different deliveries.
     let r = testkit::receipt("d-2", "wh", &[(9, 5)]);
-    assert_eq!(m.execute(0, r).unwrap().status, 201);
+    assert_eq!(m.execute(0, r).unwrap().kind, ReplyKind::Created);
     m.commit(0);
     let r = testkit::receipt("d-2", "wh", &[(9, 3)]);
-    assert_eq!(m.execute(1, r).unwrap().status, 201);
+    assert_eq!(m.execute(1, r).unwrap().kind, ReplyKind::Created);
     m.commit(1);
     m.full_mesh();
     m.settle();
     // Node 0 records d-1 too, having seen the others' records.
     let r = testkit::receipt("d-1", "wh", &[(7, 11), (8, 4)]);
-    assert_eq!(m.execute(0, r).unwrap().status, 201);
+    assert_eq!(m.execute(0, r).unwrap().kind, ReplyKind::Created);
     m.commit(0);
     m.settle();
     // Once more: the reversals are booked and travel.
@@ -455,7 +456,7 @@ fn a_receipt_at_an_ownerless_location_is_counted_once() {
     // A receipt at a node's own location is untouched by all this.
     for i in [1, 2] {
         let r = testkit::receipt("d-3", &format!("loc{i}"), &[(7, 2)]);
-        assert_eq!(m.execute(i, r).unwrap().status, 201);
+        assert_eq!(m.execute(i, r).unwrap().kind, ReplyKind::Created);
         m.commit(i);
     }
     m.settle();

@@ -47,7 +47,7 @@ fn copied_storage_fork_is_detected_and_merged_exactly() {
         assert_eq!(e.totals(5, Some("loc0")).unwrap().0, -4, "node {i}");
         assert!(e.owned_conflicts().is_empty());
     }
-    let alarms = &m.nodes[0].engine.views.alarms;
+    let alarms = &m.nodes[0].engine.views.alarms();
     assert!(
         alarms.values().any(|a| a.kind == "fork"),
         "fork reported: {alarms:?}"
@@ -64,7 +64,7 @@ fn copied_storage_fork_is_detected_and_merged_exactly() {
     assert!(m.nodes[1]
         .engine
         .views
-        .alarms
+        .alarms()
         .values()
         .any(|a| a.kind == "deficit"));
 }

@@ -94,7 +94,7 @@ impl Checker {
             let e = &n.engine;
             // Views equal a recomputation from the documents.
             let recomputed = e.recompute_stock();
-            let mut view: HashMap<u64, BTreeMap<String, _>> = e.views.stock.clone();
+            let mut view: HashMap<u64, BTreeMap<String, _>> = e.views.stock().clone();
             view.retain(|_, m| {
                 m.retain(|_, v| !v.cells.is_empty());
                 !m.is_empty()
@@ -108,8 +108,8 @@ impl Checker {
                 e.owned_conflicts().is_empty(),
                 "step {step}: node {i}: owned cell with two values"
             );
-            let deficits = e.views.alarms.values().any(|a| a.kind == "deficit");
-            for (p, locs) in &e.views.stock {
+            let deficits = e.views.alarms().values().any(|a| a.kind == "deficit");
+            for (p, locs) in e.views.stock() {
                 for (l, entry) in locs {
                     if !deficits {
                         assert!(
@@ -253,11 +253,12 @@ fn run(actions: Vec<Action>) {
                 if !done.is_empty() {
                     let (node, op, first) = done[pick % done.len()].clone();
                     if op.client_key().is_some() {
-                        let before = m.nodes[node].engine.views.stock.clone();
+                        let before = m.nodes[node].engine.views.stock().clone();
                         let again = m.execute(node, op).expect("a replay succeeds");
                         assert_eq!(again.body, first.body, "replay returns the first result");
                         assert_eq!(
-                            m.nodes[node].engine.views.stock, before,
+                            *m.nodes[node].engine.views.stock(),
+                            before,
                             "replay changed state"
                         );
                         m.commit(node);
@@ -305,7 +306,8 @@ fn run(actions: Vec<Action>) {
             "node {i} did not converge (stock)"
         );
         assert_eq!(
-            n.engine.views.customers, m.nodes[0].engine.views.customers,
+            n.engine.views.customers(),
+            m.nodes[0].engine.views.customers(),
             "node {i}: customers differ"
         );
     }

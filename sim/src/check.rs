@@ -141,7 +141,7 @@ type Flat = BTreeMap<(u64, String), StockEntry>;
 
 fn flat_views(e: &Engine) -> Flat {
     let mut out = Flat::new();
-    for (p, m) in &e.views.stock {
+    for (p, m) in e.views.stock() {
         for (l, entry) in m {
             if !entry.cells.is_empty() {
                 out.insert((*p, l.clone()), entry.clone());
@@ -259,9 +259,9 @@ impl World {
             };
             let check = &mut self.check;
             let views = &life.node.engine().views;
-            if views.alarms.len() != life.alarms_seen {
-                life.alarms_seen = views.alarms.len();
-                for (key, alarm) in &views.alarms {
+            if views.alarms().len() != life.alarms_seen {
+                life.alarms_seen = views.alarms().len();
+                for (key, alarm) in views.alarms() {
                     // A record is one per key in one month's documents: a
                     // node restored from an old image may write a record
                     // under the key of one it lost (a count page numbered
@@ -388,7 +388,7 @@ impl World {
                 // The committing node judged its own sales and grants by the
                 // retirements it knew: by its own view it never spent below zero.
                 let me = life.engine().tag();
-                if !views.retired.is_empty() && check.retired_to.values().any(|s| *s == me) {
+                if !views.retired().is_empty() && check.retired_to.values().any(|s| *s == me) {
                     let own = life.engine().node_rights(entry, me);
                     let (allow, forked) = check.allowance_of(check.resolve(me), *p, l);
                     if entry.rights(me) < 0 && own >= 0 {
@@ -609,14 +609,14 @@ impl World {
                     ),
                 ));
             }
-            if e.views.customers != e0.views.customers {
+            if e.views.customers() != e0.views.customers() {
                 return Err(self.violation(
                     "convergence",
                     format!("customer views of {} and {} differ", names(first), names(i)),
                 ));
             }
-            let ka: Vec<_> = e.views.alarms.keys().collect();
-            let kb: Vec<_> = e0.views.alarms.keys().collect();
+            let ka: Vec<_> = e.views.alarms().keys().collect();
+            let kb: Vec<_> = e0.views.alarms().keys().collect();
             if ka != kb {
                 return Err(self.violation(
                     "convergence",
@@ -661,6 +661,8 @@ impl World {
         self.check_transfers(e0)?;
         self.check_deficits_per_event(e0)?;
         self.check_ownerless_imports(e0)?;
+        self.check_ownerless_receipts(e0)?;
+        self.check_colliding_ids(e0)?;
         for r in &self.clients.reqs {
             if r.outstanding() {
                 return Err(self.violation(
@@ -679,7 +681,7 @@ impl World {
     fn check_final_oversell(&self, i: usize, e: &Engine) -> Result<(), Violation> {
         let mut rows: Vec<(&u64, &String, &StockEntry)> = e
             .views
-            .stock
+            .stock()
             .iter()
             .flat_map(|(p, m)| m.iter().map(move |(l, en)| (p, l, en)))
             .collect();
@@ -739,7 +741,7 @@ impl World {
                 .collect();
             for c in customers {
                 let fresh = read_customer(doc, &c, keys.get(&c));
-                let view = e.views.customers.get(&c).cloned().unwrap_or_default();
+                let view = e.views.customers().get(&c).cloned().unwrap_or_default();
                 if fresh != view && !(fresh.is_empty() && view.is_empty()) {
                     return Err(self.violation(
                         "views-true",
@@ -767,8 +769,12 @@ impl World {
     /// successor) closes one, at most once, and it expires one only when its
     /// own clock has reached the expiry time.
     fn check_reservations(&self, e: &Engine) -> Result<(), Violation> {
-        let mut opened: BTreeMap<String, (Option<NodeTag>, u64)> = BTreeMap::new();
-        let mut closes: BTreeMap<String, Vec<(NodeTag, String, u64)>> = BTreeMap::new();
+        // Per (reservation id, creating node): two nodes apart may have used
+        // one id (each closed under its own key, naming its creator).
+        let mut opened: BTreeMap<(String, String), (Option<NodeTag>, u64)> = BTreeMap::new();
+        // (reservation id, creator) → closes: (closing writer, status, at).
+        type Closes = BTreeMap<(String, String), Vec<(NodeTag, String, u64)>>;
+        let mut closes: Closes = BTreeMap::new();
         for (id, _) in e.documents() {
             if !id.starts_with("rec/") {
                 continue;
@@ -794,16 +800,28 @@ impl World {
                     ) else {
                         continue;
                     };
+                    let rid = json["reservation_id"].as_str().unwrap_or(rid).to_string();
                     if kind == RecordKind::Reservation {
+                        let creator = json["node"].as_str().unwrap_or("").to_string();
                         opened.insert(
-                            rid.to_string(),
+                            (rid, creator),
                             (
                                 json["fulfil_by_tag"].as_str().and_then(NodeTag::parse),
                                 json["expires_at_ms"].as_u64().unwrap_or(0),
                             ),
                         );
                     } else {
-                        closes.entry(rid.to_string()).or_default().push((
+                        // A close from before closes named the creator: the
+                        // one reservation of the id.
+                        let creator = match json["creator"].as_str() {
+                            Some(c) => c.to_string(),
+                            None => opened
+                                .keys()
+                                .find(|(r, _)| *r == rid)
+                                .map(|(_, c)| c.clone())
+                                .unwrap_or_default(),
+                        };
+                        closes.entry((rid, creator)).or_default().push((
                             writer.tag(),
                             json["status"].as_str().unwrap_or("").to_string(),
                             json["at_ms"].as_u64().unwrap_or(0),
@@ -841,7 +859,7 @@ impl World {
                 return Err(self.violation(
                     "reservations",
                     format!(
-                        "reservation {rid} (fulfilled by {}) expired at {expires} but is still open at {now} by the clock of {}, which acts for it: its units stay held",
+                        "reservation {rid:?} (fulfilled by {}) expired at {expires} but is still open at {now} by the clock of {}, which acts for it: its units stay held",
                         self.check.name_of(*by),
                         self.nodes[i].name
                     ),
@@ -852,7 +870,7 @@ impl World {
             let Some((Some(by), expires)) = opened.get(rid) else {
                 return Err(self.violation(
                     "reservations",
-                    format!("reservation {rid} was closed but its reservation record is missing"),
+                    format!("reservation {rid:?} was closed but its reservation record is missing"),
                 ));
             };
             for (w, status, at) in cs {
@@ -860,7 +878,7 @@ impl World {
                     return Err(self.violation(
                         "reservations",
                         format!(
-                            "reservation {rid} was closed ({status}) by {}, not by its fulfilling node {}",
+                            "reservation {rid:?} was closed ({status}) by {}, not by its fulfilling node {}",
                             self.check.names.get(w).cloned().unwrap_or_else(|| w.hex()),
                             self.check.names.get(by).cloned().unwrap_or_else(|| by.hex())
                         ),
@@ -869,14 +887,14 @@ impl World {
                 if status == "expired" && at < expires {
                     return Err(self.violation(
                         "reservations",
-                        format!("reservation {rid} expired at {at} by its node's clock, before its expiry time {expires}"),
+                        format!("reservation {rid:?} expired at {at} by its node's clock, before its expiry time {expires}"),
                     ));
                 }
             }
             if cs.len() > 1 && !cs.iter().all(|(w, _, _)| forked(w)) {
                 return Err(self.violation(
                     "reservations",
-                    format!("reservation {rid} was closed {} times: {cs:?}", cs.len()),
+                    format!("reservation {rid:?} was closed {} times: {cs:?}", cs.len()),
                 ));
             }
         }

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_node::api::outcome as http;
+use storemesh_protocol::ops::{Op, OpError, OpReply, ReplyKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -39,6 +40,8 @@ pub enum Kind {
     /// `storemesh import counts` (the id is the import id; two nodes import
     /// the same file at a location no node owns).
     ImportCounts,
+    /// `POST /api/locations` (the id is the location).
+    DeclareLocation,
 }
 
 impl Kind {
@@ -60,7 +63,8 @@ impl Kind {
             | Kind::CustomerErase
             | Kind::Redeem
             | Kind::Retire
-            | Kind::CountPage => None,
+            | Kind::CountPage
+            | Kind::DeclareLocation => None,
         }
     }
 }
@@ -103,6 +107,12 @@ impl Request {
         !self.abandoned && (self.in_flight > 0 || self.retry_at_ms.is_some())
     }
     pub fn record_key(&self) -> Option<String> {
+        // The close of a reservation id from the shared pool (`books.rs`)
+        // has its own key when the id collided (`<id>@<creator>`): not
+        // known in advance.
+        if self.kind == Kind::ReservationCancel && self.id.starts_with("rc-") {
+            return None;
+        }
         self.kind
             .record_prefix()
             .map(|p| format!("{p}/{}", self.id))
@@ -196,7 +206,7 @@ impl Clients {
                     }
                     Some(first) => {
                         let same = first.body == reply.body
-                            && (reply.status == 200 || reply.status == first.status);
+                            && (reply.kind == ReplyKind::Ok || reply.kind == first.kind);
                         // After a restore the node may legitimately not know it any more.
                         if same || r.idem_lost {
                             ReplyCheck::Fine
@@ -205,9 +215,9 @@ impl Clients {
                                 "replay of {} at node {} answered {} {} but the first answer was {} {}",
                                 r.key.as_deref().unwrap_or("?"),
                                 r.node,
-                                reply.status,
+                                http::reply_status(reply.kind).as_u16(),
                                 reply.body,
-                                first.status,
+                                http::reply_status(first.kind).as_u16(),
                                 first.body
                             ))
                         }
@@ -215,7 +225,7 @@ impl Clients {
                 }
             }
             Err(e) => {
-                if e.status() == 503 {
+                if matches!(e, OpError::Unavailable(_)) {
                     if r.first_ok.is_none() && !r.abandoned {
                         let rid = r.rid;
                         self.schedule_retry(rid, retry_at_ms);
@@ -227,12 +237,12 @@ impl Clients {
                         "replay of {} at node {} answered {} ({}) but the first answer was a success",
                         r.key.as_deref().unwrap_or("?"),
                         r.node,
-                        e.code(),
-                        e.body()
+                        http::error_code(e),
+                        http::error_body(e)
                     ));
                 }
                 if r.first_ok.is_none() {
-                    r.final_err = Some(e.code().to_string());
+                    r.final_err = Some(http::error_code(e).to_string());
                     if let Some(at) = r.retry_at_ms.take() {
                         self.retries.remove(&(at, rid));
                     }

@@ -41,6 +41,8 @@ pub struct RunReport {
     /// `peer_up_with_digest`), and retired peers' keys revoked.
     pub digest_hellos: u64,
     pub revocations: u64,
+    /// Connections both sides dialled at once, settled by `arbitrate`.
+    pub crossing_dials: u64,
 }
 
 impl RunReport {
@@ -214,6 +216,19 @@ impl Driver {
             let r = new_request(&self.w, i, Kind::Receipt, op, id);
             self.w.submit_new(r);
         }
+        // The warehouse: a location no node owns (deliveries, opening counts).
+        let op = storemesh_protocol::ops::Op::DeclareLocation(
+            serde_json::from_value(serde_json::json!({"location": workload::OWNERLESS}))
+                .expect("a valid declaration"),
+        );
+        let r = new_request(
+            &self.w,
+            0,
+            Kind::DeclareLocation,
+            op,
+            workload::OWNERLESS.into(),
+        );
+        self.w.submit_new(r);
         let t = self.w.now_ms + 500;
         self.w.advance_to(t)?;
         let web = self.d.webshop;
@@ -676,6 +691,7 @@ impl Driver {
             }),
             digest_hellos: w.digest_hellos,
             revocations: w.revocations,
+            crossing_dials: w.crossing_dials,
         }
     }
 }
@@ -851,6 +867,7 @@ pub fn run_seed(seed: u64, opts: &Options) -> RunReport {
                 retirement: None,
                 digest_hellos: 0,
                 revocations: 0,
+                crossing_dials: 0,
             };
         }
     };

@@ -250,7 +250,7 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
             ),
         ));
     }
-    let retired_to_made_up = e.views.retired.get(&v_tag) == Some(&made_up.tag());
+    let retired_to_made_up = e.views.retired().get(&v_tag) == Some(&made_up.tag());
     let name_taken = e.views.tag_of(&p_name) != Some(p_tag);
     let record_held = e.record(&rec_doc, &rec_key).is_some();
     if refused != FORGERIES || retired_to_made_up || name_taken || record_held {

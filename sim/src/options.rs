@@ -7,8 +7,8 @@ use std::fmt;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-/// Deliberately broken variants for the self-test. Three live in the engine
-/// (`Faults` switches), three in the simulator's copy of the request path.
+/// Deliberately broken variants for the self-test. Most live in the engine
+/// (`Faults` switches), one in the simulator's copy of the request path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Bug {
     /// The engine sells and grants without checking rights.
@@ -21,18 +21,30 @@ pub enum Bug {
     IdemOutsideTxn,
     /// The engine writes count records larger than a peer accepts, unchecked.
     UncheckedLargeRecords,
+    /// The engine counts received transfers as still in transit.
+    ReceivedInTransit,
+    /// The engine records a count's deficit as the whole negative balance.
+    DeficitWholeBalance,
+    /// The engine never reverses a booking at a location no node owns.
+    SkipOwnerlessSettle,
+    /// The engine does not list a sale id used by two nodes as a collision.
+    UnlistedSaleCollisions,
 }
 
 impl Bug {
     // "ack before commit" and "push before commit" are gone: answers and
     // frames exist only in the `Committed` that `NodeLoop::step` returns after
     // its commit, so the request path cannot release them earlier.
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 9] = [
         Bug::SkipRightsCheck,
         Bug::PerLineCheck,
         Bug::GrantInOtherBucket,
         Bug::IdemOutsideTxn,
         Bug::UncheckedLargeRecords,
+        Bug::ReceivedInTransit,
+        Bug::DeficitWholeBalance,
+        Bug::SkipOwnerlessSettle,
+        Bug::UnlistedSaleCollisions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +54,10 @@ impl Bug {
             Bug::GrantInOtherBucket => "grant-in-other-bucket",
             Bug::IdemOutsideTxn => "idem-outside-txn",
             Bug::UncheckedLargeRecords => "unchecked-large-records",
+            Bug::ReceivedInTransit => "received-in-transit",
+            Bug::DeficitWholeBalance => "deficit-whole-balance",
+            Bug::SkipOwnerlessSettle => "skip-ownerless-settle",
+            Bug::UnlistedSaleCollisions => "unlisted-sale-collisions",
         }
     }
 

@@ -1091,7 +1091,7 @@ fn run_inner(sc: &Scenario, seed: u64, report: &mut ScenarioReport) -> Result<()
                 + w.net.bytes_in.get(i).copied().unwrap_or(0),
             ..NodeLine::default()
         };
-        for a in e.views.alarms.values() {
+        for a in e.views.alarms().values() {
             if a.kind == "overdraft" && a.node == n.name {
                 line.overdrafts += 1;
                 for l in a.record["lines"].as_array().into_iter().flatten() {

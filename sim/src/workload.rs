@@ -141,6 +141,7 @@ impl World {
             .collect();
         let roll = self.rng.gen_range(0..100);
         match roll {
+            45..=47 if self.rng.gen_bool(0.7) => self.books_op(cat, i, &own),
             0..=47 if self.rng.gen_bool(0.12) => self.random_reservation_op(cat, i, &own, &targets),
             0..=47 => {
                 let id = cat.fresh_id("s");
@@ -283,6 +284,7 @@ impl World {
             }
             92..=95 => self.random_transfer_op(cat, i, &own, &targets),
             96 if self.rng.gen_bool(0.3) => self.ownerless_import_op(),
+            97 | 98 => self.books_op(cat, i, &own),
             _ => {
                 let id = cat.fresh_id("p");
                 let c = cat.customers[self.rng.gen_range(0..cat.customers.len())].clone();

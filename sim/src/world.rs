@@ -22,14 +22,15 @@ use std::collections::{BTreeMap, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest as _, Sha256};
-use storemesh_node::simdisk::SimDisk;
-use storemesh_node::store::Store;
+use storemesh_node::api::outcome as http;
 use storemesh_protocol::engine::{Batch, Engine, EngineConfig, Policy};
 use storemesh_protocol::ids::{ActorKey, NodeId, NodeTag};
 use storemesh_protocol::layout::{month_of, DocId};
 use storemesh_protocol::ops::{IdemRecord, OpError, OpReply};
 use storemesh_protocol::rebalance::AllocationRule;
 use storemesh_protocol::step::{Failure, Input, LoopConfig, NodeLoop, Step, Storage, StorageError};
+use storemesh_store::simdisk::SimDisk;
+use storemesh_store::store::Store;
 
 use crate::check::{Checker, Violation};
 use crate::client::{Clients, ReplyCheck};
@@ -57,7 +58,8 @@ pub struct Life {
     /// Production's loop around the engine (parked callers, row numbering,
     /// revoked keys, hello digest).
     pub node: NodeLoop<usize>,
-    /// Shared with the engine's certificate archive (reads only).
+    /// Shared with the engine, which reads cold records parts and
+    /// certificates back from it.
     pub store: std::sync::Arc<Store>,
     /// Where frames go (the transport's view): current connection per peer
     /// identity: (simulator index, connection id).
@@ -277,6 +279,11 @@ pub struct World {
     pub digest_hellos: u64,
     /// Retired peers' keys revoked by some node (`Committed::revoke`).
     pub revocations: u64,
+    /// Connections both sides dialled at once, settled by production's
+    /// `arbitration::arbitrate` on each side (`crossing_dials`).
+    pub crossing_dials: u64,
+    /// Pairs that held a connection at least once.
+    dialled_pairs: std::collections::BTreeSet<(usize, usize)>,
 }
 
 fn node_id_from(rng: &mut StdRng) -> NodeId {
@@ -382,6 +389,8 @@ impl World {
             draining: None,
             digest_hellos: 0,
             revocations: 0,
+            crossing_dials: 0,
+            dialled_pairs: Default::default(),
         };
         for i in 0..n {
             w.check
@@ -472,6 +481,7 @@ impl World {
         let node = &self.nodes[i];
         let mut engine = Engine::new(node.cfg.clone(), incarnation);
         engine.set_entropy(self.rng.gen());
+        engine.set_part_archive(store.clone());
         // Small records parts in most seeds, so that months roll over into
         // new parts under every fault (production: RECORDS_PER_PART_MAX).
         // Derived from the seed, not drawn, so the event stream is unchanged.
@@ -491,6 +501,10 @@ impl World {
             Some(Bug::PerLineCheck) => engine.faults.per_line_check = true,
             Some(Bug::GrantInOtherBucket) => engine.faults.grant_in_other_bucket = true,
             Some(Bug::UncheckedLargeRecords) => engine.faults.unchecked_large_records = true,
+            Some(Bug::ReceivedInTransit) => engine.faults.received_in_transit = true,
+            Some(Bug::DeficitWholeBalance) => engine.faults.deficit_whole_balance = true,
+            Some(Bug::SkipOwnerlessSettle) => engine.faults.skip_ownerless_settle = true,
+            Some(Bug::UnlistedSaleCollisions) => engine.faults.unlisted_sale_collisions = true,
             _ => {}
         }
         // Signing keys derived from the seed (deterministic runs).
@@ -733,7 +747,7 @@ impl World {
 
     fn tick(&mut self) -> Result<(), Violation> {
         self.run_schedule()?;
-        self.connect_pairs();
+        self.connect_pairs()?;
         self.deliver_frames();
         for rid in self.clients.due(self.now_ms) {
             self.submit(rid);
@@ -837,7 +851,7 @@ impl World {
         true
     }
 
-    fn connect_pairs(&mut self) {
+    fn connect_pairs(&mut self) -> Result<(), Violation> {
         let pairs: Vec<(usize, usize)> = self.net.peers.iter().copied().collect();
         for (a, b) in pairs {
             if self.net.connected(a, b).is_some() {
@@ -852,7 +866,10 @@ impl World {
                 self.net.reconnect_at_ms.insert((a, b), at);
                 continue;
             }
+            // Never connected before: both ends started and dial at once.
+            let first = self.dialled_pairs.insert((a, b));
             let conn = self.net.open(a, b);
+            self.crossing_dials(a, b, conn, first)?;
             let (ida, idb) = (self.nodes[a].cfg.node_id, self.nodes[b].cfg.node_id);
             // Each hello carries the digest of what its sender has committed.
             let digest = |x: usize| {
@@ -874,6 +891,46 @@ impl World {
                 conn,
                 digest: da,
             }));
+        }
+        Ok(())
+    }
+
+    /// Crossing dials: on a pair's `first` connection (both nodes start and
+    /// dial) and in about a quarter of the others, `a` and `b` dial each other
+    /// at once (derived from the seed and the connection number, not drawn,
+    /// so the event stream is unchanged). Each side sees
+    /// both connections, in its own arrival order, and keeps one by
+    /// production's `arbitrate` (`node/src/transport/conn.rs` calls the same
+    /// function); both must keep the same one, else each would close the
+    /// connection the other kept and the pair would hold none. The simulated
+    /// link that follows is the survivor.
+    fn crossing_dials(
+        &mut self,
+        a: usize,
+        b: usize,
+        conn: u64,
+        first: bool,
+    ) -> Result<(), Violation> {
+        let bits = mix64(self.seed ^ conn.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15);
+        if !first && bits % 4 != 0 {
+            return Ok(());
+        }
+        self.crossing_dials += 1;
+        let (ida, idb) = (self.nodes[a].cfg.node_id, self.nodes[b].cfg.node_id);
+        // One process on each side dialled both: each side sees its peer's
+        // nonce on both connections (a new process is probed, not arbitrated).
+        let (nonce_a, nonce_b) = (bits >> 40, bits >> 24);
+        let at_a = survivor(ida, idb, nonce_b, bits & 0x10 != 0);
+        let at_b = survivor(idb, ida, nonce_a, bits & 0x20 != 0);
+        match (at_a, at_b) {
+            (Some(x), Some(y)) if x == y => Ok(()),
+            _ => Err(self.violation(
+                "connection-arbitration",
+                format!(
+                    "{} and {} dialled each other at once and kept different connections ({at_a:?} at the first, {at_b:?} at the second)",
+                    self.nodes[a].name, self.nodes[b].name
+                ),
+            )),
         }
     }
 
@@ -986,8 +1043,12 @@ impl World {
 
     fn answer(&mut self, rid: usize, result: Result<OpReply, OpError>) -> Result<(), Violation> {
         let item = match &result {
-            Ok(r) => format!("reply {rid} {} {}", r.status, r.body),
-            Err(e) => format!("reply {rid} {}", e.body()),
+            Ok(r) => format!(
+                "reply {rid} {} {}",
+                http::reply_status(r.kind).as_u16(),
+                r.body
+            ),
+            Err(e) => format!("reply {rid} {}", http::error_body(e)),
         };
         self.trace(item.as_bytes());
         let node = self.clients.reqs[rid].node;
@@ -997,17 +1058,17 @@ impl World {
             let o = &self.clients.reqs[orig];
             let must_conflict = o.first_ok.is_some() && !o.idem_lost;
             match &result {
-                Err(e) if e.status() == 503 => {
+                Err(OpError::Unavailable(_)) => {
                     let at = self.now_ms + self.rand_in(RETRY_MS);
                     self.clients.schedule_retry(rid, at);
                 }
-                Err(e) if e.code() == "id_conflict" => {
-                    self.clients.reqs[rid].final_err = Some(e.code().into());
+                Err(e @ OpError::IdConflict(_)) => {
+                    self.clients.reqs[rid].final_err = Some(http::error_code(e).into());
                 }
                 other if must_conflict => {
                     let shown = match other {
-                        Ok(r) => format!("{} {}", r.status, r.body),
-                        Err(e) => e.body().to_string(),
+                        Ok(r) => format!("{} {}", http::reply_status(r.kind).as_u16(), r.body),
+                        Err(e) => http::error_body(e).to_string(),
                     };
                     return Err(self.violation(
                         "exactly-once",
@@ -1041,7 +1102,7 @@ impl World {
                     };
                     self.nodes[node].stats.units_sold += units;
                 }
-                Err(e) if e.code() == "insufficient_stock" => {
+                Err(e @ OpError::InsufficientStock(_)) => {
                     self.nodes[node].stats.sales_refused += 1;
                     if self.refused_with_stock(rid, e, false) {
                         self.nodes[node].stats.refused_stock_anywhere += 1;
@@ -1494,4 +1555,37 @@ pub fn signing_scheme(seed: u64) -> storemesh_protocol::signing::KeyedHashScheme
     k[..8].copy_from_slice(&seed.to_le_bytes());
     k[8..16].copy_from_slice(b"sim-keys");
     storemesh_protocol::signing::KeyedHashScheme::new(k)
+}
+
+/// Which dial survives at node `me` (peer `peer`, whose process `nonce` both
+/// connections carry) when both dialled at once and `mine_first` says which
+/// connection this side registered first: the dialler of the survivor, by
+/// production's arbitration; `None` if it would probe instead.
+fn survivor(me: NodeId, peer: NodeId, nonce: u64, mine_first: bool) -> Option<NodeId> {
+    use storemesh_protocol::arbitration::{arbitrate, Arbitration, ConnFacts};
+    let mine = ConnFacts {
+        dialed_by_us: true,
+        nonce,
+    };
+    let theirs = ConnFacts {
+        dialed_by_us: false,
+        nonce,
+    };
+    let ((live, live_by), (cand, cand_by)) = if mine_first {
+        ((mine, me), (theirs, peer))
+    } else {
+        ((theirs, peer), (mine, me))
+    };
+    match arbitrate(me, peer, live, cand) {
+        Arbitration::KeepLive => Some(live_by),
+        Arbitration::Replace => Some(cand_by),
+        Arbitration::Probe => None,
+    }
+}
+
+/// SplitMix64's finaliser: well-spread bits from a counter, without the RNG.
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }

@@ -73,7 +73,7 @@ pub(super) async fn customer_delete(
 }
 
 pub(super) fn customer_json(e: &storemesh_protocol::Engine, id: &str) -> Option<Value> {
-    let v = e.views.customers.get(id)?;
+    let v = e.views.customers().get(id)?;
     if v.erased {
         return None;
     }
@@ -118,9 +118,9 @@ pub(super) async fn customer_search(
     let items = sh
         .query(move |e| {
             let index = if field == "email" {
-                &e.views.by_email
+                &e.views.by_email()
             } else {
-                &e.views.by_phone
+                &e.views.by_phone()
             };
             index
                 .get(&value)
@@ -188,7 +188,7 @@ pub(super) async fn segment(
         .query(move |e| {
             let product = match bought {
                 Ok(p) => Some(p),
-                Err(sku) => e.views.by_sku.get(&sku).and_then(|s| s.first().copied()),
+                Err(sku) => e.views.by_sku().get(&sku).and_then(|s| s.first().copied()),
             };
             let product = product?;
             let rows = e.segment(product, since_ms, location.as_deref(), include_all);
@@ -197,7 +197,7 @@ pub(super) async fn segment(
                 .filter(|(c, _)| c.as_str() > after.as_str())
                 .take(limit + 1)
                 .map(|(c, purchases)| {
-                    let v = e.views.customers.get(&c).cloned().unwrap_or_default();
+                    let v = e.views.customers().get(&c).cloned().unwrap_or_default();
                     let mut out = json!({"customer_id": c, "purchases": purchases});
                     for f in ["name", "email", "phone", "marketing_consent"] {
                         if let Some(x) = v.profile.get(f) {

@@ -38,8 +38,8 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
 }
 
 pub(super) fn op_error(e: OpError) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, axum::Json(e.body())).into_response();
+    let status = super::outcome::error_status(&e);
+    let mut resp = (status, axum::Json(super::outcome::error_body(&e))).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
@@ -150,15 +150,12 @@ pub(super) fn optional_json_body<T: serde::de::DeserializeOwned + Default>(
 
 pub(super) fn reply(r: Result<ops::OpReply, OpError>) -> Response {
     match r {
-        Ok(rep) => {
-            let status = StatusCode::from_u16(rep.status).unwrap_or(StatusCode::OK);
-            (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                rep.body,
-            )
-                .into_response()
-        }
+        Ok(rep) => (
+            super::outcome::reply_status(rep.kind),
+            [(header::CONTENT_TYPE, "application/json")],
+            rep.body,
+        )
+            .into_response(),
         Err(e) => op_error(e),
     }
 }

@@ -161,9 +161,9 @@ pub(super) async fn inventory(
         let ids = sh
             .query(move |e| {
                 let index = if by_barcode {
-                    &e.views.by_barcode
+                    &e.views.by_barcode()
                 } else {
-                    &e.views.by_sku
+                    &e.views.by_sku()
                 };
                 index
                     .get(&code)
@@ -286,7 +286,7 @@ pub(super) async fn product_get(
         Ok(p) => p,
         Err(r) => return r,
     };
-    match sh.query(move |e| e.views.products.get(&product_id).cloned()).await.flatten() {
+    match sh.query(move |e| e.views.products().get(&product_id).cloned()).await.flatten() {
         Some(v) => axum::Json(json!({"product_id": product_id, "sku": v.sku, "barcodes": v.barcodes, "external_ids": v.external_ids, "name": v.name, "conflicts": v.conflicts})).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", format!("product {product_id} is not in the catalogue")),
     }
@@ -463,8 +463,8 @@ pub(super) async fn export_inventory(
     let rows = sh
         .query(|e| {
             let mut rows = Vec::new();
-            for (p, locs) in &e.views.stock {
-                let cat = e.views.products.get(p);
+            for (p, locs) in e.views.stock() {
+                let cat = e.views.products().get(p);
                 let sku = cat
                     .and_then(|c| c.sku.clone())
                     .unwrap_or_else(|| p.to_string());

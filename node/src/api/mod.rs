@@ -4,7 +4,8 @@
 //!
 //! By concern: `extract` (error mapping, auth, body limits and parsing),
 //! `operations` (writes and what they create), `inventory`, `customers`,
-//! `status`; the count-session and location routes are in `books_api`.
+//! `status`, `outcome` (the core's typed results as HTTP statuses and
+//! JSON error bodies); the count-session and location routes are in `books_api`.
 
 // Handlers return early with a ready `Response` as the error; boxing it would
 // only add noise on a path that is not hot.
@@ -33,6 +34,7 @@ mod customers;
 mod extract;
 mod inventory;
 mod operations;
+pub mod outcome;
 mod status;
 
 use customers::*;

@@ -85,7 +85,7 @@ pub(super) async fn adjustments_list(
         .query(move |e| {
             let mut v: Vec<Value> = e
                 .views
-                .adjustments
+                .adjustments()
                 .get(&loc)
                 .map(|s| s.iter().filter_map(|(d, k)| e.record(d, k)).collect())
                 .unwrap_or_default();

@@ -268,14 +268,14 @@ pub(super) async fn overdrafts(State(sh): S, headers: HeaderMap) -> Response {
         .query(move |e| {
             let mut v: Vec<Value> = e
                 .views
-                .alarms
+                .alarms()
                 .values()
                 .map(|a| json!({"kind": a.kind, "node": a.node, "id": a.id, "record": a.record}))
                 .collect();
             // Loyalty overdrafts: balances below zero after concurrent
             // redemptions; erased customers are nobody's business any more.
             if customers {
-                for (c, view) in &e.views.customers {
+                for (c, view) in e.views.customers() {
                     if view.points() < 0 && !view.erased {
                         v.push(
                             json!({"kind": "loyalty", "customer_id": c, "points": view.points()}),

@@ -135,7 +135,7 @@ pub(super) fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), 
     }
     r.locations = engine
         .views
-        .nodes
+        .nodes()
         .values()
         .filter_map(|i| {
             let tz = i.timezone.clone().unwrap_or_else(|| "UTC".into());

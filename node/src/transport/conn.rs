@@ -15,11 +15,13 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, error, info, warn};
 
-use super::arbitration::{arbitrate, Arbitration, Backoff, ConnFacts, JITTER_MAX, JITTER_MIN};
 use super::events::*;
 use super::frames::*;
 use super::tls::*;
 use super::*;
+use storemesh_protocol::arbitration::{
+    arbitrate, Arbitration, Backoff, ConnFacts, JITTER_MAX, JITTER_MIN,
+};
 
 pub(super) fn bind_error(addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
     use std::io::ErrorKind;

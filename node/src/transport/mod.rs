@@ -36,8 +36,9 @@
 //! Call [`Transport::shutdown`] before dropping the last handle: the background
 //! tasks hold the endpoint until then.
 //!
-//! By concern: `tls` (identity and TLS verification), `arbitration` (which of
-//! two connections survives, dial back-off: pure functions), `conn` (the
+//! By concern: `tls` (identity and TLS verification), connection arbitration
+//! (which of two connections survives, dial back-off: pure functions in
+//! `storemesh_protocol::arbitration`, which the simulator runs too), `conn` (the
 //! endpoint, the hello, the reader and writer tasks, the dial supervisor),
 //! `frames` (framing), `events` (state access and reporting), `tests`.
 
@@ -58,7 +59,6 @@ use tracing::{debug, error, info};
 
 use crate::identity::Identity;
 
-mod arbitration;
 mod conn;
 mod events;
 mod frames;

@@ -261,7 +261,10 @@ impl Engine {
         }
         self.views.set_customer(id, view);
         self.pending_customers.insert(id.to_string());
-        Ok(Self::reply(200, serde_json::json!({"customer_id": id})))
+        Ok(Self::reply(
+            crate::ops::ReplyKind::Ok,
+            serde_json::json!({"customer_id": id}),
+        ))
     }
 
     pub(super) fn customer_erase(&mut self, id: &str, now_ms: u64) -> Result<OpReply, OpError> {
@@ -297,7 +300,7 @@ impl Engine {
         self.views.set_customer(id, view);
         self.pending_customers.insert(id.to_string());
         Ok(Self::reply(
-            200,
+            crate::ops::ReplyKind::Ok,
             serde_json::json!({"customer_id": id, "erased": true}),
         ))
     }
@@ -321,7 +324,7 @@ impl Engine {
             .map(|v| v.points())
             .unwrap_or(0);
         Ok(Self::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"redeem_id": r.redeem_id, "loyalty_points": left}),
         ))
     }

@@ -330,7 +330,7 @@ impl Engine {
             IdemRecord {
                 body_hash: [0; 32],
                 reply: OpReply {
-                    status: 201,
+                    kind: crate::ops::ReplyKind::Created,
                     body: String::new(),
                 },
             },

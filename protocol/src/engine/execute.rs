@@ -32,8 +32,7 @@ impl Engine {
             .as_ref()
             .and_then(|k| self.pending_idem.get(k).cloned().or_else(|| idem(k)))
             .map(|rec| {
-                let same =
-                    rec.body_hash == hash || rec.body_hash == crate::ops::op_hash_legacy(&op);
+                let same = rec.same_body(&hash) || rec.same_body(&crate::ops::op_hash_legacy(&op));
                 (rec, same)
             });
         let mut op = op;
@@ -51,11 +50,7 @@ impl Engine {
         }
         if let (Some(k), Some((rec, same))) = (&key, same_body) {
             if same {
-                let mut reply = rec.reply;
-                if reply.status == 201 {
-                    reply.status = 200;
-                }
-                return Ok(reply);
+                return Ok(rec.reply.replayed());
             }
             return Err(OpError::IdConflict(format!(
                 "{} was used before with a different body",
@@ -125,9 +120,9 @@ impl Engine {
         result
     }
 
-    pub(crate) fn reply(status: u16, body: serde_json::Value) -> OpReply {
+    pub(crate) fn reply(kind: crate::ops::ReplyKind, body: serde_json::Value) -> OpReply {
         OpReply {
-            status,
+            kind,
             body: body.to_string(),
         }
     }
@@ -331,7 +326,7 @@ impl Engine {
         }
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Self::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"sale_id": s.sale_id, "location": location, "lines": out}),
         ))
     }
@@ -360,7 +355,7 @@ impl Engine {
             .map(|l| self.line_json(l.product_id))
             .collect();
         Ok(Self::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"return_id": r.return_id, "lines": out}),
         ))
     }
@@ -381,7 +376,7 @@ impl Engine {
         self.write_record(RecordKind::Receipt, &r.receipt_id, record, now_ms);
         let out: Vec<serde_json::Value> = lines.keys().map(|p| self.line_json(*p)).collect();
         Ok(Self::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"receipt_id": r.receipt_id, "lines": out}),
         ))
     }
@@ -495,7 +490,7 @@ impl Engine {
             body["products_zeroed"] = zeroed.into();
             body["units_delta"] = units_delta.saturating_add(zero_delta).into();
         }
-        Ok(Self::reply(201, body))
+        Ok(Self::reply(crate::ops::ReplyKind::Created, body))
     }
 
     fn grant(&mut self, g: crate::ops::Grant, now_ms: u64) -> Result<OpReply, OpError> {
@@ -535,7 +530,7 @@ impl Engine {
         let record = serde_json::json!({"grant_id": g.grant_id, "node": self.cfg.name, "location": g.location, "product_id": g.product_id, "to": g.to, "to_tag": to.hex(), "quantity": g.quantity, "occurred_at": g.occurred_at, "register_id": g.register_id, "staff_id": g.staff_id, "at_ms": now_ms});
         self.write_record(RecordKind::Grant, &g.grant_id, record, now_ms);
         Ok(Self::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"grant_id": g.grant_id, "product_id": g.product_id, "location": g.location, "to": g.to, "rights_left": self.rights(g.product_id, &g.location)}),
         ))
     }

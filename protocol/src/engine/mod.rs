@@ -240,6 +240,9 @@ pub struct Engine {
     /// views by `finish_open` instead of reading the parts (kept encoded:
     /// about a quarter of the decoded entries' memory).
     pub(crate) index_replay: HashMap<String, Vec<u8>>,
+    /// Where cold closed parts are read back from, so that their bytes need
+    /// not stay in memory (`None`: they are held, as in the test mesh).
+    pub(crate) part_archive: Option<std::sync::Arc<dyn crate::lazydoc::PartArchive>>,
     /// Set until `finish_open` ends: sales noted while opening are history,
     /// not news for the sale feed (a reopened engine's feed starts empty).
     pub(crate) opening: bool,
@@ -327,6 +330,9 @@ pub struct Stats {
     /// (not read), and part indexes written since start.
     pub parts_opened_indexed: u64,
     pub parts_indexed: u64,
+    /// Cold parts whose bytes were dropped from memory once their stored
+    /// snapshot was known to match (read back from the part archive).
+    pub parts_stored_away: u64,
     /// Ledger epochs this node started (as a location's owner) or moved to.
     pub epochs_started: u64,
     pub epochs_joined: u64,
@@ -413,6 +419,7 @@ impl Engine {
             pending_part_indexes: BTreeMap::new(),
             indexed_parts: Default::default(),
             index_replay: HashMap::new(),
+            part_archive: None,
             opening: true,
             sale_feed: VecDeque::new(),
             sale_feed_next: 0,
@@ -488,6 +495,12 @@ impl Engine {
                 Some((loc, t))
             })
             .collect()
+    }
+
+    /// Reads cold closed records parts back from `archive` instead of
+    /// holding their bytes (set before documents load).
+    pub fn set_part_archive(&mut self, archive: std::sync::Arc<dyn crate::lazydoc::PartArchive>) {
+        self.part_archive = Some(archive);
     }
 
     /// Records per records part (default `layout::RECORDS_PER_PART_MAX`); the

@@ -50,7 +50,7 @@ impl Engine {
         if let Some(existing) = self.views.retired.get(&from) {
             if *existing == to {
                 return Ok(Self::reply(
-                    200,
+                    crate::ops::ReplyKind::Ok,
                     serde_json::json!({"node": node, "successor": successor, "retired": true}),
                 ));
             }
@@ -67,7 +67,7 @@ impl Engine {
         );
         self.note_retirement(from, to);
         Ok(Self::reply(
-            201,
+            crate::ops::ReplyKind::Created,
             serde_json::json!({"node": node, "successor": successor, "retired": true}),
         ))
     }
@@ -133,7 +133,7 @@ impl Engine {
             serde_json::json!({"location": d.location, "timezone": d.timezone, "owner": d.owner});
         if let Some(old) = self.views.declared.get(&d.location) {
             if old.timezone == d.timezone && old.owner == d.owner {
-                return Ok(Self::reply(200, body));
+                return Ok(Self::reply(crate::ops::ReplyKind::Ok, body));
             }
         }
         let value = layout::DeclaredLocation {
@@ -150,7 +150,7 @@ impl Engine {
             ScalarValue::Str(json.into()),
         );
         self.views.declared.insert(d.location.clone(), value);
-        Ok(Self::reply(201, body))
+        Ok(Self::reply(crate::ops::ReplyKind::Created, body))
     }
 
     /// Refuses a location the chain does not know (CONTRACT v2: receipts,

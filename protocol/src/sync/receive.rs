@@ -14,7 +14,9 @@ use super::{
 use crate::engine::Engine;
 use crate::ids::{NodeId, NodeTag, NODE_TAG_BYTES};
 use crate::layout::DocId;
-use crate::validate::{changes_in_chunk, chunk_type, validate_changes, Verdict, CHUNK_DOCUMENT};
+use crate::validate::{
+    changes_in_chunk, chunk_type, validate_changes, Refusal, Verdict, CHUNK_DOCUMENT,
+};
 
 /// `receive_sync_message` for a message whose changes were already decoded
 /// (and validated): applies `changes` directly, then lets the session process
@@ -307,7 +309,7 @@ impl Engine {
             };
             validate_changes(&doc_id, am, seqs, &mut changes, tag, buckets, Some(auth)).map_err(
                 |e| {
-                    let missing: Vec<ChangeHash> = if e == crate::validate::MISSING_DEPS {
+                    let missing: Vec<ChangeHash> = if e == Refusal::MissingDeps {
                         let in_message: BTreeSet<ChangeHash> =
                             changes.iter().map(|c| c.hash()).collect();
                         changes
@@ -330,11 +332,12 @@ impl Engine {
         let verdict = match checked {
             Ok(v) => v,
             Err((e, missing)) => {
-                if e == crate::validate::MISSING_DEPS {
-                    self.reject(peer, doc, REJECT_MISSING_DEPS, &e);
-                    self.restart_doc_session(peer, doc, missing);
-                } else {
-                    self.reject(peer, doc, invalid_reason(&e), &e);
+                match e {
+                    Refusal::MissingDeps => {
+                        self.reject(peer, doc, REJECT_MISSING_DEPS, &e.to_string());
+                        self.restart_doc_session(peer, doc, missing);
+                    }
+                    Refusal::Invalid(e) => self.reject(peer, doc, invalid_reason(&e), &e),
                 }
                 return Ok(());
             }
@@ -482,12 +485,12 @@ impl Engine {
         };
         let verdict = match checked {
             Ok(v) => v,
-            Err(e) if e == crate::validate::MISSING_DEPS => {
+            Err(Refusal::MissingDeps) => {
                 self.stats.pushes_behind += 1;
                 self.offer_doc(peer, doc);
                 return Ok(());
             }
-            Err(e) => {
+            Err(Refusal::Invalid(e)) => {
                 self.reject(peer, doc, invalid_reason(&e), &e);
                 return Ok(());
             }

@@ -4,33 +4,37 @@
 //! process nonces, how long a connection lived, a jitter factor) and act on the
 //! answer, so both sides of a pair reach the same decision from the same facts
 //! and the same facts always give the same decision.
+//!
+//! The node's transport (`node/src/transport/conn.rs`) runs them on every
+//! connection and dial; the simulator (`sim/src/world.rs` `connect_pairs`)
+//! runs `arbitrate` on both sides whenever two nodes dial each other at once.
 
 use std::time::Duration;
 
-use storemesh_protocol::ids::NodeId;
+use crate::ids::NodeId;
 
 /// A connection that lived this long was healthy: dial again at once and
 /// with the shortest back-off after it ends.
-pub(super) const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// The bounds of the jitter factor that scales a back-off delay: a delay is
 /// drawn from half to all of the current back-off, so that peers that lost
 /// each other at the same moment do not dial in lock step.
-pub(super) const JITTER_MIN: f64 = 0.5;
-pub(super) const JITTER_MAX: f64 = 1.0;
+pub const JITTER_MIN: f64 = 0.5;
+pub const JITTER_MAX: f64 = 1.0;
 
 /// One side of a conflict: a connection as this node sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct ConnFacts {
+pub struct ConnFacts {
     /// This node dialled it (else the peer did).
-    pub(super) dialed_by_us: bool,
+    pub dialed_by_us: bool,
     /// The process nonce the peer's hello carried on it.
-    pub(super) nonce: u64,
+    pub nonce: u64,
 }
 
 /// What to do with a new connection to a peer that already has a live one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Arbitration {
+pub enum Arbitration {
     /// The peer's process changed (another nonce): find out whether the live
     /// connection still answers before choosing (a restart or a clone).
     Probe,
@@ -47,7 +51,7 @@ pub(super) enum Arbitration {
 /// same side as the live one replaces it, since that side dials only when it
 /// has given the old one up; otherwise the one dialled by the lower node id
 /// wins, on both sides.
-pub(super) fn arbitrate(
+pub fn arbitrate(
     our_id: NodeId,
     peer: NodeId,
     live: ConnFacts,
@@ -72,14 +76,14 @@ pub(super) fn arbitrate(
 /// Exponential back-off between dials to one peer, from `min` doubling up to
 /// `max`, each wait scaled by a jitter factor the caller draws.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Backoff {
+pub struct Backoff {
     min: Duration,
     max: Duration,
     current: Duration,
 }
 
 impl Backoff {
-    pub(super) fn new(min: Duration, max: Duration) -> Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
         Backoff {
             min,
             max,
@@ -88,20 +92,20 @@ impl Backoff {
     }
 
     /// The back-off before jitter that the next failure waits.
-    pub(super) fn current(&self) -> Duration {
+    pub fn current(&self) -> Duration {
         self.current
     }
 
     /// Back to the shortest back-off (the peer was blocked, or a healthy
     /// connection ended).
-    pub(super) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.current = self.min;
     }
 
     /// A dial failed, or a connection died young: the wait before the next
     /// dial (`current` scaled by `jitter`, clamped to
     /// [`JITTER_MIN`]..=[`JITTER_MAX`]); the back-off after it doubles, up to `max`.
-    pub(super) fn fail(&mut self, jitter: f64) -> Duration {
+    pub fn fail(&mut self, jitter: f64) -> Duration {
         let wait = self.current.mul_f64(jitter.clamp(JITTER_MIN, JITTER_MAX));
         self.current = (self.current * 2).min(self.max);
         wait
@@ -111,7 +115,7 @@ impl Backoff {
     /// wait before the next dial: the back-off grows as after a failure, but while
     /// `silent_for` is under `window` the wait is at most `cap` (scaled by the
     /// same jitter, so two sides that lost each other do not dial in lock step).
-    pub(super) fn unanswered(
+    pub fn unanswered(
         &mut self,
         silent_for: Duration,
         window: Duration,
@@ -128,7 +132,7 @@ impl Backoff {
 
     /// A connection that was up for `lived` ended: the wait before dialling
     /// again (zero after a stable connection, which also resets the back-off).
-    pub(super) fn connection_ended(&mut self, lived: Duration, jitter: f64) -> Duration {
+    pub fn connection_ended(&mut self, lived: Duration, jitter: f64) -> Duration {
         if lived >= STABLE_CONNECTION {
             self.reset();
             Duration::ZERO

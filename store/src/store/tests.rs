@@ -19,10 +19,68 @@ fn rec(n: u8) -> IdemRecord {
     IdemRecord {
         body_hash: [n; 32],
         reply: OpReply {
-            status: 201,
+            kind: storemesh_protocol::ops::ReplyKind::Created,
             body: format!("{{\"n\":{n}}}"),
         },
     }
+}
+
+/// `rec` as the store gives it back: the hash's first
+/// `IDEM_HASH_BYTES`, zeros after them.
+fn kept(mut r: IdemRecord) -> IdemRecord {
+    r.body_hash[storemesh_protocol::ops::IDEM_HASH_BYTES..].fill(0);
+    r
+}
+
+/// Records written by the releases before `idem3` (in `idem2`, the compact
+/// form with the whole hash; in `idem`, postcard) still answer replays, and
+/// a new record is shorter than its `idem2` form.
+#[test]
+fn idempotency_records_of_earlier_releases_still_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb")).unwrap();
+    let sale_reply = IdemRecord {
+        body_hash: [3; 32],
+        reply: OpReply {
+            kind: storemesh_protocol::ops::ReplyKind::Created,
+            body: r#"{"sale_id":"0f8fad5b-d9cb-469f-a165-70867728950e","lines":[{"product_id":12345,"stock_level":50,"available":49}]}"#.into(),
+        },
+    };
+    store
+        .with_db(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(IDEM2)?;
+                let v2 = crate::idemcodec::encode(&sale_reply)?;
+                t.insert("sale/old-2", v2.as_slice())?;
+                let mut t = tx.open_table(IDEM)?;
+                // As those releases wrote it: the reply's HTTP status as a number.
+                let old = rec(4);
+                let v1 = postcard::to_stdvec(&(old.body_hash, 201u16, old.reply.body))?;
+                t.insert("sale/old-1", v1.as_slice())?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.idem("sale/old-2").unwrap(), Some(sale_reply.clone()));
+    assert_eq!(store.idem("sale/old-1").unwrap(), Some(rec(4)));
+    let key = "sale/0f8fad5b-d9cb-469f-a165-70867728950e";
+    store
+        .commit(&Batch {
+            idem: vec![(key.into(), sale_reply.clone())],
+            ..Batch::default()
+        })
+        .unwrap();
+    let back = store.idem(key).unwrap().unwrap();
+    assert_eq!(
+        back.reply, sale_reply.reply,
+        "the reply comes back byte for byte"
+    );
+    assert!(back.same_body(&[3; 32]) && !back.same_body(&[4; 32]));
+    let v2 = crate::idemcodec::encode(&sale_reply).unwrap().len();
+    let v3 = crate::idemcodec::encode3(key, &sale_reply).unwrap().len();
+    assert!(v3 + 16 + 36 <= v2, "idem3 {v3} B, idem2 {v2} B");
 }
 
 /// A part index belongs to exactly the stored form it was written with:
@@ -264,8 +322,8 @@ fn rows_idem_sync_states_and_meta_persist() {
             ),
         ]
     );
-    assert_eq!(store.idem("sale/s1").unwrap(), Some(rec(1)));
-    assert_eq!(store.idem("rcv/r1").unwrap(), Some(rec(2)));
+    assert_eq!(store.idem("sale/s1").unwrap(), Some(kept(rec(1))));
+    assert_eq!(store.idem("rcv/r1").unwrap(), Some(kept(rec(2))));
     assert_eq!(store.idem("sale/s2").unwrap(), None);
     assert_eq!(
         store.sync_states(&p1).unwrap(),

@@ -8,14 +8,15 @@
 //! | `doc_chunks`    | (doc, seq)               | bytes; seq 0 = snapshot      |
 //! | `doc_heads`     | doc                      | `Vec<String>` (hex heads)    |
 //! | `rows`          | (product, location)      | [`StockRow`]                 |
-//! | `idem2`         | client key               | [`IdemRecord`], compact (`idemcodec`) |
-//! | `idem`          | client key               | [`IdemRecord`] of older releases (read only) |
+//! | `idem3`         | client key               | [`IdemRecord`], compact, 16-byte hash, id elided (`idemcodec`) |
+//! | `idem2`, `idem` | client key               | [`IdemRecord`] of older releases (read only) |
 //! | `heads_log`     | (doc, ms)                | `Vec<String>`; newest 512/doc|
 //! | `heads_log_len` | doc                      | u64 entries in `heads_log`   |
 //! | `sync_states`   | (peer hex, doc)          | bytes                        |
 //! | `meta`          | key                      | bytes                        |
 //! | `customer_keys` | customer                 | key-store entry              |
 //! | `part_index`    | doc (a closed records part) | `history::PartIndex` of its snapshot |
+//! | `certs`, `doc_certs`, `introductions` | see `certs.rs` | batch certificates |
 //!
 //! A failed commit leaves nothing of its batch (redb's transaction is dropped
 //! uncommitted). redb refuses every further operation after an I/O error, so a
@@ -39,13 +40,17 @@ use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::ops::IdemRecord;
 use storemesh_protocol::views::StockRow;
 
+use certs::{CERTS, DOC_CERTS, INTROS};
+
 const DOC_CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
 const ROWS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("rows");
 /// Idempotency records written before `idem2` (read, never written).
 const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idem");
-/// Idempotency records in their compact form (`crate::idemcodec`).
+/// Idempotency records in the compact form of earlier releases (read, never written).
 const IDEM2: TableDefinition<&str, &[u8]> = TableDefinition::new("idem2");
+/// Idempotency records as written now (`crate::idemcodec::encode3`).
+const IDEM3: TableDefinition<&str, &[u8]> = TableDefinition::new("idem3");
 const HEADS_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("heads_log");
 const HEADS_LOG_LEN: TableDefinition<&str, u64> = TableDefinition::new("heads_log_len");
 const SYNC_STATES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_states");
@@ -57,16 +62,6 @@ const PART_INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("part_inde
 /// The customer key store: customer → keys or erased (overwritten in place, so
 /// an erased customer's key is gone from the live data).
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_keys");
-/// Batch certificates (`signing::Cert`): id → 4-byte LE count of the
-/// documents linked to it, then the postcard certificate. Deleted when the
-/// last document linked to it is (a retired ledger epoch).
-const CERTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("certs");
-/// (document, certificate id) → (): which certificates cover a document's
-/// changes (read when a peer needs changes no longer certified in memory).
-const DOC_CERTS: TableDefinition<(&str, &[u8]), ()> = TableDefinition::new("doc_certs");
-/// Introductions received from peers: (member id, introducer key) →
-/// postcard `Introduction` (signature verified again at load).
-const INTROS: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("introductions");
 
 /// Every table `Store::scrub` copies (a file holding another is not scrubbed).
 const SCRUB_TABLES: &[&str] = &[
@@ -75,6 +70,7 @@ const SCRUB_TABLES: &[&str] = &[
     "rows",
     "idem",
     "idem2",
+    "idem3",
     "heads_log",
     "heads_log_len",
     "sync_states",
@@ -267,6 +263,7 @@ impl ScrubJob {
             copy_table(&rt, &wt, ROWS, c)?;
             copy_table(&rt, &wt, IDEM, c)?;
             copy_table(&rt, &wt, IDEM2, c)?;
+            copy_table(&rt, &wt, IDEM3, c)?;
             copy_table(&rt, &wt, HEADS_LOG, c)?;
             copy_table(&rt, &wt, HEADS_LOG_LEN, c)?;
             copy_table(&rt, &wt, SYNC_STATES, c)?;
@@ -364,6 +361,7 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(ROWS)?;
         tx.open_table(IDEM)?;
         tx.open_table(IDEM2)?;
+        tx.open_table(IDEM3)?;
         tx.open_table(HEADS_LOG)?;
         tx.open_table(HEADS_LOG_LEN)?;
         tx.open_table(SYNC_STATES)?;
@@ -402,25 +400,6 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 /// Writes a whole batch in one transaction and commits it durably.
-/// Adds `delta` to a stored certificate's count of linked documents; at 0
-/// the certificate is deleted.
-fn cert_refs(certs: &mut redb::Table<&[u8], &[u8]>, id: &[u8; 32], delta: i64) -> Result<()> {
-    let Some(mut v) = certs.get(id.as_slice())?.map(|v| v.value().to_vec()) else {
-        return Ok(());
-    };
-    if v.len() < 4 {
-        bail!("corrupt certificate record {}", hex::encode(id));
-    }
-    let n = i64::from(u32::from_le_bytes([v[0], v[1], v[2], v[3]])) + delta;
-    if n <= 0 && delta < 0 {
-        certs.remove(id.as_slice())?;
-        return Ok(());
-    }
-    v[..4].copy_from_slice(&(n.clamp(0, i64::from(u32::MAX)) as u32).to_le_bytes());
-    certs.insert(id.as_slice(), v.as_slice())?;
-    Ok(())
-}
-
 fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
     let mut tx = db.begin_write()?;
     tx.set_durability(Durability::Immediate)?;
@@ -473,9 +452,10 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             rows.insert((*p, loc.as_str()), encode(row)?.as_slice())?;
         }
 
-        let mut idem = tx.open_table(IDEM2)?;
+        let mut idem = tx.open_table(IDEM3)?;
         for (k, rec) in &batch.idem {
-            let bytes = crate::idemcodec::encode(rec).context("encoding an idempotency record")?;
+            let bytes =
+                crate::idemcodec::encode3(k, rec).context("encoding an idempotency record")?;
             idem.insert(k.as_str(), bytes.as_slice())?;
         }
 
@@ -526,50 +506,12 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             keys.insert(customer.as_str(), bytes.as_slice())?;
         }
 
-        let mut certs = tx.open_table(CERTS)?;
-        let mut doc_certs = tx.open_table(DOC_CERTS)?;
-        for c in &batch.certs {
-            let id = c.id();
-            if certs.get(id.as_slice())?.is_none() {
-                let mut v = 0u32.to_le_bytes().to_vec();
-                v.extend(encode(c)?);
-                certs.insert(id.as_slice(), v.as_slice())?;
-            }
-        }
-        for (doc, id) in &batch.cert_links {
-            if doc_certs
-                .insert((doc.as_str(), id.as_slice()), ())?
-                .is_none()
-            {
-                cert_refs(&mut certs, id, 1)?;
-            }
-        }
-        let mut intros = tx.open_table(INTROS)?;
-        for i in &batch.intros {
-            intros.insert(
-                (i.member.as_slice(), i.by_key.as_slice()),
-                encode(i)?.as_slice(),
-            )?;
-        }
+        certs::write(&tx, batch)?;
 
         // Documents the engine moved on from (older ledger epochs): every
         // stored trace, in the same transaction as the epoch that replaces them.
         for d in &batch.retired {
             let d = d.as_str();
-            let linked: Vec<Vec<u8>> = doc_certs
-                .range((d, &[][..])..)?
-                .map_while(|e| {
-                    e.ok()
-                        .filter(|(k, _)| k.value().0 == d)
-                        .map(|(k, _)| k.value().1.to_vec())
-                })
-                .collect();
-            for id in linked {
-                doc_certs.remove((d, id.as_slice()))?;
-                if let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) {
-                    cert_refs(&mut certs, &id, -1)?;
-                }
-            }
             chunks.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
             heads.remove(d)?;
             log.retain_in((d, 0u64)..=(d, u64::MAX), |_, _| false)?;
@@ -583,63 +525,6 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
 }
 
 impl Store {
-    /// Every stored certificate linked to `doc`.
-    pub fn doc_certs(&self, doc: &str) -> Result<Vec<storemesh_protocol::signing::Cert>> {
-        self.with_db(|db| {
-            let tx = db.begin_read()?;
-            let links = tx.open_table(DOC_CERTS)?;
-            let certs = tx.open_table(CERTS)?;
-            let mut out = Vec::new();
-            for e in links.range((doc, &[][..])..)? {
-                let (k, _) = e?;
-                let (d, id) = k.value();
-                if d != doc {
-                    break;
-                }
-                let Some(v) = certs.get(id)? else {
-                    continue;
-                };
-                let v = v.value();
-                if v.len() < 4 {
-                    bail!("corrupt certificate record in {doc}");
-                }
-                out.push(decode(&v[4..], || format!("certificate of {doc}"))?);
-            }
-            Ok(out)
-        })
-    }
-
-    /// Bytes and count of the stored certificates (figures, tests).
-    pub fn cert_figures(&self) -> Result<(u64, u64, u64)> {
-        self.with_db(|db| {
-            let tx = db.begin_read()?;
-            let certs = tx.open_table(CERTS)?;
-            let links = tx.open_table(DOC_CERTS)?;
-            let mut bytes = 0u64;
-            let mut n = 0u64;
-            for e in certs.iter()? {
-                let (k, v) = e?;
-                n += 1;
-                bytes += (k.value().len() + v.value().len()) as u64;
-            }
-            Ok((n, bytes, redb::ReadableTableMetadata::len(&links)?))
-        })
-    }
-
-    /// Every stored introduction (verified again by the engine).
-    pub fn load_intros(&self) -> Result<Vec<storemesh_protocol::signing::Introduction>> {
-        self.with_db(|db| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(INTROS)?;
-            let mut out = Vec::new();
-            for item in t.iter()? {
-                let (_, v) = item?;
-                out.push(decode(v.value(), || "introduction".to_string())?);
-            }
-            Ok(out)
-        })
-    }
-
     /// Opens the node's data file, creating it (and its directory) if missing.
     /// A file held by another process, or damaged, gives an error that says so.
     pub fn open(path: &Path) -> Result<Store> {
@@ -1001,10 +886,26 @@ impl Store {
         })
     }
 
+    /// The stored snapshot (seq 0) of document `doc`, if any.
+    pub fn doc_snapshot(&self, doc: &str) -> Result<Option<Vec<u8>>> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(DOC_CHUNKS)?;
+            let v = t.get((doc, 0u64))?.map(|v| v.value().to_vec());
+            Ok(v.filter(|b| !b.is_empty()))
+        })
+    }
+
     /// The idempotency record of a client key.
     pub fn idem(&self, key: &str) -> Result<Option<IdemRecord>> {
         self.with_db(|db| {
             let tx = db.begin_read()?;
+            let t = tx.open_table(IDEM3)?;
+            if let Some(v) = t.get(key)? {
+                return crate::idemcodec::decode3(key, v.value())
+                    .map(Some)
+                    .map_err(|e| anyhow!("corrupt idempotency record {key}: {e}"));
+            }
             let t = tx.open_table(IDEM2)?;
             if let Some(v) = t.get(key)? {
                 return crate::idemcodec::decode(v.value())
@@ -1013,8 +914,14 @@ impl Store {
             }
             let t = tx.open_table(IDEM)?;
             let v = t.get(key)?;
-            v.map(|v| decode(v.value(), || format!("idempotency record {key}")))
-                .transpose()
+            v.map(|v| {
+                decode::<crate::idemcodec::LegacyRecord>(v.value(), || {
+                    format!("idempotency record {key}")
+                })?
+                .typed()
+                .map_err(|e| anyhow!("corrupt idempotency record {key}: {e}"))
+            })
+            .transpose()
         })
     }
 
@@ -1069,5 +976,17 @@ impl Store {
     }
 }
 
+/// The engine reads cold closed records parts back from here
+/// (`Engine::set_part_archive`) instead of holding their bytes.
+impl storemesh_protocol::lazydoc::PartArchive for Store {
+    fn snapshot(&self, doc: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+        self.doc_snapshot(doc).map_err(|e| format!("{e:#}"))
+    }
+}
+
 #[cfg(test)]
 mod tests;
+
+// The signing tables: batch certificates, their links to documents,
+// introductions.
+mod certs;
