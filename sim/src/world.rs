@@ -413,7 +413,14 @@ impl World {
         *self.fired.entry(k).or_default() += 1;
     }
 
+    /// Adds one item to the run's trace hash; with `STOREMESH_SIM_TRACE=1`
+    /// in the environment it is also printed to stderr (debugging a seed).
     pub fn trace(&mut self, item: &[u8]) {
+        static PRINT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *PRINT.get_or_init(|| std::env::var_os("STOREMESH_SIM_TRACE").is_some_and(|v| v == "1"))
+        {
+            eprintln!("{}", String::from_utf8_lossy(item));
+        }
         self.trace.update((item.len() as u64).to_le_bytes());
         self.trace.update(item);
         self.trace_items += 1;
@@ -424,6 +431,40 @@ impl World {
     }
 
     pub fn violation(&self, invariant: &'static str, message: String) -> Violation {
+        if trace_printed() {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if let Some(l) = &n.life {
+                    let e = l.engine();
+                    eprintln!(
+                        "  (n{i} {}: rejected {:?}, imports {:?})",
+                        n.name,
+                        e.stats.rejected_by_reason,
+                        e.views.imports().keys().collect::<Vec<_>>()
+                    );
+                    for (id, _) in e.documents() {
+                        if let Some(doc) = e.doc(&id) {
+                            for key in automerge::ReadDoc::keys(doc, automerge::ROOT) {
+                                if key.starts_with("imp/") {
+                                    let all = automerge::ReadDoc::get_all(
+                                        doc,
+                                        automerge::ROOT,
+                                        key.as_str(),
+                                    )
+                                    .unwrap_or_default();
+                                    eprintln!(
+                                        "    {id} {key}: {}",
+                                        all.iter()
+                                            .map(|(v, o)| format!("{v} by {o}"))
+                                            .collect::<Vec<_>>()
+                                            .join(" | ")
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         Violation {
             seed: self.seed,
             event: self.event,
@@ -991,6 +1032,31 @@ impl World {
         conns: &BTreeMap<NodeId, (usize, u64)>,
     ) {
         for (peer, bytes) in frames {
+            if trace_printed() && self.nodes[i].is_clone {
+                let d = match storemesh_protocol::wire::decode_frame::<storemesh_protocol::sync::Msg>(
+                    bytes.get(4..).unwrap_or(&[]),
+                ) {
+                    Ok(storemesh_protocol::sync::Msg::Push { doc, data, .. }) => {
+                        format!("push {doc} {}B", data.len())
+                    }
+                    Ok(storemesh_protocol::sync::Msg::Sync { doc, data }) => {
+                        format!("sync {doc} {}B", data.len())
+                    }
+                    Ok(storemesh_protocol::sync::Msg::Certs { certs, .. }) => {
+                        format!("certs {}", certs.len())
+                    }
+                    Ok(m) => format!("kind {}", m.kind_index()),
+                    Err(e) => format!("? {e}"),
+                };
+                eprintln!(
+                    "  (n{i} t={} -> {:?} {d} connected={:?})",
+                    self.now_ms,
+                    conns.get(&peer).map(|c| c.0),
+                    conns
+                        .get(&peer)
+                        .map(|c| self.net.connected(i, c.0) == Some(c.1))
+                );
+            }
             let Some(&(to, conn)) = conns.get(&peer) else {
                 continue; // not connected: anti-entropy repairs it later
             };
@@ -1546,6 +1612,13 @@ impl World {
     pub fn seed_rng(seed: u64) -> StdRng {
         StdRng::seed_from_u64(seed)
     }
+}
+
+/// Whether trace items are printed (`STOREMESH_SIM_TRACE=1`, debugging one
+/// seed); notes that are not part of the trace hash print with them.
+pub fn trace_printed() -> bool {
+    static PRINT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRINT.get_or_init(|| std::env::var_os("STOREMESH_SIM_TRACE").is_some_and(|v| v == "1"))
 }
 
 /// The simulated chain's signature scheme: every node's key derived from the
