@@ -1344,16 +1344,24 @@ impl World {
         }
         .encode();
         for rid in rids {
-            // A request reusing an earlier request's key at this node (the
+            // A request reusing another request's key at this node (the
             // same import file imported again) is answered from that one's
-            // idempotency record: its record is where the earlier one wrote
-            // it, maybe in an earlier month of this node's clock.
+            // idempotency record: its record is where the other one wrote
+            // it, maybe in an earlier month of this node's clock. The other
+            // may have been submitted later and answered first (seed 430 of
+            // the sweep on #16: the import of request 87 at hub n3 was
+            // retried until t=24.5 s while request 190, the same file at the
+            // same node, was answered at t=6.3 s in November; 87's replay
+            // came in December and the record was looked up there only).
             let r = &self.clients.reqs[*rid];
             let earlier: Vec<String> = match &r.key {
-                Some(k) if r.conflict_probe_of.is_none() => self.clients.reqs[..*rid]
+                Some(k) if r.conflict_probe_of.is_none() => self
+                    .clients
+                    .reqs
                     .iter()
-                    .filter(|o| o.node == i && o.key.as_ref() == Some(k))
-                    .flat_map(|o| o.rec_docs.iter().cloned())
+                    .enumerate()
+                    .filter(|(j, o)| *j != *rid && o.node == i && o.key.as_ref() == Some(k))
+                    .flat_map(|(_, o)| o.rec_docs.iter().cloned())
                     .collect(),
                 _ => Vec::new(),
             };
