@@ -8,15 +8,27 @@ use storemesh_protocol::testkit;
 
 const NOW_MS: u64 = 1_795_773_600_000;
 
+fn open(store: &std::sync::Arc<Store>, incarnation: [u8; 4]) -> Engine {
+    open_with(store, incarnation, None)
+}
+
 /// Opens node 0's engine from `store`, signing its batches (the test
 /// mesh's scheme) and reading stored certificates back from `store`, as
-/// `node.rs::open_engine` does.
-fn open(store: &std::sync::Arc<Store>, incarnation: [u8; 4]) -> Engine {
+/// `node.rs::open_engine` does; cold parts are read back from `archive`
+/// when given (as `run` opens).
+fn open_with(
+    store: &std::sync::Arc<Store>,
+    incarnation: [u8; 4],
+    archive: Option<std::sync::Arc<Store>>,
+) -> Engine {
     let mut e = Engine::new(testkit::config(0, 8), incarnation);
     testkit::sign(&mut e);
     e.set_cert_archive(Box::new(storemesh_node::signing::StoreArchive(
         store.clone(),
     )));
+    if let Some(a) = archive {
+        e.set_part_archive(a);
+    }
     for d in store.load_docs().unwrap() {
         e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
             .unwrap();
@@ -142,6 +154,29 @@ fn sell(e: &mut Engine, store: &Store, from: usize, to: usize) {
     }
 }
 
+/// A fresh node connected to `e` receives sales `s0..s{n}` and ends with
+/// the same documents and heads.
+fn a_fresh_node_receives_every_sale(mut e: Engine, n: usize) {
+    let mut m = testkit::TestMesh::new(2, 8);
+    // The fresh node is a member here (its changes are verified).
+    e.add_configured_peer("n1", testkit::node_id(1));
+    m.nodes[0].engine = e;
+    m.now_ms = NOW_MS + 400;
+    m.connect(0, 1);
+    m.settle();
+    for i in 0..n {
+        assert!(
+            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
+            "sale s{i} reached the fresh node"
+        );
+    }
+    assert_eq!(
+        m.nodes[1].engine.documents(),
+        m.nodes[0].engine.documents(),
+        "same documents and heads"
+    );
+}
+
 fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_protocol::ops::Op {
     use storemesh_protocol::ops::{Disposition, Op, Return, ReturnLine};
     Op::Return(Return {
@@ -258,24 +293,7 @@ fn closed_parts_go_cold_and_history_still_answers() {
     assert!(e.cold_parts().0 >= 7);
 
     // A fresh node gets every record from the node with cold parts.
-    let mut m = testkit::TestMesh::new(2, 8);
-    // The fresh node is a member here (its changes are verified).
-    e.add_configured_peer("n1", testkit::node_id(1));
-    m.nodes[0].engine = e;
-    m.now_ms = NOW_MS + 400;
-    m.connect(0, 1);
-    m.settle();
-    for i in 0..30 {
-        assert!(
-            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
-            "sale s{i} reached the fresh node"
-        );
-    }
-    assert_eq!(
-        m.nodes[1].engine.documents(),
-        m.nodes[0].engine.documents(),
-        "same documents and heads"
-    );
+    a_fresh_node_receives_every_sale(e, 30);
 }
 
 /// With the store as the engine's part archive (as `storemesh run` opens
@@ -288,13 +306,7 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let open_archived = |incarnation: [u8; 4]| {
-        let mut e = Engine::new(testkit::config(0, 8), incarnation);
-        e.set_part_archive(store.clone());
-        for d in store.load_docs().unwrap() {
-            e.load_doc_with_index(&d.id, &d.parts, d.heads_log, d.index.as_deref())
-                .unwrap();
-        }
-        e.finish_open();
+        let mut e = open_with(&store, incarnation, Some(store.clone()));
         e.set_records_per_part(4);
         e
     };
@@ -359,22 +371,7 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
     let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 60, &|_| None);
     assert!(again.is_err(), "s3 was returned whole: {again:?}");
     // A fresh node gets every record from the node whose parts are stored.
-    let mut m = testkit::TestMesh::new(2, 8);
-    m.nodes[0].engine = e;
-    m.now_ms = NOW_MS + 400;
-    m.connect(0, 1);
-    m.settle();
-    for i in 0..30 {
-        assert!(
-            m.nodes[1].engine.sale_json(&format!("s{i}")).is_some(),
-            "sale s{i} reached the fresh node"
-        );
-    }
-    assert_eq!(
-        m.nodes[1].engine.documents(),
-        m.nodes[0].engine.documents(),
-        "same documents and heads"
-    );
+    a_fresh_node_receives_every_sale(e, 30);
 }
 
 /// Ledger epochs through the real redb file: the owner's cuts delete the

@@ -175,7 +175,10 @@ impl Engine {
                 // heads (an indexed part, flushed in an earlier step): the
                 // bytes can be read back from there.
                 if let Some(a) = &self.part_archive {
-                    if self.indexed_parts.contains(id)
+                    // Held bytes first: a part already stored away is skipped
+                    // without cloning its heads, at every tick.
+                    if slot.doc.saved_len() > 0
+                        && self.indexed_parts.contains(id)
                         && slot.persisted == slot.doc.heads()
                         && slot.doc.store_away(id, a)
                     {

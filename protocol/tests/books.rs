@@ -382,10 +382,9 @@ fn adjustment_deficits_are_recorded_once_per_shortfall() {
     assert_eq!(d, vec![1, 2]);
 }
 
-/// Colliding sale ids: each node looks up its own sale (returns against it
-/// are checked against the right lines), both are listed.
-#[test]
-fn colliding_sale_ids_are_both_kept() {
+/// Two connected nodes, 5 of product 1 at n0's loc0 and 5 of product 2 at
+/// n1's loc1, then cut apart.
+fn two_stocked_nodes_apart() -> TestMesh {
     let mut m = TestMesh::new(2, 4);
     m.full_mesh();
     m.settle();
@@ -397,6 +396,14 @@ fn colliding_sale_ids_are_both_kept() {
     m.commit(1);
     m.settle();
     m.disconnect(0, 1);
+    m
+}
+
+/// Colliding sale ids: each node looks up its own sale (returns against it
+/// are checked against the right lines), both are listed.
+#[test]
+fn colliding_sale_ids_are_both_kept() {
+    let mut m = two_stocked_nodes_apart();
     m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
     m.commit(0);
     m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
@@ -442,17 +449,7 @@ fn colliding_sale_ids_are_both_kept() {
 /// collision (simulator seed 113, checker `colliding-ids`).
 #[test]
 fn a_sale_id_collision_arriving_in_the_open_batch_is_listed() {
-    let mut m = TestMesh::new(2, 4);
-    m.full_mesh();
-    m.settle();
-    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 5)]))
-        .unwrap();
-    m.execute(1, testkit::receipt("r1", "loc1", &[(2, 5)]))
-        .unwrap();
-    m.commit(0);
-    m.commit(1);
-    m.settle();
-    m.disconnect(0, 1);
+    let mut m = two_stocked_nodes_apart();
     m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
     m.commit(1);
     m.connect(0, 1);
