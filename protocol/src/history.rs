@@ -2,7 +2,7 @@
 //! cold, the index of records (sale lookup, purchase history, alarms), and
 //! the bounded feed of noted sales that webhooks read.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::{ReadDoc, ROOT};
 
@@ -460,7 +460,12 @@ impl Engine {
     /// id: this node's own sale is the one looked up (returns at this node
     /// refer to it), else the first by document; all are kept.
     fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
-        let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
+        if self.views.sales.in_bulk() {
+            // A start: every stored sale is noted unchecked and the ids held
+            // twice are settled at its end (`settle_bulk_sales`).
+            self.views.sales.add(id, doc);
+            return;
+        }
         let Some(old_doc) = self.noted_sale_doc(id, key) else {
             self.views.sales.add(id, doc);
             self.feed_sale(id);
@@ -471,7 +476,16 @@ impl Engine {
         }
         self.feed_sale(id);
         self.views.sales.add(id, doc);
-        let replace = if tag_of(&old_doc) == tag_of(doc) {
+        let first = self.settle_sale_pair(id, &old_doc, doc, key);
+        self.views.sales.prefer(id, &first);
+    }
+
+    /// Sale `id` noted in `doc` after `old_doc` (the document it is looked
+    /// up in so far): lists a collision when two nodes wrote it, and returns
+    /// the document to look it up in first from now on.
+    fn settle_sale_pair(&mut self, id: &str, old_doc: &str, doc: &str, key: &str) -> String {
+        let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
+        let replace = if tag_of(old_doc) == tag_of(doc) {
             true
         } else {
             let c = self
@@ -480,15 +494,57 @@ impl Engine {
                 .entry(id.to_string())
                 .or_default();
             if !self.faults.unlisted_sale_collisions {
-                c.insert((old_doc.clone(), key.to_string()));
+                c.insert((old_doc.to_string(), key.to_string()));
                 c.insert((doc.to_string(), key.to_string()));
             }
             let own = self.tag.hex();
             let mine = |d: &str| tag_of(d).as_deref() == Some(own.as_str());
-            mine(doc) || (!mine(&old_doc) && doc < old_doc.as_str())
+            mine(doc) || (!mine(old_doc) && doc < old_doc)
         };
-        let first = if replace { doc } else { old_doc.as_str() };
-        self.views.sales.prefer(id, first);
+        if replace { doc } else { old_doc }.to_string()
+    }
+
+    /// Ends the bulk load of the sale index that a start began: the ids
+    /// held in more than one document are settled as if noted one by one in
+    /// the order the start noted them (documents by name).
+    pub(crate) fn settle_bulk_sales(&mut self) {
+        let shared = self.views.sales.end_bulk();
+        let prefix = format!("{}/", RecordKind::Sale.prefix());
+        for (fp, docs) in shared {
+            // id → the documents holding it, in name order.
+            let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for d in &docs {
+                let Some(slot) = self.docs.get(d) else {
+                    continue;
+                };
+                let sales = &self.views.sales;
+                let ids: Vec<String> = slot.doc.peek(|a| {
+                    a.map_range(ROOT, prefix.clone()..)
+                        .map_while(|item| {
+                            item.key.strip_prefix(prefix.as_str()).map(str::to_string)
+                        })
+                        .filter(|id| sales.has_fingerprint(id, fp))
+                        .collect()
+                });
+                for id in ids {
+                    held.entry(id).or_default().push(d.clone());
+                }
+            }
+            for (id, docs) in held {
+                let Some((first, later)) = docs.split_first() else {
+                    continue;
+                };
+                if later.is_empty() {
+                    continue;
+                }
+                let key = layout::record_key(RecordKind::Sale, &id);
+                let mut first = first.clone();
+                for d in later {
+                    first = self.settle_sale_pair(&id, &first, d, &key);
+                }
+                self.views.sales.prefer(&id, &first);
+            }
+        }
     }
 
     /// The document `note_sale_id` compares a newly noted sale of `id`

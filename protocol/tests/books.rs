@@ -441,6 +441,52 @@ fn colliding_sale_ids_are_both_kept() {
     m.execute(1, ret).unwrap();
 }
 
+/// Colliding sale ids stay listed, and each node still looks up its own
+/// sale, after a restart: a start notes every stored sale unchecked and
+/// settles the ids held in more than one document at its end.
+#[test]
+fn colliding_sale_ids_are_settled_again_at_a_restart() {
+    let mut m = two_stocked_nodes_apart();
+    // Other sales (5 units of each product are stocked; s-1 takes 2 and 3).
+    for (n, i, p) in [(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 1, 2), (4, 1, 2)] {
+        m.execute(i, testkit::sale(&format!("u-{n}"), None, &[(p, 1)]))
+            .unwrap();
+    }
+    m.execute(0, testkit::sale("s-1", None, &[(1, 2)])).unwrap();
+    m.commit(0);
+    m.execute(1, testkit::sale("s-1", None, &[(2, 3)])).unwrap();
+    m.commit(1);
+    m.connect(0, 1);
+    m.settle();
+    for (i, own_product) in [(0usize, 1u64), (1, 2)] {
+        let c = m.clone_node(i, [7, 7, 7, i as u8]);
+        let e = &m.nodes[c].engine;
+        let v = e.sale_json("s-1").unwrap();
+        assert_eq!(v["lines"][0]["product_id"], own_product, "n{i}: {v}");
+        assert_eq!(
+            v["collisions"].as_array().map(|a| a.len()),
+            Some(1),
+            "n{i}: {v}"
+        );
+        let listed: Vec<serde_json::Value> = e
+            .id_collisions()
+            .into_iter()
+            .filter(|c| c["id"] == "s-1")
+            .collect();
+        assert_eq!(listed.len(), 1, "n{i}");
+        assert_eq!(listed[0]["nodes"], serde_json::json!(["n0", "n1"]));
+        assert_eq!(
+            e.views.sales().len(),
+            m.nodes[i].engine.views.sales().len(),
+            "n{i}: the restarted index holds what the running one does"
+        );
+        assert!(e.sale_json("never-sold").is_none());
+        for n in 0..5 {
+            assert!(e.sale_json(&format!("u-{n}")).is_some(), "n{i}: u-{n}");
+        }
+    }
+}
+
 /// Colliding sale ids where the other node's sale arrives while this node's
 /// own sale of the id is still unflushed in the open batch (a frame received
 /// between an operation and the batch's commit): both are listed at both

@@ -100,6 +100,8 @@ impl Engine {
     pub fn finish_open(&mut self) {
         let ids: Vec<String> = self.docs.keys().cloned().collect();
         let latest = self.latest_parts();
+        // Every stored sale is noted once, unchecked, and sorted in at the end.
+        self.views.sales.begin_bulk();
         for id in ids {
             if let Some(bytes) = self.index_replay.remove(&id) {
                 // A closed part loaded cold with its index: its records
@@ -120,6 +122,7 @@ impl Engine {
                 }
             }
         }
+        self.settle_bulk_sales();
         let info = NodeInfo {
             name: self.cfg.name.clone(),
             location: Some(self.cfg.location.clone()),
