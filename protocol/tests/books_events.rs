@@ -377,6 +377,82 @@ fn an_import_at_an_ownerless_location_is_counted_once() {
     );
 }
 
+/// Seed 8 of the #16 sweep: node 2 imported the warehouse's opening
+/// balances after node 1's import of the same file had reached it as ledger
+/// changes but before node 1's import record had (documents sync one by
+/// one). Counted over node 1's units, node 2's import booked nothing; its
+/// record named no other import and its clock was earlier, so it stood and
+/// node 1 reversed its rows: the warehouse ended at 0. An import counted
+/// over another importer's units is booked after that one, as one that saw
+/// its record.
+#[test]
+fn an_import_counted_over_another_import_whose_record_had_not_arrived_comes_after_it() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    let rows = [("a", "wh", 10), ("b", "wh", 3)];
+    assert_eq!(
+        m.execute(1, import("opening", &rows, false)).unwrap().kind,
+        ReplyKind::Created
+    );
+    m.commit(1);
+    // Node 1's batch reaches node 2 without its records document; node 0
+    // hears nothing yet.
+    let frames: Vec<Vec<u8>> = m.links.get_mut(&(1, 2)).unwrap().drain(..).collect();
+    let mut dropped = 0;
+    for f in frames {
+        let msg: storemesh_protocol::sync::Msg =
+            storemesh_protocol::wire::decode_frame(&f[4..]).unwrap();
+        if matches!(&msg, storemesh_protocol::sync::Msg::Push { doc, .. } if doc.starts_with("rec/"))
+        {
+            dropped += 1;
+            continue;
+        }
+        m.links.get_mut(&(1, 2)).unwrap().push_back(f);
+    }
+    assert_eq!(dropped, 1, "node 1's records document was pushed once");
+    m.deliver(1, 2, usize::MAX);
+    let pid = |sku: &str| storemesh_protocol::ids::product_id_for_sku(sku);
+    {
+        let e = &m.nodes[2].engine;
+        assert_eq!(e.totals(pid("a"), Some("wh")).map(|t| t.0), Some(10));
+        assert!(
+            e.views.imports().get("opening").is_none(),
+            "node 1's import record has not arrived"
+        );
+    }
+    // Node 2's clock is behind node 1's: by time alone its import is first.
+    m.now_ms -= 60_000;
+    assert_eq!(
+        m.execute(2, import("opening", &rows, false)).unwrap().kind,
+        ReplyKind::Created
+    );
+    m.commit(2);
+    for a in 0..3 {
+        for b in a + 1..3 {
+            m.disconnect(a, b);
+        }
+    }
+    m.full_mesh();
+    m.settle();
+    for i in 0..3 {
+        m.commit(i);
+    }
+    m.settle();
+    for i in 0..3 {
+        let e = &m.nodes[i].engine;
+        let at = |sku: &str| e.totals(pid(sku), Some("wh")).map(|t| t.0).unwrap_or(0);
+        assert_eq!(at("a"), 10, "node {i}: the opening balance of a, once");
+        assert_eq!(at("b"), 3, "node {i}: the opening balance of b, once");
+        let imports = &e.views.imports()["opening"];
+        assert!(imports["n2"].undone.contains("wh"), "node {i}: {imports:?}");
+        assert!(
+            !imports["n1"].undone.contains("wh"),
+            "node {i}: {imports:?}"
+        );
+    }
+}
+
 fn declare(loc: &str) -> Op {
     Op::DeclareLocation(DeclareLocation {
         location: loc.into(),
