@@ -225,6 +225,61 @@ fn a_fork_deficit_is_not_masked_by_an_earlier_one_and_recorded_once() {
     }
 }
 
+/// Seed 413 of the #16 sweep: a branch of a cloned node that oversold (an
+/// overdraft, allowed by override here, by a relaxed policy there) recorded
+/// its own overdraft again as a fork deficit when it merged the other
+/// branch's changes, while the other branch recorded the same units as the
+/// fork's deficit: the oversold units were counted twice. An overdraft
+/// covers its own shortfall; each branch records its event's.
+#[test]
+fn a_cloned_branch_s_overdraft_is_not_recorded_again_as_a_fork_deficit() {
+    let mut m = TestMesh::new(2, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(9, 10)]))
+        .unwrap();
+    m.commit(0);
+    m.settle();
+    m.disconnect(0, 1);
+    let copy = m.clone_node(0, [9, 9, 9, 9]);
+    // The original sells 2; the copy oversells 1,000 (an overdraft of 990).
+    m.execute(0, testkit::sale("a", Some("loc0"), &[(9, 2)]))
+        .unwrap();
+    m.commit(0);
+    let Op::Sale(mut big) = testkit::sale("b", Some("loc0"), &[(9, 1000)]) else {
+        unreachable!()
+    };
+    big.override_rights = true;
+    m.execute(copy, Op::Sale(big)).unwrap();
+    m.commit(copy);
+    // n1 gets the original's sale; the original sells 3 more meanwhile.
+    m.connect(0, 1);
+    m.settle();
+    m.disconnect(0, 1);
+    m.execute(0, testkit::sale("c", Some("loc0"), &[(9, 3)]))
+        .unwrap();
+    m.commit(0);
+    // The copy merges the original's first sale (its fork: 2 more short).
+    m.connect(copy, 1);
+    m.settle();
+    m.disconnect(copy, 1);
+    // The original merges the copy's sale: 1,000 short more than before.
+    m.connect(0, 1);
+    m.settle();
+    let d = deficits(&m, 1);
+    let removed: i64 = 2 + 1000 + 3;
+    let total: i64 = d.iter().map(|(_, q)| q).sum();
+    assert!(
+        total <= removed,
+        "n0's deficits {d:?} exceed what its branches took out ({removed})"
+    );
+    assert_eq!(
+        d,
+        vec![("n0".into(), 2), ("n0".into(), 995)],
+        "the copy's fork event (2) and the original's (995)"
+    );
+}
+
 /// A retirement's shortfall is not masked by the successor's earlier,
 /// unrelated deficit on the same product either.
 #[test]
