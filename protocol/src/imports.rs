@@ -9,7 +9,8 @@
 //! receipt id, the same lines) each added its units. As for transfers into
 //! such a location (booked only by the sending node), one node's booking
 //! stands: a booking made after another node's booking of the id (its record
-//! names those it saw) is never it; of the bookings made apart, the first by
+//! names those it saw, and the nodes whose units there it counted over
+//! before their record arrived) is never it; of the bookings made apart, the first by
 //! (time, node name) — every node sees the same records, so all agree on it.
 //! Every later node, once it sees the first's record, reverses its own rows
 //! there: one count record per page of up to `ops::LINES_MAX` lines
