@@ -16,6 +16,7 @@ pub mod identity;
 pub mod memory;
 pub mod node;
 pub mod server;
+pub mod signing;
 pub mod transport;
 pub mod webhooks;
 

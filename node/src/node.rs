@@ -108,10 +108,23 @@ pub fn db_path(dir: &Path) -> PathBuf {
     dir.join("storemesh.redb")
 }
 
+/// Meta key set once this node's own pre-signing history is certified.
+const HISTORY_CERTIFIED_KEY: &str = "history_certified";
+
 /// Opens an engine from the store: loads every document, rebuilds the views.
-fn open_engine(cfg: &Config, node_id: NodeId, store: &Arc<Store>) -> anyhow::Result<Engine> {
+fn open_engine(
+    cfg: &Config,
+    node_id: NodeId,
+    store: &Arc<Store>,
+    key_der: &[u8],
+) -> anyhow::Result<Engine> {
     let mut engine = Engine::new(engine_config(cfg, node_id), rand::random());
     engine.set_entropy(rand::random());
+    engine.set_signing(
+        Box::new(crate::signing::NodeSigner::from_pkcs8(key_der)?),
+        Box::new(crate::signing::NodeVerifier),
+    );
+    engine.set_cert_archive(Box::new(crate::signing::StoreArchive(store.clone())));
     // Cold closed records parts are read back from the store on demand.
     engine.set_part_archive(store.clone());
     for p in &cfg.peers {
@@ -138,6 +151,23 @@ fn open_engine(cfg: &Config, node_id: NodeId, store: &Arc<Store>) -> anyhow::Res
                 .map_err(|e| anyhow::anyhow!("stored document {} is damaged: {e}", d.id))
         })
         .context("cannot load documents")?;
+    engine.load_intros(
+        store
+            .load_intros()
+            .context("cannot load the introductions")?,
+    );
+    // History written before protocol 7 has no certificates: this node
+    // certifies its own changes once (stored with the first batch; the meta
+    // key is set once that batch committed).
+    if store.get_meta(HISTORY_CERTIFIED_KEY)?.is_none() {
+        let n = engine.certify_own_history();
+        if n > 0 {
+            tracing::info!(
+                changes = n,
+                "certified this node's changes written before signing"
+            );
+        }
+    }
     engine.finish_open();
     Ok(engine)
 }
@@ -212,6 +242,10 @@ impl NodeHandle {
             digest: None,
         };
         let peers: Vec<PeerEntry> = cfg.peers.iter().filter_map(peer_entry).collect();
+        // The engine signs its batches with the identity key (checked here,
+        // before anything listens).
+        let key_der = identity.key_der.clone();
+        crate::signing::NodeSigner::from_pkcs8(&key_der)?;
         let mut tcfg = TransportConfig::new(identity, quic_addr, peers, hello);
         tcfg.keep_alive = Duration::from_millis(cfg.sync.keep_alive_ms);
         tcfg.idle_timeout = Duration::from_millis(cfg.sync.idle_timeout_ms);
@@ -266,7 +300,7 @@ impl NodeHandle {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let engine_thread = std::thread::Builder::new()
             .name(format!("engine-{}", cfg.name))
-            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx, wake_tx))
+            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx, wake_tx, key_der))
             .context("cannot start the engine thread")?;
         // Serve HTTP at once: reads come from the persisted view while the
         // documents load; writes wait in the queue until the engine is ready.
@@ -398,9 +432,12 @@ fn engine_loop(
     mut rx: mpsc::Receiver<Cmd>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
     wake: tokio::sync::watch::Sender<Option<u64>>,
+    key_der: Vec<u8>,
 ) {
     let cfg = shared.cfg.clone();
-    let engine = match open_engine(&cfg, shared.node_id, &store) {
+    // Shared with the engine's certificate archive (reads only).
+    let store = Arc::new(store);
+    let engine = match open_engine(&cfg, shared.node_id, &store, &key_der) {
         Ok(e) => e,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -420,6 +457,9 @@ fn engine_loop(
     match node.step(&mut storage, Vec::new(), shared.now_ms()) {
         Step::Committed(c) => {
             publish(&shared, node.engine(), &c.batch.rows);
+            if let Err(e) = store.set_meta(HISTORY_CERTIFIED_KEY, b"7") {
+                tracing::warn!(error = %format!("{e:#}"), "cannot record that the history is certified");
+            }
             // Our hellos carry the digest of what is durable, so that an
             // in-sync reconnect is the two hellos and nothing else.
             transport.set_hello_digest(node.hello_digest());
@@ -594,7 +634,7 @@ fn engine_loop(
                     let _ = tx.send(r);
                 }
                 // The in-memory documents may hold changes that never reached disk.
-                match open_engine(&cfg, shared.node_id, &store) {
+                match open_engine(&cfg, shared.node_id, &store, &key_der) {
                     Ok(e) => {
                         node.replace_engine(e, &mut storage, now);
                         transport.set_hello_digest(node.hello_digest());

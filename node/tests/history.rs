@@ -8,17 +8,24 @@ use storemesh_protocol::testkit;
 
 const NOW_MS: u64 = 1_795_773_600_000;
 
-fn open(store: &Store, incarnation: [u8; 4]) -> Engine {
+fn open(store: &std::sync::Arc<Store>, incarnation: [u8; 4]) -> Engine {
     open_with(store, incarnation, None)
 }
 
-/// `open`, with cold parts read back from `archive` when given (as `run` opens).
+/// Opens node 0's engine from `store`, signing its batches (the test
+/// mesh's scheme) and reading stored certificates back from `store`, as
+/// `node.rs::open_engine` does; cold parts are read back from `archive`
+/// when given (as `run` opens).
 fn open_with(
-    store: &Store,
+    store: &std::sync::Arc<Store>,
     incarnation: [u8; 4],
     archive: Option<std::sync::Arc<Store>>,
 ) -> Engine {
     let mut e = Engine::new(testkit::config(0, 8), incarnation);
+    testkit::sign(&mut e);
+    e.set_cert_archive(Box::new(storemesh_node::signing::StoreArchive(
+        store.clone(),
+    )));
     if let Some(a) = archive {
         e.set_part_archive(a);
     }
@@ -37,7 +44,7 @@ fn commit(e: &mut Engine, store: &Store, now: u64) {
 #[test]
 fn records_roll_over_into_parts_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.set_records_per_part(3);
     e.execute(
@@ -101,7 +108,7 @@ fn records_roll_over_into_parts_and_survive_a_restart() {
 #[test]
 fn chunks_are_folded_into_a_snapshot_by_count() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.execute(
         testkit::receipt("r1", "loc0", &[(7, 100_000)]),
@@ -149,8 +156,10 @@ fn sell(e: &mut Engine, store: &Store, from: usize, to: usize) {
 
 /// A fresh node connected to `e` receives sales `s0..s{n}` and ends with
 /// the same documents and heads.
-fn a_fresh_node_receives_every_sale(e: Engine, n: usize) {
+fn a_fresh_node_receives_every_sale(mut e: Engine, n: usize) {
     let mut m = testkit::TestMesh::new(2, 8);
+    // The fresh node is a member here (its changes are verified).
+    e.add_configured_peer("n1", testkit::node_id(1));
     m.nodes[0].engine = e;
     m.now_ms = NOW_MS + 400;
     m.connect(0, 1);
@@ -193,7 +202,7 @@ fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_pro
 #[test]
 fn closed_parts_go_cold_and_history_still_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.set_records_per_part(4);
     e.execute(
@@ -378,7 +387,7 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
 #[test]
 fn ledger_epochs_replace_history_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir.path().join("n.redb")).unwrap());
     let mut e = open(&store, [0, 0, 0, 1]);
     e.set_epoch_ops_max(40);
     e.execute(

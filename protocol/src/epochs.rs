@@ -249,6 +249,10 @@ impl Engine {
                 let Some(author) = ActorKey::from_bytes(ch.actor_id().to_bytes()) else {
                     continue;
                 };
+                // Only a change its author certified raises anything.
+                if !self.late_change_certified(&ch) {
+                    continue;
+                }
                 for op in ch.decode().operations {
                     let (automerge::legacy::ObjectId::Root, automerge::legacy::Key::Map(k)) =
                         (&op.obj, &op.key)
@@ -457,6 +461,7 @@ impl Engine {
         self.push_sources.remove(id);
         self.pending_sync_states.retain(|(_, d, _)| d != id);
         self.forget_doc_sessions(id);
+        self.forget_doc_certs(id, true);
         self.pending_retired.push(id.to_string());
     }
 }

@@ -165,6 +165,7 @@ impl Engine {
     pub fn cool_closed_parts(&mut self, saves_max: usize) -> usize {
         let latest = self.latest_parts();
         let (mut cooled, mut saves) = (0, 0);
+        let mut cooled_ids = Vec::new();
         for (id, slot) in self.docs.iter_mut() {
             let DocId::Records { tag, month, part } = slot.id else {
                 continue;
@@ -211,7 +212,13 @@ impl Engine {
                     .insert(id.clone(), (heads, index.encode()));
             }
             slot.doc.cool();
+            cooled_ids.push(id.clone());
             cooled += 1;
+        }
+        // A cold part's certificates are read back from the store when a
+        // peer needs its changes.
+        for id in cooled_ids {
+            self.forget_doc_certs(&id, false);
         }
         self.stats.parts_cooled += cooled as u64;
         cooled

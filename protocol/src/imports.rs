@@ -9,7 +9,8 @@
 //! receipt id, the same lines) each added its units. As for transfers into
 //! such a location (booked only by the sending node), one node's booking
 //! stands: a booking made after another node's booking of the id (its record
-//! names those it saw) is never it; of the bookings made apart, the first by
+//! names those it saw, and the nodes whose units there it counted over
+//! before their record arrived) is never it; of the bookings made apart, the first by
 //! (time, node name) — every node sees the same records, so all agree on it.
 //! Every later node, once it sees the first's record, reverses its own rows
 //! there: one count record per page of up to `ops::LINES_MAX` lines
@@ -57,6 +58,11 @@ pub struct ImportSeen {
     pub undone: BTreeSet<String>,
     /// Nodes whose import of the id this one was booked after.
     pub seen: BTreeSet<String>,
+    /// Nodes whose units at an ownerless location of the import this one
+    /// was counted over, their import record not known then: if one of
+    /// them imported the id too (and not after this one), this booking came
+    /// after it — its basis holds that booking (seed 8 of the #16 sweep).
+    pub counted_over: BTreeSet<String>,
     /// A receipt's units per product (empty for an import): receipts of one
     /// id are one delivery only when these are equal.
     pub lines: BTreeMap<u64, u64>,
@@ -101,6 +107,7 @@ impl Engine {
                 .filter_map(|l| l["location"].as_str().map(str::to_string))
                 .collect();
             e.seen = seen_of(v);
+            e.counted_over = names_of(&v["counted_over"]);
         }
         self.views.imports_pending.insert(id.to_string());
     }
@@ -143,6 +150,33 @@ impl Engine {
             .map(|(n, _)| n.clone())
             .take(SEEN_MAX)
             .collect()
+    }
+
+    /// The other nodes holding units (received − removed ≠ 0) of the
+    /// given (product, location) pairs at locations no node owns, in this
+    /// node's view now: an import booked now counts over their bookings.
+    pub(crate) fn bookings_counted_over<'a>(
+        &self,
+        rows: impl Iterator<Item = (u64, &'a str)>,
+    ) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (p, l) in rows {
+            if l == self.cfg.location || self.views.owner_of(l).is_some() {
+                continue;
+            }
+            let Some(entry) = self.views.entry(p, l) else {
+                continue;
+            };
+            for (a, c) in &entry.cells {
+                if out.len() >= SEEN_MAX {
+                    return out;
+                }
+                if a.tag() != self.tag && c.received != c.removed {
+                    out.insert(self.views.name_of(a.tag()));
+                }
+            }
+        }
+        out
     }
 
     /// Reverses this node's rows of imports and receipts at locations no
@@ -189,11 +223,20 @@ impl Engine {
                         .filter(|(_, s)| s.at_ms != 0 && s.locations.contains(*l))
                         .filter(|(_, s)| s.lines == mine.lines)
                         .collect();
-                    let saw_other = |s: &ImportSeen| at_l.iter().any(|(n, _)| s.seen.contains(*n));
-                    saw_other(mine)
+                    // Or counted over another importer's units before its
+                    // record arrived (documents sync one by one), unless
+                    // that importer booked after seeing this one.
+                    let after_other = |me: &str, s: &ImportSeen| {
+                        at_l.iter().any(|(n, o)| {
+                            n.as_str() != me
+                                && (s.seen.contains(*n)
+                                    || (s.counted_over.contains(*n) && !o.seen.contains(me)))
+                        })
+                    };
+                    after_other(&self.cfg.name, mine)
                         || at_l
                             .iter()
-                            .filter(|(_, s)| !saw_other(s))
+                            .filter(|(n, s)| !after_other(n, s))
                             .map(|(n, s)| (s.at_ms, n.as_str()))
                             .min()
                             .is_some_and(|first| first.1 != self.cfg.name)
@@ -316,8 +359,12 @@ impl Engine {
 
 /// The other nodes' bookings a record names as seen (from peers: bounded).
 fn seen_of(v: &serde_json::Value) -> BTreeSet<String> {
-    v["seen"]
-        .as_array()
+    names_of(&v["seen"])
+}
+
+/// A record's list of node names (from peers: bounded).
+fn names_of(v: &serde_json::Value) -> BTreeSet<String> {
+    v.as_array()
         .into_iter()
         .flatten()
         .take(SEEN_MAX)

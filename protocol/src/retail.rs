@@ -585,6 +585,15 @@ impl Engine {
                 self.product_put(pid, update)?;
             }
         }
+        // Other nodes whose units at an ownerless location this import is
+        // counted over (before its own rows are booked): if one of them
+        // booked this very import and its record has not arrived yet, this
+        // booking came after that one (`imports.rs`).
+        let counted_over = self.bookings_counted_over(
+            imp.rows
+                .iter()
+                .map(|r| (products[&r.sku], r.location.as_str())),
+        );
         let mut by_location: BTreeMap<String, Vec<CountLine>> = BTreeMap::new();
         for r in &imp.rows {
             by_location
@@ -623,7 +632,11 @@ impl Engine {
         // The other nodes' imports of this id this one was booked after
         // (`imports.rs`: it is not the first, whatever the clocks say).
         let seen = self.bookings_seen(&imp.import_id);
-        let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "seen": seen, "at_ms": now_ms});
+        let counted_over: Vec<String> = counted_over
+            .into_iter()
+            .filter(|n| !seen.contains(n))
+            .collect();
+        let record = serde_json::json!({"import_id": imp.import_id, "node": self.cfg.name, "rows": imp.rows.len(), "locations": summary, "seen": seen, "counted_over": counted_over, "at_ms": now_ms});
         self.write_record(RecordKind::Import, &imp.import_id, record, now_ms);
         Ok(Engine::reply(
             crate::ops::ReplyKind::Created,

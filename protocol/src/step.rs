@@ -239,7 +239,9 @@ impl<T> NodeLoop<T> {
         store: &mut S,
         now: u64,
     ) -> Engine {
-        let old = std::mem::replace(&mut self.engine, engine);
+        let mut old = std::mem::replace(&mut self.engine, engine);
+        // The connections stay up: what peers sent over them stays received.
+        self.engine.adopt_received_certs(&mut old);
         for (k, v) in &old.stats.rejected_by_reason {
             *self.rejected.entry(k).or_default() += v;
         }

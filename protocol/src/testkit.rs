@@ -75,8 +75,49 @@ pub fn sale(id: &str, location: Option<&str>, lines: &[(u64, u64)]) -> Op {
     })
 }
 
+/// An in-memory stand-in for the node's redb certificate tables: what the
+/// batches stored, read back by the engine when memory lacks it.
+#[derive(Clone, Default)]
+pub struct MemArchive(
+    pub std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<crate::signing::Cert>>>>,
+);
+
+impl MemArchive {
+    /// Stores a committed batch's certificates under their documents.
+    pub fn store(&self, batch: &crate::engine::Batch) {
+        let by_id: HashMap<crate::signing::CertId, &crate::signing::Cert> =
+            batch.certs.iter().map(|c| (c.id(), c)).collect();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (doc, id) in &batch.cert_links {
+            let cert = by_id
+                .get(id)
+                .map(|c| (*c).clone())
+                .or_else(|| m.values().flatten().find(|c| c.id() == *id).cloned());
+            if let Some(c) = cert {
+                let list = m.entry(doc.clone()).or_default();
+                if !list.contains(&c) {
+                    list.push(c);
+                }
+            }
+        }
+        for d in &batch.retired {
+            m.remove(d);
+        }
+    }
+}
+
+impl crate::signing::CertArchive for MemArchive {
+    fn doc_certs(&self, doc: &str) -> Vec<crate::signing::Cert> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(doc).cloned().unwrap_or_default()
+    }
+}
+
 pub struct TestNode {
     pub engine: Engine,
+    /// Where this node's certificates are "stored" (`None`: it keeps them
+    /// all in memory).
+    pub archive: Option<MemArchive>,
     /// Idempotency records that reached "disk".
     pub idem: HashMap<String, IdemRecord>,
 }
@@ -95,6 +136,17 @@ pub fn node_id(i: usize) -> NodeId {
     NodeId(b)
 }
 
+/// The signature scheme of the in-memory mesh (deterministic).
+pub fn scheme() -> crate::signing::KeyedHashScheme {
+    crate::signing::KeyedHashScheme::new([0x5e; 32])
+}
+
+/// Makes `e` sign with its own key of [`scheme`] and verify its peers'.
+pub fn sign(e: &mut Engine) {
+    let id = e.config().node_id;
+    e.set_signing(Box::new(scheme().signer(id)), Box::new(scheme()));
+}
+
 pub fn config(i: usize, buckets: u32) -> EngineConfig {
     EngineConfig {
         node_id: node_id(i),
@@ -110,11 +162,23 @@ pub fn config(i: usize, buckets: u32) -> EngineConfig {
 
 impl TestMesh {
     pub fn new(n: usize, buckets: u32) -> TestMesh {
+        TestMesh::with_configured(n, buckets, |_, _| true)
+    }
+
+    /// A mesh in which node `i` has node `j` in its configuration only if
+    /// `configured(i, j)` (e.g. a hub topology: stores know only the hub).
+    /// Every node signs its changes and verifies its peers'.
+    pub fn with_configured(
+        n: usize,
+        buckets: u32,
+        configured: impl Fn(usize, usize) -> bool,
+    ) -> TestMesh {
         let mut nodes = Vec::new();
         for i in 0..n {
             let mut e = Engine::new(config(i, buckets), [i as u8, 1, 2, 3]);
+            sign(&mut e);
             for j in 0..n {
-                if j != i {
+                if j != i && configured(i, j) {
                     e.add_configured_peer(&format!("n{j}"), node_id(j));
                 }
             }
@@ -122,6 +186,7 @@ impl TestMesh {
             nodes.push(TestNode {
                 engine: e,
                 idem: HashMap::new(),
+                archive: None,
             });
         }
         let mut m = TestMesh {
@@ -153,12 +218,14 @@ impl TestMesh {
     pub fn clone_node(&mut self, i: usize, incarnation: [u8; 4]) -> usize {
         let src = &self.nodes[i].engine;
         let mut e = Engine::new(src.config().clone(), incarnation);
+        sign(&mut e);
         for (id, _) in src.documents() {
             if let Some(bytes) = src.document_bytes(&id) {
                 e.load_doc(&id, &[bytes], Vec::new())
                     .expect("a saved document loads");
             }
         }
+        e.load_certs(src.held_certs());
         for j in 0..self.nodes.len() {
             if self.id(j) != self.id(i) {
                 let name = self.nodes[j].engine.config().name.clone();
@@ -167,7 +234,11 @@ impl TestMesh {
         }
         e.finish_open();
         let idem = self.nodes[i].idem.clone();
-        self.nodes.push(TestNode { engine: e, idem });
+        self.nodes.push(TestNode {
+            engine: e,
+            idem,
+            archive: None,
+        });
         self.nodes.len() - 1
     }
 
@@ -178,6 +249,9 @@ impl TestMesh {
         // As the node loop's step does before its flush.
         node.engine.settle_ownerless_imports(now);
         let batch = node.engine.flush(now);
+        if let Some(a) = &node.archive {
+            a.store(&batch);
+        }
         for (k, r) in batch.idem {
             node.idem.insert(k, r);
         }
@@ -313,6 +387,29 @@ impl TestMesh {
             }
         }
         panic!("mesh did not settle after 10,000 rounds");
+    }
+
+    /// Gives node `i` a certificate archive: from now on it keeps in memory
+    /// only the certificates of its live documents, as the node does.
+    pub fn use_archive(&mut self, i: usize) {
+        let a = MemArchive::default();
+        a.store(&crate::engine::Batch {
+            certs: self.nodes[i]
+                .engine
+                .held_certs()
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect(),
+            cert_links: self.nodes[i]
+                .engine
+                .held_certs()
+                .into_iter()
+                .map(|(d, c)| (d, c.id()))
+                .collect(),
+            ..Default::default()
+        });
+        self.nodes[i].engine.set_cert_archive(Box::new(a.clone()));
+        self.nodes[i].archive = Some(a);
     }
 
     pub fn full_mesh(&mut self) {

@@ -62,6 +62,37 @@ pub fn changes_in_chunk(chunk: &[u8]) -> Result<Vec<Change>, String> {
     Ok(out)
 }
 
+/// The hashes of the changes in a sequence of chunks (as `changes_in_chunk`
+/// splits them), and whether one of them is a whole document (whose changes
+/// are then not listed: its sender sends every certificate of the document).
+pub fn chunk_change_hashes(chunk: &[u8]) -> Result<(Vec<[u8; 32]>, bool), String> {
+    let mut out = Vec::new();
+    let mut whole_doc = false;
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        if rest.len() < 9 {
+            return Err("truncated chunk".into());
+        }
+        let kind = rest[8];
+        let (len, len_bytes) = read_uleb(&rest[9..]).ok_or("bad chunk length")?;
+        let total = 9usize
+            .checked_add(len_bytes)
+            .and_then(|v| v.checked_add(usize::try_from(len).ok()?))
+            .ok_or("chunk length overflows")?;
+        if total > rest.len() {
+            return Err("truncated chunk".into());
+        }
+        let (this, tail) = rest.split_at(total);
+        if kind == CHUNK_DOCUMENT {
+            whole_doc = true;
+        } else {
+            out.extend(changes_in_chunk(this)?.iter().map(|c| c.hash().0));
+        }
+        rest = tail;
+    }
+    Ok((out, whole_doc))
+}
+
 /// The changes of a bundle chunk. Bundles are an experimental Automerge
 /// format: a panic in its parser on a peer's bytes is caught and turned into an
 /// error like any other malformed chunk.

@@ -24,7 +24,10 @@ use serde::{Deserialize, Serialize};
 /// cells): version 4 would refuse both.
 /// 6: reservation holds in the ledger (`<product>/<actor>/h/<to>`, `/u`),
 /// written with the reservation's grant: version 5 would refuse them.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: signed changes (`Msg::Certs`, one batch certificate per commit batch,
+/// sent before every frame that carries changes; uncertified changes are
+/// refused).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Version byte at the start of every frame payload.
 pub const FRAME_VERSION: u8 = 1;
 /// Version byte of a frame whose payload is DEFLATE-compressed.

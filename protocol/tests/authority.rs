@@ -63,7 +63,22 @@ fn send(m: &mut TestMesh, to: usize, from: usize, msg: &Msg) -> Result<(), Strin
         .receive(testkit::node_id(from), &frame[4..], now)
 }
 
+/// Pushes `data` from node 1, its changes signed with node 1's own key (a
+/// stolen member holds it): what is refused here is refused for what the
+/// change writes, not for who signed it.
 fn push(m: &mut TestMesh, doc: &str, data: Vec<u8>) {
+    let signer = testkit::scheme().signer(testkit::node_id(1));
+    let cert = storemesh_protocol::signing::certify_chunk(&signer, &data).unwrap();
+    send(
+        m,
+        0,
+        1,
+        &Msg::Certs {
+            certs: vec![cert],
+            intros: vec![],
+        },
+    )
+    .unwrap();
     let msg = Msg::Push {
         doc: doc.into(),
         data,

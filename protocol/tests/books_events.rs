@@ -51,7 +51,19 @@ fn a_reservation_s_units_are_never_free_at_the_fulfilling_node() {
         let q = m.links.get_mut(&(0, 1)).unwrap();
         assert!(q.len() >= 2, "the reservation travels in several documents");
         if reversed {
-            q.make_contiguous().reverse();
+            // The documents in reverse order; the batch certificate that
+            // covers them stays ahead of them, as on any one link.
+            let (mut certs, mut docs): (Vec<Vec<u8>>, Vec<Vec<u8>>) = q.drain(..).partition(|f| {
+                matches!(
+                    storemesh_protocol::wire::decode_frame::<storemesh_protocol::sync::Msg>(
+                        &f[4..]
+                    ),
+                    Ok(storemesh_protocol::sync::Msg::Certs { .. })
+                )
+            });
+            docs.reverse();
+            certs.extend(docs);
+            q.extend(certs);
         }
         while m.deliver(0, 1, 1) == 1 {
             let e1 = &m.nodes[1].engine;
@@ -213,6 +225,61 @@ fn a_fork_deficit_is_not_masked_by_an_earlier_one_and_recorded_once() {
     }
 }
 
+/// Seed 413 of the #16 sweep: a branch of a cloned node that oversold (an
+/// overdraft, allowed by override here, by a relaxed policy there) recorded
+/// its own overdraft again as a fork deficit when it merged the other
+/// branch's changes, while the other branch recorded the same units as the
+/// fork's deficit: the oversold units were counted twice. An overdraft
+/// covers its own shortfall; each branch records its event's.
+#[test]
+fn a_cloned_branch_s_overdraft_is_not_recorded_again_as_a_fork_deficit() {
+    let mut m = TestMesh::new(2, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", &[(9, 10)]))
+        .unwrap();
+    m.commit(0);
+    m.settle();
+    m.disconnect(0, 1);
+    let copy = m.clone_node(0, [9, 9, 9, 9]);
+    // The original sells 2; the copy oversells 1,000 (an overdraft of 990).
+    m.execute(0, testkit::sale("a", Some("loc0"), &[(9, 2)]))
+        .unwrap();
+    m.commit(0);
+    let Op::Sale(mut big) = testkit::sale("b", Some("loc0"), &[(9, 1000)]) else {
+        unreachable!()
+    };
+    big.override_rights = true;
+    m.execute(copy, Op::Sale(big)).unwrap();
+    m.commit(copy);
+    // n1 gets the original's sale; the original sells 3 more meanwhile.
+    m.connect(0, 1);
+    m.settle();
+    m.disconnect(0, 1);
+    m.execute(0, testkit::sale("c", Some("loc0"), &[(9, 3)]))
+        .unwrap();
+    m.commit(0);
+    // The copy merges the original's first sale (its fork: 2 more short).
+    m.connect(copy, 1);
+    m.settle();
+    m.disconnect(copy, 1);
+    // The original merges the copy's sale: 1,000 short more than before.
+    m.connect(0, 1);
+    m.settle();
+    let d = deficits(&m, 1);
+    let removed: i64 = 2 + 1000 + 3;
+    let total: i64 = d.iter().map(|(_, q)| q).sum();
+    assert!(
+        total <= removed,
+        "n0's deficits {d:?} exceed what its branches took out ({removed})"
+    );
+    assert_eq!(
+        d,
+        vec![("n0".into(), 2), ("n0".into(), 995)],
+        "the copy's fork event (2) and the original's (995)"
+    );
+}
+
 /// A retirement's shortfall is not masked by the successor's earlier,
 /// unrelated deficit on the same product either.
 #[test]
@@ -363,6 +430,82 @@ fn an_import_at_an_ownerless_location_is_counted_once() {
         m.nodes[0].engine.totals(pid("a"), Some("wh")).unwrap().0,
         10
     );
+}
+
+/// Seed 8 of the #16 sweep: node 2 imported the warehouse's opening
+/// balances after node 1's import of the same file had reached it as ledger
+/// changes but before node 1's import record had (documents sync one by
+/// one). Counted over node 1's units, node 2's import booked nothing; its
+/// record named no other import and its clock was earlier, so it stood and
+/// node 1 reversed its rows: the warehouse ended at 0. An import counted
+/// over another importer's units is booked after that one, as one that saw
+/// its record.
+#[test]
+fn an_import_counted_over_another_import_whose_record_had_not_arrived_comes_after_it() {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    let rows = [("a", "wh", 10), ("b", "wh", 3)];
+    assert_eq!(
+        m.execute(1, import("opening", &rows, false)).unwrap().kind,
+        ReplyKind::Created
+    );
+    m.commit(1);
+    // Node 1's batch reaches node 2 without its records document; node 0
+    // hears nothing yet.
+    let frames: Vec<Vec<u8>> = m.links.get_mut(&(1, 2)).unwrap().drain(..).collect();
+    let mut dropped = 0;
+    for f in frames {
+        let msg: storemesh_protocol::sync::Msg =
+            storemesh_protocol::wire::decode_frame(&f[4..]).unwrap();
+        if matches!(&msg, storemesh_protocol::sync::Msg::Push { doc, .. } if doc.starts_with("rec/"))
+        {
+            dropped += 1;
+            continue;
+        }
+        m.links.get_mut(&(1, 2)).unwrap().push_back(f);
+    }
+    assert_eq!(dropped, 1, "node 1's records document was pushed once");
+    m.deliver(1, 2, usize::MAX);
+    let pid = |sku: &str| storemesh_protocol::ids::product_id_for_sku(sku);
+    {
+        let e = &m.nodes[2].engine;
+        assert_eq!(e.totals(pid("a"), Some("wh")).map(|t| t.0), Some(10));
+        assert!(
+            e.views.imports().get("opening").is_none(),
+            "node 1's import record has not arrived"
+        );
+    }
+    // Node 2's clock is behind node 1's: by time alone its import is first.
+    m.now_ms -= 60_000;
+    assert_eq!(
+        m.execute(2, import("opening", &rows, false)).unwrap().kind,
+        ReplyKind::Created
+    );
+    m.commit(2);
+    for a in 0..3 {
+        for b in a + 1..3 {
+            m.disconnect(a, b);
+        }
+    }
+    m.full_mesh();
+    m.settle();
+    for i in 0..3 {
+        m.commit(i);
+    }
+    m.settle();
+    for i in 0..3 {
+        let e = &m.nodes[i].engine;
+        let at = |sku: &str| e.totals(pid(sku), Some("wh")).map(|t| t.0).unwrap_or(0);
+        assert_eq!(at("a"), 10, "node {i}: the opening balance of a, once");
+        assert_eq!(at("b"), 3, "node {i}: the opening balance of b, once");
+        let imports = &e.views.imports()["opening"];
+        assert!(imports["n2"].undone.contains("wh"), "node {i}: {imports:?}");
+        assert!(
+            !imports["n1"].undone.contains("wh"),
+            "node {i}: {imports:?}"
+        );
+    }
 }
 
 fn declare(loc: &str) -> Op {

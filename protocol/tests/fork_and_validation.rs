@@ -108,6 +108,7 @@ fn invalid_changes_are_rejected_whole() {
         &ledger_key(5, actor0, LedgerField::Removed),
         10,
     );
+    presign(&mut m, &doc_id, &bad);
     let frame = encode_frame(&Msg::Sync {
         doc: doc_id.clone(),
         data: bad,
@@ -122,6 +123,7 @@ fn invalid_changes_are_rejected_whole() {
         &ledger_key(5, actor1, LedgerField::Received),
         1,
     );
+    presign(&mut m, &doc_id, &bad);
     let frame = encode_frame(&Msg::Sync {
         doc: doc_id.clone(),
         data: bad,
@@ -142,6 +144,7 @@ fn invalid_changes_are_rejected_whole() {
         &ledger_key(5, actor1, LedgerField::Received),
         4,
     );
+    presign(&mut m, &doc_id, &good);
     let frame = encode_frame(&Msg::Sync {
         doc: doc_id.clone(),
         data: good,
@@ -220,7 +223,36 @@ fn two_nodes_with_stock() -> (TestMesh, String) {
     (m, doc_id)
 }
 
+/// Sends node 0 node 1's signatures of the changes in sync message `data`
+/// (signed with node 1's own key: these tests are about what a change
+/// writes, not who signed it).
+fn presign(m: &mut TestMesh, doc: &str, data: &[u8]) {
+    let Ok(msg) = automerge::sync::Message::decode(data) else {
+        return;
+    };
+    let signer = storemesh_protocol::testkit::scheme().signer(m.id(1));
+    let _ = doc;
+    let mut hashes = Vec::new();
+    for c in msg.changes.iter() {
+        if let Ok((h, _)) = storemesh_protocol::validate::chunk_change_hashes(c) {
+            hashes.extend(h);
+        }
+    }
+    if hashes.is_empty() {
+        return;
+    }
+    let cert = storemesh_protocol::signing::Cert::make(&signer, hashes);
+    let frame = encode_frame(&Msg::Certs {
+        certs: vec![cert],
+        intros: vec![],
+    })
+    .unwrap();
+    let (peer1, now) = (m.id(1), m.now_ms);
+    m.nodes[0].engine.receive(peer1, &frame[4..], now).unwrap();
+}
+
 fn send_sync(m: &mut TestMesh, doc: &str, data: Vec<u8>) -> Result<(), String> {
+    presign(m, doc, &data);
     let frame = encode_frame(&Msg::Sync {
         doc: doc.to_string(),
         data,

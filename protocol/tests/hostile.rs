@@ -39,7 +39,31 @@ fn honest_changes(actor: ActorKey, n: u64) -> Automerge {
     doc
 }
 
+/// Pushes `data` from `from`, its changes signed with `from`'s own key: a
+/// hostile member signs what it sends; these tests are about the bytes.
 fn push(m: &mut TestMesh, from: NodeId, doc: &str, data: Vec<u8>) -> Result<(), String> {
+    push_as(m, from, Some(from), doc, data)
+}
+
+/// Pushes `data` from `from`, signed with `signer`'s key (`None`: unsigned).
+fn push_as(
+    m: &mut TestMesh,
+    from: NodeId,
+    signer: Option<NodeId>,
+    doc: &str,
+    data: Vec<u8>,
+) -> Result<(), String> {
+    if let Some(Ok(cert)) = signer
+        .map(|s| storemesh_protocol::signing::certify_chunk(&testkit::scheme().signer(s), &data))
+    {
+        let frame = encode_frame(&Msg::Certs {
+            certs: vec![cert],
+            intros: vec![],
+        })
+        .unwrap();
+        let now = m.now_ms;
+        m.nodes[0].engine.receive(from, &frame[4..], now)?;
+    }
     let frame = encode_frame(&Msg::Push {
         doc: doc.into(),
         data,
@@ -188,7 +212,8 @@ fn a_compressed_chunk_bomb_is_refused_before_inflating() {
     chunk.extend_from_slice(&z);
     assert!(chunk.len() < 1 << 20, "fits one frame: {}", chunk.len());
     let before = peak_rss_bytes();
-    push(&mut m, peer, &doc, chunk.clone()).unwrap();
+    // Unsigned: listing its changes to sign them would inflate it here.
+    push_as(&mut m, peer, None, &doc, chunk.clone()).unwrap();
     let grew = peak_rss_bytes().saturating_sub(before);
     assert_eq!(rejected(&m, "decompression_limit"), 1);
     // The check inflates into a counting sink, never a buffer.
@@ -263,7 +288,12 @@ fn peer_values_at_the_limits_do_not_overflow() {
             tx.commit();
             data.extend_from_slice(d.get_changes(&[])[0].raw_bytes());
         }
-        push(&mut m, peer, &doc, data).unwrap();
+        // Signed by the writers' node (node 0's writers: a copy of node 0's
+        // data directory holds its key).
+        let signer = [testkit::node_id(0), testkit::node_id(1)]
+            .into_iter()
+            .find(|id| id.tag() == tag);
+        push_as(&mut m, peer, signer, &doc, data).unwrap();
         assert!(
             m.nodes[0].engine.heads_of(&doc).is_some(),
             "valid and applied"

@@ -505,6 +505,33 @@ impl World {
         Ok(())
     }
 
+    /// Invariant `authorship`: an honest member's change is never refused
+    /// for its certificate; the only such refusals are the hostile node's
+    /// impersonations sent to this engine.
+    fn check_authorship(&self, i: usize, e: &Engine) -> Result<(), Violation> {
+        let refused: u64 = [
+            storemesh_protocol::signing::REJECT_BAD_SIGNATURE,
+            storemesh_protocol::signing::REJECT_UNKNOWN_AUTHOR,
+        ]
+        .iter()
+        .map(|r| e.stats.rejected_by_reason.get(r).copied().unwrap_or(0))
+        .sum();
+        let expected = self.nodes[i]
+            .life
+            .as_ref()
+            .map_or(0, |l| l.impersonations_received);
+        if refused != expected {
+            return Err(self.violation(
+                "authorship",
+                format!(
+                    "node {} refused {refused} changes for their certificate or author, {expected} of them forged",
+                    self.nodes[i].name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The checks after heal and quiescence.
     pub fn final_checks(&self) -> Result<(), Violation> {
         let members = self.members();
@@ -537,6 +564,7 @@ impl World {
                 ));
             };
             self.check_node_views(i)?;
+            self.check_authorship(i, e)?;
             if i == first {
                 continue;
             }

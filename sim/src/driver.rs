@@ -391,6 +391,13 @@ impl Driver {
         let r = new_request(&self.w, i, kind, op, id);
         let desc = format!("req {} {:?}", self.w.clients.reqs.len(), r.op);
         self.w.trace(desc.as_bytes());
+        if crate::world::trace_printed() {
+            eprintln!(
+                "  (req {} at n{i} t={})",
+                self.w.clients.reqs.len(),
+                self.w.now_ms
+            );
+        }
         self.w.submit_new(r);
     }
 

@@ -7,6 +7,14 @@
 //! the honest receiver refuses every one (counted as `unauthorized`) and
 //! holds none of them afterwards.
 //!
+//! `hostile-impersonate` (issue 16 finding 1), in the same act: the hostile
+//! node writes as another member — a receipt of 1,000 units under the
+//! victim's actor id at the receiver's location, once certified with its
+//! own key and once without a certificate. The invariant: both refused as `bad_signature`,
+//! the receiver's stock unchanged. The `hostile-forge` writes are signed
+//! with the hostile node's own key (it holds it), so they are judged on
+//! what they write.
+//!
 //! The forgeries are delivered straight into the receiver's engine (not
 //! through the simulated network) and draw nothing from the world's random
 //! generator: a seed runs exactly as it would without them unless one is
@@ -17,9 +25,10 @@ use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use storemesh_protocol::ids::{ActorKey, NodeId};
-use storemesh_protocol::layout::DocId;
+use storemesh_protocol::ids::{product_bucket, ActorKey, NodeId};
+use storemesh_protocol::layout::{ledger_key, DocId, LedgerField};
 use storemesh_protocol::rebalance::{RightsRequest, REQUEST_HOPS_MAX};
+use storemesh_protocol::signing::{certify_chunk, REJECT_BAD_SIGNATURE};
 use storemesh_protocol::sync::{Msg, REJECT_UNAUTHORIZED};
 use storemesh_protocol::wire::encode_frame;
 
@@ -31,6 +40,10 @@ use crate::world::World;
 pub const HOSTILE_SEED_SHARE: f64 = 0.3;
 /// Forgeries sent per hostile act.
 pub const FORGERIES: u64 = 4;
+/// Changes written as another member per hostile act (self-signed, unsigned).
+pub const IMPERSONATIONS: u64 = 2;
+/// The product of the impersonated receipt.
+const IMPERSONATED_PRODUCT: u64 = 1;
 
 /// Which node turns hostile, and from which event on (`None`: none).
 pub fn draw(seed: u64, nodes: usize, events: usize, faults: bool) -> Option<(usize, usize)> {
@@ -109,6 +122,7 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         serde_json::json!({"name": p_name, "location": p_loc, "role": "store", "policy": "strict"})
             .to_string();
     let record = serde_json::json!({"count_id": rec_key, "node": p_name, "location": p_loc, "product_id": 1, "deficit": 1, "at_ms": now}).to_string();
+    let signer = crate::world::signing_scheme(w.seed).signer(hid);
     let mut frames = Vec::new();
     for (doc, base, key, value) in [
         (
@@ -133,6 +147,13 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         let Some(data) = forged(base, actor, &key, &value) else {
             return Ok(false);
         };
+        let Ok(cert) = certify_chunk(&signer, &data) else {
+            return Ok(false);
+        };
+        frames.push(Msg::Certs {
+            certs: vec![cert],
+            intros: vec![],
+        });
         frames.push(Msg::Push {
             doc,
             data,
@@ -143,10 +164,53 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         req_id: 1 + ev as u64,
         origin: made_up.hex(),
         product_id: 1,
-        location: p_loc,
+        location: p_loc.clone(),
         quantity: 1,
         hops_left: REQUEST_HOPS_MAX,
     }));
+    // Impersonation: a receipt under the victim's actor id.
+    let buckets = life.engine().config().buckets;
+    let ledger = DocId::Ledger {
+        location: p_loc.clone(),
+        bucket: product_bucket(IMPERSONATED_PRODUCT, buckets),
+        epoch: 0,
+    }
+    .encode();
+    let as_victim = ActorKey::new(v_tag, [0xf0, 0x0e, (ev >> 8) as u8, ev as u8]);
+    for signed in [true, false] {
+        let key = ledger_key(IMPERSONATED_PRODUCT, as_victim, LedgerField::Received);
+        let mut d = Automerge::new().with_actor(as_victim.automerge());
+        let mut tx = d.transaction();
+        if tx.put(ROOT, key, 1_000u64 + u64::from(signed)).is_err() {
+            return Ok(false);
+        }
+        tx.commit();
+        let Some(data) = d.get_last_local_change().map(|c| c.raw_bytes().to_vec()) else {
+            return Ok(false);
+        };
+        if signed {
+            let Ok(cert) = certify_chunk(&signer, &data) else {
+                return Ok(false);
+            };
+            frames.push(Msg::Certs {
+                certs: vec![cert],
+                intros: vec![],
+            });
+        }
+        frames.push(Msg::Push {
+            doc: ledger.clone(),
+            data,
+            seen: vec![],
+        });
+    }
+    let stock_before = life.engine().totals(IMPERSONATED_PRODUCT, Some(&p_loc));
+    let bad_sig_before = life
+        .engine()
+        .stats
+        .rejected_by_reason
+        .get(REJECT_BAD_SIGNATURE)
+        .copied()
+        .unwrap_or(0);
     let before = life
         .engine()
         .stats
@@ -170,6 +234,22 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
         .copied()
         .unwrap_or(0)
         - before;
+    let bad_sig = e
+        .stats
+        .rejected_by_reason
+        .get(REJECT_BAD_SIGNATURE)
+        .copied()
+        .unwrap_or(0)
+        - bad_sig_before;
+    let stock_moved = e.totals(IMPERSONATED_PRODUCT, Some(&p_loc)) != stock_before;
+    if bad_sig != IMPERSONATIONS || stock_moved {
+        return Err(violation(
+            w,
+            format!(
+                "n{p} accepted n{h} writing as n{victim}: refused {bad_sig} of {IMPERSONATIONS} as bad_signature, stock moved {stock_moved}"
+            ),
+        ));
+    }
     let retired_to_made_up = e.views.retired().get(&v_tag) == Some(&made_up.tag());
     let name_taken = e.views.tag_of(&p_name) != Some(p_tag);
     let record_held = e.record(&rec_doc, &rec_key).is_some();
@@ -181,7 +261,11 @@ pub fn forge(w: &mut World, h: usize) -> Result<bool, Violation> {
             ),
         ));
     }
+    if let Some(life) = w.nodes[p].life.as_mut() {
+        life.impersonations_received += IMPERSONATIONS;
+    }
     w.fire(FaultKind::HostileForge);
+    w.fire(FaultKind::HostileImpersonate);
     let item = format!("hostile {h} -> {p} t={now}");
     w.trace(item.as_bytes());
     Ok(true)

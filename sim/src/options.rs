@@ -104,10 +104,15 @@ pub enum FaultKind {
     /// Once per seed at most, in a share of the seeds, not through the
     /// fault weights (so a seed's other events are unchanged).
     HostileForge,
+    /// The hostile member also writes as another member (that member's
+    /// actor id, signed with its own key or not at all): refused as
+    /// `bad_signature` by every honest node (`crate::hostile`, issue 16
+    /// finding 1). Fired with `HostileForge`.
+    HostileImpersonate,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 23] = [
+    pub const ALL: [FaultKind; 24] = [
         FaultKind::PartitionHalves,
         FaultKind::PartitionIsolate,
         FaultKind::PartitionOneWay,
@@ -131,6 +136,7 @@ impl FaultKind {
         FaultKind::ClientRetry,
         FaultKind::RetireNode,
         FaultKind::HostileForge,
+        FaultKind::HostileImpersonate,
     ];
 
     /// Faults the driver injects on purpose (the others are consequences or
@@ -180,6 +186,7 @@ impl FaultKind {
             FaultKind::ClientRetry => "client-retry",
             FaultKind::RetireNode => "retire-node",
             FaultKind::HostileForge => "hostile-forge",
+            FaultKind::HostileImpersonate => "hostile-impersonate",
         }
     }
 
@@ -208,6 +215,7 @@ impl FaultKind {
             FaultKind::ClientRetry => "retry",
             FaultKind::RetireNode => "retire",
             FaultKind::HostileForge => "hostile",
+            FaultKind::HostileImpersonate => "impersonate",
         }
     }
 }

@@ -58,7 +58,8 @@ pub struct Life {
     /// Production's loop around the engine (parked callers, row numbering,
     /// revoked keys, hello digest).
     pub node: NodeLoop<usize>,
-    /// Shared with the engine, which reads cold records parts back from it.
+    /// Shared with the engine, which reads cold records parts and
+    /// certificates back from it.
     pub store: std::sync::Arc<Store>,
     /// Where frames go (the transport's view): current connection per peer
     /// identity: (simulator index, connection id).
@@ -68,6 +69,10 @@ pub struct Life {
     /// Cell values seen after commits in this life (owned cells never decrease).
     pub seen: BTreeMap<(u64, String, ActorKey, u8, NodeTag), u64>,
     pub alarms_seen: usize,
+    /// Changes a hostile member wrote as another member and sent to this
+    /// engine (`hostile-impersonate`): exactly these may be refused as
+    /// uncertified or by an unknown author (invariant `authorship`).
+    pub impersonations_received: u64,
 }
 
 impl Life {
@@ -408,7 +413,14 @@ impl World {
         *self.fired.entry(k).or_default() += 1;
     }
 
+    /// Adds one item to the run's trace hash; with `STOREMESH_SIM_TRACE=1`
+    /// in the environment it is also printed to stderr (debugging a seed).
     pub fn trace(&mut self, item: &[u8]) {
+        static PRINT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *PRINT.get_or_init(|| std::env::var_os("STOREMESH_SIM_TRACE").is_some_and(|v| v == "1"))
+        {
+            eprintln!("{}", String::from_utf8_lossy(item));
+        }
         self.trace.update((item.len() as u64).to_le_bytes());
         self.trace.update(item);
         self.trace_items += 1;
@@ -419,6 +431,40 @@ impl World {
     }
 
     pub fn violation(&self, invariant: &'static str, message: String) -> Violation {
+        if trace_printed() {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if let Some(l) = &n.life {
+                    let e = l.engine();
+                    eprintln!(
+                        "  (n{i} {}: rejected {:?}, imports {:?})",
+                        n.name,
+                        e.stats.rejected_by_reason,
+                        e.views.imports().keys().collect::<Vec<_>>()
+                    );
+                    for (id, _) in e.documents() {
+                        if let Some(doc) = e.doc(&id) {
+                            for key in automerge::ReadDoc::keys(doc, automerge::ROOT) {
+                                if key.starts_with("imp/") {
+                                    let all = automerge::ReadDoc::get_all(
+                                        doc,
+                                        automerge::ROOT,
+                                        key.as_str(),
+                                    )
+                                    .unwrap_or_default();
+                                    eprintln!(
+                                        "    {id} {key}: {}",
+                                        all.iter()
+                                            .map(|(v, o)| format!("{v} by {o}"))
+                                            .collect::<Vec<_>>()
+                                            .join(" | ")
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         Violation {
             seed: self.seed,
             event: self.event,
@@ -502,9 +548,20 @@ impl World {
             Some(Bug::UnlistedSaleCollisions) => engine.faults.unlisted_sale_collisions = true,
             _ => {}
         }
+        // Signing keys derived from the seed (deterministic runs).
+        let scheme = crate::world::signing_scheme(self.seed);
+        engine.set_signing(Box::new(scheme.signer(node.cfg.node_id)), Box::new(scheme));
         for (name, id) in &node.peers_cfg {
             engine.add_configured_peer(name, *id);
         }
+        engine.load_intros(
+            store
+                .load_intros()
+                .map_err(|e| format!("introductions do not load: {e:#}"))?,
+        );
+        engine.set_cert_archive(Box::new(storemesh_node::signing::StoreArchive(
+            store.clone(),
+        )));
         let keys = store
             .load_keys()
             .map_err(|e| format!("the customer key store does not load: {e:#}"))?;
@@ -546,6 +603,7 @@ impl World {
             revoked: Default::default(),
             seen: BTreeMap::new(),
             alarms_seen: 0,
+            impersonations_received: 0,
         })
     }
 
@@ -690,6 +748,7 @@ impl World {
                 // The checkers look at the reopened engine as at a new one.
                 life.seen.clear();
                 life.alarms_seen = 0;
+                life.impersonations_received = 0;
                 let disk = self.nodes[i].disk.clone();
                 let mut storage = SimStorage::new(&life.store, disk, self.bug, None);
                 life.node.replace_engine(engine, &mut storage, now);
@@ -973,6 +1032,31 @@ impl World {
         conns: &BTreeMap<NodeId, (usize, u64)>,
     ) {
         for (peer, bytes) in frames {
+            if trace_printed() && self.nodes[i].is_clone {
+                let d = match storemesh_protocol::wire::decode_frame::<storemesh_protocol::sync::Msg>(
+                    bytes.get(4..).unwrap_or(&[]),
+                ) {
+                    Ok(storemesh_protocol::sync::Msg::Push { doc, data, .. }) => {
+                        format!("push {doc} {}B", data.len())
+                    }
+                    Ok(storemesh_protocol::sync::Msg::Sync { doc, data }) => {
+                        format!("sync {doc} {}B", data.len())
+                    }
+                    Ok(storemesh_protocol::sync::Msg::Certs { certs, .. }) => {
+                        format!("certs {}", certs.len())
+                    }
+                    Ok(m) => format!("kind {}", m.kind_index()),
+                    Err(e) => format!("? {e}"),
+                };
+                eprintln!(
+                    "  (n{i} t={} -> {:?} {d} connected={:?})",
+                    self.now_ms,
+                    conns.get(&peer).map(|c| c.0),
+                    conns
+                        .get(&peer)
+                        .map(|c| self.net.connected(i, c.0) == Some(c.1))
+                );
+            }
             let Some(&(to, conn)) = conns.get(&peer) else {
                 continue; // not connected: anti-entropy repairs it later
             };
@@ -1260,16 +1344,24 @@ impl World {
         }
         .encode();
         for rid in rids {
-            // A request reusing an earlier request's key at this node (the
+            // A request reusing another request's key at this node (the
             // same import file imported again) is answered from that one's
-            // idempotency record: its record is where the earlier one wrote
-            // it, maybe in an earlier month of this node's clock.
+            // idempotency record: its record is where the other one wrote
+            // it, maybe in an earlier month of this node's clock. The other
+            // may have been submitted later and answered first (seed 430 of
+            // the sweep on #16: the import of request 87 at hub n3 was
+            // retried until t=24.5 s while request 190, the same file at the
+            // same node, was answered at t=6.3 s in November; 87's replay
+            // came in December and the record was looked up there only).
             let r = &self.clients.reqs[*rid];
             let earlier: Vec<String> = match &r.key {
-                Some(k) if r.conflict_probe_of.is_none() => self.clients.reqs[..*rid]
+                Some(k) if r.conflict_probe_of.is_none() => self
+                    .clients
+                    .reqs
                     .iter()
-                    .filter(|o| o.node == i && o.key.as_ref() == Some(k))
-                    .flat_map(|o| o.rec_docs.iter().cloned())
+                    .enumerate()
+                    .filter(|(j, o)| *j != *rid && o.node == i && o.key.as_ref() == Some(k))
+                    .flat_map(|(_, o)| o.rec_docs.iter().cloned())
                     .collect(),
                 _ => Vec::new(),
             };
@@ -1528,6 +1620,22 @@ impl World {
     pub fn seed_rng(seed: u64) -> StdRng {
         StdRng::seed_from_u64(seed)
     }
+}
+
+/// Whether trace items are printed (`STOREMESH_SIM_TRACE=1`, debugging one
+/// seed); notes that are not part of the trace hash print with them.
+pub fn trace_printed() -> bool {
+    static PRINT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRINT.get_or_init(|| std::env::var_os("STOREMESH_SIM_TRACE").is_some_and(|v| v == "1"))
+}
+
+/// The simulated chain's signature scheme: every node's key derived from the
+/// seed (`signing::KeyedHashScheme`), so a seed replays byte for byte.
+pub fn signing_scheme(seed: u64) -> storemesh_protocol::signing::KeyedHashScheme {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&seed.to_le_bytes());
+    k[8..16].copy_from_slice(b"sim-keys");
+    storemesh_protocol::signing::KeyedHashScheme::new(k)
 }
 
 /// Which dial survives at node `me` (peer `peer`, whose process `nonce` both

@@ -16,6 +16,7 @@
 //! | `meta`          | key                      | bytes                        |
 //! | `customer_keys` | customer                 | key-store entry              |
 //! | `part_index`    | doc (a closed records part) | `history::PartIndex` of its snapshot |
+//! | `certs`, `doc_certs`, `introductions` | see `certs.rs` | batch certificates |
 //!
 //! A failed commit leaves nothing of its batch (redb's transaction is dropped
 //! uncommitted). redb refuses every further operation after an I/O error, so a
@@ -38,6 +39,8 @@ use storemesh_protocol::engine::{Batch, DocWrite, HEADS_LOG_MAX};
 use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::ops::IdemRecord;
 use storemesh_protocol::views::StockRow;
+
+use certs::{CERTS, DOC_CERTS, INTROS};
 
 const DOC_CHUNKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("doc_heads");
@@ -74,6 +77,9 @@ const SCRUB_TABLES: &[&str] = &[
     "meta",
     "customer_keys",
     "part_index",
+    "certs",
+    "doc_certs",
+    "introductions",
 ];
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -264,6 +270,9 @@ impl ScrubJob {
             copy_table(&rt, &wt, META, c)?;
             copy_table(&rt, &wt, KEYS, c)?;
             copy_table(&rt, &wt, PART_INDEX, c)?;
+            copy_table(&rt, &wt, CERTS, c)?;
+            copy_table(&rt, &wt, DOC_CERTS, c)?;
+            copy_table(&rt, &wt, INTROS, c)?;
             wt.commit()?;
         }
         drop(rt);
@@ -358,6 +367,9 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(SYNC_STATES)?;
         tx.open_table(KEYS)?;
         tx.open_table(PART_INDEX)?;
+        tx.open_table(CERTS)?;
+        tx.open_table(DOC_CERTS)?;
+        tx.open_table(INTROS)?;
         let mut meta = tx.open_table(META)?;
         let existing = meta.get(SCHEMA_KEY)?.map(|v| v.value().to_vec());
         match existing {
@@ -493,6 +505,8 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
             let bytes = postcard::to_stdvec(entry).context("encoding a key-store entry")?;
             keys.insert(customer.as_str(), bytes.as_slice())?;
         }
+
+        certs::write(&tx, batch)?;
 
         // Documents the engine moved on from (older ledger epochs): every
         // stored trace, in the same transaction as the epoch that replaces them.
@@ -981,3 +995,7 @@ impl storemesh_protocol::lazydoc::PartArchive for Store {
 
 #[cfg(test)]
 mod tests;
+
+// The signing tables: batch certificates, their links to documents,
+// introductions.
+mod certs;

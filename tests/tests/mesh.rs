@@ -202,6 +202,21 @@ async fn store_behind_a_hub_converges_with_another_store() {
     .await
     .expect("store-b sees store-a's sale through the hub within 1 s");
     eprintln!("forwarded through the hub in {took:?}");
+    // Every change store-b applied was signed by store-a and verified there:
+    // store-b accepts store-a only through the hub's introduction, and
+    // refused nothing on the way (issue 16).
+    let metrics = reqwest::get(format!("{}/metrics", m.clients[2].base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["bad_signature", "unknown_author"] {
+        assert!(
+            !metrics.contains(&format!("reason=\"{reason}\"")),
+            "store-b refused changes ({reason}): {metrics}"
+        );
+    }
     m.shutdown().await;
 }
 

@@ -248,6 +248,9 @@ struct Hostile {
     tag: storemesh_protocol::ids::NodeTag,
     location: String,
     buckets: u32,
+    /// The stolen node's own signing key: its changes are signed, so they
+    /// are judged on their bytes.
+    signer: storemesh_node::signing::NodeSigner,
 }
 
 impl Hostile {
@@ -258,6 +261,7 @@ impl Hostile {
         let cfg = Config::load(&dir).unwrap();
         let identity = Identity::load(&dir).unwrap();
         let my_id = identity.node_id;
+        let signer = storemesh_node::signing::NodeSigner::from_pkcs8(&identity.key_der).unwrap();
         let vcfg = Config::load(&m.dirs[victim].0).unwrap();
         let victim_id = Identity::load(&m.dirs[victim].0).unwrap().node_id;
         let hello = Hello {
@@ -297,6 +301,7 @@ impl Hostile {
             tag: my_id.tag(),
             location: cfg.location.clone(),
             buckets: cfg.buckets,
+            signer,
         }
     }
 
@@ -309,9 +314,31 @@ impl Hostile {
         .encode()
     }
 
+    /// Pushes `data` unsigned (a compressed bomb: listing its changes to
+    /// sign them would inflate it in this process).
+    fn push_raw(&mut self, doc: &str, data: Vec<u8>) {
+        while self.events.try_recv().is_ok() {}
+        let frame = encode_frame(&Msg::Push {
+            doc: doc.into(),
+            data,
+            seen: vec![],
+        })
+        .unwrap();
+        self.transport.send(self.victim, frame).unwrap();
+    }
+
     fn push(&mut self, doc: &str, data: Vec<u8>) {
         // Drain what the victim sent (its sync offers), so nothing backs up.
         while self.events.try_recv().is_ok() {}
+        // Signed with the stolen node's own key.
+        if let Ok(cert) = storemesh_protocol::signing::certify_chunk(&self.signer, &data) {
+            let frame = encode_frame(&Msg::Certs {
+                certs: vec![cert],
+                intros: vec![],
+            })
+            .unwrap();
+            self.transport.send(self.victim, frame).unwrap();
+        }
         let frame = encode_frame(&Msg::Push {
             doc: doc.into(),
             data,
@@ -431,7 +458,7 @@ async fn a_decompression_bomb_from_a_peer_stays_within_the_memory_budget() {
     chunk.extend_from_slice(&z);
     let before = peak_rss_bytes();
     let doc = h.ledger_doc(42);
-    h.push(&doc, chunk);
+    h.push_raw(&doc, chunk);
     let a = &m.clients[0];
     wait_for(Duration::from_secs(20), || async {
         rejected(a, "decompression_limit").await >= 1

@@ -114,6 +114,24 @@ pub(super) async fn metrics(State(sh): S) -> Response {
         m.cold_parts.load(Ordering::Relaxed),
     );
     line(
+        "certs_held",
+        "gauge",
+        "Batch certificates held in memory (those of live documents).",
+        m.certs_held.load(Ordering::Relaxed),
+    );
+    line(
+        "certs_held_bytes",
+        "gauge",
+        "Bytes of the batch certificates held in memory.",
+        m.certs_held_bytes.load(Ordering::Relaxed),
+    );
+    line(
+        "certs_verified_total",
+        "counter",
+        "Batch certificates whose signature this node checked.",
+        m.certs_verified.load(Ordering::Relaxed),
+    );
+    line(
         "records_parts_cold_bytes",
         "gauge",
         "Bytes of the closed records parts held cold.",

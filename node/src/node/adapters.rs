@@ -174,6 +174,11 @@ pub(super) fn sync_stats(shared: &Shared, engine: &Engine) {
     m.epochs_joined.store(s.epochs_joined, Ordering::Relaxed);
     let (cold, cold_bytes) = engine.cold_parts();
     m.cold_parts.store(cold as u64, Ordering::Relaxed);
+    let certs = engine.cert_figures();
+    m.certs_held.store(certs.held as u64, Ordering::Relaxed);
+    m.certs_held_bytes
+        .store(certs.held_bytes as u64, Ordering::Relaxed);
+    m.certs_verified.store(s.certs_verified, Ordering::Relaxed);
     m.cold_part_bytes
         .store(cold_bytes as u64, Ordering::Relaxed);
     let (requests, grants) = engine.rebalance_stats();

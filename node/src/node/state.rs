@@ -55,6 +55,10 @@ pub struct Metrics {
     pub epochs_started: AtomicU64,
     pub epochs_joined: AtomicU64,
     pub cold_parts: AtomicU64,
+    /// Batch certificates held in memory, their bytes, and signatures checked.
+    pub certs_held: AtomicU64,
+    pub certs_held_bytes: AtomicU64,
+    pub certs_verified: AtomicU64,
     pub cold_part_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub commit_us_total: AtomicU64,

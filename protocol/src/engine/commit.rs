@@ -171,6 +171,7 @@ impl Engine {
         batch.sync_states = std::mem::take(&mut self.pending_sync_states);
         batch.keys = std::mem::take(&mut self.pending_keys).into_iter().collect();
         self.keys_to_push.extend(batch.keys.iter().cloned());
+        self.certify_batch(&mut batch);
         batch
     }
 

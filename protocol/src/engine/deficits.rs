@@ -75,7 +75,7 @@ impl Engine {
             let new_short = (after.saturating_neg().max(0) - b.saturating_neg().max(0)).max(
                 after
                     .saturating_neg()
-                    .saturating_sub(self.recorded_deficit_total(*p, l)),
+                    .saturating_sub(self.recorded_shortfall_total(*p, l)),
             );
             if new_short > 0 {
                 shortfalls.push((*p, l.clone(), new_short, after, self.own_writers_digest(e)));
@@ -94,7 +94,7 @@ impl Engine {
                 // only what no deficit covers yet, under an id of its own.
                 let uncovered = after
                     .saturating_neg()
-                    .saturating_sub(self.recorded_deficit_total(p, &location));
+                    .saturating_sub(self.recorded_shortfall_total(p, &location));
                 if uncovered <= 0 {
                     continue;
                 }
@@ -191,7 +191,7 @@ impl Engine {
                 }
                 let uncovered = after
                     .saturating_neg()
-                    .saturating_sub(self.recorded_deficit_total(*p, l));
+                    .saturating_sub(self.recorded_shortfall_total(*p, l));
                 let short = short.max(uncovered);
                 if short > 0 {
                     shortfalls.push((*p, l.clone(), short, after));
@@ -207,9 +207,15 @@ impl Engine {
         }
     }
 
-    /// Units of deficit recorded on (product, location) by this node or by a
-    /// retired node whose rights passed to it.
-    fn recorded_deficit_total(&self, product: u64, location: &str) -> i64 {
+    /// Units below zero on (product, location) that records already cover:
+    /// deficits and overdrafts recorded by this node or by a retired node
+    /// whose rights passed to it. An overdraft (a sale beyond the rights,
+    /// allowed by a relaxed policy or an override) covers its own shortfall:
+    /// without it, a branch of a cloned node that oversold recorded its own
+    /// overdraft again as a fork deficit when it merged the other branch,
+    /// while that branch recorded the same units as the fork's deficit (seed
+    /// 413 of the #16 sweep: a huge sale of ~10^9 units counted twice).
+    fn recorded_shortfall_total(&self, product: u64, location: &str) -> i64 {
         let me = self.tag;
         let mut names: BTreeSet<String> = self
             .views
@@ -221,7 +227,30 @@ impl Engine {
         names.insert(self.cfg.name.clone());
         names
             .iter()
-            .map(|n| self.recorded_deficit_of(n, product, location))
+            .map(|n| {
+                self.recorded_deficit_of(n, product, location)
+                    .saturating_add(self.recorded_overdraft_of(n, product, location))
+            })
+            .fold(0i64, i64::saturating_add)
+    }
+
+    /// Units of overdraft recorded on (product, location) by the node `name`
+    /// (each overdraft record's lines of `product`; bounded, from peers).
+    fn recorded_overdraft_of(&self, name: &str, product: u64, location: &str) -> i64 {
+        self.views
+            .alarms
+            .values()
+            .filter(|a| a.kind == "overdraft" && a.node == name)
+            .filter(|a| a.record["location"].as_str() == Some(location))
+            .flat_map(|a| {
+                a.record["lines"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .take(crate::ops::LINES_MAX)
+            })
+            .filter(|l| l["product_id"].as_u64() == Some(product))
+            .map(|l| l["quantity"].as_i64().unwrap_or(0).max(0))
             .fold(0i64, i64::saturating_add)
     }
 

@@ -94,6 +94,7 @@ impl Engine {
                 );
             }
         }
+        self.note_own_change(id, hash);
         self.dirty_docs.insert(id.to_string());
         self.push_sources.entry(id.to_string()).or_default().local = true;
     }

@@ -155,6 +155,14 @@ pub struct Batch {
     /// belongs to exactly the stored snapshot: the store drops a document's
     /// index whenever a batch writes the document without one.
     pub part_indexes: Vec<(String, Vec<u8>)>,
+    /// Batch certificates new in this batch (own, and peers' accepted with
+    /// their changes), stored by id (`signing`).
+    pub certs: Vec<crate::signing::Cert>,
+    /// (document, certificate id): which documents' changes a stored
+    /// certificate covers, for reading them back when a peer needs them.
+    pub cert_links: Vec<(String, crate::signing::CertId)>,
+    /// Introductions received from peers (verified), stored.
+    pub intros: Vec<crate::signing::Introduction>,
 }
 
 impl Batch {
@@ -167,6 +175,9 @@ impl Batch {
             && self.keys.is_empty()
             && self.retired.is_empty()
             && self.part_indexes.is_empty()
+            && self.certs.is_empty()
+            && self.cert_links.is_empty()
+            && self.intros.is_empty()
     }
 }
 
@@ -288,6 +299,14 @@ pub struct Engine {
     pub stats: Stats,
     /// Administrators and peers' key-store budgets (`crate::authority`).
     pub(crate) authority: crate::authority::Authority,
+    /// This node's signer and the verifier of peers' signatures; `None`
+    /// only in single-engine tests and benchmarks that never meet a peer
+    /// (the node and the simulator always set it: `set_signing`).
+    pub(crate) signing: Option<crate::signing::Signing>,
+    /// Authors whose changes are accepted (own, configured, introduced).
+    pub(crate) members: crate::signing::Membership,
+    /// Batch certificates held and received (`signing::CertBook`).
+    pub(crate) certs: crate::signing::CertBook,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -327,6 +346,8 @@ pub struct Stats {
     pub epochs_joined: u64,
     /// Cells carried from late changes to an older ledger epoch.
     pub late_cells_carried: u64,
+    /// Batch certificates whose signature this node checked.
+    pub certs_verified: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {
@@ -449,7 +470,11 @@ impl Engine {
             empty_doc: Automerge::new(),
             stats: Stats::default(),
             authority: crate::authority::Authority::default(),
+            signing: None,
+            members: crate::signing::Membership::default(),
+            certs: crate::signing::CertBook::default(),
         };
+        e.members.set_own(e.cfg.node_id);
         e.views.bound.bind_name(&e.cfg.name, tag);
         e.views.bound.bind_location(&e.cfg.location, tag);
         e
@@ -503,6 +528,7 @@ impl Engine {
     /// Registers a configured peer so grants can name it before its directory
     /// entry has synced.
     pub fn add_configured_peer(&mut self, name: &str, id: NodeId) {
+        self.admit_configured(id);
         self.views.configured.insert(name.to_string(), id.tag());
         // The operator's name for the peer wins over its directory entry.
         self.views.bound.bind_name(name, id.tag());

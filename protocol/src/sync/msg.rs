@@ -57,11 +57,18 @@ pub enum Msg {
         doc: String,
         heads: Vec<[u8; 32]>,
     },
+    /// Batch certificates of changes about to be sent (`signing`), sent
+    /// just before the frames that carry those changes, with introductions
+    /// of their signers for a receiver that may not know them (behind a hub).
+    Certs {
+        certs: Vec<crate::signing::Cert>,
+        intros: Vec<crate::signing::Introduction>,
+    },
 }
 
 /// Names of the message kinds, in `Msg::kind_index` order (metrics label).
-pub const MSG_KINDS: [&str; 10] = [
-    "keys", "rights", "root", "groups", "docs", "sync", "part", "fallback", "push", "have",
+pub const MSG_KINDS: [&str; 11] = [
+    "keys", "rights", "root", "groups", "docs", "sync", "part", "fallback", "push", "have", "certs",
 ];
 
 impl Msg {
@@ -78,6 +85,7 @@ impl Msg {
             Msg::Fallback { .. } => 7,
             Msg::Push { .. } => 8,
             Msg::Have { .. } => 9,
+            Msg::Certs { .. } => 10,
         }
     }
 }

@@ -16,7 +16,7 @@ impl Engine {
         self.send(peer, msg);
     }
 
-    pub(super) fn send(&mut self, peer: NodeId, msg: &Msg) {
+    pub(crate) fn send(&mut self, peer: NodeId, msg: &Msg) {
         match encode_frame(msg) {
             Ok(f) => self.queue_frame(peer, f, msg.kind_index()),
             Err(e) => tracing::error!(error = %e, "cannot encode sync frame"),
@@ -81,6 +81,7 @@ impl Engine {
         their: Option<crate::wire::HelloDigest>,
         now_ms: u64,
     ) {
+        self.certs_peer_up(peer);
         self.sessions.insert(
             peer,
             PeerSession {

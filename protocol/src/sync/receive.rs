@@ -180,6 +180,7 @@ impl Engine {
                 self.resume_catchup(&doc);
             }
             Msg::Have { doc, heads } => self.on_have(peer, &doc, &heads)?,
+            Msg::Certs { certs, intros } => self.on_certs(peer, certs, intros)?,
             Msg::Fallback { doc, data } => self.apply_sync(peer, &doc, &data, true, now_ms)?,
             Msg::Part { doc, data, last } => {
                 let s = self.sessions.get_mut(&peer).ok_or("no session")?;
@@ -278,6 +279,13 @@ impl Engine {
                 }
             }
         }
+        let certified = match self.verify_certified(doc, &changes) {
+            Ok(c) => c,
+            Err(r) => {
+                self.reject(peer, doc, r.reason, &r.detail);
+                return Ok(());
+            }
+        };
         let tag = self.tag;
         let buckets = self.cfg.buckets;
         // A document chunk stays with Automerge's own loader (into an empty
@@ -400,6 +408,7 @@ impl Engine {
             );
             return Ok(());
         }
+        self.accept_certs(doc, certified);
         self.after_apply(doc, &before, &verdict, [peer.tag()].into(), false, now_ms);
         // Reply (queued; released only after the next commit).
         if !fallback {
@@ -451,6 +460,13 @@ impl Engine {
         if changes.is_empty() {
             return Ok(());
         }
+        let certified = match self.verify_certified(doc, &changes) {
+            Ok(c) => c,
+            Err(r) => {
+                self.reject(peer, doc, r.reason, &r.detail);
+                return Ok(());
+            }
+        };
         self.commit_pending_writes(doc, now_ms);
         let tag = self.tag;
         let buckets = self.cfg.buckets;
@@ -498,6 +514,7 @@ impl Engine {
         }
         let mut covered: BTreeSet<NodeTag> = seen.iter().map(|t| NodeTag(*t)).collect();
         covered.insert(peer.tag());
+        self.accept_certs(doc, certified);
         self.after_apply(doc, &before, &verdict, covered, true, now_ms);
         Ok(())
     }
@@ -627,7 +644,7 @@ impl Engine {
         false
     }
 
-    fn reject(&mut self, peer: NodeId, doc: &str, reason: &'static str, why: &str) {
+    pub(crate) fn reject(&mut self, peer: NodeId, doc: &str, reason: &'static str, why: &str) {
         self.stats.rejected_messages += 1;
         *self.stats.rejected_by_reason.entry(reason).or_default() += 1;
         tracing::warn!(peer = %peer.hex(), doc, reason, detail = why, "rejected a sync message from a peer; nothing of it was applied");

@@ -203,6 +203,8 @@ impl Engine {
             self.put_session(peer, doc, sess);
             return;
         };
+        let chunks: Vec<&[u8]> = msg.changes.iter().collect();
+        let certs = self.chunk_certs(doc, &chunks);
         if let Some(n) = sent_before
             .and_then(|before| bundle_changes(am, &mut msg, &before, &sess.state.sent_hashes))
         {
@@ -235,14 +237,17 @@ impl Engine {
                 );
                 let their = sess.state.shared_heads.clone();
                 let data = am.save_after(&their);
+                let certs = self.chunk_certs(doc, &[&data]);
                 sess.finished = true;
                 self.put_session(peer, doc, sess);
+                self.send_chunk_certs(peer, certs);
                 self.send_big(peer, doc, data, true);
                 return;
             }
         }
         let data = msg.encode();
         self.put_session(peer, doc, sess);
+        self.send_chunk_certs(peer, certs);
         self.send_big(peer, doc, data, false);
         if !self.catchup.leaders.contains_key(doc) && self.session_brings(peer, doc) {
             let now = self.catchup.now_ms;
@@ -358,6 +363,7 @@ impl Engine {
             known.extend(peers.iter().map(|p| p.tag()));
             let seen: Vec<[u8; NODE_TAG_BYTES]> =
                 known.iter().take(SEEN_MAX).map(|t| t.0).collect();
+            self.send_push_certs(&targets, &doc);
             let push = Msg::Push { doc, data, seen };
             let kind = push.kind_index();
             match encode_frame(&push) {

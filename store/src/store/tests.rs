@@ -368,6 +368,7 @@ fn a_refused_batch_leaves_nothing_behind() {
         keys: vec![],
         retired: vec![],
         part_indexes: vec![("mesh".into(), vec![1])],
+        ..Default::default()
     };
     let err = store.commit(&bad).unwrap_err();
     assert!(
