@@ -24,6 +24,7 @@ pub mod ops;
 pub mod rebalance;
 pub mod reservations;
 pub mod retail;
+pub mod saleindex;
 pub mod signing;
 pub mod step;
 pub mod sync;
