@@ -652,13 +652,10 @@ impl EngineLoop<'_> {
                                 || shutdown_ack.is_some()
                                 || scrub.is_some()
                                 || self.scrub_due;
-                            match self.launch(ex, info, &batch_tx) {
+                            match self.launch(ex, info, &batch_tx, drain) {
                                 Launched::Released => {}
-                                Launched::InFlight(p) if drain => {
-                                    alive = self.settle(p, &done_rx);
-                                }
                                 Launched::InFlight(p) => in_flight = Some(p),
-                                Launched::WriterGone(f) => alive = self.failed(f),
+                                Launched::Failed(f) => alive = self.failed(f),
                             }
                         }
                         Err(still) => alive = still,
@@ -783,12 +780,15 @@ impl EngineLoop<'_> {
     }
 
     /// Hands an executed batch to the commit thread (nothing in flight
-    /// before it). An empty batch has nothing to write: released at once.
+    /// before it). An empty batch has nothing to write, and with `now` set
+    /// the next batch waits for this one anyway: committed on this thread
+    /// and released at once.
     fn launch(
         &mut self,
         ex: Executed<Reply>,
         info: BatchInfo,
         batch_tx: &std::sync::mpsc::SyncSender<InFlight>,
+        now: bool,
     ) -> Launched {
         debug_assert_eq!(
             self.node.in_flight(),
@@ -796,7 +796,7 @@ impl EngineLoop<'_> {
             "launch with an earlier batch in flight"
         );
         let Executed { batch, held } = ex;
-        if batch.batch.is_empty() {
+        if batch.batch.is_empty() || now {
             match commit_batch(&mut self.storage, batch) {
                 Ok(d) => {
                     let c = self.node.release(held, d);
@@ -807,7 +807,7 @@ impl EngineLoop<'_> {
                     let f = self
                         .node
                         .fail_in_flight(Failure::Storage(e.error), vec![held]);
-                    return Launched::WriterGone(f);
+                    return Launched::Failed(f);
                 }
             }
         }
@@ -815,7 +815,7 @@ impl EngineLoop<'_> {
             Ok(()) => Launched::InFlight(Pending { held, info }),
             Err(_) => {
                 let error = StorageError("the commit thread stopped".into());
-                Launched::WriterGone(
+                Launched::Failed(
                     self.node
                         .fail_in_flight(Failure::Storage(error), vec![held]),
                 )
@@ -907,8 +907,8 @@ enum Launched {
     Released,
     /// On the commit thread.
     InFlight(Pending),
-    /// The commit thread is gone: the batch failed.
-    WriterGone(Failed<Reply>),
+    /// Its commit failed (or the commit thread is gone).
+    Failed(Failed<Reply>),
 }
 
 /// The commit thread's answer for `p` (a stopped thread is a failed commit).
