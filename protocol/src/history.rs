@@ -174,7 +174,9 @@ impl Engine {
                 // Its stored form is exactly a committed snapshot with these
                 // heads (an indexed part, flushed in an earlier step): the
                 // bytes can be read back from there.
-                if let Some(a) = &self.part_archive {
+                // Not while a batch is in flight: the part's snapshot may be
+                // in it, not yet readable from the archive.
+                if let Some(a) = self.part_archive.as_ref().filter(|_| !self.batch_in_flight) {
                     // Held bytes first: a part already stored away is skipped
                     // without cloning its heads, at every tick.
                     if slot.doc.saved_len() > 0

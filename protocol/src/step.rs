@@ -14,6 +14,19 @@
 //! commit fails (or applying a peer's frame panicked) the step returns a
 //! [`Failed`] that holds error replies only; the driver then reopens the engine
 //! from its store ([`NodeLoop::replace_engine`]).
+//!
+//! `step` is three parts that a driver may also run apart, to commit batch N
+//! on another thread while batch N+1 executes (pipelined commits):
+//! [`NodeLoop::execute`] runs a batch up to its flush and returns the batch to
+//! persist ([`InFlight`]) and what it will release ([`Held`], opaque);
+//! [`commit_batch`] writes an `InFlight` through [`Storage::commit`] and is the
+//! only maker of the proof [`Durable`]; [`NodeLoop::release`] turns a `Held`
+//! and the `Durable` of the same batch into the [`Committed`]. Batches are
+//! released in the order they executed (asserted). When a commit fails,
+//! [`NodeLoop::fail_in_flight`] turns that batch's `Held` and every later one
+//! into error answers: nothing of them leaves. A client key whose record is in
+//! a batch not yet released is answered from that record (never applied
+//! twice), and that answer leaves with its own, later batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -128,6 +141,84 @@ pub struct Failed<T> {
     pub disconnect: Vec<(NodeId, String)>,
 }
 
+/// A batch executed and flushed, not yet durable: `batch` goes to
+/// [`commit_batch`], `held` waits for [`NodeLoop::release`].
+#[derive(Debug)]
+pub struct Executed<T> {
+    pub batch: InFlight,
+    pub held: Held<T>,
+}
+
+/// A batch on its way to storage (only [`NodeLoop::execute`] builds one).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct InFlight {
+    /// The loop's number of the batch (1, 2, … in execution order).
+    pub number: u64,
+    pub batch: Batch,
+}
+
+/// Proof that a batch is durable: only [`commit_batch`] builds one, after
+/// [`Storage::commit`] returned `Ok` (or for an empty batch, which has nothing
+/// to write).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Durable {
+    pub number: u64,
+    pub batch: Batch,
+}
+
+/// A batch whose commit failed (nothing of it is stored).
+#[derive(Debug)]
+pub struct CommitError {
+    pub number: u64,
+    pub error: StorageError,
+}
+
+/// Writes one executed batch durably; the only way to a [`Durable`]. Runs on
+/// whatever thread the driver commits on (it touches only `store`).
+pub fn commit_batch<S: Storage>(store: &mut S, b: InFlight) -> Result<Durable, CommitError> {
+    let InFlight { number, batch } = b;
+    if !batch.is_empty() {
+        if let Err(error) = store.commit(&batch) {
+            return Err(CommitError { number, error });
+        }
+    }
+    Ok(Durable { number, batch })
+}
+
+/// What an executed batch releases once it is durable. Opaque: only
+/// [`NodeLoop::release`] (with the batch's [`Durable`]) or
+/// [`NodeLoop::fail_in_flight`] open it.
+#[derive(Debug)]
+pub struct Held<T> {
+    number: u64,
+    replies: Vec<Reply<T>>,
+    frames: Vec<(NodeId, Vec<u8>)>,
+    disconnect: Vec<(NodeId, String)>,
+    /// The engine's digest after this batch (`None`: unchanged by it).
+    digest: Option<HelloDigest>,
+    /// Node tags retired as of this batch.
+    retired: Vec<crate::ids::NodeTag>,
+    /// The highest change-feed number of this batch's rows.
+    seq_max: u64,
+    /// Client keys recorded by this batch (dropped from the in-flight
+    /// records once it is released or failed).
+    idem_keys: Vec<String>,
+}
+
+impl<T> Held<T> {
+    /// The loop's number of the batch.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// Client answers the batch holds.
+    pub fn replies_len(&self) -> usize {
+        self.replies.len()
+    }
+}
+
 /// The outcome of one step.
 // One per batch, moved once: boxing the larger variant would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -154,7 +245,21 @@ pub struct NodeLoop<T> {
     /// panics) and by engines replaced since start.
     rejected: BTreeMap<&'static str, u64>,
     frame_hook: Option<fn(NodeId)>,
+    /// Number of the last batch executed, and of the last released: batches
+    /// in between are in flight (executed, commit not yet confirmed).
+    executed: u64,
+    released: u64,
+    /// Change-feed number of the last released (durable) row.
+    seq_durable: u64,
+    /// Idempotency records of batches in flight, by client key (with the
+    /// batch's number): a retry arriving meanwhile is answered from them, as
+    /// it would be from storage once the batch is durable.
+    in_flight_idem: BTreeMap<String, (u64, IdemRecord)>,
 }
+
+/// Batches executed and not yet released, at most: one committing while the
+/// next executes (a deeper pipeline adds latency and nothing on two cores).
+pub const IN_FLIGHT_MAX: u64 = 2;
 
 /// Initial capacity of a step's reply list: a hint, not a limit (a step
 /// answers at most what its caller put in, which the driver bounds).
@@ -175,7 +280,16 @@ impl<T> NodeLoop<T> {
             hello_digest: None,
             rejected: BTreeMap::new(),
             frame_hook: None,
+            executed: 0,
+            released: 0,
+            seq_durable: seq_max,
+            in_flight_idem: BTreeMap::new(),
         }
+    }
+
+    /// Batches executed whose commit is not yet confirmed.
+    pub fn in_flight(&self) -> u64 {
+        self.executed - self.released
     }
 
     /// The engine, for reads between steps.
@@ -239,6 +353,11 @@ impl<T> NodeLoop<T> {
         store: &mut S,
         now: u64,
     ) -> Engine {
+        // Batches executed by the old engine and not released are gone
+        // (`fail_in_flight` answered them): numbering goes on from what is durable.
+        self.executed = self.released;
+        self.seq_max = self.seq_durable;
+        self.in_flight_idem.clear();
         let mut old = std::mem::replace(&mut self.engine, engine);
         // The connections stay up: what peers sent over them stays received.
         self.engine.adopt_received_certs(&mut old);
@@ -256,6 +375,7 @@ impl<T> NodeLoop<T> {
 
     /// At shutdown: ends every session and persists their sync states.
     pub fn close<S: Storage>(mut self, store: &mut S, now: u64) -> Result<(), StorageError> {
+        assert_eq!(self.in_flight(), 0, "close with a batch in flight");
         for peer in self.engine.connected_peers() {
             self.engine.peer_down(peer);
         }
@@ -268,7 +388,39 @@ impl<T> NodeLoop<T> {
 
     /// One batch: execute `inputs` in order, then parked sales, allocation and
     /// expiry; flush, number rows, commit; release only after the commit.
+    /// The three parts of a pipelined driver, run back to back.
     pub fn step<S: Storage>(&mut self, store: &mut S, inputs: Vec<Input<T>>, now: u64) -> Step<T> {
+        assert_eq!(self.in_flight(), 0, "step with a batch in flight");
+        let Executed { batch, held } = match self.execute(store, inputs, now) {
+            Ok(e) => e,
+            Err(f) => return Step::Failed(f),
+        };
+        match commit_batch(store, batch) {
+            Ok(durable) => Step::Committed(self.release(held, durable)),
+            Err(e) => Step::Failed(self.fail_in_flight(Failure::Storage(e.error), vec![held])),
+        }
+    }
+
+    /// Executes one batch up to its flush (no storage write): `inputs` in
+    /// order, then parked sales, allocation and expiry; rows numbered. What
+    /// it releases waits in the returned [`Held`] for the batch's [`Durable`].
+    /// At most [`IN_FLIGHT_MAX`] batches may be executed and not released.
+    /// `Err`: applying a peer's frame panicked; nothing of this batch will
+    /// commit (batches in flight before it are unaffected: release them,
+    /// then reopen the engine).
+    // One per batch, moved once: boxing the failure would only add an allocation.
+    #[allow(clippy::result_large_err)]
+    pub fn execute<S: Storage>(
+        &mut self,
+        store: &mut S,
+        inputs: Vec<Input<T>>,
+        now: u64,
+    ) -> Result<Executed<T>, Failed<T>> {
+        assert!(
+            self.in_flight() < IN_FLIGHT_MAX,
+            "more than IN_FLIGHT_MAX batches executed and not released"
+        );
+        self.engine.set_batch_in_flight(self.in_flight() > 0);
         let mut replies: Vec<Reply<T>> = Vec::with_capacity(REPLIES_PREALLOC.min(inputs.len()));
         let mut disconnect: Vec<(NodeId, String)> = Vec::new();
         // Set when applying a peer's frame panicked: the engine's memory may
@@ -327,7 +479,12 @@ impl<T> NodeLoop<T> {
             }
         }
         if let Some((peer, what)) = poisoned {
-            return Step::Failed(self.fail(Failure::Panic { peer, what }, replies, disconnect));
+            return Err(self.fail(
+                Failure::Panic { peer, what },
+                replies,
+                Vec::new(),
+                disconnect,
+            ));
         }
         // Grants that arrived in this batch may let parked sales through.
         self.poll_parked(store, now, &mut replies);
@@ -335,7 +492,9 @@ impl<T> NodeLoop<T> {
         self.engine.expire_reservations(now);
         self.engine.settle_ownerless_imports(now);
         let seq_max = &mut self.seq_max;
-        let persisted = self.engine.commit(now, |batch| {
+        // Nothing is written here: the frames `Engine::commit` hands over stay
+        // in the `Held` until this batch's `Durable` comes back.
+        let staged = self.engine.commit(now, |batch| {
             // The engine drains its idempotency records from a hash map: sorted,
             // the storage I/O sequence is the same on every run (the simulator).
             batch.idem.sort_by(|a, b| a.0.cmp(&b.0));
@@ -353,27 +512,69 @@ impl<T> NodeLoop<T> {
                     );
                 }
             }
-            // Rows are numbered for the change feed only if the batch commits.
-            let mut seq = *seq_max;
+            // Rows are numbered for the change feed here; a failed batch's
+            // numbers are given again (`replace_engine`).
             for (_, row) in batch.rows.iter_mut() {
-                seq += 1;
-                row.seq = seq;
+                *seq_max += 1;
+                row.seq = *seq_max;
             }
-            if !batch.is_empty() {
-                store.commit(batch)?;
-            }
-            *seq_max = seq;
-            Ok(())
+            Ok::<(), std::convert::Infallible>(())
         });
-        // `Engine::commit` released the frames only after `store.commit`
-        // returned `Ok`: from here on effects may leave the node.
-        let Released { batch, frames, .. } = match persisted {
-            Ok(r) => r,
-            Err(e) => return Step::Failed(self.fail(Failure::Storage(e), replies, disconnect)),
+        let Ok(Released { batch, frames, .. }) = staged;
+        self.executed += 1;
+        let number = self.executed;
+        let mut idem_keys = Vec::with_capacity(batch.idem.len());
+        for (k, r) in &batch.idem {
+            self.in_flight_idem.insert(k.clone(), (number, r.clone()));
+            idem_keys.push(k.clone());
+        }
+        let digest = if !batch.is_empty() || self.hello_digest.is_none() {
+            Some(self.engine.hello_digest())
+        } else {
+            None
         };
+        let held = Held {
+            number,
+            replies,
+            frames,
+            disconnect,
+            digest,
+            retired: self.engine.retired_tags(),
+            seq_max: self.seq_max,
+            idem_keys,
+        };
+        Ok(Executed {
+            batch: InFlight { number, batch },
+            held,
+        })
+    }
+
+    /// Releases a batch whose commit returned: `durable` must be the proof of
+    /// the batch `held` came from, and the batch the next one in order.
+    pub fn release(&mut self, held: Held<T>, durable: Durable) -> Committed<T> {
+        assert_eq!(
+            held.number, durable.number,
+            "a batch released with another batch's proof"
+        );
+        assert_eq!(
+            held.number,
+            self.released + 1,
+            "batches released out of order"
+        );
+        self.released = held.number;
+        self.seq_durable = held.seq_max;
+        for k in &held.idem_keys {
+            // A later batch in flight may hold a newer record of the same key.
+            if self
+                .in_flight_idem
+                .get(k)
+                .is_some_and(|(n, _)| *n == held.number)
+            {
+                self.in_flight_idem.remove(k);
+            }
+        }
         let mut hello_digest = None;
-        if !batch.is_empty() || self.hello_digest.is_none() {
-            let d = self.engine.hello_digest();
+        if let Some(d) = held.digest {
             if self.hello_digest != Some(d) {
                 self.hello_digest = Some(d);
                 hello_digest = Some(d);
@@ -381,7 +582,7 @@ impl<T> NodeLoop<T> {
         }
         // A retired node's key is refused from now on.
         let mut revoke = Vec::new();
-        for tag in self.engine.retired_tags() {
+        for tag in held.retired {
             for p in self.cfg.peers.iter().filter(|p| p.tag() == tag) {
                 if self.revoked.insert(*p) {
                     tracing::warn!(peer = %p.hex(), "peer was retired; refusing its key");
@@ -389,15 +590,40 @@ impl<T> NodeLoop<T> {
                 }
             }
         }
-        Step::Committed(Committed {
-            replies,
-            frames,
-            batch,
+        Committed {
+            replies: held.replies,
+            frames: held.frames,
+            batch: durable.batch,
             revoke,
             hello_digest,
-            disconnect,
+            disconnect: held.disconnect,
             next_wake_ms: self.next_wake_ms(),
-        })
+        }
+    }
+
+    /// A commit failed: `held` are the batch that failed then every later
+    /// batch in flight, in order. Nothing of them is released; every answer
+    /// is an error (the parked sales' too). Only the failed batch's
+    /// successes are in doubt: later batches never reached storage. The
+    /// driver then reopens the engine ([`NodeLoop::replace_engine`]).
+    pub fn fail_in_flight(&mut self, cause: Failure, held: Vec<Held<T>>) -> Failed<T> {
+        let mut replies = Vec::new();
+        let mut later = Vec::new();
+        let mut disconnect = Vec::new();
+        for (i, h) in held.into_iter().enumerate() {
+            debug_assert_eq!(
+                h.number,
+                self.released + 1 + i as u64,
+                "failed batches out of order"
+            );
+            if i == 0 {
+                replies = h.replies;
+            } else {
+                later.extend(h.replies);
+            }
+            disconnect.extend(h.disconnect);
+        }
+        self.fail(cause, replies, later, disconnect)
     }
 
     /// The earliest time the loop has something to decide without input.
@@ -421,7 +647,7 @@ impl<T> NodeLoop<T> {
     ) {
         // The idempotency record is read first: a storage error must not look
         // like "never seen" and let a retry apply twice.
-        let prior = match op.client_key().map(|k| store.idem(&k)) {
+        let prior = match op.client_key().map(|k| self.idem(store, &k)) {
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cannot read an idempotency record");
                 let msg = "storage error reading the request's earlier result; retry";
@@ -458,6 +684,19 @@ impl<T> NodeLoop<T> {
         }
     }
 
+    /// A client key's record: from a batch in flight (not yet readable from
+    /// storage), else from storage.
+    fn idem<S: Storage>(
+        &self,
+        store: &mut S,
+        key: &str,
+    ) -> Result<Option<IdemRecord>, StorageError> {
+        match self.in_flight_idem.get(key) {
+            Some((_, r)) => Ok(Some(r.clone())),
+            None => store.idem(key),
+        }
+    }
+
     /// Retries parked sales. Their idempotency records are read through the
     /// store first; when a read fails they stay parked until a later step.
     fn poll_parked<S: Storage>(&mut self, store: &mut S, now: u64, replies: &mut Vec<Reply<T>>) {
@@ -467,7 +706,7 @@ impl<T> NodeLoop<T> {
         }
         let mut records: BTreeMap<String, IdemRecord> = BTreeMap::new();
         for k in keys {
-            match store.idem(&k) {
+            match self.idem(store, &k) {
                 Ok(Some(r)) => {
                     records.insert(k, r);
                 }
@@ -512,18 +751,24 @@ impl<T> NodeLoop<T> {
         })
     }
 
+    /// `replies`: of the batch that failed (successes in doubt); `later`: of
+    /// batches after it that never reached storage.
     fn fail(
         &mut self,
         cause: Failure,
         replies: Vec<Reply<T>>,
+        later: Vec<Reply<T>>,
         disconnect: Vec<(NodeId, String)>,
     ) -> Failed<T> {
-        let mut out = Vec::with_capacity(replies.len() + self.parked.len());
+        let mut out = Vec::with_capacity(replies.len() + later.len() + self.parked.len());
         let mut in_doubt = Vec::new();
-        for (i, (token, r)) in replies.into_iter().enumerate() {
+        let n_failed = replies.len();
+        for (i, (token, r)) in replies.into_iter().chain(later).enumerate() {
             let r = match r {
                 Ok(_) => {
-                    in_doubt.push(i);
+                    if i < n_failed {
+                        in_doubt.push(i);
+                    }
                     Err(OpError::Unavailable(
                         "the write could not be made durable (storage error); retry".into(),
                     ))

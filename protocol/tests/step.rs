@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use storemesh_protocol::engine::{Batch, Engine};
 use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::ops::{IdemRecord, OpError};
-use storemesh_protocol::step::{Failure, Input, LoopConfig, NodeLoop, Step, Storage, StorageError};
+use storemesh_protocol::step::{
+    commit_batch, Executed, Failure, Input, LoopConfig, NodeLoop, Step, Storage, StorageError,
+};
 use storemesh_protocol::testkit::{self, receipt, sale};
 
 #[derive(Default)]
@@ -290,4 +292,163 @@ fn a_panicking_frame_poisons_the_batch() {
     assert!(matches!(&f.replies[0], (1, Err(OpError::Unavailable(_)))));
     assert!(!node.connections().contains_key(&peer));
     assert_eq!(node.rejected().get("panic"), Some(&1));
+}
+
+/// Pipelined commits: a batch executes while the one before it commits.
+fn executed(
+    node: &mut NodeLoop<u32>,
+    store: &mut MemStorage,
+    inputs: Vec<Input<u32>>,
+    now: u64,
+) -> Executed<u32> {
+    match node.execute(store, inputs, now) {
+        Ok(e) => e,
+        Err(f) => panic!("execute failed: {:?}", f.cause),
+    }
+}
+
+#[test]
+fn a_retry_of_a_key_in_flight_is_answered_from_its_record_not_applied_twice() {
+    let mut store = MemStorage::default();
+    let mut node = started(0, &mut store);
+    let a = executed(
+        &mut node,
+        &mut store,
+        vec![
+            Input::Op(receipt("r1", "loc0", &[(7, 5)]), 1),
+            Input::Op(sale("s1", Some("loc0"), &[(7, 2)]), 2),
+        ],
+        2_000,
+    );
+    // The retry arrives while the first attempt's batch is still committing:
+    // storage does not have its record yet.
+    let b = executed(
+        &mut node,
+        &mut store,
+        vec![Input::Op(sale("s1", Some("loc0"), &[(7, 2)]), 3)],
+        2_100,
+    );
+    assert!(
+        !store.idem.contains_key("s1"),
+        "the first batch is not committed yet"
+    );
+    assert_eq!(node.in_flight(), 2);
+    assert_eq!(
+        node.engine().totals(7, None).map(|t| t.0),
+        Some(3),
+        "the retry was applied a second time"
+    );
+    let commits = store.commits;
+    let ca = node.release(
+        a.held,
+        commit_batch(&mut store, a.batch).expect("commit of the first batch"),
+    );
+    assert_eq!(store.commits, commits + 1);
+    let first: Vec<_> = ca.replies.iter().map(|(t, r)| (*t, r.clone())).collect();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|(_, r)| r.is_ok()), "{first:?}");
+    let cb = node.release(
+        b.held,
+        commit_batch(&mut store, b.batch).expect("commit of the second batch"),
+    );
+    assert_eq!(cb.replies.len(), 1);
+    assert_eq!(cb.replies[0].0, 3);
+    // Answered as a replay is answered from storage: the same body.
+    let body = |r: &Result<storemesh_protocol::ops::OpReply, OpError>| {
+        r.as_ref().ok().map(|r| r.body.clone())
+    };
+    assert!(body(&first[1].1).is_some());
+    assert_eq!(
+        body(&cb.replies[0].1),
+        body(&first[1].1),
+        "the retry gets the first attempt's answer"
+    );
+    assert!(cb.batch.idem.is_empty(), "the retry wrote no second record");
+    assert_eq!(node.in_flight(), 0);
+    assert_eq!(node.engine().totals(7, None).map(|t| t.0), Some(3));
+}
+
+#[test]
+fn a_failed_commit_with_a_later_batch_in_flight_releases_neither() {
+    let mut store = MemStorage::default();
+    let mut node = started(0, &mut store);
+    let commits = store.commits;
+    let a = executed(
+        &mut node,
+        &mut store,
+        vec![Input::Op(receipt("r1", "loc0", &[(7, 5)]), 1)],
+        2_000,
+    );
+    let b = executed(
+        &mut node,
+        &mut store,
+        vec![
+            Input::Op(sale("s1", Some("loc0"), &[(7, 2)]), 2),
+            Input::Op(sale("s2", Some("loc0"), &[(7, 50)]), 3),
+        ],
+        2_100,
+    );
+    store.fail_commit = true;
+    let e = commit_batch(&mut store, a.batch).expect_err("the disk is full");
+    assert_eq!(e.number, a.held.number());
+    // The later batch never reaches storage: both fail together.
+    drop(b.batch);
+    let f = node.fail_in_flight(Failure::Storage(e.error), vec![a.held, b.held]);
+    assert_eq!(store.commits, commits, "nothing was committed");
+    assert!(store.idem.is_empty(), "no record of either batch is stored");
+    let tokens: Vec<u32> = f.replies.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tokens, vec![1, 2, 3]);
+    assert!(
+        f.replies.iter().all(|(_, r)| r.is_err()),
+        "nothing of either batch is answered as done: {:?}",
+        f.replies
+    );
+    assert!(matches!(&f.replies[1], (2, Err(OpError::Unavailable(_)))));
+    assert!(matches!(
+        &f.replies[2],
+        (3, Err(OpError::InsufficientStock(_)))
+    ));
+    assert_eq!(
+        f.in_doubt,
+        vec![0],
+        "only the batch that reached storage is in doubt"
+    );
+    // Reopened from storage: the sale's retry is not answered from the
+    // failed batch's record, and rows are numbered from what is durable.
+    store.fail_commit = false;
+    node.replace_engine(engine(0), &mut store, 2_500);
+    assert_eq!(node.in_flight(), 0);
+    let c = committed(node.step(
+        &mut store,
+        vec![
+            Input::Op(receipt("r1", "loc0", &[(7, 5)]), 4),
+            Input::Op(sale("s1", Some("loc0"), &[(7, 2)]), 5),
+        ],
+        3_000,
+    ));
+    assert!(c.replies.iter().all(|(_, r)| r.is_ok()), "{:?}", c.replies);
+    assert_eq!(c.batch.rows.first().map(|(_, r)| r.seq), Some(1));
+    assert_eq!(node.engine().totals(7, None).map(|t| t.0), Some(3));
+}
+
+#[test]
+#[should_panic(expected = "another batch's proof")]
+fn a_batch_cannot_be_released_with_another_batchs_proof() {
+    let mut store = MemStorage::default();
+    let mut node = started(0, &mut store);
+    let a = executed(
+        &mut node,
+        &mut store,
+        vec![Input::Op(receipt("r1", "loc0", &[(7, 5)]), 1)],
+        2_000,
+    );
+    let b = executed(
+        &mut node,
+        &mut store,
+        vec![Input::Op(receipt("r2", "loc0", &[(8, 5)]), 2)],
+        2_100,
+    );
+    let db = commit_batch(&mut store, b.batch).expect("commit");
+    drop(a.batch);
+    node.release(a.held, db);
 }

@@ -260,6 +260,10 @@ pub struct Engine {
     /// Set by a `flush` that wrote documents, cleared by `committed`: while
     /// set, nothing may be taken for peers (`take_outgoing` asserts it).
     pub(crate) awaiting_commit: bool,
+    /// Set while an earlier batch flushed by this engine is still on its way
+    /// to disk (`step::NodeLoop::execute` with a batch in flight): a cold part
+    /// must not be stored away then, its snapshot may not be readable yet.
+    pub(crate) batch_in_flight: bool,
     /// Documents whose heads changed in the last flush, with the raw changes
     /// since their previous persisted heads (empty: no peer was connected, or too large to push; such a
     /// document is offered through sync sessions instead).
@@ -443,6 +447,7 @@ impl Engine {
             sessions: BTreeMap::new(),
             outbox: Vec::new(),
             awaiting_commit: false,
+            batch_in_flight: false,
             changed_docs: BTreeMap::new(),
             push_sources: BTreeMap::new(),
             catchup: crate::sync::Catchup::default(),
@@ -509,6 +514,12 @@ impl Engine {
 
     /// Reads cold closed records parts back from `archive` instead of
     /// holding their bytes (set before documents load).
+    /// Whether an earlier flushed batch is not yet durable (set by the loop
+    /// before each batch it executes; see `batch_in_flight`).
+    pub fn set_batch_in_flight(&mut self, in_flight: bool) {
+        self.batch_in_flight = in_flight;
+    }
+
     pub fn set_part_archive(&mut self, archive: std::sync::Arc<dyn crate::lazydoc::PartArchive>) {
         self.part_archive = Some(archive);
     }
