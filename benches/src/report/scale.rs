@@ -328,8 +328,16 @@ pub async fn run(mode: Mode) -> Result<Section> {
         let t = Instant::now();
         let mut fresh = Proc::spawn(&bin, "fresh", &dirs[1].0, &dirs[1].1).await?;
         let limit = mode.pick(Duration::from_secs(120), Duration::from_secs(600));
+        // The slowest `/api/documents` answer of each node while the new one
+        // syncs: a keep-alive connection waits that long for its next request.
+        let mut slowest = (Duration::ZERO, Duration::ZERO);
         let synced = loop {
-            let (a, b) = (hq.documents().await?, fresh.documents().await?);
+            let asked = Instant::now();
+            let a = hq.documents().await?;
+            let answered = Instant::now();
+            let b = fresh.documents().await?;
+            slowest.0 = slowest.0.max(answered - asked);
+            slowest.1 = slowest.1.max(answered.elapsed());
             if a == b {
                 break t.elapsed();
             }
@@ -349,6 +357,11 @@ pub async fn run(mode: Mode) -> Result<Section> {
             peak_rss_mib(fresh.pid()).unwrap_or(f64::NAN),
         );
         fresh.stop().await;
+        eprintln!(
+            "  scale sync: slowest /api/documents answer hq {:.2} s, new node {:.2} s",
+            slowest.0.as_secs_f64(),
+            slowest.1.as_secs_f64()
+        );
         Ok::<_, anyhow::Error>((synced, rss_fresh, peak))
     }
     .await;
