@@ -12,6 +12,27 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+/// The server closed the connection before any byte of the answer.
+#[derive(Debug)]
+struct ClosedBeforeAnswer(&'static str);
+
+impl std::fmt::Display for ClosedBeforeAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for ClosedBeforeAnswer {}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
 /// One keep-alive connection.
 pub struct Conn {
     addr: SocketAddr,
@@ -65,10 +86,28 @@ impl Conn {
     }
 
     /// Sends one request and reads the whole response: (status, body).
+    ///
+    /// The node closes a keep-alive connection that waited longer than its
+    /// header timeout (`[api] header_timeout_ms`, 10 s) for the next request.
+    /// A `GET` sent on such a reused connection that is closed before any byte
+    /// of the answer arrives is sent once more on a new connection, as HTTP
+    /// clients do (RFC 9110 §9.2.2: a safe request may be retried); anything
+    /// else is the caller's error.
     pub async fn send(&mut self, req: &[u8]) -> Result<(u16, Vec<u8>)> {
-        let r = self.send_inner(req).await;
+        let reused = self.io.is_some();
+        let mut r = self.send_inner(req).await;
         if r.is_err() {
             self.io = None;
+        }
+        let closed_before_answer = r
+            .as_ref()
+            .err()
+            .is_some_and(|e| e.downcast_ref::<ClosedBeforeAnswer>().is_some());
+        if reused && closed_before_answer && req.starts_with(b"GET ") {
+            r = self.send_inner(req).await;
+            if r.is_err() {
+                self.io = None;
+            }
         }
         r
     }
@@ -76,10 +115,18 @@ impl Conn {
     async fn send_inner(&mut self, req: &[u8]) -> Result<(u16, Vec<u8>)> {
         let mut line = std::mem::take(&mut self.line);
         let io = self.io().await?;
-        io.get_mut().write_all(req).await?;
         line.clear();
-        if io.read_until(b'\n', &mut line).await? == 0 {
-            bail!("connection closed");
+        let first = match io.get_mut().write_all(req).await {
+            Ok(()) => io.read_until(b'\n', &mut line).await,
+            Err(e) => Err(e),
+        };
+        match first {
+            Ok(0) => return Err(ClosedBeforeAnswer("connection closed").into()),
+            Ok(_) => {}
+            Err(e) if line.is_empty() && is_reset(&e) => {
+                return Err(ClosedBeforeAnswer("connection reset").into())
+            }
+            Err(e) => return Err(e.into()),
         }
         let status: u16 = std::str::from_utf8(&line)
             .ok()
@@ -311,4 +358,62 @@ pub async fn post_json(
         s,
         serde_json::from_slice(&r).unwrap_or(serde_json::Value::Null),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Answers one request per connection, then closes it without reading
+    /// the next one: what the node does to a keep-alive connection left idle
+    /// past its header timeout. Returns the number of connections accepted.
+    async fn one_answer_per_connection(l: TcpListener, conns: usize) -> usize {
+        for _ in 0..conns {
+            let (s, _) = l.accept().await.expect("accept");
+            let mut s = BufReader::new(s);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if s.read_until(b'\n', &mut line).await.expect("read") == 0 || line == b"\r\n" {
+                    break;
+                }
+            }
+            s.get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+            s.get_mut().shutdown().await.expect("shutdown");
+        }
+        conns
+    }
+
+    #[tokio::test]
+    async fn a_get_on_a_keep_alive_connection_the_server_closed_is_sent_again() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(one_answer_per_connection(l, 2));
+        let mut c = Conn::new(addr);
+        let get = request("GET", "/healthz", None, None);
+        assert_eq!(c.send(&get).await.expect("first").0, 200);
+        // The server closed the connection after its answer: the second GET
+        // goes out on the old connection, sees it closed, and is sent again.
+        assert_eq!(c.send(&get).await.expect("second").0, 200);
+        assert_eq!(server.await.expect("server"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_post_on_a_closed_connection_is_not_sent_again() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(one_answer_per_connection(l, 1));
+        let mut c = Conn::new(addr);
+        let get = request("GET", "/healthz", None, None);
+        assert_eq!(c.send(&get).await.expect("first").0, 200);
+        server.await.expect("server");
+        let post = request("POST", "/api/sales", None, Some(b"{}"));
+        let e = c.send(&post).await.expect_err("a closed connection");
+        // Not sent again: a second try would have found no listener.
+        assert!(e.downcast_ref::<ClosedBeforeAnswer>().is_some(), "{e:#}");
+    }
 }

@@ -197,9 +197,7 @@ impl NodeHandle {
         // Reads are served from the persisted view before documents load.
         let mut read = ReadState::default();
         for ((p, l), row) in store.load_rows()? {
-            read.seq_max = read.seq_max.max(row.seq);
-            read.by_seq.insert(row.seq, (p, l.clone()));
-            read.rows.entry(p).or_default().insert(l, row);
+            read.set_row(p, &l, row);
         }
         let http_addr = cfg.http_socket()?;
         let quic_addr = cfg.quic_socket()?;

@@ -501,7 +501,7 @@ impl Writer {
                 }
                 if let Some(row) = r.rows.get(p).and_then(|m| m.get(l)) {
                     pass.entries.push(json!({
-                        "event": "stock", "product_id": p, "location": l,
+                        "event": "stock", "product_id": p, "location": &**l,
                         "on_hand": row.on_hand, "available": row.available,
                         "incoming": row.incoming, "reserved": row.reserved, "seq": seq,
                     }));

@@ -52,7 +52,141 @@ impl ActorCells {
 /// Every writer's cells at one (product, location).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockEntry {
-    pub cells: BTreeMap<ActorKey, ActorCells>,
+    pub cells: Cells,
+}
+
+/// The cells of one (product, location) by writer: a vector sorted by actor,
+/// with exactly the capacity its entries need.
+///
+/// Nearly every pair has one writer (its location's node). A
+/// `BTreeMap<ActorKey, ActorCells>` allocates a whole B-tree leaf of 11
+/// slots (~920 bytes) for that one entry; a node holding 100,000 products ×
+/// 20 locations kept ~1.8 GiB of such leaves (BENCHMARKS row 5). Here one
+/// writer costs one 88-byte allocation. Lookups are a binary search over a
+/// handful of actors. Serialized as a map, as the `BTreeMap` was.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cells(Vec<(ActorKey, ActorCells)>);
+
+/// A place in [`Cells`] for one actor, from [`Cells::entry`].
+pub struct CellsEntry<'a> {
+    cells: &'a mut Cells,
+    actor: ActorKey,
+}
+
+impl<'a> CellsEntry<'a> {
+    /// The actor's cells, inserted empty if it had none.
+    pub fn or_default(self) -> &'a mut ActorCells {
+        let v = &mut self.cells.0;
+        let i = match v.binary_search_by(|(a, _)| a.cmp(&self.actor)) {
+            Ok(i) => i,
+            Err(i) => {
+                // Exact growth: most entries never get a second writer.
+                v.reserve_exact(1);
+                v.insert(i, (self.actor, ActorCells::default()));
+                i
+            }
+        };
+        &mut v[i].1
+    }
+}
+
+impl Cells {
+    fn find(&self, actor: &ActorKey) -> Result<usize, usize> {
+        self.0.binary_search_by(|(a, _)| a.cmp(actor))
+    }
+    pub fn get(&self, actor: &ActorKey) -> Option<&ActorCells> {
+        self.find(actor).ok().map(|i| &self.0[i].1)
+    }
+    pub fn get_mut(&mut self, actor: &ActorKey) -> Option<&mut ActorCells> {
+        let i = self.find(actor).ok()?;
+        Some(&mut self.0[i].1)
+    }
+    pub fn contains_key(&self, actor: &ActorKey) -> bool {
+        self.find(actor).is_ok()
+    }
+    pub fn entry(&mut self, actor: ActorKey) -> CellsEntry<'_> {
+        CellsEntry { cells: self, actor }
+    }
+    /// Sets an actor's cells; returns the ones they replaced.
+    pub fn insert(&mut self, actor: ActorKey, cells: ActorCells) -> Option<ActorCells> {
+        match self.find(&actor) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, cells)),
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (actor, cells));
+                None
+            }
+        }
+    }
+    pub fn remove(&mut self, actor: &ActorKey) -> Option<ActorCells> {
+        let i = self.find(actor).ok()?;
+        let (_, c) = self.0.remove(i);
+        self.0.shrink_to_fit();
+        Some(c)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Actors in order.
+    pub fn keys(&self) -> impl Iterator<Item = &ActorKey> + '_ {
+        self.0.iter().map(|(a, _)| a)
+    }
+    pub fn values(&self) -> impl Iterator<Item = &ActorCells> + '_ {
+        self.0.iter().map(|(_, c)| c)
+    }
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut ActorCells> + '_ {
+        self.0.iter_mut().map(|(_, c)| c)
+    }
+    /// (actor, cells) in actor order.
+    pub fn iter(&self) -> CellsIter<'_> {
+        self.0.iter().map(|(a, c)| (a, c))
+    }
+}
+
+/// Borrowing iterator of [`Cells`], in actor order.
+pub type CellsIter<'a> = std::iter::Map<
+    std::slice::Iter<'a, (ActorKey, ActorCells)>,
+    fn(&'a (ActorKey, ActorCells)) -> (&'a ActorKey, &'a ActorCells),
+>;
+
+impl<'a> IntoIterator for &'a Cells {
+    type Item = (&'a ActorKey, &'a ActorCells);
+    type IntoIter = CellsIter<'a>;
+    fn into_iter(self) -> CellsIter<'a> {
+        self.iter()
+    }
+}
+
+impl IntoIterator for Cells {
+    type Item = (ActorKey, ActorCells);
+    type IntoIter = std::vec::IntoIter<(ActorKey, ActorCells)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl FromIterator<(ActorKey, ActorCells)> for Cells {
+    fn from_iter<I: IntoIterator<Item = (ActorKey, ActorCells)>>(it: I) -> Cells {
+        // Through a map: later duplicates win, as in a `BTreeMap`.
+        let m: BTreeMap<ActorKey, ActorCells> = it.into_iter().collect();
+        Cells(m.into_iter().collect())
+    }
+}
+
+impl Serialize for Cells {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Cells {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Cells, D::Error> {
+        let m = BTreeMap::<ActorKey, ActorCells>::deserialize(d)?;
+        Ok(Cells(m.into_iter().collect()))
+    }
 }
 
 impl StockEntry {
@@ -208,6 +342,29 @@ mod tests {
         e.cells.entry(actor(1, 9)).or_default().removed = 4;
         assert_eq!(e.rights(a.tag()), 0);
         assert_eq!(e.on_hand(), 1);
+    }
+
+    #[test]
+    fn cells_hold_one_slot_per_writer_and_serialize_as_the_map_did() {
+        let mut e = StockEntry::default();
+        e.cells.entry(actor(2, 0)).or_default().received = 5;
+        // One writer: one slot, not a B-tree leaf of 11 (BENCHMARKS row 5).
+        assert_eq!(e.cells.0.capacity(), 1);
+        e.cells.entry(actor(1, 0)).or_default().removed = 2;
+        e.cells.entry(actor(2, 0)).or_default().removed = 1;
+        assert_eq!(e.cells.0.capacity(), 2);
+        let order: Vec<ActorKey> = e.cells.keys().copied().collect();
+        assert_eq!(order, vec![actor(1, 0), actor(2, 0)]);
+        assert_eq!(e.cells.get(&actor(2, 0)).map(|c| c.removed), Some(1));
+        let map: BTreeMap<ActorKey, ActorCells> =
+            e.cells.iter().map(|(a, c)| (*a, c.clone())).collect();
+        let json = serde_json::to_string(&e.cells).expect("serialize");
+        assert_eq!(json, serde_json::to_string(&map).expect("serialize map"));
+        let back: Cells = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, e.cells);
+        assert_eq!(e.cells.remove(&actor(1, 0)).map(|c| c.removed), Some(2));
+        assert_eq!((e.cells.len(), e.cells.0.capacity()), (1, 1));
+        assert!(e.cells.remove(&actor(1, 0)).is_none());
     }
 
     proptest! {

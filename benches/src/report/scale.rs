@@ -225,6 +225,60 @@ fn build_fixture(dir: &std::path::Path, products: u64, sales: u64) -> Result<Fix
     })
 }
 
+/// Copies a kept fixture (`hq` whole, `fresh` without its data file) into
+/// `root`. The fixture's build figures are not known: NaN / 0.
+fn reuse_fixture(
+    src: &std::path::Path,
+    root: &std::path::Path,
+) -> Result<(Vec<(std::path::PathBuf, String)>, Fixture)> {
+    let mut dirs = Vec::new();
+    for name in ["hq", "fresh"] {
+        let (from, to) = (src.join(name), root.join(name));
+        std::fs::create_dir_all(&to)?;
+        for f in std::fs::read_dir(&from).with_context(|| format!("{}", from.display()))? {
+            let f = f?;
+            let file = f.file_name();
+            let data = file == "storemesh.redb";
+            if file == "node.log" || (data && name == "fresh") {
+                continue;
+            }
+            std::fs::copy(f.path(), to.join(&file))?;
+        }
+        let token = Config::load(&to)?
+            .api
+            .tokens
+            .first()
+            .map(|t| t.token.clone())
+            .context("the kept fixture's config has no token")?;
+        dirs.push((to, token));
+    }
+    let db_bytes = std::fs::metadata(storemesh_node::node::db_path(&dirs[0].0))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!("  scale fixture reused from {}", src.display());
+    Ok((
+        dirs,
+        Fixture {
+            build_s: f64::NAN,
+            merge_s: f64::NAN,
+            docs: 0,
+            doc_bytes: 0,
+            db_bytes,
+            rss_docs: f64::NAN,
+            rss_views: f64::NAN,
+        },
+    ))
+}
+
+/// The machine's 1-minute load average (NaN if unreadable): the 2 cores are
+/// shared, so each figure is reported with the load it was measured under.
+fn load_avg_1min() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Peak resident set size (VmHWM) of a process in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -279,31 +333,36 @@ pub async fn run(mode: Mode) -> Result<Section> {
         let p = tmp.path().to_path_buf();
         (Some(tmp), p)
     };
-    let dirs = make_mesh(
-        &root,
-        &[
-            ("hq", Role::Store, Policy::Strict),
-            ("fresh", Role::Store, Policy::Strict),
-        ],
-        &[(0, 1)],
-    )?;
-    for (d, _) in &dirs {
-        let mut c = Config::load(d)?;
-        c.sync.anti_entropy_ms = 5_000;
-        c.save(d)?;
-    }
-    let hq_dir = dirs[0].0.clone();
-    let fx = tokio::task::spawn_blocking(move || build_fixture(&hq_dir, products, sales)).await??;
-    eprintln!(
-        "  scale fixture: {} products × {LOCATIONS} locations, {} sales: built in {:.1} s, merged and written in {:.1} s ({} documents, {} MB saved, {} MB redb file)",
-        fmt_int(products as f64),
-        fmt_int(sales as f64),
-        fx.build_s,
-        fx.merge_s,
-        fx.docs,
-        fx.doc_bytes / 1_000_000,
-        fx.db_bytes / 1_000_000
-    );
+    // `STOREMESH_BENCH_SCALE_FIXTURE=DIR` (a root kept by an earlier run with
+    // `STOREMESH_BENCH_KEEP=1`, of the same sizes): its `hq` data directory is
+    // copied and the new node starts empty again, skipping the fixture's
+    // build (minutes at the target's size) when only the node changed.
+    let reused = std::env::var_os("STOREMESH_BENCH_SCALE_FIXTURE").map(std::path::PathBuf::from);
+    let (dirs, fx) = match reused {
+        Some(src) => {
+            let root = root.clone();
+            tokio::task::spawn_blocking(move || reuse_fixture(&src, &root)).await??
+        }
+        None => {
+            let dirs = make_mesh(
+                &root,
+                &[
+                    ("hq", Role::Store, Policy::Strict),
+                    ("fresh", Role::Store, Policy::Strict),
+                ],
+                &[(0, 1)],
+            )?;
+            for (d, _) in &dirs {
+                let mut c = Config::load(d)?;
+                c.sync.anti_entropy_ms = 5_000;
+                c.save(d)?;
+            }
+            let hq_dir = dirs[0].0.clone();
+            let fx = tokio::task::spawn_blocking(move || build_fixture(&hq_dir, products, sales))
+                .await??;
+            (dirs, fx)
+        }
+    };
     // Restart: the first served read, then documents loaded ("ready").
     let probe = format!("/api/inventory?product_id={}", products / 2 + 1);
     let t = Instant::now();
@@ -323,13 +382,22 @@ pub async fn run(mode: Mode) -> Result<Section> {
     };
     let hq_ready = ready(&mut hq, t, Duration::from_secs(600)).await?;
     let rss_hq = hq.rss_mib();
+    let load_ready = load_avg_1min();
     let result = async {
         // A new empty node syncs everything from hq.
         let t = Instant::now();
         let mut fresh = Proc::spawn(&bin, "fresh", &dirs[1].0, &dirs[1].1).await?;
         let limit = mode.pick(Duration::from_secs(120), Duration::from_secs(600));
+        // The slowest `/api/documents` answer of each node while the new one
+        // syncs: a keep-alive connection waits that long for its next request.
+        let mut slowest = (Duration::ZERO, Duration::ZERO);
         let synced = loop {
-            let (a, b) = (hq.documents().await?, fresh.documents().await?);
+            let asked = Instant::now();
+            let a = hq.documents().await?;
+            let answered = Instant::now();
+            let b = fresh.documents().await?;
+            slowest.0 = slowest.0.max(answered - asked);
+            slowest.1 = slowest.1.max(answered.elapsed());
             if a == b {
                 break t.elapsed();
             }
@@ -344,40 +412,49 @@ pub async fn run(mode: Mode) -> Result<Section> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let rss_fresh = fresh.rss_mib();
+        let load_synced = load_avg_1min();
         let peak = (
             peak_rss_mib(hq.pid()).unwrap_or(f64::NAN),
             peak_rss_mib(fresh.pid()).unwrap_or(f64::NAN),
         );
         fresh.stop().await;
-        Ok::<_, anyhow::Error>((synced, rss_fresh, peak))
+        eprintln!(
+            "  scale sync: slowest /api/documents answer hq {:.2} s, new node {:.2} s",
+            slowest.0.as_secs_f64(),
+            slowest.1.as_secs_f64()
+        );
+        Ok::<_, anyhow::Error>((synced, rss_fresh, peak, load_synced))
     }
     .await;
     hq.stop().await;
-    let (synced, rss_fresh, (peak_hq, peak_fresh)) = result?;
+    let (synced, rss_fresh, (peak_hq, peak_fresh), load_synced) = result?;
     let rss = rss_hq.max(rss_fresh);
     let peak = peak_hq.max(peak_fresh);
-    let ok = first_read.as_secs_f64() <= 3.0 && peak <= 1024.0 && synced.as_secs_f64() <= 30.0;
+    // Issue 14's targets for the HQ node: restart → ready (every document
+    // loaded, writes served) ≤ 3 s, peak RSS ≤ 512 MiB, a new empty node
+    // synced to identical documents ≤ 10 s.
+    let ok = hq_ready.as_secs_f64() <= 3.0 && peak <= 512.0 && synced.as_secs_f64() <= 10.0;
     s.figures.push(
         Figure::new(
             "5",
             &format!(
-                "restart to first read / peak RSS / new node synced ({}k products, {}k sales)",
+                "restart to ready / peak RSS / new node synced ({}k products, {}k sales)",
                 products / 1000,
                 sales / 1000
             ),
         )
         .value(format!(
             "{:.2} s / {:.0} MiB / {:.1} s",
-            first_read.as_secs_f64(),
+            hq_ready.as_secs_f64(),
             peak,
             synced.as_secs_f64()
         ))
         .baseline("Ditto: 1M documents in 117 s")
         .target(
             if full {
-                "≤ 3 s / ≤ 1 GiB / ≤ 30 s".to_string()
+                "≤ 3 s / ≤ 512 MiB / ≤ 10 s".to_string()
             } else {
-                "≤ 3 s / ≤ 1 GiB / ≤ 30 s at 100k × 20 with 1M sales (`--full`); less here"
+                "≤ 3 s / ≤ 512 MiB / ≤ 10 s at 100k × 20 with 1M sales (`--full`); less here"
                     .to_string()
             },
             if full { Verdict::of(ok) } else { Verdict::Info },
@@ -409,6 +486,13 @@ pub async fn run(mode: Mode) -> Result<Section> {
         fx.doc_bytes / 1_000_000,
         fx.db_bytes / 1_000_000
     ));
+    if fx.docs == 0 {
+        s.note(
+            "The fixture was not built in this run: `STOREMESH_BENCH_SCALE_FIXTURE` named the \
+             data directories kept by an earlier run (`hq`'s copied as it was, the new node's \
+             emptied), so its build figures above are not measured here.\n",
+        );
+    }
     s.note("| | |\n|---|---|");
     s.note(format!(
         "| `hq` restart → first `GET /api/inventory` answered (stock rows are served from the \
@@ -422,6 +506,10 @@ pub async fn run(mode: Mode) -> Result<Section> {
     s.note(format!(
         "| new empty node started → identical document heads on both | {:.1} s |",
         synced.as_secs_f64()
+    ));
+    s.note(format!(
+        "| machine load average (1 min) when `hq` was ready / when the new node had synced \
+         (2 cores, shared) | {load_ready:.1} / {load_synced:.1} |"
     ));
     s.note(format!(
         "| RSS `hq` when ready / new node when synced, MiB | {:.0} / {:.0} |",

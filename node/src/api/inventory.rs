@@ -34,7 +34,7 @@ pub(super) fn product_json(
     let mut stock = 0i64;
     let mut avail = 0i64;
     for (l, row) in rows {
-        if location.is_some_and(|x| x != l) {
+        if location.is_some_and(|x| x != &**l) {
             continue;
         }
         stock = stock.saturating_add(row.on_hand);
@@ -46,8 +46,9 @@ pub(super) fn product_json(
         let now = sh.now_ms();
         let locs: Vec<Value> = rows
             .iter()
-            .filter(|(l, _)| location.is_none_or(|x| x == l.as_str()))
+            .filter(|(l, _)| location.is_none_or(|x| x == &***l))
             .map(|(l, row)| {
+                let l: &str = l;
                 let (policy, tz) = r
                     .locations
                     .get(l)

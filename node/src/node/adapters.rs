@@ -122,12 +122,7 @@ pub(super) fn publish(shared: &Shared, engine: &Engine, rows: &[((u64, String), 
     let mut r = shared.read.write().unwrap_or_else(|p| p.into_inner());
     let mut events = Vec::with_capacity(rows.len());
     for ((p, l), row) in rows {
-        let old = r.rows.entry(*p).or_default().insert(l.clone(), *row);
-        if let Some(old) = old {
-            r.by_seq.remove(&old.seq);
-        }
-        r.by_seq.insert(row.seq, (*p, l.clone()));
-        r.seq_max = r.seq_max.max(row.seq);
+        r.set_row(*p, l, *row);
         events.push((*p, l.clone(), *row));
     }
     if !events.is_empty() {

@@ -14,10 +14,16 @@ use tokio::sync::{mpsc, oneshot};
 use super::{now_ms, Cmd, Query};
 use crate::config::Config;
 
+/// A location's name in the read state: one allocation per location shared
+/// by all its rows, instead of a `String` in every row and again in the
+/// change feed (2,000,000 pairs at 100,000 products × 20 locations held
+/// ~4 million copies of ~8-byte names, ~56 bytes each with their headers).
+pub type Loc = Arc<str>;
+
 /// What HTTP readers see: committed state only.
 #[derive(Default)]
 pub struct ReadState {
-    pub rows: HashMap<u64, BTreeMap<String, StockRow>>,
+    pub rows: HashMap<u64, BTreeMap<Loc, StockRow>>,
     /// location → (owner node name, policy, IANA time zone).
     pub locations: BTreeMap<String, (String, String, String)>,
     /// location → unix ms this node last heard from that location's node.
@@ -26,8 +32,35 @@ pub struct ReadState {
     pub ready: bool,
     pub as_of_ms: u64,
     /// Change feed: node-local sequence → (product, location) whose latest change it is.
-    pub by_seq: BTreeMap<u64, (u64, String)>,
+    pub by_seq: BTreeMap<u64, (u64, Loc)>,
     pub seq_max: u64,
+    /// Every location name the rows use, shared (see [`Loc`]).
+    names: std::collections::BTreeSet<Loc>,
+}
+
+impl ReadState {
+    /// Sets a (product, location)'s row and moves it to the end of the
+    /// change feed.
+    pub fn set_row(&mut self, product: u64, location: &str, row: StockRow) {
+        let loc = match self.names.get(location) {
+            Some(l) => l.clone(),
+            None => {
+                let l: Loc = Arc::from(location);
+                self.names.insert(l.clone());
+                l
+            }
+        };
+        let old = self
+            .rows
+            .entry(product)
+            .or_default()
+            .insert(loc.clone(), row);
+        if let Some(old) = old {
+            self.by_seq.remove(&old.seq);
+        }
+        self.by_seq.insert(row.seq, (product, loc));
+        self.seq_max = self.seq_max.max(row.seq);
+    }
 }
 
 /// Per-peer figures for `/api/peers` and metrics.
