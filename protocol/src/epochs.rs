@@ -82,8 +82,10 @@ impl Engine {
     /// counted again only after a quarter of their number in operations, at
     /// most [`EPOCH_KEYS_RECOUNT`] (counting walks the document: it was 5 % of
     /// a sale's cost, checked at every flush); in between, each operation
-    /// since the count is taken to have added a key, so a cut may come a
-    /// little late, never early.
+    /// since the count is taken to have added a key. The operation count is
+    /// the largest counter of the heads, so a cut may come a little late
+    /// (up to a quarter of the keys), or early when several writers add keys
+    /// concurrently; either only moves when the owner cuts.
     fn epoch_full(&mut self, id: &str) -> bool {
         let ops = self.ops_of(id);
         if ops <= self.epoch_ops_max {

@@ -49,7 +49,9 @@ struct PartIndexRef<'a> {
 
 impl Engine {
     /// Notes the records of a part from its encoded index (`finish_open`).
-    pub(crate) fn replay_part_index(&mut self, doc: &str, bytes: &[u8]) {
+    /// Returns false if the index does not decode (the caller reads the
+    /// part whole instead).
+    pub(crate) fn replay_part_index(&mut self, doc: &str, bytes: &[u8]) -> bool {
         let plain = PartIndex::plain(bytes);
         match plain
             .as_deref()
@@ -59,11 +61,15 @@ impl Engine {
                 for (key, json) in i.entries {
                     self.note_record(doc, key, json);
                 }
+                true
             }
-            _ => tracing::error!(
-                doc,
-                "a records part index decoded at load does not decode again"
-            ),
+            _ => {
+                tracing::error!(
+                    doc,
+                    "a records part index decoded at load does not decode again"
+                );
+                false
+            }
         }
     }
 }
@@ -163,6 +169,12 @@ impl Engine {
     /// stalls the loop; parts that still hold their loaded bytes are free.
     /// Returns the number of parts cooled.
     pub fn cool_closed_parts(&mut self, saves_max: usize) -> usize {
+        // Not while a batch is in flight (pipelined commits): a part's last
+        // changes and their certificates may be in it, not yet readable from
+        // the archives once the part went cold. A later tick cools it.
+        if self.batch_in_flight {
+            return 0;
+        }
         let latest = self.latest_parts();
         let (mut cooled, mut saves) = (0, 0);
         let mut cooled_ids = Vec::new();
@@ -174,9 +186,7 @@ impl Engine {
                 // Its stored form is exactly a committed snapshot with these
                 // heads (an indexed part, flushed in an earlier step): the
                 // bytes can be read back from there.
-                // Not while a batch is in flight: the part's snapshot may be
-                // in it, not yet readable from the archive.
-                if let Some(a) = self.part_archive.as_ref().filter(|_| !self.batch_in_flight) {
+                if let Some(a) = self.part_archive.as_ref() {
                     // Held bytes first: a part already stored away is skipped
                     // without cloning its heads, at every tick.
                     if slot.doc.saved_len() > 0

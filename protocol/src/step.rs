@@ -375,7 +375,11 @@ impl<T> NodeLoop<T> {
 
     /// At shutdown: ends every session and persists their sync states.
     pub fn close<S: Storage>(mut self, store: &mut S, now: u64) -> Result<(), StorageError> {
-        assert_eq!(self.in_flight(), 0, "close with a batch in flight");
+        if self.in_flight() != 0 {
+            // A driver must settle every batch first; after a failed commit
+            // whose engine could not be reopened the batches are gone.
+            return Err(StorageError("closed with a batch in flight".into()));
+        }
         for peer in self.engine.connected_peers() {
             self.engine.peer_down(peer);
         }
@@ -610,10 +614,14 @@ impl<T> NodeLoop<T> {
         let mut replies = Vec::new();
         let mut later = Vec::new();
         let mut disconnect = Vec::new();
+        // Every batch executed and not released is answered here: none is in
+        // flight any more, whether or not the engine can be reopened.
+        let released = self.released;
+        self.executed = released;
         for (i, h) in held.into_iter().enumerate() {
             debug_assert_eq!(
                 h.number,
-                self.released + 1 + i as u64,
+                released + 1 + i as u64,
                 "failed batches out of order"
             );
             if i == 0 {

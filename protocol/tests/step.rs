@@ -413,6 +413,9 @@ fn a_failed_commit_with_a_later_batch_in_flight_releases_neither() {
         vec![0],
         "only the batch that reached storage is in doubt"
     );
+    // Both batches are answered: none is in flight, even before (or
+    // without) a reopened engine — a driver that cannot reopen can close.
+    assert_eq!(node.in_flight(), 0);
     // Reopened from storage: the sale's retry is not answered from the
     // failed batch's record, and rows are numbered from what is durable.
     store.fail_commit = false;

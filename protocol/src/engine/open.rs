@@ -114,8 +114,9 @@ impl Engine {
                     if self.part_archive.is_some() {
                         self.stats.part_indexes_read_back += 1;
                     }
-                    self.replay_part_index(&id, &bytes);
-                    continue;
+                    if self.replay_part_index(&id, &bytes) {
+                        continue;
+                    }
                 }
                 tracing::warn!(doc = %id, "a records part's index could not be read again; reading the part");
             }
