@@ -430,6 +430,10 @@ impl Engine {
                 }
             }
         }
+        // The views iterate in hash order: the carried cells are written in
+        // key order, so one history gives one change (the simulator replays
+        // a seed exactly).
+        carried.sort_unstable();
         for (k, v) in carried {
             self.put(new.clone(), k, ScalarValue::Uint(v));
         }

@@ -528,7 +528,11 @@ impl Engine {
     /// held in more than one document are settled as if noted one by one in
     /// the order the start noted them (documents by name).
     pub(crate) fn settle_bulk_sales(&mut self) {
-        let shared = self.views.sales.end_bulk();
+        let mut shared = self.views.sales.end_bulk();
+        // Fingerprints are keyed per process: settled in the order of their
+        // documents, the reads of cold parts come in the same order on every
+        // run (the simulator replays a seed exactly).
+        shared.sort_by(|a, b| a.1.cmp(&b.1));
         let prefix = format!("{}/", RecordKind::Sale.prefix());
         for (fp, docs) in shared {
             // id → the documents holding it, in name order.
