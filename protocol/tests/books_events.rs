@@ -23,6 +23,16 @@ fn reserve(id: &str, loc: &str, lines: &[(u64, u64)], by: &str, expires_at_ms: u
     })
 }
 
+/// Two connected nodes (8 buckets); n0 has received `lines` at loc0 in its
+/// open batch.
+fn two_nodes_receiving(lines: &[(u64, u64)]) -> TestMesh {
+    let mut m = TestMesh::new(2, 8);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r1", "loc0", lines)).unwrap();
+    m
+}
+
 /// Finding 6: the reservation's grant (ledger documents) and its record
 /// (records document) travelled separately, so the fulfilling node could see
 /// the reserved units as free and sell them before the record arrived. Every
@@ -30,15 +40,8 @@ fn reserve(id: &str, loc: &str, lines: &[(u64, u64)], by: &str, expires_at_ms: u
 #[test]
 fn a_reservation_s_units_are_never_free_at_the_fulfilling_node() {
     for reversed in [false, true] {
-        let mut m = TestMesh::new(2, 8);
-        m.full_mesh();
-        m.settle();
         // Products 1..=3 span several buckets (several ledger documents).
-        m.execute(
-            0,
-            testkit::receipt("r1", "loc0", &[(1, 10), (2, 10), (3, 10)]),
-        )
-        .unwrap();
+        let mut m = two_nodes_receiving(&[(1, 10), (2, 10), (3, 10)]);
         m.commit(0);
         m.settle();
         let far = m.now_ms + 3_600_000;
@@ -114,11 +117,7 @@ fn a_reservation_s_units_are_never_free_at_the_fulfilling_node() {
 /// way, and cancelling releases them.
 #[test]
 fn a_reservation_fulfilled_by_its_creator_holds_and_releases() {
-    let mut m = TestMesh::new(2, 8);
-    m.full_mesh();
-    m.settle();
-    m.execute(0, testkit::receipt("r1", "loc0", &[(5, 10)]))
-        .unwrap();
+    let mut m = two_nodes_receiving(&[(5, 10)]);
     let far = m.now_ms + 3_600_000;
     m.execute(0, reserve("o2", "loc0", &[(5, 7)], "n0", far))
         .unwrap();
@@ -233,11 +232,7 @@ fn a_fork_deficit_is_not_masked_by_an_earlier_one_and_recorded_once() {
 /// covers its own shortfall; each branch records its event's.
 #[test]
 fn a_cloned_branch_s_overdraft_is_not_recorded_again_as_a_fork_deficit() {
-    let mut m = TestMesh::new(2, 8);
-    m.full_mesh();
-    m.settle();
-    m.execute(0, testkit::receipt("r1", "loc0", &[(9, 10)]))
-        .unwrap();
+    let mut m = two_nodes_receiving(&[(9, 10)]);
     m.commit(0);
     m.settle();
     m.disconnect(0, 1);
