@@ -12,30 +12,18 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::Duration;
-use storemesh_benches::fixtures::{apply, receipt, sale, NOW_MS, STOCK};
+use storemesh_benches::fixtures::{apply, identity_engine, receipt, sale, NOW_MS, STOCK};
 use storemesh_node::identity::Identity;
 use storemesh_node::signing::{NodeSigner, NodeVerifier};
 use storemesh_node::store::Store;
 use storemesh_protocol::engine::{Batch, Engine};
 use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::signing::{ChangeSigner, ChangeVerifier};
-use storemesh_protocol::testkit;
 
 const PRODUCTS: u64 = 64;
 
 fn engine(id: &Identity, i: usize, signed: bool) -> Engine {
-    let mut cfg = testkit::config(i, 64);
-    cfg.node_id = id.node_id;
-    let mut e = Engine::new(cfg, [i as u8, 1, 2, 3]);
-    if signed {
-        e.set_signing(
-            Box::new(NodeSigner::from_pkcs8(&id.key_der).unwrap()),
-            Box::new(NodeVerifier),
-        );
-    }
-    e.finish_open();
-    commit(&mut e, NOW_MS, |_| {});
-    e
+    identity_engine(id, i, signed)
 }
 
 /// `Engine::commit` with `persist` run on the batch (never fails here);

@@ -81,3 +81,21 @@ pub fn sell_history(e: &mut Engine, product: u64, n: u64, prefix: &str) {
         apply(e, sale(&format!("{prefix}-{i}"), product), NOW_MS + i);
     }
 }
+
+/// Test node `i`'s engine under identity `id`, with batch certificates
+/// signed by that identity's key when `signed` (issue 16), opened and its
+/// first batch committed. The same code either way: only
+/// `Engine::set_signing` differs.
+pub fn identity_engine(id: &storemesh_node::identity::Identity, i: usize, signed: bool) -> Engine {
+    use storemesh_node::signing::{NodeSigner, NodeVerifier};
+    let mut cfg = testkit::config(i, 64);
+    cfg.node_id = id.node_id;
+    let mut e = Engine::new(cfg, [i as u8, 1, 2, 3]);
+    if signed {
+        let signer = NodeSigner::from_pkcs8(&id.key_der).expect("a generated identity's key");
+        e.set_signing(Box::new(signer), Box::new(NodeVerifier));
+    }
+    e.finish_open();
+    let _ = e.commit(NOW_MS, |_| Ok::<(), std::convert::Infallible>(()));
+    e
+}

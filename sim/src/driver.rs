@@ -193,7 +193,13 @@ impl Driver {
             clones: 0,
             retirements: 0,
             retired_pair: None,
-            hostile: crate::hostile::draw(seed, n, opts.events, opts.faults),
+            hostile: crate::hostile::draw(
+                seed,
+                n,
+                opts.events,
+                opts.faults,
+                opts.hostile_every_seed,
+            ),
         })
     }
 

@@ -45,10 +45,18 @@ pub const IMPERSONATIONS: u64 = 2;
 /// The product of the impersonated receipt.
 const IMPERSONATED_PRODUCT: u64 = 1;
 
-/// Which node turns hostile, and from which event on (`None`: none).
-pub fn draw(seed: u64, nodes: usize, events: usize, faults: bool) -> Option<(usize, usize)> {
+/// Which node turns hostile, and from which event on (`None`: none); `every`
+/// (`--hostile`) gives every seed one, drawn as in the seeds that have one.
+pub fn draw(
+    seed: u64,
+    nodes: usize,
+    events: usize,
+    faults: bool,
+    every: bool,
+) -> Option<(usize, usize)> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x686f_7374_696c_6521);
-    if !faults || nodes < 2 || events < 8 || !rng.gen_bool(HOSTILE_SEED_SHARE) {
+    let drawn = rng.gen_bool(HOSTILE_SEED_SHARE);
+    if !faults || nodes < 2 || events < 8 || !(drawn || every) {
         return None;
     }
     Some((

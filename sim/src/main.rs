@@ -51,6 +51,10 @@ struct Cli {
     /// Inject no faults (latency only).
     #[arg(long)]
     no_faults: bool,
+    /// Give every seed a hostile member node (`hostile-*` faults); without it
+    /// about 30 % of the seeds have one. The seeds' other events are unchanged.
+    #[arg(long, conflicts_with = "no_faults")]
+    hostile: bool,
     /// In a sweep of 100 seeds or more, do not fail (exit 3) when some fault
     /// of the menu never fired.
     #[arg(long)]
@@ -100,6 +104,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
         events: cli.events,
         bug,
         faults: !cli.no_faults,
+        hostile_every_seed: cli.hostile,
     })
 }
 
@@ -116,6 +121,9 @@ fn replay_command(seed: u64, cli: &Cli) -> String {
     }
     if cli.no_faults {
         c += " --no-faults";
+    }
+    if cli.hostile {
+        c += " --hostile";
     }
     c
 }

@@ -249,6 +249,10 @@ pub struct Options {
     pub bug: Option<Bug>,
     /// `false` runs the workload without any injected fault (latency only).
     pub faults: bool,
+    /// Every seed has a hostile member (`--hostile`), not only the share
+    /// [`crate::hostile::HOSTILE_SEED_SHARE`] of them: the seed's other
+    /// events are the same as without it (issue 16's 2,000-seed target).
+    pub hostile_every_seed: bool,
 }
 
 impl Default for Options {
@@ -258,6 +262,7 @@ impl Default for Options {
             events: 500,
             bug: None,
             faults: true,
+            hostile_every_seed: false,
         }
     }
 }

@@ -351,3 +351,40 @@ fn a_seed_has_a_member_write_as_another_and_is_refused() {
     }
     assert!(fired >= 1, "no seed fired hostile-impersonate");
 }
+
+/// `--hostile` (issue 16's "≥ 2,000 seeds with a hostile node"): seeds
+/// drawn without a hostile member get one, and it forges (in some of them:
+/// a hostile member forges only once it is connected to an honest node); every
+/// forgery is refused and the seeds keep every invariant.
+#[test]
+fn hostile_every_seed_gives_seeds_without_one_a_hostile_member() {
+    let opts = Options {
+        hostile_every_seed: true,
+        ..small(200)
+    };
+    let mut forged = 0;
+    for seed in 1..=40 {
+        let drawn = storemesh_sim::hostile::draw(seed, opts.nodes, opts.events, true, false);
+        if drawn.is_some() {
+            continue;
+        }
+        assert!(
+            storemesh_sim::hostile::draw(seed, opts.nodes, opts.events, true, true).is_some(),
+            "seed {seed}: --hostile gives it a hostile member"
+        );
+        let r = run_seed(seed, &opts);
+        assert!(
+            r.ok(),
+            "{}\nreplay: storemesh-sim --seed {seed} --events 200 --hostile",
+            r.verdict(None)
+        );
+        forged += r.fired.get(&FaultKind::HostileForge).copied().unwrap_or(0);
+        if forged >= 1 {
+            break;
+        }
+    }
+    assert!(
+        forged >= 1,
+        "no seed made hostile by --hostile forged anything"
+    );
+}

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Options: `--out PATH` (default: BENCHMARKS.md at the workspace root),
-//! `--only L,1,2,3,4,5,6,7,8` (a subset; the file then holds only those rows).
+//! `--only L,1,2,3,4,5,6,7,8,9` (a subset; the file then holds only those rows).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use storemesh_benches::machine::Machine;
 use storemesh_benches::report::{self, Mode, Section};
 
-const ROWS: [&str; 9] = ["L", "1", "2", "3", "4", "5", "6", "7", "8"];
+const ROWS: [&str; 10] = ["L", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: storemesh-bench (--quick | --full) [--out PATH] [--only L,1,2,3,4,5,6,7,8]\n\
+        "usage: storemesh-bench (--quick | --full) [--out PATH] [--only L,1,2,3,4,5,6,7,8,9]\n\
          writes BENCHMARKS.md (quick: a few minutes; full: longer runs, 100k products)"
     );
     ExitCode::from(2)
@@ -39,6 +39,7 @@ async fn run_row(row: &str, mode: Mode) -> Section {
         "6" => report::sim::run(mode).await,
         "7" => report::anchor::run(mode).await,
         "8" => report::history::run(mode).await,
+        "9" => report::signing::run(mode).await,
         _ => unreachable!(),
     };
     let mut s = match res {

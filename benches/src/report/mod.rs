@@ -11,6 +11,7 @@ pub mod reads;
 pub mod reconnect;
 pub mod sales;
 pub mod scale;
+pub mod signing;
 pub mod sim;
 
 use std::fmt::Write as _;
