@@ -23,7 +23,11 @@
 //! the two never meet), its reversal's records under `rcv~<receipt_id>`.
 //! Two receipts of one id are one delivery only with the same lines (per
 //! product); with other lines they are two operations that collided while
-//! apart, and both stand (CONTRACT v2).
+//! apart, and both stand (CONTRACT v2). A receipt adds its units whatever the
+//! others booked, so of one delivery's receipts the first by (time, node
+//! name) of all of them stands, seen or not: a rule that more knowledge never
+//! reverses (an import's count is relative to what its node saw, so there the
+//! rule above holds).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -223,6 +227,22 @@ impl Engine {
                         .filter(|(_, s)| s.at_ms != 0 && s.locations.contains(*l))
                         .filter(|(_, s)| s.lines == mine.lines)
                         .collect();
+                    // A receipt adds units whatever the others booked, so
+                    // any one booking standing counts the delivery once:
+                    // the first by (time, node name) of all of them, which
+                    // more knowledge only moves earlier — a node that
+                    // reversed its booking is never the first later. (The
+                    // import rule below is not monotone: a receipt
+                    // reversed in favour of one that later turned out to
+                    // come "after" a third left no booking standing, seeds
+                    // 671 and 685 of a 2,000-seed sweep.)
+                    if receipt.is_some() {
+                        return at_l
+                            .iter()
+                            .map(|(n, s)| (s.at_ms, n.as_str()))
+                            .min()
+                            .is_some_and(|first| first.1 != self.cfg.name);
+                    }
                     // Or counted over another importer's units before its
                     // record arrived (documents sync one by one), unless
                     // that importer booked after seeing this one.
