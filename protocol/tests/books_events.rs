@@ -524,7 +524,10 @@ fn a_receipt_at_an_ownerless_location_stands_once_whatever_the_order_its_records
     let mut m = TestMesh::new(3, 8);
     m.full_mesh();
     m.settle();
-    assert_eq!(m.execute(0, declare("wh")).unwrap().kind, ReplyKind::Created);
+    assert_eq!(
+        m.execute(0, declare("wh")).unwrap().kind,
+        ReplyKind::Created
+    );
     m.commit(0);
     m.settle();
     for a in 0..3 {
