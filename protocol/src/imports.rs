@@ -84,6 +84,70 @@ fn summed_lines(v: &serde_json::Value) -> BTreeMap<u64, u64> {
     out
 }
 
+/// Whether node `me`'s booking `mine` of one id at ownerless location `l`
+/// is to be reversed, given every booking of the id this node knows of
+/// (`all`, by node name; `at_ms == 0`: only a reversal marker known).
+///
+/// The decision must not change as more bookings become known, or every node
+/// may reverse its own (each in favour of one that later turned out to come
+/// after another): a node that reversed never gets its booking back.
+/// - A receipt adds units whatever the others booked, so any one booking
+///   standing counts the delivery once: the first by (time, node name) of
+///   all of them, which more knowledge only moves earlier (seeds 671, 685
+///   and 730 of a 2,000-seed sweep).
+/// - An import's count is relative to what its node saw, so a booking made
+///   after seeing another's (`seen`) or counted over another importer's
+///   units (`counted_over`) never stands; of the others, the first by
+///   (time, node name). A node named in `seen` whose own record is not known
+///   here yet is taken to have booked at `l` (its record will say so; seed
+///   1243: a node that knew only a later booking which had seen a third
+///   reversed its own in favour of it, then the third's record made that one
+///   "after" too, and no booking stood). Still not monotone in one case: an
+///   import booked at several locations after seeing another's booking at
+///   another location only counts as "after" here until that record arrives.
+pub(crate) fn yields_at(
+    me: &str,
+    mine: &ImportSeen,
+    all: &BTreeMap<String, ImportSeen>,
+    l: &str,
+    receipt: bool,
+) -> bool {
+    let at_l: Vec<(&String, &ImportSeen)> = all
+        .iter()
+        .filter(|(_, s)| s.at_ms != 0 && s.locations.contains(l))
+        .filter(|(_, s)| s.lines == mine.lines)
+        .collect();
+    if receipt {
+        return at_l
+            .iter()
+            .map(|(n, s)| (s.at_ms, n.as_str()))
+            .min()
+            .is_some_and(|first| first.1 != me);
+    }
+    // A booking this one saw, at `l` or of unknown place.
+    let saw_at_l = |who: &str, s: &ImportSeen| {
+        s.seen.iter().any(|n| {
+            n.as_str() != who
+                && all.get(n).is_none_or(|o| {
+                    o.at_ms == 0 || (o.locations.contains(l) && o.lines == mine.lines)
+                })
+        })
+    };
+    let after_other = |who: &str, s: &ImportSeen| {
+        saw_at_l(who, s)
+            || at_l.iter().any(|(n, o)| {
+                n.as_str() != who && s.counted_over.contains(*n) && !o.seen.contains(who)
+            })
+    };
+    after_other(me, mine)
+        || at_l
+            .iter()
+            .filter(|(n, s)| !after_other(n, s))
+            .map(|(n, s)| (s.at_ms, n.as_str()))
+            .min()
+            .is_some_and(|first| first.1 != me)
+}
+
 impl Engine {
     /// Indexes an import record (or a reversal marker).
     pub(crate) fn note_import(&mut self, v: &serde_json::Value) {
@@ -217,50 +281,7 @@ impl Engine {
                 .iter()
                 .filter(|l| !mine.undone.contains(*l))
                 .filter(|l| **l != self.cfg.location && self.views.owner_of(l).is_none())
-                .filter(|l| {
-                    // Booked after seeing another's import: not the first.
-                    // Of the imports that saw none (booked apart), the first
-                    // by (time, node name) stands: clocks may disagree, but
-                    // every node picks the same one.
-                    let at_l: Vec<(&String, &ImportSeen)> = all
-                        .iter()
-                        .filter(|(_, s)| s.at_ms != 0 && s.locations.contains(*l))
-                        .filter(|(_, s)| s.lines == mine.lines)
-                        .collect();
-                    // A receipt adds units whatever the others booked, so
-                    // any one booking standing counts the delivery once:
-                    // the first by (time, node name) of all of them, which
-                    // more knowledge only moves earlier — a node that
-                    // reversed its booking is never the first later. (The
-                    // import rule below is not monotone: a receipt
-                    // reversed in favour of one that later turned out to
-                    // come "after" a third left no booking standing, seeds
-                    // 671 and 685 of a 2,000-seed sweep.)
-                    if receipt.is_some() {
-                        return at_l
-                            .iter()
-                            .map(|(n, s)| (s.at_ms, n.as_str()))
-                            .min()
-                            .is_some_and(|first| first.1 != self.cfg.name);
-                    }
-                    // Or counted over another importer's units before its
-                    // record arrived (documents sync one by one), unless
-                    // that importer booked after seeing this one.
-                    let after_other = |me: &str, s: &ImportSeen| {
-                        at_l.iter().any(|(n, o)| {
-                            n.as_str() != me
-                                && (s.seen.contains(*n)
-                                    || (s.counted_over.contains(*n) && !o.seen.contains(me)))
-                        })
-                    };
-                    after_other(&self.cfg.name, mine)
-                        || at_l
-                            .iter()
-                            .filter(|(n, s)| !after_other(n, s))
-                            .map(|(n, s)| (s.at_ms, n.as_str()))
-                            .min()
-                            .is_some_and(|first| first.1 != self.cfg.name)
-                })
+                .filter(|l| yields_at(&self.cfg.name, mine, all, l, receipt.is_some()))
                 .cloned()
                 .collect();
             let at_ms = mine.at_ms;
@@ -390,4 +411,89 @@ fn names_of(v: &serde_json::Value) -> BTreeSet<String> {
         .take(SEEN_MAX)
         .filter_map(|n| n.as_str().map(str::to_string))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn booking(at_ms: u64, seen: &[&str]) -> ImportSeen {
+        ImportSeen {
+            at_ms,
+            locations: BTreeSet::from(["wh".to_string()]),
+            seen: seen.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// With every booking known, the one that stands (the only one not
+    /// yielding), and that it never yields whatever subset of the others'
+    /// records it knows (records arrive in any order; a reversal is final).
+    fn check_monotone(bookings: &BTreeMap<String, ImportSeen>, receipt: bool) -> String {
+        let standing: Vec<&String> = bookings
+            .iter()
+            .filter(|(n, b)| !yields_at(n, b, bookings, "wh", receipt))
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(standing.len(), 1, "exactly one stands: {standing:?}");
+        let w = standing[0].clone();
+        let others: Vec<&String> = bookings.keys().filter(|n| **n != w).collect();
+        for mask in 0..(1u32 << others.len()) {
+            let known: BTreeMap<String, ImportSeen> = bookings
+                .iter()
+                .filter(|(n, _)| {
+                    **n == w
+                        || others
+                            .iter()
+                            .position(|o| o == n)
+                            .is_some_and(|i| mask & (1 << i) != 0)
+                })
+                .map(|(n, b)| (n.clone(), b.clone()))
+                .collect();
+            assert!(
+                !yields_at(&w, &bookings[&w], &known, "wh", receipt),
+                "{w} yields knowing {:?}",
+                known.keys().collect::<Vec<_>>()
+            );
+        }
+        w
+    }
+
+    /// Seed 1243 (imports): n0 booked after seeing n2's booking but with the
+    /// earliest clock; n4 apart. n4 knowing only n0's record yielded to it.
+    #[test]
+    fn an_import_that_stands_never_yields_whatever_it_knows() {
+        let b: BTreeMap<String, ImportSeen> = [
+            ("n0".to_string(), booking(1_000, &["n2"])),
+            ("n2".to_string(), booking(3_000, &[])),
+            ("n4".to_string(), booking(2_000, &[])),
+        ]
+        .into();
+        assert_eq!(check_monotone(&b, false), "n4");
+        // Apart, all of them: the first by time.
+        let b: BTreeMap<String, ImportSeen> = [
+            ("a".to_string(), booking(5, &[])),
+            ("b".to_string(), booking(4, &[])),
+            ("c".to_string(), booking(6, &["a"])),
+        ]
+        .into();
+        assert_eq!(check_monotone(&b, false), "b");
+    }
+
+    /// Seeds 671, 685, 730 (receipts): the first by (time, node) of all.
+    #[test]
+    fn a_receipt_that_stands_never_yields_whatever_it_knows() {
+        let b: BTreeMap<String, ImportSeen> = [
+            ("n0".to_string(), booking(60_000, &[])),
+            ("n1".to_string(), booking(0, &["n0"])),
+            ("n2".to_string(), booking(1_000, &[])),
+        ]
+        .into();
+        // at_ms 0 means "only a marker known": use 1 for the earliest clock.
+        let mut b = b;
+        if let Some(x) = b.get_mut("n1") {
+            x.at_ms = 1;
+        }
+        assert_eq!(check_monotone(&b, true), "n1");
+    }
 }
