@@ -404,6 +404,45 @@ impl Engine {
         for (id, nodes) in counts {
             out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "count", "nodes": nodes}));
         }
+        out.extend(self.receipt_collisions());
+        out
+    }
+
+    /// Receipt ids held by more than one records document that stand for
+    /// more than one delivery. Receipts of one id at one location no node
+    /// owns with the same lines are one delivery recorded by several nodes
+    /// (booked once, `imports.rs`): no collision.
+    fn receipt_collisions(&self) -> Vec<serde_json::Value> {
+        let key_of = |id: &str| crate::layout::record_key(RecordKind::Receipt, id);
+        let mut out = Vec::new();
+        for (id, docs) in self.views.receipts.shared() {
+            let key = key_of(id);
+            let mut nodes: BTreeSet<String> = BTreeSet::new();
+            // One entry per delivery: an ownerless one by (location, lines),
+            // any other by its document.
+            let mut deliveries: BTreeSet<(String, String)> = BTreeSet::new();
+            for doc in docs {
+                let Some(r) = self.record(doc, &key) else {
+                    // Not readable yet (its batch is open): a delivery of
+                    // its own until it is.
+                    deliveries.insert((doc.to_string(), String::new()));
+                    continue;
+                };
+                nodes.insert(r["node"].as_str().unwrap_or("").to_string());
+                let location = r["location"].as_str().unwrap_or("");
+                let ownerless =
+                    location != self.cfg.location && self.views.owner_of(location).is_none();
+                if ownerless {
+                    let lines = crate::imports::summed_lines(&r);
+                    deliveries.insert((location.to_string(), format!("{lines:?}")));
+                } else {
+                    deliveries.insert((doc.to_string(), String::new()));
+                }
+            }
+            if deliveries.len() > 1 {
+                out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "receipt", "nodes": nodes}));
+            }
+        }
         out
     }
 
@@ -679,7 +718,10 @@ impl Engine {
                 self.note_reservation(kind, id, v)
             }
             RecordKind::Import => self.note_import(v),
-            RecordKind::Receipt => self.note_receipt(v),
+            RecordKind::Receipt => {
+                self.views.receipts.add(id, doc);
+                self.note_receipt(v);
+            }
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();
@@ -703,17 +745,19 @@ impl Engine {
                 t.to = to.clone();
                 if kind == RecordKind::Transfer {
                     // Records come from peers: bounded before they count.
+                    let mut lines: BTreeMap<u64, u64> = BTreeMap::new();
                     for l in v["lines"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .take(crate::ops::LINES_MAX)
                     {
-                        t.sent.insert(
+                        lines.insert(
                             l["product_id"].as_u64().unwrap_or(0),
                             l["quantity"].as_u64().unwrap_or(0),
                         );
                     }
+                    t.note_sent(doc, lines);
                 } else {
                     t.received = true;
                 }

@@ -333,6 +333,55 @@ async fn colliding_transfer_ids_made_while_partitioned_stay_exact() {
     m.shutdown().await;
 }
 
+/// Finding 2, receipts: two stores cut off from each other both receive
+/// goods under receipt id `rcv-1` (A 4 units, B 6 units). Once healed,
+/// both receipts count at every node (the chain holds 10) and
+/// `/api/overdrafts` lists the id as a collision of both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colliding_receipt_ids_made_while_partitioned_both_count_and_are_listed() {
+    let m = Mesh::start(
+        &[("store-a", Role::Store, S), ("store-b", Role::Store, S)],
+        &[(0, 1)],
+    )
+    .await;
+    m.wait_connected(0, 1).await;
+    let (a, b) = (&m.clients[0], &m.clients[1]);
+    wait_knows(a, "store-b").await;
+    wait_knows(b, "store-a").await;
+    m.node(0).set_partitioned(true);
+    wait_for(Duration::from_secs(5), || async {
+        m.node(0).transport.connected().is_empty()
+    })
+    .await
+    .unwrap();
+    for (c, loc, q) in [(a, "store-a", 4u64), (b, "store-b", 6)] {
+        let (s, v) = c
+            .post("/api/receipts", receipt("rcv-1", loc, &[(7, q)]))
+            .await
+            .unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    m.node(0).set_partitioned(false);
+    for c in [a, b] {
+        wait_on_hand(c, 7, "store-a", 4, Duration::from_secs(15)).await;
+        wait_on_hand(c, 7, "store-b", 6, Duration::from_secs(15)).await;
+        let (_, v) = c.get("/api/inventory?product_id=7").await.unwrap();
+        assert_eq!(v["stock_level"], 10, "{v}");
+        let (s, v) = c.get("/api/overdrafts").await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        let coll: Vec<&Value> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["kind"] == "id_collision" && i["id"] == "rcv-1")
+            .collect();
+        assert_eq!(coll.len(), 1, "{v}");
+        assert_eq!(coll[0]["record"], "receipt", "{v}");
+        assert_eq!(coll[0]["nodes"], json!(["store-a", "store-b"]), "{v}");
+    }
+    m.shutdown().await;
+}
+
 /// Two colliding transfers to one destination: `"from"` chooses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn colliding_transfers_to_one_destination_are_chosen_by_from() {

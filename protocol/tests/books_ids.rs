@@ -1,0 +1,161 @@
+//! Exact books, ids used twice (issue 15, CONTRACT v2 "ids are chain-wide"):
+//! receipt ids that collided while apart are listed, and a transfer id a
+//! restored node sent again in another month's document is in transit with
+//! both transfers' units.
+
+use storemesh_protocol::ops::*;
+use storemesh_protocol::testkit::{self, TestMesh};
+use storemesh_protocol::Engine;
+
+const DAY_MS: u64 = 86_400_000;
+
+fn transfer(id: &str, from: &str, to: &str, lines: &[(u64, u64)]) -> Op {
+    Op::Transfer(Transfer {
+        transfer_id: id.into(),
+        from: from.into(),
+        to: to.into(),
+        lines: lines
+            .iter()
+            .map(|(p, q)| QtyLine {
+                product_id: *p,
+                quantity: *q,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// The receipt id collisions `e` lists (`/api/overdrafts`): (id, nodes).
+fn receipt_collisions(e: &Engine) -> Vec<(String, serde_json::Value)> {
+    e.id_collisions()
+        .into_iter()
+        .filter(|c| c["kind"] == "id_collision" && c["record"] == "receipt")
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap_or("").to_string(),
+                c["nodes"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn on_hand(e: &Engine, p: u64, loc: &str) -> i64 {
+    e.totals(p, Some(loc)).map(|t| t.0).unwrap_or(0)
+}
+
+/// Two nodes apart from each other each receive goods under receipt id
+/// `rcv-1` (n0 5 of product 1 at loc0, n1 3 of product 2 at loc1). Once
+/// they meet, both receipts count and every node lists the id as a
+/// collision of both nodes, also after a restart. Before, nothing listed it.
+#[test]
+fn colliding_receipt_ids_both_count_and_are_listed() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.disconnect(0, 1);
+    m.execute(0, testkit::receipt("rcv-1", "loc0", &[(1, 5)]))
+        .unwrap();
+    m.commit(0);
+    m.execute(1, testkit::receipt("rcv-1", "loc1", &[(2, 3)]))
+        .unwrap();
+    m.commit(1);
+    for i in 0..2 {
+        assert!(
+            receipt_collisions(&m.nodes[i].engine).is_empty(),
+            "n{i}: one receipt of rcv-1 known, no collision"
+        );
+    }
+    m.connect(0, 1);
+    m.settle();
+    let want = vec![("rcv-1".to_string(), serde_json::json!(["n0", "n1"]))];
+    for i in 0..2 {
+        let e = &m.nodes[i].engine;
+        assert_eq!(on_hand(e, 1, "loc0"), 5, "n{i}: n0's receipt counts");
+        assert_eq!(on_hand(e, 2, "loc1"), 3, "n{i}: n1's receipt counts");
+        assert_eq!(receipt_collisions(e), want, "n{i}");
+    }
+    // A restarted node finds the collision again in its records.
+    let c = m.clone_node(1, [7, 7, 7, 7]);
+    assert_eq!(receipt_collisions(&m.nodes[c].engine), want);
+    // A receipt id used once is not listed; a retry of rcv-1 at n0 adds
+    // nothing and changes nothing.
+    m.execute(0, testkit::receipt("rcv-2", "loc0", &[(1, 1)]))
+        .unwrap();
+    let again = m
+        .execute(0, testkit::receipt("rcv-1", "loc0", &[(1, 5)]))
+        .unwrap();
+    assert_eq!(again.kind, ReplyKind::Ok, "a replay");
+    m.commit(0);
+    m.settle();
+    for i in 0..2 {
+        let e = &m.nodes[i].engine;
+        assert_eq!(on_hand(e, 1, "loc0"), 6, "n{i}");
+        assert_eq!(receipt_collisions(e), want, "n{i}");
+    }
+}
+
+/// A node restored from a backup lost the idempotency record of a transfer
+/// it had sent (3 of product 1, loc0 → loc1) and, a month later, sends a
+/// transfer under the same id (2 more of product 1) in that month's records
+/// document. Both are in transit: loc1 expects 5, and receiving the id
+/// takes in 5; the chain's 10 units are all there. Before, the in-transit
+/// view kept only the last record's quantity (2), as if 3 units had
+/// vanished.
+#[test]
+fn a_transfer_id_sent_again_in_another_month_by_a_restored_node_sums() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 10)]))
+        .unwrap();
+    m.commit(0);
+    m.settle();
+    // The backup n0 is restored from later.
+    let restored = m.clone_node(0, [9, 9, 9, 9]);
+    m.execute(0, transfer("t-1", "loc0", "loc1", &[(1, 3)]))
+        .unwrap();
+    m.commit(0);
+    m.settle();
+    assert_eq!(m.nodes[1].engine.incoming(1, "loc1"), 3);
+    // n0's disk is replaced by the backup; a month later it sends t-1 again.
+    m.disconnect(0, 1);
+    m.now_ms += 40 * DAY_MS;
+    m.execute(restored, transfer("t-1", "loc0", "loc1", &[(1, 2)]))
+        .unwrap();
+    m.commit(restored);
+    m.connect(restored, 1);
+    m.settle();
+    for i in [1, restored] {
+        let e = &m.nodes[i].engine;
+        assert_eq!(
+            e.incoming(1, "loc1"),
+            5,
+            "node {i}: both transfers in transit"
+        );
+        assert_eq!(on_hand(e, 1, "loc0"), 5, "node {i}");
+    }
+    let r = m
+        .execute(
+            1,
+            Op::TransferReceive(TransferReceive {
+                transfer_id: "t-1".into(),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["lines"][0]["received"], 5, "{body}");
+    m.commit(1);
+    m.settle();
+    for i in [1, restored] {
+        let e = &m.nodes[i].engine;
+        assert_eq!(e.incoming(1, "loc1"), 0, "node {i}");
+        assert_eq!(on_hand(e, 1, "loc1"), 5, "node {i}");
+        assert_eq!(e.totals(1, None).unwrap().0, 10, "node {i}: conserved");
+    }
+    // A restart sums the two documents again.
+    let c = m.clone_node(restored, [6, 6, 6, 6]);
+    let e = &m.nodes[c].engine;
+    assert_eq!(e.transfer_json("t-1").unwrap()["lines"][0]["quantity"], 5);
+}
