@@ -2,12 +2,34 @@
 //! ids that collide (CONTRACT v2: ids are chain-wide; two nodes apart from
 //! each other may still use one, and both operations stay in effect).
 //!
-//! Receipts use it: a receipt's effects are in the ledger and need no
-//! index, but an id used by two nodes must be listed in `/api/overdrafts`,
-//! and only an index of every id tells a second use from a first. Sales
-//! have their own, denser index (`saleindex.rs`); receipts are far fewer.
+//! Receipts, returns, client grants and adjustments use it ([`INDEXED`]):
+//! their effects are in the ledger and need no index, but an id used by two
+//! nodes must be listed in `/api/overdrafts`, and only an index of every id
+//! tells a second use from a first. Sales have their own, denser index
+//! (`saleindex.rs`), transfers, reservations and counts their views; these
+//! kinds are far fewer than sales.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::layout::RecordKind;
+
+/// The kinds of records whose ids are indexed here, with the name
+/// `/api/overdrafts` gives them (`"record"`).
+pub const INDEXED: [(RecordKind, &str); 4] = [
+    (RecordKind::Receipt, "receipt"),
+    (RecordKind::Return, "return"),
+    (RecordKind::Grant, "grant"),
+    (RecordKind::Adjustment, "adjustment"),
+];
+
+/// Whether a record of `kind` is indexed: a client's operation of an
+/// [`INDEXED`] kind. Grants the engine makes (rebalancing, allocation) have
+/// ids that name their node: never a collision.
+pub fn indexed(kind: RecordKind, v: &serde_json::Value) -> bool {
+    INDEXED.iter().any(|(k, _)| *k == kind)
+        && !(kind == RecordKind::Grant
+            && (v["rebalance"].as_bool() == Some(true) || v["allocation"].as_bool() == Some(true)))
+}
 
 /// id → records documents, in a few dozen bytes per id: the first document
 /// as an index into a table of names, the others only for ids held by more

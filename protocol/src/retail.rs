@@ -404,43 +404,48 @@ impl Engine {
         for (id, nodes) in counts {
             out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "count", "nodes": nodes}));
         }
-        out.extend(self.receipt_collisions());
+        for (kind, name) in crate::recordids::INDEXED {
+            out.extend(self.record_id_collisions(kind, name));
+        }
         out
     }
 
-    /// Receipt ids held by more than one records document that stand for
-    /// more than one delivery. Receipts of one id at one location no node
-    /// owns with the same lines are one delivery recorded by several nodes
-    /// (booked once, `imports.rs`): no collision.
-    fn receipt_collisions(&self) -> Vec<serde_json::Value> {
-        let key_of = |id: &str| crate::layout::record_key(RecordKind::Receipt, id);
+    /// Ids of `kind` (`recordids::INDEXED`) held by more than one records
+    /// document that stand for more than one operation. Receipts of one id
+    /// at one location no node owns with the same lines are one delivery
+    /// recorded by several nodes (booked once, `imports.rs`): no collision.
+    fn record_id_collisions(&self, kind: RecordKind, name: &str) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
-        for (id, docs) in self.views.receipts.shared() {
-            let key = key_of(id);
+        let Some(ids) = self.views.record_ids.get(&kind) else {
+            return out;
+        };
+        for (id, docs) in ids.shared() {
+            let key = crate::layout::record_key(kind, id);
             let mut nodes: BTreeSet<String> = BTreeSet::new();
-            // One entry per delivery: an ownerless one by (location, lines),
-            // any other by its document.
-            let mut deliveries: BTreeSet<(String, String)> = BTreeSet::new();
+            // One entry per operation: a receipt at an ownerless location
+            // by (location, lines), any other by its document.
+            let mut operations: BTreeSet<(String, String)> = BTreeSet::new();
             for doc in docs {
                 let Some(r) = self.record(doc, &key) else {
-                    // Not readable yet (its batch is open): a delivery of
-                    // its own until it is.
-                    deliveries.insert((doc.to_string(), String::new()));
+                    // Not readable yet (its batch is open): an operation
+                    // of its own until it is.
+                    operations.insert((doc.to_string(), String::new()));
                     continue;
                 };
                 nodes.insert(r["node"].as_str().unwrap_or("").to_string());
                 let location = r["location"].as_str().unwrap_or("");
-                let ownerless =
-                    location != self.cfg.location && self.views.owner_of(location).is_none();
+                let ownerless = kind == RecordKind::Receipt
+                    && location != self.cfg.location
+                    && self.views.owner_of(location).is_none();
                 if ownerless {
                     let lines = crate::imports::summed_lines(&r);
-                    deliveries.insert((location.to_string(), format!("{lines:?}")));
+                    operations.insert((location.to_string(), format!("{lines:?}")));
                 } else {
-                    deliveries.insert((doc.to_string(), String::new()));
+                    operations.insert((doc.to_string(), String::new()));
                 }
             }
-            if deliveries.len() > 1 {
-                out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "receipt", "nodes": nodes}));
+            if operations.len() > 1 {
+                out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": name, "nodes": nodes}));
             }
         }
         out
@@ -713,15 +718,15 @@ impl Engine {
         key: &str,
         v: &serde_json::Value,
     ) {
+        if crate::recordids::indexed(kind, v) {
+            self.views.record_ids.entry(kind).or_default().add(id, doc);
+        }
         match kind {
             RecordKind::Reservation | RecordKind::ReservationClose => {
                 self.note_reservation(kind, id, v)
             }
             RecordKind::Import => self.note_import(v),
-            RecordKind::Receipt => {
-                self.views.receipts.add(id, doc);
-                self.note_receipt(v);
-            }
+            RecordKind::Receipt => self.note_receipt(v),
             RecordKind::Transfer | RecordKind::TransferReceipt => {
                 let from = v["from"].as_str().unwrap_or("").to_string();
                 let to = v["to"].as_str().unwrap_or("").to_string();

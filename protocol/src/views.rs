@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{ActorKey, NodeInfo, NodeTag};
 use crate::layout::{
     customer_range, ledger_carried_range, ledger_product_range, parse_ledger_any, CustomerKey,
-    LedgerField,
+    LedgerField, RecordKind,
 };
 use crate::ledger::StockEntry;
 use crate::validate::scalar_u64;
@@ -274,9 +274,10 @@ pub struct Views {
     pub(crate) transfers: HashMap<String, BTreeMap<String, TransferView>>,
     /// destination location → transfer ids (for `incoming`).
     pub(crate) transfers_to: HashMap<String, BTreeSet<String>>,
-    /// receipt id → the records documents holding `rcv/<id>`: an id in more
-    /// than one is listed as a collision (`Engine::id_collisions`).
-    pub(crate) receipts: crate::recordids::RecordIds,
+    /// Per kind (`recordids::INDEXED`: receipts, returns, client grants,
+    /// adjustments), id → the records documents holding a record of it: an
+    /// id in more than one is listed as a collision (`Engine::id_collisions`).
+    pub(crate) record_ids: BTreeMap<RecordKind, crate::recordids::RecordIds>,
     /// original sale id → product → units returned against it.
     pub(crate) returned: HashMap<String, BTreeMap<u64, u64>>,
     /// location → (records document, key) of its adjustments.
@@ -441,9 +442,10 @@ impl Views {
     pub fn sales(&self) -> &SaleIndex {
         &self.sales
     }
-    /// Receipt id → the records documents holding it.
-    pub fn receipts(&self) -> &crate::recordids::RecordIds {
-        &self.receipts
+    /// Id → the records documents holding it, for a kind of
+    /// `recordids::INDEXED`.
+    pub fn record_ids(&self, kind: RecordKind) -> Option<&crate::recordids::RecordIds> {
+        self.record_ids.get(&kind)
     }
     /// (kind/id, node) → alarm.
     pub fn alarms(&self) -> &BTreeMap<(String, String), Alarm> {

@@ -159,3 +159,85 @@ fn a_transfer_id_sent_again_in_another_month_by_a_restored_node_sums() {
     let e = &m.nodes[c].engine;
     assert_eq!(e.transfer_json("t-1").unwrap()["lines"][0]["quantity"], 5);
 }
+
+/// Returns, grants and adjustments are chain-wide ids too: two nodes apart
+/// each use `x-1` for one of each. Both stay in effect (the grants move
+/// their units, the adjustments remove theirs, the restocking returns add
+/// theirs) and each id is listed once per kind with both nodes.
+#[test]
+fn colliding_return_grant_and_adjustment_ids_are_listed() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 10)]))
+        .unwrap();
+    m.execute(1, testkit::receipt("r1", "loc1", &[(2, 10)]))
+        .unwrap();
+    m.commit(0);
+    m.commit(1);
+    m.settle();
+    m.disconnect(0, 1);
+    for (i, p, loc, to) in [(0usize, 1u64, "loc0", "n1"), (1, 2, "loc1", "n0")] {
+        m.execute(i, testkit::grant("x-1", p, loc, to, 2)).unwrap();
+        let adj = Op::Adjustment(Adjustment {
+            adjustment_id: "x-1".into(),
+            location: loc.into(),
+            reason: AdjustmentReason::Damaged,
+            lines: vec![AdjustmentLine {
+                product_id: p,
+                sku: None,
+                quantity: 1,
+            }],
+            note: None,
+            occurred_at: None,
+            register_id: None,
+            staff_id: None,
+        });
+        m.execute(i, adj).unwrap();
+        let ret = Op::Return(Return {
+            return_id: "x-1".into(),
+            location: loc.into(),
+            original_sale_id: None,
+            customer_id: None,
+            lines: vec![ReturnLine {
+                product_id: p,
+                quantity: 3,
+                disposition: Disposition::Restock,
+            }],
+            occurred_at: None,
+            register_id: None,
+            staff_id: None,
+        });
+        m.execute(i, ret).unwrap();
+        m.commit(i);
+    }
+    m.connect(0, 1);
+    m.settle();
+    for i in 0..2 {
+        let e = &m.nodes[i].engine;
+        // 10 − 1 damaged + 3 returned, at each location.
+        assert_eq!(on_hand(e, 1, "loc0"), 12, "n{i}");
+        assert_eq!(on_hand(e, 2, "loc1"), 12, "n{i}");
+        let mut listed: Vec<(String, String, serde_json::Value)> = e
+            .id_collisions()
+            .into_iter()
+            .map(|c| {
+                (
+                    c["record"].as_str().unwrap_or("").to_string(),
+                    c["id"].as_str().unwrap_or("").to_string(),
+                    c["nodes"].clone(),
+                )
+            })
+            .collect();
+        listed.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+        let both = serde_json::json!(["n0", "n1"]);
+        let want: Vec<(String, String, serde_json::Value)> = ["adjustment", "grant", "return"]
+            .iter()
+            .map(|k| (k.to_string(), "x-1".to_string(), both.clone()))
+            .collect();
+        assert_eq!(listed, want, "n{i}");
+    }
+    // Each node holds the 2 units the other granted it.
+    assert_eq!(m.nodes[1].engine.rights(1, "loc0"), 2);
+    assert_eq!(m.nodes[0].engine.rights(2, "loc1"), 2);
+}

@@ -570,3 +570,123 @@ async fn tokens_locations_and_override() {
     assert!(!v.to_string().contains("customer_id"), "{v}");
     m.shutdown().await;
 }
+
+/// Finding 9, the last part: `/api/overdrafts` (read scope) listed every
+/// customer whose loyalty balance went below zero, with the id and the
+/// balance, erased customers included. Two stores apart both redeem a
+/// customer's 3 points: after they meet the balance is −3. A read token sees
+/// no customer id or balance; a token with the `customers` scope sees the
+/// loyalty overdraft, until the customer is erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdrafts_name_customers_only_with_the_customers_scope() {
+    let m = Mesh::start_with(
+        &[("store-a", Role::Store, S), ("store-b", Role::Store, S)],
+        &[(0, 1)],
+        |i, cfg| {
+            if i == 0 {
+                cfg.api.tokens.push(token(
+                    "reader",
+                    "reader-token-0123456789",
+                    &[Scope::Read],
+                    None,
+                ));
+                cfg.api.tokens.push(token(
+                    "crm",
+                    "crm-token-0123456789",
+                    &[Scope::Read, Scope::Customers],
+                    None,
+                ));
+            }
+        },
+    )
+    .await;
+    m.wait_connected(0, 1).await;
+    let (a, b) = (&m.clients[0], &m.clients[1]);
+    let reader = Client::new(m.node(0).http_addr, "reader-token-0123456789");
+    let crm = Client::new(m.node(0).http_addr, "crm-token-0123456789");
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/api/customers/cust-9", a.base))
+        .bearer_auth(&a.token)
+        .json(&json!({"name": "Ada", "email": "ada@example.test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, v) = a
+        .post("/api/receipts", receipt("r1", "store-a", &[(1, 10)]))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let mut body = sale("s1", Some("store-a"), &[(1, 3)]);
+    body["customer_id"] = json!("cust-9");
+    let (s, v) = a.post("/api/sales", body).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let points = |c: &Client| {
+        let c = c.clone();
+        async move {
+            match c.get("/api/customers/cust-9").await {
+                Ok((200, v)) => v["loyalty_points"].as_i64(),
+                _ => None,
+            }
+        }
+    };
+    let ok = wait_for(Duration::from_secs(10), || async {
+        points(b).await == Some(3)
+    })
+    .await;
+    assert!(ok.is_ok(), "store-b sees the 3 points");
+    m.node(0).set_partitioned(true);
+    wait_for(Duration::from_secs(5), || async {
+        m.node(0).transport.connected().is_empty()
+    })
+    .await
+    .unwrap();
+    for (c, id) in [(a, "x-a"), (b, "x-b")] {
+        let (s, v) = c
+            .post(
+                "/api/customers/cust-9/redeem",
+                json!({"redeem_id": id, "points": 3}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    m.node(0).set_partitioned(false);
+    let ok = wait_for(Duration::from_secs(15), || async {
+        points(a).await == Some(-3)
+    })
+    .await;
+    assert!(ok.is_ok(), "store-a sees both redemptions");
+    let loyalty = |v: &Value| -> Vec<Value> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["kind"] == "loyalty")
+            .cloned()
+            .collect()
+    };
+    let (s, v) = crm.get("/api/overdrafts").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        loyalty(&v),
+        vec![json!({"kind": "loyalty", "customer_id": "cust-9", "points": -3})],
+        "{v}"
+    );
+    let (s, v) = reader.get("/api/overdrafts").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(loyalty(&v).is_empty(), "{v}");
+    assert!(!v.to_string().contains("cust-9"), "{v}");
+    // Erased: nobody's business any more.
+    let r = http
+        .delete(format!("{}/api/customers/cust-9", a.base))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, v) = crm.get("/api/overdrafts").await.unwrap();
+    assert!(!v.to_string().contains("cust-9"), "{v}");
+    m.shutdown().await;
+}
