@@ -241,3 +241,49 @@ fn colliding_return_grant_and_adjustment_ids_are_listed() {
     assert_eq!(m.nodes[1].engine.rights(1, "loc0"), 2);
     assert_eq!(m.nodes[0].engine.rights(2, "loc1"), 2);
 }
+
+/// Finding 5, the reclaim: a node that oversold with `override` by more
+/// than the quantity limit (two lines of 6×10^8 out of no rights) reclaims
+/// rights from its peer; the request is clamped to the limit instead of
+/// making the peer drop the link as a protocol violation, and the peer
+/// hands back what it can.
+#[test]
+fn a_reclaim_after_an_overdraft_past_the_quantity_limit_is_clamped() {
+    let q_max = storemesh_protocol::ids::QUANTITY_MAX;
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    for k in 0..2 {
+        m.execute(0, testkit::receipt(&format!("r{k}"), "loc0", &[(3, q_max)]))
+            .unwrap();
+        m.execute(0, testkit::grant(&format!("g{k}"), 3, "loc0", "n1", q_max))
+            .unwrap();
+    }
+    m.commit(0);
+    m.settle();
+    assert_eq!(m.nodes[0].engine.rights(3, "loc0"), 0);
+    let line = SaleLine {
+        product_id: 3,
+        quantity: 600_000_000,
+        ..Default::default()
+    };
+    let mut s = testkit::sale("over", Some("loc0"), &[]);
+    if let Op::Sale(x) = &mut s {
+        x.lines = vec![line.clone(), line];
+        x.override_rights = true;
+    }
+    m.execute(0, s).unwrap();
+    assert_eq!(m.nodes[0].engine.rights(3, "loc0"), -1_200_000_000);
+    m.commit(0);
+    m.settle();
+    for i in 0..2 {
+        assert_eq!(m.nodes[i].engine.stats.rejected_messages, 0, "n{i}");
+    }
+    let after = m.nodes[0].engine.rights(3, "loc0");
+    assert!(
+        after >= -1_200_000_000 + q_max as i64,
+        "the peer handed back at least the limit: rights {after}"
+    );
+    // The chain's stock: 2×10^9 received, 1.2×10^9 sold.
+    assert_eq!(m.nodes[1].engine.totals(3, None).unwrap().0, 800_000_000);
+}
