@@ -427,10 +427,12 @@ impl Engine {
         // ledger change of one of its products did not, and the restored
         // node no longer has it). It expires then, releasing the lines whose
         // hold is seen; the others never held anything here.
+        let mut examined = 0u64;
         let mut due: Vec<(String, String, ReservationView)> = self
             .views
             .expiring
             .range(..=(now_ms, top.clone(), top))
+            .inspect(|_| examined += 1)
             .filter_map(|(_, id, creator)| {
                 let v = self.views.reservations.get(id)?.get(creator)?;
                 (v.known
@@ -440,6 +442,7 @@ impl Engine {
                 .then(|| (id.clone(), creator.clone(), v.clone()))
             })
             .collect();
+        self.stats.reservations_expiry_examined += examined;
         // The order of the writes (and so the change's bytes) is the ids'.
         due.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut n = 0;

@@ -419,6 +419,9 @@ impl Engine {
         let Some(ids) = self.views.record_ids.get(&kind) else {
             return out;
         };
+        if kind == RecordKind::Receipt && self.faults.unlisted_receipt_collisions {
+            return out;
+        }
         for (id, docs) in ids.shared() {
             let key = crate::layout::record_key(kind, id);
             let mut nodes: BTreeSet<String> = BTreeSet::new();

@@ -287,3 +287,50 @@ fn a_reclaim_after_an_overdraft_past_the_quantity_limit_is_clamped() {
     // The chain's stock: 2×10^9 received, 1.2×10^9 sold.
     assert_eq!(m.nodes[1].engine.totals(3, None).unwrap().0, 800_000_000);
 }
+
+/// Finding 8: `expire_reservations` scanned every reservation ever made, in
+/// every batch. With 300 reservations made and cancelled and one open, an
+/// expiry pass looks at the due ones only: none before the open one is
+/// due, that one when it is.
+#[test]
+fn expiry_looks_only_at_due_reservations() {
+    let mut m = TestMesh::new(1, 4);
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 1_000)]))
+        .unwrap();
+    let reserve = |id: &str, expires_ms: u64| {
+        Op::Reserve(Reserve {
+            reservation_id: id.into(),
+            location: "loc0".into(),
+            lines: vec![QtyLine {
+                product_id: 1,
+                quantity: 1,
+                ..Default::default()
+            }],
+            fulfil_by: "n0".into(),
+            expires_at: storemesh_protocol::time::format_rfc3339_ms(expires_ms),
+            ..Default::default()
+        })
+    };
+    let far = m.now_ms + 3_600_000;
+    for k in 0..300 {
+        let id = format!("old-{k}");
+        m.execute(0, reserve(&id, far)).unwrap();
+        m.execute(0, Op::ReservationCancel { reservation_id: id })
+            .unwrap();
+    }
+    let soon = m.now_ms + 60_000;
+    m.execute(0, reserve("open-1", soon)).unwrap();
+    m.commit(0);
+    let e = &mut m.nodes[0].engine;
+    let before = e.stats.reservations_expiry_examined;
+    assert_eq!(e.expire_reservations(soon - 1), 0);
+    assert_eq!(e.stats.reservations_expiry_examined, before, "none due");
+    assert_eq!(e.expire_reservations(soon + 1), 1);
+    assert_eq!(
+        e.stats.reservations_expiry_examined,
+        before + 1,
+        "the due one"
+    );
+    assert_eq!(e.reservation_json("open-1").unwrap()["status"], "expired");
+    assert_eq!(e.reserved_at(1, "loc0"), 0);
+}
