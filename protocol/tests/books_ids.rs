@@ -334,3 +334,41 @@ fn expiry_looks_only_at_due_reservations() {
     assert_eq!(e.reservation_json("open-1").unwrap()["status"], "expired");
     assert_eq!(e.reserved_at(1, "loc0"), 0);
 }
+
+/// Finding 2, counts: two nodes apart both count under `c-1`, each at its
+/// own location. Both counts stand (each sets its location's product to
+/// what was counted) and the id is listed once, with both nodes.
+#[test]
+fn colliding_count_ids_both_stand_and_are_listed() {
+    let mut m = TestMesh::new(2, 4);
+    m.full_mesh();
+    m.settle();
+    m.execute(0, testkit::receipt("r0", "loc0", &[(1, 10)]))
+        .unwrap();
+    m.execute(1, testkit::receipt("r1", "loc1", &[(1, 10)]))
+        .unwrap();
+    m.commit(0);
+    m.commit(1);
+    m.settle();
+    m.disconnect(0, 1);
+    for (i, loc, counted) in [(0usize, "loc0", 7u64), (1, "loc1", 4)] {
+        m.execute(i, testkit::count("c-1", loc, &[(1, counted)]))
+            .unwrap();
+        m.commit(i);
+    }
+    m.connect(0, 1);
+    m.settle();
+    for i in 0..2 {
+        let e = &m.nodes[i].engine;
+        assert_eq!(on_hand(e, 1, "loc0"), 7, "n{i}");
+        assert_eq!(on_hand(e, 1, "loc1"), 4, "n{i}");
+        let listed: Vec<serde_json::Value> = e
+            .id_collisions()
+            .into_iter()
+            .filter(|c| c["id"] == "c-1")
+            .collect();
+        assert_eq!(listed.len(), 1, "n{i}: {listed:?}");
+        assert_eq!(listed[0]["record"], "count");
+        assert_eq!(listed[0]["nodes"], serde_json::json!(["n0", "n1"]));
+    }
+}
