@@ -372,3 +372,37 @@ fn colliding_count_ids_both_stand_and_are_listed() {
         assert_eq!(listed[0]["nodes"], serde_json::json!(["n0", "n1"]));
     }
 }
+
+/// Finding 7, loyalty after the record: a sale whose loyalty credit
+/// overflows (written after its ledger removal and its record) is refused
+/// whole — no units leave stock, no sale record, no idempotency record —
+/// so a retry cannot take the units twice.
+#[test]
+fn a_sale_refused_at_its_loyalty_credit_leaves_nothing() {
+    let mut cfg = testkit::config(0, 4);
+    cfg.loyalty_points_per_unit = storemesh_protocol::ids::CELL_MAX;
+    let mut e = Engine::new(cfg, [1, 2, 3, 4]);
+    e.finish_open();
+    let now = 1_795_773_600_000;
+    e.execute(testkit::receipt("r1", "loc0", &[(1, 5)]), now, &|_| None)
+        .unwrap();
+    let _ = e.flush(now);
+    for attempt in 0..2 {
+        let mut s = testkit::sale("s1", Some("loc0"), &[(1, 2)]);
+        if let Op::Sale(x) = &mut s {
+            x.customer_id = Some("cust-1".into());
+        }
+        let r = e.execute(s, now + 1 + attempt, &|_| None);
+        assert!(matches!(r, Err(OpError::BadRequest(_))), "{r:?}");
+        assert_eq!(on_hand(&e, 1, "loc0"), 5, "attempt {attempt}");
+        assert!(e.sale_json("s1").is_none(), "attempt {attempt}");
+        let batch = e.flush(now + 1 + attempt);
+        assert!(batch.idem.is_empty(), "attempt {attempt}");
+        assert_eq!(
+            e.recompute_stock()
+                .get(&1)
+                .map(|m| m.values().map(|x| x.on_hand()).sum::<i64>()),
+            Some(5)
+        );
+    }
+}
