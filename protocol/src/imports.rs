@@ -73,7 +73,7 @@ pub struct ImportSeen {
 }
 
 /// Units per product of a record's `lines` (bounded: records come from peers).
-fn summed_lines(v: &serde_json::Value) -> BTreeMap<u64, u64> {
+pub(crate) fn summed_lines(v: &serde_json::Value) -> BTreeMap<u64, u64> {
     let mut out: BTreeMap<u64, u64> = BTreeMap::new();
     for l in v["lines"].as_array().into_iter().flatten().take(LINES_MAX) {
         let e = out

@@ -22,6 +22,7 @@ pub mod lazydoc;
 pub mod ledger;
 pub mod ops;
 pub mod rebalance;
+pub mod recordids;
 pub mod reservations;
 pub mod retail;
 pub mod saleindex;

@@ -27,6 +27,10 @@ use crate::layout::{LedgerField, RecordKind};
 use crate::ops::{sum_lines, OpError, OpReply, Reserve, ShortLine};
 use crate::views::ReservationView;
 
+/// Late holds released in one batch at most (`Engine::release_late_holds`);
+/// the others wait for the next batch.
+const LATE_RELEASES_PER_BATCH_MAX: usize = 256;
+
 impl Engine {
     /// Units this node holds for open reservations at (product, location),
     /// including those of retired nodes it succeeds (their rights, reserved
@@ -297,10 +301,15 @@ impl Engine {
         // them, but for a hold partly lost with a fork of its creator, see
         // `expire_reservations`): releasing units never held would make
         // stock available that is not there.
+        // A line not released here is named in the record: if its hold
+        // arrives after all (it was late, not lost), it is released then
+        // (`release_late_holds`).
+        let mut unreleased = Vec::new();
         if v.hold.is_some() {
             for (p, q) in &v.lines {
                 if status == "expired" && !self.line_hold_visible(v, *p) {
-                    tracing::warn!(reservation = %id, product = p, "expired without releasing a line whose hold never arrived (lost with a fork of its creator)");
+                    tracing::warn!(reservation = %id, product = p, "expired without releasing a line whose hold has not arrived (lost with a fork of its creator, or late)");
+                    unreleased.push(*p);
                     continue;
                 }
                 self.bump(*p, &v.location, LedgerField::Released, *q)?;
@@ -314,9 +323,63 @@ impl Engine {
         } else {
             id.to_string()
         };
-        let record = serde_json::json!({"reservation_id": id, "creator": creator, "node": self.cfg.name, "status": status, "at_ms": now_ms});
+        let mut record = serde_json::json!({"reservation_id": id, "creator": creator, "node": self.cfg.name, "status": status, "at_ms": now_ms});
+        if !unreleased.is_empty() {
+            record["unreleased"] = unreleased.into();
+        }
         self.write_record(RecordKind::ReservationClose, &record_id, record, now_ms);
         Ok(())
+    }
+
+    /// Releases the lines of expired reservations fulfilled by this node
+    /// whose hold had not arrived when they expired and has now: the hold
+    /// was only late. Each release is its own all-or-nothing write: the
+    /// released cell and a record naming the line
+    /// (`rsc/<id>@<creator>~late<product>`), so that it happens once, even
+    /// across restarts.
+    fn release_late_holds(&mut self, now_ms: u64) {
+        let mut due: Vec<(String, String, ReservationView, Vec<u64>)> = Vec::new();
+        for (id, creator) in &self.views.late_holds {
+            let Some(v) = self.views.reservations.get(id).and_then(|m| m.get(creator)) else {
+                continue;
+            };
+            if !self.fulfils_for(v.fulfil_by) {
+                continue;
+            }
+            let arrived: Vec<u64> = v
+                .unreleased
+                .difference(&v.released_late)
+                .filter(|p| v.lines.contains_key(*p) && self.line_hold_visible(v, **p))
+                .copied()
+                .collect();
+            if !arrived.is_empty() {
+                due.push((id.clone(), creator.clone(), v.clone(), arrived));
+            }
+            if due.len() >= LATE_RELEASES_PER_BATCH_MAX {
+                break;
+            }
+        }
+        for (id, creator, v, arrived) in due {
+            for p in arrived {
+                let q = v.lines.get(&p).copied().unwrap_or(0);
+                let done = self.atomically(|e| {
+                    e.bump(p, &v.location, LedgerField::Released, q)?;
+                    let record_id = crate::layout::part_id(&id, &format!("@{creator}~late{p}"));
+                    let record = serde_json::json!({"reservation_id": id, "creator": creator, "node": e.cfg.name, "status": v.closed, "released_late": [p], "at_ms": now_ms});
+                    e.write_record(RecordKind::ReservationClose, &record_id, record, now_ms);
+                    e.touch_row(p, &v.location);
+                    Ok(())
+                });
+                match done {
+                    Ok(()) => {
+                        tracing::info!(reservation = %id, product = p, "hold that arrived after the reservation expired released")
+                    }
+                    Err(e) => {
+                        tracing::warn!(reservation = %id, product = p, error = ?e, "late hold not released")
+                    }
+                }
+            }
+        }
     }
 
     /// `GET /api/reservations/{id}`: the reservation (the one this node
@@ -364,10 +427,12 @@ impl Engine {
         // ledger change of one of its products did not, and the restored
         // node no longer has it). It expires then, releasing the lines whose
         // hold is seen; the others never held anything here.
+        let mut examined = 0u64;
         let mut due: Vec<(String, String, ReservationView)> = self
             .views
             .expiring
             .range(..=(now_ms, top.clone(), top))
+            .inspect(|_| examined += 1)
             .filter_map(|(_, id, creator)| {
                 let v = self.views.reservations.get(id)?.get(creator)?;
                 (v.known
@@ -377,18 +442,23 @@ impl Engine {
                 .then(|| (id.clone(), creator.clone(), v.clone()))
             })
             .collect();
+        self.stats.reservations_expiry_examined += examined;
         // The order of the writes (and so the change's bytes) is the ids'.
         due.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut n = 0;
         for (id, creator, v) in &due {
             // A release that would overflow its cell (not reachable with
-            // quantities within limits) leaves the reservation open.
-            if let Err(e) = self.close_reservation(id, creator, v, "expired", now_ms) {
+            // quantities within limits) leaves the reservation open, and
+            // none of its lines released.
+            if let Err(e) =
+                self.atomically(|e| e.close_reservation(id, creator, v, "expired", now_ms))
+            {
                 tracing::warn!(reservation = %id, error = ?e, "reservation not expired");
                 continue;
             }
             n += 1;
         }
+        self.release_late_holds(now_ms);
         n
     }
 
@@ -461,8 +531,33 @@ impl Engine {
                 if after.closed.is_none() {
                     after.closed = Some(v["status"].as_str().unwrap_or("closed").to_string());
                 }
+                // Records come from peers: bounded before they count.
+                let products = |field: &str| {
+                    v[field]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .take(crate::ops::LINES_MAX)
+                        .filter_map(|p| p.as_u64())
+                        .collect::<Vec<u64>>()
+                };
+                after.unreleased.extend(products("unreleased"));
+                after.released_late.extend(products("released_late"));
             }
             _ => return,
+        }
+        let late = after.known
+            && after.closed.is_some()
+            && after
+                .unreleased
+                .difference(&after.released_late)
+                .next()
+                .is_some();
+        let late_key = (id.to_string(), creator.clone());
+        if late {
+            self.views.late_holds.insert(late_key);
+        } else {
+            self.views.late_holds.remove(&late_key);
         }
         let held = |r: &crate::views::ReservationView| r.known && r.closed.is_none();
         if held(&before) {

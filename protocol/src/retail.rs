@@ -404,6 +404,53 @@ impl Engine {
         for (id, nodes) in counts {
             out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": "count", "nodes": nodes}));
         }
+        for (kind, name) in crate::recordids::INDEXED {
+            out.extend(self.record_id_collisions(kind, name));
+        }
+        out
+    }
+
+    /// Ids of `kind` (`recordids::INDEXED`) held by more than one records
+    /// document that stand for more than one operation. Receipts of one id
+    /// at one location no node owns with the same lines are one delivery
+    /// recorded by several nodes (booked once, `imports.rs`): no collision.
+    fn record_id_collisions(&self, kind: RecordKind, name: &str) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let Some(ids) = self.views.record_ids.get(&kind) else {
+            return out;
+        };
+        if kind == RecordKind::Receipt && self.faults.unlisted_receipt_collisions {
+            return out;
+        }
+        for (id, docs) in ids.shared() {
+            let key = crate::layout::record_key(kind, id);
+            let mut nodes: BTreeSet<String> = BTreeSet::new();
+            // One entry per operation: a receipt at an ownerless location
+            // by (location, lines), any other by its document.
+            let mut operations: BTreeSet<(String, String)> = BTreeSet::new();
+            for doc in docs {
+                let Some(r) = self.record(doc, &key) else {
+                    // Not readable yet (its batch is open): an operation
+                    // of its own until it is.
+                    operations.insert((doc.to_string(), String::new()));
+                    continue;
+                };
+                nodes.insert(r["node"].as_str().unwrap_or("").to_string());
+                let location = r["location"].as_str().unwrap_or("");
+                let ownerless = kind == RecordKind::Receipt
+                    && location != self.cfg.location
+                    && self.views.owner_of(location).is_none();
+                if ownerless {
+                    let lines = crate::imports::summed_lines(&r);
+                    operations.insert((location.to_string(), format!("{lines:?}")));
+                } else {
+                    operations.insert((doc.to_string(), String::new()));
+                }
+            }
+            if operations.len() > 1 {
+                out.push(serde_json::json!({"kind": "id_collision", "id": id, "record": name, "nodes": nodes}));
+            }
+        }
         out
     }
 
@@ -674,6 +721,9 @@ impl Engine {
         key: &str,
         v: &serde_json::Value,
     ) {
+        if crate::recordids::indexed(kind, v) {
+            self.views.record_ids.entry(kind).or_default().add(id, doc);
+        }
         match kind {
             RecordKind::Reservation | RecordKind::ReservationClose => {
                 self.note_reservation(kind, id, v)
@@ -703,17 +753,19 @@ impl Engine {
                 t.to = to.clone();
                 if kind == RecordKind::Transfer {
                     // Records come from peers: bounded before they count.
+                    let mut lines: BTreeMap<u64, u64> = BTreeMap::new();
                     for l in v["lines"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .take(crate::ops::LINES_MAX)
                     {
-                        t.sent.insert(
+                        lines.insert(
                             l["product_id"].as_u64().unwrap_or(0),
                             l["quantity"].as_u64().unwrap_or(0),
                         );
                     }
+                    t.note_sent(doc, lines);
                 } else {
                     t.received = true;
                 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{ActorKey, NodeInfo, NodeTag};
 use crate::layout::{
     customer_range, ledger_carried_range, ledger_product_range, parse_ledger_any, CustomerKey,
-    LedgerField,
+    LedgerField, RecordKind,
 };
 use crate::ledger::StockEntry;
 use crate::validate::scalar_u64;
@@ -274,6 +274,10 @@ pub struct Views {
     pub(crate) transfers: HashMap<String, BTreeMap<String, TransferView>>,
     /// destination location → transfer ids (for `incoming`).
     pub(crate) transfers_to: HashMap<String, BTreeSet<String>>,
+    /// Per kind (`recordids::INDEXED`: receipts, returns, client grants,
+    /// adjustments), id → the records documents holding a record of it: an
+    /// id in more than one is listed as a collision (`Engine::id_collisions`).
+    pub(crate) record_ids: BTreeMap<RecordKind, crate::recordids::RecordIds>,
     /// original sale id → product → units returned against it.
     pub(crate) returned: HashMap<String, BTreeMap<u64, u64>>,
     /// location → (records document, key) of its adjustments.
@@ -287,6 +291,11 @@ pub struct Views {
     /// reads the due ones from the front instead of scanning every
     /// reservation ever made.
     pub(crate) expiring: BTreeSet<(u64, String, String)>,
+    /// (id, creator) of expired reservations with a line whose hold had not
+    /// arrived when they expired and has not been released since
+    /// (`Engine::release_late_holds`): only a fork of the creator makes
+    /// them, so the set stays small.
+    pub(crate) late_holds: BTreeSet<(String, String)>,
     /// (product, location, fulfilling node) → units held by open reservations.
     pub(crate) reserved: HashMap<(u64, String, NodeTag), i64>,
     /// product → purchases naming a customer: (at_ms, customer, location, sale id).
@@ -327,15 +336,55 @@ pub struct ReservationView {
     /// reservation. `None` for a reservation recorded before holds were in
     /// the ledger (its record alone holds its units).
     pub hold: Option<(crate::ids::ActorKey, BTreeMap<u64, u64>)>,
+    /// Products whose hold the expiry did not release, not having seen it
+    /// (lost with a fork of the creator, or only late), from the close record.
+    #[serde(default)]
+    pub unreleased: BTreeSet<u64>,
+    /// Of those, the ones released since, their hold having arrived.
+    #[serde(default)]
+    pub released_late: BTreeSet<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferView {
     pub from: String,
     pub to: String,
-    /// Units sent per product (empty until the sender's record has arrived).
+    /// Units sent per product (empty until the sender's record has arrived),
+    /// summed over the records documents holding a transfer of this id by
+    /// this sender (a restored node may send an id of its own again in
+    /// another month's document without knowing it: both are in transit).
     pub sent: BTreeMap<u64, u64>,
     pub received: bool,
+    /// The records document of the sender's first record of the id.
+    #[serde(default)]
+    pub doc: String,
+    /// Units sent per records document, kept only once a second document
+    /// holds a transfer of this id by this sender (within one document the
+    /// last record stands).
+    #[serde(default)]
+    pub sent_by_doc: BTreeMap<String, BTreeMap<u64, u64>>,
+}
+
+impl TransferView {
+    /// Notes the lines of the sender's record of the transfer in `doc`.
+    pub fn note_sent(&mut self, doc: &str, lines: BTreeMap<u64, u64>) {
+        if self.sent_by_doc.is_empty() && (self.doc.is_empty() || self.doc == doc) {
+            self.doc = doc.to_string();
+            self.sent = lines;
+            return;
+        }
+        if self.sent_by_doc.is_empty() {
+            let first = std::mem::take(&mut self.sent);
+            self.sent_by_doc.insert(self.doc.clone(), first);
+        }
+        self.sent_by_doc.insert(doc.to_string(), lines);
+        let mut sum: BTreeMap<u64, u64> = BTreeMap::new();
+        for (p, q) in self.sent_by_doc.values().flatten() {
+            let e = sum.entry(*p).or_default();
+            *e = e.saturating_add(*q);
+        }
+        self.sent = sum;
+    }
 }
 
 pub fn read_product(doc: &Automerge, product: u64) -> ProductView {
@@ -392,6 +441,11 @@ impl Views {
     /// Sale id → where its record is.
     pub fn sales(&self) -> &SaleIndex {
         &self.sales
+    }
+    /// Id → the records documents holding it, for a kind of
+    /// `recordids::INDEXED`.
+    pub fn record_ids(&self, kind: RecordKind) -> Option<&crate::recordids::RecordIds> {
+        self.record_ids.get(&kind)
     }
     /// (kind/id, node) → alarm.
     pub fn alarms(&self) -> &BTreeMap<(String, String), Alarm> {

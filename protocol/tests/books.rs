@@ -528,16 +528,22 @@ fn a_sale_id_collision_arriving_in_the_open_batch_is_listed() {
     }
 }
 
-/// A reservation whose ledger hold was partly lost with a fork of its
-/// creator (restored from a backup: its record and the hold of one product
-/// had reached the fulfilling node, the hold of the other never left the
-/// lost branch) still expires at its fulfilling node once that node sees the
-/// creator's fork record: the line whose hold it sees is released, the other
-/// never held anything there. Before, the fulfilling node waited for the
-/// missing hold for ever and the seen line's units stayed held (simulator
-/// seed 139, checker `reservations`).
-#[test]
-fn a_reservation_whose_hold_was_lost_with_a_fork_expires() {
+/// What [`reservation_with_a_hold_lost_in_a_fork`] leaves.
+struct LostHold {
+    m: TestMesh,
+    /// Products whose cells are in different ledger documents; n0 reserved
+    /// 3 of `a` and 2 of `b` at loc0 for n1 to fulfil.
+    a: u64,
+    b: u64,
+    /// n0 restored from a backup taken before the reservation (not connected).
+    restored: usize,
+    expires_ms: u64,
+}
+
+/// n0 reserves 3 of `a` and 2 of `b` at loc0 for n1; everything but the
+/// push of `b`'s ledger document (its hold) reaches n1; n0 is then
+/// disconnected (its disk replaced by a backup taken before: `restored`).
+fn reservation_with_a_hold_lost_in_a_fork() -> LostHold {
     let buckets = 4;
     let mut m = TestMesh::new(2, buckets);
     m.full_mesh();
@@ -603,8 +609,20 @@ fn a_reservation_whose_hold_was_lost_with_a_fork_expires() {
         assert_eq!(e.reserved_at(a, "loc0"), 3);
         assert_eq!(e.reserved_at(b, "loc0"), 0, "b's hold never arrived");
     }
-    // The restored n0 meets n1, finds its own lost changes there: a fork.
-    m.connect(restored, 1);
+    LostHold {
+        m,
+        a,
+        b,
+        restored,
+        expires_ms,
+    }
+}
+
+/// The restored n0 meets n1, which sees n0's fork record and expires
+/// rsv-1 by its clock (releasing the line whose hold it sees).
+fn restored_creator_meets_and_n1_expires(h: &mut LostHold) {
+    let m = &mut h.m;
+    m.connect(h.restored, 1);
     m.settle();
     assert!(
         m.nodes[1]
@@ -616,15 +634,102 @@ fn a_reservation_whose_hold_was_lost_with_a_fork_expires() {
         "n1 sees n0's fork record"
     );
     let e = &mut m.nodes[1].engine;
-    assert_eq!(e.expire_reservations(expires_ms - 1), 0, "not due yet");
-    assert_eq!(e.expire_reservations(expires_ms + 1), 1, "expired");
+    assert_eq!(e.expire_reservations(h.expires_ms - 1), 0, "not due yet");
+    assert_eq!(e.expire_reservations(h.expires_ms + 1), 1, "expired");
     m.commit(1);
     m.settle();
-    for i in [1, restored] {
-        let e = &m.nodes[i].engine;
+}
+
+/// A reservation whose ledger hold was partly lost with a fork of its
+/// creator (restored from a backup: its record and the hold of one product
+/// had reached the fulfilling node, the hold of the other never left the
+/// lost branch) still expires at its fulfilling node once that node sees the
+/// creator's fork record: the line whose hold it sees is released, the other
+/// never held anything there. Before, the fulfilling node waited for the
+/// missing hold for ever and the seen line's units stayed held (simulator
+/// seed 139, checker `reservations`).
+#[test]
+fn a_reservation_whose_hold_was_lost_with_a_fork_expires() {
+    let mut h = reservation_with_a_hold_lost_in_a_fork();
+    restored_creator_meets_and_n1_expires(&mut h);
+    let (a, b) = (h.a, h.b);
+    for i in [1, h.restored] {
+        let e = &h.m.nodes[i].engine;
         let v = e.reservation_json("rsv-1").unwrap();
         assert_eq!(v["status"], "expired", "node {i}: {v}");
         assert_eq!(e.reserved_at(a, "loc0"), 0, "node {i}: a released");
         assert_eq!(e.reserved_at(b, "loc0"), 0, "node {i}: b never held");
     }
+}
+
+/// The hold the fork-expiry did not see was only late, not lost: the
+/// original n0 (a copy of its disk from before the restore, say) still had
+/// it and meets n1 afterwards. n1 releases it when it arrives, once, also
+/// after a restart: the 2 reserved units of `b` become n1's to sell.
+/// Before, they stayed held for ever (reserved 2, n1's rights 0).
+#[test]
+fn a_hold_that_arrives_after_its_reservation_expired_is_released() {
+    let mut h = reservation_with_a_hold_lost_in_a_fork();
+    restored_creator_meets_and_n1_expires(&mut h);
+    let (a, b, restored) = (h.a, h.b, h.restored);
+    let m = &mut h.m;
+    // The copy that still has b's hold meets n1 (one identity at a time on
+    // n1's links).
+    m.disconnect(restored, 1);
+    m.connect(0, 1);
+    m.settle();
+    let now = m.now_ms;
+    m.nodes[1].engine.expire_reservations(now);
+    m.commit(1);
+    m.settle();
+    for i in [0, 1] {
+        let e = &m.nodes[i].engine;
+        assert_eq!(e.reservation_json("rsv-1").unwrap()["status"], "expired");
+        assert_eq!(e.reserved_at(a, "loc0"), 0, "node {i}: a released");
+        assert_eq!(
+            e.reserved_at(b, "loc0"),
+            0,
+            "node {i}: b released once it arrived"
+        );
+    }
+    assert_eq!(
+        m.nodes[1].engine.rights(b, "loc0"),
+        2,
+        "b's granted units are n1's now"
+    );
+    // Restarted, n1 knows the line was released: it is not released again
+    // (a second release would eat into the next reservation's hold).
+    m.disconnect(0, 1);
+    let n1 = m.clone_node(1, [8, 8, 8, 8]);
+    m.nodes[n1].engine.expire_reservations(now + 1);
+    m.commit(n1);
+    m.connect(0, n1);
+    m.settle();
+    let line = QtyLine {
+        product_id: b,
+        quantity: 1,
+        ..Default::default()
+    };
+    m.execute(
+        0,
+        Op::Reserve(Reserve {
+            reservation_id: "rsv-2".into(),
+            location: "loc0".into(),
+            lines: vec![line],
+            fulfil_by: "n1".into(),
+            expires_at: storemesh_protocol::time::format_rfc3339_ms(now + 3_600_000),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    m.commit(0);
+    m.settle();
+    let e = &mut m.nodes[n1].engine;
+    e.expire_reservations(now + 2);
+    assert_eq!(e.reserved_at(b, "loc0"), 1, "rsv-2 holds its unit");
+    assert_eq!(
+        e.rights(b, "loc0"),
+        2,
+        "rights: 2 released + 1 granted − 1 held"
+    );
 }

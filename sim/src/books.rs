@@ -1,12 +1,13 @@
 //! The exact books (issue 15) in the simulator. Checkers: per-transfer
 //! conservation, deficits once per shortfall event, bookings (imports and
-//! receipts) at a location no node owns counted once, and colliding sale and
-//! reservation ids kept apart. Workloads (`World::books_op`): sale and
-//! reservation ids from a small pool every node draws from (two nodes apart
-//! use one id), huge quantities (lines near the quantity limit, two lines of
-//! one product summing past it, override sales whose rights requests are
-//! past it), repeated counts of a product at negative stock, and one
-//! delivery to the warehouse recorded by several nodes.
+//! receipts) at a location no node owns counted once, and colliding sale,
+//! reservation and receipt ids kept apart (receipts: listed as collisions).
+//! Workloads (`World::books_op`): sale, reservation and receipt ids from a
+//! small pool every node draws from (two nodes apart use one id), huge
+//! quantities (lines near the quantity limit, two lines of one product
+//! summing past it, override sales whose rights requests are past it),
+//! repeated counts of a product at negative stock, and one delivery to the
+//! warehouse recorded by several nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,8 +24,12 @@ use crate::client::Kind;
 use crate::workload::{count, receipt, sale, Catalogue, OWNERLESS};
 use crate::world::World;
 
-/// Ids in the shared pools (`sc-<k>`, `rc-<k>`): few, so nodes apart collide.
+/// Ids in the shared pools (`sc-<k>`, `rc-<k>`, `rr-<k>`): few, so nodes
+/// apart collide.
 const POOL_IDS: u32 = 4;
+/// Prefix of the pooled receipt ids (deliveries at the recording node's own
+/// location).
+const RECEIPT_POOL: &str = "rr-";
 /// The largest quantity of one line (`ids::QUANTITY_MAX`): huge requests are
 /// drawn near it.
 const QUANTITY_MAX: u64 = storemesh_protocol::ids::QUANTITY_MAX;
@@ -174,10 +179,13 @@ impl World {
                 .iter()
                 .any(|r| r.node == i && r.kind == Kind::Receipt && r.id == OWNERLESS_DELIVERY) =>
             {
-                let id = format!("sc-{}", self.rng.gen_range(0..POOL_IDS));
-                let body = json!({"sale_id": id, "location": own, "currency": "EUR",
-                    "lines": [{"product_id": p, "quantity": 1, "unit_price": 500}]});
-                (Kind::Sale, sale(body), id)
+                // A delivery at its own location under a receipt id another
+                // node may use too (while apart): both count, and the id is
+                // listed as a collision.
+                let id = format!("{RECEIPT_POOL}{}", self.rng.gen_range(0..POOL_IDS));
+                let body = json!({"receipt_id": id, "location": own,
+                    "lines": [{"product_id": p, "quantity": 1}]});
+                (Kind::Receipt, receipt(body), id)
             }
             _ => {
                 let lines: Vec<serde_json::Value> = ownerless_delivery()
@@ -586,6 +594,8 @@ impl World {
         // sale id → (writing nodes' tags, documents holding a record of it).
         let mut sales: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
         let mut reservations: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // Pooled receipt id → writing nodes' tags.
+        let mut receipts: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (id, _) in e.documents() {
             if !id.starts_with("rec/") {
                 continue;
@@ -598,6 +608,10 @@ impl World {
                         let e = sales.entry(sid.to_string()).or_default();
                         e.0.insert(tag);
                         e.1.insert(id.clone());
+                    }
+                    Ok((RecordKind::Receipt, rid)) if rid.starts_with(RECEIPT_POOL) => {
+                        let tag = id.split('/').nth(1).unwrap_or("").to_string();
+                        receipts.entry(rid.to_string()).or_default().insert(tag);
                     }
                     Ok((RecordKind::Reservation, rid)) => {
                         for (v, _) in doc.get_all(ROOT, key.as_str()).unwrap_or_default() {
@@ -629,6 +643,25 @@ impl World {
                         "sale {sid} was made by {} nodes (tags {tags:?}, {} records); a lookup shows {seen} of them",
                         tags.len(),
                         docs.len()
+                    ),
+                ));
+            }
+        }
+        // Pooled receipts are at their writer's own location: one id
+        // written by two nodes is two deliveries, listed as a collision.
+        let listed: BTreeSet<String> = e
+            .id_collisions()
+            .into_iter()
+            .filter(|c| c["record"] == "receipt")
+            .filter_map(|c| c["id"].as_str().map(str::to_string))
+            .collect();
+        for (rid, tags) in receipts.iter().filter(|(_, t)| t.len() > 1) {
+            if !listed.contains(rid) {
+                return Err(self.violation(
+                    "colliding-ids",
+                    format!(
+                        "receipt {rid} was recorded by {} nodes (tags {tags:?}); /api/overdrafts does not list it",
+                        tags.len()
                     ),
                 ));
             }

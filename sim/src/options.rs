@@ -29,13 +29,15 @@ pub enum Bug {
     SkipOwnerlessSettle,
     /// The engine does not list a sale id used by two nodes as a collision.
     UnlistedSaleCollisions,
+    /// The engine does not list a receipt id used by two nodes as a collision.
+    UnlistedReceiptCollisions,
 }
 
 impl Bug {
     // "ack before commit" and "push before commit" are gone: answers and
     // frames exist only in the `Committed` that `NodeLoop::step` returns after
     // its commit, so the request path cannot release them earlier.
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 10] = [
         Bug::SkipRightsCheck,
         Bug::PerLineCheck,
         Bug::GrantInOtherBucket,
@@ -45,6 +47,7 @@ impl Bug {
         Bug::DeficitWholeBalance,
         Bug::SkipOwnerlessSettle,
         Bug::UnlistedSaleCollisions,
+        Bug::UnlistedReceiptCollisions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Bug {
             Bug::DeficitWholeBalance => "deficit-whole-balance",
             Bug::SkipOwnerlessSettle => "skip-ownerless-settle",
             Bug::UnlistedSaleCollisions => "unlisted-sale-collisions",
+            Bug::UnlistedReceiptCollisions => "unlisted-receipt-collisions",
         }
     }
 

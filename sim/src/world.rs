@@ -546,6 +546,9 @@ impl World {
             Some(Bug::DeficitWholeBalance) => engine.faults.deficit_whole_balance = true,
             Some(Bug::SkipOwnerlessSettle) => engine.faults.skip_ownerless_settle = true,
             Some(Bug::UnlistedSaleCollisions) => engine.faults.unlisted_sale_collisions = true,
+            Some(Bug::UnlistedReceiptCollisions) => {
+                engine.faults.unlisted_receipt_collisions = true
+            }
             _ => {}
         }
         // Signing keys derived from the seed (deterministic runs).

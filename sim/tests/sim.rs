@@ -142,6 +142,11 @@ fn self_test_finds_unlisted_sale_collisions() {
     assert_found_by(Bug::UnlistedSaleCollisions, "colliding-ids");
 }
 
+#[test]
+fn self_test_finds_unlisted_receipt_collisions() {
+    assert_found_by(Bug::UnlistedReceiptCollisions, "colliding-ids");
+}
+
 fn scenario_files() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(crate_dir().join("scenarios"))
         .expect("sim/scenarios exists")

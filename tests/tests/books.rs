@@ -333,6 +333,55 @@ async fn colliding_transfer_ids_made_while_partitioned_stay_exact() {
     m.shutdown().await;
 }
 
+/// Finding 2, receipts: two stores cut off from each other both receive
+/// goods under receipt id `rcv-1` (A 4 units, B 6 units). Once healed,
+/// both receipts count at every node (the chain holds 10) and
+/// `/api/overdrafts` lists the id as a collision of both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colliding_receipt_ids_made_while_partitioned_both_count_and_are_listed() {
+    let m = Mesh::start(
+        &[("store-a", Role::Store, S), ("store-b", Role::Store, S)],
+        &[(0, 1)],
+    )
+    .await;
+    m.wait_connected(0, 1).await;
+    let (a, b) = (&m.clients[0], &m.clients[1]);
+    wait_knows(a, "store-b").await;
+    wait_knows(b, "store-a").await;
+    m.node(0).set_partitioned(true);
+    wait_for(Duration::from_secs(5), || async {
+        m.node(0).transport.connected().is_empty()
+    })
+    .await
+    .unwrap();
+    for (c, loc, q) in [(a, "store-a", 4u64), (b, "store-b", 6)] {
+        let (s, v) = c
+            .post("/api/receipts", receipt("rcv-1", loc, &[(7, q)]))
+            .await
+            .unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    m.node(0).set_partitioned(false);
+    for c in [a, b] {
+        wait_on_hand(c, 7, "store-a", 4, Duration::from_secs(15)).await;
+        wait_on_hand(c, 7, "store-b", 6, Duration::from_secs(15)).await;
+        let (_, v) = c.get("/api/inventory?product_id=7").await.unwrap();
+        assert_eq!(v["stock_level"], 10, "{v}");
+        let (s, v) = c.get("/api/overdrafts").await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        let coll: Vec<&Value> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["kind"] == "id_collision" && i["id"] == "rcv-1")
+            .collect();
+        assert_eq!(coll.len(), 1, "{v}");
+        assert_eq!(coll[0]["record"], "receipt", "{v}");
+        assert_eq!(coll[0]["nodes"], json!(["store-a", "store-b"]), "{v}");
+    }
+    m.shutdown().await;
+}
+
 /// Two colliding transfers to one destination: `"from"` chooses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn colliding_transfers_to_one_destination_are_chosen_by_from() {
@@ -519,5 +568,125 @@ async fn tokens_locations_and_override() {
     let (s, v) = clerk.get("/api/overdrafts").await.unwrap();
     assert_eq!(s, 200, "{v}");
     assert!(!v.to_string().contains("customer_id"), "{v}");
+    m.shutdown().await;
+}
+
+/// Finding 9, the last part: `/api/overdrafts` (read scope) listed every
+/// customer whose loyalty balance went below zero, with the id and the
+/// balance, erased customers included. Two stores apart both redeem a
+/// customer's 3 points: after they meet the balance is −3. A read token sees
+/// no customer id or balance; a token with the `customers` scope sees the
+/// loyalty overdraft, until the customer is erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdrafts_name_customers_only_with_the_customers_scope() {
+    let m = Mesh::start_with(
+        &[("store-a", Role::Store, S), ("store-b", Role::Store, S)],
+        &[(0, 1)],
+        |i, cfg| {
+            if i == 0 {
+                cfg.api.tokens.push(token(
+                    "reader",
+                    "reader-token-0123456789",
+                    &[Scope::Read],
+                    None,
+                ));
+                cfg.api.tokens.push(token(
+                    "crm",
+                    "crm-token-0123456789",
+                    &[Scope::Read, Scope::Customers],
+                    None,
+                ));
+            }
+        },
+    )
+    .await;
+    m.wait_connected(0, 1).await;
+    let (a, b) = (&m.clients[0], &m.clients[1]);
+    let reader = Client::new(m.node(0).http_addr, "reader-token-0123456789");
+    let crm = Client::new(m.node(0).http_addr, "crm-token-0123456789");
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/api/customers/cust-9", a.base))
+        .bearer_auth(&a.token)
+        .json(&json!({"name": "Ada", "email": "ada@example.test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, v) = a
+        .post("/api/receipts", receipt("r1", "store-a", &[(1, 10)]))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let mut body = sale("s1", Some("store-a"), &[(1, 3)]);
+    body["customer_id"] = json!("cust-9");
+    let (s, v) = a.post("/api/sales", body).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let points = |c: &Client| {
+        let c = c.clone();
+        async move {
+            match c.get("/api/customers/cust-9").await {
+                Ok((200, v)) => v["loyalty_points"].as_i64(),
+                _ => None,
+            }
+        }
+    };
+    let ok = wait_for(Duration::from_secs(10), || async {
+        points(b).await == Some(3)
+    })
+    .await;
+    assert!(ok.is_ok(), "store-b sees the 3 points");
+    m.node(0).set_partitioned(true);
+    wait_for(Duration::from_secs(5), || async {
+        m.node(0).transport.connected().is_empty()
+    })
+    .await
+    .unwrap();
+    for (c, id) in [(a, "x-a"), (b, "x-b")] {
+        let (s, v) = c
+            .post(
+                "/api/customers/cust-9/redeem",
+                json!({"redeem_id": id, "points": 3}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    m.node(0).set_partitioned(false);
+    let ok = wait_for(Duration::from_secs(15), || async {
+        points(a).await == Some(-3)
+    })
+    .await;
+    assert!(ok.is_ok(), "store-a sees both redemptions");
+    let loyalty = |v: &Value| -> Vec<Value> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["kind"] == "loyalty")
+            .cloned()
+            .collect()
+    };
+    let (s, v) = crm.get("/api/overdrafts").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        loyalty(&v),
+        vec![json!({"kind": "loyalty", "customer_id": "cust-9", "points": -3})],
+        "{v}"
+    );
+    let (s, v) = reader.get("/api/overdrafts").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(loyalty(&v).is_empty(), "{v}");
+    assert!(!v.to_string().contains("cust-9"), "{v}");
+    // Erased: nobody's business any more.
+    let r = http
+        .delete(format!("{}/api/customers/cust-9", a.base))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, v) = crm.get("/api/overdrafts").await.unwrap();
+    assert!(!v.to_string().contains("cust-9"), "{v}");
     m.shutdown().await;
 }

@@ -120,6 +120,9 @@ pub struct Faults {
     /// A sale id another node used too is not listed as a collision: the
     /// newer sale hides the other from lookups and returns.
     pub unlisted_sale_collisions: bool,
+    /// A receipt id two nodes used for two deliveries is not listed as a
+    /// collision in `/api/overdrafts`.
+    pub unlisted_receipt_collisions: bool,
 }
 
 /// One document write of a batch.
@@ -324,6 +327,9 @@ pub struct Stats {
     /// `sync_bytes_out` by message kind (`sync::MSG_KINDS` order).
     pub sync_bytes_out_by_kind: [u64; crate::sync::MSG_KINDS.len()],
     pub rejected_messages: u64,
+    /// Reservations `expire_reservations` looked at since start: only the
+    /// due ones (`views.expiring`), never every reservation ever made.
+    pub reservations_expiry_examined: u64,
     /// `rejected_messages` by reason (`sync::REJECT_*`), for
     /// `storemesh_rejected_changes_total{reason}`.
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
