@@ -261,6 +261,123 @@ pub struct NodeLoop<T> {
 /// next executes (a deeper pipeline adds latency and nothing on two cores).
 pub const IN_FLIGHT_MAX: u64 = 2;
 
+/// Peer events (frames, connection changes) one batch takes at most when
+/// requests may be waiting behind them (see [`SyncBudget`]). Before the
+/// budget, one batch took up to 2,048 queued frames and a sale or a read
+/// waited behind all of them (benchmark row 5: `GET /api/documents`
+/// answered after 26–366 s while a new node synced).
+pub const SYNC_FRAMES_PER_BATCH_MAX: usize = 256;
+/// Frame bytes (as received, before inflating) one batch takes at most. One
+/// frame is always taken, however large (at most `wire::FRAME_BYTES_MAX`),
+/// so that peer input always progresses.
+pub const SYNC_BYTES_PER_BATCH_MAX: usize = 1 << 20;
+/// How long one batch with peer frames should take (executed and
+/// committed): what a request arriving meanwhile waits, at most, beyond its
+/// own batch. The cost of a frame varies a thousandfold (a digest exchange:
+/// microseconds; a bundle of changes that rewrites thousands of rows: tens
+/// of milliseconds in a release build at HQ scale), so the count of frames a
+/// batch takes follows the measured cost ([`SyncPace`]). Shorter batches
+/// cost a commit each (a few milliseconds): 25 ms keeps that overhead small.
+pub const SYNC_BATCH_TARGET_US: u64 = 25_000;
+
+/// The share of one batch given to peer input. A driver fills a batch from
+/// two queues: every waiting client request first (operations, queries,
+/// timers — up to its own bound), then peer events while the budget admits
+/// them; an event not admitted waits, first in line, for the next batch (so
+/// each peer's events keep their order). Requests never wait behind more
+/// than one budget of sync work, and sync work never starves: every batch
+/// admits at least one peer event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncBudget {
+    frames_max: usize,
+    frames: usize,
+    bytes: usize,
+}
+
+impl Default for SyncBudget {
+    fn default() -> Self {
+        SyncBudget::new(SYNC_FRAMES_PER_BATCH_MAX)
+    }
+}
+
+impl SyncBudget {
+    /// The budget of one batch: `frames_max` events (1 to
+    /// [`SYNC_FRAMES_PER_BATCH_MAX`]), [`SYNC_BYTES_PER_BATCH_MAX`] bytes.
+    pub fn new(frames_max: usize) -> SyncBudget {
+        SyncBudget {
+            frames_max: frames_max.clamp(1, SYNC_FRAMES_PER_BATCH_MAX),
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether one more peer event of `bytes` (0 for a connection event)
+    /// goes into this batch; counts it when it does. The first event of a
+    /// batch is always admitted.
+    pub fn admit(&mut self, bytes: usize) -> bool {
+        let first = self.frames == 0;
+        if !first
+            && (self.frames >= self.frames_max
+                || self.bytes.saturating_add(bytes) > SYNC_BYTES_PER_BATCH_MAX)
+        {
+            return false;
+        }
+        self.frames += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        true
+    }
+
+    /// Peer events admitted so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+}
+
+/// How many peer events a batch takes, following what they cost: after
+/// each batch with peer events the driver reports how many it took and how
+/// long the batch took; the next budget is the count that fits in
+/// [`SYNC_BATCH_TARGET_US`] at that cost — at once when it is smaller, at
+/// most doubling when it is larger (one cheap batch does not open the gate
+/// to a flood of expensive frames). Pure: the time is the driver's figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncPace {
+    frames_max: usize,
+}
+
+impl Default for SyncPace {
+    fn default() -> Self {
+        SyncPace::new()
+    }
+}
+
+impl SyncPace {
+    /// Starts cautious: frames' cost is not known yet.
+    pub const fn new() -> SyncPace {
+        SyncPace { frames_max: 8 }
+    }
+
+    /// The budget of the next batch.
+    pub fn budget(&self) -> SyncBudget {
+        SyncBudget::new(self.frames_max)
+    }
+
+    /// Peer events the next batch takes at most.
+    pub fn frames_max(&self) -> usize {
+        self.frames_max
+    }
+
+    /// A batch with `frames` peer events (> 0) took `took_us`.
+    pub fn observe(&mut self, frames: usize, took_us: u64) {
+        if frames == 0 {
+            return;
+        }
+        let per_frame = (took_us / frames as u64).max(1);
+        let fit = (SYNC_BATCH_TARGET_US / per_frame) as usize;
+        let grown = self.frames_max.saturating_mul(2);
+        self.frames_max = fit.min(grown).clamp(1, SYNC_FRAMES_PER_BATCH_MAX);
+    }
+}
+
 /// Initial capacity of a step's reply list: a hint, not a limit (a step
 /// answers at most what its caller put in, which the driver bounds).
 const REPLIES_PREALLOC: usize = 64;
