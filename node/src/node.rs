@@ -5,9 +5,9 @@
 //! anti-entropy ticks and timers as a [`Cmd`]; frames from peers and peer
 //! up/down as the transport's [`TransportEvent`]s. Requests come first: each
 //! batch takes every waiting command (up to [`BATCH_OPS_MAX`]), then peer
-//! events only within a budget (`step::SyncBudget`: frames and bytes, the count
-//! following their measured cost, [`SyncPace`]), so a sale or a read never
-//! waits behind more than about [`storemesh_protocol::step::SYNC_BATCH_TARGET_US`]
+//! events only within a budget (`step::SyncBudget`: bytes following their
+//! measured cost, [`SyncPace`], and a count), so a sale or a read never waits
+//! behind more than about [`storemesh_protocol::step::SYNC_BATCH_TARGET_US`]
 //! of sync work while a node syncs or heals. The batch runs as one [`storemesh_protocol::step::NodeLoop::step`]
 //! (the same function the simulator runs): it executes them, commits ONE redb
 //! transaction (`Durability::Immediate`) through [`NodeStorage`], and only the
@@ -529,7 +529,7 @@ struct Pending {
 struct BatchInfo {
     n_ops: u64,
     n_frames_in: u64,
-    /// Peer events (frames, connections) in it: the pace's measure.
+    /// Peer events (frames, connections) in it.
     n_peer_events: usize,
     started: Instant,
     /// A customer's key was erased in it (the data file is rewritten later).
@@ -706,6 +706,10 @@ impl EngineLoop<'_> {
                 .store(info.n_ops, Ordering::Relaxed);
             // Runs while the previous batch commits on the commit thread.
             let executed = self.node.execute(&mut self.storage, inputs, now);
+            // What applying this batch cost sets the next one's share of
+            // peer input.
+            self.pace
+                .observe(share.bytes(), info.started.elapsed().as_micros() as u64);
             drop(budgets);
             let mut alive = true;
             match executed {
@@ -907,12 +911,6 @@ impl EngineLoop<'_> {
             transport.reconnect(*peer, "protocol violation");
         }
         self.scrub_due |= info.erased;
-        // What the batch cost, executed and committed, sets the next one's
-        // share of peer events.
-        self.pace.observe(
-            info.n_peer_events,
-            info.started.elapsed().as_micros() as u64,
-        );
         publish(shared, self.node.engine(), &c.batch.rows);
         if let Some(d) = c.hello_digest {
             transport.set_hello_digest(Some(d));
@@ -925,7 +923,7 @@ impl EngineLoop<'_> {
                 ops = info.n_ops,
                 frames_in = info.n_frames_in,
                 peer_events = info.n_peer_events,
-                next_peer_events = self.pace.frames_max(),
+                next_sync_bytes = self.pace.bytes_max(),
                 frames_out = c.frames.len(),
                 docs_written = c.batch.docs.len(),
                 took_us = info.started.elapsed().as_micros() as u64,

@@ -267,18 +267,34 @@ pub const IN_FLIGHT_MAX: u64 = 2;
 /// waited behind all of them (benchmark row 5: `GET /api/documents`
 /// answered after 26–366 s while a new node synced).
 pub const SYNC_FRAMES_PER_BATCH_MAX: usize = 256;
-/// Frame bytes (as received, before inflating) one batch takes at most. One
-/// frame is always taken, however large (at most `wire::FRAME_BYTES_MAX`),
-/// so that peer input always progresses.
+/// Frame bytes (as received, before inflating) one batch takes at most,
+/// whatever the pace. One event is always taken, however large (a frame is
+/// at most `wire::FRAME_BYTES_MAX`), so that peer input always progresses.
 pub const SYNC_BYTES_PER_BATCH_MAX: usize = 1 << 20;
-/// How long one batch with peer frames should take (executed and
-/// committed): what a request arriving meanwhile waits, at most, beyond its
-/// own batch. The cost of a frame varies a thousandfold (a digest exchange:
-/// microseconds; a bundle of changes that rewrites thousands of rows: tens
-/// of milliseconds in a release build at HQ scale), so the count of frames a
-/// batch takes follows the measured cost ([`SyncPace`]). Shorter batches
-/// cost a commit each (a few milliseconds): 25 ms keeps that overhead small.
+/// The byte budget never falls below this (a few frames of sync messages):
+/// a slow batch (a loaded machine) must not leave one tiny frame a batch.
+pub const SYNC_BYTES_PER_BATCH_MIN: usize = 4 * 1024;
+/// The byte budget of the first batch, before any cost is measured.
+pub const SYNC_BYTES_PER_BATCH_START: usize = 16 * 1024;
+/// What one event weighs in the budget at least: a connection event or a
+/// frame of a few bytes (a digest, an acknowledgement) still costs a
+/// lookup and a message; 64 bytes a frame puts 256 of them in one batch.
+pub const SYNC_EVENT_BYTES_MIN: usize = 64;
+/// How long applying one batch's peer events should take: what a request
+/// arriving meanwhile waits, at most, beyond its own batch (plus the
+/// commit). The cost of a frame varies a thousandfold (a digest: a few
+/// microseconds; a bundle of changes that rewrites hundreds of rows:
+/// milliseconds), and follows its size far better than the count of frames
+/// (measured on the end-to-end test `tests/priority.rs`: 2 KB frames of 375
+/// rows each, 10–20 ms apiece in a debug build; 30-byte digests, nothing):
+/// the byte budget follows the measured cost per byte ([`SyncPace`]). Each
+/// batch also costs a commit (milliseconds): 25 ms keeps that overhead small.
 pub const SYNC_BATCH_TARGET_US: u64 = 25_000;
+
+/// What a peer event of `bytes` weighs in a [`SyncBudget`].
+pub fn event_weight(bytes: usize) -> usize {
+    bytes.max(SYNC_EVENT_BYTES_MIN)
+}
 
 /// The share of one batch given to peer input. A driver fills a batch from
 /// two queues: every waiting client request first (operations, queries,
@@ -289,23 +305,18 @@ pub const SYNC_BATCH_TARGET_US: u64 = 25_000;
 /// admits at least one peer event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncBudget {
-    frames_max: usize,
+    bytes_max: usize,
     frames: usize,
     bytes: usize,
 }
 
-impl Default for SyncBudget {
-    fn default() -> Self {
-        SyncBudget::new(SYNC_FRAMES_PER_BATCH_MAX)
-    }
-}
-
 impl SyncBudget {
-    /// The budget of one batch: `frames_max` events (1 to
-    /// [`SYNC_FRAMES_PER_BATCH_MAX`]), [`SYNC_BYTES_PER_BATCH_MAX`] bytes.
-    pub fn new(frames_max: usize) -> SyncBudget {
+    /// The budget of one batch: `bytes_max` of event weight (clamped to
+    /// [`SYNC_BYTES_PER_BATCH_MIN`]..=[`SYNC_BYTES_PER_BATCH_MAX`]), at most
+    /// [`SYNC_FRAMES_PER_BATCH_MAX`] events.
+    pub fn new(bytes_max: usize) -> SyncBudget {
         SyncBudget {
-            frames_max: frames_max.clamp(1, SYNC_FRAMES_PER_BATCH_MAX),
+            bytes_max: bytes_max.clamp(SYNC_BYTES_PER_BATCH_MIN, SYNC_BYTES_PER_BATCH_MAX),
             frames: 0,
             bytes: 0,
         }
@@ -315,15 +326,16 @@ impl SyncBudget {
     /// goes into this batch; counts it when it does. The first event of a
     /// batch is always admitted.
     pub fn admit(&mut self, bytes: usize) -> bool {
+        let w = event_weight(bytes);
         let first = self.frames == 0;
         if !first
-            && (self.frames >= self.frames_max
-                || self.bytes.saturating_add(bytes) > SYNC_BYTES_PER_BATCH_MAX)
+            && (self.frames >= SYNC_FRAMES_PER_BATCH_MAX
+                || self.bytes.saturating_add(w) > self.bytes_max)
         {
             return false;
         }
         self.frames += 1;
-        self.bytes = self.bytes.saturating_add(bytes);
+        self.bytes = self.bytes.saturating_add(w);
         true
     }
 
@@ -331,17 +343,22 @@ impl SyncBudget {
     pub fn frames(&self) -> usize {
         self.frames
     }
+
+    /// Their weight ([`event_weight`] summed).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
-/// How many peer events a batch takes, following what they cost: after
-/// each batch with peer events the driver reports how many it took and how
-/// long the batch took; the next budget is the count that fits in
+/// How much peer input a batch takes, following what it costs: after each
+/// batch with peer events the driver reports their weight and how long
+/// applying the batch took; the next byte budget is the weight that takes
 /// [`SYNC_BATCH_TARGET_US`] at that cost — at once when it is smaller, at
 /// most doubling when it is larger (one cheap batch does not open the gate
 /// to a flood of expensive frames). Pure: the time is the driver's figure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncPace {
-    frames_max: usize,
+    bytes_max: usize,
 }
 
 impl Default for SyncPace {
@@ -351,30 +368,35 @@ impl Default for SyncPace {
 }
 
 impl SyncPace {
-    /// Starts cautious: frames' cost is not known yet.
+    /// Starts at [`SYNC_BYTES_PER_BATCH_START`]: the cost is not known yet.
     pub const fn new() -> SyncPace {
-        SyncPace { frames_max: 8 }
+        SyncPace {
+            bytes_max: SYNC_BYTES_PER_BATCH_START,
+        }
     }
 
     /// The budget of the next batch.
     pub fn budget(&self) -> SyncBudget {
-        SyncBudget::new(self.frames_max)
+        SyncBudget::new(self.bytes_max)
     }
 
-    /// Peer events the next batch takes at most.
-    pub fn frames_max(&self) -> usize {
-        self.frames_max
+    /// The next batch's byte budget.
+    pub fn bytes_max(&self) -> usize {
+        self.bytes_max
     }
 
-    /// A batch with `frames` peer events (> 0) took `took_us`.
-    pub fn observe(&mut self, frames: usize, took_us: u64) {
-        if frames == 0 {
+    /// A batch whose peer events weighed `bytes` ([`SyncBudget::bytes`];
+    /// 0: it had none) took `took_us` to execute.
+    pub fn observe(&mut self, bytes: usize, took_us: u64) {
+        if bytes == 0 {
             return;
         }
-        let per_frame = (took_us / frames as u64).max(1);
-        let fit = (SYNC_BATCH_TARGET_US / per_frame) as usize;
-        let grown = self.frames_max.saturating_mul(2);
-        self.frames_max = fit.min(grown).clamp(1, SYNC_FRAMES_PER_BATCH_MAX);
+        let fit = (SYNC_BATCH_TARGET_US as u128 * bytes as u128 / took_us.max(1) as u128)
+            .min(usize::MAX as u128) as usize;
+        let grown = self.bytes_max.saturating_mul(2);
+        self.bytes_max = fit
+            .min(grown)
+            .clamp(SYNC_BYTES_PER_BATCH_MIN, SYNC_BYTES_PER_BATCH_MAX);
     }
 }
 
