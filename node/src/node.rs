@@ -77,6 +77,9 @@ pub type Query = Box<dyn FnOnce(&Engine) + Send>;
 
 /// What the engine thread is asked to do, besides peer events (which come
 /// on the transport's own channel, behind these).
+// One per request, moved once into the channel: boxing the operation would
+// only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     Op(Op, oneshot::Sender<Result<OpReply, OpError>>),
     Query(Query),
