@@ -1,14 +1,18 @@
 //! A running node: the engine thread (group commit), transport and shared read state.
 //!
-//! The engine runs on one dedicated OS thread. Everything that changes state —
-//! client operations, frames from peers, peer up/down, anti-entropy ticks —
-//! arrives as a [`Cmd`] on one bounded channel. The thread drains up to
-//! [`BATCH_OPS_MAX`] commands and runs them as one
-//! [`storemesh_protocol::step::NodeLoop::step`] (the same function the
-//! simulator runs): it executes them, commits ONE redb transaction
-//! (`Durability::Immediate`) through [`NodeStorage`], and only the committed
-//! outcome lets the thread answer the callers, publish the changed rows to
-//! readers and hand frames to the transport.
+//! The engine runs on one dedicated OS thread. Everything that changes state
+//! arrives on one of two bounded channels: client operations, queries,
+//! anti-entropy ticks and timers as a [`Cmd`]; frames from peers and peer
+//! up/down as the transport's [`TransportEvent`]s. Requests come first: each
+//! batch takes every waiting command (up to [`BATCH_OPS_MAX`]), then peer
+//! events only within a budget (`step::SyncBudget`: bytes following their
+//! measured cost, [`SyncPace`], and a count), so a sale or a read never waits
+//! behind more than about [`storemesh_protocol::step::SYNC_BATCH_TARGET_US`]
+//! of sync work while a node syncs or heals. The batch runs as one [`storemesh_protocol::step::NodeLoop::step`]
+//! (the same function the simulator runs): it executes them, commits ONE redb
+//! transaction (`Durability::Immediate`) through [`NodeStorage`], and only the
+//! committed outcome lets the thread answer the callers, publish the changed
+//! rows to readers and hand frames to the transport.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +26,7 @@ use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::ops::{Op, OpError, OpReply};
 use storemesh_protocol::step::{
     commit_batch, CommitError, Committed, Durable, Executed, Failed, Failure, Held, InFlight,
-    Input, LoopConfig, NodeLoop, Step, StorageError,
+    Input, LoopConfig, NodeLoop, Step, StorageError, SyncPace,
 };
 use storemesh_protocol::wire::{Hello, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
@@ -42,7 +46,8 @@ use adapters::{publish, send_frames, sync_stats, wake_timer, NodeStorage};
 use scrub::Scrub;
 pub use state::{Metrics, PeerStatus, ReadState, Shared};
 
-/// Commands drained into one group commit, at most.
+/// Commands (client requests, timers) drained into one group commit, at
+/// most; peer events are added within a budget (see [`SyncPace`]).
 pub const BATCH_OPS_MAX: usize = 2048;
 /// The engine is woken for a deadline at most this often (a clock that
 /// reads a deadline as still ahead cannot make the timer spin).
@@ -70,10 +75,14 @@ pub fn now_ms() -> u64 {
 
 pub type Query = Box<dyn FnOnce(&Engine) + Send>;
 
+/// What the engine thread is asked to do, besides peer events (which come
+/// on the transport's own channel, behind these).
+// One per request, moved once into the channel: boxing the operation would
+// only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     Op(Op, oneshot::Sender<Result<OpReply, OpError>>),
     Query(Query),
-    Net(TransportEvent),
     Tick,
     /// Wakes the engine to decide parked sales whose deadline passed.
     Wake,
@@ -257,25 +266,12 @@ impl NodeHandle {
         tcfg.reconnect_min = Duration::from_millis(cfg.sync.reconnect_min_ms);
         tcfg.reconnect_max = Duration::from_millis(cfg.sync.reconnect_max_ms);
         tcfg.connect_timeout = Duration::from_millis(cfg.sync.connect_timeout_ms);
-        let (ev_tx, mut ev_rx) = mpsc::channel(CMD_QUEUE_MAX);
+        // Transport events go straight to the engine thread, on their own
+        // channel: it serves requests before them (see `EngineLoop::run`).
+        let (ev_tx, ev_rx) = mpsc::channel(CMD_QUEUE_MAX);
         let transport = Transport::start(tcfg, ev_tx).await?;
         let quic_addr = transport.local_addr();
         let mut tasks = Vec::new();
-        // Transport events → engine commands.
-        let fwd = cmd_tx.clone();
-        let sh = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(ev) = ev_rx.recv().await {
-                if let TransportEvent::Refused { .. } = &ev {
-                    sh.metrics
-                        .refused_connections
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                if fwd.send(Cmd::Net(ev)).await.is_err() {
-                    break;
-                }
-            }
-        }));
         // Parked sales' deadlines and reservations' expiry: the engine says
         // when it must be woken next (`Committed::next_wake_ms`).
         let (wake_tx, wake_rx) = tokio::sync::watch::channel(None);
@@ -305,7 +301,7 @@ impl NodeHandle {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let engine_thread = std::thread::Builder::new()
             .name(format!("engine-{}", cfg.name))
-            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ready_tx, wake_tx, key_der))
+            .spawn(move || engine_loop(sh, store, tr, cmd_rx, ev_rx, ready_tx, wake_tx, key_der))
             .context("cannot start the engine thread")?;
         // Serve HTTP at once: reads come from the persisted view while the
         // documents load; writes wait in the queue until the engine is ready.
@@ -430,11 +426,14 @@ fn loop_config(cfg: &Config) -> LoopConfig {
     }
 }
 
+// The thread's whole world, handed over once at its start.
+#[allow(clippy::too_many_arguments)]
 fn engine_loop(
     shared: Arc<Shared>,
     store: Arc<Store>,
     transport: Transport,
     rx: mpsc::Receiver<Cmd>,
+    net: mpsc::Receiver<TransportEvent>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
     wake: tokio::sync::watch::Sender<Option<u64>>,
     key_der: Vec<u8>,
@@ -517,8 +516,9 @@ fn engine_loop(
             scrub_due: false,
             pipeline: std::env::var(COMMIT_PIPELINE_ENV)
                 .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("on")),
+            pace: SyncPace::new(),
         };
-        lp.run(rx, batch_tx, done_rx);
+        lp.run(rx, net, batch_tx, done_rx);
     });
 }
 
@@ -532,6 +532,8 @@ struct Pending {
 struct BatchInfo {
     n_ops: u64,
     n_frames_in: u64,
+    /// Peer events (frames, connections) in it.
+    n_peer_events: usize,
     started: Instant,
     /// A customer's key was erased in it (the data file is rewritten later).
     erased: bool,
@@ -554,36 +556,66 @@ struct EngineLoop<'a> {
     scrub_due: bool,
     /// Batch N+1 executes while batch N commits (see [`COMMIT_PIPELINE_ENV`]).
     pipeline: bool,
+    /// Peer events a batch takes, following what they cost.
+    pace: SyncPace,
 }
 
 impl EngineLoop<'_> {
     fn run(
         mut self,
         mut rx: mpsc::Receiver<Cmd>,
+        mut net: mpsc::Receiver<TransportEvent>,
         batch_tx: std::sync::mpsc::SyncSender<InFlight>,
         done_rx: std::sync::mpsc::Receiver<Result<Durable, CommitError>>,
     ) {
         let shared = self.shared;
         let mut shutdown_ack: Option<oneshot::Sender<()>> = None;
         let mut cmds: Vec<Cmd> = Vec::with_capacity(BATCH_OPS_MAX);
+        let mut events: Vec<TransportEvent> = Vec::new();
+        // A peer event taken from the channel that did not fit in the last
+        // batch's budget: the first of the next one (each peer's order kept).
+        let mut carried: Option<TransportEvent> = None;
         let mut last_scrub: Option<Instant> = None;
         let mut scrub: Option<Scrub> = None;
         let mut in_flight: Option<Pending> = None;
         loop {
             cmds.clear();
-            if in_flight.is_none() {
-                let Some(first) = rx.blocking_recv() else {
-                    break;
-                };
-                cmds.push(first);
+            events.clear();
+            if in_flight.is_none() && carried.is_none() {
+                match wait_for_input(&mut rx, &mut net) {
+                    Some(Next::Cmd(c)) => cmds.push(c),
+                    Some(Next::Net(e)) => carried = Some(e),
+                    None => break,
+                }
             }
+            // Requests first: every one waiting, up to the batch's bound.
             while cmds.len() < BATCH_OPS_MAX {
                 match rx.try_recv() {
                     Ok(c) => cmds.push(c),
                     Err(_) => break,
                 }
             }
-            if cmds.is_empty() {
+            // Then peer events, within one batch's sync budget.
+            let mut share = self.pace.budget();
+            loop {
+                let ev = match carried.take() {
+                    Some(e) => e,
+                    None => match net.try_recv() {
+                        Ok(e) => e,
+                        Err(_) => break,
+                    },
+                };
+                let bytes = match &ev {
+                    TransportEvent::Frame { body, .. } => body.len(),
+                    _ => 0,
+                };
+                if !share.admit(bytes) {
+                    carried = Some(ev);
+                    break;
+                }
+                events.push(ev);
+            }
+            if cmds.is_empty() && events.is_empty() {
                 // Nothing new while a batch commits: wait for it.
                 if let Some(p) = in_flight.take() {
                     if !self.settle(p, &done_rx) {
@@ -593,13 +625,14 @@ impl EngineLoop<'_> {
                 continue;
             }
             let now = shared.now_ms();
-            let mut inputs: Vec<Input<Reply>> = Vec::with_capacity(cmds.len());
+            let mut inputs: Vec<Input<Reply>> = Vec::with_capacity(cmds.len() + events.len());
             let mut queries: Vec<Query> = Vec::new();
             // Inbound budget of the frames in this batch, given back once applied.
             let mut budgets: Vec<crate::transport::FrameBudget> = Vec::new();
             let mut info = BatchInfo {
                 n_ops: 0,
                 n_frames_in: 0,
+                n_peer_events: share.frames(),
                 started: Instant::now(),
                 erased: false,
             };
@@ -613,55 +646,61 @@ impl EngineLoop<'_> {
                     // Looked at after the batch.
                     Cmd::ScrubCopied => {}
                     Cmd::Query(q) => queries.push(q),
-                    Cmd::Net(ev) => match ev {
-                        TransportEvent::PeerUp {
-                            peer,
-                            conn_id,
-                            name,
-                            hello,
-                        } => {
-                            tracing::info!(peer = %name, "peer connected");
-                            inputs.push(Input::PeerUp {
-                                peer,
-                                conn: conn_id,
-                                digest: hello.digest,
-                            });
-                        }
-                        TransportEvent::PeerDown {
-                            peer,
-                            conn_id,
-                            reason,
-                        } => {
-                            tracing::debug!(peer = %peer.hex(), reason, "connection ended");
-                            inputs.push(Input::PeerDown {
-                                peer,
-                                conn: conn_id,
-                            });
-                        }
-                        TransportEvent::Frame {
-                            peer,
-                            conn_id,
-                            body,
-                            budget,
-                        } => {
-                            info.n_frames_in += 1;
-                            budgets.push(budget);
-                            inputs.push(Input::Frame {
-                                peer,
-                                conn: conn_id,
-                                body,
-                            });
-                        }
-                        TransportEvent::Refused {
-                            addr,
-                            node_id,
-                            reason,
-                        } => {
-                            tracing::warn!(%addr, node_id = node_id.as_deref().unwrap_or("?"), reason, "connection refused");
-                        }
-                    },
                     Cmd::Tick => inputs.push(Input::Tick),
                     Cmd::Shutdown(ack) => shutdown_ack = Some(ack),
+                }
+            }
+            for ev in events.drain(..) {
+                match ev {
+                    TransportEvent::PeerUp {
+                        peer,
+                        conn_id,
+                        name,
+                        hello,
+                    } => {
+                        tracing::info!(peer = %name, "peer connected");
+                        inputs.push(Input::PeerUp {
+                            peer,
+                            conn: conn_id,
+                            digest: hello.digest,
+                        });
+                    }
+                    TransportEvent::PeerDown {
+                        peer,
+                        conn_id,
+                        reason,
+                    } => {
+                        tracing::debug!(peer = %peer.hex(), reason, "connection ended");
+                        inputs.push(Input::PeerDown {
+                            peer,
+                            conn: conn_id,
+                        });
+                    }
+                    TransportEvent::Frame {
+                        peer,
+                        conn_id,
+                        body,
+                        budget,
+                    } => {
+                        info.n_frames_in += 1;
+                        budgets.push(budget);
+                        inputs.push(Input::Frame {
+                            peer,
+                            conn: conn_id,
+                            body,
+                        });
+                    }
+                    TransportEvent::Refused {
+                        addr,
+                        node_id,
+                        reason,
+                    } => {
+                        shared
+                            .metrics
+                            .refused_connections
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%addr, node_id = node_id.as_deref().unwrap_or("?"), reason, "connection refused");
+                    }
                 }
             }
             shared
@@ -670,6 +709,10 @@ impl EngineLoop<'_> {
                 .store(info.n_ops, Ordering::Relaxed);
             // Runs while the previous batch commits on the commit thread.
             let executed = self.node.execute(&mut self.storage, inputs, now);
+            // What applying this batch cost sets the next one's share of
+            // peer input.
+            self.pace
+                .observe(share.bytes(), info.started.elapsed().as_micros() as u64);
             drop(budgets);
             let mut alive = true;
             match executed {
@@ -882,6 +925,8 @@ impl EngineLoop<'_> {
             tracing::debug!(
                 ops = info.n_ops,
                 frames_in = info.n_frames_in,
+                peer_events = info.n_peer_events,
+                next_sync_bytes = self.pace.bytes_max(),
                 frames_out = c.frames.len(),
                 docs_written = c.batch.docs.len(),
                 took_us = info.started.elapsed().as_micros() as u64,
@@ -966,4 +1011,64 @@ fn wait_commit(
         debug_assert_eq!(e.number, p.held.number(), "commit answers out of order");
     }
     done
+}
+
+/// What woke the idle engine thread.
+enum Next {
+    Cmd(Cmd),
+    Net(TransportEvent),
+}
+
+/// Waits until a command or a peer event arrives (a command first when both
+/// are there). `None`: every command sender is gone, the loop ends. A closed
+/// transport channel (the transport shut down) leaves commands only.
+fn wait_for_input(
+    rx: &mut mpsc::Receiver<Cmd>,
+    net: &mut mpsc::Receiver<TransportEvent>,
+) -> Option<Next> {
+    let mut net_open = true;
+    block_on(std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(c) = rx.poll_recv(cx) {
+            return std::task::Poll::Ready(c.map(Next::Cmd));
+        }
+        if net_open {
+            match net.poll_recv(cx) {
+                std::task::Poll::Ready(Some(e)) => {
+                    return std::task::Poll::Ready(Some(Next::Net(e)))
+                }
+                std::task::Poll::Ready(None) => net_open = false,
+                std::task::Poll::Pending => {}
+            }
+        }
+        std::task::Poll::Pending
+    }))
+}
+
+/// Wakes a thread parked in [`block_on`].
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs a future to completion on this (non-runtime) thread, parking it
+/// while the future waits: the engine thread waits on two channels at once
+/// without a runtime of its own.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        // A wake between the poll and here leaves the token: park returns at once.
+        std::thread::park();
+    }
 }

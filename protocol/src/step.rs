@@ -261,6 +261,145 @@ pub struct NodeLoop<T> {
 /// next executes (a deeper pipeline adds latency and nothing on two cores).
 pub const IN_FLIGHT_MAX: u64 = 2;
 
+/// Peer events (frames, connection changes) one batch takes at most when
+/// requests may be waiting behind them (see [`SyncBudget`]). Before the
+/// budget, one batch took up to 2,048 queued frames and a sale or a read
+/// waited behind all of them (benchmark row 5: `GET /api/documents`
+/// answered after 26–366 s while a new node synced).
+pub const SYNC_FRAMES_PER_BATCH_MAX: usize = 256;
+/// Frame bytes (as received, before inflating) one batch takes at most,
+/// whatever the pace. One event is always taken, however large (a frame is
+/// at most `wire::FRAME_BYTES_MAX`), so that peer input always progresses.
+pub const SYNC_BYTES_PER_BATCH_MAX: usize = 1 << 20;
+/// The byte budget never falls below this (a few frames of sync messages):
+/// a slow batch (a loaded machine) must not leave one tiny frame a batch.
+pub const SYNC_BYTES_PER_BATCH_MIN: usize = 4 * 1024;
+/// The byte budget of the first batch, before any cost is measured.
+pub const SYNC_BYTES_PER_BATCH_START: usize = 16 * 1024;
+/// What one event weighs in the budget at least: a connection event or a
+/// frame of a few bytes (a digest, an acknowledgement) still costs a
+/// lookup and a message; 64 bytes a frame puts 256 of them in one batch.
+pub const SYNC_EVENT_BYTES_MIN: usize = 64;
+/// How long applying one batch's peer events should take: what a request
+/// arriving meanwhile waits, at most, beyond its own batch (plus the
+/// commit). The cost of a frame varies a thousandfold (a digest: a few
+/// microseconds; a bundle of changes that rewrites hundreds of rows:
+/// milliseconds), and follows its size far better than the count of frames
+/// (measured on the end-to-end test `tests/priority.rs`: 2 KB frames of 375
+/// rows each, 10–20 ms apiece in a debug build; 30-byte digests, nothing):
+/// the byte budget follows the measured cost per byte ([`SyncPace`]). Each
+/// batch also costs a commit (milliseconds): 25 ms keeps that overhead small.
+pub const SYNC_BATCH_TARGET_US: u64 = 25_000;
+
+/// What a peer event of `bytes` weighs in a [`SyncBudget`].
+pub fn event_weight(bytes: usize) -> usize {
+    bytes.max(SYNC_EVENT_BYTES_MIN)
+}
+
+/// The share of one batch given to peer input. A driver fills a batch from
+/// two queues: every waiting client request first (operations, queries,
+/// timers — up to its own bound), then peer events while the budget admits
+/// them; an event not admitted waits, first in line, for the next batch (so
+/// each peer's events keep their order). Requests never wait behind more
+/// than one budget of sync work, and sync work never starves: every batch
+/// admits at least one peer event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncBudget {
+    bytes_max: usize,
+    frames: usize,
+    bytes: usize,
+}
+
+impl SyncBudget {
+    /// The budget of one batch: `bytes_max` of event weight (clamped to
+    /// [`SYNC_BYTES_PER_BATCH_MIN`]..=[`SYNC_BYTES_PER_BATCH_MAX`]), at most
+    /// [`SYNC_FRAMES_PER_BATCH_MAX`] events.
+    pub fn new(bytes_max: usize) -> SyncBudget {
+        SyncBudget {
+            bytes_max: bytes_max.clamp(SYNC_BYTES_PER_BATCH_MIN, SYNC_BYTES_PER_BATCH_MAX),
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether one more peer event of `bytes` (0 for a connection event)
+    /// goes into this batch; counts it when it does. The first event of a
+    /// batch is always admitted.
+    pub fn admit(&mut self, bytes: usize) -> bool {
+        let w = event_weight(bytes);
+        let first = self.frames == 0;
+        if !first
+            && (self.frames >= SYNC_FRAMES_PER_BATCH_MAX
+                || self.bytes.saturating_add(w) > self.bytes_max)
+        {
+            return false;
+        }
+        self.frames += 1;
+        self.bytes = self.bytes.saturating_add(w);
+        true
+    }
+
+    /// Peer events admitted so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Their weight ([`event_weight`] summed).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// How much peer input a batch takes, following what it costs: after each
+/// batch with peer events the driver reports their weight and how long
+/// applying the batch took; the next byte budget is the weight that takes
+/// [`SYNC_BATCH_TARGET_US`] at that cost — at once when it is smaller, at
+/// most doubling when it is larger (one cheap batch does not open the gate
+/// to a flood of expensive frames). Pure: the time is the driver's figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncPace {
+    bytes_max: usize,
+}
+
+impl Default for SyncPace {
+    fn default() -> Self {
+        SyncPace::new()
+    }
+}
+
+impl SyncPace {
+    /// Starts at [`SYNC_BYTES_PER_BATCH_START`]: the cost is not known yet.
+    pub const fn new() -> SyncPace {
+        SyncPace {
+            bytes_max: SYNC_BYTES_PER_BATCH_START,
+        }
+    }
+
+    /// The budget of the next batch.
+    pub fn budget(&self) -> SyncBudget {
+        SyncBudget::new(self.bytes_max)
+    }
+
+    /// The next batch's byte budget.
+    pub fn bytes_max(&self) -> usize {
+        self.bytes_max
+    }
+
+    /// A batch whose peer events weighed `bytes` ([`SyncBudget::bytes`];
+    /// 0: it had none) took `took_us` to execute.
+    pub fn observe(&mut self, bytes: usize, took_us: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let fit = (SYNC_BATCH_TARGET_US as u128 * bytes as u128 / took_us.max(1) as u128)
+            .min(usize::MAX as u128) as usize;
+        let grown = self.bytes_max.saturating_mul(2);
+        self.bytes_max = fit
+            .min(grown)
+            .clamp(SYNC_BYTES_PER_BATCH_MIN, SYNC_BYTES_PER_BATCH_MAX);
+    }
+}
+
 /// Initial capacity of a step's reply list: a hint, not a limit (a step
 /// answers at most what its caller put in, which the driver bounds).
 const REPLIES_PREALLOC: usize = 64;

@@ -455,3 +455,68 @@ fn a_batch_cannot_be_released_with_another_batchs_proof() {
     drop(a.batch);
     node.release(a.held, db);
 }
+
+/// A batch admits peer events up to its byte budget or the frame count,
+/// whichever comes first, and always the first one (however large).
+#[test]
+fn the_sync_budget_bounds_a_batch_and_always_admits_one_event() {
+    use storemesh_protocol::step::{
+        event_weight, SyncBudget, SYNC_BYTES_PER_BATCH_MAX as MAX, SYNC_BYTES_PER_BATCH_MIN as MIN,
+        SYNC_EVENT_BYTES_MIN as EVENT, SYNC_FRAMES_PER_BATCH_MAX as FRAMES,
+    };
+    use storemesh_protocol::wire::FRAME_BYTES_MAX;
+    // Frames of 1 KiB: the bytes bound the batch.
+    let mut b = SyncBudget::new(10 * 1024);
+    assert_eq!((0..100).take_while(|_| b.admit(1024)).count(), 10);
+    assert_eq!((b.frames(), b.bytes()), (10, 10 * 1024));
+    // Tiny frames and connection events weigh EVENT bytes each; the count
+    // bounds a batch of them.
+    assert_eq!(event_weight(0), EVENT);
+    assert_eq!(event_weight(3), EVENT);
+    let mut b = SyncBudget::new(MIN);
+    assert_eq!((0..1000).take_while(|_| b.admit(0)).count(), MIN / EVENT);
+    let mut b = SyncBudget::new(usize::MAX);
+    assert_eq!((0..10 * FRAMES).take_while(|_| b.admit(0)).count(), FRAMES);
+    // The budget is clamped: never under MIN, never over MAX.
+    let mut b = SyncBudget::new(0);
+    assert_eq!((0..100).take_while(|_| b.admit(1024)).count(), MIN / 1024);
+    let mut b = SyncBudget::new(usize::MAX);
+    assert_eq!((0..100).take_while(|_| b.admit(MAX / 4)).count(), 4);
+    // A frame larger than the whole budget still goes alone.
+    let mut b = SyncBudget::new(MIN);
+    assert!(b.admit(FRAME_BYTES_MAX.max(MAX + 1)));
+    assert!(!b.admit(1));
+}
+
+/// The byte budget follows the measured cost: down at once to what takes
+/// the target, up by doubling at most, within MIN..=MAX.
+#[test]
+fn the_sync_pace_follows_the_cost_of_frames() {
+    use storemesh_protocol::step::{
+        SyncPace, SYNC_BATCH_TARGET_US as TARGET, SYNC_BYTES_PER_BATCH_MAX as MAX,
+        SYNC_BYTES_PER_BATCH_MIN as MIN, SYNC_BYTES_PER_BATCH_START as START,
+    };
+    let mut p = SyncPace::new();
+    assert_eq!(p.bytes_max(), START);
+    assert_eq!(p.budget().frames(), 0);
+    // 8 KiB that took half the target: 16 KiB fit.
+    p.observe(8 * 1024, TARGET / 2);
+    assert_eq!(p.bytes_max(), 16 * 1024);
+    // 16 KiB that took four times the target: 4 KiB at once.
+    p.observe(16 * 1024, TARGET * 4);
+    assert_eq!(p.bytes_max(), 4 * 1024);
+    // Very expensive input: never under MIN.
+    p.observe(1024, TARGET * 100);
+    assert_eq!(p.bytes_max(), MIN);
+    // Cheap input (took nothing): doubling per batch, up to MAX.
+    p.observe(MIN, 0);
+    assert_eq!(p.bytes_max(), 2 * MIN);
+    for _ in 0..20 {
+        let b = p.bytes_max();
+        p.observe(b, 1);
+    }
+    assert_eq!(p.bytes_max(), MAX);
+    // A batch without peer input tells nothing.
+    p.observe(0, 10 * TARGET);
+    assert_eq!(p.bytes_max(), MAX);
+}
