@@ -8,7 +8,8 @@
 //! writes names that author; a directory entry never claims a name or a
 //! location the receiver's operator bound to another node; a retirement needs
 //! an administrator (when the operator named any) and a successor the chain
-//! knows. Refusals start with [`UNAUTHORIZED`] and are counted under
+//! knows. Refusals are [`Unauthorized`] (validation's
+//! `Refusal::Unauthorized`), counted under
 //! `storemesh_rejected_changes_total{reason="unauthorized"}`.
 //!
 //! What this does not do yet: prove the author. A change's author is still
@@ -19,8 +20,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::ids::{NodeInfo, NodeTag};
 use crate::views::Views;
 
-/// Prefix of every validation error that is an authorization refusal.
-pub const UNAUTHORIZED: &str = "unauthorized: ";
+/// An authorization refusal: the author has no right to write this. Shown
+/// as `unauthorized: ` and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unauthorized: {0}")]
+pub struct Unauthorized(pub String);
 
 /// Customers a single peer may newly mark erased per budget window. An
 /// honest erasure is an operator's act for one customer at a time; a peer
@@ -83,21 +87,25 @@ impl Bindings {
     /// claims a name or a location the operator bound to another node. (An
     /// entry that names its own node otherwise than the operator did is
     /// applied but does not count: `Views::name_of` answers the binding.)
-    pub fn check_directory_entry(&self, author: NodeTag, info: &NodeInfo) -> Result<(), String> {
+    pub fn check_directory_entry(
+        &self,
+        author: NodeTag,
+        info: &NodeInfo,
+    ) -> Result<(), Unauthorized> {
         if let Some(t) = self.names.get(&info.name) {
             if *t != author {
-                return Err(format!(
-                    "{UNAUTHORIZED}directory entry claims the name {:?}, bound here to another node",
+                return Err(Unauthorized(format!(
+                    "directory entry claims the name {:?}, bound here to another node",
                     info.name
-                ));
+                )));
             }
         }
         if let Some(loc) = &info.location {
             if let Some(t) = self.locations.get(loc) {
                 if *t != author {
-                    return Err(format!(
-                        "{UNAUTHORIZED}directory entry claims the location {loc:?}, bound here to another node"
-                    ));
+                    return Err(Unauthorized(format!(
+                        "directory entry claims the location {loc:?}, bound here to another node"
+                    )));
                 }
             }
         }
@@ -190,21 +198,21 @@ impl AuthView<'_> {
         retired: NodeTag,
         successor: NodeTag,
         in_message: &BTreeSet<NodeTag>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unauthorized> {
         if let Some(admins) = &self.authority.administrators {
             if !admins.contains(&author) {
-                return Err(format!(
-                    "{UNAUTHORIZED}retirement written by {author}, not an administrator here"
-                ));
+                return Err(Unauthorized(format!(
+                    "retirement written by {author}, not an administrator here"
+                )));
             }
         }
         if successor == retired {
-            return Err(format!("{UNAUTHORIZED}a node can not succeed itself"));
+            return Err(Unauthorized("a node can not succeed itself".into()));
         }
         if !self.is_member(successor, in_message) {
-            return Err(format!(
-                "{UNAUTHORIZED}retirement names a successor {successor} that is no member here"
-            ));
+            return Err(Unauthorized(format!(
+                "retirement names a successor {successor} that is no member here"
+            )));
         }
         Ok(())
     }
@@ -218,7 +226,7 @@ impl AuthView<'_> {
         author: NodeTag,
         id: &str,
         creator: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unauthorized> {
         let fulfiller = self
             .views
             .reservations
@@ -226,19 +234,19 @@ impl AuthView<'_> {
             .and_then(|m| m.get(creator))
             .and_then(|r| r.fulfil_by);
         match fulfiller {
-            Some(f) if self.views.resolve(f) != self.views.resolve(author) => Err(format!(
-                "{UNAUTHORIZED}{author} closes reservation {id:?}, which another node fulfils"
+            Some(f) if self.views.resolve(f) != self.views.resolve(author) => Err(Unauthorized(
+                format!("{author} closes reservation {id:?}, which another node fulfils"),
             )),
             _ => Ok(()),
         }
     }
 
     /// A record written by `author` that names `node` as its writer.
-    pub fn check_record_node(&self, author: NodeTag, node: &str) -> Result<(), String> {
+    pub fn check_record_node(&self, author: NodeTag, node: &str) -> Result<(), Unauthorized> {
         match self.views.tag_of(node) {
-            Some(t) if t != author => Err(format!(
-                "{UNAUTHORIZED}record by {author} names another node ({node:?}) as its writer"
-            )),
+            Some(t) if t != author => Err(Unauthorized(format!(
+                "record by {author} names another node ({node:?}) as its writer"
+            ))),
             _ => Ok(()),
         }
     }

@@ -15,6 +15,7 @@
 use crate::ids::{
     validate_client_id, validate_name, validate_product_id, ActorKey, NodeInfo, NodeTag,
 };
+use crate::time::civil_from_days;
 
 /// Identifies a document. The string form is used on the wire and on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -490,20 +491,6 @@ pub fn month_of(unix_ms: u64) -> u32 {
     let days = (unix_ms / 86_400_000) as i64;
     let (y, m, _) = civil_from_days(days);
     (y as u32) * 100 + m
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = (z - era * 146_097) as u64;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe as i64 + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]

@@ -122,9 +122,12 @@ pub enum Refusal {
     /// message does not carry): the sender is behind or ahead, not hostile.
     #[error("change depends on changes this node does not have")]
     MissingDeps,
-    /// A change breaks a rule of the layout or of the mesh's authority.
+    /// A change breaks a rule of the layout.
     #[error("{0}")]
     Invalid(String),
+    /// A change's author has no right to write it (`crate::authority`).
+    #[error(transparent)]
+    Unauthorized(#[from] crate::authority::Unauthorized),
 }
 
 impl From<String> for Refusal {
@@ -712,7 +715,7 @@ fn authorize_op(
     author: ActorKey,
     key: &str,
     value: Option<&ScalarValue>,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let text = match value {
         Some(ScalarValue::Str(s)) => s.as_str(),
         _ => return Ok(()),
@@ -722,12 +725,15 @@ fn authorize_op(
             let retired = crate::layout::parse_retired_key(key)
                 .ok_or_else(|| format!("bad mesh key {key:?}"))?;
             let successor = crate::layout::parse_retirement(text)?;
-            auth.check_retirement(author.tag(), retired, successor, in_message)
+            Ok(auth.check_retirement(author.tag(), retired, successor, in_message)?)
         }
         DocId::Mesh if key.starts_with("loc/") => Ok(()),
         DocId::Mesh => {
             let info = parse_node_info(text)?;
-            auth.views.bound.check_directory_entry(author.tag(), &info)
+            Ok(auth
+                .views
+                .bound
+                .check_directory_entry(author.tag(), &info)?)
         }
         DocId::Records { .. } => {
             #[derive(serde::Deserialize)]

@@ -19,8 +19,8 @@ use rand::Rng;
 use serde_json::json;
 use storemesh_protocol::ops::Op;
 
-use crate::check::Violation;
 use crate::client::Kind;
+use crate::invariant::Violation;
 use crate::workload::{count, receipt, sale, Catalogue, OWNERLESS};
 use crate::world::World;
 

@@ -7,8 +7,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use storemesh_protocol::engine::Policy;
 
-use crate::check::Violation;
 use crate::client::Kind;
+use crate::invariant::Violation;
 use crate::options::{Derived, FaultKind, Options};
 use crate::workload::{self, new_request, Catalogue};
 use crate::world::{Action, CrashPlan, NodeSpec, Setup, World};

@@ -32,7 +32,7 @@ use storemesh_protocol::signing::{certify_chunk, REJECT_BAD_SIGNATURE};
 use storemesh_protocol::sync::{Msg, REJECT_UNAUTHORIZED};
 use storemesh_protocol::wire::encode_frame;
 
-use crate::check::Violation;
+use crate::invariant::Violation;
 use crate::options::FaultKind;
 use crate::world::World;
 

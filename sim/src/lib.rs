@@ -14,6 +14,7 @@ pub mod check;
 pub mod client;
 pub mod driver;
 pub mod hostile;
+pub mod invariant;
 pub mod net;
 pub mod options;
 pub mod scenario;
@@ -21,6 +22,6 @@ pub mod selftest;
 pub mod workload;
 pub mod world;
 
-pub use check::Violation;
 pub use driver::{run_seed, RunReport};
+pub use invariant::Violation;
 pub use options::{Bug, Derived, FaultKind, Options, Topology};

@@ -2,8 +2,8 @@
 //! switch in the engine or in the simulator's request path) must produce an
 //! invariant violation within [`SEEDS_MAX`] seeds.
 
-use crate::check::Violation;
 use crate::driver::run_seed;
+use crate::invariant::Violation;
 use crate::options::{Bug, Options};
 
 /// Seeds tried per planted bug before the self-test gives up.

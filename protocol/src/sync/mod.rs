@@ -67,12 +67,13 @@ pub const REJECT_UNAUTHORIZED: &str = "unauthorized";
 pub const REJECT_ERASURE_LIMIT: &str = "erasure_limit";
 pub const REJECT_KEY_LIMIT: &str = "key_limit";
 
-/// The rejection reason of a validation error.
-fn invalid_reason(e: &str) -> &'static str {
-    if e.starts_with(crate::authority::UNAUTHORIZED) {
-        REJECT_UNAUTHORIZED
-    } else {
-        REJECT_INVALID
+/// The rejection reason of a validation refusal.
+fn refusal_reason(r: &crate::validate::Refusal) -> &'static str {
+    use crate::validate::Refusal;
+    match r {
+        Refusal::MissingDeps => REJECT_MISSING_DEPS,
+        Refusal::Invalid(_) => REJECT_INVALID,
+        Refusal::Unauthorized(_) => REJECT_UNAUTHORIZED,
     }
 }
 /// Document entries listed in one `Docs` frame.

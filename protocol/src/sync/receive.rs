@@ -7,7 +7,7 @@ use automerge::sync::{self as amsync, SyncDoc};
 use automerge::ChangeHash;
 
 use super::{
-    group_of, invalid_reason, Msg, DOCS_PER_FRAME_MAX, GROUPS, KEYS_PER_FRAME_MAX,
+    group_of, refusal_reason, Msg, DOCS_PER_FRAME_MAX, GROUPS, KEYS_PER_FRAME_MAX,
     REASSEMBLY_BYTES_MAX, REJECT_AUTOMERGE, REJECT_DOC_LIMIT, REJECT_ERASURE_LIMIT, REJECT_INFLATE,
     REJECT_KEY_LIMIT, REJECT_MALFORMED, REJECT_MISSING_DEPS, SEEN_MAX, SESSION_RESTARTS_MAX,
 };
@@ -337,7 +337,7 @@ impl Engine {
                         self.reject(peer, doc, REJECT_MISSING_DEPS, &e.to_string());
                         self.restart_doc_session(peer, doc, missing);
                     }
-                    Refusal::Invalid(e) => self.reject(peer, doc, invalid_reason(&e), &e),
+                    e => self.reject(peer, doc, refusal_reason(&e), &e.to_string()),
                 }
                 return Ok(());
             }
@@ -490,8 +490,8 @@ impl Engine {
                 self.offer_doc(peer, doc);
                 return Ok(());
             }
-            Err(Refusal::Invalid(e)) => {
-                self.reject(peer, doc, invalid_reason(&e), &e);
+            Err(e) => {
+                self.reject(peer, doc, refusal_reason(&e), &e.to_string());
                 return Ok(());
             }
         };
