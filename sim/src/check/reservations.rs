@@ -21,6 +21,8 @@ impl World {
         // (reservation id, creator) → closes: (closing writer, status, at).
         type Closes = BTreeMap<(String, String), Vec<(NodeTag, String, u64)>>;
         let mut closes: Closes = BTreeMap::new();
+        // Late releases: (reservation id, creator) and their writer.
+        let mut late: Vec<((String, String), NodeTag)> = Vec::new();
         for (id, _) in e.documents() {
             if !id.starts_with("rec/") {
                 continue;
@@ -57,6 +59,14 @@ impl World {
                             ),
                         );
                     } else {
+                        // The release of a hold that arrived after the
+                        // reservation closed (`rsc/<id>@<creator>~late<p>`)
+                        // is not another close: checked as its writer below.
+                        if json.get("released_late").is_some() {
+                            let creator = json["creator"].as_str().unwrap_or("").to_string();
+                            late.push(((rid, creator), writer.tag()));
+                            continue;
+                        }
                         // A close from before closes named the creator: the
                         // one reservation of the id.
                         let creator = match json["creator"].as_str() {
@@ -108,6 +118,20 @@ impl World {
                         "reservation {rid:?} (fulfilled by {}) expired at {expires} but is still open at {now} by the clock of {}, which acts for it: its units stay held",
                         self.check.name_of(*by),
                         self.nodes[i].name
+                    ),
+                ));
+            }
+        }
+        for (rid, w) in &late {
+            let by = opened.get(rid).and_then(|(by, _)| *by);
+            if !closes.contains_key(rid)
+                || by.is_none_or(|by| e.views.resolve(*w) != e.views.resolve(by))
+            {
+                return Err(self.violation(
+                    "reservations",
+                    format!(
+                        "reservation {rid:?}: a late hold was released by {} without the reservation closed by its fulfilling node",
+                        self.check.names.get(w).cloned().unwrap_or_else(|| w.hex())
                     ),
                 ));
             }
