@@ -17,6 +17,12 @@ pub struct Mesh {
     pub clients: Vec<Client>,
 }
 
+/// Whether a node's start failed because a port it was given is taken.
+fn port_taken(err: &str) -> bool {
+    let e = err.to_lowercase();
+    e.contains("address in use") || e.contains("address already in use")
+}
+
 impl Mesh {
     /// Creates and starts nodes `names` (roles and policies given) with `links`.
     pub async fn start(nodes: &[(&str, Role, Policy)], links: &[(usize, usize)]) -> Mesh {
@@ -52,7 +58,9 @@ impl Mesh {
                         clients.push(Client::new(h.http_addr, token));
                         handles.push(Some(h));
                     }
-                    Err(e) if attempt < ATTEMPTS && format!("{e:#}").contains("address in use") => {
+                    // The QUIC bind says "address in use", the HTTP bind
+                    // the OS's "Address already in use" (os error 98).
+                    Err(e) if attempt < ATTEMPTS && port_taken(&format!("{e:#}")) => {
                         eprintln!("mesh start: {e:#}; making the mesh again on other ports");
                         for h in handles.into_iter().flatten() {
                             h.shutdown().await;
