@@ -20,7 +20,8 @@ impl World {
             return Ok(());
         };
         self.nodes[i].kick = false;
-        // Commands in arrival order, as the production engine thread drains its channel.
+        // Commands in arrival order (production takes requests before peer
+        // frames, within a sync budget: not modelled here).
         let n_cmds = self.nodes[i].cmds.len().min(BATCH_OPS_MAX);
         let cmds: Vec<Cmd> = self.nodes[i].cmds.drain(..n_cmds).collect();
         let mut inputs: Vec<Input<usize>> = Vec::with_capacity(n_cmds + 1);
