@@ -503,6 +503,26 @@ fn an_import_counted_over_another_import_whose_record_had_not_arrived_comes_afte
     }
 }
 
+/// Three nodes that know the ownerless location `wh` (declared by node 0),
+/// then cut apart from each other.
+fn three_apart_with_warehouse() -> TestMesh {
+    let mut m = TestMesh::new(3, 8);
+    m.full_mesh();
+    m.settle();
+    assert_eq!(
+        m.execute(0, declare("wh")).unwrap().kind,
+        ReplyKind::Created
+    );
+    m.commit(0);
+    m.settle();
+    for a in 0..3 {
+        for b in a + 1..3 {
+            m.disconnect(a, b);
+        }
+    }
+    m
+}
+
 fn declare(loc: &str) -> Op {
     Op::DeclareLocation(DeclareLocation {
         location: loc.into(),
@@ -521,20 +541,7 @@ fn declare(loc: &str) -> Op {
 /// knowledge never makes a node that reversed the first again.
 #[test]
 fn a_receipt_at_an_ownerless_location_stands_once_whatever_the_order_its_records_arrive() {
-    let mut m = TestMesh::new(3, 8);
-    m.full_mesh();
-    m.settle();
-    assert_eq!(
-        m.execute(0, declare("wh")).unwrap().kind,
-        ReplyKind::Created
-    );
-    m.commit(0);
-    m.settle();
-    for a in 0..3 {
-        for b in a + 1..3 {
-            m.disconnect(a, b);
-        }
-    }
+    let mut m = three_apart_with_warehouse();
     let base = m.now_ms;
     let delivery = || testkit::receipt("d-1", "wh", &[(7, 10), (8, 4)]);
     // Node 0, clock ahead.
@@ -588,20 +595,7 @@ fn a_receipt_at_an_ownerless_location_stands_once_whatever_the_order_its_records
 /// deliveries (other lines) while apart is a collision: both stand.
 #[test]
 fn a_receipt_at_an_ownerless_location_is_counted_once() {
-    let mut m = TestMesh::new(3, 8);
-    m.full_mesh();
-    m.settle();
-    assert_eq!(
-        m.execute(0, declare("wh")).unwrap().kind,
-        ReplyKind::Created
-    );
-    m.commit(0);
-    m.settle();
-    for a in 0..3 {
-        for b in a + 1..3 {
-            m.disconnect(a, b);
-        }
-    }
+    let mut m = three_apart_with_warehouse();
     // Nodes 1 and 2 record the same delivery while apart.
     for i in [1, 2] {
         let r = testkit::receipt("d-1", "wh", &[(7, 10), (8, 4), (7, 1)]);
