@@ -144,16 +144,56 @@ fn guarded_open(
     match catch_unwind(AssertUnwindSafe(open)) {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(describe_open_error(what, e)),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            bail!("{what} is corrupt or not a storemesh database (redb panicked while opening it: {msg})")
-        }
+        Err(p) => bail!(
+            "{what} is corrupt or not a storemesh database (redb panicked while opening it: {})",
+            panic_message(p.as_ref())
+        ),
     }
 }
+
+/// The text of a caught panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Runs `f` (a read or write of the data file); a panic inside it becomes an
+/// error. redb asserts on the pages it reads (`unreachable!` in its B-tree
+/// code on a damaged page, seen in release builds), so a data file damaged
+/// on disk would otherwise kill the thread that touched it — at a start,
+/// the whole node with a panic instead of an error that names the file.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(Damaged {
+            what: what.to_string(),
+            panic: panic_message(p.as_ref()),
+        }
+        .into()),
+    }
+}
+
+/// A panic caught while reading or writing the data file (see [`guarded`]).
+#[derive(Debug)]
+pub struct Damaged {
+    what: String,
+    panic: String,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: the data file is damaged (a panic while reading it: {}); restore the data \
+             directory from a backup, or start a new node and let it sync",
+            self.what, self.panic
+        )
+    }
+}
+
+impl std::error::Error for Damaged {}
 
 /// Bytes redb may keep of the data file's pages in memory. Its default is
 /// 1 GiB, and the node's memory grew with the data file up to it (measured:
@@ -359,7 +399,9 @@ impl Store {
                 .with_context(|| format!("creating the data directory {}", dir.display()))?;
         }
         let db = open_path(path)?;
-        init(&db).with_context(|| format!("initializing data file {}", path.display()))?;
+        let what = format!("data file {}", path.display());
+        guarded(&what, || init(&db))
+            .with_context(|| format!("initializing data file {}", path.display()))?;
         Ok(Store {
             db: RwLock::new(Some(db)),
             path: Some(path.to_path_buf()),
@@ -371,7 +413,7 @@ impl Store {
     /// Opens a store over any redb backend (the simulated disk in tests).
     pub fn open_backend(backend: impl redb::StorageBackend + 'static) -> Result<Store> {
         let db = guarded_open("database", || builder().create_with_backend(backend))?;
-        init(&db).context("initializing the database")?;
+        guarded("database", || init(&db)).context("initializing the database")?;
         Ok(Store {
             db: RwLock::new(Some(db)),
             path: None,
@@ -390,25 +432,41 @@ impl Store {
         // Close the old handle first: it holds the file lock.
         drop(g.take());
         let db = open_path(path)?;
-        init(&db)?;
+        guarded(&format!("data file {}", path.display()), || init(&db))?;
         *g = Some(db);
         Ok(())
     }
 
+    /// Runs `f` on the open database (reopening it first after an I/O
+    /// error). A panic inside redb becomes an error, and the handle is
+    /// closed: redb's state after a panic is unknown, so the next operation
+    /// opens the file afresh (and fails again with a clear error if the
+    /// damage is on disk).
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
-        {
+        let what = self.path.as_ref().map_or_else(
+            || "database".to_string(),
+            |p| format!("data file {}", p.display()),
+        );
+        let closed = self.db.read().unwrap_or_else(|e| e.into_inner()).is_none();
+        if closed {
+            self.reopen()
+                .context("the store is closed after an I/O error and could not be reopened")?;
+        }
+        let res = {
             let g = self.db.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(db) = g.as_ref() {
-                return f(db);
+            match g.as_ref() {
+                Some(db) => guarded(&what, || f(db)),
+                None => bail!("the store is closed after an I/O error"),
+            }
+        };
+        if let Err(e) = &res {
+            if e.chain().any(|c| c.is::<Damaged>()) {
+                tracing::error!(error = %format!("{e:#}"), "the data file is damaged; closing the store handle");
+                self.scrub_abandon("redb panicked on the data file");
+                drop(self.db.write().unwrap_or_else(|e| e.into_inner()).take());
             }
         }
-        self.reopen()
-            .context("the store is closed after an I/O error and could not be reopened")?;
-        let g = self.db.read().unwrap_or_else(|e| e.into_inner());
-        match g.as_ref() {
-            Some(db) => f(db),
-            None => bail!("the store is closed after an I/O error"),
-        }
+        res
     }
 
     /// Persists everything of `batch` in one durable (`Durability::Immediate`)
