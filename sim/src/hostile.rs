@@ -19,7 +19,11 @@
 //! through the simulated network) and draw nothing from the world's random
 //! generator: a seed runs exactly as it would without them unless one is
 //! accepted. The hostile node and the event come from a generator of their
-//! own, derived from the seed.
+//! own, derived from the seed. When the drawn node cannot act for
+//! [`WAIT_EVENTS`] (down, a clone, no honest peer linked to it), any member
+//! that can acts in its place; an act no member could make during the
+//! events happens on the healed mesh before the final convergence
+//! (`Driver::heal_and_quiesce`), so every seed with a hostile member sees it.
 
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
@@ -40,6 +44,9 @@ use crate::world::World;
 pub const HOSTILE_SEED_SHARE: f64 = 0.3;
 /// Forgeries sent per hostile act.
 pub const FORGERIES: u64 = 4;
+/// Events the drawn hostile node may fail to act (down, unlinked) before
+/// any other member that can act does so in its place.
+pub const WAIT_EVENTS: usize = 20;
 /// Changes written as another member per hostile act (self-signed, unsigned).
 pub const IMPERSONATIONS: u64 = 2;
 /// The product of the impersonated receipt.
