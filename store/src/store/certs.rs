@@ -270,7 +270,12 @@ pub(super) fn write(tx: &WriteTransaction, batch: &Batch) -> Result<()> {
     let rows = log.len()?;
     let logged = batch.retired.is_empty()
         && batch.cert_links.len() <= LOG_BATCH_LINKS_MAX
-        && rows + by_cert.len() as u64 <= LOG_ROWS_MAX;
+        && rows + by_cert.len() as u64 <= LOG_ROWS_MAX
+        // A row stores a document id's length in 2 bytes.
+        && batch
+            .cert_links
+            .iter()
+            .all(|(d, _)| d.len() <= usize::from(u16::MAX));
     if logged {
         let mut seq = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
         let body_of: HashMap<&CertId, &[u8]> =
