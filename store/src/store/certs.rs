@@ -277,13 +277,12 @@ pub(super) fn write(tx: &WriteTransaction, batch: &Batch) -> Result<()> {
             .iter()
             .all(|(d, _)| d.len() <= usize::from(u16::MAX));
     if logged {
-        let mut seq = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+        let first = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
         let body_of: HashMap<&CertId, &[u8]> =
             bodies.iter().map(|(id, b)| (id, b.as_slice())).collect();
-        for (id, docs) in &by_cert {
+        for (seq, (id, docs)) in (first..).zip(&by_cert) {
             let body = body_of.get(id).copied().unwrap_or(&[]);
             log.insert(seq, LogRow::encode(id, body, docs)?.as_slice())?;
-            seq += 1;
         }
         return Ok(());
     }
