@@ -16,7 +16,7 @@
 //! | `meta`          | key                      | bytes                        |
 //! | `customer_keys` | customer                 | key-store entry              |
 //! | `part_index`    | doc (a closed records part) | `history::PartIndex` of its snapshot |
-//! | `certs`, `doc_certs`, `introductions` | see `certs.rs` | batch certificates |
+//! | `certs`, `doc_certs`, `cert_log`, `introductions` | see `certs.rs` | batch certificates |
 //!
 //! A failed commit leaves nothing of its batch (redb's transaction is dropped
 //! uncommitted). redb refuses every further operation after an I/O error, so a
@@ -40,7 +40,7 @@ use storemesh_protocol::ids::NodeId;
 use storemesh_protocol::ops::IdemRecord;
 use storemesh_protocol::views::StockRow;
 
-use certs::{CERTS, DOC_CERTS, INTROS};
+use certs::{CERTS, CERT_LOG, DOC_CERTS, INTROS};
 use scrub::ScrubLog;
 pub use scrub::{ScrubCopy, ScrubJob, ScrubOutcome, SCRUB_LOG_BYTES_MAX};
 
@@ -235,6 +235,7 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(PART_INDEX)?;
         tx.open_table(CERTS)?;
         tx.open_table(DOC_CERTS)?;
+        tx.open_table(CERT_LOG)?;
         tx.open_table(INTROS)?;
         let mut meta = tx.open_table(META)?;
         let existing = meta.get(SCHEMA_KEY)?.map(|v| v.value().to_vec());

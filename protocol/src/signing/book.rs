@@ -65,9 +65,18 @@ pub(crate) struct CertBook {
 }
 
 impl CertBook {
+    /// Links a certificate to a document in memory; whether it was new.
+    /// A certificate not held is in no document's list (`held` counts the
+    /// lists holding each one), so only a held one is looked for — a batch's
+    /// new certificate is linked to each of its documents without a scan of
+    /// their lists, which grow by one certificate per batch.
     pub(super) fn link(&mut self, doc: &str, cert: &Cert, id: CertId) -> bool {
-        let list = self.by_doc.entry(doc.to_string()).or_default();
-        if list.contains(&id) {
+        let known = self.held.contains_key(&id);
+        let list = match self.by_doc.get_mut(doc) {
+            Some(list) => list,
+            None => self.by_doc.entry(doc.to_string()).or_default(),
+        };
+        if known && list.contains(&id) {
             return false;
         }
         list.push(id);

@@ -3,7 +3,7 @@
 //! connections, and the certificates it holds or reads back from the
 //! archive.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use super::book::{CertFigures, PendingCert};
 use super::{
@@ -186,19 +186,22 @@ impl Engine {
                     part.iter().map(|(_, h)| *h).collect(),
                 );
                 let id = c.id();
-                let docs: BTreeSet<&str> = part.iter().map(|(d, _)| d.as_str()).collect();
+                let mut docs: Vec<&String> = part.iter().map(|(d, _)| d).collect();
+                docs.sort_unstable();
+                docs.dedup();
+                let pushes = !self.sessions.is_empty();
                 for d in docs {
                     // A document retired in this batch keeps nothing.
-                    if !self.docs.contains_key(d) {
+                    if !self.docs.contains_key(d.as_str()) {
                         continue;
                     }
                     self.certs.link(d, &c, id);
-                    self.certs.unsaved_links.push((d.to_string(), id));
-                    self.certs
-                        .to_push
-                        .entry(d.to_string())
-                        .or_default()
-                        .insert(id);
+                    self.certs.unsaved_links.push((d.clone(), id));
+                    // Read only by the pushes after the commit (to peers
+                    // with a session): kept only when there are some.
+                    if pushes || self.certs.to_push.contains_key(d.as_str()) {
+                        self.certs.to_push.entry(d.clone()).or_default().insert(id);
+                    }
                 }
                 own_certs.push(c.clone());
                 self.certs.unsaved.push(c);

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use storemesh_protocol::engine::{Batch, DocWrite};
 
-use super::certs::{CERTS, DOC_CERTS, INTROS};
+use super::certs::{CERTS, CERT_LOG, DOC_CERTS, INTROS};
 use super::{
     builder, init, open_path, write_batch, Store, DOC_CHUNKS, DOC_HEADS, HEADS_LOG, HEADS_LOG_LEN,
     IDEM, IDEM2, IDEM3, KEYS, META, PART_INDEX, ROWS, SYNC_STATES,
@@ -30,6 +30,7 @@ const SCRUB_TABLES: &[&str] = &[
     "part_index",
     "certs",
     "doc_certs",
+    "cert_log",
     "introductions",
 ];
 
@@ -182,6 +183,7 @@ impl ScrubJob {
             copy_table(&rt, &wt, PART_INDEX, c)?;
             copy_table(&rt, &wt, CERTS, c)?;
             copy_table(&rt, &wt, DOC_CERTS, c)?;
+            copy_table(&rt, &wt, CERT_LOG, c)?;
             copy_table(&rt, &wt, INTROS, c)?;
             wt.commit()?;
         }
