@@ -97,7 +97,10 @@ fn build_location(
     for k in 0..sales {
         let now = t0 + 1 + k * (YEAR_MS - 1) / sales.max(1);
         let p = 1 + mix(seed ^ (k << 20)) % products;
-        e.execute(sale(&format!("s-{k}"), p), now, &|_| None)
+        // Sale ids are unique in the chain, as tills make them: the same ids
+        // at every location made every sale an id collision of 20 locations,
+        // each settled at every start by reading the records parts holding it.
+        e.execute(sale(&format!("{loc}-s-{k}"), p), now, &|_| None)
             .map_err(|err| format!("sale refused: {err:?}"))?;
         if (k + 1) % SALES_PER_COMMIT == 0 {
             flush(&mut e, now, &mut w);
@@ -534,7 +537,7 @@ async fn run_sized(mode: Mode, products: u64, sales: u64) -> Result<Section> {
          through the production engine without HTTP: one engine per location (its own node \
          identity key, node id and actor; every change signed, and `hq` storing the location \
          nodes' certificates and its introductions of them, as protocol 7 needs) receives {STOCK} units of every product at its location (500-line \
-         receipts) and sells its share of the sales (single-line sales of one unit, products \
+         receipts) and sells its share of the sales (single-line sales of one unit, ids unique in the chain, products \
          uniform, spread over one year, so 12 monthly records documents per location), in \
          group commits of {SALES_PER_COMMIT} sales (one Automerge change per touched document \
          per commit); 2 threads ({:.1} s). The documents of all locations are merged into the \
