@@ -70,36 +70,84 @@ pub fn read_entry<D: ReadDoc>(
             if p != product {
                 continue;
             }
-            let mut n = value.as_scalar().and_then(scalar_u64).unwrap_or(0);
-            if conflict {
-                // Cells are cumulative: of concurrent values (carried by two
-                // nodes, or two branches of a restored node) the largest holds,
-                // whichever Automerge shows first.
-                let all = match heads {
-                    None => doc.get_all(ROOT, key.as_str()),
-                    Some(h) => doc.get_all_at(ROOT, key.as_str(), h),
-                };
-                for (v, _) in all.into_iter().flatten() {
-                    n = n.max(v.as_scalar().and_then(scalar_u64).unwrap_or(0));
-                }
-            }
-            let c = e.cells.entry(actor).or_default();
-            match field {
-                LedgerField::Received => c.received = c.received.max(n),
-                LedgerField::Removed => c.removed = c.removed.max(n),
-                LedgerField::Granted(to) => {
-                    let g = c.granted.entry(to).or_default();
-                    *g = (*g).max(n);
-                }
-                LedgerField::Held(to) => {
-                    let g = c.held.entry(to).or_default();
-                    *g = (*g).max(n);
-                }
-                LedgerField::Released => c.released = c.released.max(n),
-            }
+            add_cell(&mut e, doc, &key, actor, field, &value, conflict, heads);
         }
     }
     e
+}
+
+/// Every product's cells in a ledger document, read in one ordered pass over
+/// its keys (live and carried), as [`read_entry`] reads each product's:
+/// what a whole document's views are rebuilt from (a restart, a document
+/// received whole) without a range lookup and a key list per product.
+/// Products without a cell are absent.
+pub fn read_entries<D: ReadDoc>(doc: &D) -> HashMap<u64, StockEntry> {
+    let mut out: HashMap<u64, StockEntry> = HashMap::new();
+    // Keys come sorted: a product's keys are contiguous, so the entry being
+    // filled is looked up only when the product changes.
+    let mut cur: Option<(u64, StockEntry)> = None;
+    for i in doc.map_range(ROOT, ..) {
+        let Ok((p, actor, field, _)) = parse_ledger_any(&i.key) else {
+            continue;
+        };
+        let value = Value::from(i.value);
+        if cur.as_ref().is_none_or(|(q, _)| *q != p) {
+            if let Some((q, e)) = cur.take() {
+                out.insert(q, e);
+            }
+            // Carried keys (`b/…`) come after every live key: a product's
+            // entry may already be there.
+            cur = Some((p, out.remove(&p).unwrap_or_default()));
+        }
+        if let Some((_, e)) = cur.as_mut() {
+            add_cell(e, doc, &i.key, actor, field, &value, i.conflict, None);
+        }
+    }
+    if let Some((q, e)) = cur {
+        out.insert(q, e);
+    }
+    out
+}
+
+/// Adds one ledger cell's value to `e` (the largest of concurrent values).
+#[allow(clippy::too_many_arguments)]
+fn add_cell<D: ReadDoc>(
+    e: &mut StockEntry,
+    doc: &D,
+    key: &str,
+    actor: ActorKey,
+    field: LedgerField,
+    value: &Value<'_>,
+    conflict: bool,
+    heads: Option<&[automerge::ChangeHash]>,
+) {
+    let mut n = value.as_scalar().and_then(scalar_u64).unwrap_or(0);
+    if conflict {
+        // Cells are cumulative: of concurrent values (carried by two
+        // nodes, or two branches of a restored node) the largest holds,
+        // whichever Automerge shows first.
+        let all = match heads {
+            None => doc.get_all(ROOT, key),
+            Some(h) => doc.get_all_at(ROOT, key, h),
+        };
+        for (v, _) in all.into_iter().flatten() {
+            n = n.max(v.as_scalar().and_then(scalar_u64).unwrap_or(0));
+        }
+    }
+    let c = e.cells.entry(actor).or_default();
+    match field {
+        LedgerField::Received => c.received = c.received.max(n),
+        LedgerField::Removed => c.removed = c.removed.max(n),
+        LedgerField::Granted(to) => {
+            let g = c.granted.entry(to).or_default();
+            *g = (*g).max(n);
+        }
+        LedgerField::Held(to) => {
+            let g = c.held.entry(to).or_default();
+            *g = (*g).max(n);
+        }
+        LedgerField::Released => c.released = c.released.max(n),
+    }
 }
 
 /// A customer as every node sees it.
@@ -652,5 +700,84 @@ impl Views {
         } else {
             self.customers.insert(id.to_string(), view);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{INCARNATION_BYTES, NODE_TAG_BYTES};
+    use crate::layout::{ledger_carried_key, ledger_key};
+    use automerge::transaction::Transactable;
+
+    fn actor(b: u8) -> ActorKey {
+        ActorKey::new(NodeTag([b; NODE_TAG_BYTES]), [b; INCARNATION_BYTES])
+    }
+
+    /// The one-pass read of a whole ledger document gives every product the
+    /// entry the per-product read gives it: live and carried keys, products
+    /// whose decimal forms share prefixes (1, 10, 100, 2, 11), every field,
+    /// concurrent values of one cell, and keys that are not ledger cells.
+    #[test]
+    fn one_pass_over_a_ledger_document_reads_what_each_product_reads() {
+        let (a, b) = (actor(1), actor(2));
+        let to = NodeTag([9; NODE_TAG_BYTES]);
+        let fields = [
+            LedgerField::Received,
+            LedgerField::Removed,
+            LedgerField::Granted(to),
+            LedgerField::Held(to),
+            LedgerField::Released,
+        ];
+        let products = [1u64, 10, 100, 2, 11, 1000, 7];
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        for (i, p) in products.iter().enumerate() {
+            for (j, f) in fields.iter().enumerate() {
+                if (i + j) % 2 == 0 {
+                    tx.put(ROOT, ledger_key(*p, a, *f), (10 * i + j) as u64)
+                        .unwrap();
+                }
+                if (i + j) % 3 == 0 {
+                    tx.put(ROOT, ledger_carried_key(*p, b, *f), (7 * i + j) as u64)
+                        .unwrap();
+                }
+            }
+        }
+        // Only carried cells for product 5; keys that are no ledger cells.
+        tx.put(ROOT, ledger_carried_key(5, a, LedgerField::Received), 3u64)
+            .unwrap();
+        tx.put(ROOT, "x", "not a cell").unwrap();
+        tx.put(ROOT, format!("01/{}/r", a.hex()), 99u64).unwrap();
+        tx.commit();
+        // Concurrent values of one cell (two branches): the largest holds.
+        let mut other = doc.fork();
+        let key = ledger_key(10, b, LedgerField::Received);
+        let mut tx = doc.transaction();
+        tx.put(ROOT, key.as_str(), 40u64).unwrap();
+        tx.commit();
+        let mut tx = other.transaction();
+        tx.put(ROOT, key.as_str(), 45u64).unwrap();
+        tx.commit();
+        doc.merge(&mut other).unwrap();
+        let all = read_entries(&doc);
+        let mut expected: Vec<u64> = products.to_vec();
+        expected.push(5);
+        expected.sort_unstable();
+        let mut got: Vec<u64> = all.keys().copied().collect();
+        got.sort_unstable();
+        assert_eq!(got, expected);
+        for p in expected.iter().chain([3u64, 4].iter()) {
+            assert_eq!(
+                all.get(p).cloned().unwrap_or_default(),
+                read_entry(&doc, *p, None),
+                "product {p}"
+            );
+        }
+        assert_eq!(
+            all[&10].cells.get(&b).map(|c| c.received),
+            Some(45),
+            "the larger of two concurrent values"
+        );
     }
 }

@@ -9,7 +9,11 @@ use automerge::{ReadDoc, ROOT};
 use super::Engine;
 use crate::layout::{self, CustomerKey, DocId};
 use crate::ledger::StockEntry;
-use crate::views::{read_customer, read_entry};
+use crate::views::{read_customer, read_entries, read_entry};
+
+/// Products of one ledger document whose views are rebuilt in one pass over
+/// the whole document ([`read_entries`]) rather than one range read each.
+pub(crate) const LEDGER_FULL_PASS_MIN: usize = 64;
 
 impl Engine {
     /// Rebuilds the views touched by a set of keys of one document from the document.
@@ -24,10 +28,20 @@ impl Engine {
                     .filter_map(|k| layout::parse_ledger_any(k).ok())
                     .map(|(p, _, _, _)| p)
                     .collect();
-                let entries: Vec<(u64, StockEntry)> = products
-                    .into_iter()
-                    .map(|p| (p, read_entry(&*slot.doc, p, None)))
-                    .collect();
+                let entries: Vec<(u64, StockEntry)> = if products.len() >= LEDGER_FULL_PASS_MIN {
+                    // Most of the document (a restart, a document received
+                    // whole): one ordered pass over all its keys.
+                    let mut all = read_entries(&*slot.doc);
+                    products
+                        .into_iter()
+                        .map(|p| (p, all.remove(&p).unwrap_or_default()))
+                        .collect()
+                } else {
+                    products
+                        .into_iter()
+                        .map(|p| (p, read_entry(&*slot.doc, p, None)))
+                        .collect()
+                };
                 for (p, entry) in entries {
                     self.set_entry(p, &location, entry);
                 }
@@ -134,6 +148,18 @@ impl Engine {
         let Some(slot) = self.docs.get(id) else {
             return;
         };
+        if let DocId::Ledger { location, .. } = &slot.id {
+            // Every product with a key has a cell: the same entries as
+            // `recompute_keys` over every key, without listing the keys.
+            let location = location.clone();
+            let mut entries: Vec<(u64, StockEntry)> =
+                read_entries(&*slot.doc).into_iter().collect();
+            entries.sort_unstable_by_key(|(p, _)| *p);
+            for (p, entry) in entries {
+                self.set_entry(p, &location, entry);
+            }
+            return;
+        }
         let keys: BTreeSet<String> = slot.doc.keys(ROOT).collect();
         self.recompute_keys(id, &keys);
     }
