@@ -47,21 +47,21 @@ struct PartIndexRef<'a> {
     entries: Vec<(&'a str, &'a str)>,
 }
 
-/// Reads an encoded part index in place: `f` gets its heads and entries
-/// (key, JSON; the JSON empty for a sale without a customer). `None` when
-/// it does not decode.
-pub(crate) fn read_part_index<R>(
-    bytes: &[u8],
-    f: impl FnOnce(&[[u8; 32]], &[(&str, &str)]) -> R,
-) -> Option<R> {
-    let plain = PartIndex::plain(bytes)?;
-    let i = postcard::from_bytes::<PartIndexRef>(&plain)
-        .ok()
-        .filter(|i| i.version == PartIndex::VERSION)?;
-    Some(f(&i.heads, &i.entries))
-}
-
 impl Engine {
+    /// Reads an encoded part index in place: `f` gets its heads and entries
+    /// (key, JSON; the JSON empty for a sale without a customer). `None`
+    /// when it does not decode.
+    pub(crate) fn read_part_index<R>(
+        bytes: &[u8],
+        f: impl FnOnce(&[[u8; 32]], &[(&str, &str)]) -> R,
+    ) -> Option<R> {
+        let plain = PartIndex::plain(bytes)?;
+        let i = postcard::from_bytes::<PartIndexRef>(&plain)
+            .ok()
+            .filter(|i| i.version == PartIndex::VERSION)?;
+        Some(f(&i.heads, &i.entries))
+    }
+
     /// Notes the records of a part from its encoded index (`finish_open`).
     /// Returns false if the index does not decode (the caller reads the
     /// part whole instead). The ids of its sales are not noted in memory

@@ -197,7 +197,7 @@ fn stored_entries(
     // A part refused below keeps the number (unused; numbers are cheap).
     let n = c.number(doc)?;
     let c = &*c;
-    crate::history::read_part_index(index, |raw_heads, entries| {
+    Engine::read_part_index(index, |raw_heads, entries| {
         let heads: Vec<ChangeHash> = raw_heads.iter().map(|h| ChangeHash(*h)).collect();
         if expect.is_some_and(|e| e != heads.as_slice()) {
             return None;
