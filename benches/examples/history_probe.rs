@@ -113,9 +113,17 @@ fn main() {
             }
         }
         println!(
-            "indexes written: {} in {:?}",
+            "indexes written: {} in {:?}; sales of {} parts written to the stored sale index, {} parts' sales dropped from memory",
             e.stats.parts_indexed,
-            t.elapsed()
+            t.elapsed(),
+            e.stats.cold_sale_parts_written,
+            e.stats.cold_sale_parts_dropped
+        );
+        println!(
+            "sale index after: {} sales in {} bytes; rss {:.0} MiB",
+            e.views.sales().len(),
+            e.views.sales().entry_bytes(),
+            rss_mib()
         );
         return;
     }
@@ -143,9 +151,14 @@ fn main() {
     let per_commit: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(32);
     let path = probe_path("storemesh-probe.redb");
     let _ = std::fs::remove_file(&path);
-    let store = Store::open(&path).unwrap();
+    let store = std::sync::Arc::new(Store::open(&path).unwrap());
     let cfg = testkit::config(0, 64);
     let mut e = Engine::new(cfg.clone(), [0, 1, 2, 3]);
+    // PROBE_ARCHIVE=1: as `storemesh run` sells (cold parts and the sale
+    // index of closed parts in the store).
+    if std::env::var_os("PROBE_ARCHIVE").is_some() {
+        e.set_part_archive(store.clone());
+    }
     if let Some(k) = std::env::var("PROBE_OPS_PER_KEY")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -184,11 +197,13 @@ fn main() {
         }
         if (i + 1) % 10_000 == 0 {
             println!(
-                "{} sales: rss {:.0} MiB (+{:.1} KiB/sale) {:.0}/s",
+                "{} sales: rss {:.0} MiB (+{:.1} KiB/sale) {:.0}/s; sale index {} in memory, {} bytes",
                 i + 1,
                 rss_mib(),
                 (rss_mib() - base) * 1024.0 / (i + 1) as f64,
-                (i + 1) as f64 / t.elapsed().as_secs_f64()
+                (i + 1) as f64 / t.elapsed().as_secs_f64(),
+                e.views.sales().len(),
+                e.views.sales().entry_bytes()
             );
         }
     }

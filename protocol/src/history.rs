@@ -48,9 +48,25 @@ struct PartIndexRef<'a> {
 }
 
 impl Engine {
+    /// Reads an encoded part index in place: `f` gets its heads and entries
+    /// (key, JSON; the JSON empty for a sale without a customer). `None`
+    /// when it does not decode.
+    pub(crate) fn read_part_index<R>(
+        bytes: &[u8],
+        f: impl FnOnce(&[[u8; 32]], &[(&str, &str)]) -> R,
+    ) -> Option<R> {
+        let plain = PartIndex::plain(bytes)?;
+        let i = postcard::from_bytes::<PartIndexRef>(&plain)
+            .ok()
+            .filter(|i| i.version == PartIndex::VERSION)?;
+        Some(f(&i.heads, &i.entries))
+    }
+
     /// Notes the records of a part from its encoded index (`finish_open`).
     /// Returns false if the index does not decode (the caller reads the
-    /// part whole instead).
+    /// part whole instead). The ids of its sales are not noted in memory
+    /// when the stored sale index holds them (`coldsales`); else the part
+    /// is due to have them written there.
     pub(crate) fn replay_part_index(&mut self, doc: &str, bytes: &[u8]) -> bool {
         let plain = PartIndex::plain(bytes);
         match plain
@@ -58,9 +74,23 @@ impl Engine {
             .and_then(|b| postcard::from_bytes::<PartIndexRef>(b).ok())
         {
             Some(i) if i.version == PartIndex::VERSION => {
+                let stored = match self.cold_sales.as_mut() {
+                    Some(c) if c.covers(doc, &i.heads) => true,
+                    Some(c) => {
+                        c.due.insert(doc.to_string());
+                        false
+                    }
+                    None => false,
+                };
+                self.sales_stored = stored;
                 for (key, json) in i.entries {
+                    // A sale without a customer is only its id (`id_only`).
+                    if stored && json.is_empty() {
+                        continue;
+                    }
                     self.note_record(doc, key, json);
                 }
+                self.sales_stored = false;
                 true
             }
             _ => {
@@ -480,6 +510,10 @@ impl Engine {
     /// id: this node's own sale is the one looked up (returns at this node
     /// refer to it), else the first by document; all are kept.
     fn note_sale_id(&mut self, id: &str, doc: &str, key: &str) {
+        if self.sales_stored {
+            // A start replaying a part whose sales the stored index holds.
+            return;
+        }
         if self.views.sales.in_bulk() {
             // A start: every stored sale is noted unchecked and the ids held
             // twice are settled at its end (`settle_bulk_sales`).
@@ -498,12 +532,22 @@ impl Engine {
         self.views.sales.add(id, doc);
         let first = self.settle_sale_pair(id, &old_doc, doc, key);
         self.views.sales.prefer(id, &first);
+        // Settled again at every start, wherever its sales are by then.
+        if let Some(c) = self.cold_sales.as_mut() {
+            c.shared_pending.insert(id.to_string());
+        }
     }
 
     /// Sale `id` noted in `doc` after `old_doc` (the document it is looked
     /// up in so far): lists a collision when two nodes wrote it, and returns
     /// the document to look it up in first from now on.
-    fn settle_sale_pair(&mut self, id: &str, old_doc: &str, doc: &str, key: &str) -> String {
+    pub(crate) fn settle_sale_pair(
+        &mut self,
+        id: &str,
+        old_doc: &str,
+        doc: &str,
+        key: &str,
+    ) -> String {
         let tag_of = |d: &str| d.split('/').nth(1).map(str::to_string);
         let replace = if tag_of(old_doc) == tag_of(doc) {
             true
@@ -567,6 +611,11 @@ impl Engine {
                     first = self.settle_sale_pair(&id, &first, d, &key);
                 }
                 self.views.sales.prefer(&id, &first);
+                // Noted by an earlier release, or its parts' sales were not
+                // stored yet: stored as shared from now on.
+                if let Some(c) = self.cold_sales.as_mut() {
+                    c.shared_pending.insert(id);
+                }
             }
         }
     }
@@ -578,16 +627,18 @@ impl Engine {
     /// a collision, not the id's only sale). Pending puts are read only for
     /// a candidate document that does not hold the key yet.
     fn noted_sale_doc(&self, id: &str, key: &str) -> Option<String> {
-        self.views
-            .sales
-            .candidates(id)
-            .find(|d| {
-                self.docs.get(*d).is_some_and(|s| {
-                    s.doc.get(ROOT, key).ok().flatten().is_some()
-                        || s.puts.iter().any(|(k, _)| k == key)
-                })
+        let holds = |d: &str| {
+            self.docs.get(d).is_some_and(|s| {
+                s.doc.get(ROOT, key).ok().flatten().is_some()
+                    || s.puts.iter().any(|(k, _)| k == key)
             })
-            .map(str::to_string)
+        };
+        if let Some(d) = self.views.sales.candidates(id).find(|d| holds(d)) {
+            return Some(d.to_string());
+        }
+        self.stored_sale_candidates(id)
+            .into_iter()
+            .find(|d| holds(d))
     }
 
     fn feed_sale(&mut self, id: &str) {
@@ -669,12 +720,21 @@ impl Engine {
     /// two nodes used the id). Loads a cold part that may hold it.
     pub fn sale_doc(&self, id: &str) -> Option<(String, String)> {
         let key = layout::record_key(RecordKind::Sale, id);
-        let doc = self.views.sales.candidates(id).find(|d| {
+        let holds = |d: &str| {
             self.docs
-                .get(*d)
+                .get(d)
                 .is_some_and(|s| s.doc.get(ROOT, key.as_str()).ok().flatten().is_some())
-        })?;
-        Some((doc.to_string(), key))
+        };
+        // In memory (open parts, and the document preferred for a shared
+        // id) first; then the stored index of closed parts.
+        let doc = match self.views.sales.candidates(id).find(|d| holds(d)) {
+            Some(d) => d.to_string(),
+            None => self
+                .stored_sale_candidates(id)
+                .into_iter()
+                .find(|d| holds(d))?,
+        };
+        Some((doc, key))
     }
 
     /// The sale record of `id` and the other sales of that id, if two

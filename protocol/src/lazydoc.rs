@@ -28,6 +28,18 @@ pub trait PartArchive: Send + Sync {
         let _ = doc;
         Ok(None)
     }
+    /// What the store holds of the sale index of closed parts
+    /// ([`crate::coldsales`]), read once at a start; `None`: this archive
+    /// keeps no such index (the engine then holds every sale in memory).
+    fn cold_sales(&self) -> Result<Option<crate::coldsales::ColdSalesState>, String> {
+        Ok(None)
+    }
+    /// The stored entries of the sale index of closed parts from `lo` to
+    /// `hi` (inclusive), in order: a lookup of one fingerprint.
+    fn cold_sale_entries(&self, lo: u64, hi: u64) -> Result<Vec<u64>, String> {
+        let _ = (lo, hi);
+        Ok(Vec::new())
+    }
 }
 
 /// The document a failed read of a cold part shows meanwhile.

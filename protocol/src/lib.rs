@@ -8,6 +8,7 @@
 
 pub mod arbitration;
 pub mod authority;
+pub mod coldsales;
 pub mod counts;
 pub mod crypto;
 pub mod engine;

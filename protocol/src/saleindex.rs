@@ -181,7 +181,7 @@ impl SaleIndex {
         self.bulk = None;
         let mut shared: Vec<(u64, Vec<String>)> = Vec::new();
         let mut last: Option<u64> = None;
-        for e in self.entries() {
+        for e in self.all_entries() {
             let fp = e & SALE_INDEX_FP_MASK;
             let name = || self.names.get((e & SALE_INDEX_DOC_MAX) as usize).cloned();
             if last.is_some_and(|l| l & SALE_INDEX_FP_MASK == fp) {
@@ -212,10 +212,31 @@ impl SaleIndex {
         };
         chunk.sort_unstable();
         chunk.dedup();
-        chunk.retain(|e| self.bucket(bucket_of(*e)).binary_search(&pack(*e)).is_err());
+        chunk.retain(|e| {
+            self.bucket(bucket_of(*e)).binary_search(&pack(*e)).is_err() && !self.recent.contains(e)
+        });
+        if self.starts.is_empty() && self.recent.len() + chunk.len() < SALE_INDEX_RECENT_MAX {
+            // Few (a start whose closed parts' sales are in the store): kept
+            // as recent entries, without the array's offsets (256 KiB).
+            self.recent.extend(chunk.iter().copied());
+            self.bulk = Some(Vec::new());
+            return;
+        }
         self.merge_sorted(&chunk);
         chunk.clear();
         self.bulk = Some(chunk);
+    }
+
+    /// The entries of `sorted` and `recent`, in order.
+    fn all_entries(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut a = self.entries().peekable();
+        let mut b = self.recent.iter().copied().peekable();
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x <= y => a.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, None) => None,
+        })
     }
 
     /// Whether `id` has the fingerprint `fp` (as [`SaleIndex::end_bulk`]
@@ -307,6 +328,54 @@ impl SaleIndex {
         );
     }
 
+    /// Forgets the sales noted in `doc` (a closed part whose sales are in
+    /// the store now, `coldsales`): its entries leave the array, which gives
+    /// back the memory it no longer needs. The document's name stays (a
+    /// preferred document may still name it). Returns the entries removed.
+    pub fn remove_doc(&mut self, doc: &str) -> usize {
+        let Some(&d) = self.name_ix.get(doc) else {
+            return 0;
+        };
+        let before = self.len();
+        for docs in self.overflow.values_mut() {
+            docs.retain(|x| *x != d);
+        }
+        self.overflow.retain(|_, docs| !docs.is_empty());
+        if u64::from(d) <= SALE_INDEX_DOC_MAX {
+            let d = u64::from(d);
+            self.recent.retain(|e| e & SALE_INDEX_DOC_MAX != d);
+            if let Some(bulk) = self.bulk.as_mut() {
+                bulk.retain(|e| e & SALE_INDEX_DOC_MAX != d);
+            }
+            if !self.starts.is_empty() {
+                // Compacted in place, bucket by bucket (`starts[b + 1]` is
+                // read before it is moved).
+                let mut w = 0usize;
+                for b in 0..SALE_INDEX_BUCKETS {
+                    let (lo, hi) = (self.starts[b] as usize, self.starts[b + 1] as usize);
+                    self.starts[b] = w as u32;
+                    for i in lo..hi {
+                        let p = self.sorted[i];
+                        if u64::from(u16::from_be_bytes([p[3], p[4]])) != d {
+                            self.sorted[w] = p;
+                            w += 1;
+                        }
+                    }
+                }
+                self.starts[SALE_INDEX_BUCKETS] = w as u32;
+                self.sorted.truncate(w);
+                if w == 0 {
+                    // The offsets too (256 KiB): the next merge makes them.
+                    self.sorted = Vec::new();
+                    self.starts = Vec::new();
+                } else if self.sorted.capacity() > 2 * w + SALE_INDEX_RECENT_MAX {
+                    self.sorted.shrink_to_fit();
+                }
+            }
+        }
+        before - self.len()
+    }
+
     /// Heap bytes the index holds for its entries (its names and exact
     /// maps aside): what grows with the number of sales.
     pub fn entry_bytes(&self) -> usize {
@@ -368,6 +437,51 @@ mod tests {
         assert_eq!(found, vec!["rec/b/202602", "rec/a/202602"]);
         ix.prefer("s-1", "rec/a/202602");
         assert_eq!(ix.candidates("s-1").next(), Some("rec/a/202602"));
+    }
+
+    /// Removing a document's sales (its part's sales went to the store)
+    /// keeps every other document's, in the array and in `recent`, and
+    /// gives the array's memory back.
+    #[test]
+    fn removing_a_document_keeps_the_others_and_frees_memory() {
+        let mut ix = SaleIndex::default();
+        let n = 2 * SALE_INDEX_RECENT_MAX as u64 + 100;
+        for i in 0..n {
+            ix.add(&format!("s-{i}"), &format!("rec/a/2026{:02}", i % 4 + 1));
+        }
+        assert!(!ix.sorted.is_empty() && !ix.recent.is_empty());
+        let bytes = ix.entry_bytes();
+        let removed = ix.remove_doc("rec/a/202602");
+        assert_eq!(removed as u64, n / 4);
+        assert_eq!(ix.len() as u64, n - n / 4);
+        assert_eq!(ix.remove_doc("rec/a/202602"), 0);
+        assert_eq!(ix.remove_doc("rec/unknown"), 0);
+        for i in (0..n).step_by(101) {
+            let found: Vec<&str> = ix.candidates(&format!("s-{i}")).collect();
+            if i % 4 == 1 {
+                assert!(!found.contains(&"rec/a/202602"), "s-{i}: {found:?}");
+            } else {
+                let want = format!("rec/a/2026{:02}", i % 4 + 1);
+                assert!(found.contains(&want.as_str()), "s-{i}: {found:?}");
+            }
+        }
+        let all: Vec<u64> = ix.entries().collect();
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "still sorted");
+        for d in ["rec/a/202601", "rec/a/202603", "rec/a/202604"] {
+            ix.remove_doc(d);
+        }
+        assert!(ix.is_empty());
+        assert!(
+            ix.entry_bytes() * 10 < bytes,
+            "{} of {bytes} bytes kept",
+            ix.entry_bytes()
+        );
+        // Adding again works from empty.
+        ix.add("late", "rec/b/202605");
+        assert_eq!(
+            ix.candidates("late").collect::<Vec<_>>(),
+            vec!["rec/b/202605"]
+        );
     }
 
     /// A bulk load finds every id it collected, adds nothing twice, and

@@ -17,6 +17,7 @@
 //! | `customer_keys` | customer                 | key-store entry              |
 //! | `part_index`    | doc (a closed records part) | `history::PartIndex` of its snapshot |
 //! | `certs`, `doc_certs`, `cert_log`, `introductions` | see `certs.rs` | batch certificates |
+//! | `sale_index`, `sale_index_parts`, `sale_index_shared` | see `coldsales.rs` | sale ids of closed records parts |
 //!
 //! A failed commit leaves nothing of its batch (redb's transaction is dropped
 //! uncommitted). redb refuses every further operation after an I/O error, so a
@@ -237,6 +238,7 @@ fn init(db: &Database) -> Result<()> {
         tx.open_table(DOC_CERTS)?;
         tx.open_table(CERT_LOG)?;
         tx.open_table(INTROS)?;
+        coldsales::init(&tx)?;
         let mut meta = tx.open_table(META)?;
         let existing = meta.get(SCHEMA_KEY)?.map(|v| v.value().to_vec());
         match existing {
@@ -374,6 +376,7 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<()> {
         }
 
         certs::write(&tx, batch)?;
+        coldsales::write(&tx, batch)?;
 
         // Documents the engine moved on from (older ledger epochs): every
         // stored trace, in the same transaction as the epoch that replaces them.
@@ -737,6 +740,18 @@ impl storemesh_protocol::lazydoc::PartArchive for Store {
         })
         .map_err(|e| format!("{e:#}"))
     }
+
+    fn cold_sales(
+        &self,
+    ) -> std::result::Result<Option<storemesh_protocol::coldsales::ColdSalesState>, String> {
+        self.cold_sales_state()
+            .map(Some)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn cold_sale_entries(&self, lo: u64, hi: u64) -> std::result::Result<Vec<u64>, String> {
+        self.cold_sale_entries(lo, hi).map_err(|e| format!("{e:#}"))
+    }
 }
 
 #[cfg(test)]
@@ -745,6 +760,9 @@ mod tests;
 // The signing tables: batch certificates, their links to documents,
 // introductions.
 mod certs;
+
+// The sale index of closed records parts.
+mod coldsales;
 
 // Rewriting the data file from scratch while commits go on.
 mod scrub;

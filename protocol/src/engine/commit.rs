@@ -31,6 +31,9 @@ impl Engine {
     /// document and returns everything the shell must persist atomically.
     pub fn flush(&mut self, now_ms: u64) -> Batch {
         let mut batch = Batch::default();
+        // Sales of closed parts whose stored entries are durable by now
+        // leave memory (`coldsales`).
+        self.drop_stored_sales();
         // Erased customers whose profile came back from an offline peer are scrubbed again.
         let customers: Vec<String> = std::mem::take(&mut self.pending_customers)
             .into_iter()
@@ -152,6 +155,7 @@ impl Engine {
             }
         }
         self.flush_part_indexes(&mut batch);
+        self.flush_stored_sales(&mut batch);
         for (p, l) in std::mem::take(&mut self.pending_rows) {
             // Invariant (DESIGN §5.5, views are true): for every row this
             // batch touched, the rights of all holders sum to what is on

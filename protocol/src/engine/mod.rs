@@ -30,6 +30,7 @@ mod nodes;
 mod open;
 mod recompute;
 mod rows;
+mod sale_lookup;
 
 pub use commit::Released;
 
@@ -166,6 +167,9 @@ pub struct Batch {
     pub cert_links: Vec<(String, crate::signing::CertId)>,
     /// Introductions received from peers (verified), stored.
     pub intros: Vec<crate::signing::Introduction>,
+    /// The sale index of closed parts (`coldsales`): entries of the parts
+    /// whose index this batch stores, their numbers, the key, shared ids.
+    pub cold_sales: crate::coldsales::ColdSalesWrites,
 }
 
 impl Batch {
@@ -181,6 +185,7 @@ impl Batch {
             && self.certs.is_empty()
             && self.cert_links.is_empty()
             && self.intros.is_empty()
+            && self.cold_sales.is_empty()
     }
 }
 
@@ -251,6 +256,13 @@ pub struct Engine {
     /// Where cold closed parts are read back from, so that their bytes need
     /// not stay in memory (`None`: they are held, as in the test mesh).
     pub(crate) part_archive: Option<std::sync::Arc<dyn crate::lazydoc::PartArchive>>,
+    /// The sale index of closed parts in the store (`coldsales`); `None`
+    /// without an archive that keeps one: every sale is then held in
+    /// `views.sales`.
+    pub(crate) cold_sales: Option<crate::coldsales::ColdSales>,
+    /// Set while a start replays a part whose sales are in the stored
+    /// index: their ids are not noted in memory.
+    pub(crate) sales_stored: bool,
     /// Set until `finish_open` ends: sales noted while opening are history,
     /// not news for the sale feed (a reopened engine's feed starts empty).
     pub(crate) opening: bool,
@@ -358,6 +370,11 @@ pub struct Stats {
     pub late_cells_carried: u64,
     /// Batch certificates whose signature this node checked.
     pub certs_verified: u64,
+    /// Parts whose sales were written to the stored index (since start),
+    /// and their entries; parts whose sales then left memory.
+    pub cold_sale_parts_written: u64,
+    pub cold_sale_entries_written: u64,
+    pub cold_sale_parts_dropped: u64,
 }
 
 fn xor32(acc: &mut [u8; 32], h: &[u8; 32]) {
@@ -440,6 +457,8 @@ impl Engine {
             indexed_parts: Default::default(),
             index_replay: HashMap::new(),
             part_archive: None,
+            cold_sales: None,
+            sales_stored: false,
             opening: true,
             sale_feed: VecDeque::new(),
             sale_feed_next: 0,
@@ -518,15 +537,23 @@ impl Engine {
             .collect()
     }
 
-    /// Reads cold closed records parts back from `archive` instead of
-    /// holding their bytes (set before documents load).
     /// Whether an earlier flushed batch is not yet durable (set by the loop
     /// before each batch it executes; see `batch_in_flight`).
     pub fn set_batch_in_flight(&mut self, in_flight: bool) {
         self.batch_in_flight = in_flight;
     }
 
+    /// Reads cold closed records parts back from `archive` instead of
+    /// holding their bytes (set before documents load). Also reads what the archive holds of the sale index of closed parts
+    /// (`coldsales`); if that fails, every sale is held in memory.
     pub fn set_part_archive(&mut self, archive: std::sync::Arc<dyn crate::lazydoc::PartArchive>) {
+        self.cold_sales = match archive.cold_sales() {
+            Ok(state) => state.map(crate::coldsales::ColdSales::from_state),
+            Err(e) => {
+                tracing::error!(error = %e, "the stored sale index cannot be read; every sale is held in memory");
+                None
+            }
+        };
         self.part_archive = Some(archive);
     }
 

@@ -134,6 +134,7 @@ impl Engine {
             }
         }
         self.settle_bulk_sales();
+        self.settle_stored_shared();
         let info = NodeInfo {
             name: self.cfg.name.clone(),
             location: Some(self.cfg.location.clone()),

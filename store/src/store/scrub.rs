@@ -9,6 +9,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use storemesh_protocol::engine::{Batch, DocWrite};
 
 use super::certs::{CERTS, CERT_LOG, DOC_CERTS, INTROS};
+use super::coldsales::{SALE_INDEX, SALE_INDEX_PARTS, SALE_INDEX_SHARED};
 use super::{
     builder, init, open_path, write_batch, Store, DOC_CHUNKS, DOC_HEADS, HEADS_LOG, HEADS_LOG_LEN,
     IDEM, IDEM2, IDEM3, KEYS, META, PART_INDEX, ROWS, SYNC_STATES,
@@ -32,6 +33,9 @@ const SCRUB_TABLES: &[&str] = &[
     "doc_certs",
     "cert_log",
     "introductions",
+    "sale_index",
+    "sale_index_parts",
+    "sale_index_shared",
 ];
 
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -103,9 +107,12 @@ fn batch_bytes(b: &Batch) -> usize {
         .iter()
         .map(|(d, _, h)| d.len() + hashes(h) + ENTRY)
         .sum();
+    let cold = b.cold_sales.entries.len() * 8
+        + (b.cold_sales.parts.len() + b.cold_sales.shared.len()) * ENTRY;
     docs + sync
         + heads
         + log
+        + cold
         + (b.rows.len() + b.idem.len() + b.keys.len() + b.retired.len()) * ENTRY
 }
 
@@ -185,6 +192,9 @@ impl ScrubJob {
             copy_table(&rt, &wt, DOC_CERTS, c)?;
             copy_table(&rt, &wt, CERT_LOG, c)?;
             copy_table(&rt, &wt, INTROS, c)?;
+            copy_table(&rt, &wt, SALE_INDEX, c)?;
+            copy_table(&rt, &wt, SALE_INDEX_PARTS, c)?;
+            copy_table(&rt, &wt, SALE_INDEX_SHARED, c)?;
             wt.commit()?;
         }
         drop(rt);

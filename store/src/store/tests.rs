@@ -154,6 +154,64 @@ fn a_part_index_lives_only_as_long_as_its_snapshot() {
         .is_none());
 }
 
+/// The sale index of closed parts: entries, parts and shared ids read back
+/// (also after a rewrite of the file), lookups by range, and a key that is
+/// never replaced by another.
+#[test]
+fn the_stored_sale_index_round_trips_and_keeps_its_key() {
+    use storemesh_protocol::coldsales::{ColdPart, ColdSalesWrites};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("n.redb")).unwrap();
+    let empty = store.cold_sales_state().unwrap();
+    assert!(empty.key.is_none() && empty.parts.is_empty() && empty.shared.is_empty());
+    let part = |n: u32| ColdPart {
+        number: n,
+        doc: format!("rec/aa/202612/{n}"),
+        heads: vec![[n as u8; 32]],
+    };
+    let fp = |x: u64| x << 24;
+    store
+        .commit(&Batch {
+            cold_sales: ColdSalesWrites {
+                key: Some([7; 32]),
+                parts: vec![part(0), part(1)],
+                entries: vec![fp(5), fp(5) | 1, fp(9)],
+                shared: vec!["s-1".into()],
+            },
+            ..Batch::default()
+        })
+        .unwrap();
+    let check = |store: &Store| {
+        let st = store.cold_sales_state().unwrap();
+        assert_eq!(st.key, Some([7; 32]));
+        assert_eq!(st.parts, vec![part(0), part(1)]);
+        assert_eq!(st.shared, vec!["s-1".to_string()]);
+        assert_eq!(
+            store.cold_sale_entries(fp(5), fp(5) | 0xFF_FFFF).unwrap(),
+            vec![fp(5), fp(5) | 1]
+        );
+        assert!(store
+            .cold_sale_entries(fp(6), fp(6) | 0xFF_FFFF)
+            .unwrap()
+            .is_empty());
+    };
+    check(&store);
+    // Another key is refused, nothing of its batch is written.
+    let other = store.commit(&Batch {
+        cold_sales: ColdSalesWrites {
+            key: Some([8; 32]),
+            entries: vec![fp(6)],
+            ..Default::default()
+        },
+        ..Batch::default()
+    });
+    assert!(other.is_err());
+    check(&store);
+    // The rewrite of the file (after an erasure) copies every table.
+    store.scrub().unwrap();
+    check(&store);
+}
+
 #[test]
 fn round_trip_snapshot_replaces_chunks_and_heads_log_is_trimmed() {
     let dir = tempfile::tempdir().unwrap();
