@@ -177,24 +177,6 @@ fn a_fresh_node_receives_every_sale(mut e: Engine, n: usize) {
     );
 }
 
-fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_protocol::ops::Op {
-    use storemesh_protocol::ops::{Disposition, Op, Return, ReturnLine};
-    Op::Return(Return {
-        return_id: id.into(),
-        location: "loc0".into(),
-        original_sale_id: Some(sale.into()),
-        customer_id: None,
-        lines: vec![ReturnLine {
-            product_id: product,
-            quantity,
-            disposition: Disposition::Restock,
-        }],
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
-    })
-}
-
 /// Closed records parts are held as saved bytes (DESIGN §7, "records in
 /// periods that go cold"): every history lookup still answers — a sale by
 /// id, a return checked against it, the webhook scan — before and after a
@@ -227,13 +209,21 @@ fn closed_parts_go_cold_and_history_still_answers() {
     let s0 = e.sale_json("s0").expect("sale s0 in a cold part");
     assert_eq!(s0["sale_id"], "s0");
     assert!(e.cold_parts().0 < 7, "the lookup loaded its part");
-    let over = e.execute(return_of("ret-0", "s3", 7, 3), NOW_MS + 50, &|_| None);
+    let over = e.execute(
+        testkit::return_of("ret-0", "s3", 7, 3),
+        NOW_MS + 50,
+        &|_| None,
+    );
     assert!(
         over.is_err(),
         "a return over the sold 2 is refused: {over:?}"
     );
-    e.execute(return_of("ret-1", "s3", 7, 2), NOW_MS + 50, &|_| None)
-        .unwrap();
+    e.execute(
+        testkit::return_of("ret-1", "s3", 7, 2),
+        NOW_MS + 50,
+        &|_| None,
+    )
+    .unwrap();
     commit(&mut e, &store, NOW_MS + 50);
     let mut all = Vec::new();
     e.for_each_sale(|id, json| {
@@ -282,7 +272,11 @@ fn closed_parts_go_cold_and_history_still_answers() {
         assert_eq!(s["sale_id"], format!("s{i}"));
     }
     assert!(e.sale_json("s-none").is_none());
-    let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 60, &|_| None);
+    let again = e.execute(
+        testkit::return_of("ret-2", "s3", 7, 1),
+        NOW_MS + 60,
+        &|_| None,
+    );
     assert!(
         again.is_err(),
         "s3 was returned whole before the restart: {again:?}"
@@ -335,8 +329,12 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
     );
     let s0 = e.sale_json("s0").expect("sale s0 read back from the store");
     assert_eq!(s0["sale_id"], "s0");
-    e.execute(return_of("ret-1", "s3", 7, 2), NOW_MS + 50, &|_| None)
-        .unwrap();
+    e.execute(
+        testkit::return_of("ret-1", "s3", 7, 2),
+        NOW_MS + 50,
+        &|_| None,
+    )
+    .unwrap();
     commit(&mut e, &store, NOW_MS + 50);
     let mut n = 0;
     e.for_each_sale(|_, _| {
@@ -375,7 +373,11 @@ fn cold_parts_are_read_back_from_the_store_instead_of_held() {
         let s = e.sale_json(&format!("s{i}")).expect("sale after restart");
         assert_eq!(s["sale_id"], format!("s{i}"));
     }
-    let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 60, &|_| None);
+    let again = e.execute(
+        testkit::return_of("ret-2", "s3", 7, 1),
+        NOW_MS + 60,
+        &|_| None,
+    );
     assert!(again.is_err(), "s3 was returned whole: {again:?}");
     // A fresh node gets every record from the node whose parts are stored.
     a_fresh_node_receives_every_sale(e, 30);

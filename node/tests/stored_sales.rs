@@ -93,24 +93,6 @@ fn settle_parts(e: &mut Engine, store: &Store, now: u64) {
     }
 }
 
-fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> storemesh_protocol::ops::Op {
-    use storemesh_protocol::ops::{Disposition, Op, Return, ReturnLine};
-    Op::Return(Return {
-        return_id: id.into(),
-        location: "loc0".into(),
-        original_sale_id: Some(sale.into()),
-        customer_id: None,
-        lines: vec![ReturnLine {
-            product_id: product,
-            quantity,
-            disposition: Disposition::Restock,
-        }],
-        occurred_at: None,
-        register_id: None,
-        staff_id: None,
-    })
-}
-
 /// Sales of closed parts leave memory once their part's index is stored;
 /// a lookup by id (`GET /api/sales/{id}`) and a return of an old sale find
 /// them in the store, before and after a restart.
@@ -141,10 +123,18 @@ fn sales_of_closed_parts_are_found_in_the_store() {
     assert_eq!(s3["sale_id"], "s3");
     assert!(e.sale_json("s-none").is_none());
     // s3 sold 2 of product 7 (3 % 3 = 0): a return of 3 is refused.
-    let over = e.execute(return_of("ret-0", "s3", 7, 3), NOW_MS + 500, &|_| None);
+    let over = e.execute(
+        testkit::return_of("ret-0", "s3", 7, 3),
+        NOW_MS + 500,
+        &|_| None,
+    );
     assert!(over.is_err(), "a return over the sold 2: {over:?}");
-    e.execute(return_of("ret-1", "s3", 7, 2), NOW_MS + 500, &|_| None)
-        .unwrap();
+    e.execute(
+        testkit::return_of("ret-1", "s3", 7, 2),
+        NOW_MS + 500,
+        &|_| None,
+    )
+    .unwrap();
     commit(&mut e, &store, NOW_MS + 500);
     drop(e);
 
@@ -161,9 +151,17 @@ fn sales_of_closed_parts_are_found_in_the_store() {
             .unwrap_or_else(|| panic!("s{i} after the restart"));
         assert_eq!(s["sale_id"], format!("s{i}"));
     }
-    let again = e.execute(return_of("ret-2", "s3", 7, 1), NOW_MS + 600, &|_| None);
+    let again = e.execute(
+        testkit::return_of("ret-2", "s3", 7, 1),
+        NOW_MS + 600,
+        &|_| None,
+    );
     assert!(again.is_err(), "s3 was returned whole: {again:?}");
-    let other = e.execute(return_of("ret-3", "s4", 8, 2), NOW_MS + 600, &|_| None);
+    let other = e.execute(
+        testkit::return_of("ret-3", "s4", 8, 2),
+        NOW_MS + 600,
+        &|_| None,
+    );
     assert!(other.is_ok(), "s4 is returned: {other:?}");
     commit(&mut e, &store, NOW_MS + 600);
     // Selling on: new parts close and leave memory too.

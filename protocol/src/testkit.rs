@@ -75,6 +75,26 @@ pub fn sale(id: &str, location: Option<&str>, lines: &[(u64, u64)]) -> Op {
     })
 }
 
+/// A restocking return of `quantity` of `product` at `loc0`, checked
+/// against the original sale `sale`.
+pub fn return_of(id: &str, sale: &str, product: u64, quantity: u64) -> Op {
+    use crate::ops::{Disposition, Return, ReturnLine};
+    Op::Return(Return {
+        return_id: id.into(),
+        location: "loc0".into(),
+        original_sale_id: Some(sale.into()),
+        customer_id: None,
+        lines: vec![ReturnLine {
+            product_id: product,
+            quantity,
+            disposition: Disposition::Restock,
+        }],
+        occurred_at: None,
+        register_id: None,
+        staff_id: None,
+    })
+}
+
 /// An in-memory stand-in for the node's redb certificate tables: what the
 /// batches stored, read back by the engine when memory lacks it.
 #[derive(Clone, Default)]
