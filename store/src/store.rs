@@ -165,11 +165,11 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 /// code on a damaged page, seen in release builds), so a data file damaged
 /// on disk would otherwise kill the thread that touched it — at a start,
 /// the whole node with a panic instead of an error that names the file.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+fn guarded<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => Err(Damaged {
-            what: what.to_string(),
+            what: what(),
             panic: panic_message(p.as_ref()),
         }
         .into()),
@@ -403,8 +403,7 @@ impl Store {
                 .with_context(|| format!("creating the data directory {}", dir.display()))?;
         }
         let db = open_path(path)?;
-        let what = format!("data file {}", path.display());
-        guarded(&what, || init(&db))
+        guarded(|| format!("data file {}", path.display()), || init(&db))
             .with_context(|| format!("initializing data file {}", path.display()))?;
         Ok(Store {
             db: RwLock::new(Some(db)),
@@ -417,7 +416,7 @@ impl Store {
     /// Opens a store over any redb backend (the simulated disk in tests).
     pub fn open_backend(backend: impl redb::StorageBackend + 'static) -> Result<Store> {
         let db = guarded_open("database", || builder().create_with_backend(backend))?;
-        guarded("database", || init(&db)).context("initializing the database")?;
+        guarded(|| "database".to_string(), || init(&db)).context("initializing the database")?;
         Ok(Store {
             db: RwLock::new(Some(db)),
             path: None,
@@ -436,7 +435,7 @@ impl Store {
         // Close the old handle first: it holds the file lock.
         drop(g.take());
         let db = open_path(path)?;
-        guarded(&format!("data file {}", path.display()), || init(&db))?;
+        guarded(|| format!("data file {}", path.display()), || init(&db))?;
         *g = Some(db);
         Ok(())
     }
@@ -447,10 +446,13 @@ impl Store {
     /// opens the file afresh (and fails again with a clear error if the
     /// damage is on disk).
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
-        let what = self.path.as_ref().map_or_else(
-            || "database".to_string(),
-            |p| format!("data file {}", p.display()),
-        );
+        // Named only when a panic is caught: no allocation per call.
+        let what = || {
+            self.path.as_ref().map_or_else(
+                || "database".to_string(),
+                |p| format!("data file {}", p.display()),
+            )
+        };
         let closed = self.db.read().unwrap_or_else(|e| e.into_inner()).is_none();
         if closed {
             self.reopen()
@@ -459,7 +461,7 @@ impl Store {
         let res = {
             let g = self.db.read().unwrap_or_else(|e| e.into_inner());
             match g.as_ref() {
-                Some(db) => guarded(&what, || f(db)),
+                Some(db) => guarded(what, || f(db)),
                 None => bail!("the store is closed after an I/O error"),
             }
         };
