@@ -63,7 +63,7 @@ pub(super) fn engine_loop(
     let seq_max = shared.read.read().map(|r| r.seq_max).unwrap_or(0);
     let mut node: NodeLoop<Reply> = NodeLoop::new(engine, loop_config(&cfg), seq_max);
     #[cfg(feature = "failpoints")]
-    node.set_frame_hook(failpoints::on_frame);
+    node.set_frame_hook(super::failpoints::on_frame);
     let mut storage = NodeStorage {
         store: &store,
         metrics: &shared.metrics,
