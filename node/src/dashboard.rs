@@ -21,7 +21,7 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::json;
 
-use crate::node::Shared;
+use crate::state::Shared;
 
 /// The page (checked in as a file of its own so it can be read and edited as HTML).
 const PAGE: &str = include_str!("dashboard.html");

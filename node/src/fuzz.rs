@@ -381,7 +381,7 @@ impl HttpHarness {
         })
     }
 
-    fn shared(&self) -> Option<&Arc<crate::node::Shared>> {
+    fn shared(&self) -> Option<&Arc<crate::state::Shared>> {
         self.node.as_ref().map(|n| &n.shared)
     }
 

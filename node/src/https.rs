@@ -17,8 +17,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::{Deserialize, Serialize};
 use sha2::Digest;
+
+use crate::config::TlsConfig;
 
 /// File names `init --https` writes in the data directory.
 pub const CERT_FILE_NAME: &str = "https-cert.pem";
@@ -26,71 +27,51 @@ pub const KEY_FILE_NAME: &str = "https-key.pem";
 /// Largest certificate or key file read (a PEM chain is a few KiB).
 const PEM_BYTES_MAX: u64 = 1 << 20;
 
-/// `[api.tls]`. Relative paths are taken from the data directory.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file: the server certificate, then any intermediates.
-    pub cert: PathBuf,
-    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
+/// A `[api.tls]` path: relative paths are taken from the data directory.
+fn resolve(dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
 }
 
-impl TlsConfig {
-    pub fn check(&self) -> Result<(), String> {
-        for (field, p) in [("api.tls.cert", &self.cert), ("api.tls.key", &self.key)] {
-            if p.as_os_str().is_empty() {
-                return Err(format!("{field} must name a PEM file"));
-            }
-        }
-        Ok(())
-    }
-
-    fn resolve(dir: &Path, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            dir.join(p)
-        }
-    }
-
-    /// Loads the certificate chain and key into a rustls server config.
-    pub fn server_config(&self, dir: &Path) -> anyhow::Result<rustls::ServerConfig> {
-        let cert_path = Self::resolve(dir, &self.cert);
-        let key_path = Self::resolve(dir, &self.key);
-        let cert_pem = read_limited(&cert_path, "api.tls.cert")?;
-        let key_pem = read_limited(&key_path, "api.tls.key")?;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| {
-                anyhow!(
-                    "api.tls.cert {}: not a PEM certificate: {e}",
-                    cert_path.display()
-                )
-            })?;
-        if certs.is_empty() {
-            anyhow::bail!(
-                "api.tls.cert {}: no CERTIFICATE block found",
-                cert_path.display()
-            );
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+/// Loads `[api.tls]`'s certificate chain and key into a rustls server config.
+pub fn server_config(tls: &TlsConfig, dir: &Path) -> anyhow::Result<rustls::ServerConfig> {
+    let cert_path = resolve(dir, &tls.cert);
+    let key_path = resolve(dir, &tls.key);
+    let cert_pem = read_limited(&cert_path, "api.tls.cert")?;
+    let key_pem = read_limited(&key_path, "api.tls.key")?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
             anyhow!(
-                "api.tls.key {}: not a PEM private key: {e}",
-                key_path.display()
+                "api.tls.cert {}: not a PEM certificate: {e}",
+                cert_path.display()
             )
         })?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| anyhow!("api.tls: the certificate and key do not fit together: {e}"))?;
-        // axum is built with HTTP/1.1 only (no `http2` feature): say so in ALPN.
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(cfg)
+    if certs.is_empty() {
+        anyhow::bail!(
+            "api.tls.cert {}: no CERTIFICATE block found",
+            cert_path.display()
+        );
     }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        anyhow!(
+            "api.tls.key {}: not a PEM private key: {e}",
+            key_path.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| anyhow!("api.tls: the certificate and key do not fit together: {e}"))?;
+    // axum is built with HTTP/1.1 only (no `http2` feature): say so in ALPN.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
 }
 
 fn read_limited(path: &Path, field: &str) -> anyhow::Result<Vec<u8>> {
@@ -272,7 +253,7 @@ mod tests {
     fn made_certificate_loads_and_fingerprint_matches() {
         let dir = tempfile::tempdir().unwrap();
         let made = make_self_signed(dir.path(), node_names("127.0.0.1:0")).unwrap();
-        made.tls.server_config(dir.path()).unwrap();
+        server_config(&made.tls, dir.path()).unwrap();
         let pem = std::fs::read(&made.tls.cert).unwrap();
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         assert_eq!(fingerprint_sha256(&der), made.fingerprint_sha256);
@@ -290,13 +271,13 @@ mod tests {
             cert: "c.pem".into(),
             key: "k.pem".into(),
         };
-        let e = cfg.server_config(dir.path()).unwrap_err().to_string();
+        let e = server_config(&cfg, dir.path()).unwrap_err().to_string();
         assert!(e.contains("api.tls.cert"), "{e}");
         let cfg = TlsConfig {
             cert: "missing.pem".into(),
             key: "k.pem".into(),
         };
-        let e = cfg.server_config(dir.path()).unwrap_err().to_string();
+        let e = server_config(&cfg, dir.path()).unwrap_err().to_string();
         assert!(e.contains("cannot read api.tls.cert"), "{e}");
     }
 }

@@ -3,7 +3,6 @@
 //! of the `storemesh-store` crate (re-exported as `store` and `simdisk`).
 
 pub mod api;
-mod books_api;
 pub mod cli;
 pub mod config;
 pub mod csvio;
@@ -17,6 +16,7 @@ pub mod memory;
 pub mod node;
 pub mod server;
 pub mod signing;
+pub mod state;
 pub mod transport;
 pub mod webhooks;
 

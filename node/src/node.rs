@@ -17,17 +17,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use storemesh_protocol::engine::{Engine, EngineConfig, Policy};
 use storemesh_protocol::ids::NodeId;
-use storemesh_protocol::ops::{Op, OpError, OpReply};
+use storemesh_protocol::ops::{OpError, OpReply};
 use storemesh_protocol::wire::{Hello, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, PeerConfig};
 use crate::identity::Identity;
+use crate::state::{Cmd, Metrics, PeerStatus, ReadState, Shared};
 use crate::store::Store;
 use crate::transport::{PeerEntry, Transport, TransportConfig};
 
@@ -37,13 +38,11 @@ mod engine_loop;
 pub mod failpoints;
 mod input;
 mod scrub;
-mod state;
 
 use adapters::{wake_timer, NodeStorage};
 use engine_loop::engine_loop;
 use input::Next;
 use scrub::Scrub;
-pub use state::{Metrics, PeerStatus, ReadState, Shared};
 
 /// Commands (client requests, timers) drained into one group commit, at
 /// most; peer events are added within a budget (see [`SyncPace`](storemesh_protocol::step::SyncPace)).
@@ -64,31 +63,6 @@ pub const SCRUB_INTERVAL: Duration = Duration::from_secs(60);
 /// commits on the commit thread (pipelined commits); otherwise it waits for
 /// each batch's commit before executing the next. Read once at start.
 pub const COMMIT_PIPELINE_ENV: &str = "STOREMESH_COMMIT_PIPELINE";
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-pub type Query = Box<dyn FnOnce(&Engine) + Send>;
-
-/// What the engine thread is asked to do, besides peer events (which come
-/// on the transport's own channel, behind these).
-// One per request, moved once into the channel: boxing the operation would
-// only add an allocation per request.
-#[allow(clippy::large_enum_variant)]
-pub enum Cmd {
-    Op(Op, oneshot::Sender<Result<OpReply, OpError>>),
-    Query(Query),
-    Tick,
-    /// Wakes the engine to decide parked sales whose deadline passed.
-    Wake,
-    /// Wakes the engine: the copy of a data-file rewrite finished.
-    ScrubCopied,
-    Shutdown(oneshot::Sender<()>),
-}
 
 /// A started node (used by `run`, the demo and the end-to-end tests).
 pub struct NodeHandle {
@@ -214,7 +188,7 @@ impl NodeHandle {
             .api
             .tls
             .as_ref()
-            .map(|t| t.server_config(dir))
+            .map(|t| crate::https::server_config(t, dir))
             .transpose()?;
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
@@ -240,7 +214,7 @@ impl NodeHandle {
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
             changes: tokio::sync::broadcast::channel(1024).0,
-            webhooks: crate::webhooks::Registry::default(),
+            webhooks: crate::state::Registry::default(),
             http: Arc::default(),
             fault: RwLock::new(None),
             rejected: RwLock::default(),

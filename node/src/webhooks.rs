@@ -22,29 +22,25 @@
 //! journal that is full (a receiver down for long) pauses the copying without
 //! losing stock: the latest values are copied when there is room again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::node::Shared;
+use crate::config::{EventKind, WebhookConfig};
+use crate::state::{HookStatus, Shared};
 
-/// Webhooks per node, at most (each holds a task and one batch in memory).
-pub const WEBHOOKS_MAX: usize = 16;
 /// Items in one POST, at most.
 pub const BATCH_ITEMS_MAX: usize = 500;
 /// Body of one POST, at most (the batch is cut before the item that would
-/// pass it); with [`WEBHOOKS_MAX`] this bounds the memory in flight.
+/// pass it); with [`WEBHOOKS_MAX`](crate::config::WEBHOOKS_MAX) this bounds
+/// the memory in flight.
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
 /// Journal entries written in one pass of the writer, at most.
 pub const JOURNAL_PASS_MAX: usize = 1000;
@@ -63,10 +59,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const POLL_MS: u64 = 500;
 /// Longest `last_error` kept (the receiver's text is cut).
 const ERROR_TEXT_MAX: usize = 300;
-/// Longest URL and secret accepted.
-const URL_LEN_MAX: usize = 2048;
-const SECRET_LEN_MAX: usize = 256;
-
 /// journal position → item JSON.
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 /// "next" (next journal position), "feed" (change-feed sequence copied),
@@ -78,80 +70,6 @@ const SEEN: TableDefinition<(&str, &str), ()> = TableDefinition::new("seen");
 /// The name of the webhook journal in the data directory.
 pub const FILE_NAME: &str = "webhooks.redb";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventKind {
-    Stock,
-    Sales,
-    Alarms,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Stock => "stock",
-            EventKind::Sales => "sales",
-            EventKind::Alarms => "alarms",
-        }
-    }
-}
-
-fn all_events() -> Vec<EventKind> {
-    vec![EventKind::Stock, EventKind::Sales, EventKind::Alarms]
-}
-
-/// `[[webhooks]]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// 1-64 of a-z 0-9 - _ . ; names the webhook in batches, status and metrics.
-    pub name: String,
-    /// `http://` or `https://` URL the batches are POSTed to.
-    pub url: String,
-    /// HMAC-SHA256 key of the `X-Storemesh-Signature` header.
-    pub secret: String,
-    #[serde(default = "all_events")]
-    pub events: Vec<EventKind>,
-}
-
-/// Checks `[[webhooks]]` (called from the config's validation).
-pub fn check(hooks: &[WebhookConfig]) -> Result<(), String> {
-    if hooks.len() > WEBHOOKS_MAX {
-        return Err(format!("at most {WEBHOOKS_MAX} [[webhooks]]"));
-    }
-    let mut names = HashSet::new();
-    for (i, h) in hooks.iter().enumerate() {
-        let at = format!("webhooks[{i}]");
-        storemesh_protocol::ids::validate_name(&format!("{at}.name"), &h.name)?;
-        if !names.insert(h.name.as_str()) {
-            return Err(format!("{at}.name {:?} is used twice", h.name));
-        }
-        let url_ok = h.url.len() <= URL_LEN_MAX
-            && reqwest::Url::parse(&h.url)
-                .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                .unwrap_or(false);
-        if !url_ok {
-            return Err(format!(
-                "{at}.url must be an http:// or https:// URL of at most {URL_LEN_MAX} characters"
-            ));
-        }
-        if h.secret.is_empty()
-            || h.secret.len() > SECRET_LEN_MAX
-            || h.secret.chars().any(|c| c.is_control())
-        {
-            return Err(format!(
-                "{at}.secret must be 1-{SECRET_LEN_MAX} characters without control characters"
-            ));
-        }
-        if h.events.is_empty() {
-            return Err(format!(
-                "{at}.events must list one or more of \"stock\", \"sales\", \"alarms\""
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// `sha256=<hex HMAC-SHA256 of body with secret>`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
     use hmac::Mac;
@@ -162,86 +80,9 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// What `GET /api/webhooks` and `/metrics` show of one webhook.
-#[derive(Clone, Debug, Default)]
-pub struct HookStatus {
-    pub events: Vec<EventKind>,
-    pub cursor: u64,
-    pub last_error: Option<String>,
-    pub last_delivery_ms: u64,
-    pub batches_delivered: u64,
-    pub items_delivered: u64,
-    pub failures: u64,
-}
-
-/// Shared status of the webhooks (lives in [`Shared`]).
-#[derive(Default)]
-pub struct Registry {
-    hooks: RwLock<BTreeMap<String, HookStatus>>,
-    /// Last journal position written.
-    journal_last: AtomicU64,
-    /// Change-feed sequence copied into the journal.
-    feed_copied: AtomicU64,
-}
-
-impl Registry {
-    fn update(&self, name: &str, f: impl FnOnce(&mut HookStatus)) {
-        let mut g = self.hooks.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = g.get_mut(name) {
-            f(s);
-        }
-    }
-
-    /// Events the webhook has not acknowledged: journal entries after its
-    /// cursor, plus stock changes not yet copied into the journal.
-    fn lag(&self, s: &HookStatus, feed_max: u64) -> u64 {
-        let journal = self
-            .journal_last
-            .load(Ordering::Relaxed)
-            .saturating_sub(s.cursor);
-        let feed = if s.events.contains(&EventKind::Stock) {
-            feed_max.saturating_sub(self.feed_copied.load(Ordering::Relaxed))
-        } else {
-            0
-        };
-        journal + feed
-    }
-
-    fn snapshot(&self) -> BTreeMap<String, HookStatus> {
-        self.hooks.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-fn feed_max(sh: &Shared) -> u64 {
+/// The change feed's last sequence (what the journal writer copies up to).
+pub(crate) fn feed_max(sh: &Shared) -> u64 {
     sh.read.read().map(|r| r.seq_max).unwrap_or(0)
-}
-
-/// `GET /api/webhooks` (`read`): per webhook its name, cursor, lag and last error.
-pub async fn status(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = crate::api::require(&sh, &headers, crate::config::Scope::Read) {
-        return r;
-    }
-    let fm = feed_max(&sh);
-    let items: Vec<Value> = sh
-        .webhooks
-        .snapshot()
-        .iter()
-        .map(|(name, s)| {
-            json!({
-                "name": name,
-                "events": s.events,
-                "cursor": s.cursor,
-                "lag": sh.webhooks.lag(s, fm),
-                "last_error": s.last_error,
-                "last_delivery": if s.last_delivery_ms == 0 { Value::Null } else {
-                    Value::String(storemesh_protocol::time::format_rfc3339_ms(s.last_delivery_ms)) },
-                "batches_delivered": s.batches_delivered,
-                "items_delivered": s.items_delivered,
-                "failures": s.failures,
-            })
-        })
-        .collect();
-    axum::Json(json!({ "items": items })).into_response()
 }
 
 /// The webhook lines of `/metrics`.
@@ -851,36 +692,6 @@ impl Sender {
 mod tests {
     use super::*;
 
-    fn hook(name: &str, url: &str) -> WebhookConfig {
-        WebhookConfig {
-            name: name.into(),
-            url: url.into(),
-            secret: "s3cret".into(),
-            events: all_events(),
-        }
-    }
-
-    #[test]
-    fn config_checks() {
-        assert!(check(&[hook("erp", "http://127.0.0.1:9/x")]).is_ok());
-        assert!(check(&[hook("erp", "https://erp.example/hook")]).is_ok());
-        assert!(check(&[hook("erp", "ftp://x/")])
-            .unwrap_err()
-            .contains("url"));
-        assert!(check(&[hook("erp", "not a url")]).is_err());
-        assert!(check(&[hook("ERP", "http://x/")])
-            .unwrap_err()
-            .contains("name"));
-        let e = check(&[hook("a", "http://x/"), hook("a", "http://y/")]).unwrap_err();
-        assert!(e.contains("twice"), "{e}");
-        let mut h = hook("a", "http://x/");
-        h.events.clear();
-        assert!(check(&[h]).unwrap_err().contains("events"));
-        let mut h = hook("a", "http://x/");
-        h.secret.clear();
-        assert!(check(&[h]).unwrap_err().contains("secret"));
-    }
-
     #[test]
     fn signature_is_hmac_sha256_hex() {
         // RFC 4231 test case 2.
@@ -889,18 +700,5 @@ mod tests {
             s,
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
-    }
-
-    #[test]
-    fn events_parse_from_toml() {
-        let h: WebhookConfig = toml::from_str(
-            "name = \"erp\"\nurl = \"http://127.0.0.1:1/\"\nsecret = \"k\"\nevents = [\"stock\", \"alarms\"]\n",
-        )
-        .unwrap();
-        assert_eq!(h.events, vec![EventKind::Stock, EventKind::Alarms]);
-        assert!(toml::from_str::<WebhookConfig>(
-            "name = \"erp\"\nurl = \"http://x/\"\nsecret = \"k\"\nevents = [\"sale\"]\n"
-        )
-        .is_err());
     }
 }

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::Mac;
 use serde_json::{json, Value};
-use storemesh_node::webhooks::{EventKind, WebhookConfig};
+use storemesh_node::config::{EventKind, WebhookConfig};
 use storemesh_testkit::*;
 
 const SECRET: &str = "erp-shared-secret-42";

@@ -12,7 +12,7 @@ use serde_json::json;
 use storemesh_protocol::ops::{self, Op, OpError};
 
 use crate::config::Scope;
-use crate::node::Shared;
+use crate::state::Shared;
 
 use super::*;
 
@@ -162,21 +162,6 @@ pub(super) fn reply(r: Result<ops::OpReply, OpError>) -> Response {
 
 pub(crate) async fn write_op(shared: &Shared, op: Op) -> Response {
     reply(shared.execute(op).await)
-}
-
-/// A write checked against the books first (`books_api::check_write`: count
-/// sessions, location ownership), then sent to the engine and answered after
-/// its group commit.
-pub(super) async fn checked_write(
-    shared: &Shared,
-    headers: &HeaderMap,
-    scope: Scope,
-    op: Op,
-) -> Response {
-    if let Err(r) = crate::books_api::check_write(shared, headers, scope, &op).await {
-        return r;
-    }
-    write_op(shared, op).await
 }
 
 pub(super) fn parse_u64(field: &str, v: &str) -> Result<u64, Response> {

@@ -15,8 +15,9 @@ use storemesh_protocol::ids::{validate_name, validate_product_id};
 use storemesh_protocol::ops::{self, Op};
 
 use crate::config::Scope;
-use crate::node::Shared;
+use crate::state::Shared;
 
+use super::books::checked_write;
 use super::extract::*;
 use super::*;
 

@@ -5,7 +5,8 @@
 //! By concern: `extract` (error mapping, auth, body limits and parsing),
 //! `operations` (writes and what they create), `inventory`, `customers`,
 //! `status`, `outcome` (the core's typed results as HTTP statuses and
-//! JSON error bodies); the count-session and location routes are in `books_api`.
+//! JSON error bodies), `books` (count sessions, declared locations, and the
+//! write checks of location-limited tokens and the `override` scope).
 
 // Handlers return early with a ready `Response` as the error; boxing it would
 // only add noise on a path that is not hot.
@@ -19,7 +20,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::node::Shared;
+use crate::state::Shared;
 
 /// Products in one `product_ids` read, at most.
 pub const PRODUCT_IDS_MAX: usize = 250;
@@ -30,6 +31,7 @@ pub const PAGE_MAX: usize = 1000;
 
 type S = State<Arc<Shared>>;
 
+mod books;
 mod customers;
 mod extract;
 mod inventory;
@@ -42,7 +44,7 @@ use inventory::*;
 use operations::*;
 use status::*;
 
-pub(crate) use extract::{bad, json_body, require, write_op};
+pub(crate) use extract::require;
 pub use extract::{error, MESSAGE_BYTES_MAX};
 pub use inventory::{STREAM_IDLE_TIMEOUT_S_DEFAULT, STREAM_IDLE_TIMEOUT_S_MAX};
 
@@ -57,18 +59,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/returns", post(returns))
         .route("/api/receipts", post(receipts))
         .route("/api/counts", post(counts))
-        .route("/api/counts/{id}", get(crate::books_api::count_get))
-        .route(
-            "/api/counts/{id}/lines",
-            post(crate::books_api::count_lines),
-        )
-        .route(
-            "/api/counts/{id}/finish",
-            post(crate::books_api::count_finish),
-        )
+        .route("/api/counts/{id}", get(books::count_get))
+        .route("/api/counts/{id}/lines", post(books::count_lines))
+        .route("/api/counts/{id}/finish", post(books::count_finish))
         .route(
             "/api/locations",
-            post(crate::books_api::locations_post).get(crate::books_api::locations_get),
+            post(books::locations_post).get(books::locations_get),
         )
         .route("/api/grants", post(grants))
         .route("/api/customers", get(customer_search))
@@ -103,7 +99,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/documents", get(documents))
         .route("/api/documents/{*id}", get(document_get))
         .route("/openapi.yaml", get(openapi))
-        .route("/api/webhooks", get(crate::webhooks::status))
+        .route("/api/webhooks", get(webhooks))
         .fallback(not_found_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -17,6 +17,7 @@ use storemesh_protocol::ops::{self, Op};
 
 use crate::config::Scope;
 
+use super::books::checked_write;
 use super::extract::*;
 use super::*;
 

@@ -1,5 +1,5 @@
-//! Node status routes: health, metrics, peers, overdrafts, documents and
-//! the OpenAPI description.
+//! Node status routes: health, metrics, peers, webhooks, overdrafts,
+//! documents and the OpenAPI description.
 
 #![allow(clippy::result_large_err)]
 
@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::config::Scope;
-use crate::node::now_ms;
+use crate::state::{now_ms, Shared};
 
 use super::extract::*;
 use super::*;
@@ -229,8 +229,52 @@ pub(super) async fn metrics(State(sh): S) -> Response {
         ));
     }
     crate::webhooks::metrics_text(&sh, &mut out);
-    crate::http::metrics_text(&sh, &mut out);
+    http_metrics_text(&sh, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The robustness figures of `/metrics`: HTTP connections and timeouts, and
+/// peer input refused by reason (CONTRACT v2,
+/// `storemesh_rejected_changes_total{reason="..."}`).
+fn http_metrics_text(sh: &Shared, out: &mut String) {
+    use std::fmt::Write;
+    let h = &sh.http;
+    for (name, kind, help, v) in [
+        (
+            "http_connections_open",
+            "gauge",
+            "HTTP connections open.",
+            h.connections_open.load(Ordering::Relaxed),
+        ),
+        (
+            "http_connections_refused_total",
+            "counter",
+            "HTTP connections closed at once because max_connections were open.",
+            h.connections_refused.load(Ordering::Relaxed),
+        ),
+        (
+            "http_body_timeouts_total",
+            "counter",
+            "Requests answered 408 because the body did not arrive within body_timeout_ms.",
+            h.body_timeouts.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = write!(
+            out,
+            "# HELP storemesh_{name} {help}\n# TYPE storemesh_{name} {kind}\nstoremesh_{name} {v}\n"
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP storemesh_rejected_changes_total Peer input refused, by reason.\n# TYPE storemesh_rejected_changes_total counter\n"
+    );
+    let rejected = sh.rejected.read().map(|r| r.clone()).unwrap_or_default();
+    for (reason, n) in rejected {
+        let _ = writeln!(
+            out,
+            "storemesh_rejected_changes_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
 }
 
 pub(super) async fn peers(State(sh): S, headers: HeaderMap) -> Response {
@@ -255,6 +299,34 @@ pub(super) async fn peers(State(sh): S, headers: HeaderMap) -> Response {
         })
         .collect();
     axum::Json(json!({"items": items})).into_response()
+}
+
+/// `GET /api/webhooks` (`read`): per webhook its name, cursor, lag and last error.
+pub(super) async fn webhooks(State(sh): S, headers: HeaderMap) -> Response {
+    if let Err(r) = require(&sh, &headers, Scope::Read) {
+        return r;
+    }
+    let fm = crate::webhooks::feed_max(&sh);
+    let items: Vec<Value> = sh
+        .webhooks
+        .snapshot()
+        .iter()
+        .map(|(name, s)| {
+            json!({
+                "name": name,
+                "events": s.events,
+                "cursor": s.cursor,
+                "lag": sh.webhooks.lag(s, fm),
+                "last_error": s.last_error,
+                "last_delivery": if s.last_delivery_ms == 0 { Value::Null } else {
+                    Value::String(storemesh_protocol::time::format_rfc3339_ms(s.last_delivery_ms)) },
+                "batches_delivered": s.batches_delivered,
+                "items_delivered": s.items_delivered,
+                "failures": s.failures,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "items": items })).into_response()
 }
 
 pub(super) async fn overdrafts(State(sh): S, headers: HeaderMap) -> Response {

@@ -15,6 +15,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use storemesh_protocol::ids::{validate_name, NodeId};
 
+mod tls;
+mod webhooks;
+
+pub use tls::TlsConfig;
+pub use webhooks::{EventKind, WebhookConfig, WEBHOOKS_MAX};
+
 /// File name of the config inside the data directory.
 pub const CONFIG_FILE_NAME: &str = "storemesh.toml";
 
@@ -209,7 +215,7 @@ pub struct Config {
     pub clock_offset_ms: i64,
     /// `[[webhooks]]`: where this node pushes its events (see `crate::webhooks`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    pub webhooks: Vec<WebhookConfig>,
     /// The nodes whose retirements this node accepts: this node's own name,
     /// configured peers' names, or node ids (64 hex). Empty: any member's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -309,7 +315,7 @@ pub struct ApiConfig {
     pub tokens: Vec<TokenConfig>,
     /// `[api.tls]`: serve the API over HTTPS (see `crate::https`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<crate::https::TlsConfig>,
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ApiConfig {
@@ -605,7 +611,7 @@ impl Config {
         if let Some(tls) = &self.api.tls {
             tls.check()?;
         }
-        crate::webhooks::check(&self.webhooks)?;
+        webhooks::check(&self.webhooks)?;
         if self.loyalty.points_per_unit > LOYALTY_POINTS_PER_UNIT_MAX {
             return Err(format!(
                 "loyalty.points_per_unit must be in 0..={LOYALTY_POINTS_PER_UNIT_MAX} (got {})",

@@ -13,7 +13,8 @@ use storemesh_protocol::step::{Storage, StorageError};
 use storemesh_protocol::views::StockRow;
 use tokio::sync::mpsc;
 
-use super::{Cmd, Metrics, Shared, WAKE_IDLE, WAKE_MIN_MS};
+use super::{WAKE_IDLE, WAKE_MIN_MS};
+use crate::state::{Cmd, Metrics, Shared};
 use crate::store::Store;
 use crate::transport::Transport;
 

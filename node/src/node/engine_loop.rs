@@ -17,10 +17,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::adapters::{publish, send_frames, sync_stats};
 use super::input::wait_for_input;
 use super::{
-    open_engine, Cmd, Next, NodeStorage, Query, Reply, Scrub, Shared, BATCH_OPS_MAX,
-    COMMIT_PIPELINE_ENV, HISTORY_CERTIFIED_KEY, SCRUB_INTERVAL,
+    open_engine, Next, NodeStorage, Reply, Scrub, BATCH_OPS_MAX, COMMIT_PIPELINE_ENV,
+    HISTORY_CERTIFIED_KEY, SCRUB_INTERVAL,
 };
 use crate::config::Config;
+use crate::state::{Cmd, Query, Shared};
 use crate::store::Store;
 use crate::transport::{Transport, TransportEvent};
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::Cmd;
+use crate::state::Cmd;
 use crate::transport::TransportEvent;
 
 /// What woke the idle engine thread.

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 #[cfg(feature = "failpoints")]
 use super::failpoints;
-use super::Cmd;
+use crate::state::Cmd;
 use crate::store::Store;
 
 /// A rewrite of the data file in progress (after a customer erasure, so that

@@ -1,9 +1,16 @@
 //! What the node shares between the engine thread and HTTP: committed read
-//! state, peer figures, metrics, and the command channel to the engine.
+//! state, peer figures, metrics, the webhooks' status, and the command
+//! channel to the engine ([`Cmd`]).
+//!
+//! Below the HTTP handlers (`api`, `dashboard`) and the webhook service,
+//! which all hold an `Arc<Shared>`: it names none of them, only `config` and
+//! the accept loop's `http::HttpStats` (`node` builds it and starts the
+//! engine thread that answers [`Cmd`]s).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use storemesh_protocol::engine::Engine;
 use storemesh_protocol::ids::NodeId;
@@ -11,8 +18,32 @@ use storemesh_protocol::ops::{Op, OpError, OpReply};
 use storemesh_protocol::views::StockRow;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{now_ms, Cmd, Query};
-use crate::config::Config;
+use crate::config::{Config, EventKind};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub type Query = Box<dyn FnOnce(&Engine) + Send>;
+
+/// What the engine thread is asked to do, besides peer events (which come
+/// on the transport's own channel, behind these).
+// One per request, moved once into the channel: boxing the operation would
+// only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Cmd {
+    Op(Op, oneshot::Sender<Result<OpReply, OpError>>),
+    Query(Query),
+    Tick,
+    /// Wakes the engine to decide parked sales whose deadline passed.
+    Wake,
+    /// Wakes the engine: the copy of a data-file rewrite finished.
+    ScrubCopied,
+    Shutdown(oneshot::Sender<()>),
+}
 
 /// A location's name in the read state: one allocation per location shared
 /// by all its rows, instead of a `String` in every row and again in the
@@ -115,7 +146,7 @@ pub struct Shared {
     /// Live change events for `GET /api/inventory/stream` (committed rows).
     pub changes: tokio::sync::broadcast::Sender<Vec<(u64, String, StockRow)>>,
     /// Status of the `[[webhooks]]` (cursor, lag, last error).
-    pub webhooks: crate::webhooks::Registry,
+    pub webhooks: Registry,
     /// What the HTTP accept loop counts (`crate::http`).
     pub http: Arc<crate::http::HttpStats>,
     /// Set when the engine caught a fault it could not apply (a panic on a
@@ -156,5 +187,56 @@ impl Shared {
         });
         self.cmd.send(Cmd::Query(q)).await.ok()?;
         rx.await.ok()
+    }
+}
+
+/// What `GET /api/webhooks` and `/metrics` show of one webhook.
+#[derive(Clone, Debug, Default)]
+pub struct HookStatus {
+    pub events: Vec<EventKind>,
+    pub cursor: u64,
+    pub last_error: Option<String>,
+    pub last_delivery_ms: u64,
+    pub batches_delivered: u64,
+    pub items_delivered: u64,
+    pub failures: u64,
+}
+
+/// Shared status of the webhooks (lives in [`Shared`]; the journal writer
+/// and the senders of `crate::webhooks` update it).
+#[derive(Default)]
+pub struct Registry {
+    pub(crate) hooks: RwLock<BTreeMap<String, HookStatus>>,
+    /// Last journal position written.
+    pub(crate) journal_last: AtomicU64,
+    /// Change-feed sequence copied into the journal.
+    pub(crate) feed_copied: AtomicU64,
+}
+
+impl Registry {
+    pub(crate) fn update(&self, name: &str, f: impl FnOnce(&mut HookStatus)) {
+        let mut g = self.hooks.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = g.get_mut(name) {
+            f(s);
+        }
+    }
+
+    /// Events the webhook has not acknowledged: journal entries after its
+    /// cursor, plus stock changes not yet copied into the journal.
+    pub(crate) fn lag(&self, s: &HookStatus, feed_max: u64) -> u64 {
+        let journal = self
+            .journal_last
+            .load(Ordering::Relaxed)
+            .saturating_sub(s.cursor);
+        let feed = if s.events.contains(&EventKind::Stock) {
+            feed_max.saturating_sub(self.feed_copied.load(Ordering::Relaxed))
+        } else {
+            0
+        };
+        journal + feed
+    }
+
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, HookStatus> {
+        self.hooks.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

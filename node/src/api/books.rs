@@ -15,11 +15,11 @@ use serde_json::json;
 use storemesh_protocol::ids::validate_client_id;
 use storemesh_protocol::ops::{self, Disposition, Op};
 
-use crate::api::{bad, error, json_body, require, write_op};
 use crate::config::{Scope, TokenConfig};
-use crate::node::Shared;
+use crate::state::Shared;
 
-type S = State<Arc<Shared>>;
+use super::extract::{bad, error, json_body, require, write_op};
+use super::S;
 
 fn forbidden(message: String) -> Response {
     error(StatusCode::FORBIDDEN, "forbidden", message)
@@ -37,7 +37,7 @@ fn token<'a>(sh: &'a Shared, headers: &HeaderMap) -> Option<&'a TokenConfig> {
 /// Checks a write beyond its scope: `override` for selling beyond rights
 /// and for restocking a return without its sale, and a location-limited
 /// token's locations for every location the operation writes at.
-pub(crate) async fn check_write(
+async fn check_write(
     sh: &Shared,
     headers: &HeaderMap,
     scope: Scope,
@@ -126,8 +126,23 @@ pub(crate) async fn check_write(
     Ok(())
 }
 
+/// A write checked against the books first ([`check_write`]: count
+/// sessions, location ownership), then sent to the engine and answered after
+/// its group commit.
+pub(super) async fn checked_write(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+    op: Op,
+) -> Response {
+    if let Err(r) = check_write(shared, headers, scope, &op).await {
+        return r;
+    }
+    write_op(shared, op).await
+}
+
 /// `POST /api/counts/{count_id}/lines`.
-pub(crate) async fn count_lines(
+pub(super) async fn count_lines(
     State(sh): S,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -140,7 +155,7 @@ pub(crate) async fn count_lines(
 }
 
 /// `POST /api/counts/{count_id}/finish`.
-pub(crate) async fn count_finish(
+pub(super) async fn count_finish(
     State(sh): S,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -181,7 +196,7 @@ async fn count_write<T: serde::de::DeserializeOwned>(
 }
 
 /// `GET /api/counts/{count_id}`: the session's status and totals.
-pub(crate) async fn count_get(
+pub(super) async fn count_get(
     State(sh): S,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -204,7 +219,7 @@ pub(crate) async fn count_get(
 }
 
 /// `POST /api/locations` (`admin`).
-pub(crate) async fn locations_post(
+pub(super) async fn locations_post(
     State(sh): S,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -220,7 +235,7 @@ pub(crate) async fn locations_post(
 }
 
 /// `GET /api/locations` (`read`): every location the chain knows.
-pub(crate) async fn locations_get(State(sh): S, headers: HeaderMap) -> Response {
+pub(super) async fn locations_get(State(sh): S, headers: HeaderMap) -> Response {
     if let Err(r) = require(&sh, &headers, Scope::Read) {
         return r;
     }
