@@ -302,7 +302,7 @@ impl Engine {
                 Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
-            let auth = crate::authority::AuthView {
+            let auth = crate::validate::AuthView {
                 own: tag,
                 views: &self.views,
                 authority: &self.authority,
@@ -476,7 +476,7 @@ impl Engine {
                 Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
-            let auth = crate::authority::AuthView {
+            let auth = crate::validate::AuthView {
                 own: tag,
                 views: &self.views,
                 authority: &self.authority,
