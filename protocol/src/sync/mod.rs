@@ -5,13 +5,18 @@
 //! Equal digests: in sync, nothing more is sent. Otherwise they compare [`GROUPS`] group digests, then the document lists
 //! of differing groups, and run an Automerge sync session for each differing
 //! document only. Local and received changes are pushed to every connected peer
-//! after they are durable; a periodic [`Engine::tick`] re-sends the root digest
+//! after they are durable; a periodic `Engine::tick` (`engine/sync/peers.rs`) re-sends the root digest
 //! (anti-entropy).
 //!
 //! Limits: every frame is under `wire::FRAME_BYTES_MAX`; larger sync messages
 //! are split into [`Msg::Part`]s with a bounded reassembly buffer; a document
 //! session that makes no progress for [`ROUNDS_IDLE_MAX`] rounds is reset once,
 //! then finished with a `save_after` fallback.
+//!
+//! This module holds the protocol's data: messages, digests, limits and
+//! per-peer session state. The `Engine` methods that run it (peers coming and
+//! going, receiving, outgoing sessions) are in `engine/sync/`; nothing here
+//! names the engine.
 
 use std::collections::{BTreeMap, BTreeSet};
 
