@@ -3,11 +3,13 @@
 //! administrators whose retirements count, and the budgets that keep a peer
 //! from erasing every customer or filling customers' key sets.
 //!
-//! Validation (`validate::check_op`) consults an [`AuthView`]: a change is
-//! applied only if its author owns every key it writes and every record it
-//! writes names that author; a directory entry never claims a name or a
-//! location the receiver's operator bound to another node; a retirement needs
-//! an administrator (when the operator named any) and a successor the chain
+//! Validation (`validate::check_op`) consults a `validate::AuthView` (this
+//! module's [`Authority`] over the receiver's views; it lives with validation
+//! so that this module names no view): a change is applied only if its
+//! author owns every key it writes and every record it writes names that
+//! author; a directory entry never claims a name or a location the
+//! receiver's operator bound to another node; a retirement needs an
+//! administrator (when the operator named any) and a successor the chain
 //! knows. Refusals are [`Unauthorized`] (validation's
 //! `Refusal::Unauthorized`), counted under
 //! `storemesh_rejected_changes_total{reason="unauthorized"}`.
@@ -18,7 +20,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::ids::{NodeInfo, NodeTag};
-use crate::views::Views;
 
 /// An authorization refusal: the author has no right to write this. Shown
 /// as `unauthorized: ` and why.
@@ -168,86 +169,5 @@ impl Authority {
             }
         }
         true
-    }
-}
-
-/// What validation needs to know about the chain to authorize a change.
-#[derive(Clone, Copy)]
-pub struct AuthView<'a> {
-    pub own: NodeTag,
-    pub views: &'a Views,
-    pub authority: &'a Authority,
-}
-
-impl AuthView<'_> {
-    /// Whether `tag` is a member this node knows: itself, a configured peer,
-    /// or a node with a directory entry (`in_message`: entries arriving in
-    /// the same message), and not retired.
-    pub fn is_member(&self, tag: NodeTag, in_message: &BTreeSet<NodeTag>) -> bool {
-        let known = tag == self.own
-            || self.views.bound.has_name(tag)
-            || self.views.nodes.contains_key(&tag)
-            || in_message.contains(&tag);
-        known && !self.views.retired.contains_key(&tag)
-    }
-
-    /// A retirement of `retired` to `successor` written by `author`.
-    pub fn check_retirement(
-        &self,
-        author: NodeTag,
-        retired: NodeTag,
-        successor: NodeTag,
-        in_message: &BTreeSet<NodeTag>,
-    ) -> Result<(), Unauthorized> {
-        if let Some(admins) = &self.authority.administrators {
-            if !admins.contains(&author) {
-                return Err(Unauthorized(format!(
-                    "retirement written by {author}, not an administrator here"
-                )));
-            }
-        }
-        if successor == retired {
-            return Err(Unauthorized("a node can not succeed itself".into()));
-        }
-        if !self.is_member(successor, in_message) {
-            return Err(Unauthorized(format!(
-                "retirement names a successor {successor} that is no member here"
-            )));
-        }
-        Ok(())
-    }
-
-    /// A close of reservation `id` (created by `creator`) written by
-    /// `author`: only the fulfilling node (or its successor) closes one. A
-    /// close that arrives before its reservation is let through (the
-    /// fulfiller is not known yet).
-    pub fn check_reservation_close(
-        &self,
-        author: NodeTag,
-        id: &str,
-        creator: &str,
-    ) -> Result<(), Unauthorized> {
-        let fulfiller = self
-            .views
-            .reservations
-            .get(id)
-            .and_then(|m| m.get(creator))
-            .and_then(|r| r.fulfil_by);
-        match fulfiller {
-            Some(f) if self.views.resolve(f) != self.views.resolve(author) => Err(Unauthorized(
-                format!("{author} closes reservation {id:?}, which another node fulfils"),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// A record written by `author` that names `node` as its writer.
-    pub fn check_record_node(&self, author: NodeTag, node: &str) -> Result<(), Unauthorized> {
-        match self.views.tag_of(node) {
-            Some(t) if t != author => Err(Unauthorized(format!(
-                "record by {author} names another node ({node:?}) as its writer"
-            ))),
-            _ => Ok(()),
-        }
     }
 }

@@ -12,7 +12,6 @@ pub mod coldsales;
 pub mod counts;
 pub mod crypto;
 pub mod engine;
-pub mod epochs;
 pub mod fuzz;
 pub mod history;
 pub mod ids;

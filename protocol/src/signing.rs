@@ -32,9 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::{NodeId, NodeTag, NODE_TAG_BYTES};
 
-mod book;
-mod exchange;
-mod own;
+pub(crate) mod book;
 
 pub(crate) use book::CertBook;
 pub use book::CertFigures;

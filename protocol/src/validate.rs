@@ -7,9 +7,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ROOT};
 
-use crate::authority::AuthView;
+use crate::authority::{Authority, Unauthorized};
 use crate::ids::{ActorKey, NodeTag, CELL_MAX};
 use crate::layout::{parse_mesh_key, parse_node_info, parse_record_key, CustomerKey, DocId};
+use crate::views::{scalar_u64, Views};
 
 /// Largest record (a JSON string in a records document) a peer accepts.
 pub const RECORD_BYTES_MAX: usize = 64 * 1024;
@@ -548,14 +549,6 @@ pub fn current_uint(doc: &Automerge, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn scalar_u64(s: &ScalarValue) -> Option<u64> {
-    match s {
-        ScalarValue::Uint(n) => Some(*n),
-        ScalarValue::Int(n) if *n >= 0 => Some(*n as u64),
-        _ => None,
-    }
-}
-
 fn cumulative(
     doc: &Automerge,
     key: &str,
@@ -801,4 +794,85 @@ pub fn check_changes_as_peer(
         }
     }
     Ok(())
+}
+
+/// What validation needs to know about the chain to authorize a change.
+#[derive(Clone, Copy)]
+pub struct AuthView<'a> {
+    pub own: NodeTag,
+    pub views: &'a Views,
+    pub authority: &'a Authority,
+}
+
+impl AuthView<'_> {
+    /// Whether `tag` is a member this node knows: itself, a configured peer,
+    /// or a node with a directory entry (`in_message`: entries arriving in
+    /// the same message), and not retired.
+    pub fn is_member(&self, tag: NodeTag, in_message: &BTreeSet<NodeTag>) -> bool {
+        let known = tag == self.own
+            || self.views.bound.has_name(tag)
+            || self.views.nodes.contains_key(&tag)
+            || in_message.contains(&tag);
+        known && !self.views.retired.contains_key(&tag)
+    }
+
+    /// A retirement of `retired` to `successor` written by `author`.
+    pub fn check_retirement(
+        &self,
+        author: NodeTag,
+        retired: NodeTag,
+        successor: NodeTag,
+        in_message: &BTreeSet<NodeTag>,
+    ) -> Result<(), Unauthorized> {
+        if let Some(admins) = &self.authority.administrators {
+            if !admins.contains(&author) {
+                return Err(Unauthorized(format!(
+                    "retirement written by {author}, not an administrator here"
+                )));
+            }
+        }
+        if successor == retired {
+            return Err(Unauthorized("a node can not succeed itself".into()));
+        }
+        if !self.is_member(successor, in_message) {
+            return Err(Unauthorized(format!(
+                "retirement names a successor {successor} that is no member here"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A close of reservation `id` (created by `creator`) written by
+    /// `author`: only the fulfilling node (or its successor) closes one. A
+    /// close that arrives before its reservation is let through (the
+    /// fulfiller is not known yet).
+    pub fn check_reservation_close(
+        &self,
+        author: NodeTag,
+        id: &str,
+        creator: &str,
+    ) -> Result<(), Unauthorized> {
+        let fulfiller = self
+            .views
+            .reservations
+            .get(id)
+            .and_then(|m| m.get(creator))
+            .and_then(|r| r.fulfil_by);
+        match fulfiller {
+            Some(f) if self.views.resolve(f) != self.views.resolve(author) => Err(Unauthorized(
+                format!("{author} closes reservation {id:?}, which another node fulfils"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A record written by `author` that names `node` as its writer.
+    pub fn check_record_node(&self, author: NodeTag, node: &str) -> Result<(), Unauthorized> {
+        match self.views.tag_of(node) {
+            Some(t) if t != author => Err(Unauthorized(format!(
+                "record by {author} names another node ({node:?}) as its writer"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }

@@ -14,7 +14,6 @@ use crate::layout::{
     LedgerField, RecordKind,
 };
 use crate::ledger::StockEntry;
-use crate::validate::scalar_u64;
 
 /// The compact per-(product, location) row that is persisted and served.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +106,15 @@ pub fn read_entries<D: ReadDoc>(doc: &D) -> HashMap<u64, StockEntry> {
         out.insert(q, e);
     }
     out
+}
+
+/// A counter cell's value: a non-negative integer, else `None`.
+pub fn scalar_u64(s: &ScalarValue) -> Option<u64> {
+    match s {
+        ScalarValue::Uint(n) => Some(*n),
+        ScalarValue::Int(n) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    }
 }
 
 /// Adds one ledger cell's value to `e` (the largest of concurrent values).

@@ -19,20 +19,28 @@ use crate::sync::{Digest, PeerSession};
 use crate::views::{StockRow, Views};
 
 mod commit;
+mod counts;
 mod customers;
 mod deficits;
 mod docs;
+mod epochs;
+mod exchange;
 mod execute;
+mod imports;
 mod inspect;
 #[cfg(all(test, debug_assertions))]
 mod invariant_tests;
 mod nodes;
 mod open;
+mod own_signing;
+mod rebalance;
 mod recompute;
 mod rows;
 mod sale_lookup;
+mod sync;
 
 pub use commit::Released;
+pub use epochs::{EPOCH_OPS_MIN, EPOCH_OPS_PER_KEY};
 
 /// Drops null members, recursively. A record travels to every node and stays in
 /// every history; an absent member reads as null (`value.get(..)` is `None`,
@@ -235,7 +243,7 @@ pub struct Engine {
     /// Ledger epoch held per (location, bucket) (see `epochs`).
     pub(crate) epochs: HashMap<(String, u32), u32>,
     pub(crate) epoch_ops_max: u64,
-    /// Operations per key past which an epoch is cut (see [`crate::epochs::EPOCH_OPS_PER_KEY`]).
+    /// Operations per key past which an epoch is cut (see [`epochs::EPOCH_OPS_PER_KEY`]).
     pub(crate) epoch_ops_per_key: u64,
     /// Per ledger document: (its operations, its keys) when its keys were
     /// last counted (counting them walks the document; see `epoch_full`).
@@ -286,7 +294,7 @@ pub struct Engine {
     /// Where this batch's new changes per document came from: decides which
     /// peers the push after the commit goes to.
     pub(crate) push_sources: BTreeMap<String, crate::sync::PushSource>,
-    /// Catch-up coordination (see `Engine::defer_for_leader` in `sync/session.rs`).
+    /// Catch-up coordination (see `Engine::defer_for_leader` in `engine/sync/session.rs`).
     pub(crate) catchup: crate::sync::Catchup,
     /// Documents with pending writes or received changes (what `flush` looks at).
     pub(crate) dirty_docs: BTreeSet<String>,
@@ -449,8 +457,8 @@ impl Engine {
         let tag = cfg.node_id.tag();
         let mut e = Engine {
             epochs: HashMap::new(),
-            epoch_ops_max: crate::epochs::EPOCH_OPS_MIN,
-            epoch_ops_per_key: crate::epochs::EPOCH_OPS_PER_KEY,
+            epoch_ops_max: epochs::EPOCH_OPS_MIN,
+            epoch_ops_per_key: epochs::EPOCH_OPS_PER_KEY,
             epoch_keys: HashMap::new(),
             pending_retired: Vec::new(),
             pending_part_indexes: BTreeMap::new(),

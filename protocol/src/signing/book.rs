@@ -11,20 +11,20 @@ use super::{
 use crate::ids::NodeId;
 
 /// A certificate received ahead of its changes.
-pub(super) struct PendingCert {
-    pub(super) cert: Cert,
+pub(crate) struct PendingCert {
+    pub(crate) cert: Cert,
     /// `None` until one of its changes needs it; then whether it held (the
     /// signer).
-    pub(super) checked: Option<Option<NodeId>>,
+    pub(crate) checked: Option<Option<NodeId>>,
     /// The batch number it arrived in (dropped `PENDING_FLUSHES_MAX` later).
-    pub(super) at_flush: u64,
+    pub(crate) at_flush: u64,
 }
 
 /// A certificate of changes of live documents, held in memory.
-pub(super) struct HeldCert {
-    pub(super) cert: Cert,
+pub(crate) struct HeldCert {
+    pub(crate) cert: Cert,
     /// Live documents it is linked to; dropped at 0.
-    pub(super) docs: u32,
+    pub(crate) docs: u32,
 }
 
 /// The certificates a node holds and the ones it received ahead of their
@@ -33,35 +33,35 @@ pub(super) struct HeldCert {
 /// everything else is in the archive (redb).
 #[derive(Default)]
 pub(crate) struct CertBook {
-    pub(super) held: HashMap<CertId, HeldCert>,
+    pub(crate) held: HashMap<CertId, HeldCert>,
     /// `Cert::bytes` of everything in `held`.
-    pub(super) held_bytes: usize,
-    pub(super) by_doc: HashMap<String, Vec<CertId>>,
-    pub(super) pending: HashMap<CertId, PendingCert>,
-    pub(super) pending_hashes: HashMap<[u8; 32], CertId>,
+    pub(crate) held_bytes: usize,
+    pub(crate) by_doc: HashMap<String, Vec<CertId>>,
+    pub(crate) pending: HashMap<CertId, PendingCert>,
+    pub(crate) pending_hashes: HashMap<[u8; 32], CertId>,
     /// Own changes committed since the last flush (document, hash).
-    pub(super) own_new: Vec<(String, [u8; 32])>,
+    pub(crate) own_new: Vec<(String, [u8; 32])>,
     /// Peers sent a message with some of `own_new` in this batch, and the
     /// outbox position of the first: the batch's certificate goes there.
-    pub(super) await_own: Vec<(NodeId, usize)>,
+    pub(crate) await_own: Vec<(NodeId, usize)>,
     /// Certificates and links new since the last flush: persisted with it.
-    pub(super) unsaved: Vec<Cert>,
-    pub(super) unsaved_links: Vec<(String, CertId)>,
+    pub(crate) unsaved: Vec<Cert>,
+    pub(crate) unsaved_links: Vec<(String, CertId)>,
     /// Certificates of each document's changes new since the last flush,
     /// for the pushes after its commit (`committing` once flushed).
-    pub(super) to_push: BTreeMap<String, BTreeSet<CertId>>,
-    pub(super) committing: BTreeMap<String, BTreeSet<CertId>>,
-    pub(super) committing_certs: HashMap<CertId, Cert>,
+    pub(crate) to_push: BTreeMap<String, BTreeSet<CertId>>,
+    pub(crate) committing: BTreeMap<String, BTreeSet<CertId>>,
+    pub(crate) committing_certs: HashMap<CertId, Cert>,
     /// Certificates queued to a peer over its current connection, with the
     /// batch number they went out in (see `CERT_RESEND_FLUSHES`).
-    pub(super) sent: HashMap<(NodeId, CertId), u64>,
+    pub(crate) sent: HashMap<(NodeId, CertId), u64>,
     /// Introductions sent to a peer over its current connection.
-    pub(super) intro_sent: HashSet<(NodeId, NodeId)>,
+    pub(crate) intro_sent: HashSet<(NodeId, NodeId)>,
     /// Verified introductions held, by member (own ones included).
-    pub(super) intros: BTreeMap<NodeId, Vec<(NodeId, Introduction)>>,
-    pub(super) unsaved_intros: Vec<Introduction>,
-    pub(super) flushes: u64,
-    pub(super) archive: Option<Box<dyn CertArchive>>,
+    pub(crate) intros: BTreeMap<NodeId, Vec<(NodeId, Introduction)>>,
+    pub(crate) unsaved_intros: Vec<Introduction>,
+    pub(crate) flushes: u64,
+    pub(crate) archive: Option<Box<dyn CertArchive>>,
 }
 
 impl CertBook {
@@ -70,7 +70,7 @@ impl CertBook {
     /// lists holding each one), so only a held one is looked for — a batch's
     /// new certificate is linked to each of its documents without a scan of
     /// their lists, which grow by one certificate per batch.
-    pub(super) fn link(&mut self, doc: &str, cert: &Cert, id: CertId) -> bool {
+    pub(crate) fn link(&mut self, doc: &str, cert: &Cert, id: CertId) -> bool {
         let known = self.held.contains_key(&id);
         let list = match self.by_doc.get_mut(doc) {
             Some(list) => list,
@@ -95,7 +95,7 @@ impl CertBook {
     }
 
     /// Drops a document's certificates from memory (they stay stored).
-    pub(super) fn forget_doc(&mut self, doc: &str) {
+    pub(crate) fn forget_doc(&mut self, doc: &str) {
         for id in self.by_doc.remove(doc).unwrap_or_default() {
             if let Some(h) = self.held.get_mut(&id) {
                 h.docs = h.docs.saturating_sub(1);
@@ -108,7 +108,7 @@ impl CertBook {
         }
     }
 
-    pub(super) fn hold_pending(&mut self, cert: Cert) {
+    pub(crate) fn hold_pending(&mut self, cert: Cert) {
         let id = cert.id();
         if let Some(p) = self.pending.get_mut(&id) {
             p.at_flush = self.flushes;
@@ -131,7 +131,7 @@ impl CertBook {
         );
     }
 
-    pub(super) fn expire_pending(&mut self) {
+    pub(crate) fn expire_pending(&mut self) {
         let now = self.flushes;
         let old: Vec<CertId> = self
             .pending
@@ -151,7 +151,7 @@ impl CertBook {
     }
 
     /// Holds a verified introduction of `member` by `by`; whether it is new.
-    pub(super) fn add_intro(&mut self, by: NodeId, intro: Introduction) -> bool {
+    pub(crate) fn add_intro(&mut self, by: NodeId, intro: Introduction) -> bool {
         let member = NodeId(intro.member);
         let held: usize = self.intros.values().map(Vec::len).sum();
         let list = self.intros.entry(member).or_default();
@@ -164,7 +164,7 @@ impl CertBook {
 
     /// The introductions that chain `signers` to their introducers (each
     /// member's, then its introducers', a few levels up).
-    pub(super) fn intros_for(&self, signers: &BTreeSet<NodeId>) -> Vec<Introduction> {
+    pub(crate) fn intros_for(&self, signers: &BTreeSet<NodeId>) -> Vec<Introduction> {
         let mut out = Vec::new();
         let mut seen: BTreeSet<NodeId> = BTreeSet::new();
         let mut todo: Vec<NodeId> = signers.iter().copied().collect();
@@ -186,9 +186,9 @@ impl CertBook {
 /// The certificates a sync message needs (`Engine::chunk_certs`).
 #[derive(Default)]
 pub(crate) struct ChunkCerts {
-    pub(super) certs: Vec<Cert>,
+    pub(crate) certs: Vec<Cert>,
     /// It carries changes of this batch, certified only at the flush.
-    pub(super) own_pending: bool,
+    pub(crate) own_pending: bool,
 }
 
 /// Figures of the certificate book (metrics, tests, README).

@@ -13,7 +13,7 @@ use crate::validate::{chunk_type, CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE};
 /// Removes the peer's `MessageV2` capability from the session while the peer
 /// is known to hold part of the document; returns the capabilities to put
 /// back after the message is generated.
-pub(super) fn hide_v2_if_partial(state: &mut amsync::State) -> Option<Vec<amsync::Capability>> {
+pub(crate) fn hide_v2_if_partial(state: &mut amsync::State) -> Option<Vec<amsync::Capability>> {
     let partial = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
     let caps = state.their_capabilities.as_ref()?;
     if !partial || !caps.contains(&amsync::Capability::MessageV2) {
@@ -33,7 +33,7 @@ pub(super) fn hide_v2_if_partial(state: &mut amsync::State) -> Option<Vec<amsync
 /// session's `sent_hashes`. A whole-document message (Automerge sends one
 /// when more than a third of the document is missing) is already columnar
 /// and stays as it is; so does anything the bundle cannot be made of.
-pub(super) fn bundle_changes(
+pub(crate) fn bundle_changes(
     doc: &automerge::Automerge,
     msg: &mut amsync::Message,
     sent_before: &BTreeSet<ChangeHash>,

@@ -5,28 +5,29 @@
 //! Equal digests: in sync, nothing more is sent. Otherwise they compare [`GROUPS`] group digests, then the document lists
 //! of differing groups, and run an Automerge sync session for each differing
 //! document only. Local and received changes are pushed to every connected peer
-//! after they are durable; a periodic [`Engine::tick`] re-sends the root digest
+//! after they are durable; a periodic `Engine::tick` (`engine/sync/peers.rs`) re-sends the root digest
 //! (anti-entropy).
 //!
 //! Limits: every frame is under `wire::FRAME_BYTES_MAX`; larger sync messages
 //! are split into [`Msg::Part`]s with a bounded reassembly buffer; a document
 //! session that makes no progress for [`ROUNDS_IDLE_MAX`] rounds is reset once,
 //! then finished with a `save_after` fallback.
+//!
+//! This module holds the protocol's data: messages, digests, limits and
+//! per-peer session state. The `Engine` methods that run it (peers coming and
+//! going, receiving, outgoing sessions) are in `engine/sync/`; nothing here
+//! names the engine.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::sync as amsync;
 use automerge::ChangeHash;
 
-use crate::engine::Engine;
 use crate::ids::{NodeId, NodeTag};
 
-mod bundle;
+pub(crate) mod bundle;
 mod digest;
 mod msg;
-mod peers;
-mod receive;
-mod session;
 
 pub use digest::{doc_digest, group_of, key_digest, Digest};
 pub use msg::{Msg, MSG_KINDS};
@@ -68,7 +69,7 @@ pub const REJECT_ERASURE_LIMIT: &str = "erasure_limit";
 pub const REJECT_KEY_LIMIT: &str = "key_limit";
 
 /// The rejection reason of a validation refusal.
-fn refusal_reason(r: &crate::validate::Refusal) -> &'static str {
+pub(crate) fn refusal_reason(r: &crate::validate::Refusal) -> &'static str {
     use crate::validate::Refusal;
     match r {
         Refusal::MissingDeps => REJECT_MISSING_DEPS,
@@ -96,11 +97,11 @@ pub const CATCHUP_LEAD_MS: u64 = 2_000;
 /// nodes can wait on each other.
 #[derive(Default)]
 pub(crate) struct Catchup {
-    leaders: BTreeMap<String, (NodeId, u64)>,
-    deferred: BTreeMap<String, BTreeSet<NodeId>>,
+    pub(crate) leaders: BTreeMap<String, (NodeId, u64)>,
+    pub(crate) deferred: BTreeMap<String, BTreeSet<NodeId>>,
     /// Announced heads we lack, to fetch once no session is catching us up.
-    wanted: BTreeMap<String, (NodeId, Vec<ChangeHash>)>,
-    now_ms: u64,
+    pub(crate) wanted: BTreeMap<String, (NodeId, Vec<ChangeHash>)>,
+    pub(crate) now_ms: u64,
 }
 
 /// Node tags listed in one push's `seen`, at most (a longer list is cut: the
@@ -122,7 +123,7 @@ pub struct PushSource {
 }
 
 impl PushSource {
-    fn received(&mut self, covered: BTreeSet<NodeTag>) {
+    pub(crate) fn received(&mut self, covered: BTreeSet<NodeTag>) {
         self.covered = Some(match self.covered.take() {
             None => covered,
             Some(c) => c.intersection(&covered).copied().collect(),
@@ -134,26 +135,26 @@ impl PushSource {
 pub const KEYS_PER_FRAME_MAX: usize = 2048;
 
 pub(crate) struct DocSession {
-    state: amsync::State,
-    idle_rounds: u32,
-    resets: u8,
-    finished: bool,
-    last_heads: Vec<ChangeHash>,
+    pub(crate) state: amsync::State,
+    pub(crate) idle_rounds: u32,
+    pub(crate) resets: u8,
+    pub(crate) finished: bool,
+    pub(crate) last_heads: Vec<ChangeHash>,
     /// Restarts after changes arrived without their dependencies.
-    restarts: u8,
+    pub(crate) restarts: u8,
     /// The next message asks the peer to clear what it believes it sent.
-    peer_reset: bool,
+    pub(crate) peer_reset: bool,
     /// Changes the next message requests explicitly.
-    want: Vec<ChangeHash>,
+    pub(crate) want: Vec<ChangeHash>,
     /// The peer restarted this session because changes we sent lacked their
     /// dependencies (a Bloom filter false positive, or a refused message):
     /// from now on Automerge may send it the whole document, as it would by
     /// itself, instead of only the changes we believe it lacks.
-    whole_docs: bool,
+    pub(crate) whole_docs: bool,
 }
 
 impl DocSession {
-    fn new(state: amsync::State) -> DocSession {
+    pub(crate) fn new(state: amsync::State) -> DocSession {
         DocSession {
             state,
             idle_rounds: 0,
@@ -172,23 +173,12 @@ impl DocSession {
 pub struct PeerSession {
     pub(crate) docs: BTreeMap<String, DocSession>,
     /// Persisted shared-heads states, decoded lazily when a session starts.
-    stored: BTreeMap<String, Vec<u8>>,
-    reassembly: Option<(String, Vec<u8>)>,
+    pub(crate) stored: BTreeMap<String, Vec<u8>>,
+    pub(crate) reassembly: Option<(String, Vec<u8>)>,
     /// True once a root digest from the peer matched ours.
     pub synced: bool,
-    last_root_sent_ms: u64,
+    pub(crate) last_root_sent_ms: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub last_heard_ms: u64,
-}
-
-impl Engine {
-    /// Has this document got changes by the given peer's node that we lack? (tests)
-    pub fn heads_of(&self, doc: &str) -> Option<Vec<ChangeHash>> {
-        self.docs.get(doc).map(|s| s.doc.heads())
-    }
-
-    pub fn digest_root(&self) -> [u8; 32] {
-        self.digest.root()
-    }
 }

@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use automerge::sync::{self as amsync, SyncDoc};
 use automerge::ChangeHash;
 
-use super::{
-    bundle::{bundle_changes, hide_v2_if_partial},
-    DocSession, Msg, CATCHUP_LEAD_MS, HAVE_HEADS_MAX, ROUNDS_IDLE_MAX, SEEN_MAX,
-};
 use crate::engine::Engine;
 use crate::ids::{NodeId, NodeTag, NODE_TAG_BYTES};
 use crate::layout::DocId;
+use crate::sync::{
+    bundle::{bundle_changes, hide_v2_if_partial},
+    DocSession, Msg, CATCHUP_LEAD_MS, HAVE_HEADS_MAX, ROUNDS_IDLE_MAX, SEEN_MAX,
+};
 use crate::wire::{encode_frame, CHUNK_BYTES_MAX};
 
 impl Engine {

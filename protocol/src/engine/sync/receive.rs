@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use automerge::sync::{self as amsync, SyncDoc};
 use automerge::ChangeHash;
 
-use super::{
+use crate::engine::Engine;
+use crate::ids::{NodeId, NodeTag, NODE_TAG_BYTES};
+use crate::layout::DocId;
+use crate::sync::{
     group_of, refusal_reason, Msg, DOCS_PER_FRAME_MAX, GROUPS, KEYS_PER_FRAME_MAX,
     REASSEMBLY_BYTES_MAX, REJECT_AUTOMERGE, REJECT_DOC_LIMIT, REJECT_ERASURE_LIMIT, REJECT_INFLATE,
     REJECT_KEY_LIMIT, REJECT_MALFORMED, REJECT_MISSING_DEPS, SEEN_MAX, SESSION_RESTARTS_MAX,
 };
-use crate::engine::Engine;
-use crate::ids::{NodeId, NodeTag, NODE_TAG_BYTES};
-use crate::layout::DocId;
 use crate::validate::{
     changes_in_chunk, chunk_type, validate_changes, Refusal, Verdict, CHUNK_DOCUMENT,
 };
@@ -302,7 +302,7 @@ impl Engine {
                 Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
-            let auth = crate::authority::AuthView {
+            let auth = crate::validate::AuthView {
                 own: tag,
                 views: &self.views,
                 authority: &self.authority,
@@ -476,7 +476,7 @@ impl Engine {
                 Some(s) => (&*s.doc, &mut s.seqs),
                 None => (&self.empty_doc, &mut fresh_seqs),
             };
-            let auth = crate::authority::AuthView {
+            let auth = crate::validate::AuthView {
                 own: tag,
                 views: &self.views,
                 authority: &self.authority,

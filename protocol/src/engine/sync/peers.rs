@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use automerge::ChangeHash;
 
-use super::{Msg, PeerSession, COOL_SAVES_PER_TICK, KEYS_PER_FRAME_MAX};
 use crate::engine::Engine;
 use crate::ids::NodeId;
+use crate::sync::{Msg, PeerSession, COOL_SAVES_PER_TICK, KEYS_PER_FRAME_MAX};
 use crate::wire::encode_frame;
 
 impl Engine {

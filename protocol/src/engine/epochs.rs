@@ -273,7 +273,7 @@ impl Engine {
                         continue;
                     }
                     let Some(n) =
-                        crate::validate::scalar_u64(v).filter(|n| *n <= crate::ids::CELL_MAX)
+                        crate::views::scalar_u64(v).filter(|n| *n <= crate::ids::CELL_MAX)
                     else {
                         continue;
                     };

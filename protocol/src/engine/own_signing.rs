@@ -5,13 +5,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::book::{CertFigures, PendingCert};
-use super::{
+use crate::engine::Engine;
+use crate::ids::NodeId;
+use crate::signing::book::{CertFigures, PendingCert};
+use crate::signing::{
     actor_tag, Cert, CertArchive, CertId, ChangeSigner, ChangeVerifier, Introduction, Membership,
     Signing, CERT_HASHES_MAX, SENT_MAX,
 };
-use crate::engine::Engine;
-use crate::ids::NodeId;
 
 impl Engine {
     /// Signs this node's changes with `signer` and verifies every peer's

@@ -4,14 +4,14 @@
 
 use std::collections::BTreeSet;
 
-use super::book::ChunkCerts;
-use super::{
+use crate::engine::Engine;
+use crate::ids::NodeId;
+use crate::signing::book::ChunkCerts;
+use crate::signing::{
     actor_tag, Cert, CertId, Introduction, SigRefusal, CERTS_FRAME_BYTES_MAX, CERTS_PER_FRAME_MAX,
     CERT_RESEND_FLUSHES, INTROS_PER_FRAME_MAX, REJECT_BAD_SIGNATURE, REJECT_UNKNOWN_AUTHOR,
     SIG_BYTES_MAX, SIG_KEY_BYTES_MAX,
 };
-use crate::engine::Engine;
-use crate::ids::NodeId;
 
 impl Engine {
     /// Queues `certs` for `peer` (several frames when large), with the
