@@ -111,8 +111,23 @@ async fn one_shot_full_count_of_a_1500_product_store_keeps_replicating() {
 /// a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_count_session_of_a_50000_product_store_in_pages() {
-    const PRODUCTS: u64 = 50_000;
-    const COUNTED: u64 = 49_000;
+    full_count_session_in_pages(50_000, 49_000).await;
+}
+
+/// The same at the 100,000 products issue 15 asks for. Too slow for CI's
+/// budget in a debug build; run by hand: `cargo test --release -p
+/// storemesh-tests --test books -- --ignored
+/// full_count_session_of_a_100000_product_store_in_pages --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "100,000 products: minutes in a debug build; run by hand"]
+async fn full_count_session_of_a_100000_product_store_in_pages() {
+    full_count_session_in_pages(100_000, 98_000).await;
+}
+
+/// A count session at store-a of `products` products, `counted` of them
+/// counted (at 4 of 5 each) in pages of 500, finished `full`.
+async fn full_count_session_in_pages(products: u64, counted: u64) {
+    let pages = counted.div_ceil(500);
     let m = Mesh::start(
         &[("store-a", Role::Store, S), ("shop", Role::Webshop, S)],
         &[(0, 1)],
@@ -121,14 +136,14 @@ async fn full_count_session_of_a_50000_product_store_in_pages() {
     m.wait_connected(0, 1).await;
     let (a, w) = (&m.clients[0], &m.clients[1]);
     let t0 = Instant::now();
-    stock_up(a, "store-a", PRODUCTS, 5).await;
-    eprintln!("stocked {PRODUCTS} products in {:?}", t0.elapsed());
-    wait_on_hand(w, PRODUCTS, "store-a", 5, Duration::from_secs(60)).await;
+    stock_up(a, "store-a", products, 5).await;
+    eprintln!("stocked {products} products in {:?}", t0.elapsed());
+    wait_on_hand(w, products, "store-a", 5, Duration::from_secs(60)).await;
     eprintln!("web shop caught up after {:?}", t0.elapsed());
     // Scanned aisle by aisle: products 1..=49,000 counted at 4 each, in
     // pages of 500; a sale happens between scanning and finishing.
     let t1 = Instant::now();
-    let ids: Vec<u64> = (1..=COUNTED).collect();
+    let ids: Vec<u64> = (1..=counted).collect();
     for (k, chunk) in ids.chunks(500).enumerate() {
         let lines: Vec<Value> = chunk
             .iter()
@@ -147,8 +162,8 @@ async fn full_count_session_of_a_50000_product_store_in_pages() {
         assert_eq!(v["count_id"], "stk-1");
         assert_eq!(v["location"], "store-a");
     }
-    eprintln!("98 pages in {:?}", t1.elapsed());
-    wait_on_hand(w, COUNTED, "store-a", 4, Duration::from_secs(60)).await;
+    eprintln!("{pages} pages in {:?}", t1.elapsed());
+    wait_on_hand(w, counted, "store-a", 4, Duration::from_secs(60)).await;
     eprintln!("web shop has every page after {:?}", t1.elapsed());
     // A recount replaces the earlier line of product 1.
     let (s, v) = a
@@ -183,10 +198,10 @@ async fn full_count_session_of_a_50000_product_store_in_pages() {
     assert_eq!(finish["status"], "finished");
     assert_eq!(finish["count_id"], "stk-1");
     assert_eq!(finish["location"], "store-a");
-    assert_eq!(finish["lines_counted"], COUNTED);
-    assert_eq!(finish["products_zeroed"], PRODUCTS - COUNTED);
+    assert_eq!(finish["lines_counted"], counted);
+    assert_eq!(finish["products_zeroed"], products - counted);
     // 48,999 products 5 → 4, product 1 5 → 2, 1,000 products 5 → 0.
-    let delta = -(COUNTED as i64 - 1) - 3 - 5 * (PRODUCTS - COUNTED) as i64;
+    let delta = -(counted as i64 - 1) - 3 - 5 * (products - counted) as i64;
     assert_eq!(finish["units_delta"], delta, "{finish}");
     // The sale right after the count reaches the web shop within a second.
     let (s, v) = a
@@ -228,13 +243,13 @@ async fn full_count_session_of_a_50000_product_store_in_pages() {
     assert_eq!(stock_level(a, 1).await, Some(2));
     assert_eq!(stock_level(a, 2).await, Some(3));
     assert_eq!(stock_level(a, 3).await, Some(3));
-    assert_eq!(stock_level(a, COUNTED).await, Some(4));
-    assert_eq!(stock_level(a, COUNTED + 1).await, Some(0));
-    assert_eq!(stock_level(a, PRODUCTS).await, Some(0));
-    wait_on_hand(w, PRODUCTS, "store-a", 0, Duration::from_secs(10)).await;
+    assert_eq!(stock_level(a, counted).await, Some(4));
+    assert_eq!(stock_level(a, counted + 1).await, Some(0));
+    assert_eq!(stock_level(a, products).await, Some(0));
+    wait_on_hand(w, products, "store-a", 0, Duration::from_secs(10)).await;
     wait_on_hand(w, 2, "store-a", 3, Duration::from_secs(10)).await;
     let ok = wait_for(Duration::from_secs(10), || async {
-        matches!(w.get("/api/counts/stk-1").await, Ok((200, v)) if v["status"] == "finished" && v["products_zeroed"] == PRODUCTS - COUNTED)
+        matches!(w.get("/api/counts/stk-1").await, Ok((200, v)) if v["status"] == "finished" && v["products_zeroed"] == products - counted)
     })
     .await;
     assert!(ok.is_ok(), "the web shop knows the finished count");
